@@ -1,0 +1,41 @@
+"""finetune_sdk: fine-tune large language models with pluggable techniques, quantizers and formatters.
+
+Example:
+    >>> from finetune_sdk import Trainer
+    >>> result = Trainer("path/or/hub-id", technique="qlora", formatter="llama2-chat").fit("train.jsonl")  # doctest: +SKIP
+
+Importing this package is cheap: torch and transformers load only when a model is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from finetune_sdk.errors import FinetuneError
+from finetune_sdk.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+__all__ = ["FinetuneError", "FitResult", "Trainer", "__version__", "hookimpl", "load"]
+
+if TYPE_CHECKING:
+    from finetune_sdk.result import FitResult
+    from finetune_sdk.trainer import Trainer
+
+
+def load(ref: Any, **kwargs: Any) -> Any:
+    """Load a fine-tuned result (a result folder) ready to ``generate``/``predict``; see :func:`finetune_sdk.loading.load`."""
+    from finetune_sdk.loading import load as _load
+
+    return _load(ref, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Trainer":
+        from finetune_sdk.trainer import Trainer
+
+        return Trainer
+    if name == "FitResult":
+        from finetune_sdk.result import FitResult
+
+        return FitResult
+    raise AttributeError(f"module 'finetune_sdk' has no attribute {name!r}")

@@ -1,0 +1,120 @@
+"""Tokenizing formatted rows into ``input_ids`` and ``labels`` with prompt tokens masked (-100)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_sdk.data import Rows
+from finetune_sdk.errors import DataError
+from finetune_sdk.formatter import Formatter, Segment
+
+IGNORE_INDEX = -100
+logger = logging.getLogger("finetune_sdk")
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples ready for the collator."""
+
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    dropped: int = 0
+    tokens: int = 0
+
+
+def encode_segments(segments: Sequence[Segment], tokenizer: Any, max_length: int | None) -> dict[str, list[int]]:
+    """Tokenize each segment on its own, concatenate, and label the ``train=True`` ones.
+
+    Example:
+        >>> from finetune_sdk.testing.tiny import tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> enc = encode_segments([Segment("hello"), Segment(" world</s>", train=True)], tok, None)
+        >>> enc["labels"][0], enc["labels"][-1] == tok.eos_token_id
+        (-100, True)
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for segment in segments:
+        if not segment.text:
+            continue
+        ids = tokenizer(segment.text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if segment.train else [IGNORE_INDEX] * len(ids)
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def encode_causal(rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any],
+                  *, strict: bool = True) -> Encoded:
+    """Encode rows for causal-LM training; count (and refuse when most are) examples with nothing to learn."""
+    out = Encoded()
+    for row, where in zip(rows.rows, rows.where):
+        formatter.validate(row, where)
+        example = encode_segments(formatter.segments(row, tokenizer, options), tokenizer, options["max_length"])
+        if all(label == IGNORE_INDEX for label in example["labels"]):
+            out.dropped += 1
+            continue
+        out.tokens += len(example["input_ids"])
+        out.examples.append(example)
+    _check_dropped(out, len(rows), rows.source, options["max_length"], strict)
+    return out
+
+
+def encode_classification(rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any],
+                          label_ids: Mapping[str, int]) -> Encoded:
+    """Encode (text, label) rows; a label outside ``label_ids`` is an error naming the row."""
+    out = Encoded()
+    known = ", ".join(label_ids)
+    for row, where in zip(rows.rows, rows.where):
+        formatter.validate(row, where)
+        text, label = formatter.text_and_label(row)
+        key = str(label)
+        if key not in label_ids:
+            raise DataError(f"{where}: label {label!r} is not one of the classifier's labels ({known})")
+        ids = tokenizer(text, truncation=True, max_length=options["max_length"])["input_ids"]
+        out.tokens += len(ids)
+        out.examples.append({"input_ids": ids, "labels": label_ids[key]})
+    return out
+
+
+def _check_dropped(out: Encoded, total: int, source: str, max_length: int, strict: bool) -> None:
+    if not out.dropped:
+        return
+    message = (f"{source}: {out.dropped} of {total} examples have no answer tokens left after truncation to "
+               f"max_length={max_length}")
+    if strict and out.dropped * 2 > total:
+        raise DataError(message + "; raise max_length or shorten the prompts")
+    logger.warning("%s; they are skipped", message)
+
+
+class Collator:
+    """Right-pads a batch: ``input_ids`` with the pad id, ``labels`` with -100, and builds the attention mask.
+
+    Padding is decided by length, never by token id, so an EOS equal to the pad token stays in the loss.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, batch: list[Mapping[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(ex["input_ids"]) for ex in batch)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        sequence_labels = not isinstance(batch[0]["labels"], int)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long) if sequence_labels else \
+            torch.tensor([ex["labels"] for ex in batch], dtype=torch.long)
+        for i, ex in enumerate(batch):
+            n = len(ex["input_ids"])
+            input_ids[i, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
+            attention[i, :n] = 1
+            if sequence_labels:
+                labels[i, :n] = torch.tensor(ex["labels"], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

@@ -1,0 +1,85 @@
+"""The :class:`Formatter` plugin type: turns a dataset row into text segments, marking what the loss sees."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from finetune_sdk.errors import DataError
+
+CAUSAL_LM = "causal-lm"
+CLASSIFICATION = "classification"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of formatted text; ``train=True`` when its tokens count in the loss.
+
+    Special-token strings (``tokenizer.eos_token``...) inside ``text`` become their single token id.
+    """
+
+    text: str
+    train: bool = False
+
+
+class Formatter:
+    """Base class of dataset formatters.
+
+    A formatter declares the column sets it accepts (``column_sets``, the first one that a row has wins),
+    renders a training row into :class:`Segment` s, and renders a bare prompt the same way for generation.
+
+    Example:
+        >>> from finetune_sdk.formatter import Formatter, Segment
+        >>> class Upper(Formatter):
+        ...     name = "upper"
+        ...     column_sets = (("prompt", "completion"),)
+        ...     def segments(self, row, tokenizer, options):
+        ...         return [Segment(row["prompt"].upper() + "\\n"), Segment(row["completion"], train=True)]
+        ...     def prompt_segments(self, prompt, tokenizer, options):
+        ...         return [Segment(prompt.upper() + "\\n")]
+        >>> [s.text for s in Upper().segments({"prompt": "hi", "completion": "yo"}, None, {})]
+        ['HI\\n', 'yo']
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    task: ClassVar[str] = CAUSAL_LM
+    #: Alternative sets of required columns, in order of preference.
+    column_sets: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    #: Column types checked row by row: column -> tuple of accepted Python types.
+    column_types: ClassVar[Mapping[str, tuple[type, ...]]] = {}
+
+    def accepts(self, columns: Sequence[str]) -> bool:
+        """True when the columns contain one of :attr:`column_sets`."""
+        return any(set(needed) <= set(columns) for needed in self.column_sets)
+
+    def validate(self, row: Mapping[str, Any], where: str) -> None:
+        """Raise :class:`DataError` naming ``where`` (file and row) when ``row`` can't be formatted."""
+        for needed in self.column_sets:
+            if set(needed) <= set(row) and all(row[c] is not None for c in needed):
+                break
+        else:
+            wanted = " or ".join("(" + ", ".join(s) + ")" for s in self.column_sets)
+            present = ", ".join(sorted(row)) or "none"
+            raise DataError(
+                f"{where}: formatter {self.name!r} needs columns {wanted}; this row has {present}"
+            )
+        for column, types in self.column_types.items():
+            if column in row and row[column] is not None and not isinstance(row[column], types):
+                expected = " or ".join(t.__name__ for t in types)
+                raise DataError(
+                    f"{where}: column {column!r} must be {expected}, got {type(row[column]).__name__}"
+                )
+
+    def segments(self, row: Mapping[str, Any], tokenizer: Any, options: Mapping[str, Any]) -> list[Segment]:
+        """Render one training row (causal-lm formatters)."""
+        raise NotImplementedError
+
+    def prompt_segments(self, prompt: str, tokenizer: Any, options: Mapping[str, Any]) -> list[Segment]:
+        """Render a bare prompt exactly as :meth:`segments` renders a training prompt, up to the answer."""
+        raise NotImplementedError
+
+    def text_and_label(self, row: Mapping[str, Any]) -> tuple[str, Any]:
+        """Return (text, label) for classification formatters."""
+        raise NotImplementedError

@@ -1,0 +1,66 @@
+"""GGUF files: converted once into a plain Hugging Face folder (cached), so they can be quantized and saved."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from finetune_sdk.errors import ModelNotFoundError
+
+logger = logging.getLogger("finetune_sdk")
+
+
+def cache_root() -> Path:
+    """``$FINETUNE_SDK_CACHE`` or ``~/.cache/finetune_sdk``."""
+    return Path(os.environ.get("FINETUNE_SDK_CACHE") or Path.home() / ".cache" / "finetune_sdk")
+
+
+def converted_folder(gguf_path: Path) -> Path:
+    """Return the cached Hugging Face folder for ``gguf_path``, converting it on first use.
+
+    transformers dequantizes GGUF weights on load but refuses to save or re-quantize such a model, so the state
+    dict is copied into a fresh model of the same class and saved as safetensors. The cache key is the file's
+    path, size and modification time; the folder appears atomically.
+    """
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    logger.info("converting %s to a Hugging Face folder once (cached in %s)", gguf_path.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        _convert(gguf_path, staging)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process converted it meanwhile
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert(gguf_path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelNotFoundError(f"can't read GGUF file {gguf_path}: {exc}") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(loaded)(config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

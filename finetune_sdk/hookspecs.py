@@ -1,0 +1,70 @@
+"""Every hook a finetune_sdk plugin can implement.
+
+Plugins implement these with ``@finetune_sdk.hookimpl`` and are found through the ``finetune_sdk`` entry-point
+group. The ``register_*`` hooks receive a callback: call it once per class you provide. The ``on_*`` hooks
+observe training and their return values are ignored. Hooks are only ever extended with new arguments, so a
+plugin written against an older version keeps working.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from finetune_sdk.callbacks import TrainingContext
+
+PROJECT = "finetune_sdk"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_techniques(register: Callable[[type], None]) -> None:
+    """Called once when plugins load: call ``register(TechniqueClass)`` for each technique you provide.
+
+    ``TechniqueClass`` subclasses :class:`finetune_sdk.technique.Technique` and has a unique ``name``.
+    """
+
+
+@hookspec
+def register_quantizers(register: Callable[[type], None]) -> None:
+    """Called once when plugins load: call ``register(QuantizerClass)`` for each quantizer you provide."""
+
+
+@hookspec
+def register_formatters(register: Callable[[type], None]) -> None:
+    """Called once when plugins load: call ``register(FormatterClass)`` for each formatter you provide."""
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Called when the ``finetune`` CLI starts: add your commands with ``cli.add_command(...)``."""
+
+
+@hookspec
+def on_train_begin(context: TrainingContext) -> None:
+    """Called after the model and data are ready, just before the first training step."""
+
+
+@hookspec
+def on_log(context: TrainingContext, logs: dict[str, Any]) -> None:
+    """Called each time the trainer logs (``loss``, ``learning_rate``, ``epoch``... at ``context.step``)."""
+
+
+@hookspec
+def on_evaluate(context: TrainingContext, metrics: dict[str, Any]) -> None:
+    """Called after each evaluation with its metrics (``eval_loss``...)."""
+
+
+@hookspec
+def on_save(context: TrainingContext, checkpoint_dir: str) -> None:
+    """Called after a checkpoint has been written to ``checkpoint_dir``."""
+
+
+@hookspec
+def on_train_end(context: TrainingContext, metrics: dict[str, Any]) -> None:
+    """Called once training has finished and the result is saved, with the final metrics."""

@@ -1,0 +1,179 @@
+"""Generation, prediction and evaluation on a model: shared by ``Trainer`` and ``finetune_sdk.load``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from finetune_sdk.data import load_rows
+from finetune_sdk.encoding import Collator, encode_causal, encode_classification, encode_segments
+from finetune_sdk.errors import ConfigError
+from finetune_sdk.formatter import CLASSIFICATION, Formatter, Segment
+
+
+class FineTunedModel:
+    """A model with its tokenizer and formatter, ready to generate, predict and evaluate.
+
+    ``finetune_sdk.load(...)`` returns one; ``Trainer`` uses one for its current model.
+
+    Example:
+        >>> import finetune_sdk
+        >>> model = finetune_sdk.load("outputs/support-bot")  # doctest: +SKIP
+        >>> model.generate(["How do I reset my password?"])  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, task: str, formatter: Formatter | None,
+                 options: Mapping[str, Any], labels: Sequence[str] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.task = task
+        self.formatter = formatter
+        self.options = dict(options)
+        self.labels = list(labels) if labels is not None else None
+
+    # -- generation ----------------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str, raw: bool = False) -> list[int]:
+        """Token ids of ``prompt`` wrapped as the formatter wraps a training prompt (or as is when ``raw``)."""
+        if raw or self.formatter is None:
+            segments = [Segment(prompt)]
+        else:
+            segments = self.formatter.prompt_segments(prompt, self.tokenizer, self.options)
+        return encode_segments(segments, self.tokenizer, None)["input_ids"]
+
+    def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 64, raw: bool = False,
+                 do_sample: bool = False, batch_size: int = 8, **generate_kwargs: Any) -> Any:
+        """Generate an answer per prompt; returns a list (or one string when given one string).
+
+        Greedy by default (deterministic); pass ``do_sample=True, temperature=...`` to sample.
+        """
+        import torch
+
+        self._require(generative=True)
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else list(prompts)
+        model, tok = self.model, self.tokenizer
+        device = _device_of(model)
+        stop = _stop_ids(tok)
+        answers: list[str] = []
+        model.eval()
+        for start in range(0, len(prompts), batch_size):
+            encoded = [self.prompt_ids(p, raw) for p in prompts[start:start + batch_size]]
+            width = max(len(ids) for ids in encoded)
+            input_ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
+            attention = torch.zeros_like(input_ids)
+            for i, ids in enumerate(encoded):  # left padding for generation
+                input_ids[i, width - len(ids):] = torch.tensor(ids)
+                attention[i, width - len(ids):] = 1
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                    max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id,
+                    eos_token_id=stop, **generate_kwargs)
+            for row in out[:, width:]:
+                answers.append(tok.decode(row, skip_special_tokens=True).strip())
+        return answers[0] if single else answers
+
+    # -- classification ------------------------------------------------------------------------------------
+    def predict(self, texts: str | Sequence[str], *, return_scores: bool = False,
+                batch_size: int = 32) -> Any:
+        """Predict a label per text; with ``return_scores`` each item is ``{"label", "score", "scores"}``."""
+        import torch
+
+        self._require(generative=False)
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        collate = Collator(self.tokenizer.pad_token_id)
+        results: list[Any] = []
+        self.model.eval()
+        for start in range(0, len(texts), batch_size):
+            batch = [{"input_ids": self.tokenizer(t, truncation=True, max_length=self.options["max_length"])
+                      ["input_ids"], "labels": 0} for t in texts[start:start + batch_size]]
+            inputs = collate(batch)
+            with torch.no_grad():
+                logits = self.model(input_ids=inputs["input_ids"].to(_device_of(self.model)),
+                                    attention_mask=inputs["attention_mask"].to(_device_of(self.model))).logits
+            probs = logits.float().softmax(-1).cpu()
+            for p in probs:
+                best = int(p.argmax())
+                label = self.labels[best]
+                results.append({"label": label, "score": float(p[best]),
+                                "scores": dict(zip(self.labels, map(float, p)))} if return_scores else label)
+        return results[0] if single else results
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+    def evaluate(self, data: Any, *, batch_size: int = 8) -> dict[str, float]:
+        """Loss over ``data`` (token-weighted for generative models, with perplexity; accuracy for classifiers)."""
+        import torch
+
+        rows = load_rows(data, name="eval_data")
+        formatter = self.formatter
+        if formatter is None:
+            raise ConfigError("evaluate() needs a formatter: pass formatter= to Trainer")
+        if self.task == CLASSIFICATION:
+            encoded = encode_classification(rows, formatter, self.tokenizer, self.options,
+                                            {label: i for i, label in enumerate(self.labels or [])})
+        else:
+            encoded = encode_causal(rows, formatter, self.tokenizer, self.options, strict=False)
+        collate = Collator(self.tokenizer.pad_token_id)
+        device = _device_of(self.model)
+        total_loss, count, correct, predictions, golds = 0.0, 0, 0, [], []
+        self.model.eval()
+        for start in range(0, len(encoded.examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(encoded.examples[start:start + batch_size]).items()}
+            with torch.no_grad():
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = logits.float()
+            if self.task == CLASSIFICATION:
+                total_loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+                count += len(batch["labels"])
+                predicted = logits.argmax(-1)
+                correct += int((predicted == batch["labels"]).sum())
+                predictions += predicted.tolist()
+                golds += batch["labels"].tolist()
+            else:
+                shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+                targets = batch["labels"][:, 1:].reshape(-1)
+                total_loss += float(torch.nn.functional.cross_entropy(shifted, targets, ignore_index=-100,
+                                                                      reduction="sum"))
+                count += int((targets != -100).sum())
+        loss = total_loss / max(count, 1)
+        if self.task == CLASSIFICATION:
+            return {"eval_loss": loss, "accuracy": correct / max(count, 1),
+                    "macro_f1": macro_f1(predictions, golds, len(self.labels or []))}
+        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def _require(self, generative: bool) -> None:
+        if generative and self.task == CLASSIFICATION:
+            raise ConfigError("generate() is for generative techniques; a classifier has predict()")
+        if not generative and self.task != CLASSIFICATION:
+            raise ConfigError("predict() is for the classifier technique; generative models have generate()")
+
+
+def macro_f1(predictions: Sequence[int], golds: Sequence[int], num_labels: int) -> float:
+    """Unweighted mean of per-class F1 over the classes present in gold or predictions.
+
+    >>> macro_f1([0, 1, 1], [0, 1, 0], 2)
+    0.6666666666666666
+    """
+    scores = []
+    for label in range(num_labels):
+        tp = sum(p == g == label for p, g in zip(predictions, golds))
+        fp = sum(p == label != g for p, g in zip(predictions, golds))
+        fn = sum(g == label != p for p, g in zip(predictions, golds))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def _device_of(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def _stop_ids(tokenizer: Any) -> list[int]:
+    """EOS plus ChatML's end-of-turn marker when it is a single token."""
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in stop:
+        stop.append(im_end)
+    return stop

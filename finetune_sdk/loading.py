@@ -1,0 +1,66 @@
+"""``finetune_sdk.load``: a saved result back as a model ready to generate or predict."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.errors import FinetuneError
+from finetune_sdk.manifest import read_manifest
+from finetune_sdk.models import ModelSource, ensure_pad_token, load_model, resolve_source
+from finetune_sdk.plugin_manager import get_plugin_host
+
+
+def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_model: Any = None) -> Any:
+    """Load a result folder: the base model (4-bit again when it was trained with qlora) plus what was trained.
+
+    Args:
+        ref: a result folder written by ``Trainer.fit``.
+        quantized: ``None`` (as trained), ``False`` to load the base in full precision even after qlora.
+        base_model: a path or Hub id to use instead of the recorded base model.
+
+    Returns:
+        A :class:`~finetune_sdk.inference.FineTunedModel` with ``generate``, ``predict`` and ``evaluate``.
+
+    Example:
+        >>> import finetune_sdk
+        >>> bot = finetune_sdk.load("finetune-runs/support-bot")  # doctest: +SKIP
+        >>> bot.generate("How do I reset my password?")  # doctest: +SKIP
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from finetune_sdk.inference import FineTunedModel
+    from finetune_sdk.log import ensure_handler
+
+    ensure_handler()
+
+    directory = Path(ref)
+    if not directory.is_dir():
+        raise FinetuneError(f"{ref}: no such result folder")
+    manifest = read_manifest(directory)
+    host = get_plugin_host()
+    technique = host.create("technique", manifest["technique"])
+    formatter = host.create("formatter", manifest["formatter"]) if manifest.get("formatter") else None
+    options = dict(manifest["options"])
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(directory))
+    quantizer = None
+    if getattr(technique, "result_is_model", False):
+        source = ModelSource("local", str(directory.resolve()), str(directory.resolve()))
+    else:
+        source = resolve_source(base_model) if base_model else ModelSource.from_manifest(manifest["base_model"])
+        if manifest.get("quantizer") and quantized is not False:
+            quantizer = host.create("quantizer", manifest["quantizer"])
+    dtype = getattr(torch, manifest.get("dtype") or "float32")
+    model = load_model(source, manifest["task"], dtype=dtype,
+                       quantization_config=quantizer.quantization_config(options) if quantizer else None,
+                       trust_remote_code=bool(options.get("trust_remote_code")))
+    if quantizer is not None:
+        quantizer.after_load(model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model = technique.load(model, directory, {**options, "pad_token_id": tokenizer.pad_token_id})
+    model.eval()
+    return FineTunedModel(model, tokenizer, task=manifest["task"], formatter=formatter, options=options,
+                          labels=manifest.get("labels"))

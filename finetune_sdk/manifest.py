@@ -1,0 +1,48 @@
+"""The manifest written beside every result: what was trained, how, on what, with which libraries."""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.errors import FinetuneError
+
+MANIFEST_NAME = "finetune_manifest.json"
+FORMAT_VERSION = 1
+LIBRARIES = ("finetune-sdk", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
+SECRET_KEYS = ("token", "hub_token", "hf_token", "api_key", "password")
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def scrub(options: dict[str, Any]) -> dict[str, Any]:
+    """Drop anything that looks like a credential: manifests are shared, tokens never are."""
+    return {k: v for k, v in options.items() if not any(s in k.lower() for s in SECRET_KEYS)}
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """Read and check a result's manifest; a missing one or a newer format is a clear error."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise FinetuneError(f"{directory}: no {MANIFEST_NAME}; is this a finetune_sdk result folder?")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FinetuneError(f"{path} line {exc.lineno}: malformed manifest ({exc.msg})") from None
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise FinetuneError(
+            f"{path}: manifest format version {version!r} is newer than this finetune-sdk reads "
+            f"({FORMAT_VERSION}); upgrade finetune-sdk")
+    return manifest

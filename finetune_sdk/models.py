@@ -1,0 +1,143 @@
+"""Finding and loading base models: local folders, Hub ids, GGUF files and already-loaded models."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.errors import ConfigError, ModelNotFoundError
+from finetune_sdk.formatter import CLASSIFICATION
+
+logger = logging.getLogger("finetune_sdk")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model comes from.
+
+    ``kind`` is ``local`` (a folder), ``hub`` (a Hub id), ``gguf`` (a GGUF file, read through its converted
+    folder ``path``) or ``object`` (a model passed in already loaded).
+    """
+
+    kind: str
+    id: str
+    path: str | None = None
+    revision: str | None = None
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"kind": self.kind, "id": self.id, "path": self.path, "revision": self.revision}
+
+    @classmethod
+    def from_manifest(cls, data: dict[str, Any]) -> ModelSource:
+        return cls(data["kind"], data["id"], data.get("path"), data.get("revision"))
+
+
+def resolve_source(model: str | os.PathLike[str], revision: str | None = None) -> ModelSource:
+    """Decide what ``model`` names, without loading it; a path that doesn't exist is an error here.
+
+    Example:
+        >>> resolve_source("/no/such/model")
+        Traceback (most recent call last):
+        finetune_sdk.errors.ModelNotFoundError: model path /no/such/model does not exist
+    """
+    text = os.fspath(model)
+    path = Path(text).expanduser()
+    if text.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {text} does not exist")
+        return ModelSource("gguf", str(path.resolve()), revision=revision)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"{text} is not a Hugging Face model folder (no config.json); give a model folder, a Hub id or a "
+                ".gguf file")
+        return ModelSource("local", str(path.resolve()), str(path.resolve()), revision)
+    looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_like_path or not HUB_ID.match(text):
+        raise ModelNotFoundError(f"model path {text} does not exist")
+    return ModelSource("hub", text, text, revision)
+
+
+def resolve_dtype(name: str, training_all_weights: bool) -> Any:
+    """``auto``: float32 on CPU and for full fine-tuning, bfloat16 for frozen bases on a bf16 GPU."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if not training_all_weights and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
+    """Load the tokenizer of ``source``; give it a pad token (EOS) when it has none."""
+    from transformers import AutoTokenizer
+
+    folder = _folder(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, revision=_rev(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"can't load the tokenizer of {source.id}: {_first_line(exc)}") from None
+    return ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer: Any) -> Any:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(source: ModelSource, task: str, *, dtype: Any, quantization_config: Any = None,
+               trust_remote_code: bool = False) -> Any:
+    """Load the base model for ``task`` (``causal-lm``: with its LM head; ``classification``: the backbone)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModel if task == CLASSIFICATION else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "revision": _rev(source)}
+    device = default_device()
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
+    try:
+        model = auto.from_pretrained(_folder(source), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"can't load model {source.id}: {_first_line(exc)}") from None
+    if quantization_config is None:
+        model.to(device)
+    return model
+
+
+def commit_hash(model: Any) -> str | None:
+    """The Hub commit a model was loaded from, when it came from the Hub."""
+    return getattr(getattr(model, "config", None), "_commit_hash", None)
+
+
+def _folder(source: ModelSource) -> str:
+    if source.kind == "gguf":
+        from finetune_sdk.gguf import converted_folder
+
+        return str(converted_folder(Path(source.id)))
+    if source.kind == "object":
+        raise ConfigError("this model was passed in already loaded; pass base_model= to load it again")
+    return source.path or source.id
+
+
+def _rev(source: ModelSource) -> str | None:
+    return source.revision if source.kind == "hub" else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,239 @@
+"""Finding, loading and asking plugins.
+
+Builtin plugins come from an explicit list; third-party plugins from the ``finetune_sdk`` entry-point group,
+each loaded in its own ``try``/``except`` so a broken one is reported and everything else keeps working.
+
+Environment switches:
+
+* ``FINETUNE_SDK_DISABLE_PLUGIN_AUTOLOAD=1``: don't load entry points (builtins only).
+* ``FINETUNE_SDK_PLUGINS=a,b``: load only these entry points.
+* ``FINETUNE_SDK_STRICT_PLUGINS=1``: a broken plugin is an error instead of a warning.
+* ``FINETUNE_SDK_TRACE_HOOKS=1``: print each hook call and its implementations to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from finetune_sdk import hookspecs
+from finetune_sdk.errors import ConfigError, PluginError, unknown_name_error
+from finetune_sdk.formatter import Formatter
+from finetune_sdk.quantizer import Quantizer
+from finetune_sdk.technique import Technique
+
+ENTRY_POINT_GROUP = "finetune_sdk"
+#: The plugin API this version of the SDK offers. A plugin may declare the range it supports with a module
+#: attribute ``FINETUNE_SDK_PLUGIN_API = (min, max)`` (inclusive).
+PLUGIN_API_VERSION = 1
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "finetune_sdk.plugins.techniques",
+    "finetune_sdk.plugins.quantizers",
+    "finetune_sdk.plugins.formatters",
+)
+
+KINDS: dict[str, tuple[str, type]] = {
+    "technique": ("register_techniques", Technique),
+    "quantizer": ("register_quantizers", Quantizer),
+    "formatter": ("register_formatters", Formatter),
+}
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded or misbehaved; the SDK carries on without it."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A class a plugin registered under a name."""
+
+    kind: str
+    name: str
+    cls: type
+    plugin: str
+    distribution: str
+    version: str
+
+
+@dataclass
+class PluginInfo:
+    """A loaded (or failed) plugin, as ``finetune plugins`` shows it."""
+
+    name: str
+    distribution: str
+    version: str
+    builtin: bool
+    hooks: list[str] = field(default_factory=list)
+    registered: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+class PluginHost:
+    """The loaded plugins and everything they registered.
+
+    Example:
+        >>> from finetune_sdk.plugin_manager import get_plugin_host
+        >>> "lora" in get_plugin_host().names("technique")
+        True
+    """
+
+    def __init__(self, *, autoload: bool | None = None) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.strict = _env_flag("FINETUNE_SDK_STRICT_PLUGINS")
+        self.plugins: list[PluginInfo] = []
+        self._registrations: dict[str, dict[str, list[Registration]]] = {kind: {} for kind in KINDS}
+        if _env_flag("FINETUNE_SDK_TRACE_HOOKS"):
+            self.pm.trace.root.setwriter(lambda msg: sys.stderr.write(msg))
+            self.pm.enable_tracing()
+        for module_name in BUILTIN_PLUGINS:
+            self._add(module_name, lambda m=module_name: importlib.import_module(m), "finetune-sdk", builtin=True)
+        if autoload is None:
+            autoload = not _env_flag("FINETUNE_SDK_DISABLE_PLUGIN_AUTOLOAD")
+        if autoload:
+            only = {n.strip() for n in os.environ.get("FINETUNE_SDK_PLUGINS", "").split(",") if n.strip()}
+            for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+                if only and ep.name not in only:
+                    continue
+                dist = ep.dist.name if ep.dist is not None else "unknown"
+                self._add(ep.name, ep.load, dist, builtin=False)
+        for kind in KINDS:
+            self._collect(kind)
+
+    # -- loading -------------------------------------------------------------------------------------------
+    def _report(self, info: PluginInfo, message: str) -> None:
+        info.error = message
+        text = f"plugin {info.name!r} from {info.distribution} {info.version}: {message}"
+        if self.strict:
+            raise PluginError(text)
+        warnings.warn(text, PluginWarning, stacklevel=3)
+
+    def _add(self, name: str, load: Callable[[], Any], distribution: str, *, builtin: bool) -> None:
+        version = _version_of(distribution)
+        info = PluginInfo(name=name, distribution=distribution, version=version, builtin=builtin)
+        self.plugins.append(info)
+        try:
+            module = load()
+            supported = getattr(module, "FINETUNE_SDK_PLUGIN_API", None)
+            if supported is not None and not (supported[0] <= PLUGIN_API_VERSION <= supported[1]):
+                raise PluginError(
+                    f"supports plugin API {supported[0]}..{supported[1]}, this SDK offers {PLUGIN_API_VERSION}"
+                )
+            self.pm.register(module, name=name)
+            try:
+                self.pm.check_pending()
+            except pluggy.PluginValidationError as exc:
+                self.pm.unregister(module)
+                raise PluginError(str(exc)) from None
+            info.hooks = sorted(impl for impl in _hooks_of(self.pm, module))
+        except Exception as exc:  # noqa: BLE001 - one broken plugin must not take the SDK down
+            if builtin:
+                raise
+            self._report(info, f"failed to load: {type(exc).__name__}: {exc}")
+
+    def _collect(self, kind: str) -> None:
+        hook_name, base = KINDS[kind]
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            info = self._info(impl.plugin_name)
+
+            def register(cls: type, _info: PluginInfo = info) -> None:
+                if not (isinstance(cls, type) and issubclass(cls, base)) or not getattr(cls, "name", None):
+                    raise PluginError(f"register() takes a {base.__name__} subclass with a name, got {cls!r}")
+                reg = Registration(kind, cls.name, cls, _info.name, _info.distribution, _info.version)
+                self._registrations[kind].setdefault(cls.name, []).append(reg)
+                _info.registered.append(f"{kind}:{cls.name}")
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:  # noqa: BLE001
+                if info.builtin:
+                    raise
+                self._report(info, f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+
+    def _info(self, plugin_name: str) -> PluginInfo:
+        return next(p for p in self.plugins if p.name == plugin_name)
+
+    # -- queries -------------------------------------------------------------------------------------------
+    def names(self, kind: str) -> list[str]:
+        """Registered names of a kind (``technique``, ``quantizer`` or ``formatter``), sorted."""
+        return sorted(self._registrations[kind])
+
+    def registration(self, kind: str, name: str) -> Registration:
+        """The registration of ``name``; an error when unknown or registered by two plugins."""
+        regs = self._registrations[kind].get(name)
+        if not regs:
+            raise unknown_name_error(kind, name, self.names(kind))
+        if len(regs) > 1:
+            who = " and ".join(f"plugin {r.plugin!r} ({r.distribution} {r.version})" for r in regs)
+            raise ConfigError(f"{kind} {name!r} is registered by both {who}; uninstall one of them")
+        return regs[0]
+
+    def create(self, kind: str, name: str) -> Any:
+        """Instantiate the class registered as ``name``."""
+        reg = self.registration(kind, name)
+        try:
+            return reg.cls()
+        except Exception as exc:  # noqa: BLE001
+            raise PluginError(
+                f"{kind} {name!r} from plugin {reg.plugin!r} ({reg.distribution}) failed to start: {exc}"
+            ) from exc
+
+    def registrations(self, kind: str) -> list[Registration]:
+        """Every registration of a kind, conflicts included."""
+        return [r for regs in self._registrations[kind].values() for r in regs]
+
+    def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call an observer hook on every plugin; a failing plugin is reported, training goes on."""
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            try:
+                impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
+            except Exception as exc:  # noqa: BLE001
+                info = self._info(impl.plugin_name)
+                if info.builtin:
+                    raise
+                self._report(info, f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+
+    def add_commands(self, cli: Any) -> None:
+        """Let plugins add CLI commands."""
+        self.notify("register_commands", cli=cli)
+
+
+def _hooks_of(pm: pluggy.PluginManager, module: Any) -> list[str]:
+    return [caller.name for caller in pm.get_hookcallers(module) or []]
+
+
+def _version_of(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+_HOST: PluginHost | None = None
+
+
+def get_plugin_host() -> PluginHost:
+    """The process-wide :class:`PluginHost`, loaded on first use."""
+    global _HOST
+    if _HOST is None:
+        _HOST = PluginHost()
+    return _HOST
+
+
+def reset_plugins() -> None:
+    """Forget the loaded plugins (tests, or after installing a plugin in a running process)."""
+    global _HOST
+    _HOST = None

@@ -1,0 +1,161 @@
+"""The training run behind ``Trainer.fit``: encode, prepare, train with transformers, save atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from finetune_sdk.callbacks import PluginCallback, RichProgressCallback, TrainingContext
+from finetune_sdk.data import Rows
+from finetune_sdk.encoding import Collator, Encoded, encode_causal, encode_classification
+from finetune_sdk.formatter import CLASSIFICATION, Formatter
+from finetune_sdk.fsutil import staged_directory, write_json_atomic
+from finetune_sdk.manifest import MANIFEST_NAME
+from finetune_sdk.result import FitResult
+
+if TYPE_CHECKING:
+    from finetune_sdk.trainer import Trainer
+
+
+class ListDataset:
+    """A list of encoded examples as a map-style dataset."""
+
+    def __init__(self, examples: list[dict[str, Any]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.examples[index]
+
+
+def encode(trainer: Trainer, rows: Rows, formatter: Formatter, tokenizer: Any) -> Encoded:
+    if trainer.technique.task == CLASSIFICATION:
+        label_ids = {label: i for i, label in enumerate(trainer.options["labels"])}
+        return encode_classification(rows, formatter, tokenizer, trainer.options, label_ids)
+    return encode_causal(rows, formatter, tokenizer, trainer.options)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit packed weights count as the weights they hold."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def training_arguments(trainer: Trainer, work_dir: str, has_eval: bool) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    o = trainer.options
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    kwargs: dict[str, Any] = dict(
+        output_dir=work_dir,
+        num_train_epochs=o["num_train_epochs"], max_steps=o["max_steps"], learning_rate=o["learning_rate"],
+        per_device_train_batch_size=o["per_device_train_batch_size"],
+        per_device_eval_batch_size=o["per_device_eval_batch_size"],
+        gradient_accumulation_steps=o["gradient_accumulation_steps"], seed=o["seed"], data_seed=o["seed"],
+        warmup_steps=o["warmup_steps"], weight_decay=o["weight_decay"], lr_scheduler_type=o["lr_scheduler_type"],
+        max_grad_norm=o["max_grad_norm"], optim=o["optim"], logging_steps=o["logging_steps"],
+        eval_strategy=("steps" if o["eval_steps"] else "epoch") if has_eval else "no", eval_steps=o["eval_steps"],
+        save_strategy="steps" if o["save_steps"] else "no", save_steps=o["save_steps"] or 500,
+        bf16=o["bf16"], fp16=o["fp16"],
+        report_to=o["report_to"], disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
+        include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(), save_only_model=False,
+    )
+    # transformers 5 renamed gradient_checkpointing; the SDK keeps the name users know.
+    checkpointing = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") \
+        else "gradient_checkpointing"
+    kwargs[checkpointing] = o["gradient_checkpointing"]
+    if distributed and not torch.cuda.is_available():
+        kwargs["ddp_backend"] = "gloo"
+    return TrainingArguments(**kwargs)
+
+
+def run_training(trainer: Trainer, train_rows: Rows, eval_rows: Rows | None, formatter: Formatter,
+                 tokenizer: Any) -> FitResult:
+    from transformers import Trainer as HFTrainer
+    from transformers import PrinterCallback, set_seed
+
+    log = trainer.logger
+    encoded = encode(trainer, train_rows, formatter, tokenizer)
+    eval_encoded = encode(trainer, eval_rows, formatter, tokenizer) if eval_rows is not None else None
+    session = trainer.session()
+    set_seed(trainer.options["seed"])
+    model = trainer.technique.prepare(session.model, trainer.options, tokenizer)
+    session.model = model
+    trainable, total = count_parameters(model)
+    if trainable == 0:
+        raise RuntimeError(f"technique {trainer.technique.name!r} left no trainable parameters")
+    log.info("%s on %s: %s of %s parameters trainable (%.2f%%), %d examples, %d tokens",
+             trainer.technique.name, trainer.source.id, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+             len(encoded.examples), encoded.tokens)
+
+    context = TrainingContext(
+        technique=trainer.technique.name, quantizer=trainer.quantizer.name if trainer.quantizer else None,
+        formatter=formatter.name, model_id=trainer.source.id, output_dir=trainer.output_dir,
+        options=dict(trainer.options))
+    from finetune_sdk.trainer import work_dir_beside
+
+    work_dir = work_dir_beside(trainer.output_dir)
+    try:
+        args = training_arguments(trainer, str(work_dir), eval_encoded is not None)
+        steps_tokens = encoded.tokens / max(len(encoded.examples), 1) * args.per_device_train_batch_size * \
+            args.gradient_accumulation_steps
+        callbacks: list[Any] = [PluginCallback(trainer.host, context)]
+        if trainer.progress:
+            callbacks.append(RichProgressCallback(steps_tokens))
+        hf = HFTrainer(
+            model=model, args=args, train_dataset=ListDataset(encoded.examples),
+            eval_dataset=ListDataset(eval_encoded.examples) if eval_encoded else None,
+            data_collator=Collator(tokenizer.pad_token_id), callbacks=callbacks)
+        hf.remove_callback(PrinterCallback)  # progress and logs go through rich and the plugin hooks
+        output = hf.train()
+        runtime = output.metrics["train_runtime"]
+        tokens_seen = hf.state.num_input_tokens_seen or encoded.tokens * args.num_train_epochs
+        metrics: dict[str, Any] = {
+            "train_loss": float(output.training_loss),
+            "train_runtime": float(runtime),
+            "train_tokens": int(tokens_seen),
+            "train_tokens_per_second": float(tokens_seen / runtime) if runtime else 0.0,
+            "train_steps": int(hf.state.global_step),
+            "epochs": float(hf.state.epoch or 0.0),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "examples": len(encoded.examples),
+            "examples_dropped": encoded.dropped,
+        }
+        if eval_rows is not None:
+            metrics.update(session.evaluate(eval_rows, batch_size=trainer.options["per_device_eval_batch_size"]))
+        log_history = list(hf.state.log_history)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    manifest = trainer.manifest(formatter, train_rows, eval_rows, metrics)
+    if _is_main_process():
+        with staged_directory(trainer.output_dir) as staging:
+            trainer.technique.save(_unwrap(model), staging)
+            tokenizer.save_pretrained(staging)
+            write_json_atomic(staging / "training_log.json", log_history)
+            write_json_atomic(staging / MANIFEST_NAME, manifest)
+    context.step = metrics["train_steps"]
+    trainer.host.notify("on_train_end", context=context, metrics=metrics)
+    log.info("saved %s result to %s", trainer.technique.name, trainer.output_dir)
+    return FitResult(output_dir=trainer.output_dir, metrics=metrics, manifest=manifest, log_history=log_history)
+
+
+def _unwrap(model: Any) -> Any:
+    return getattr(model, "module", model)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

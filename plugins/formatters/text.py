@@ -1,0 +1,24 @@
+"""Raw text for unsupervised fine-tuning / continued pretraining: every token is learnt."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+from finetune_sdk.formatter import Formatter, Segment
+from finetune_sdk.plugins.formatters.alpaca import leading_bos
+
+
+class TextFormatter(Formatter):
+    """A ``text`` column; the whole document and its EOS are in the loss."""
+
+    name: ClassVar[str] = "text"
+    description: ClassVar[str] = "raw text (continued pretraining): every token learnt"
+    column_sets: ClassVar[tuple[tuple[str, ...], ...]] = (("text",),)
+    column_types: ClassVar[Mapping[str, tuple[type, ...]]] = {"text": (str,)}
+
+    def segments(self, row, tokenizer, options):
+        return [Segment(leading_bos(tokenizer)), Segment(row["text"] + (tokenizer.eos_token or ""), train=True)]
+
+    def prompt_segments(self, prompt, tokenizer, options):
+        return [Segment(leading_bos(tokenizer) + prompt)]
