@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+
+logger = logging.getLogger("finetune_sdk")
 
 from finetune_sdk.plugin_manager import PluginHost
 
@@ -75,12 +78,16 @@ class RichProgressCallback(TrainerCallback):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        self.start = time.perf_counter()
+        console = Console(stderr=True)
+        if not console.is_terminal:  # CI logs and pipes get a log line per logging step instead of a bar
+            self.max_steps = state.max_steps
+            return
         self.progress = Progress(
             TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-            TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+            TimeRemainingColumn(), console=console, transient=False)
         self.task = self.progress.add_task("train", total=state.max_steps, stats="")
         self.progress.start()
-        self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is None:
@@ -93,6 +100,11 @@ class RichProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.loss = float(logs["loss"])
+            if self.progress is None:
+                elapsed = max(time.perf_counter() - self.start, 1e-9)
+                rate = self.tokens_per_step * state.global_step / elapsed
+                logger.info("step %d/%d  loss %.4f  %.0f tok/s  %.0f s", state.global_step, state.max_steps,
+                            self.loss, rate, elapsed)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:

@@ -49,6 +49,8 @@ class Formatter:
     column_sets: ClassVar[tuple[tuple[str, ...], ...]] = ()
     #: Column types checked row by row: column -> tuple of accepted Python types.
     column_types: ClassVar[Mapping[str, tuple[type, ...]]] = {}
+    #: A valid row, used by docs and by the contract tests in ``finetune_sdk.testing``.
+    example: ClassVar[Mapping[str, Any]] = {}
 
     def accepts(self, columns: Sequence[str]) -> bool:
         """True when the columns contain one of :attr:`column_sets`."""

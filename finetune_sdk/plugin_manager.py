@@ -105,7 +105,7 @@ class PluginHost:
             autoload = not _env_flag("FINETUNE_SDK_DISABLE_PLUGIN_AUTOLOAD")
         if autoload:
             only = {n.strip() for n in os.environ.get("FINETUNE_SDK_PLUGINS", "").split(",") if n.strip()}
-            for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            for ep in discover_entry_points():
                 if only and ep.name not in only:
                     continue
                 dist = ep.dist.name if ep.dist is not None else "unknown"
@@ -209,6 +209,11 @@ class PluginHost:
     def add_commands(self, cli: Any) -> None:
         """Let plugins add CLI commands."""
         self.notify("register_commands", cli=cli)
+
+
+def discover_entry_points() -> list[Any]:
+    """The installed ``finetune_sdk`` entry points (third-party plugins)."""
+    return list(metadata.entry_points(group=ENTRY_POINT_GROUP))
 
 
 def _hooks_of(pm: pluggy.PluginManager, module: Any) -> list[str]:

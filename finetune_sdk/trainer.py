@@ -105,8 +105,7 @@ class Trainer:
         if self._session is None and self.technique.task == CLASSIFICATION and not self.options["labels"]:
             self.options["labels"] = self._labels(rows, self._pick_formatter(rows, self._load_tokenizer()))
         session = self.session()
-        if session.formatter is None:
-            session.formatter = self._pick_formatter(rows, session.tokenizer)
+        self._pick_formatter(rows, session.tokenizer)  # the data's columns decide, as in fit()
         return session.evaluate(rows, **kwargs)
 
     # -- model and tokenizer -------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ class AlpacaFormatter(Formatter):
     column_sets: ClassVar[tuple[tuple[str, ...], ...]] = (("instruction", "output"),)
     column_types: ClassVar[Mapping[str, tuple[type, ...]]] = {
         "instruction": (str,), "input": (str,), "output": (str,)}
+    example: ClassVar[Mapping[str, Any]] = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
 
     def _prompt(self, instruction: str, input_text: str | None, tokenizer: Any) -> str:
         template = WITH_INPUT if input_text else WITHOUT_INPUT

@@ -37,6 +37,7 @@ class ChatFormatter(Formatter):
     column_sets: ClassVar[tuple[tuple[str, ...], ...]] = (("messages",), ("prompt", "completion"))
     column_types: ClassVar[Mapping[str, tuple[type, ...]]] = {
         "messages": (list,), "prompt": (str,), "completion": (str,), "system": (str,)}
+    example: ClassVar[Mapping[str, Any]] = {"prompt": "What colour is the sky?", "completion": "Blue."}
 
     def validate(self, row: Mapping[str, Any], where: str) -> None:
         super().validate(row, where)
@@ -61,7 +62,7 @@ class Llama2ChatFormatter(ChatFormatter):
     name: ClassVar[str] = "llama2-chat"
     description: ClassVar[str] = "Llama 2 chat: <s>[INST] <<SYS>>...<</SYS>> user [/INST] answer </s>"
 
-    def _render(self, messages: list[dict[str, str]], tokenizer: Any, answer_open: bool) -> list[Segment]:
+    def _render(self, messages: list[dict[str, str]], tokenizer: Any) -> list[Segment]:
         bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
         system = ""
         if messages and messages[0]["role"] == "system":
@@ -77,10 +78,10 @@ class Llama2ChatFormatter(ChatFormatter):
         return segments
 
     def segments(self, row, tokenizer, options):
-        return self._render(conversation(row, options), tokenizer, answer_open=False)
+        return self._render(conversation(row, options), tokenizer)
 
     def prompt_segments(self, prompt, tokenizer, options):
-        return self._render(prompt_conversation(prompt, options), tokenizer, answer_open=True)
+        return self._render(prompt_conversation(prompt, options), tokenizer)
 
 
 class ChatMLFormatter(ChatFormatter):
@@ -112,7 +113,11 @@ class ChatMLFormatter(ChatFormatter):
 
 
 class ChatTemplateFormatter(ChatFormatter):
-    """The tokenizer's own chat template; each assistant message (and its end-of-turn token) is learnt."""
+    """The tokenizer's own chat template; each assistant message (and its end-of-turn marker) is learnt.
+
+    When the template's end-of-turn marker isn't the tokenizer's EOS, EOS is appended (and learnt) after the last
+    assistant message, so the model learns to stop either way.
+    """
 
     name: ClassVar[str] = "chat-template"
     description: ClassVar[str] = "the tokenizer's own chat template over a messages list"
@@ -138,8 +143,9 @@ class ChatTemplateFormatter(ChatFormatter):
                     "formatter 'chat-template': this chat template rewrites earlier turns, so the answer can't be"
                     " isolated for masking; use 'chatml' or 'llama2-chat'")
             answer = full[len(prefix):]
-            if eos and eos not in answer:
-                answer += eos
+            is_last = not any(m["role"] == "assistant" for m in messages[i + 1:])
+            if is_last and eos and eos not in answer:
+                answer += eos  # the template ends turns with its own marker; the conversation ends with EOS
             segments += [Segment(prefix[len(done):]), Segment(answer, train=True)]
             done = full
         return segments

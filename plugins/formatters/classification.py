@@ -16,6 +16,7 @@ class ClassificationFormatter(Formatter):
     task: ClassVar[str] = CLASSIFICATION
     column_sets: ClassVar[tuple[tuple[str, ...], ...]] = (("text", "label"),)
     column_types: ClassVar[Mapping[str, tuple[type, ...]]] = {"text": (str,), "label": (str, int)}
+    example: ClassVar[Mapping[str, Any]] = {"text": "I loved it.", "label": "positive"}
 
     def text_and_label(self, row: Mapping[str, Any]) -> tuple[str, Any]:
         return row["text"], row["label"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from finetune_sdk.formatter import Formatter, Segment
 from finetune_sdk.plugins.formatters.alpaca import leading_bos
@@ -16,6 +16,7 @@ class TextFormatter(Formatter):
     description: ClassVar[str] = "raw text (continued pretraining): every token learnt"
     column_sets: ClassVar[tuple[tuple[str, ...], ...]] = (("text",),)
     column_types: ClassVar[Mapping[str, tuple[type, ...]]] = {"text": (str,)}
+    example: ClassVar[Mapping[str, Any]] = {"text": "The cat sat on the mat."}
 
     def segments(self, row, tokenizer, options):
         return [Segment(leading_bos(tokenizer)), Segment(row["text"] + (tokenizer.eos_token or ""), train=True)]

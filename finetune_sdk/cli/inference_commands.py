@@ -1,0 +1,91 @@
+"""``finetune eval``, ``finetune generate`` and ``finetune predict`` on a result folder (or a base model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from finetune_sdk.cli.render import cell, console, metrics_table
+from finetune_sdk.errors import ConfigError
+from finetune_sdk.manifest import MANIFEST_NAME
+
+
+def open_model(ref: str, formatter: str | None = None) -> Any:
+    """A result folder loads with ``finetune_sdk.load``; anything else is a base model through ``Trainer``."""
+    if (Path(ref) / MANIFEST_NAME).is_file():
+        from finetune_sdk.loading import load
+
+        model = load(ref)
+        if formatter:
+            from finetune_sdk.plugin_manager import get_plugin_host
+
+            model.formatter = get_plugin_host().create("formatter", formatter)
+        return model
+    from finetune_sdk.trainer import Trainer
+
+    return Trainer(ref, formatter=formatter, progress=False).session()
+
+
+def read_lines(items: tuple[str, ...], file: str | None, what: str) -> list[str]:
+    lines = list(items)
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"{what} file {file} does not exist")
+        lines += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"no {what}s given: pass them as arguments or with --file")
+    return lines
+
+
+@click.command("eval")
+@click.argument("ref")
+@click.argument("data")
+@click.option("--formatter", "-f", help="override the formatter recorded with the result")
+def eval_command(ref: str, data: str, formatter: str | None) -> None:
+    """Evaluate a result folder (or a base model) on DATA: loss and perplexity, or accuracy and macro-F1."""
+    model = open_model(ref, formatter)
+    if model.formatter is None:
+        raise ConfigError("this model has no formatter recorded; pass --formatter")
+    console().print(metrics_table(model.evaluate(data), title=f"eval of {ref} on {data}"))
+
+
+@click.command("generate")
+@click.argument("ref")
+@click.argument("prompts", nargs=-1)
+@click.option("--file", "prompt_file", help="a text file with one prompt per line")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--raw", is_flag=True, help="send prompts as they are, without the formatter's wrapping")
+@click.option("--formatter", "-f", help="override the formatter recorded with the result")
+def generate_command(ref: str, prompts: tuple[str, ...], prompt_file: str | None, max_new_tokens: int, raw: bool,
+                     formatter: str | None) -> None:
+    """Generate answers to PROMPTS with a result folder (or a base model)."""
+    lines = read_lines(prompts, prompt_file, "prompt")
+    model = open_model(ref, formatter)
+    answers = model.generate(lines, max_new_tokens=max_new_tokens, raw=raw)
+    table = Table(title=f"generations of {ref}", show_lines=True)
+    table.add_column("prompt")
+    table.add_column("answer")
+    for prompt, answer in zip(lines, answers):
+        table.add_row(cell(prompt), cell(answer))
+    console().print(table)
+
+
+@click.command("predict")
+@click.argument("ref")
+@click.argument("texts", nargs=-1)
+@click.option("--file", "text_file", help="a text file with one text per line")
+def predict_command(ref: str, texts: tuple[str, ...], text_file: str | None) -> None:
+    """Predict labels for TEXTS with a classifier result folder."""
+    lines = read_lines(texts, text_file, "text")
+    model = open_model(ref)
+    table = Table(title=f"predictions of {ref}")
+    table.add_column("text")
+    table.add_column("label")
+    table.add_column("score", justify="right")
+    for text, item in zip(lines, model.predict(lines, return_scores=True)):
+        table.add_row(cell(text), cell(item["label"]), f"{item['score']:.3f}")
+    console().print(table)

@@ -1,0 +1,46 @@
+"""``finetune``: the command group, its commands, and plugin-provided commands."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from finetune_sdk import __version__
+from finetune_sdk.cli.errors import FinetuneGroup
+from finetune_sdk.cli.inference_commands import eval_command, generate_command, predict_command
+from finetune_sdk.cli.plugins_command import plugins_command
+from finetune_sdk.cli.train import train_command
+
+
+@click.group(cls=FinetuneGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="finetune")
+def cli() -> None:
+    """Fine-tune large language models with LoRA, QLoRA, full fine-tuning or a classifier head.
+
+    \b
+    Example:
+      finetune train --model ./my-model --data train.jsonl --technique qlora --formatter llama2-chat
+      finetune generate finetune-runs/my-run "What is our refund policy?"
+    """
+
+
+cli.add_command(train_command)
+cli.add_command(eval_command)
+cli.add_command(generate_command)
+cli.add_command(predict_command)
+cli.add_command(plugins_command)
+
+
+def _add_plugin_commands() -> None:
+    from finetune_sdk.plugin_manager import get_plugin_host
+
+    get_plugin_host().add_commands(cli)
+
+
+_add_plugin_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``finetune`` script."""
+    sys.exit(cli.main(args=argv, prog_name="finetune"))

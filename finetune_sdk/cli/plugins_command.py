@@ -1,0 +1,59 @@
+"""``finetune plugins``: what is installed, from which distribution, and what failed."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from rich.table import Table
+
+from finetune_sdk.cli.render import cell, console
+
+
+def plugin_report() -> dict[str, Any]:
+    """Everything ``finetune plugins`` shows, as plain data (``--json``)."""
+    from finetune_sdk.plugin_manager import KINDS, get_plugin_host
+
+    host = get_plugin_host()
+    return {
+        "plugins": [
+            {"name": p.name, "distribution": p.distribution, "version": p.version, "builtin": p.builtin,
+             "hooks": p.hooks, "registered": p.registered, "error": p.error}
+            for p in host.plugins
+        ],
+        **{kind + "s": [
+            {"name": r.name, "plugin": r.plugin, "distribution": r.distribution, "version": r.version,
+             "description": getattr(r.cls, "description", "")}
+            for r in sorted(host.registrations(kind), key=lambda r: r.name)
+        ] for kind in KINDS},
+    }
+
+
+@click.group("plugins", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.pass_context
+def plugins_command(ctx: click.Context, as_json: bool) -> None:
+    """List techniques, quantizers and formatters with their plugin, distribution and version."""
+    if ctx.invoked_subcommand is not None:
+        return
+    report = plugin_report()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    out = console()
+    for kind in ("techniques", "quantizers", "formatters"):
+        table = Table(title=kind)
+        for column in ("name", "distribution", "version", "plugin", "description"):
+            table.add_column(column)
+        for row in report[kind]:
+            table.add_row(*(cell(row[c]) for c in ("name", "distribution", "version", "plugin", "description")))
+        out.print(table)
+    broken = [p for p in report["plugins"] if p["error"]]
+    if broken:
+        table = Table(title="plugins with errors", style="red")
+        for column in ("plugin", "distribution", "version", "error"):
+            table.add_column(column)
+        for p in broken:
+            table.add_row(*(cell(p[c]) for c in ("name", "distribution", "version", "error")))
+        out.print(table)

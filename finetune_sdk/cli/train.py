@@ -1,0 +1,54 @@
+"""``finetune train``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from finetune_sdk.cli.config_file import read_config
+from finetune_sdk.cli.option_flags import option_flags
+from finetune_sdk.cli.render import console, metrics_table
+from finetune_sdk.errors import ConfigError
+
+RUN_KEYS = ("model", "data", "train_data", "eval_data", "technique", "quantizer", "formatter", "output_dir")
+
+
+@click.command("train")
+@click.option("--model", "-m", help="model folder, Hub id or .gguf file")
+@click.option("--data", "--train-data", "data", help="training data: .jsonl, .json, .csv or .parquet")
+@click.option("--eval-data", help="held-out data evaluated after (and during) training")
+@click.option("--technique", "-t", help="lora (default), qlora, full, classifier or a plugin's")
+@click.option("--quantizer", "-q", help="nf4, int8, none (default: the technique's)")
+@click.option("--formatter", "-f", help="llama2-chat, alpaca, chatml, chat-template, text, classification...")
+@click.option("--output-dir", "-o", help="where the result goes")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML or TOML file with the same names")
+@option_flags
+def train_command(model: str | None, data: str | None, eval_data: str | None, technique: str | None,
+                  quantizer: str | None, formatter: str | None, output_dir: str | None, config_path: str | None,
+                  **flags: Any) -> None:
+    """Fine-tune a model on a dataset and save the result.
+
+    \b
+    Example:
+      finetune train --model ./tiny-llama --data train.jsonl --technique lora --r 16 --num-train-epochs 2
+    """
+    from finetune_sdk.trainer import Trainer
+
+    config = read_config(config_path)
+    given = {"model": model, "data": data, "eval_data": eval_data, "technique": technique, "quantizer": quantizer,
+             "formatter": formatter, "output_dir": output_dir}
+    run = {k: v for k, v in config.items() if k in RUN_KEYS}
+    run.update({k: v for k, v in given.items() if v is not None})
+    options = {k: v for k, v in config.items() if k not in RUN_KEYS}
+    options.update({k: v for k, v in flags.items() if v is not None})
+    train_data = run.get("data") or run.get("train_data")
+    if not run.get("model"):
+        raise ConfigError("no model given: pass --model PATH_OR_ID (or 'model:' in --config)")
+    if not train_data:
+        raise ConfigError("no training data given: pass --data FILE (or 'data:' in --config)")
+    trainer = Trainer(run["model"], technique=run.get("technique") or "lora", quantizer=run.get("quantizer"),
+                      formatter=run.get("formatter"), output_dir=run.get("output_dir"), **options)
+    result = trainer.fit(train_data, eval_data=run.get("eval_data"))
+    console().print(metrics_table(result.metrics, title=f"{trainer.technique.name} result"))
+    console().print(f"saved to [bold]{result.output_dir}[/bold]")

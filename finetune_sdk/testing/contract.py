@@ -1,0 +1,220 @@
+"""The contract every technique, quantizer and formatter passes, builtin or third-party.
+
+Plugin authors subclass these in their own test suite (pytest collects classes named ``Test*``):
+
+    from finetune_sdk.testing import FormatterContract, TechniqueContract
+
+    class TestMyTechnique(TechniqueContract):
+        name = "my-technique"
+
+    class TestMyFormatter(FormatterContract):
+        name = "my-formatter"
+
+Each test builds a tiny model in code, so the suite runs offline on a CPU in seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytest
+
+from finetune_sdk.errors import DataError
+from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, Formatter, Segment
+from finetune_sdk.options import Option
+from finetune_sdk.plugin_manager import get_plugin_host
+from finetune_sdk.quantizer import Quantizer
+from finetune_sdk.technique import Technique
+from finetune_sdk.testing.tiny import save_tiny_model, tiny_tokenizer
+
+CAUSAL_ROWS = [{"prompt": f"what is {w}?", "completion": f"{w} is a {c}."}
+               for w, c in [("red", "colour"), ("cat", "animal"), ("blue", "colour"), ("dog", "animal"),
+                            ("fish", "animal"), ("green", "colour"), ("bird", "animal"), ("yellow", "colour")]]
+CLASSIFICATION_ROWS = [{"text": f"the {w} is here", "label": c}
+                       for w, c in [("red", "colour"), ("cat", "animal"), ("blue", "colour"), ("dog", "animal"),
+                                    ("fish", "animal"), ("green", "colour"), ("bird", "animal"),
+                                    ("yellow", "colour")]]
+
+
+def _check_options(options: Any) -> None:
+    assert isinstance(options, tuple)
+    names = [o.name for o in options]
+    assert len(names) == len(set(names)), f"duplicate option names: {names}"
+    for option in options:
+        assert isinstance(option, Option)
+        assert option.help, f"option {option.name!r} has no help text"
+        if option.default is not None:
+            assert option.coerce(option.default) == option.default
+
+
+class TechniqueContract:
+    """Tests every technique passes. Set ``name``; tune ``learning_rate``/``epochs`` if your method needs it."""
+
+    name: ClassVar[str]
+    learning_rate: ClassVar[float] = 5e-3
+    epochs: ClassVar[float] = 4
+    family: ClassVar[str] = "llama"
+
+    @pytest.fixture(scope="class")
+    def model_dir(self, tmp_path_factory: pytest.TempPathFactory) -> Any:
+        return save_tiny_model(tmp_path_factory.mktemp("contract-model") / self.family, self.family)
+
+    def technique(self) -> Technique:
+        return get_plugin_host().create("technique", self.name)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return CLASSIFICATION_ROWS if self.technique().task == CLASSIFICATION else CAUSAL_ROWS
+
+    def formatter_name(self) -> str:
+        return "classification" if self.technique().task == CLASSIFICATION else "chatml"
+
+    def test_metadata(self) -> None:
+        technique = self.technique()
+        assert isinstance(technique, Technique)
+        assert technique.name == self.name
+        assert technique.task in (CAUSAL_LM, CLASSIFICATION)
+        assert technique.description
+        _check_options(technique.options)
+        default = technique.default_quantizer
+        quantizer = get_plugin_host().create("quantizer", default) if default else None
+        assert technique.accepts_quantizer(quantizer), "the default quantizer must be accepted"
+
+    def test_trains_saves_and_reloads(self, model_dir: Any, tmp_path: Any) -> None:
+        import torch
+
+        import finetune_sdk
+        from finetune_sdk import Trainer
+
+        trainer = Trainer(model_dir, technique=self.name, formatter=self.formatter_name(), output_dir=tmp_path / "out",
+                          num_train_epochs=self.epochs, learning_rate=self.learning_rate,
+                          per_device_train_batch_size=2, progress=False, seed=0)
+        before = trainer.evaluate(self.rows())["eval_loss"]
+        result = trainer.fit(self.rows())
+        after = trainer.evaluate(self.rows())["eval_loss"]
+        assert after < before, f"loss did not fall: {before:.4f} -> {after:.4f}"
+        metrics = result.metrics
+        assert 0 < metrics["trainable_parameters"] <= metrics["total_parameters"]
+        for key in ("train_loss", "train_runtime", "train_tokens_per_second"):
+            assert key in metrics
+        assert (result.output_dir / "finetune_manifest.json").is_file()
+        assert not list(result.output_dir.rglob("*.bin")) and not list(result.output_dir.rglob("*.pt")), \
+            "results are safetensors only"
+
+        loaded = finetune_sdk.load(result.output_dir)
+        batch = trainer.session().tokenizer(["what is red?", "the cat is here"], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            trainer.session().model.eval()
+            expected = trainer.session().model(**batch).logits
+            actual = loaded.model(**batch).logits
+        assert torch.allclose(expected, actual, atol=1e-5), (expected - actual).abs().max()
+
+
+class QuantizerContract:
+    """Tests every quantizer passes. Set ``name``."""
+
+    name: ClassVar[str]
+
+    def quantizer(self) -> Quantizer:
+        return get_plugin_host().create("quantizer", self.name)
+
+    @pytest.fixture(scope="class")
+    def model_dir(self, tmp_path_factory: pytest.TempPathFactory) -> Any:
+        # hidden size 96: in_features that are not a multiple of 64 catch bitsandbytes' CPU repack bug
+        return save_tiny_model(tmp_path_factory.mktemp("quantizer-model") / "llama", "llama", hidden_size=96)
+
+    def load(self, model_dir: Any) -> Any:
+        import torch
+
+        from finetune_sdk.models import load_model, resolve_source
+
+        quantizer = self.quantizer()
+        model = load_model(resolve_source(model_dir), CAUSAL_LM, dtype=torch.float32,
+                           quantization_config=quantizer.quantization_config({}))
+        quantizer.after_load(model)
+        return model
+
+    def test_metadata(self) -> None:
+        quantizer = self.quantizer()
+        assert isinstance(quantizer, Quantizer)
+        assert quantizer.name == self.name and quantizer.description
+        assert isinstance(quantizer.bits, int) and 1 <= quantizer.bits <= 16
+        _check_options(quantizer.options)
+
+    def test_quantized_model_runs_and_is_smaller(self, model_dir: Any) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = self.load(model_dir)
+        ids = torch.tensor([[1, 5, 9, 12, 30]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        assert torch.isfinite(logits).all()
+        if self.quantizer().bits < 16:
+            assert model.get_memory_footprint() < full.get_memory_footprint()
+
+    def test_gradients_unchanged_by_an_eval_generate(self, model_dir: Any) -> None:
+        """Training after ``generate()`` must see the same gradients as training without it."""
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        def lora_grads(generate_first: bool) -> dict[str, torch.Tensor]:
+            model = self.load(model_dir)
+            ids = torch.tensor([[1, 5, 9, 12, 30, 41]])
+            if generate_first:
+                model.eval()
+                with torch.no_grad():
+                    model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=3)
+            torch.manual_seed(0)
+            peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0,
+                                                          init_lora_weights=False))
+            peft_model.train()
+            peft_model(input_ids=ids, labels=ids).loss.backward()
+            return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
+
+        plain, after_generate = lora_grads(False), lora_grads(True)
+        assert plain.keys() == after_generate.keys() and plain
+        for name in plain:
+            assert torch.allclose(plain[name], after_generate[name], atol=1e-5), name
+
+
+class FormatterContract:
+    """Tests every formatter passes. Set ``name``; the formatter's ``example`` row is used as data."""
+
+    name: ClassVar[str]
+
+    def formatter(self) -> Formatter:
+        return get_plugin_host().create("formatter", self.name)
+
+    def test_metadata_and_example(self) -> None:
+        formatter = self.formatter()
+        assert isinstance(formatter, Formatter)
+        assert formatter.name == self.name and formatter.description
+        assert formatter.task in (CAUSAL_LM, CLASSIFICATION)
+        assert formatter.column_sets, "declare the columns the formatter reads"
+        assert formatter.example, "give an example row"
+        formatter.validate(formatter.example, "example")
+        assert formatter.accepts(list(formatter.example))
+
+    def test_missing_columns_name_the_row(self) -> None:
+        with pytest.raises(DataError, match="train.jsonl line 3"):
+            self.formatter().validate({"unrelated": "x"}, "train.jsonl line 3")
+
+    def test_answer_and_eos_are_learnt_prompt_is_not(self) -> None:
+        from finetune_sdk.encoding import IGNORE_INDEX, encode_segments
+
+        formatter = self.formatter()
+        tokenizer = tiny_tokenizer()
+        if formatter.task == CLASSIFICATION:
+            text, label = formatter.text_and_label(formatter.example)
+            assert isinstance(text, str) and label is not None
+            return
+        segments = formatter.segments(formatter.example, tokenizer, {"max_length": 512})
+        assert all(isinstance(s, Segment) for s in segments)
+        encoded = encode_segments(segments, tokenizer, None)
+        assert any(label != IGNORE_INDEX for label in encoded["labels"]), "nothing to learn"
+        assert encoded["labels"][-1] == tokenizer.eos_token_id or \
+            tokenizer.eos_token_id in [lab for lab in encoded["labels"] if lab != IGNORE_INDEX], \
+            "the answer's EOS must be in the loss"
+        prompt = formatter.prompt_segments("hello there", tokenizer, {"max_length": 512})
+        assert prompt and not any(s.train for s in prompt)

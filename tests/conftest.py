@@ -1,0 +1,70 @@
+"""Test set-up: offline, seeded, no network beyond loopback, tiny models built in code."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["FINETUNE_SDK_DISABLE_PLUGIN_AUTOLOAD"] = os.environ.get("FINETUNE_SDK_DISABLE_PLUGIN_AUTOLOAD", "1")
+os.environ.setdefault("FINETUNE_SDK_CACHE", tempfile.mkdtemp(prefix="finetune-sdk-test-cache-"))
+
+import pytest  # noqa: E402
+
+_real_connect = socket.socket.connect
+
+
+def _loopback_only(self: socket.socket, address: object) -> object:
+    host = address[0] if isinstance(address, tuple) else address
+    if isinstance(host, str) and self.family in (socket.AF_INET, socket.AF_INET6) and \
+            not (host.startswith("127.") or host in ("::1", "localhost")):
+        raise OSError(f"test tried to reach {host}: tests are offline (loopback only)")
+    return _real_connect(self, address)
+
+
+socket.socket.connect = _loopback_only  # a stray download fails loudly instead of hanging
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_fresh_plugins():
+    """Every test starts from the same seeds and a freshly loaded plugin host."""
+    import random
+
+    from finetune_sdk.plugin_manager import reset_plugins
+
+    random.seed(0)
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Saved tiny model folders by family, built once per session."""
+    from finetune_sdk.testing.tiny import save_tiny_model
+
+    cache: dict[str, object] = {}
+
+    def get(family: str = "llama", **config):
+        key = family + repr(sorted(config.items()))
+        if key not in cache:
+            cache[key] = save_tiny_model(tmp_path_factory.mktemp(family), family, **config)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def llama_dir(tiny_models):
+    return tiny_models("llama")
+
+
+@pytest.fixture
+def qa_rows():
+    return [{"prompt": f"what is {a} plus {b}?", "completion": f"{a} plus {b} is {a + b}."}
+            for a in range(4) for b in range(4)]
