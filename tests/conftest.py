@@ -68,3 +68,13 @@ def llama_dir(tiny_models):
 def qa_rows():
     return [{"prompt": f"what is {a} plus {b}?", "completion": f"{a} plus {b} is {a + b}."}
             for a in range(4) for b in range(4)]
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """Lift offline mode for a test that talks to the local Hub-protocol test server (loopback only)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

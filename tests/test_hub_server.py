@@ -1,9 +1,7 @@
 """Drive the local Hub-protocol test server (tests/hub_server.py) with the REAL huggingface_hub client.
 
-huggingface_hub reads HF_HUB_DISABLE_XET / HF_HUB_OFFLINE into `huggingface_hub.constants` at import time.
-We set the env vars before importing it; if a conftest (or another test module) imported it first, the
-module-level constants are patched instead (`is_xet_available()` and `is_offline_mode()` read those
-constants at call time, so patching them is equivalent).
+The suite runs with HF_HUB_OFFLINE=1 and HF_HUB_DISABLE_XET=1 (tests/conftest.py); the `hub_online` fixture lifts
+offline mode for these tests only (huggingface_hub reads `constants.HF_HUB_OFFLINE` at call time).
 """
 
 from __future__ import annotations
@@ -11,36 +9,19 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import sys
 
-os.environ["HF_HUB_DISABLE_XET"] = "1"
-os.environ.pop("HF_HUB_OFFLINE", None)
-os.environ.pop("TRANSFORMERS_OFFLINE", None)
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
-_ALREADY_IMPORTED = "huggingface_hub" in sys.modules
-
-import pytest  # noqa: E402
-
-import huggingface_hub  # noqa: E402
-from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download  # noqa: E402
-from huggingface_hub.errors import (  # noqa: E402
+import pytest
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 
-if _ALREADY_IMPORTED:  # see module docstring
-    constants.HF_HUB_DISABLE_XET = True
-    constants.HF_HUB_OFFLINE = False
+from tests.hub_server import HubTestServer, git_blob_oid
 
-try:  # works whether or not tests/ is a package
-    from .hub_server import HubTestServer, git_blob_oid
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from hub_server import HubTestServer, git_blob_oid
+pytestmark = pytest.mark.usefixtures("hub_online")
 
 TOKEN = "hf_test_token"
 README_V1 = "---\nlicense: apache-2.0\nlibrary_name: peft\ntags:\n- lora\n---\n\n# Adapter\n\nFirst version.\n"
