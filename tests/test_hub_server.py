@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 
+import huggingface_hub
 import pytest
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
