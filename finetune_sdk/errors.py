@@ -48,3 +48,11 @@ def unknown_name_error(kind: str, name: str, available: Iterable[str]) -> Config
     return ConfigError(
         f"unknown {kind} {name!r}{closest(name, available)}; available: {', '.join(available) or 'none'}"
     )
+
+
+class RegistryError(FinetuneError):
+    """A registry operation that can't be done: unknown name or version, invalid name, remote failure."""
+
+
+class IntegrityError(RegistryError):
+    """A stored or downloaded file doesn't match its recorded sha256."""

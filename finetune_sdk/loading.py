@@ -12,20 +12,39 @@ from finetune_sdk.models import ModelSource, ensure_pad_token, load_model, resol
 from finetune_sdk.plugin_manager import get_plugin_host
 
 
-def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_model: Any = None) -> Any:
-    """Load a result folder: the base model (4-bit again when it was trained with qlora) plus what was trained.
+def result_folder(ref: str | os.PathLike[str], registry: Any = None) -> Path:
+    """The folder ``ref`` names: a result folder as is, else a registry version (pulled first for ``hf://``)."""
+    if Path(ref).is_dir():
+        return Path(ref)
+    text = os.fspath(ref)
+    from finetune_sdk.registry import Registry
+    from finetune_sdk.registry.refs import NAME
+
+    if not (text.startswith("hf://") or NAME.match(text.split("@", 1)[0])):
+        raise FinetuneError(f"{ref}: no such result folder or registry adapter")
+    registry = registry if registry is not None else Registry()
+    if text.startswith("hf://"):
+        return registry.path(registry.pull(text).ref)
+    return registry.path(text)
+
+
+def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_model: Any = None,
+         registry: Any = None) -> Any:
+    """Load a result: the base model (4-bit again when it was trained with qlora) plus what was trained.
 
     Args:
-        ref: a result folder written by ``Trainer.fit``.
+        ref: a result folder written by ``Trainer.fit``, or a registry reference: ``name``, ``name@3``,
+            ``name@production``, ``hf://org/repo`` or ``hf://org/repo@v3`` (pulled and verified first).
         quantized: ``None`` (as trained), ``False`` to load the base in full precision even after qlora.
         base_model: a path or Hub id to use instead of the recorded base model.
+        registry: the :class:`~finetune_sdk.registry.Registry` to resolve names in (default: ``Registry()``).
 
     Returns:
         A :class:`~finetune_sdk.inference.FineTunedModel` with ``generate``, ``predict`` and ``evaluate``.
 
     Example:
         >>> import finetune_sdk
-        >>> bot = finetune_sdk.load("finetune-runs/support-bot")  # doctest: +SKIP
+        >>> bot = finetune_sdk.load("support-bot@production")  # doctest: +SKIP
         >>> bot.generate("How do I reset my password?")  # doctest: +SKIP
     """
     import torch
@@ -36,9 +55,7 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
 
     ensure_handler()
 
-    directory = Path(ref)
-    if not directory.is_dir():
-        raise FinetuneError(f"{ref}: no such result folder")
+    directory = result_folder(ref, registry)
     manifest = read_manifest(directory)
     host = get_plugin_host()
     technique = host.create("technique", manifest["technique"])

@@ -27,6 +27,19 @@ class FitResult:
     metrics: dict[str, Any]
     manifest: dict[str, Any]
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    #: The registry version this result was published as (``Trainer(publish_as=...)`` or :meth:`publish`).
+    version: Any = None
+
+    def publish(self, name: str, *, registry: Any = None, **kwargs: Any) -> Any:
+        """Publish this result to the registry as the next version of ``name``; returns the ``AdapterVersion``.
+
+        Keyword arguments go to :meth:`finetune_sdk.registry.Registry.publish` (``description``, ``aliases``,
+        ``tags``, ``parent``).
+        """
+        from finetune_sdk.registry import Registry
+
+        self.version = (registry or Registry()).publish(self.output_dir, name, **kwargs)
+        return self.version
 
     def load(self, **kwargs: Any) -> Any:
         """Load this result back (same as ``finetune_sdk.load(result.output_dir)``)."""

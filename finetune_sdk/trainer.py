@@ -33,6 +33,9 @@ class Trainer:
         formatter: how rows become text (``"llama2-chat"``, ``"alpaca"``, ``"chatml"``, ``"chat-template"``,
             ``"text"``, ``"classification"``...); ``None`` picks one from the data's columns and says which.
         output_dir: where the result goes (default ``finetune-runs/<model>-<technique>-<time>``).
+        publish_as: publish each result to the registry under this name; a later ``fit`` of the same Trainer
+            publishes the next version with the previous one as its parent.
+        registry: the :class:`~finetune_sdk.registry.Registry` to publish to (default ``Registry()``).
         **options: technique, quantizer and training options (``r``, ``lora_alpha``, ``num_train_epochs``,
             ``learning_rate``, ``max_length``...). An unknown name is an error that suggests the closest.
 
@@ -45,7 +48,8 @@ class Trainer:
 
     def __init__(self, model: Any, technique: str = "lora", quantizer: str | None = None,
                  formatter: str | None = None, output_dir: str | os.PathLike[str] | None = None, *,
-                 tokenizer: Any = None, progress: bool = True, **options: Any) -> None:
+                 tokenizer: Any = None, progress: bool = True, publish_as: str | None = None,
+                 registry: Any = None, **options: Any) -> None:
         host = get_plugin_host()
         self.host = host
         self.technique = host.create("technique", technique)
@@ -69,6 +73,13 @@ class Trainer:
         self.source, self._given_model, self._tokenizer = _model_source(model, tokenizer, self.options["revision"])
         self.output_dir = Path(output_dir) if output_dir else _default_output_dir(self.source, technique)
         self.progress = progress
+        self.publish_as = publish_as
+        if publish_as is not None:
+            from finetune_sdk.registry.refs import validate_name
+
+            validate_name(publish_as)
+        self.registry = registry
+        self.published: list[Any] = []
         self._session: Any = None
         self.logger = ensure_handler()
 
@@ -86,7 +97,13 @@ class Trainer:
         formatter = self._pick_formatter(train_rows, tokenizer)
         if self.technique.task == CLASSIFICATION:
             self.options["labels"] = self._labels(train_rows, formatter)
-        return run_training(self, train_rows, eval_rows, formatter, tokenizer)
+        result = run_training(self, train_rows, eval_rows, formatter, tokenizer)
+        if self.publish_as:
+            parent = self.published[-1].ref if self.published else None
+            result.publish(self.publish_as, registry=self.registry, parent=parent)
+            self.published.append(result.version)
+            self.logger.info("published %s", result.version.ref)
+        return result
 
     def generate(self, prompts: Any, **kwargs: Any) -> Any:
         """Generate answers with the current model (the base before :meth:`fit`, the fine-tuned one after).

@@ -1,1 +1,12 @@
-"""The adapter registry (shipped as ``finetune_sdk.registry``): versions, aliases and lineage of results."""
+"""The adapter registry (shipped as ``finetune_sdk.registry``): immutable versions, aliases, tags and lineage of
+fine-tuning results in a local store, pushed to and pulled from the Hugging Face Hub.
+
+Example:
+    >>> from finetune_sdk.registry import Registry
+    >>> Registry("/tmp/reg").list()  # doctest: +SKIP
+"""
+
+from finetune_sdk.registry.local import AdapterVersion, Registry, default_home
+from finetune_sdk.registry.refs import Ref, parse_ref, validate_name
+
+__all__ = ["AdapterVersion", "Ref", "Registry", "default_home", "parse_ref", "validate_name"]

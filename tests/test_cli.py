@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -119,10 +120,12 @@ finally:
 """
 
 
-@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["plugins", "--json"], ["train", "--help"]])
-def test_startup_imports_no_torch(args):
+@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["plugins", "--json"], ["train", "--help"],
+                                  ["registry", "list"], ["registry", "--help"]])
+def test_startup_imports_no_torch(args, tmp_path):
+    env = {**os.environ, "FINETUNE_SDK_REGISTRY": str(tmp_path / "registry")}
     proc = subprocess.run([sys.executable, "-c", PROBE.format(args=args)], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY:\n" in proc.stderr or proc.stderr.strip().endswith("HEAVY:"), proc.stderr
 

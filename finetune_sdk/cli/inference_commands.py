@@ -13,9 +13,21 @@ from finetune_sdk.errors import ConfigError
 from finetune_sdk.manifest import MANIFEST_NAME
 
 
+def is_result(ref: str) -> bool:
+    """True for a result folder or a registry reference (``name@...``, ``hf://...``, a published name)."""
+    if (Path(ref) / MANIFEST_NAME).is_file() or ref.startswith("hf://") or "@" in ref:
+        return True
+    if "/" in ref or Path(ref).exists():
+        return False
+    from finetune_sdk.registry import Registry
+    from finetune_sdk.registry.refs import NAME
+
+    return bool(NAME.match(ref)) and any(a["name"] == ref for a in Registry().list())
+
+
 def open_model(ref: str, formatter: str | None = None) -> Any:
-    """A result folder loads with ``finetune_sdk.load``; anything else is a base model through ``Trainer``."""
-    if (Path(ref) / MANIFEST_NAME).is_file():
+    """A result folder or registry reference loads with ``finetune_sdk.load``; anything else is a base model."""
+    if is_result(ref):
         from finetune_sdk.loading import load
 
         model = load(ref)

@@ -11,7 +11,8 @@ from finetune_sdk.cli.option_flags import option_flags
 from finetune_sdk.cli.render import console, metrics_table
 from finetune_sdk.errors import ConfigError
 
-RUN_KEYS = ("model", "data", "train_data", "eval_data", "technique", "quantizer", "formatter", "output_dir")
+RUN_KEYS = ("model", "data", "train_data", "eval_data", "technique", "quantizer", "formatter", "output_dir",
+            "publish")
 
 
 @click.command("train")
@@ -22,11 +23,12 @@ RUN_KEYS = ("model", "data", "train_data", "eval_data", "technique", "quantizer"
 @click.option("--quantizer", "-q", help="nf4, int8, none (default: the technique's)")
 @click.option("--formatter", "-f", help="llama2-chat, alpaca, chatml, chat-template, text, classification...")
 @click.option("--output-dir", "-o", help="where the result goes")
+@click.option("--publish", "publish_as", help="publish the result to the registry under this name")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML or TOML file with the same names")
 @option_flags
 def train_command(model: str | None, data: str | None, eval_data: str | None, technique: str | None,
-                  quantizer: str | None, formatter: str | None, output_dir: str | None, config_path: str | None,
-                  **flags: Any) -> None:
+                  quantizer: str | None, formatter: str | None, output_dir: str | None, publish_as: str | None,
+                  config_path: str | None, **flags: Any) -> None:
     """Fine-tune a model on a dataset and save the result.
 
     \b
@@ -48,7 +50,10 @@ def train_command(model: str | None, data: str | None, eval_data: str | None, te
     if not train_data:
         raise ConfigError("no training data given: pass --data FILE (or 'data:' in --config)")
     trainer = Trainer(run["model"], technique=run.get("technique") or "lora", quantizer=run.get("quantizer"),
-                      formatter=run.get("formatter"), output_dir=run.get("output_dir"), **options)
+                      formatter=run.get("formatter"), output_dir=run.get("output_dir"),
+                      publish_as=publish_as or run.get("publish"), **options)
     result = trainer.fit(train_data, eval_data=run.get("eval_data"))
     console().print(metrics_table(result.metrics, title=f"{trainer.technique.name} result"))
     console().print(f"saved to [bold]{result.output_dir}[/bold]")
+    if result.version is not None:
+        console().print(f"published as [bold]{result.version.ref}[/bold]")

@@ -1,0 +1,206 @@
+"""Pushing versions to, and pulling them from, the Hugging Face Hub (or a self-hosted Hub-compatible server).
+
+Layout: one model repo per adapter. Each pushed version is one commit on ``main`` holding the result's files, the
+manifest, ``registry.json`` (name, version, parent, file hashes) and a model card, tagged ``v<N>``. Aliases are
+branches pointing at a version's commit, moved when the alias moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from finetune_sdk.errors import IntegrityError, RegistryError
+from finetune_sdk.fsutil import write_json_atomic
+from finetune_sdk.manifest import read_manifest
+from finetune_sdk.registry.blobs import sha256_file
+from finetune_sdk.registry.local import AdapterVersion, Registry
+from finetune_sdk.registry.model_card import model_card
+from finetune_sdk.registry.refs import HUB_REPO, parse_ref
+
+REGISTRY_FILE = "registry.json"
+ATTEMPTS = 3
+T = TypeVar("T")
+
+
+def resolve_endpoint(endpoint: str | None) -> str:
+    """The Hub endpoint: the argument, else ``HF_ENDPOINT``, else https://huggingface.co."""
+    return (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def _call(endpoint: str, what: str, fn: Callable[[], T]) -> T:
+    """Run a Hub call with bounded retries on server errors and connection failures; errors name the endpoint.
+
+    Tokens never appear in messages: huggingface_hub errors are reduced to their status and server message.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    delay = 0.25
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return fn()
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise RegistryError(f"{what} at {endpoint}: {_status(exc)} not found "
+                                "(check the repo name and revision; private repos need a token)") from None
+        except HfHubHTTPError as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status in (401, 403):
+                raise RegistryError(f"{what} at {endpoint} was refused ({status}): a valid token with write access is"
+                                    " needed (set HF_TOKEN or run `hf auth login`)") from None
+            if status is not None and status < 500 and status != 429:
+                raise RegistryError(f"{what} at {endpoint} failed: {_status(exc)}") from None
+            reason = f"HTTP {status}"
+        except OSError as exc:  # connection refused, DNS, timeouts (httpx errors are OSError subclasses or wrap them)
+            reason = type(exc).__name__
+        except Exception as exc:  # noqa: BLE001 - httpx transport errors aren't OSError
+            if type(exc).__module__.split(".")[0].rstrip("0123456789") not in ("httpx", "httpcore", "requests",
+                                                                                 "urllib"):
+                raise
+            reason = type(exc).__name__
+        if attempt < ATTEMPTS:
+            time.sleep(delay)
+            delay *= 2
+    raise RegistryError(f"{what} at {endpoint} failed after {ATTEMPTS} attempts ({reason}); is the endpoint up?")
+
+
+def _status(exc: Exception) -> str:
+    response = getattr(exc, "response", None)
+    code = getattr(response, "status_code", "")
+    message = (getattr(response, "headers", {}) or {}).get("X-Error-Message", "") if response is not None else ""
+    return f"{code} {message}".strip()
+
+
+def _api(endpoint: str, token: str | None) -> Any:
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint, token=token)
+
+
+def push(registry: Registry, ref: str, repo_id: str, *, endpoint: str | None = None, token: str | None = None,
+         private: bool = False) -> dict[str, Any]:
+    """Push a version to ``repo_id``: create the repo if needed, commit the files, tag ``v<N>``, move aliases.
+
+    The token comes from the argument, else from where huggingface_hub reads it (``HF_TOKEN``, saved login).
+    """
+    if not HUB_REPO.match(repo_id or ""):
+        raise RegistryError(f"repo id {repo_id!r} must read org/name")
+    version = registry.verify(ref)
+    endpoint = resolve_endpoint(endpoint)
+    api = _api(endpoint, token)
+    _call(endpoint, f"creating {repo_id}", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
+    folder = Path(tempfile.mkdtemp(prefix="finetune-push-"))
+    try:
+        source = registry.path(version.ref)
+        for rel in version.files:
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / rel, folder / rel)
+        write_json_atomic(folder / REGISTRY_FILE, {
+            "name": version.name, "version": version.version, "parent": version.parent,
+            "description": version.description, "created": version.created, "tags": version.tags,
+            "files": version.files})
+        (folder / "README.md").write_text(model_card(version, repo_id), encoding="utf-8")
+        commit = _call(endpoint, f"pushing {version.ref} to {repo_id}", lambda: api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), commit_message=f"{version.name} v{version.version}",
+            delete_patterns=["*"]))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    sha = commit.oid
+    tag = f"v{version.version}"
+    refs = _call(endpoint, f"listing refs of {repo_id}", lambda: api.list_repo_refs(repo_id))
+    if any(t.name == tag for t in refs.tags):
+        _call(endpoint, f"moving tag {tag}", lambda: api.delete_tag(repo_id, tag=tag))
+    _call(endpoint, f"tagging {tag}", lambda: api.create_tag(repo_id, tag=tag, revision=sha,
+                                                            tag_message=f"{version.name} v{version.version}"))
+    branches = {b.name for b in refs.branches}
+    for alias in version.aliases:
+        if alias in branches:
+            _call(endpoint, f"moving alias {alias}", lambda a=alias: api.delete_branch(repo_id, branch=a))
+        _call(endpoint, f"setting alias {alias}", lambda a=alias: api.create_branch(repo_id, branch=a, revision=sha))
+    return {"repo_id": repo_id, "commit": sha, "tag": tag, "aliases": version.aliases,
+            "url": f"{endpoint}/{repo_id}/tree/{tag}"}
+
+
+def pull(registry: Registry, ref: str, *, endpoint: str | None = None, token: str | None = None,
+         name: str | None = None) -> AdapterVersion:
+    """Pull ``hf://org/repo[@vN|@alias|@commit]`` into the local registry and return the local version.
+
+    The revision is resolved to a commit, downloaded with ``snapshot_download`` at that exact commit, and every
+    file is checked against ``registry.json``'s sha256 before anything is stored. A version pulled before
+    (``@vN`` or a commit) is served locally without network.
+    """
+    parsed = parse_ref(ref)
+    if not parsed.is_hub:
+        raise RegistryError(f"{ref!r} is not a Hub reference; pull takes hf://org/repo[@v3]")
+    endpoint = resolve_endpoint(endpoint)
+    revision = parsed.revision or "main"
+    immutable = revision[:1] == "v" and revision[1:].isdigit() or len(revision) == 40
+    cached = registry._remote_version(parsed, endpoint)
+    if cached is not None and immutable:
+        return cached
+    from huggingface_hub import snapshot_download
+
+    api = _api(endpoint, token)
+    info = _call(endpoint, f"resolving {parsed}", lambda: api.model_info(parsed.repo_id, revision=revision))
+    sha = info.sha
+    if cached is not None and _remote_commit(registry, endpoint, parsed.repo_id, revision) == sha:
+        return cached
+    download = Path(tempfile.mkdtemp(prefix="finetune-pull-"))
+    try:
+        _call(endpoint, f"downloading {parsed}", lambda: snapshot_download(
+            parsed.repo_id, revision=sha, endpoint=endpoint, token=token, local_dir=download))
+        record_path = download / REGISTRY_FILE
+        if not record_path.is_file():
+            raise RegistryError(f"{parsed} (commit {sha[:12]}) has no {REGISTRY_FILE}; it was not pushed by "
+                                "finetune-sdk")
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        for rel, meta in record["files"].items():
+            path = download / rel
+            if not path.is_file():
+                raise IntegrityError(f"{parsed}: {rel} listed in {REGISTRY_FILE} was not downloaded")
+            actual = sha256_file(path)
+            if actual != meta["sha256"] or path.stat().st_size != meta["size"]:
+                raise IntegrityError(f"{parsed}: downloaded {rel} does not match its recorded sha256 "
+                                     f"({actual[:12]}... instead of {meta['sha256'][:12]}...)")
+        stage = Path(tempfile.mkdtemp(prefix="finetune-pulled-"))
+        for rel in record["files"]:
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(download / rel, stage / rel)
+        manifest = read_manifest(stage)
+        local = _store(registry, stage, manifest, record, name or record["name"], parsed, endpoint, sha)
+        shutil.rmtree(stage, ignore_errors=True)
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+    return local
+
+
+def _remote_commit(registry: Registry, endpoint: str, repo_id: str, revision: str) -> str | None:
+    with registry.index.read() as db:
+        row = db.execute("SELECT commit_sha FROM remotes WHERE endpoint = ? AND repo_id = ? AND revision = ?",
+                         (endpoint, repo_id, revision)).fetchone()
+    return row[0] if row else None
+
+
+def _store(registry: Registry, folder: Path, manifest: dict[str, Any], record: dict[str, Any], name: str,
+           parsed: Any, endpoint: str, sha: str) -> AdapterVersion:
+    files = registry._store_files(folder)
+    version = int(record["version"])
+    try:
+        existing = registry.resolve(f"{name}@{version}")
+    except RegistryError:
+        existing = None
+    if existing is not None and existing.files != files:
+        raise RegistryError(f"local {existing.ref} differs from {parsed}; pull it under another name (name=...)")
+    if existing is None:
+        existing = registry._insert(name, version, manifest, files, record.get("description", ""),
+                                    record.get("parent"), [], list(record.get("tags") or []), str(parsed))
+    with registry.index.write() as db:
+        for revision in {parsed.revision or "main", f"v{version}", sha}:
+            db.execute("INSERT OR REPLACE INTO remotes VALUES (?, ?, ?, ?, ?, ?)",
+                       (endpoint, parsed.repo_id, revision, name, version, sha))
+    return registry.resolve(existing.ref)

@@ -1,0 +1,56 @@
+"""The README.md model card written with every pushed version."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from finetune_sdk.registry.local import AdapterVersion
+
+PIPELINE = {"causal-lm": "text-generation", "classification": "text-classification"}
+
+
+def _yaml_list(items: list[str]) -> str:
+    return "".join(f"\n- {json.dumps(item)}" for item in items)
+
+
+def model_card(version: AdapterVersion, repo_id: str) -> str:
+    """YAML metadata (``library_name: peft``, ``base_model``, tags, pipeline tag) and a body that says how it was
+    trained and how to load it. Credentials never appear: manifests hold none."""
+    m = version.manifest
+    base = m.get("base_model") or {}
+    technique = m.get("technique") or "unknown"
+    tags = ["finetune-sdk", technique] + (["peft", "lora"] if technique in ("lora", "qlora") else [])
+    if m.get("quantizer"):
+        tags.append(m["quantizer"])
+    header = ["---", "library_name: peft" if technique in ("lora", "qlora") else "library_name: transformers"]
+    if base.get("kind") == "hub":
+        header.append(f"base_model: {json.dumps(base['id'])}")
+    header += [f"tags:{_yaml_list(tags)}", f"pipeline_tag: {PIPELINE.get(m.get('task'), 'text-generation')}", "---"]
+    options = m.get("options") or {}
+    metrics = m.get("metrics") or {}
+    dataset = m.get("dataset") or {}
+    lines = [
+        *header, "", f"# {version.name} v{version.version}", "",
+        version.description or "A fine-tuning result published with finetune-sdk.", "",
+        "| | |", "| --- | --- |",
+        f"| technique | `{technique}` |", f"| quantizer | `{m.get('quantizer')}` |",
+        f"| formatter | `{m.get('formatter')}` |",
+        f"| base model | `{base.get('id')}` (revision `{base.get('revision')}`) |",
+        f"| dataset | {dataset.get('rows')} rows, fingerprint `{dataset.get('fingerprint')}` |",
+        f"| parent | `{version.parent}` |", f"| created | {version.created} |", "",
+        "## Options", "", "| option | value |", "| --- | --- |",
+        *[f"| {k} | `{json.dumps(v)}` |" for k, v in sorted(options.items())], "",
+        "## Metrics", "", "| metric | value |", "| --- | --- |",
+        *[f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())], "",
+        "## Use", "", "With finetune-sdk:", "", "```python", "import finetune_sdk", "",
+        f'model = finetune_sdk.load("hf://{repo_id}@v{version.version}")',
+        'model.generate(["Hello!"])' if m.get("task") != "classification" else 'model.predict(["Hello!"])',
+        "```", "",
+    ]
+    if technique in ("lora", "qlora"):
+        lines += ["With plain PEFT (the adapter's own revision is the tag; the base model's revision is in "
+                  "adapter_config.json):", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+                  f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}", revision="v{version.version}")',
+                  "```", ""]
+    return "\n".join(lines)
