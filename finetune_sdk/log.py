@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 logger = logging.getLogger("finetune_sdk")
 
@@ -37,3 +38,22 @@ def quiet_known_noise() -> None:
     noisy = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if not any(isinstance(f, _DropMessage) for f in noisy.filters):
         noisy.addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward"))
+
+
+def quiet_third_party_output() -> None:
+    """For command-line use: no transformers/huggingface_hub progress bars and no deprecation chatter.
+
+    The SDK's own progress bar and log lines say what is happening; libraries should not call this.
+    """
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass

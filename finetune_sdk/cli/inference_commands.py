@@ -27,6 +27,9 @@ def is_result(ref: str) -> bool:
 
 def open_model(ref: str, formatter: str | None = None) -> Any:
     """A result folder or registry reference loads with ``finetune_sdk.load``; anything else is a base model."""
+    from finetune_sdk.log import quiet_third_party_output
+
+    quiet_third_party_output()
     if is_result(ref):
         from finetune_sdk.loading import load
 

@@ -35,6 +35,7 @@ def train_command(model: str | None, data: str | None, eval_data: str | None, te
     Example:
       finetune train --model ./tiny-llama --data train.jsonl --technique lora --r 16 --num-train-epochs 2
     """
+    from finetune_sdk.log import quiet_third_party_output
     from finetune_sdk.trainer import Trainer
 
     config = read_config(config_path)
@@ -49,6 +50,7 @@ def train_command(model: str | None, data: str | None, eval_data: str | None, te
         raise ConfigError("no model given: pass --model PATH_OR_ID (or 'model:' in --config)")
     if not train_data:
         raise ConfigError("no training data given: pass --data FILE (or 'data:' in --config)")
+    quiet_third_party_output()
     trainer = Trainer(run["model"], technique=run.get("technique") or "lora", quantizer=run.get("quantizer"),
                       formatter=run.get("formatter"), output_dir=run.get("output_dir"),
                       publish_as=publish_as or run.get("publish"), **options)
