@@ -96,9 +96,7 @@ class PluginHost:
         self.strict = _env_flag("FINETUNE_SDK_STRICT_PLUGINS")
         self.plugins: list[PluginInfo] = []
         self._registrations: dict[str, dict[str, list[Registration]]] = {kind: {} for kind in KINDS}
-        if _env_flag("FINETUNE_SDK_TRACE_HOOKS"):
-            self.pm.trace.root.setwriter(lambda msg: sys.stderr.write(msg))
-            self.pm.enable_tracing()
+        self.tracing = _env_flag("FINETUNE_SDK_TRACE_HOOKS")
         for module_name in BUILTIN_PLUGINS:
             self._add(module_name, lambda m=module_name: importlib.import_module(m), "finetune-sdk", builtin=True)
         if autoload is None:
@@ -146,7 +144,9 @@ class PluginHost:
 
     def _collect(self, kind: str) -> None:
         hook_name, base = KINDS[kind]
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        self._trace(hook_name, impls)
+        for impl in impls:
             info = self._info(impl.plugin_name)
 
             def register(cls: type, _info: PluginInfo = info) -> None:
@@ -162,6 +162,11 @@ class PluginHost:
                 if info.builtin:
                     raise
                 self._report(info, f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+
+    def _trace(self, hook_name: str, impls: list[Any]) -> None:
+        if self.tracing:
+            names = ", ".join(impl.plugin_name for impl in impls) or "no implementations"
+            sys.stderr.write(f"finetune_sdk: hook {hook_name} -> {names}\n")
 
     def _info(self, plugin_name: str) -> PluginInfo:
         return next(p for p in self.plugins if p.name == plugin_name)
@@ -197,7 +202,9 @@ class PluginHost:
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call an observer hook on every plugin; a failing plugin is reported, training goes on."""
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        self._trace(hook_name, impls)
+        for impl in impls:
             try:
                 impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
             except Exception as exc:  # noqa: BLE001

@@ -244,3 +244,42 @@ def test_autoload_switches(monkeypatch):
     assert "normtune" in PluginHost().names("technique")  # 'other' (which would fail) was not loaded
     monkeypatch.setenv("FINETUNE_SDK_DISABLE_PLUGIN_AUTOLOAD", "1")
     assert "normtune" not in PluginHost().names("technique")
+
+
+def test_tracing_prints_each_hook_call_with_its_implementations(monkeypatch, capsys):
+    monkeypatch.setenv("FINETUNE_SDK_TRACE_HOOKS", "1")
+    host = PluginHost(autoload=False)
+    host.notify("on_train_end", context=None, metrics={})
+    err = capsys.readouterr().err
+    assert "finetune_sdk: hook register_techniques -> finetune_sdk.plugins.techniques" in err
+    assert "finetune_sdk: hook on_train_end -> no implementations" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["technique", "quantizer", "formatter"])
+def test_scaffolded_plugin_installs_and_passes_its_own_tests(kind, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from finetune_sdk.cli import cli
+
+    result = CliRunner().invoke(cli, ["plugins", "init", f"my-{kind}", "--kind", kind, "--dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    root = tmp_path / f"finetune-sdk-my-{kind}"
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(root)], check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(target), "FINETUNE_SDK_DISABLE_PLUGIN_AUTOLOAD": "0",
+           "HF_HUB_OFFLINE": "1"}
+    listed = subprocess.run([sys.executable, "-m", "finetune_sdk", "plugins", "--json"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    report = __import__("json").loads(listed.stdout)
+    entry = next(r for r in report[kind + "s"] if r["name"] == f"my-{kind}")
+    assert entry["distribution"] == f"finetune-sdk-my-{kind}" and entry["version"] == "0.1.0"
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests")],
+                           env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
+    assert "passed" in tests.stdout
+    again = CliRunner().invoke(cli, ["plugins", "init", f"my-{kind}", "--kind", kind, "--dir", str(tmp_path)])
+    assert again.exit_code == 2 and "already exists" in again.output

@@ -57,3 +57,18 @@ def plugins_command(ctx: click.Context, as_json: bool) -> None:
         for p in broken:
             table.add_row(*(cell(p[c]) for c in ("name", "distribution", "version", "error")))
         out.print(table)
+
+
+@plugins_command.command("init")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["technique", "quantizer", "formatter"]), default="technique",
+              show_default=True)
+@click.option("--dir", "directory", default=".", show_default=True, help="where to create finetune-sdk-NAME/")
+def init_command(name: str, kind: str, directory: str) -> None:
+    """Write a working plugin package finetune-sdk-NAME (pyproject, module, contract test)."""
+    from pathlib import Path
+
+    from finetune_sdk.scaffold import scaffold
+
+    root = scaffold(name, kind, Path(directory))
+    console().print(f"created {root}: `pip install -e {root}` then `python -m pytest {root}/tests`")

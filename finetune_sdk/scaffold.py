@@ -1,0 +1,174 @@
+"""``finetune plugins init``: write a plugin package that installs and passes the contract suite as generated."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from finetune_sdk.errors import ConfigError
+
+KINDS = ("technique", "quantizer", "formatter")
+NAME = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
+
+PYPROJECT = '''[build-system]
+requires = ["setuptools>=69"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "{dist}"
+version = "0.1.0"
+description = "A finetune-sdk {kind} plugin: {name}"
+readme = "README.md"
+requires-python = ">=3.10"
+dependencies = ["finetune-sdk"]
+
+[project.optional-dependencies]
+test = ["pytest>=8"]
+
+[project.entry-points.finetune_sdk]
+{name} = "{module}"
+
+[tool.setuptools]
+packages = ["{module}"]
+'''
+
+README = '''# {dist}
+
+A [finetune-sdk](https://pypi.org/project/finetune-sdk/) {kind} plugin registering `{name}`.
+
+```bash
+pip install -e .
+finetune plugins          # lists {name} with this distribution
+python -m pytest tests    # the finetune-sdk contract suite
+```
+'''
+
+TECHNIQUE = '''"""{dist}: the `{name}` technique (LoRA on every linear layer, a starting point to change)."""
+
+from finetune_sdk import hookimpl
+from finetune_sdk.options import Option
+from finetune_sdk.plugins.techniques.lora import LoraTechnique, lora_options
+
+FINETUNE_SDK_PLUGIN_API = (1, 1)
+
+
+class {cls}(LoraTechnique):
+    """LoRA with rank 16 on all linear layers; override prepare/save/load to make it your own method."""
+
+    name = "{name}"
+    description = "LoRA r=16 on all linear layers ({dist})"
+    options: tuple[Option, ...] = lora_options(16, 32, 0.05, "all-linear")
+
+
+@hookimpl
+def register_techniques(register):
+    register({cls})
+'''
+
+QUANTIZER = '''"""{dist}: the `{name}` quantizer (4-bit FP4 through bitsandbytes, a starting point to change)."""
+
+from finetune_sdk import hookimpl
+from finetune_sdk.options import Option
+from finetune_sdk.plugins.quantizers.bnb import compute_dtype, disable_cpu_repack
+from finetune_sdk.quantizer import Quantizer
+
+FINETUNE_SDK_PLUGIN_API = (1, 1)
+
+
+class {cls}(Quantizer):
+    """4-bit FP4 weights (bitsandbytes)."""
+
+    name = "{name}"
+    description = "4-bit FP4 weights via bitsandbytes ({dist})"
+    bits = 4
+    options: tuple[Option, ...] = (
+        Option("compute_dtype", str, "auto", "dtype of the 4-bit matmuls", choices=("auto", "bfloat16", "float16",
+                                                                                     "float32")),
+    )
+
+    def quantization_config(self, options):
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4",
+                                  bnb_4bit_compute_dtype=compute_dtype(options.get("compute_dtype", "auto")))
+
+    def after_load(self, model):
+        disable_cpu_repack(model)
+
+
+@hookimpl
+def register_quantizers(register):
+    register({cls})
+'''
+
+FORMATTER = '''"""{dist}: the `{name}` formatter (question/answer rows, a starting point to change)."""
+
+from finetune_sdk import hookimpl
+from finetune_sdk.formatter import Formatter, Segment
+
+FINETUNE_SDK_PLUGIN_API = (1, 1)
+
+
+class {cls}(Formatter):
+    """Rows with `question` and `answer`: "Question: ...\\nAnswer:" is the prompt, the answer and EOS are learnt."""
+
+    name = "{name}"
+    description = "question/answer rows ({dist})"
+    column_sets = (("question", "answer"),)
+    column_types = {{"question": (str,), "answer": (str,)}}
+    example = {{"question": "What colour is the sky?", "answer": "Blue."}}
+
+    def segments(self, row, tokenizer, options):
+        return [Segment(f"Question: {{row['question']}}\\nAnswer:"),
+                Segment(f" {{row['answer']}}{{tokenizer.eos_token or ''}}", train=True)]
+
+    def prompt_segments(self, prompt, tokenizer, options):
+        return [Segment(f"Question: {{prompt}}\\nAnswer:")]
+
+
+@hookimpl
+def register_formatters(register):
+    register({cls})
+'''
+
+TEST = '''"""The finetune-sdk contract suite, run on this plugin."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from finetune_sdk.testing import {contract}
+
+
+class Test{cls}({contract}):
+    name = "{name}"
+'''
+
+MODULES = {"technique": (TECHNIQUE, "TechniqueContract"), "quantizer": (QUANTIZER, "QuantizerContract"),
+           "formatter": (FORMATTER, "FormatterContract")}
+
+
+def scaffold(name: str, kind: str, directory: Path) -> Path:
+    """Write ``finetune-sdk-<name>/`` under ``directory``; refuse to overwrite anything. Returns its path."""
+    if not NAME.match(name):
+        raise ConfigError(f"plugin name {name!r} must be lowercase letters, digits and '-', starting with a letter")
+    if kind not in KINDS:
+        raise ConfigError(f"unknown plugin kind {kind!r}; use one of {', '.join(KINDS)}")
+    dist = f"finetune-sdk-{name}"
+    module = "finetune_sdk_" + name.replace("-", "_")
+    cls = "".join(part.capitalize() for part in name.split("-")) + kind.capitalize()
+    root = Path(directory) / dist
+    if root.exists():
+        raise ConfigError(f"{root} already exists; pick another name or folder")
+    template, contract = MODULES[kind]
+    values = {"name": name, "dist": dist, "module": module, "cls": cls, "kind": kind, "contract": contract}
+    files = {
+        "pyproject.toml": PYPROJECT.format(**values),
+        "README.md": README.format(**values),
+        f"{module}/__init__.py": template.format(**values),
+        "tests/test_contract.py": TEST.format(**values),
+    }
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text, encoding="utf-8")
+    return root
