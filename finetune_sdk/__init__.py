@@ -15,7 +15,8 @@ from finetune_sdk.errors import FinetuneError
 from finetune_sdk.hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["FinetuneError", "FitResult", "Trainer", "__version__", "hookimpl", "load"]
+__all__ = ["FinetuneError", "FitResult", "Stage", "Task", "Trainer", "__version__", "advise", "hookimpl", "load",
+           "merge"]
 
 if TYPE_CHECKING:
     from finetune_sdk.result import FitResult
@@ -29,11 +30,29 @@ def load(ref: Any, **kwargs: Any) -> Any:
     return _load(ref, **kwargs)
 
 
+def merge(ref: Any, out: Any, **kwargs: Any) -> Any:
+    """Merge an adapter into its base and save a standalone model folder; see :func:`finetune_sdk.merging.merge`."""
+    from finetune_sdk.merging import merge as _merge
+
+    return _merge(ref, out, **kwargs)
+
+
+def advise(model: Any, **kwargs: Any) -> Any:
+    """Recommend a technique, quantizer and batch settings; see :func:`finetune_sdk.advise.advise`."""
+    from finetune_sdk.advise import advise as _advise
+
+    return _advise(model, **kwargs)
+
+
 def __getattr__(name: str) -> Any:
     if name == "Trainer":
         from finetune_sdk.trainer import Trainer
 
         return Trainer
+    if name in ("Stage", "Task"):
+        from finetune_sdk import workflows
+
+        return getattr(workflows, name)
     if name == "FitResult":
         from finetune_sdk.result import FitResult
 

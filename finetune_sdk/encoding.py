@@ -49,7 +49,13 @@ def encode_segments(segments: Sequence[Segment], tokenizer: Any, max_length: int
 
 def encode_causal(rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any],
                   *, strict: bool = True) -> Encoded:
-    """Encode rows for causal-LM training; count (and refuse when most are) examples with nothing to learn."""
+    """Encode rows for causal-LM training; count (and refuse when most are) examples with nothing to learn.
+
+    A formatter with ``concatenates = True`` (``text``) has its documents joined and cut into blocks of
+    ``max_length`` tokens instead, as in continued pretraining.
+    """
+    if getattr(formatter, "concatenates", False):
+        return encode_blocks(rows, formatter, tokenizer, options)
     out = Encoded()
     for row, where in zip(rows.rows, rows.where):
         formatter.validate(row, where)
@@ -60,6 +66,25 @@ def encode_causal(rows: Rows, formatter: Formatter, tokenizer: Any, options: Map
         out.tokens += len(example["input_ids"])
         out.examples.append(example)
     _check_dropped(out, len(rows), rows.source, options["max_length"], strict)
+    return out
+
+
+def encode_blocks(rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
+    """Concatenate every document (each ending with EOS) and cut the stream into ``max_length`` blocks; the last,
+    shorter block is kept."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for row, where in zip(rows.rows, rows.where):
+        formatter.validate(row, where)
+        example = encode_segments(formatter.segments(row, tokenizer, options), tokenizer, None)
+        ids += example["input_ids"]
+        labels += example["labels"]
+    size = options["max_length"]
+    out = Encoded(tokens=len(ids))
+    for start in range(0, len(ids), size):
+        block_labels = labels[start:start + size]
+        if len(block_labels) > 1 and any(label != IGNORE_INDEX for label in block_labels):
+            out.examples.append({"input_ids": ids[start:start + size], "labels": block_labels})
     return out
 
 

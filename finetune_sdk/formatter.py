@@ -10,6 +10,8 @@ from finetune_sdk.errors import DataError
 
 CAUSAL_LM = "causal-lm"
 CLASSIFICATION = "classification"
+PREFERENCE = "preference"
+TASKS = (CAUSAL_LM, CLASSIFICATION, PREFERENCE)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class Formatter:
     column_sets: ClassVar[tuple[tuple[str, ...], ...]] = ()
     #: Column types checked row by row: column -> tuple of accepted Python types.
     column_types: ClassVar[Mapping[str, tuple[type, ...]]] = {}
+    #: True when documents are joined and cut into ``max_length`` blocks (continued pretraining).
+    concatenates: ClassVar[bool] = False
     #: A valid row, used by docs and by the contract tests in ``finetune_sdk.testing``.
     example: ClassVar[Mapping[str, Any]] = {}
 

@@ -81,3 +81,34 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
     model.eval()
     return FineTunedModel(model, tokenizer, task=manifest["task"], formatter=formatter, options=options,
                           labels=manifest.get("labels"))
+
+
+def load_base(ref: str | os.PathLike[str], *, registry: Any = None) -> Any:
+    """The untrained starting point of a result: its recorded base model (for a classifier, with a fresh head
+    seeded as training seeded it), wrapped with the result's tokenizer and formatter."""
+    import torch
+    from transformers import AutoTokenizer, set_seed
+
+    from finetune_sdk.inference import FineTunedModel
+
+    directory = result_folder(ref, registry)
+    manifest = read_manifest(directory)
+    host = get_plugin_host()
+    technique = host.create("technique", manifest["technique"])
+    options = dict(manifest["options"])
+    base = manifest.get("merged_from", {}).get("base_model") or manifest["base_model"]
+    source = ModelSource.from_manifest(base)
+    quantizer = host.create("quantizer", manifest["quantizer"]) if manifest.get("quantizer") else None
+    model = load_model(source, manifest["task"], dtype=getattr(torch, manifest.get("dtype") or "float32"),
+                       quantization_config=quantizer.quantization_config(options) if quantizer else None,
+                       trust_remote_code=bool(options.get("trust_remote_code")))
+    if quantizer is not None:
+        quantizer.after_load(model)
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(directory))
+    labels = manifest.get("labels")
+    if manifest["task"] == "classification":
+        set_seed(options.get("seed", 42))
+        model = technique.prepare(model, {**options, "labels": labels}, tokenizer)
+    formatter = host.create("formatter", manifest["formatter"]) if manifest.get("formatter") else None
+    return FineTunedModel(model, tokenizer, task=manifest["task"], formatter=formatter, options=options,
+                          labels=labels)

@@ -87,6 +87,13 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
     Option("trust_remote_code", bool, False, "allow code from the model repository to run (off unless asked)"),
     Option("system_prompt", str, None, "system prompt the chat formatters add when an example has none"),
     Option("report_to", str, "none", "experiment trackers for transformers (none, tensorboard, wandb...)"),
+    Option("dpo_beta", float, 0.1, "DPO temperature: how far the policy may move from the reference"),
+    Option("task_mixing", str, "proportional", "multi-task sampling: proportional, explicit or temperature",
+           choices=("proportional", "explicit", "temperature")),
+    Option("mixing_temperature", float, 2.0, "temperature T of task_mixing='temperature' (p ~ n^(1/T))"),
+    Option("fsdp", str, None, "FSDP mode passed to transformers, e.g. 'full_shard auto_wrap'"),
+    Option("fsdp_config", str, None, "FSDP config file (JSON) passed to transformers"),
+    Option("deepspeed", str, None, "DeepSpeed config file (JSON) passed to transformers"),
 )
 
 

@@ -29,6 +29,8 @@ class FitResult:
     log_history: list[dict[str, Any]] = field(default_factory=list)
     #: The registry version this result was published as (``Trainer(publish_as=...)`` or :meth:`publish`).
     version: Any = None
+    #: For sequential fine-tuning: the result of every stage, in order (this result is the last one).
+    stages: list[Any] = field(default_factory=list)
 
     def publish(self, name: str, *, registry: Any = None, **kwargs: Any) -> Any:
         """Publish this result to the registry as the next version of ``name``; returns the ``AdapterVersion``.

@@ -17,6 +17,7 @@ from finetune_sdk.models import ModelSource, resolve_source
 from finetune_sdk.options import TRAINING_OPTIONS, option_table, resolve_options
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.result import FitResult
+from finetune_sdk.workflows import Stage, Task, is_stage_list, is_task_list
 
 NO_QUANTIZER = ("none", "")
 
@@ -60,13 +61,12 @@ class Trainer:
         if not self.technique.accepts_quantizer(self.quantizer):
             raise ConfigError(_incompatible(self.technique.name, quantizer_name))
         self.formatter: Formatter | None = host.create("formatter", formatter) if formatter else None
-        if self.formatter is not None and self.formatter.task != self.technique.task:
+        if self.formatter is not None and not compatible(self.formatter.task, self.technique.task):
             raise ConfigError(
                 f"formatter {formatter!r} makes {self.formatter.task} data but technique {technique!r} trains "
                 f"{self.technique.task}; pick a matching formatter")
-        specs = option_table([TRAINING_OPTIONS, self.technique.options,
-                              self.quantizer.options if self.quantizer else ()])
-        self.options = resolve_options(options, specs)
+        self.options = resolve_options(options, self._option_specs())
+        self._option_names = set(options)
         if self.options["learning_rate"] is None:
             self.options["learning_rate"] = self.technique.default_learning_rate
         self._check_precision()
@@ -81,29 +81,153 @@ class Trainer:
         self.registry = registry
         self.published: list[Any] = []
         self._session: Any = None
+        self._log_history: list[dict[str, Any]] = []
         self.logger = ensure_handler()
 
     # -- public API ----------------------------------------------------------------------------------------
     def fit(self, train_data: Any, eval_data: Any = None) -> FitResult:
-        """Train on ``train_data`` (path, list of dicts or ``datasets.Dataset``) and save the result.
+        """Train and save the result; returns a :class:`FitResult`. The result folder appears atomically.
 
-        Returns a :class:`FitResult`; the result folder appears atomically when training has finished.
+        ``train_data`` is a path (.jsonl, .json, .csv, .parquet), a list of dicts or a ``datasets.Dataset``; or a
+        list of :class:`~finetune_sdk.workflows.Stage` (sequential fine-tuning: stages train in order, continuing
+        the same adapter, each saved to ``output_dir/stage-<i>``); or a list of
+        :class:`~finetune_sdk.workflows.Task` (multi-task: datasets mixed by ``task_mixing``, per-task eval
+        metrics). A ``preference`` formatter trains with DPO.
         """
         from finetune_sdk.training import run_training
 
-        train_rows = load_rows(train_data, name="train_data")
-        eval_rows = load_rows(eval_data, name="eval_data") if eval_data is not None else None
+        if is_stage_list(train_data):
+            return self._fit_stages(list(train_data))
         tokenizer = self._load_tokenizer()
-        formatter = self._pick_formatter(train_rows, tokenizer)
-        if self.technique.task == CLASSIFICATION:
-            self.options["labels"] = self._labels(train_rows, formatter)
-        result = run_training(self, train_rows, eval_rows, formatter, tokenizer)
+        if is_task_list(train_data):
+            plan = self._plan_tasks(list(train_data), tokenizer)
+        else:
+            plan = self._plan_single(train_data, eval_data, tokenizer)
+        result = run_training(self, plan, tokenizer)
+        self._log_history = result.log_history
         if self.publish_as:
             parent = self.published[-1].ref if self.published else None
             result.publish(self.publish_as, registry=self.registry, parent=parent)
             self.published.append(result.version)
             self.logger.info("published %s", result.version.ref)
         return result
+
+    def compare(self, eval_data: Any, prompts: Any = None, *, max_new_tokens: int = 64,
+                report_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        """Base model vs the current (fine-tuned) model on ``eval_data`` and side-by-side generations.
+
+        Returns the report (metrics of both, generations, loss curves); with ``report_dir`` also writes
+        ``comparison.json`` and a self-contained ``comparison.html`` there.
+        """
+        from finetune_sdk.compare import compare_models
+
+        rows = load_rows(eval_data, name="eval_data")
+        session = self.session()
+        self._pick_formatter(rows, session.tokenizer)
+        session.formatter = self.formatter
+        info = {"technique": self.technique.name, "base_model": self.source.id, "output_dir": str(self.output_dir)}
+        return compare_models(session, self._base_session, rows, prompts, max_new_tokens=max_new_tokens,
+                              log_history=self.log_history, info=info, report_dir=report_dir)
+
+    def _base_session(self) -> Any:
+        """The untrained starting point as a FineTunedModel (a fresh load; used when no adapter can be disabled)."""
+        base = Trainer(self._given_model if self._given_model is not None else self.source.id,
+                       technique=self.technique.name, quantizer=self.quantizer.name if self.quantizer else "none",
+                       formatter=self.formatter.name if self.formatter else None, tokenizer=self._tokenizer,
+                       progress=False, **{k: v for k, v in self.options.items() if k in self._option_names})
+        return base.session()
+
+    # -- building training plans -----------------------------------------------------------------------------
+    def _plan_single(self, train_data: Any, eval_data: Any, tokenizer: Any) -> Any:
+        from finetune_sdk.preference import PREFERENCE
+        from finetune_sdk.training import EvalSet, TrainingPlan, encode
+
+        train_rows = load_rows(train_data, name="train_data")
+        eval_rows = load_rows(eval_data, name="eval_data") if eval_data is not None else None
+        formatter = self._pick_formatter(train_rows, tokenizer)
+        if self.technique.task == CLASSIFICATION and formatter.task == PREFERENCE:
+            train_rows, formatter = reward_rows(train_rows, formatter), self.host.create("formatter", "classification")
+            eval_rows = reward_rows(eval_rows, self.formatter) if eval_rows is not None else None
+        if self.technique.task == CLASSIFICATION:
+            self.options["labels"] = self._labels(train_rows, formatter)
+        train = encode(self, train_rows, formatter, tokenizer)
+        evals = {"": EvalSet(eval_rows, formatter, encode(self, eval_rows, formatter, tokenizer))} if eval_rows else {}
+        if self._session is not None and formatter.task != PREFERENCE:
+            self._session.formatter = formatter
+        dataset = {"fingerprint": train_rows.fingerprint, "rows": len(train_rows), "source": train_rows.source,
+                   "eval_fingerprint": eval_rows.fingerprint if eval_rows else None}
+        objective = "dpo" if formatter.task == PREFERENCE and self.technique.task != CLASSIFICATION else "sft"
+        return TrainingPlan(train, formatter.name, objective, evals, dataset)
+
+    def _plan_tasks(self, tasks: list[Task], tokenizer: Any) -> Any:
+        import hashlib
+
+        from finetune_sdk.encoding import Encoded
+        from finetune_sdk.training import EvalSet, TrainingPlan, encode
+        from finetune_sdk.workflows import mix, mixing_probabilities
+
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"task names must be unique, got {names}")
+        encoded, formatters, fingerprints, evals = {}, {}, {}, {}
+        for task in tasks:
+            validate_task_name(task.name)
+            rows = load_rows(task.data, name=f"task {task.name}")
+            formatter = self.host.create("formatter", task.formatter) if task.formatter else self.host.create(
+                "formatter", detect_formatter(rows.columns, tokenizer, self.technique.task, self.host))
+            if formatter.task != self.technique.task:
+                raise ConfigError(f"task {task.name!r}: formatter {formatter.name!r} makes {formatter.task} data; "
+                                  "multi-task mixing takes supervised or text formatters")
+            encoded[task.name] = encode(self, rows, formatter, tokenizer)
+            formatters[task.name], fingerprints[task.name] = formatter, rows.fingerprint
+            if task.eval_data is not None:
+                eval_rows = load_rows(task.eval_data, name=f"task {task.name} eval_data")
+                evals[task.name] = EvalSet(eval_rows, formatter, encode(self, eval_rows, formatter, tokenizer))
+        sizes = {name: len(e.examples) for name, e in encoded.items()}
+        probabilities = mixing_probabilities(sizes, {t.name: t.weight for t in tasks}, self.options["task_mixing"],
+                                             self.options["mixing_temperature"])
+        mixture, counts = mix({n: e.examples for n, e in encoded.items()}, probabilities, sum(sizes.values()),
+                              self.options["seed"])
+        self.logger.info("multi-task mixture (%s): %s", self.options["task_mixing"],
+                         ", ".join(f"{n} p={probabilities[n]:.3f} ({counts[n]} examples)" for n in names))
+        train = Encoded(examples=mixture, tokens=sum(len(e["input_ids"]) for e in mixture),
+                        dropped=sum(e.dropped for e in encoded.values()))
+        first = formatters[names[0]]
+        self.formatter = first
+        if self._session is not None:
+            self._session.formatter = first
+        fingerprint = hashlib.sha256("".join(fingerprints[n] for n in names).encode()).hexdigest()
+        dataset = {"fingerprint": "sha256:" + fingerprint, "rows": len(mixture), "source": "multi-task",
+                   "tasks": {n: {"fingerprint": fingerprints[n], "rows": sizes[n], "formatter": formatters[n].name,
+                                 "probability": probabilities[n], "sampled": counts[n]} for n in names}}
+        extra = {"task_examples": counts, "task_probabilities": probabilities}
+        return TrainingPlan(train, first.name, "sft", evals, dataset, extra)
+
+    def _fit_stages(self, stages: list[Stage]) -> FitResult:
+        specs = self._option_specs()
+        overrides = []
+        for i, stage in enumerate(stages, start=1):
+            try:
+                overrides.append({k: specs[k].coerce(v) for k, v in resolve_options(stage.options, specs).items()
+                                  if k in stage.options})
+            except ConfigError as exc:
+                raise ConfigError(f"stage {i}: {exc}") from None
+            if stage.formatter:
+                self.host.create("formatter", stage.formatter)
+        saved = (dict(self.options), self.formatter, self.output_dir)
+        results: list[FitResult] = []
+        try:
+            for i, (stage, override) in enumerate(zip(stages, overrides), start=1):
+                self.options = {**saved[0], **override}
+                self.formatter = self.host.create("formatter", stage.formatter) if stage.formatter else saved[1]
+                self.output_dir = saved[2] / f"stage-{i}"
+                self.logger.info("stage %d of %d%s", i, len(stages), f" ({stage.name})" if stage.name else "")
+                results.append(self.fit(stage.data, stage.eval_data))
+        finally:
+            self.options, _, self.output_dir = saved
+        final = results[-1]
+        final.stages = results
+        return final
 
     def generate(self, prompts: Any, **kwargs: Any) -> Any:
         """Generate answers with the current model (the base before :meth:`fit`, the fine-tuned one after).
@@ -151,6 +275,15 @@ class Trainer:
             self._session = FineTunedModel(model, tokenizer, task=self.technique.task, formatter=formatter,
                                            options=self.options, labels=getattr(model, "labels", None))
         return self._session
+
+    def _option_specs(self) -> dict[str, Any]:
+        return option_table([TRAINING_OPTIONS, self.technique.options,
+                             self.quantizer.options if self.quantizer else ()])
+
+    @property
+    def log_history(self) -> list[dict[str, Any]]:
+        """The training log of the last ``fit`` (empty before)."""
+        return list(self._log_history)
 
     @property
     def _all_weights(self) -> bool:
@@ -202,8 +335,7 @@ class Trainer:
             if not torch.cuda.is_available():
                 raise ConfigError("fp16 mixed precision needs a CUDA GPU; on CPU use bf16=True or neither")
 
-    def manifest(self, formatter: Formatter, train_rows: Rows, eval_rows: Rows | None,
-                 metrics: dict[str, Any]) -> dict[str, Any]:
+    def manifest(self, plan: Any, metrics: dict[str, Any]) -> dict[str, Any]:
         """The manifest of a finished run (no credentials)."""
         from finetune_sdk.models import commit_hash, resolve_dtype
 
@@ -216,27 +348,52 @@ class Trainer:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "technique": self.technique.name,
             "task": self.technique.task,
+            "objective": plan.objective,
             "quantizer": self.quantizer.name if self.quantizer else None,
-            "formatter": formatter.name,
+            "formatter": plan.formatter_name,
             "options": scrub(self.options),
             "dtype": str(dtype).removeprefix("torch."),
             "base_model": base,
-            "dataset": {"fingerprint": train_rows.fingerprint, "rows": len(train_rows), "source": train_rows.source,
-                        "eval_fingerprint": eval_rows.fingerprint if eval_rows else None},
+            "dataset": plan.dataset,
             "labels": self.options.get("labels") if self.technique.task == CLASSIFICATION else None,
             "metrics": metrics,
             "libraries": library_versions(),
         }
 
 
+def compatible(formatter_task: str, technique_task: str) -> bool:
+    """A formatter's data fits a technique: same task, or preference pairs (DPO for generative techniques, a
+    reward model for the classifier)."""
+    return formatter_task == technique_task or formatter_task == "preference"
+
+
+def reward_rows(rows: Rows, formatter: Formatter) -> Rows:
+    """Preference pairs as classifier rows: prompt + chosen -> "chosen", prompt + rejected -> "rejected"."""
+    out, where = [], []
+    for row, place in zip(rows.rows, rows.where):
+        formatter.validate(row, place)
+        out += [{"text": f"{row['prompt']}\n{row['chosen']}", "label": "chosen"},
+                {"text": f"{row['prompt']}\n{row['rejected']}", "label": "rejected"}]
+        where += [place + " (chosen)", place + " (rejected)"]
+    return Rows(out, where, rows.source)
+
+
+def validate_task_name(name: str) -> None:
+    from finetune_sdk.registry.refs import validate_name
+
+    validate_name(name, "task name")
+
+
 def detect_formatter(columns: list[str], tokenizer: Any, task: str, host: Any) -> str:
     """Pick a formatter from a dataset's columns.
 
-    ``messages`` or ``prompt``+``completion`` -> ``chat-template`` when the tokenizer has a chat template, else
+    ``prompt``+``chosen``+``rejected`` -> ``preference``; ``messages`` or ``prompt``+``completion`` -> ``chat-template`` when the tokenizer has a chat template, else
     ``chatml``; ``instruction``+``output`` -> ``alpaca``; ``text``+``label`` -> ``classification``; ``text`` ->
     ``text``; otherwise the first plugin formatter that accepts the columns.
     """
     cols = set(columns)
+    if {"prompt", "chosen", "rejected"} <= cols:
+        return "preference"
     if task == CLASSIFICATION:
         if {"text", "label"} <= cols:
             return "classification"

@@ -1,9 +1,10 @@
-"""The training run behind ``Trainer.fit``: encode, prepare, train with transformers, save atomically."""
+"""The training run behind ``Trainer.fit``: a plan of encoded data, then prepare, train, evaluate, save atomically."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.callbacks import PluginCallback, RichProgressCallback, TrainingContext
@@ -12,10 +13,32 @@ from finetune_sdk.encoding import Collator, Encoded, encode_causal, encode_class
 from finetune_sdk.formatter import CLASSIFICATION, Formatter
 from finetune_sdk.fsutil import staged_directory, write_json_atomic
 from finetune_sdk.manifest import MANIFEST_NAME
+from finetune_sdk.preference import PREFERENCE, PairCollator, encode_preference
 from finetune_sdk.result import FitResult
 
 if TYPE_CHECKING:
     from finetune_sdk.trainer import Trainer
+
+
+@dataclass
+class EvalSet:
+    """A held-out dataset with the formatter that renders it."""
+
+    rows: Rows
+    formatter: Formatter
+    encoded: Encoded
+
+
+@dataclass
+class TrainingPlan:
+    """Everything one training run needs, encoded and checked before the model is touched."""
+
+    train: Encoded
+    formatter_name: str
+    objective: str = "sft"  # "sft" or "dpo"
+    evals: dict[str, EvalSet] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    extra_metrics: dict[str, Any] = field(default_factory=dict)
 
 
 class ListDataset:
@@ -32,9 +55,12 @@ class ListDataset:
 
 
 def encode(trainer: Trainer, rows: Rows, formatter: Formatter, tokenizer: Any) -> Encoded:
+    """Encode rows the way ``formatter`` and the technique's task want them."""
     if trainer.technique.task == CLASSIFICATION:
         label_ids = {label: i for i, label in enumerate(trainer.options["labels"])}
         return encode_classification(rows, formatter, tokenizer, trainer.options, label_ids)
+    if formatter.task == PREFERENCE:
+        return encode_preference(rows, formatter, tokenizer, trainer.options)
     return encode_causal(rows, formatter, tokenizer, trainer.options)
 
 
@@ -49,6 +75,9 @@ def count_parameters(model: Any) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+PASSTHROUGH = ("fsdp", "fsdp_config", "deepspeed")
 
 
 def training_arguments(trainer: Trainer, work_dir: str, has_eval: bool) -> Any:
@@ -76,48 +105,53 @@ def training_arguments(trainer: Trainer, work_dir: str, has_eval: bool) -> Any:
     checkpointing = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") \
         else "gradient_checkpointing"
     kwargs[checkpointing] = o["gradient_checkpointing"]
+    for name in PASSTHROUGH:  # FSDP / DeepSpeed settings go to transformers and accelerate as they are
+        if o.get(name):
+            kwargs[name] = o[name]
     if distributed and not torch.cuda.is_available():
         kwargs["ddp_backend"] = "gloo"
     return TrainingArguments(**kwargs)
 
 
-def run_training(trainer: Trainer, train_rows: Rows, eval_rows: Rows | None, formatter: Formatter,
-                 tokenizer: Any) -> FitResult:
-    from transformers import Trainer as HFTrainer
+def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitResult:
+    """Prepare the model, train on ``plan``, evaluate, and write the result folder atomically."""
     from transformers import PrinterCallback, set_seed
 
     log = trainer.logger
-    encoded = encode(trainer, train_rows, formatter, tokenizer)
-    eval_encoded = encode(trainer, eval_rows, formatter, tokenizer) if eval_rows is not None else None
+    encoded = plan.train
     session = trainer.session()
     set_seed(trainer.options["seed"])
+    if plan.objective == "dpo":
+        from finetune_sdk.preference import precompute_reference
+
+        batch = trainer.options["per_device_eval_batch_size"]
+        precompute_reference(session.model, encoded, tokenizer.pad_token_id, batch)
+        for eval_set in plan.evals.values():
+            precompute_reference(session.model, eval_set.encoded, tokenizer.pad_token_id, batch)
     model = trainer.technique.prepare(session.model, trainer.options, tokenizer)
     session.model = model
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise RuntimeError(f"technique {trainer.technique.name!r} left no trainable parameters")
-    log.info("%s on %s: %s of %s parameters trainable (%.2f%%), %d examples, %d tokens",
-             trainer.technique.name, trainer.source.id, f"{trainable:,}", f"{total:,}", 100 * trainable / total,
-             len(encoded.examples), encoded.tokens)
+    log.info("%s%s on %s: %s of %s parameters trainable (%.2f%%), %d examples, %d tokens",
+             trainer.technique.name, " + DPO" if plan.objective == "dpo" else "", trainer.source.id,
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(encoded.examples), encoded.tokens)
 
     context = TrainingContext(
         technique=trainer.technique.name, quantizer=trainer.quantizer.name if trainer.quantizer else None,
-        formatter=formatter.name, model_id=trainer.source.id, output_dir=trainer.output_dir,
+        formatter=plan.formatter_name, model_id=trainer.source.id, output_dir=trainer.output_dir,
         options=dict(trainer.options))
     from finetune_sdk.trainer import work_dir_beside
 
     work_dir = work_dir_beside(trainer.output_dir)
     try:
-        args = training_arguments(trainer, str(work_dir), eval_encoded is not None)
+        args = training_arguments(trainer, str(work_dir), bool(plan.evals))
         steps_tokens = encoded.tokens / max(len(encoded.examples), 1) * args.per_device_train_batch_size * \
             args.gradient_accumulation_steps
         callbacks: list[Any] = [PluginCallback(trainer.host, context)]
         if trainer.progress:
             callbacks.append(RichProgressCallback(steps_tokens))
-        hf = HFTrainer(
-            model=model, args=args, train_dataset=ListDataset(encoded.examples),
-            eval_dataset=ListDataset(eval_encoded.examples) if eval_encoded else None,
-            data_collator=Collator(tokenizer.pad_token_id), callbacks=callbacks)
+        hf = _hf_trainer(plan, model, args, tokenizer, callbacks, trainer.options)
         hf.remove_callback(PrinterCallback)  # progress and logs go through rich and the plugin hooks
         output = hf.train()
         runtime = output.metrics["train_runtime"]
@@ -133,14 +167,14 @@ def run_training(trainer: Trainer, train_rows: Rows, eval_rows: Rows | None, for
             "total_parameters": total,
             "examples": len(encoded.examples),
             "examples_dropped": encoded.dropped,
+            **plan.extra_metrics,
         }
-        if eval_rows is not None:
-            metrics.update(session.evaluate(eval_rows, batch_size=trainer.options["per_device_eval_batch_size"]))
+        metrics.update(evaluate_plan(trainer, plan, session))
         log_history = list(hf.state.log_history)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
-    manifest = trainer.manifest(formatter, train_rows, eval_rows, metrics)
+    manifest = trainer.manifest(plan, metrics)
     if _is_main_process():
         with staged_directory(trainer.output_dir) as staging:
             trainer.technique.save(_unwrap(model), staging)
@@ -151,6 +185,52 @@ def run_training(trainer: Trainer, train_rows: Rows, eval_rows: Rows | None, for
     trainer.host.notify("on_train_end", context=context, metrics=metrics)
     log.info("saved %s result to %s", trainer.technique.name, trainer.output_dir)
     return FitResult(output_dir=trainer.output_dir, metrics=metrics, manifest=manifest, log_history=log_history)
+
+
+def evaluate_plan(trainer: Trainer, plan: TrainingPlan, session: Any) -> dict[str, Any]:
+    """Final metrics on each held-out set: ``eval_loss``... for one set, ``eval_<task>_loss``... for several."""
+    from finetune_sdk.preference import evaluate_preference
+
+    metrics: dict[str, Any] = {}
+    batch = trainer.options["per_device_eval_batch_size"]
+    for name, eval_set in plan.evals.items():
+        if plan.objective == "dpo":
+            result = evaluate_preference(session.model, eval_set.encoded, session.tokenizer.pad_token_id,
+                                         trainer.options["dpo_beta"], batch)
+        else:
+            previous, session.formatter = session.formatter, eval_set.formatter
+            try:
+                result = session.evaluate(eval_set.rows, batch_size=batch)
+            finally:
+                session.formatter = previous
+        if not name:
+            metrics.update(result)  # eval_loss, perplexity / accuracy, macro_f1 / reward_margin...
+            continue
+        for key, value in result.items():
+            metrics[f"eval_{name}_{key.removeprefix('eval_')}"] = value
+        if name:
+            trainer.logger.info("task %s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return metrics
+
+
+def _hf_trainer(plan: TrainingPlan, model: Any, args: Any, tokenizer: Any, callbacks: list[Any],
+                options: dict[str, Any]) -> Any:
+    from transformers import Trainer as HFTrainer
+
+    evals = {name or "eval": ListDataset(s.encoded.examples) for name, s in plan.evals.items()}
+    eval_dataset: Any = None
+    if evals:
+        eval_dataset = evals if len(evals) > 1 or "" not in plan.evals else next(iter(evals.values()))
+    if plan.objective == "dpo":
+        from finetune_sdk.preference import dpo_trainer_class
+
+        cls = dpo_trainer_class()
+        cls.beta = options["dpo_beta"]
+        collator: Any = PairCollator(tokenizer.pad_token_id)
+    else:
+        cls, collator = HFTrainer, Collator(tokenizer.pad_token_id)
+    return cls(model=model, args=args, train_dataset=ListDataset(plan.train.examples), eval_dataset=eval_dataset,
+               data_collator=collator, callbacks=callbacks)
 
 
 def _unwrap(model: Any) -> Any:

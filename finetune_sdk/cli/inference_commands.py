@@ -60,12 +60,38 @@ def read_lines(items: tuple[str, ...], file: str | None, what: str) -> list[str]
 @click.argument("ref")
 @click.argument("data")
 @click.option("--formatter", "-f", help="override the formatter recorded with the result")
-def eval_command(ref: str, data: str, formatter: str | None) -> None:
-    """Evaluate a result folder (or a base model) on DATA: loss and perplexity, or accuracy and macro-F1."""
+@click.option("--compare-base", is_flag=True, help="also evaluate the base model and show both side by side")
+@click.option("--prompts", "prompt_file", help="with --compare-base: a file of prompts to generate side by side")
+@click.option("--report-dir", help="with --compare-base: write comparison.json and comparison.html here")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool, prompt_file: str | None,
+                 report_dir: str | None, max_new_tokens: int) -> None:
+    """Evaluate a result (or a base model) on DATA: loss and perplexity, or accuracy and macro-F1."""
     model = open_model(ref, formatter)
     if model.formatter is None:
         raise ConfigError("this model has no formatter recorded; pass --formatter")
-    console().print(metrics_table(model.evaluate(data), title=f"eval of {ref} on {data}"))
+    if not compare_base:
+        console().print(metrics_table(model.evaluate(data), title=f"eval of {ref} on {data}"))
+        return
+    if not is_result(ref):
+        raise ConfigError(f"--compare-base needs a fine-tuned result, and {ref} is a base model")
+    from finetune_sdk.compare import compare_models
+    from finetune_sdk.data import load_rows
+    from finetune_sdk.loading import load_base, result_folder
+    from finetune_sdk.manifest import read_manifest
+    from finetune_sdk.report import comparison_table
+
+    folder = result_folder(ref)
+    manifest = read_manifest(folder)
+    history_file = folder / "training_log.json"
+    history = __import__("json").loads(history_file.read_text()) if history_file.is_file() else []
+    prompts = read_lines((), prompt_file, "prompt") if prompt_file else []
+    info = {"technique": manifest["technique"], "base_model": manifest["base_model"]["id"], "output_dir": str(folder)}
+    report = compare_models(model, lambda: load_base(folder), load_rows(data, name="eval_data"), prompts,
+                            max_new_tokens=max_new_tokens, log_history=history, info=info, report_dir=report_dir)
+    console().print(comparison_table(report))
+    if report_dir:
+        console().print(f"report: {report['files']['html']} and {report['files']['json']}")
 
 
 @click.command("generate")

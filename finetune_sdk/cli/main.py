@@ -9,6 +9,7 @@ import click
 from finetune_sdk import __version__
 from finetune_sdk.cli.errors import FinetuneGroup
 from finetune_sdk.cli.inference_commands import eval_command, generate_command, predict_command
+from finetune_sdk.cli.merge_command import merge_command
 from finetune_sdk.cli.plugins_command import plugins_command
 from finetune_sdk.cli.registry_commands import registry_group
 from finetune_sdk.cli.train import train_command
@@ -32,6 +33,7 @@ cli.add_command(generate_command)
 cli.add_command(predict_command)
 cli.add_command(plugins_command)
 cli.add_command(registry_group)
+cli.add_command(merge_command)
 
 
 def _add_plugin_commands() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import click
@@ -24,17 +27,24 @@ RUN_KEYS = ("model", "data", "train_data", "eval_data", "technique", "quantizer"
 @click.option("--formatter", "-f", help="llama2-chat, alpaca, chatml, chat-template, text, classification...")
 @click.option("--output-dir", "-o", help="where the result goes")
 @click.option("--publish", "publish_as", help="publish the result to the registry under this name")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="processes for data-parallel training: launches torchrun (gloo on CPU, NCCL on GPUs)")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML or TOML file with the same names")
 @option_flags
 def train_command(model: str | None, data: str | None, eval_data: str | None, technique: str | None,
                   quantizer: str | None, formatter: str | None, output_dir: str | None, publish_as: str | None,
-                  config_path: str | None, **flags: Any) -> None:
+                  nproc: int, config_path: str | None, **flags: Any) -> None:
     """Fine-tune a model on a dataset and save the result.
 
     \b
     Example:
       finetune train --model ./tiny-llama --data train.jsonl --technique lora --r 16 --num-train-epochs 2
     """
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        run_torchrun(nproc, {"model": model, "data": data, "eval_data": eval_data, "technique": technique,
+                             "quantizer": quantizer, "formatter": formatter, "output_dir": output_dir,
+                             "publish": publish_as, "config": config_path}, flags)
+        return
     from finetune_sdk.log import quiet_third_party_output
     from finetune_sdk.trainer import Trainer
 
@@ -59,3 +69,31 @@ def train_command(model: str | None, data: str | None, eval_data: str | None, te
     console().print(f"saved to [bold]{result.output_dir}[/bold]")
     if result.version is not None:
         console().print(f"published as [bold]{result.version.ref}[/bold]")
+
+
+def run_torchrun(nproc: int, run: dict[str, Any], flags: dict[str, Any]) -> None:
+    """Re-run this ``finetune train`` under ``torchrun --nproc_per_node N`` (one node) and exit with its status.
+
+    torchrun, not ``accelerate launch --cpu`` (which starts a single process in accelerate 1.15), starts the
+    workers; the Trainer picks gloo on CPU and transformers' default (NCCL) on GPUs.
+    """
+    from finetune_sdk.errors import ConfigError
+
+    if nproc < 1:
+        raise ConfigError("--nproc must be at least 1")
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "finetune_sdk", "train"]
+    for key, value in run.items():
+        if value is not None:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    for key, value in flags.items():
+        if value is None:
+            continue
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            args += [f"--{flag}", str(value)]
+    status = subprocess.call(args)
+    if status:
+        raise click.exceptions.Exit(status)

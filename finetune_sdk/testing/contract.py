@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import pytest
 
 from finetune_sdk.errors import DataError
-from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, Formatter, Segment
+from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, TASKS, Formatter, Segment
 from finetune_sdk.options import Option
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.quantizer import Quantizer
@@ -190,7 +190,7 @@ class FormatterContract:
         formatter = self.formatter()
         assert isinstance(formatter, Formatter)
         assert formatter.name == self.name and formatter.description
-        assert formatter.task in (CAUSAL_LM, CLASSIFICATION)
+        assert formatter.task in TASKS
         assert formatter.column_sets, "declare the columns the formatter reads"
         assert formatter.example, "give an example row"
         formatter.validate(formatter.example, "example")

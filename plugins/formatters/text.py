@@ -10,7 +10,10 @@ from finetune_sdk.plugins.formatters.alpaca import leading_bos
 
 
 class TextFormatter(Formatter):
-    """A ``text`` column; the whole document and its EOS are in the loss."""
+    """A ``text`` column; documents are concatenated (each ending with EOS) and cut into ``max_length`` blocks,
+    every token in the loss."""
+
+    concatenates: ClassVar[bool] = True
 
     name: ClassVar[str] = "text"
     description: ClassVar[str] = "raw text (continued pretraining): every token learnt"

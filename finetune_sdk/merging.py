@@ -1,0 +1,53 @@
+"""Merge an adapter into its base model and save a standalone Hugging Face model folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.errors import ConfigError
+from finetune_sdk.fsutil import staged_directory, write_json_atomic
+from finetune_sdk.manifest import MANIFEST_NAME, read_manifest
+
+
+def merge(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: str = "float32",
+          registry: Any = None) -> Path:
+    """Fold the adapter of ``ref`` (a result folder or registry reference) into its base; save to ``out``.
+
+    A qlora adapter is merged into the base loaded in ``dtype`` (float32 or bfloat16), never into the 4-bit
+    weights, since merging into a 4-bit base degrades outputs. The folder (model, tokenizer, a manifest saying
+    what was merged) appears atomically and loads with ``finetune_sdk.load`` or plain ``from_pretrained``.
+
+    Example:
+        >>> import finetune_sdk
+        >>> finetune_sdk.merge("support-bot@production", "exports/support-bot")  # doctest: +SKIP
+    """
+    import torch
+
+    from finetune_sdk.loading import load, result_folder
+    from finetune_sdk.plugin_manager import get_plugin_host
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype {dtype!r}: merge into float32, bfloat16 or float16")
+    folder = result_folder(ref, registry)
+    manifest = read_manifest(folder)
+    technique = get_plugin_host().create("technique", manifest["technique"])
+    if not getattr(technique, "saves_adapter", False):
+        raise ConfigError(f"{ref}: technique {manifest['technique']!r} has no adapter to merge "
+                          "(a full fine-tune is already a standalone model)")
+    loaded = load(folder, quantized=False, registry=registry)
+    base_model = loaded.model.get_base_model()
+    base_model.to(getattr(torch, dtype))
+    merged = technique.merge(loaded.model)
+    merged.eval()
+    out = Path(out)
+    with staged_directory(out) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / MANIFEST_NAME, {
+            **manifest, "technique": "full", "quantizer": None, "dtype": dtype,
+            "merged_from": {"ref": str(ref), "technique": manifest["technique"],
+                            "quantizer": manifest.get("quantizer"), "base_model": manifest.get("base_model")},
+        })
+    return out

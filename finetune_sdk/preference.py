@@ -1,0 +1,156 @@
+"""Preference tuning with DPO (Rafailov et al., 2023): the practical RLHF route, on lora, qlora or full.
+
+The reference model's log-probabilities are computed once, before training, from the starting point (the base
+without adapter for LoRA/QLoRA, the initial weights for full fine-tuning), so no second copy of the model is held.
+The loss is ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` over (prompt, chosen, rejected) pairs,
+with ``pi`` the summed log-probability of the response tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from finetune_sdk.data import Rows
+from finetune_sdk.encoding import IGNORE_INDEX, Collator, Encoded, encode_segments
+from finetune_sdk.formatter import PREFERENCE
+
+__all__ = ["PREFERENCE", "PairCollator", "dpo_loss", "encode_preference", "evaluate_preference",
+           "precompute_reference", "sequence_logps"]
+
+
+def encode_preference(rows: Rows, formatter: Any, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
+    """Encode (prompt, chosen, rejected) rows; a pair where either answer is cut off entirely is dropped."""
+    out = Encoded()
+    for row, where in zip(rows.rows, rows.where):
+        formatter.validate(row, where)
+        chosen_segments, rejected_segments = formatter.pair_segments(row, tokenizer, options)
+        chosen = encode_segments(chosen_segments, tokenizer, options["max_length"])
+        rejected = encode_segments(rejected_segments, tokenizer, options["max_length"])
+        if all(x == IGNORE_INDEX for x in chosen["labels"]) or all(x == IGNORE_INDEX for x in rejected["labels"]):
+            out.dropped += 1
+            continue
+        out.tokens += len(chosen["input_ids"]) + len(rejected["input_ids"])
+        out.examples.append({"chosen": chosen, "rejected": rejected})
+    if out.dropped * 2 > len(rows):
+        from finetune_sdk.errors import DataError
+
+        raise DataError(f"{rows.source}: {out.dropped} of {len(rows)} pairs have no answer tokens left after "
+                        f"truncation to max_length={options['max_length']}; raise max_length")
+    return out
+
+
+class PairCollator:
+    """Stacks a batch of pairs as ``[chosen..., rejected...]`` rows, right-padded to one width."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.inner = Collator(pad_token_id)
+
+    def __call__(self, batch: list[Mapping[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        sequences = [ex["chosen"] for ex in batch] + [ex["rejected"] for ex in batch]
+        out = self.inner(sequences)
+        if "ref_chosen" in batch[0]:
+            out["ref_logps"] = torch.tensor([ex["ref_chosen"] for ex in batch] + [ex["ref_rejected"] for ex in batch],
+                                            dtype=torch.float32)
+        return out
+
+
+def sequence_logps(model: Any, input_ids: Any, attention_mask: Any, labels: Any) -> Any:
+    """Summed log-probability of the labelled (response) tokens of each row."""
+    import torch
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    token_logps = torch.gather(logits.log_softmax(-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1)
+
+
+def dpo_loss(policy: Any, reference: Any, beta: float) -> tuple[Any, Any]:
+    """DPO loss and per-pair reward margin from ``[2B]`` summed log-probs (chosen first, then rejected)."""
+    import torch
+
+    half = policy.shape[0] // 2
+    chosen_reward = beta * (policy[:half] - reference[:half])
+    rejected_reward = beta * (policy[half:] - reference[half:])
+    margin = chosen_reward - rejected_reward
+    return -torch.nn.functional.logsigmoid(margin).mean(), margin
+
+
+def precompute_reference(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int) -> None:
+    """Store the starting model's summed log-probs in each pair (``ref_chosen``/``ref_rejected``)."""
+    import torch
+
+    collate = PairCollator(pad_token_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    context = model.disable_adapter() if hasattr(model, "disable_adapter") else _null()
+    with torch.no_grad(), context:
+        for start in range(0, len(encoded.examples), batch_size):
+            chunk = encoded.examples[start:start + batch_size]
+            batch = collate(chunk)
+            logps = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                   batch["labels"].to(device)).cpu()
+            for i, example in enumerate(chunk):
+                example["ref_chosen"] = float(logps[i])
+                example["ref_rejected"] = float(logps[len(chunk) + i])
+    model.train(was_training)
+
+
+def evaluate_preference(model: Any, encoded: Encoded, pad_token_id: int, beta: float,
+                        batch_size: int = 8) -> dict[str, float]:
+    """DPO loss, reward accuracy and the chosen-over-rejected log-probability margin on held-out pairs."""
+    import torch
+
+    if encoded.examples and "ref_chosen" not in encoded.examples[0]:
+        precompute_reference(model, encoded, pad_token_id, batch_size)
+    collate = PairCollator(pad_token_id)
+    device = next(model.parameters()).device
+    losses, margins, logp_margins = [], [], []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(encoded.examples), batch_size):
+            batch = {k: v.to(device) for k, v in collate(encoded.examples[start:start + batch_size]).items()}
+            policy = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss, margin = dpo_loss(policy, batch["ref_logps"], beta)
+            half = policy.shape[0] // 2
+            losses.append(float(loss) * half)
+            margins += margin.tolist()
+            logp_margins += (policy[:half] - policy[half:]).tolist()
+    n = max(len(margins), 1)
+    return {"eval_loss": sum(losses) / n, "reward_accuracy": sum(m > 0 for m in margins) / n,
+            "reward_margin": sum(margins) / n, "logp_margin": sum(logp_margins) / n}
+
+
+def dpo_trainer_class() -> type:
+    """A transformers ``Trainer`` whose loss is DPO's (built lazily so importing this module stays light)."""
+    from transformers import Trainer as HFTrainer
+
+    class DPOTrainer(HFTrainer):
+        beta = 0.1
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            policy = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+            loss, margin = dpo_loss(policy, inputs["ref_logps"], self.beta)
+            return (loss, {"margin": margin}) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            import torch
+
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+
+    return DPOTrainer
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
