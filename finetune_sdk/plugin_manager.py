@@ -126,6 +126,11 @@ class PluginHost:
         try:
             module = load()
             supported = getattr(module, "FINETUNE_SDK_PLUGIN_API", None)
+            if isinstance(supported, int):
+                supported = (supported, supported)
+            if supported is not None and not (isinstance(supported, tuple) and len(supported) == 2):
+                raise PluginError("FINETUNE_SDK_PLUGIN_API must be an int or a (min, max) tuple, got "
+                                  f"{supported!r}")
             if supported is not None and not (supported[0] <= PLUGIN_API_VERSION <= supported[1]):
                 raise PluginError(
                     f"supports plugin API {supported[0]}..{supported[1]}, this SDK offers {PLUGIN_API_VERSION}"

@@ -136,6 +136,7 @@ TEST = '''"""The finetune-sdk contract suite, run on this plugin."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["FINETUNE_SDK_DISABLE_PLUGIN_AUTOLOAD"] = "0"  # the plugin is found through its entry point
 
 from finetune_sdk.testing import {contract}
 

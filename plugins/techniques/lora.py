@@ -41,7 +41,7 @@ class LoraTechnique(Technique):
         return True
 
     def prepare(self, model: Any, options: Mapping[str, Any], tokenizer: Any) -> Any:
-        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
         if isinstance(model, PeftModel):  # a second fit() continues training the same adapter
             return model
@@ -51,7 +51,13 @@ class LoraTechnique(Technique):
             )
         elif options.get("gradient_checkpointing"):
             model.enable_input_require_grads()
-        config = LoraConfig(
+        return get_peft_model(model, self.lora_config(options))
+
+    def lora_config(self, options: Mapping[str, Any]) -> Any:
+        """The PEFT ``LoraConfig`` for ``options``; override it to make a LoRA variant (DoRA, rsLoRA...)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
             r=options["r"],
             lora_alpha=options["lora_alpha"],
             lora_dropout=options["lora_dropout"],
@@ -60,7 +66,6 @@ class LoraTechnique(Technique):
             use_rslora=options["use_rslora"],
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, config)
 
     def save(self, model: Any, directory: Path) -> None:
         model.save_pretrained(directory, safe_serialization=True)
