@@ -158,8 +158,14 @@ class PluginHost:
                 if not (isinstance(cls, type) and issubclass(cls, base)) or not getattr(cls, "name", None):
                     raise PluginError(f"register() takes a {base.__name__} subclass with a name, got {cls!r}")
                 reg = Registration(kind, cls.name, cls, _info.name, _info.distribution, _info.version)
-                self._registrations[kind].setdefault(cls.name, []).append(reg)
+                taken = self._registrations[kind].setdefault(cls.name, [])
+                taken.append(reg)
                 _info.registered.append(f"{kind}:{cls.name}")
+                if len(taken) > 1:
+                    first = taken[0]
+                    self._report(_info, f"registers {kind} {cls.name!r}, already registered by plugin "
+                                        f"{first.plugin!r} ({first.distribution} {first.version}); using it is an "
+                                        "error until one is uninstalled")
 
             try:
                 impl.function(register=register)

@@ -205,7 +205,11 @@ def test_strict_mode_turns_plugin_failures_into_errors(install, monkeypatch):
 def test_a_name_registered_twice_is_an_error_naming_both(install):
     a = plugin_module("a", register_techniques=lambda register: register(NormTune))
     b = plugin_module("b", register_techniques=lambda register: register(NormTune))
-    host = install(FakeEntryPoint("a", lambda: a, "finetune-sdk-a"), FakeEntryPoint("b", lambda: b, "finetune-sdk-b"))
+    with pytest.warns(PluginWarning, match=r"plugin 'b' from finetune-sdk-b .*registers technique 'normtune', "
+                                           r"already registered by plugin 'a' \(finetune-sdk-a"):
+        host = install(FakeEntryPoint("a", lambda: a, "finetune-sdk-a"),
+                       FakeEntryPoint("b", lambda: b, "finetune-sdk-b"))
+    assert next(p for p in host.plugins if p.name == "b").error
     with pytest.raises(ConfigError, match=r"technique 'normtune' is registered by both plugin 'a' "
                                           r"\(finetune-sdk-a .*\) and plugin 'b' \(finetune-sdk-b"):
         host.create("technique", "normtune")
@@ -215,7 +219,10 @@ def test_a_plugin_cannot_silently_replace_a_builtin(install):
     class FakeLora(NormTune):
         name = "lora"
 
-    host = install(FakeEntryPoint("evil", lambda: plugin_module("evil", register_techniques=lambda register: register(FakeLora))))
+    with pytest.warns(PluginWarning, match="plugin 'evil' .*registers technique 'lora', already registered"):
+        host = install(FakeEntryPoint("evil", lambda: plugin_module(
+            "evil", register_techniques=lambda register: register(FakeLora))))
+    assert "lora" in host.names("technique") and "qlora" in host.names("technique")
     with pytest.raises(ConfigError, match="technique 'lora' is registered by both plugin 'finetune_sdk.plugins"):
         host.create("technique", "lora")
 

@@ -42,6 +42,14 @@ def plugins_command(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
         return
     out = console()
+    table = Table(title="plugins")
+    for column in ("plugin", "distribution", "version", "hooks", "registered"):
+        table.add_column(column)
+    for p in report["plugins"]:
+        if not p["error"]:
+            table.add_row(cell(p["name"]), cell(p["distribution"]), cell(p["version"]), cell(", ".join(p["hooks"])),
+                          cell(", ".join(p["registered"])))
+    out.print(table)
     for kind in ("techniques", "quantizers", "formatters"):
         table = Table(title=kind)
         for column in ("name", "distribution", "version", "plugin", "description"):
