@@ -87,6 +87,8 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
     Option("trust_remote_code", bool, False, "allow code from the model repository to run (off unless asked)"),
     Option("system_prompt", str, None, "system prompt the chat formatters add when an example has none"),
     Option("report_to", str, "none", "experiment trackers for transformers (none, tensorboard, wandb...)"),
+    Option("packing", bool, True, "pack several examples per row (no padding) where the model supports it; "
+           "off: batches grouped by length"),
     Option("dpo_beta", float, 0.1, "DPO temperature: how far the policy may move from the reference"),
     Option("task_mixing", str, "proportional", "multi-task sampling: proportional, explicit or temperature",
            choices=("proportional", "explicit", "temperature")),

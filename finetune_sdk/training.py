@@ -39,6 +39,8 @@ class TrainingPlan:
     evals: dict[str, EvalSet] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
     extra_metrics: dict[str, Any] = field(default_factory=dict)
+    #: Set by run_training: True when batches are packed into one row (see finetune_sdk.packing).
+    packed: bool = False
 
 
 class ListDataset:
@@ -80,7 +82,20 @@ def count_parameters(model: Any) -> tuple[int, int]:
 PASSTHROUGH = ("fsdp", "fsdp_config", "deepspeed")
 
 
-def training_arguments(trainer: Trainer, work_dir: str, has_eval: bool) -> Any:
+def decide_packing(trainer: Trainer, plan: TrainingPlan, model: Any) -> bool:
+    """Pack when asked (the default), the data is supervised/text causal-LM data and the model supports it."""
+    from finetune_sdk.packing import packing_supported
+
+    if not trainer.options["packing"] or plan.objective != "sft" or trainer.technique.task == CLASSIFICATION:
+        return False
+    if not packing_supported(model):
+        trainer.logger.info("packing off: model type not known to keep attention inside packed examples; "
+                            "batches are grouped by length instead")
+        return False
+    return True
+
+
+def training_arguments(trainer: Trainer, work_dir: str, has_eval: bool, group_by_length: bool = False) -> Any:
     import torch
     from transformers import TrainingArguments
 
@@ -105,6 +120,8 @@ def training_arguments(trainer: Trainer, work_dir: str, has_eval: bool) -> Any:
     checkpointing = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") \
         else "gradient_checkpointing"
     kwargs[checkpointing] = o["gradient_checkpointing"]
+    if group_by_length:  # fewer pad tokens when batches are padded
+        kwargs["train_sampling_strategy"] = "group_by_length"
     for name in PASSTHROUGH:  # FSDP / DeepSpeed settings go to transformers and accelerate as they are
         if o.get(name):
             kwargs[name] = o[name]
@@ -130,6 +147,7 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
             precompute_reference(session.model, eval_set.encoded, tokenizer.pad_token_id, batch)
     model = trainer.technique.prepare(session.model, trainer.options, tokenizer)
     session.model = model
+    plan.packed = decide_packing(trainer, plan, model)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise RuntimeError(f"technique {trainer.technique.name!r} left no trainable parameters")
@@ -145,7 +163,8 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
 
     work_dir = work_dir_beside(trainer.output_dir)
     try:
-        args = training_arguments(trainer, str(work_dir), bool(plan.evals))
+        args = training_arguments(trainer, str(work_dir), bool(plan.evals),
+                                  group_by_length=not plan.packed and plan.objective == "sft")
         steps_tokens = encoded.tokens / max(len(encoded.examples), 1) * args.per_device_train_batch_size * \
             args.gradient_accumulation_steps
         callbacks: list[Any] = [PluginCallback(trainer.host, context)]
@@ -227,6 +246,10 @@ def _hf_trainer(plan: TrainingPlan, model: Any, args: Any, tokenizer: Any, callb
         cls = dpo_trainer_class()
         cls.beta = options["dpo_beta"]
         collator: Any = PairCollator(tokenizer.pad_token_id)
+    elif plan.packed:
+        from finetune_sdk.packing import PackingCollator
+
+        cls, collator = HFTrainer, PackingCollator()
     else:
         cls, collator = HFTrainer, Collator(tokenizer.pad_token_id)
     return cls(model=model, args=args, train_dataset=ListDataset(plan.train.examples), eval_dataset=eval_dataset,

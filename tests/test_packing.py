@@ -1,0 +1,62 @@
+"""Sequence packing computes the same per-token loss as padding; it is on by default where it is correct."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune_sdk import Trainer
+from finetune_sdk.encoding import Collator
+from finetune_sdk.packing import PackingCollator, packing_supported
+from finetune_sdk.testing.tiny import tiny_model, tiny_tokenizer
+
+
+def examples():
+    torch.manual_seed(0)
+    out = []
+    for n in (5, 17, 9, 30, 3):
+        ids = torch.randint(7, 300, (n,)).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2"])
+def test_packed_batch_has_the_same_loss_and_logits_as_padded(family):
+    tok = tiny_tokenizer()
+    model = tiny_model(family, tok).eval()
+    exs = examples()
+    padded, packed = Collator(tok.pad_token_id)(exs), PackingCollator()(exs)
+    assert packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in exs))  # no padding at all
+    with torch.no_grad():
+        padded_out, packed_out = model(**padded), model(**packed)
+    assert abs(padded_out.loss.item() - packed_out.loss.item()) < 1e-5
+    offset = 0
+    for row, example in enumerate(exs):  # every example sees only itself
+        n = len(example["input_ids"])
+        diff = (padded_out.logits[row, :n] - packed_out.logits[0, offset:offset + n]).abs().max().item()
+        assert diff < 1e-4, (row, diff)
+        offset += n
+    assert packing_supported(model)
+
+
+def test_packing_is_on_by_default_and_can_be_turned_off(tiny_models, tmp_path, qa_rows, caplog):
+    packed = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "a", max_steps=3, seed=0,
+                     progress=False)
+    result = packed.fit(qa_rows)
+    padded = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "b", max_steps=3, seed=0,
+                     packing=False, progress=False)
+    result_padded = padded.fit(qa_rows)
+    assert result.manifest["options"]["packing"] is True and result_padded.manifest["options"]["packing"] is False
+    assert result.metrics["train_tokens"] > 0
+
+
+def test_unsupported_models_fall_back_to_length_grouping(tiny_models, tmp_path, qa_rows):
+    from finetune_sdk.training import TrainingPlan, decide_packing
+
+    trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "x", progress=False)
+    model = trainer.session().model
+    plan = TrainingPlan(train=None, formatter_name="chatml")
+    assert decide_packing(trainer, plan, model)
+    model.config.model_type = "some-new-arch"
+    assert not decide_packing(trainer, plan, model)
+    assert not decide_packing(trainer, TrainingPlan(train=None, formatter_name="preference", objective="dpo"), model)
