@@ -37,9 +37,10 @@ class TrainingContext:
 class PluginCallback(TrainerCallback):
     """Forwards begin/log/evaluate/save to the plugins' ``on_*`` hooks (``on_train_end`` is sent by Trainer)."""
 
-    def __init__(self, host: PluginHost, context: TrainingContext) -> None:
+    def __init__(self, host: PluginHost, context: TrainingContext, checkpoint_root: Path | None = None) -> None:
         self.host = host
         self.context = context
+        self.checkpoint_root = checkpoint_root
 
     def _sync(self, state: Any) -> None:
         self.context.step = state.global_step
@@ -60,7 +61,7 @@ class PluginCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self._sync(state)
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = Path(self.checkpoint_root or args.output_dir) / f"checkpoint-{state.global_step}"
         self.host.notify("on_save", context=self.context, checkpoint_dir=str(checkpoint))
 
 
@@ -111,3 +112,17 @@ class RichProgressCallback(TrainerCallback):
             self.on_step_end(args, state, control)
             self.progress.stop()
             self.progress = None
+
+
+class CrashAtStep(TrainerCallback):
+    """Crash-test hook: ``FINETUNE_SDK_CRASH_AT_STEP=<n>`` SIGKILLs the training process after step n."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -85,7 +85,7 @@ class Trainer:
         self.logger = ensure_handler()
 
     # -- public API ----------------------------------------------------------------------------------------
-    def fit(self, train_data: Any, eval_data: Any = None) -> FitResult:
+    def fit(self, train_data: Any, eval_data: Any = None, *, resume: bool = False) -> FitResult:
         """Train and save the result; returns a :class:`FitResult`. The result folder appears atomically.
 
         ``train_data`` is a path (.jsonl, .json, .csv, .parquet), a list of dicts or a ``datasets.Dataset``; or a
@@ -93,6 +93,10 @@ class Trainer:
         the same adapter, each saved to ``output_dir/stage-<i>``); or a list of
         :class:`~finetune_sdk.workflows.Task` (multi-task: datasets mixed by ``task_mixing``, per-task eval
         metrics). A ``preference`` formatter trains with DPO.
+
+        With ``save_steps``, checkpoints are written atomically to ``<output_dir>.checkpoints/``;
+        ``resume=True`` continues from the newest complete one (damaged ones are skipped with a warning) and ends
+        with the weights an uninterrupted run would have.
         """
         from finetune_sdk.training import run_training
 
@@ -103,6 +107,7 @@ class Trainer:
             plan = self._plan_tasks(list(train_data), tokenizer)
         else:
             plan = self._plan_single(train_data, eval_data, tokenizer)
+        plan.resume = resume
         result = run_training(self, plan, tokenizer)
         self._log_history = result.log_history
         if self.publish_as:

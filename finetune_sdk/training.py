@@ -7,7 +7,8 @@ import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from finetune_sdk.callbacks import PluginCallback, RichProgressCallback, TrainingContext
+from finetune_sdk.callbacks import CrashAtStep, PluginCallback, RichProgressCallback, TrainingContext
+from finetune_sdk.checkpoints import checkpoints_dir, checkpointing_trainer_class, latest_checkpoint
 from finetune_sdk.data import Rows
 from finetune_sdk.encoding import Collator, Encoded, encode_causal, encode_classification
 from finetune_sdk.formatter import CLASSIFICATION, Formatter
@@ -41,6 +42,8 @@ class TrainingPlan:
     extra_metrics: dict[str, Any] = field(default_factory=dict)
     #: Set by run_training: True when batches are packed into one row (see finetune_sdk.packing).
     packed: bool = False
+    #: Continue from the newest complete checkpoint of this output_dir, if there is one.
+    resume: bool = False
 
 
 class ListDataset:
@@ -162,17 +165,24 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
     from finetune_sdk.trainer import work_dir_beside
 
     work_dir = work_dir_beside(trainer.output_dir)
+    checkpoint_root = checkpoints_dir(trainer.output_dir)
     try:
         args = training_arguments(trainer, str(work_dir), bool(plan.evals),
                                   group_by_length=not plan.packed and plan.objective == "sft")
         steps_tokens = encoded.tokens / max(len(encoded.examples), 1) * args.per_device_train_batch_size * \
             args.gradient_accumulation_steps
-        callbacks: list[Any] = [PluginCallback(trainer.host, context)]
+        callbacks: list[Any] = [PluginCallback(trainer.host, context, checkpoint_root)]
         if trainer.progress:
             callbacks.append(RichProgressCallback(steps_tokens))
-        hf = _hf_trainer(plan, model, args, tokenizer, callbacks, trainer.options)
+        if os.environ.get("FINETUNE_SDK_CRASH_AT_STEP"):
+            callbacks.append(CrashAtStep(int(os.environ["FINETUNE_SDK_CRASH_AT_STEP"])))
+        hf = _hf_trainer(plan, model, args, tokenizer, callbacks, trainer.options, checkpoint_root)
         hf.remove_callback(PrinterCallback)  # progress and logs go through rich and the plugin hooks
-        output = hf.train()
+        resume_from = latest_checkpoint(checkpoint_root) if plan.resume else None
+        if plan.resume:
+            log.info("resuming from %s", resume_from) if resume_from else log.info(
+                "no complete checkpoint in %s: starting from the beginning", checkpoint_root)
+        output = hf.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         runtime = output.metrics["train_runtime"]
         tokens_seen = hf.state.num_input_tokens_seen or encoded.tokens * args.num_train_epochs
         metrics: dict[str, Any] = {
@@ -200,6 +210,7 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
             tokenizer.save_pretrained(staging)
             write_json_atomic(staging / "training_log.json", log_history)
             write_json_atomic(staging / MANIFEST_NAME, manifest)
+        shutil.rmtree(checkpoint_root, ignore_errors=True)  # the result is complete: nothing left to resume
     context.step = metrics["train_steps"]
     trainer.host.notify("on_train_end", context=context, metrics=metrics)
     log.info("saved %s result to %s", trainer.technique.name, trainer.output_dir)
@@ -233,7 +244,7 @@ def evaluate_plan(trainer: Trainer, plan: TrainingPlan, session: Any) -> dict[st
 
 
 def _hf_trainer(plan: TrainingPlan, model: Any, args: Any, tokenizer: Any, callbacks: list[Any],
-                options: dict[str, Any]) -> Any:
+                options: dict[str, Any], checkpoint_root: Any) -> Any:
     from transformers import Trainer as HFTrainer
 
     evals = {name or "eval": ListDataset(s.encoded.examples) for name, s in plan.evals.items()}
@@ -252,6 +263,7 @@ def _hf_trainer(plan: TrainingPlan, model: Any, args: Any, tokenizer: Any, callb
         cls, collator = HFTrainer, PackingCollator()
     else:
         cls, collator = HFTrainer, Collator(tokenizer.pad_token_id)
+    cls = checkpointing_trainer_class(cls, checkpoint_root)
     return cls(model=model, args=args, train_dataset=ListDataset(plan.train.examples), eval_dataset=eval_dataset,
                data_collator=collator, callbacks=callbacks)
 

@@ -27,13 +27,14 @@ RUN_KEYS = ("model", "data", "train_data", "eval_data", "technique", "quantizer"
 @click.option("--formatter", "-f", help="llama2-chat, alpaca, chatml, chat-template, text, classification...")
 @click.option("--output-dir", "-o", help="where the result goes")
 @click.option("--publish", "publish_as", help="publish the result to the registry under this name")
+@click.option("--resume", is_flag=True, help="continue from the newest complete checkpoint of --output-dir")
 @click.option("--nproc", type=int, default=1, show_default=True,
               help="processes for data-parallel training: launches torchrun (gloo on CPU, NCCL on GPUs)")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML or TOML file with the same names")
 @option_flags
 def train_command(model: str | None, data: str | None, eval_data: str | None, technique: str | None,
                   quantizer: str | None, formatter: str | None, output_dir: str | None, publish_as: str | None,
-                  nproc: int, config_path: str | None, **flags: Any) -> None:
+                  resume: bool, nproc: int, config_path: str | None, **flags: Any) -> None:
     """Fine-tune a model on a dataset and save the result.
 
     \b
@@ -43,7 +44,7 @@ def train_command(model: str | None, data: str | None, eval_data: str | None, te
     if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         run_torchrun(nproc, {"model": model, "data": data, "eval_data": eval_data, "technique": technique,
                              "quantizer": quantizer, "formatter": formatter, "output_dir": output_dir,
-                             "publish": publish_as, "config": config_path}, flags)
+                             "publish": publish_as, "config": config_path}, {**flags, "resume": resume or None})
         return
     from finetune_sdk.log import quiet_third_party_output
     from finetune_sdk.trainer import Trainer
@@ -64,7 +65,7 @@ def train_command(model: str | None, data: str | None, eval_data: str | None, te
     trainer = Trainer(run["model"], technique=run.get("technique") or "lora", quantizer=run.get("quantizer"),
                       formatter=run.get("formatter"), output_dir=run.get("output_dir"),
                       publish_as=publish_as or run.get("publish"), **options)
-    result = trainer.fit(train_data, eval_data=run.get("eval_data"))
+    result = trainer.fit(train_data, eval_data=run.get("eval_data"), resume=resume)
     console().print(metrics_table(result.metrics, title=f"{trainer.technique.name} result"))
     console().print(f"saved to [bold]{result.output_dir}[/bold]")
     if result.version is not None:

@@ -1,0 +1,194 @@
+"""Crash-proof checkpoints in safetensors and JSON (no pickles), written atomically, verified on resume.
+
+A checkpoint folder ``<output_dir>.checkpoints/checkpoint-<step>/`` holds:
+
+* ``trainable.safetensors``: the trainable weights (the adapter for LoRA/QLoRA, the head for the classifier,
+  everything for full fine-tuning);
+* ``optimizer.safetensors`` + ``optimizer.json``: optimizer tensors, and its param groups and scalars;
+* ``scheduler.json``: the learning-rate scheduler;
+* ``rng.safetensors`` + ``rng.json``: torch (CPU and CUDA), NumPy and Python random states;
+* ``trainer_state.json``: transformers' step, epoch and log history (the data position);
+* ``checkpoint.json``, written last: the sha256 of every file above.
+
+Each checkpoint is built in a staging folder and renamed into place, so a crash never leaves a half checkpoint
+under a final name; one whose files don't match ``checkpoint.json`` is skipped with a warning on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("finetune_sdk")
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+RECORD = "checkpoint.json"
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    """Where the checkpoints of a run writing to ``output_dir`` live (removed once the run has finished)."""
+    return Path(str(output_dir) + ".checkpoints")
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete, verified checkpoint in ``directory``; damaged ones are skipped with a warning."""
+    from finetune_sdk.registry.blobs import sha256_file
+
+    if not directory.is_dir():
+        return None
+    found = sorted(((int(m.group(1)), p) for p in directory.iterdir()
+                    if p.is_dir() and (m := CHECKPOINT.match(p.name))), reverse=True)
+    for _, path in found:
+        record = path / RECORD
+        try:
+            files = json.loads(record.read_text())["files"]
+            bad = [name for name, sha in files.items()
+                   if not (path / name).is_file() or sha256_file(path / name) != sha]
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("skipping checkpoint %s: unreadable %s (%s)", path, RECORD, type(exc).__name__)
+            continue
+        if bad:
+            logger.warning("skipping checkpoint %s: %s damaged", path, ", ".join(bad))
+            continue
+        return path
+    return None
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
+    tensors: dict[str, Any] = {}
+    scalars: dict[str, Any] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
+    import numpy as np
+    import torch
+
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"can't store {type(value).__name__} in a checkpoint")
+
+
+def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2) -> type:
+    """A subclass of the transformers ``Trainer`` class ``base`` that checkpoints in this module's format."""
+    from safetensors.torch import load_file, save_file
+
+    class CheckpointingTrainer(base):  # type: ignore[misc, valid-type]
+        def _trainable(self) -> dict[str, Any]:
+            model = self.accelerator.unwrap_model(self.model)
+            return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            from finetune_sdk.registry.blobs import sha256_file
+
+            if not self.args.should_save:
+                return
+            checkpoint_root.mkdir(parents=True, exist_ok=True)
+            final = checkpoint_root / f"checkpoint-{self.state.global_step}"
+            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=checkpoint_root))
+            try:
+                save_file(self._trainable(), str(staging / "trainable.safetensors"))
+                tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
+                save_file(tensors, str(staging / "optimizer.safetensors"))
+                _write_json(staging / "optimizer.json", meta)
+                _write_json(staging / "scheduler.json", self.lr_scheduler.state_dict())
+                rng_tensors, rng_meta = _rng_state()
+                save_file(rng_tensors, str(staging / "rng.safetensors"))
+                _write_json(staging / "rng.json", rng_meta)
+                self.state.save_to_json(str(staging / "trainer_state.json"))
+                files = {p.name: sha256_file(p) for p in staging.iterdir()}
+                _write_json(staging / RECORD, {"files": files, "step": self.state.global_step})
+                for path in staging.iterdir():
+                    with open(path, "rb") as handle:
+                        os.fsync(handle.fileno())
+                if final.exists():
+                    shutil.rmtree(final)
+                os.rename(staging, final)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            for old in sorted((int(m.group(1)), p) for p in checkpoint_root.iterdir()
+                              if p.is_dir() and (m := CHECKPOINT.match(p.name)))[:-keep]:
+                shutil.rmtree(old[1], ignore_errors=True)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            target = self.accelerator.unwrap_model(model if model is not None else self.model)
+            weights = load_file(str(Path(resume_from_checkpoint) / "trainable.safetensors"))
+            missing, _unexpected = target.load_state_dict(weights, strict=False)
+            wanted = {n for n, p in target.named_parameters() if p.requires_grad}
+            if wanted - set(weights):
+                raise RuntimeError(f"checkpoint {resume_from_checkpoint} lacks trainable weights: "
+                                   f"{sorted(wanted - set(weights))[:3]}")
+
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            if checkpoint is None:
+                return
+            folder = Path(checkpoint)
+            meta = json.loads((folder / "optimizer.json").read_text())
+            tensors = load_file(str(folder / "optimizer.safetensors"))
+            self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+            self.lr_scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text()))
+
+        def _load_rng_state(self, checkpoint: str | None) -> None:
+            if checkpoint is None:
+                return
+            folder = Path(checkpoint)
+            _set_rng_state(load_file(str(folder / "rng.safetensors")), json.loads((folder / "rng.json").read_text()))
+
+        def _load_scaler(self, checkpoint: str | None) -> None:
+            return None
+
+    return CheckpointingTrainer
