@@ -32,6 +32,12 @@ class ClassifierModel(nn.Module):
         self.labels: list[str] = [str(i) for i in range(num_labels)]
         self.config = backbone.config
 
+    def train(self, mode: bool = True) -> ClassifierModel:
+        """Train mode for the head only: the frozen backbone stays in eval mode (no dropout in its features)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pool ``[batch, seq, hidden]`` states to ``[batch, hidden]`` (batches are right-padded)."""
         if self.pooling == "first":

@@ -89,6 +89,8 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
     Option("report_to", str, "none", "experiment trackers for transformers (none, tensorboard, wandb...)"),
     Option("packing", bool, True, "pack several examples per row (no padding) where the model supports it; "
            "off: batches grouped by length"),
+    Option("cache_features", bool, True, "classifier: run the frozen backbone once and train the head on cached "
+           "features (off: the backbone runs every epoch)"),
     Option("dpo_beta", float, 0.1, "DPO temperature: how far the policy may move from the reference"),
     Option("task_mixing", str, "proportional", "multi-task sampling: proportional, explicit or temperature",
            choices=("proportional", "explicit", "temperature")),

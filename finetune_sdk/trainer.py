@@ -274,7 +274,10 @@ class Trainer:
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
             if self.technique.task == CLASSIFICATION:
+                from transformers import set_seed
+
                 labels = self.options["labels"] or [str(i) for i in range(self.options["num_labels"] or 2)]
+                set_seed(self.options["seed"])  # the new head's initialisation
                 model = self.technique.prepare(model, {**self.options, "labels": labels}, tokenizer)
             formatter = self.formatter or self._default_generation_formatter(tokenizer)
             self._session = FineTunedModel(model, tokenizer, task=self.technique.task, formatter=formatter,

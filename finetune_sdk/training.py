@@ -168,7 +168,8 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
     checkpoint_root = checkpoints_dir(trainer.output_dir)
     try:
         args = training_arguments(trainer, str(work_dir), bool(plan.evals),
-                                  group_by_length=not plan.packed and plan.objective == "sft")
+                                  group_by_length=not plan.packed and plan.objective == "sft"
+                                  and trainer.technique.task != CLASSIFICATION)
         steps_tokens = encoded.tokens / max(len(encoded.examples), 1) * args.per_device_train_batch_size * \
             args.gradient_accumulation_steps
         callbacks: list[Any] = [PluginCallback(trainer.host, context, checkpoint_root)]
@@ -176,7 +177,11 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
             callbacks.append(RichProgressCallback(steps_tokens))
         if os.environ.get("FINETUNE_SDK_CRASH_AT_STEP"):
             callbacks.append(CrashAtStep(int(os.environ["FINETUNE_SDK_CRASH_AT_STEP"])))
-        hf = _hf_trainer(plan, model, args, tokenizer, callbacks, trainer.options, checkpoint_root)
+        train_model, datasets = model, None
+        if trainer.technique.task == CLASSIFICATION and trainer.options["cache_features"] and \
+                hasattr(model, "features"):
+            train_model, datasets = feature_training(trainer, plan, model, tokenizer)
+        hf = _hf_trainer(plan, train_model, args, tokenizer, callbacks, trainer.options, checkpoint_root, datasets)
         hf.remove_callback(PrinterCallback)  # progress and logs go through rich and the plugin hooks
         resume_from = latest_checkpoint(checkpoint_root) if plan.resume else None
         if plan.resume:
@@ -243,9 +248,41 @@ def evaluate_plan(trainer: Trainer, plan: TrainingPlan, session: Any) -> dict[st
     return metrics
 
 
+def feature_training(trainer: Trainer, plan: TrainingPlan, model: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """The head and (train, eval) feature datasets: the frozen backbone runs once per dataset (cached on disk)."""
+    from finetune_sdk.features import FeatureDataset, cached_features, head_model, model_identity
+    from finetune_sdk.gguf import cache_root
+
+    base = {"model": model_identity(trainer.source), "pooling": model.pooling,
+            "quantizer": trainer.quantizer.name if trainer.quantizer else None, "dtype": trainer.options["dtype"],
+            "max_length": trainer.options["max_length"]}
+    cache_dir = cache_root() / "features"
+    features, seconds, hit = cached_features(model, plan.train, tokenizer.pad_token_id,
+                                             {**base, "data": plan.dataset.get("fingerprint")}, cache_dir)
+    trainer.logger.info("classifier features for %d examples: %s in %.1f s", len(plan.train.examples),
+                        "read from the cache" if hit else "computed once", seconds)
+    plan.extra_metrics.update({"feature_seconds": seconds, "features_cached": hit})
+    train = FeatureDataset(features, [ex["labels"] for ex in plan.train.examples])
+    evals = {}
+    for name, eval_set in plan.evals.items():
+        eval_features, _, _ = cached_features(model, eval_set.encoded, tokenizer.pad_token_id,
+                                              {**base, "data": eval_set.rows.fingerprint}, cache_dir)
+        evals[name or "eval"] = FeatureDataset(eval_features, [ex["labels"] for ex in eval_set.encoded.examples])
+    return head_model(model), (train, evals)
+
+
 def _hf_trainer(plan: TrainingPlan, model: Any, args: Any, tokenizer: Any, callbacks: list[Any],
-                options: dict[str, Any], checkpoint_root: Any) -> Any:
+                options: dict[str, Any], checkpoint_root: Any, datasets: Any = None) -> Any:
     from transformers import Trainer as HFTrainer
+
+    if datasets is not None:  # the classifier head on cached features
+        from finetune_sdk.features import collate_features
+
+        train, evals = datasets
+        cls = checkpointing_trainer_class(HFTrainer, checkpoint_root)
+        eval_dataset = (evals if len(evals) > 1 else next(iter(evals.values()))) if evals else None
+        return cls(model=model, args=args, train_dataset=train, eval_dataset=eval_dataset,
+                   data_collator=collate_features, callbacks=callbacks)
 
     evals = {name or "eval": ListDataset(s.encoded.examples) for name, s in plan.evals.items()}
     eval_dataset: Any = None

@@ -1,0 +1,111 @@
+"""Cached backbone features for the classifier: the frozen backbone runs once, the head trains on its output.
+
+Features are cached on disk (safetensors) keyed by the base model (id, revision or file size and time), the
+quantizer, dtype, pooling, ``max_length`` and the data fingerprint, so a second run on the same data skips the
+backbone entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.encoding import Collator, Encoded
+
+logger = logging.getLogger("finetune_sdk")
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def model_identity(source: Any) -> dict[str, Any]:
+    """What identifies the backbone's weights: path with size and mtime of its files, or Hub id and revision."""
+    identity: dict[str, Any] = {"kind": source.kind, "id": source.id, "revision": source.revision}
+    path = Path(source.path or source.id)
+    if source.kind in ("local", "gguf") and path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+        identity["files"] = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return identity
+
+
+def compute_features(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int = 32) -> Any:
+    """Pooled backbone features ``[N, hidden]`` (float32, CPU) of every example, in order."""
+    import torch
+
+    collate = Collator(pad_token_id)
+    device = next(model.parameters()).device
+    model.eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(encoded.examples), batch_size):
+            batch = collate(encoded.examples[start:start + batch_size])
+            chunks.append(model.features(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def cached_features(model: Any, encoded: Encoded, pad_token_id: int, key: dict[str, Any],
+                    cache_dir: Path | None) -> tuple[Any, float, bool]:
+    """(features, seconds spent, whether they came from the cache)."""
+    from safetensors.torch import load_file, save_file
+
+    start = time.perf_counter()
+    path = (cache_dir / f"{cache_key(key)}.safetensors") if cache_dir else None
+    if path is not None and path.is_file():
+        features = load_file(str(path))["features"]
+        if features.shape[0] == len(encoded.examples):
+            return features, time.perf_counter() - start, True
+    features = compute_features(model, encoded, pad_token_id)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".features-", dir=path.parent)
+        os.close(fd)
+        save_file({"features": features.contiguous()}, tmp)
+        os.replace(tmp, path)
+    return features, time.perf_counter() - start, False
+
+
+class FeatureDataset:
+    """(features, label) pairs for training the head."""
+
+    def __init__(self, features: Any, labels: list[int]) -> None:
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"features": self.features[index], "labels": self.labels[index]}
+
+
+def collate_features(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    return {"features": torch.stack([b["features"] for b in batch]),
+            "labels": torch.tensor([b["labels"] for b in batch], dtype=torch.long)}
+
+
+def head_model(classifier: Any) -> Any:
+    """A module that trains ``classifier.head`` (the same object) on features."""
+    import torch
+    from torch import nn
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class HeadOnly(nn.Module):
+        def __init__(self, head: nn.Linear) -> None:
+            super().__init__()
+            self.head = head
+
+        def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None, **_: Any) -> Any:
+            logits = self.head(features.to(self.head.weight.dtype))
+            loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    return HeadOnly(classifier.head)
