@@ -89,6 +89,7 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
     Option("report_to", str, "none", "experiment trackers for transformers (none, tensorboard, wandb...)"),
     Option("packing", bool, True, "pack several examples per row (no padding) where the model supports it; "
            "off: batches grouped by length"),
+    Option("group_by_length", bool, True, "when not packing, batch examples of similar length (less padding)"),
     Option("cache_features", bool, True, "classifier: run the frozen backbone once and train the head on cached "
            "features (off: the backbone runs every epoch)"),
     Option("dpo_beta", float, 0.1, "DPO temperature: how far the policy may move from the reference"),

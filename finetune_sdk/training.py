@@ -168,8 +168,8 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
     checkpoint_root = checkpoints_dir(trainer.output_dir)
     try:
         args = training_arguments(trainer, str(work_dir), bool(plan.evals),
-                                  group_by_length=not plan.packed and plan.objective == "sft"
-                                  and trainer.technique.task != CLASSIFICATION)
+                                  group_by_length=trainer.options["group_by_length"] and not plan.packed
+                                  and plan.objective == "sft" and trainer.technique.task != CLASSIFICATION)
         steps_tokens = encoded.tokens / max(len(encoded.examples), 1) * args.per_device_train_batch_size * \
             args.gradient_accumulation_steps
         callbacks: list[Any] = [PluginCallback(trainer.host, context, checkpoint_root)]
