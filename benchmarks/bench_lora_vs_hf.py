@@ -10,6 +10,7 @@ shows the median training tokens/s (non-pad tokens / transformers' train_runtime
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import platform
 import statistics
@@ -79,6 +80,8 @@ def run_hand_written(model_dir: Path, rows: list[dict[str, str]], out: Path) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", default="tiny", help="tiny (seeded Llama-style), smollm2, or a model folder")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rows", type=int, default=256)
@@ -87,19 +90,23 @@ def main() -> None:
     import torch
     import transformers
 
-    from finetune_sdk.testing.tiny import save_tiny_model
 
     transformers.utils.logging.set_verbosity_error()
     rows = make_rows(args.rows)
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
-    model_dir = save_tiny_model(work / "model", "llama", hidden_size=args.hidden, layers=args.layers)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import model_folder
+
+    model_dir = model_folder(args.model, work, args.hidden, args.layers)
+    TRAIN["bf16"] = args.bf16
     sdk, hand = [], []
     for i in range(args.rounds):
         hand.append(run_hand_written(model_dir, rows, work / f"hand-{i}"))
         sdk.append(run_sdk(model_dir, rows, work / f"sdk-{i}"))
     s, h = statistics.median(sdk), statistics.median(hand)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"\nLoRA r=8 on a Llama-style model (hidden {args.hidden}, {args.layers} layers), {args.rows} rows, "
+    print(f"\nLoRA r=8 on {model_dir.name} ({args.model}; tiny = hidden {args.hidden} x {args.layers} layers), "
+          f"{'bf16' if args.bf16 else 'fp32'}, {args.rows} rows, "
           f"batch 8, 1 epoch; {device}, torch {torch.__version__}, {platform.python_version()}")
     print(f"{'':24}{'tokens/s (median)':>20}{'rounds':>40}")
     print(f"{'hand-written HF + PEFT':24}{h:>20,.0f}{', '.join(f'{x:,.0f}' for x in hand):>40}")

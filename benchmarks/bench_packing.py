@@ -17,6 +17,7 @@ Rows:
 from __future__ import annotations
 
 import argparse
+import sys
 import math
 import os
 import random
@@ -84,6 +85,8 @@ def trl_run(model_dir: Path, rows, eval_rows, out: Path, useful_tokens: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--model", default="tiny", help="tiny (seeded Llama-style), smollm2, or a model folder")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--no-trl", action="store_true")
@@ -93,12 +96,15 @@ def main() -> None:
     import transformers
 
     from finetune_sdk.log import quiet_third_party_output
-    from finetune_sdk.testing.tiny import save_tiny_model
 
     quiet_third_party_output()
     transformers.utils.logging.set_verbosity_error()
     work = Path(tempfile.mkdtemp(prefix="bench-packing-"))
-    model_dir = save_tiny_model(work / "model", "llama", hidden_size=args.hidden, layers=args.layers)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import model_folder
+
+    model_dir = model_folder(args.model, work, args.hidden, args.layers)
+    TRAIN["bf16"] = args.bf16
     rows, eval_rows = make_rows(args.rows, 0), make_rows(48, 1)
     runs: dict[str, dict[str, float]] = {}
     started = time.perf_counter()
@@ -112,8 +118,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     base = runs["padded (random batches)"]
     packed = runs["packed (SDK default)"]
-    print(f"\nLoRA SFT, {args.rows} rows with lengths log-uniform in 8..512 tokens, Llama-style hidden {args.hidden} x "
-          f"{args.layers} layers, batch 8, 1 epoch; {device}, torch {torch.__version__}; "
+    print(f"\nLoRA SFT, {args.rows} rows with lengths log-uniform in 8..512 tokens, {model_dir.name} ({args.model}), "
+          f"{'bf16' if args.bf16 else 'fp32'}, batch 8, 1 epoch; {device}, torch {torch.__version__}; "
           f"{time.perf_counter() - started:.0f} s")
     print(f"{'run':30}{'useful tok/s':>14}{'x padded':>10}{'eval loss':>11}{'vs padded':>11}")
     for name, run in runs.items():
