@@ -11,7 +11,6 @@ GGUF-converted folder when it is cached (``make demo`` converts it), else the sa
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import subprocess
@@ -33,22 +32,6 @@ print("PEAK", peak)
 """
 
 
-def smollm2_folder(tmp: Path) -> str:
-    cached = glob.glob(str(Path.home() / ".cache/finetune_sdk/gguf/SmolLM2-135M-Instruct*"))
-    if cached:
-        return cached[0]
-    from finetune_sdk.testing.tiny import tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         tie_word_embeddings=True, rope_theta=100000.0)
-    folder = tmp / "smollm2-135m-arch"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model")
@@ -58,13 +41,16 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import smollm2_folder
+
     model = args.model or smollm2_folder(tmp)
     results = {}
     for technique in ("qlora", "lora", "full"):
         spec = {"model": model, "technique": technique, "out": str(tmp / technique), "steps": args.steps,
                 "seq": args.seq, "batch": args.batch, "bf16": args.bf16}
         proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp)  # import the installed SDK
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         results[technique] = int(proc.stdout.split("PEAK")[-1].split()[0])

@@ -297,7 +297,7 @@ def _hf_trainer(plan: TrainingPlan, model: Any, args: Any, tokenizer: Any, callb
     elif plan.packed:
         from finetune_sdk.packing import PackingCollator
 
-        cls, collator = HFTrainer, PackingCollator()
+        cls, collator = HFTrainer, PackingCollator(options["max_length"], tokenizer.pad_token_id)
     else:
         cls, collator = HFTrainer, Collator(tokenizer.pad_token_id)
     cls = checkpointing_trainer_class(cls, checkpoint_root)

@@ -6,13 +6,12 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 1
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . || exit 1
 export PYTHONPATH=/tmp/site
 nvidia-smi -L
 python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)"
 python3 - <<'PY'
-import sys, tempfile
 from pathlib import Path
 from transformers import BertConfig, BertModel
 from finetune_sdk.testing.tiny import tiny_tokenizer
@@ -20,7 +19,10 @@ folder = Path("/tmp/minilm-architecture")
 BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522)).save_pretrained(folder)
 tiny_tokenizer().save_pretrained(folder)
 PY
-timeout 150 python3 benchmarks/bench_lora_vs_hf.py --model smollm2 --bf16 --rounds 2 --rows 512
+cd /tmp && R=/work/main
+[ -d "$R" ] || R=$(cd - >/dev/null; pwd)
+cd "$R"
 timeout 150 python3 benchmarks/bench_packing.py --model smollm2 --bf16 --no-trl --rows 512
+timeout 150 python3 benchmarks/bench_lora_vs_hf.py --model smollm2 --bf16 --rounds 3 --rows 512
 timeout 100 python3 benchmarks/bench_classifier.py --model /tmp/minilm-architecture --rows 2048 --epochs 5
-timeout 120 python3 benchmarks/bench_peak_memory.py --bf16 --steps 4 --seq 512 --batch 8
+timeout 150 python3 benchmarks/bench_peak_memory.py --bf16 --steps 4 --seq 512 --batch 8

@@ -31,7 +31,8 @@ def test_packed_batch_has_the_same_loss_and_logits_as_padded(family):
         padded_out, packed_out = model(**padded), model(**packed)
     assert abs(padded_out.loss.item() - packed_out.loss.item()) < 1e-5
     offset = 0
-    for row, example in enumerate(exs):  # every example sees only itself
+    for example in PackingCollator().rows(exs)[0]:  # every example sees only itself
+        row = next(i for i, e in enumerate(exs) if e is example)
         n = len(example["input_ids"])
         diff = (padded_out.logits[row, :n] - packed_out.logits[0, offset:offset + n]).abs().max().item()
         assert diff < 1e-4, (row, diff)
@@ -60,3 +61,20 @@ def test_unsupported_models_fall_back_to_length_grouping(tiny_models, tmp_path, 
     model.config.model_type = "some-new-arch"
     assert not decide_packing(trainer, plan, model)
     assert not decide_packing(trainer, TrainingPlan(train=None, formatter_name="preference", objective="dpo"), model)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_rows_of_bounded_length_keep_the_padded_loss(family):
+    tok = tiny_tokenizer()
+    model = tiny_model(family, tok).eval()
+    exs = examples()
+    collator = PackingCollator(row_length=32, pad_token_id=tok.pad_token_id)
+    rows = collator.rows(exs)
+    assert all(sum(len(e["input_ids"]) for e in row) <= 32 for row in rows)
+    assert sorted(len(e["input_ids"]) for row in rows for e in row) == sorted(len(e["input_ids"]) for e in exs)
+    packed = collator(exs)
+    assert packed["input_ids"].shape[0] == len(rows) < len(exs)
+    with torch.no_grad():
+        padded_loss = model(**Collator(tok.pad_token_id)(exs)).loss.item()
+        packed_loss = model(**packed).loss.item()
+    assert abs(padded_loss - packed_loss) < 1e-5
