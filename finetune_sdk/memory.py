@@ -29,14 +29,21 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TECHNIQUES = ("lora", "qlora", "full", "classifier")
 QUANTIZERS = (None, "nf4", "int8")
 # The process before any model exists: Python + torch + transformers + peft + accelerate imported, then the
-# threads, kernel caches and allocator arenas of the first training step (benchmarks/bench_memory.py measures
-# it as the peak RSS of a 1-layer, hidden-64 model: 0.62-0.66 GiB on torch 2.13 CPU).
-CPU_FRAMEWORK_BYTES = 650 * MiB
-# CUDA context + cuBLAS/cuDNN workspaces (not counted by torch.cuda.max_memory_allocated).
+# threads, kernel caches and allocator arenas of a first training step. benchmarks/bench_memory.py measures it
+# as the peak RSS of training a 1-layer, hidden-64 model on 16 tokens: 615 MiB (torch 2.13 CPU, Python 3.11).
+CPU_FRAMEWORK_BYTES = 620 * MiB
+# CUDA context + cuBLAS workspaces, which torch.cuda.max_memory_reserved does not count.
 CUDA_CONTEXT_BYTES = 600 * MiB
-# Resident memory the allocator keeps beyond live tensors, as a fraction of the activations (glibc's heap on CPU
-# keeps freed activation buffers; CUDA's caching allocator rounds and fragments).
+# Memory the allocator holds beyond live tensors, as a fraction of the largest activations of a step: glibc's heap
+# keeps freed activation buffers between live ones (measured 0.2-0.4 of the activations on CPU); CUDA's caching
+# allocator rounds blocks up and keeps them cached.
 ALLOCATOR_SLACK = {"cpu": 0.35, "cuda": 0.10}
+# On CPU bitsandbytes dequantizes each 4/8-bit weight to the compute dtype in every forward and backward matmul;
+# the heap keeps about this many times the dequantized weights of all quantized layers (measured 1.2-1.8 for
+# 7M-250M parameter models). Buffers above glibc's largest mmap threshold (32 MiB) are mapped and unmapped
+# instead, leaving nothing behind, so they don't count.
+DEQUANT_SLACK_CPU = 1.25
+GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed 4-bit + uint8 absmax per 64 + fp32 absmax per 256 blocks
 NF4_BYTES_NO_DQ = 0.5 + 4 / 64
 LOGIT_COPIES = 3  # log-softmax output + its gradient + the gradient of the logits, all fp32, at backward start
@@ -173,12 +180,16 @@ class ModelShape:
         return self.attention == "eager" or (device == "cpu" and self.attention_dropout > 0)
 
     def saved_per_layer(self, technique: str, targets: list[str], seq_len: int, *, lora_r: int = 8,
-                        lora_dropout: float = 0.0, device: str = "cpu") -> float:
-        """Elements per token one block saves for the backward pass.
+                        lora_dropout: float = 0.0, device: str = "cpu", compute16: bool = False,
+                        autocast32: bool = False) -> tuple[float, float]:
+        """``(elements, fp32_elements)`` per token that one block saves for the backward pass.
 
         A frozen linear saves nothing (its weight suffices for the input gradient); a trained one saves its
         input; a LoRA target saves its input, or with dropout a mask and a dropped copy of it, plus its rank-r
-        intermediate.
+        intermediate. ``fp32_elements`` are those kept in fp32 even when the model computes in 16 bits
+        (``compute16``): RMSNorm's upcast input and the inputs of the fp32 LoRA adapters, which peft casts for
+        each target. Under autocast over fp32 weights (``autocast32``) each trained linear saves its own 16-bit
+        copy of its input, and the norms' outputs stay fp32.
         """
         full = technique == "full"
         h, i = self.hidden, self.intermediate
@@ -191,40 +202,48 @@ class ModelShape:
             count = len(hit.intersection(names))
             if not count or full:
                 return 0
-            return 2 * size * count if lora_dropout > 0 else (0 if saved_anyway else size)
+            if lora_dropout > 0:  # the dropped copy + the mask: fp32 on CPU, one byte (bool) on CUDA
+                return (1 + (1 if device == "cpu" else 0.25)) * size * count
+            return size * count if compute16 else (0 if saved_anyway else size)
 
         adapters = 0 if full else lora_r * len(targets)
         if self.family == "gpt2":  # LayerNorm saves input + mean + rstd; gelu_new saves four tensors
             attn = (3 * h + probs) if math else 4 * h + self.heads
             saved = h + 2 + attn + (2 * h if self.hidden_dropout > 0 else 0) + h + 2 + (4 * i if self.gelu_new else i)
             if full:
-                return saved + 2 * h + i + (h if math else 0)
-            return (saved + adapters + lora_inputs(("attn.c_attn",), h) + lora_inputs(("attn.c_proj",), h, not math)
+                return saved + 2 * h + i + (h if math else 0), 4 + self.heads
+            lora = (adapters + lora_inputs(("attn.c_attn",), h) + lora_inputs(("attn.c_proj",), h, not math)
                     + lora_inputs(("mlp.c_fc",), h) + lora_inputs(("mlp.c_proj",), i))
+            return saved + lora, 4 + self.heads + lora
         # Llama-style: residual + rsqrt, q/k/v after RoPE, attention output, residual + rsqrt, gate, up, silu(gate)
         attn = (3 * q + probs) if math else q + 2 * kv + q + self.heads
         saved = h + 1 + attn + h + 1 + 3 * i
+        kept32 = 2 * h + 2 + self.heads
+        if full and autocast32:  # q/k/v and gate/up each keep a 16-bit input copy; normalised outputs in fp32
+            return saved + 7 * h + i + (q if math else 0), kept32 + 2 * h
         if full:  # + both norms' normalised and weighted outputs, silu(gate)*up, the attention output copy
-            return saved + 4 * h + i + (q if math else 0)
-        return (saved + adapters
-                + lora_inputs(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), h)
+            return saved + 4 * h + i + (q if math else 0), kept32
+        lora = (adapters + lora_inputs(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), h)
                 + lora_inputs(("self_attn.o_proj",), q, not math)
                 + lora_inputs(("mlp.gate_proj", "mlp.up_proj"), h) + lora_inputs(("mlp.down_proj",), i))
+        return saved + lora, kept32 + lora
 
     def activation_elements(self, technique: str, targets: list[str], seq_len: int, *, lora_r: int = 8,
-                            lora_dropout: float = 0.0, checkpointing: bool = False,
-                            device: str = "cpu") -> tuple[float, float]:
-        """``(saved, transient)`` elements per token: what the forward pass leaves for the backward pass, and
-        the most alive on top of it while one block is back-propagated (recomputed first when checkpointing)."""
+                            lora_dropout: float = 0.0, checkpointing: bool = False, device: str = "cpu",
+                            compute16: bool = False, autocast32: bool = False) -> tuple[float, float, float]:
+        """``(saved, saved_fp32, transient)`` elements per token: what the forward pass leaves for the backward
+        pass (and how much of it stays fp32 under 16-bit compute), and the most alive on top of it while one
+        block is back-propagated (recomputed first when checkpointing)."""
         h, i = self.hidden, self.intermediate
-        per_layer = self.saved_per_layer(technique, targets, seq_len, lora_r=lora_r, lora_dropout=lora_dropout,
-                                         device=device)
+        per_layer, per_layer32 = self.saved_per_layer(technique, targets, seq_len, lora_r=lora_r,
+                                                      lora_dropout=lora_dropout, device=device, compute16=compute16,
+                                                      autocast32=autocast32)
         full = technique == "full"
         final = h + 2 + (2 * h if full else 0) + (h if self.family == "gpt2" and self.hidden_dropout > 0 else 0)
         working = 3 * i + 3 * h  # gradients of one block's intermediates
         if checkpointing:
-            return self.layers * h + final, per_layer + working
-        return self.layers * per_layer + final, working
+            return self.layers * h + final, h + 2, per_layer + working
+        return self.layers * per_layer + final, self.layers * per_layer32 + h + 2, working
 
     def inference_per_token(self, seq_len: int, device: str) -> float:
         """Elements per token alive at once in a forward pass without gradients (the classifier's backbone)."""
@@ -235,8 +254,10 @@ class ModelShape:
 class MemoryEstimate:
     """Bytes resident at the training peak, by component; ``total`` is their sum.
 
-    ``gradients`` and ``activations`` are what is alive at the peak moment (the start of the backward pass, or
-    the optimizer step when gradients outweigh activations), not the largest each reaches on its own.
+    ``gradients`` and ``activations`` are what is alive at the peak moment, ``peak``: ``backward`` (its start,
+    when every saved activation and the loss's logits copies exist) or ``optimizer step`` (when the gradients of
+    all trained weights outweigh the activations), not the largest each reaches on its own.
+    ``saved_activations`` is what the forward pass keeps for the backward pass, without the logits.
     """
 
     weights: int
@@ -252,6 +273,10 @@ class MemoryEstimate:
     device: str = "cpu"
     batch_size: int = 1
     seq_len: int = 512
+    gradient_checkpointing: bool = False
+    dtype: str = "float32"
+    peak: str = "backward"
+    saved_activations: int = 0
     notes: tuple[str, ...] = ()
 
     COMPONENTS = ("weights", "adapter", "gradients", "optimizer", "activations", "overhead")
@@ -266,18 +291,22 @@ class MemoryEstimate:
         data["total"] = self.total
         return data
 
-    def table(self, title: str | None = None) -> Any:
-        """A rich ``Table`` of the components in MiB."""
+    def table(self, title: str = "memory at the training peak") -> Any:
+        """A rich ``Table`` of the components, with what was estimated as its caption."""
         from rich.table import Table
 
-        table = Table(title=title or f"memory estimate: {self.technique}"
-                      f"{' + ' + self.quantizer if self.quantizer else ''}, batch {self.batch_size} x {self.seq_len}"
-                      f" tokens, {self.device}")
+        setup = [self.technique + (f" + {self.quantizer}" if self.quantizer else ""),
+                 f"batch {self.batch_size} x {self.seq_len} tokens"]
+        if self.gradient_checkpointing:
+            setup.append("gradient checkpointing")
+        setup.append(f"{self.device}, peak at the {self.peak}")
+        caption = ", ".join(setup)
+        table = Table(title=title, caption=caption, min_width=min(len(caption), 100))
         table.add_column("component")
-        table.add_column("MiB", justify="right")
+        table.add_column("size", justify="right")
         for name in self.COMPONENTS:
-            table.add_row(name, f"{getattr(self, name) / MiB:,.0f}")
-        table.add_row("total", f"{self.total / MiB:,.0f}", style="bold")
+            table.add_row(name, format_bytes(getattr(self, name)))
+        table.add_row("total", format_bytes(self.total), style="bold")
         return table
 
     def __str__(self) -> str:
@@ -286,8 +315,16 @@ class MemoryEstimate:
 
 
 def format_bytes(n: float) -> str:
-    """``1.5 GiB``, ``300 MiB``."""
-    return f"{n / GiB:,.1f} GiB" if n >= GiB else f"{n / MiB:,.0f} MiB"
+    """``1.5 GiB``, ``300 MiB``, ``4.2 MiB``, ``12 KiB``.
+
+    >>> format_bytes(1.5 * 2**30), format_bytes(300 * 2**20), format_bytes(12 * 1024)
+    ('1.5 GiB', '300 MiB', '12 KiB')
+    """
+    if n >= GiB:
+        return f"{n / GiB:,.1f} GiB"
+    if n >= 10 * MiB:
+        return f"{n / MiB:,.0f} MiB"
+    return f"{n / MiB:.1f} MiB" if n >= MiB else f"{n / 1024:,.0f} KiB"
 
 
 def parse_memory(text: str | int) -> int:
@@ -383,51 +420,67 @@ def estimate_training_memory(
     head_params = shape.hidden * num_labels + num_labels if classifier else 0
     trainable = counts["total"] if technique == "full" else adapter_params + head_params
     grad_bytes = DTYPE_BYTES[dtype] if technique == "full" else 4  # adapters and heads are fp32 (peft's default)
-    # activations are in the compute dtype: the weights' dtype (a quantized model's compute dtype), or 16 bits
-    # under autocast
-    act_bytes = 2 if mixed_precision or dtype != "float32" else 4
+    # activations are in the compute dtype: the weights' dtype, or 16 bits under autocast. A quantized model
+    # computes in fp32 whatever its compute dtype: prepare_model_for_kbit_training makes the embeddings fp32 and
+    # bitsandbytes casts each matmul's output back to its input's dtype.
+    compute16 = (mixed_precision or dtype != "float32") and not (quantizer and adapters)
+    act_bytes = 2 if compute16 else 4
+    dequant_bytes = 2 if mixed_precision or dtype != "float32" else 4  # bitsandbytes' compute dtype
     tokens = batch_size * seq_len
     grads_all = trainable * grad_bytes
-    states = trainable * grad_bytes * _optimizer_states(optimizer)
-    notes = list(shape.notes)
-    if classifier:
-        activations = tokens * shape.inference_per_token(seq_len, device) * act_bytes
-        gradients = grads_all
+    states = trainable * _optimizer_state_bytes(optimizer, grad_bytes)
+    step_extra = saved_bytes = transient = 0
+    if classifier:  # the backbone runs without gradients: one layer's intermediates at a time
+        activations = largest_activations = tokens * shape.inference_per_token(seq_len, device) * act_bytes
+        gradients, peak = grads_all, "backward"
     else:
-        saved, transient = shape.activation_elements(
+        saved, saved32, transient = shape.activation_elements(
             technique, [name for name, _, _ in targets], seq_len, lora_r=lora_r, lora_dropout=lora_dropout,
-            checkpointing=gradient_checkpointing, device=device)
-        saved_bytes = tokens * saved * act_bytes + batch_size * seq_len * seq_len * (act_bytes if shape.math_attention(
-            device) else 1)  # + the attention mask, shared by every layer
+            checkpointing=gradient_checkpointing, device=device, compute16=compute16,
+            autocast32=mixed_precision and dtype == "float32")
+        mask_bytes = act_bytes if shape.math_attention(device) else 1  # the attention mask, shared by all layers
+        saved_bytes = (tokens * ((saved - saved32) * act_bytes + saved32 * 4)
+                       + batch_size * seq_len * seq_len * mask_bytes)
+        linears = shape.layer_linears()
         if quantizer:  # a 4/8-bit weight is dequantized to the compute dtype for its matmul
-            saved_bytes += max(i * o for _, i, o in shape.layer_linears()) * act_bytes
-        if mixed_precision and technique == "full":  # autocast keeps a 16-bit copy of every trained weight
-            saved_bytes += counts["linear"] * 2
+            saved_bytes += max(i * o for _, i, o in linears) * dequant_bytes
+        elif mixed_precision and dtype == "float32":  # autocast's 16-bit weight copies, saved by every matmul
+            saved_bytes += (counts["linear"] + shape.vocab_size * shape.hidden) * 2
         logits = tokens * shape.vocab_size * 4  # the loss works on fp32 logits
         head_grad = shape.vocab_size * shape.hidden * grad_bytes if technique == "full" else 0
-        largest = max(shape.vocab_size * shape.hidden, max(i * o for _, i, o in shape.layer_linears()))
-        if technique != "full":
+        if technique == "full":
+            largest = max(shape.vocab_size * shape.hidden, max(i * o for _, i, o in linears))
+        else:
             largest = max((lora_r * max(i, o) for _, i, o in targets), default=0)
-        # optimizer step temporaries: torch's AdamW makes a sqrt(exp_avg_sq) per tensor on CPU, for all at once
-        # (foreach) on CUDA
-        step_extra = (grads_all if device == "cuda" else 2 * largest * grad_bytes) if states else 0
-        moments = {  # what is alive at each candidate peak, on top of weights and optimizer states
-            "log-softmax backward": (saved_bytes + max(3 * logits, tokens * transient * act_bytes), 0),
-            "lm_head backward": (saved_bytes + logits, head_grad),
-            "optimizer step": (0, grads_all + step_extra),
+        # optimizer-step temporaries: torch's AdamW makes sqrt(exp_avg_sq) per tensor on CPU, for all tensors at
+        # once (foreach) on CUDA
+        step = (grads_all if device == "cuda" else 2 * largest * grad_bytes) if states else 0
+        moments = {  # (activations, gradients, optimizer temporaries) alive on top of weights and optimizer states
+            "backward": (saved_bytes + max(3 * logits, tokens * transient * act_bytes), 0, 0),  # log-softmax
+            "lm_head backward": (saved_bytes + logits, head_grad, 0),
+            "optimizer step": (0, grads_all, step),
         }
         peak = max(moments, key=lambda k: sum(moments[k]))
-        activations, gradients = moments[peak]
-        if peak == "optimizer step":
-            notes.append("the optimizer step is the peak: every trained weight has its gradient then")
-    slack = activations * ALLOCATOR_SLACK[device]
+        activations, gradients, step_extra = moments[peak]
+        largest_activations = moments["backward"][0]
+        peak = "optimizer step" if peak == "optimizer step" else "backward"
+    # the heap grows to the step's largest activations, whichever moment is the peak
+    slack = largest_activations * ALLOCATOR_SLACK[device]
+    if gradient_checkpointing and device == "cpu" and not classifier:
+        # glibc's heap keeps a recomputed layer's buffers as holes under the gradients allocated after them
+        slack += tokens * transient * act_bytes
+    if quantizer and device == "cpu":
+        heap_dequant = sum(i * o * dequant_bytes for _, i, o in shape.layer_linears()
+                           if i * o * dequant_bytes <= GLIBC_MMAP_THRESHOLD_MAX) * shape.layers
+        slack += heap_dequant * DEQUANT_SLACK_CPU
     overhead = (CPU_FRAMEWORK_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES) + slack
     return MemoryEstimate(
         weights=int(weights), adapter=(adapter_params + head_params) * 4, gradients=int(gradients),
-        optimizer=int(states), activations=int(activations), overhead=int(overhead),
+        optimizer=int(states + step_extra), activations=int(activations), overhead=int(overhead),
         parameters=counts["total"] + adapter_params + head_params, trainable_parameters=trainable,
         technique=technique, quantizer=quantizer, device=device, batch_size=batch_size, seq_len=seq_len,
-        notes=tuple(notes))
+        gradient_checkpointing=gradient_checkpointing and not classifier, dtype=dtype, peak=peak,
+        saved_activations=int(saved_bytes), notes=shape.notes)
 
 
 def _quantized_bytes(quantizer: str | None, plain: int, double_quant: bool) -> float:
@@ -438,18 +491,18 @@ def _quantized_bytes(quantizer: str | None, plain: int, double_quant: bool) -> f
     return float(plain)
 
 
-def _optimizer_states(name: str) -> float:
-    """Optimizer state bytes per byte of trainable weight (8-bit states as a fraction of a 4-byte weight)."""
+def _optimizer_state_bytes(name: str, weight_bytes: int) -> float:
+    """Optimizer state bytes per trained parameter (transformers ``optim`` names)."""
     name = name.lower()
-    if "8bit" in name:
-        return (1 if "lion" in name else 2) * 1.02 / 4
+    if "8bit" in name:  # bitsandbytes: uint8 states + a float absmax per 256 values
+        return (1 if "lion" in name else 2) * (1 + 4 / 256)
     if name.startswith("sgd") or name == "none":
         return 0.0
     if any(word in name for word in ("lion", "adagrad", "rmsprop")):
-        return 1.0
-    if name.startswith("adafactor"):
-        return 0.05
-    return 2.0  # AdamW and friends: exp_avg and exp_avg_sq
+        return float(weight_bytes)
+    if name.startswith("adafactor"):  # factored second moment: about a row and a column per matrix
+        return 0.05 * weight_bytes
+    return 2.0 * weight_bytes  # AdamW and friends: exp_avg and exp_avg_sq, in the weights' dtype
 
 
 def estimate_for_options(model_config: Any, technique_name: str, quantizer_name: str | None,
@@ -460,11 +513,13 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
     ``max_length``); ``seq_len`` defaults to ``max_length``, the longest a batch can be.
 
     ``dtype="auto"`` resolves as the loader does: float32 on CPU and for full fine-tuning, bfloat16 for a frozen
-    base on a CUDA GPU.
+    base on a CUDA GPU. With a quantizer the activations follow its ``compute_dtype`` (``auto`` resolves alike).
     """
     device = resolve_device(device)
     quantizer = None if quantizer_name in (None, "", "none") else quantizer_name
     dtype = options.get("dtype") or "auto"
+    if quantizer and technique_name != "classifier":  # activations follow bitsandbytes' compute dtype
+        dtype = options.get("compute_dtype") or "auto"
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" and technique_name != "full" else "float32"
     targets = options.get("target_modules")
@@ -515,3 +570,35 @@ def available_memory(device: str = "auto") -> int:
         return int(psutil.virtual_memory().available)
     except ImportError:
         raise ConfigError("can't tell how much memory is free here; pass the size explicitly") from None
+
+
+def preflight(model: Any, technique_name: str, quantizer_name: str | None, options: Mapping[str, Any], *,
+              device: str = "auto", seq_len: int | None = None) -> MemoryEstimate | None:
+    """Estimate a run before its model is loaded and refuse one that can't fit in the memory free now.
+
+    Returns the estimate (``None`` when the config can't be read locally or a plugin's technique is not
+    estimated), or raises :class:`ConfigError` naming settings that would fit, as ``finetune advise`` picks them.
+    Set ``FINETUNE_SDK_SKIP_MEMORY_CHECK=1`` to only estimate.
+    """
+    if technique_name not in TECHNIQUES or quantizer_name not in (*QUANTIZERS, "none", ""):
+        return None
+    try:
+        config = load_config(model)
+        estimate = estimate_for_options(config, technique_name, quantizer_name, options, seq_len, device=device)
+    except (ConfigError, ModelNotFoundError):
+        return None
+    if os.environ.get("FINETUNE_SDK_SKIP_MEMORY_CHECK") == "1":
+        return estimate
+    free = available_memory(estimate.device)
+    if estimate.total <= free:
+        return estimate
+    from finetune_sdk.advise import advise
+
+    advice = advise(config, memory_bytes=free, device=estimate.device, seq_len=estimate.seq_len,
+                    task="classification" if technique_name == "classifier" else "causal-lm")
+    settings = ", ".join([f"technique={advice.technique!r}"] + ([f"quantizer={advice.quantizer!r}"] if advice.quantizer
+                         else []) + [f"{k}={v!r}" for k, v in advice.options.items() if k != "max_length"])
+    where = "RAM" if estimate.device == "cpu" else "GPU memory"
+    fix = f"{settings} would fit" if advice.fits else "even the smallest settings don't: use a smaller model"
+    raise ConfigError(f"training needs about {format_bytes(estimate.total)} but only {format_bytes(free)} of {where} "
+                      f"is free; {fix} (finetune advise MODEL explains; FINETUNE_SDK_SKIP_MEMORY_CHECK=1 skips this)")

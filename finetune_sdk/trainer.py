@@ -108,6 +108,8 @@ class Trainer:
         else:
             plan = self._plan_single(train_data, eval_data, tokenizer)
         plan.resume = resume
+        if self._session is None and self._given_model is None:
+            self._check_memory(plan)
         result = run_training(self, plan, tokenizer)
         self._log_history = result.log_history
         if self.publish_as:
@@ -283,6 +285,18 @@ class Trainer:
             self._session = FineTunedModel(model, tokenizer, task=self.technique.task, formatter=formatter,
                                            options=self.options, labels=getattr(model, "labels", None))
         return self._session
+
+    def _check_memory(self, plan: Any) -> None:
+        """Log the training-memory estimate and stop early, with settings that would fit, when it can't fit."""
+        from finetune_sdk.memory import preflight
+
+        longest = max((len(ex.get("input_ids", ())) for ex in plan.train.examples), default=0)
+        seq_len = min(self.options["max_length"], longest) if longest else self.options["max_length"]
+        model = self.source.path or self.source.id
+        estimate = preflight(model, self.technique.name, self.quantizer.name if self.quantizer else None,
+                             self.options, seq_len=seq_len)
+        if estimate is not None:
+            self.logger.info("estimated training memory: %s", estimate)
 
     def _option_specs(self) -> dict[str, Any]:
         return option_table([TRAINING_OPTIONS, self.technique.options,

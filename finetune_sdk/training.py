@@ -98,7 +98,8 @@ def decide_packing(trainer: Trainer, plan: TrainingPlan, model: Any) -> bool:
     return True
 
 
-def training_arguments(trainer: Trainer, work_dir: str, has_eval: bool, group_by_length: bool = False) -> Any:
+def training_arguments(trainer: Trainer, work_dir: str, has_eval: bool, group_by_length: bool = False,
+                       packed: bool = False) -> Any:
     import torch
     from transformers import TrainingArguments
 
@@ -116,7 +117,7 @@ def training_arguments(trainer: Trainer, work_dir: str, has_eval: bool, group_by
         save_strategy="steps" if o["save_steps"] else "no", save_steps=o["save_steps"] or 500,
         bf16=o["bf16"], fp16=o["fp16"],
         report_to=o["report_to"], disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
-        include_num_input_tokens_seen="non_padding", use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="no" if packed else "non_padding", use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(), save_only_model=False,
     )
     # transformers 5 renamed gradient_checkpointing; the SDK keeps the name users know.
@@ -167,7 +168,7 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
     work_dir = work_dir_beside(trainer.output_dir)
     checkpoint_root = checkpoints_dir(trainer.output_dir)
     try:
-        args = training_arguments(trainer, str(work_dir), bool(plan.evals),
+        args = training_arguments(trainer, str(work_dir), bool(plan.evals), packed=plan.packed,
                                   group_by_length=trainer.options["group_by_length"] and not plan.packed
                                   and plan.objective == "sft" and trainer.technique.task != CLASSIFICATION)
         steps_tokens = encoded.tokens / max(len(encoded.examples), 1) * args.per_device_train_batch_size * \
@@ -189,7 +190,7 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
                 "no complete checkpoint in %s: starting from the beginning", checkpoint_root)
         output = hf.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         runtime = output.metrics["train_runtime"]
-        tokens_seen = hf.state.num_input_tokens_seen or encoded.tokens * args.num_train_epochs
+        tokens_seen = hf.state.num_input_tokens_seen or round(encoded.tokens * (hf.state.epoch or 0.0))
         metrics: dict[str, Any] = {
             "train_loss": float(output.training_loss),
             "train_runtime": float(runtime),

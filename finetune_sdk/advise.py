@@ -1,0 +1,269 @@
+"""Which technique, quantizer and batch settings suit a model, a dataset and a machine, and why.
+
+``advise`` reads only the model's config (no weights), estimates the training memory of each candidate with
+:mod:`finetune_sdk.memory`, and picks the first that fits in 85% of the memory: LoRA at the largest batch, then
+LoRA with gradient checkpointing, then QLoRA (4-bit NF4 base), then QLoRA with gradient checkpointing. Full
+fine-tuning is considered only for large datasets and when the base may change; classification tasks get the
+classifier technique. Every choice comes with reasons in plain words.
+
+Example:
+    >>> from transformers import LlamaConfig
+    >>> config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+    ...                      num_key_value_heads=4, vocab_size=8000)
+    >>> advice = advise(config, dataset_rows=500, memory_bytes=8 * 2**30, device="cpu")
+    >>> advice.technique, advice.options["per_device_train_batch_size"]
+    ('lora', 16)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_sdk.errors import ConfigError
+from finetune_sdk.memory import (MemoryEstimate, ModelShape, available_memory, estimate_training_memory,
+                                 format_bytes, load_config, resolve_device)
+
+BUDGET = 0.85  # of the memory, for the estimate (the rest absorbs what the estimate misses)
+FULL_BUDGET = 0.70  # full fine-tuning must leave more headroom: it runs long and has no cheaper fallback
+LARGE_ROWS = 50_000
+LARGE_TOKENS = 20_000_000
+SMALL_ROWS = 1_000
+TARGET_EFFECTIVE_BATCH = 16
+BATCHES = (16, 8, 4, 2, 1)
+TASKS = ("causal-lm", "classification")
+
+
+@dataclass
+class Candidate:
+    """One configuration the advisor tried."""
+
+    technique: str
+    quantizer: str | None
+    batch_size: int
+    gradient_checkpointing: bool
+    total: int
+    fits: bool
+
+
+@dataclass
+class Advice:
+    """The recommendation: what to train with, the memory it needs, and why."""
+
+    technique: str
+    quantizer: str | None
+    options: dict[str, Any]
+    estimate: MemoryEstimate
+    reasons: list[str]
+    memory_bytes: int = 0
+    device: str = "cpu"
+    fits: bool = True
+    considered: list[Candidate] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"technique": self.technique, "quantizer": self.quantizer, "options": dict(self.options),
+                "fits": self.fits, "memory_bytes": self.memory_bytes, "device": self.device,
+                "estimate": self.estimate.as_dict(), "reasons": list(self.reasons),
+                "considered": [vars(c) for c in self.considered]}
+
+    def command(self, model: str = "MODEL", data: str = "train.jsonl") -> str:
+        """The ``finetune train`` command line that applies this advice."""
+        parts = [f"finetune train --model {model} --data {data} --technique {self.technique}"]
+        if self.quantizer:
+            parts.append(f"--quantizer {self.quantizer}")
+        for name, value in self.options.items():
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                parts += [flag] if value else []
+            elif not (name == "gradient_accumulation_steps" and value == 1):
+                parts.append(f"{flag} {value}")
+        return " ".join(parts)
+
+
+def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int | None = None,
+           memory_bytes: int | None = None, device: str = "auto", must_keep_base: bool = False,
+           private_data: bool = False, seq_len: int = 512, task: str = "causal-lm") -> Advice:
+    """Recommend how to fine-tune ``model`` (a config, model folder, cached Hub id or ``.gguf`` file).
+
+    Args:
+        dataset_rows, dataset_tokens: the size of the training data, when known (either or both).
+        memory_bytes: memory to plan for (default: what is free now on ``device``).
+        device: ``cpu``, ``cuda`` or ``auto`` (a GPU when torch sees one).
+        must_keep_base: the base model must stay as it is (rules out full fine-tuning).
+        private_data: the data must not leave the organisation (adds what that means for the run).
+        seq_len: tokens per example after truncation (``max_length``).
+        task: ``causal-lm`` (text generation) or ``classification``.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if seq_len < 1:
+        raise ConfigError(f"seq_len must be positive, got {seq_len}")
+    config = load_config(model)
+    shape = ModelShape.from_config(config)
+    device = resolve_device(device)
+    memory = int(memory_bytes) if memory_bytes else available_memory(device)
+    rows = dataset_rows if dataset_rows is not None else (
+        math.ceil(dataset_tokens / seq_len) if dataset_tokens is not None else None)
+    tokens = dataset_tokens if dataset_tokens is not None else (rows * seq_len if rows is not None else None)
+    reasons: list[str] = []
+    considered: list[Candidate] = []
+    # examples per optimizer step: 16, or fewer for tiny datasets so an epoch still has ~10 steps
+    target = TARGET_EFFECTIVE_BATCH if rows is None else max(1, min(TARGET_EFFECTIVE_BATCH, rows // 10))
+
+    def estimate(technique: str, quantizer: str | None, batch: int, checkpointing: bool) -> MemoryEstimate:
+        return estimate_training_memory(
+            config, technique=technique, quantizer=quantizer, batch_size=batch, seq_len=seq_len,
+            gradient_checkpointing=checkpointing, lora_r=64 if technique == "qlora" else 8,
+            lora_targets="all-linear" if technique == "qlora" else "attention", device=device,
+            dtype="bfloat16" if device == "cuda" and technique != "full" else "float32")
+
+    def largest_batch(technique: str, quantizer: str | None, checkpointing: bool,
+                      budget: float) -> MemoryEstimate | None:
+        for batch in [b for b in BATCHES if b <= target]:
+            est = estimate(technique, quantizer, batch, checkpointing)
+            fits = est.total <= budget * memory
+            considered.append(Candidate(technique, quantizer, batch, checkpointing, est.total, fits))
+            if fits:
+                return est
+        return None
+
+    classification = task == "classification" or shape.family == "encoder"
+    large = (rows is not None and rows > LARGE_ROWS) or (tokens is not None and tokens > LARGE_TOKENS)
+    chosen: MemoryEstimate | None = None
+    if classification:
+        chosen = largest_batch("classifier", None, False, BUDGET) or largest_batch("classifier", "nf4", False, BUDGET)
+    else:
+        ladder = [("lora", None, False), ("lora", None, True), ("qlora", "nf4", False), ("qlora", "nf4", True)]
+        if large and not must_keep_base:
+            ladder = [("full", None, False), ("full", None, True)] + ladder
+        for technique, quantizer, checkpointing in ladder:
+            budget = FULL_BUDGET if technique == "full" else BUDGET
+            chosen = largest_batch(technique, quantizer, checkpointing, budget)
+            if chosen is not None and not (technique == "full" and chosen.batch_size < 4):
+                break  # full fine-tuning at batch 1-2 is not worth it: adapters train better there
+            chosen = None
+    fits = chosen is not None
+    if chosen is None:
+        technique = "classifier" if classification else "qlora"
+        chosen = estimate(technique, "nf4", 1, not classification)
+    gc = chosen.gradient_checkpointing
+    options = _options(chosen, gc, target, seq_len)
+
+    reasons += _task_reasons(task, shape)
+    reasons += _data_reasons(chosen.technique, rows, tokens, large, must_keep_base)
+    reasons += _memory_reasons(chosen, gc, memory, device, fits, considered, options)
+    reasons += _base_reasons(chosen.technique, must_keep_base, chosen)
+    reasons += _privacy_reasons(private_data, chosen)
+    reasons += [f"note: {note}" for note in chosen.notes]
+    return Advice(technique=chosen.technique, quantizer=chosen.quantizer, options=options, estimate=chosen,
+                  reasons=reasons, memory_bytes=memory, device=device, fits=fits, considered=considered)
+
+
+def _options(est: MemoryEstimate, gc: bool, target: int, seq_len: int) -> dict[str, Any]:
+    options: dict[str, Any] = {"per_device_train_batch_size": est.batch_size,
+                               "gradient_accumulation_steps": max(1, math.ceil(target / est.batch_size)),
+                               "max_length": seq_len}
+    if est.technique != "classifier":
+        options["gradient_checkpointing"] = gc
+    return options
+
+
+def _task_reasons(task: str, shape: ModelShape) -> list[str]:
+    if shape.family == "encoder" and task != "classification":
+        return [f"{shape.model_type} is an encoder model: it can't generate text, so it is used as a classifier "
+                "(a small head trained on its features)"]
+    if task == "classification":
+        return ["the task is classification: the classifier technique keeps the model frozen and trains only a small "
+                "head on its features - fast, little memory, and the model stays as it was"]
+    return []
+
+
+def _data_reasons(technique: str, rows: int | None, tokens: int | None, large: bool, keep: bool) -> list[str]:
+    if technique == "classifier":
+        return [f"{_size(rows, tokens)}: a classification head has few parameters, so it learns from hundreds of "
+                "labelled examples without overfitting"] if rows or tokens else []
+    if rows is None and tokens is None:
+        return ["no dataset size given: assuming a small dataset, where adapters are the safe choice (they learn "
+                "the task without overwriting what the model knows)"]
+    if technique == "full":
+        return [f"{_size(rows, tokens)} is a lot of data: full fine-tuning can use it to change the model itself, "
+                "which adapters (a few million parameters) can't fully absorb"]
+    size = _size(rows, tokens)
+    if large:
+        why = "the base must stay untouched" if keep else "full fine-tuning doesn't fit in memory with headroom"
+        return [f"{size} is enough data for full fine-tuning to pay off, but {why}: adapters with a higher rank "
+                "(r=32-64) use more of it"]
+    if rows is not None and rows < SMALL_ROWS:
+        return [f"{size} is little data: adapters (LoRA) train well under 1% of the weights, so they learn the task "
+                "without memorising the examples or forgetting what the model knows; full fine-tuning would overfit"]
+    return [f"{size}: adapters learn this much data well; full fine-tuning pays off only past about "
+            f"{LARGE_ROWS:,} examples or {LARGE_TOKENS // 1_000_000}M tokens"]
+
+
+def _memory_reasons(est: MemoryEstimate, gc: bool, memory: int, device: str, fits: bool,
+                    considered: list[Candidate], options: dict[str, Any]) -> list[str]:
+    where = "RAM" if device == "cpu" else "GPU memory"
+    out = []
+    share = est.total / memory if memory else float("inf")
+    at = ("at the optimizer step, when every trained weight has its gradient" if est.peak == "optimizer step"
+          else "at the start of the backward pass")
+    summary = (f"estimated peak {format_bytes(est.total)} of {format_bytes(memory)} {where} ({share:.0%}), {at}: "
+               f"weights {format_bytes(est.weights)}, activations {format_bytes(est.activations)}, gradients and "
+               f"optimizer {format_bytes(est.optimizer + est.adapter + est.gradients)}, framework and allocator "
+               f"{format_bytes(est.overhead)}")
+    if not fits:
+        out.append(f"even QLoRA at batch 1 with gradient checkpointing needs about {format_bytes(est.total)}, more "
+                   f"than {BUDGET:.0%} of the {format_bytes(memory)} {where}: use a smaller model, a shorter "
+                   "max_length, or a machine with more memory")
+        return out
+    tried_lora = [c for c in considered if c.technique == "lora"]
+    if est.technique == "qlora" and tried_lora:
+        smallest = min(tried_lora, key=lambda c: c.total)
+        dtype = "bf16" if device == "cuda" else "fp32"
+        out.append(f"LoRA on the {dtype} model needs at least {format_bytes(smallest.total)}: more than "
+                   f"{BUDGET:.0%} of {format_bytes(memory)}; QLoRA stores the base's linear layers in 4 bits (NF4), "
+                   f"an {'quarter' if device == 'cuda' else 'eighth'} of their {dtype} size, with little loss in "
+                   "quality")
+    if any(c.technique == "full" for c in considered) and est.technique != "full":
+        out.append("full fine-tuning would need weights + gradients + AdamW states (16 bytes per parameter) plus "
+                   f"activations: more than {FULL_BUDGET:.0%} of the memory")
+    out.append(summary)
+    if gc:
+        out.append("gradient checkpointing is on: it keeps only each layer's input and recomputes the rest in the "
+                   "backward pass (about 30% slower) so that the batch fits")
+    batch, accumulation = options["per_device_train_batch_size"], options["gradient_accumulation_steps"]
+    if accumulation > 1:
+        out.append(f"batch {batch} x {accumulation} accumulation steps = {batch * accumulation} examples per "
+                   "optimizer step, the same training as a larger batch at the memory of a small one")
+    return out
+
+
+def _base_reasons(technique: str, keep: bool, est: MemoryEstimate) -> list[str]:
+    adapter = format_bytes(max(est.adapter, 1))
+    if technique == "full":
+        return ["full fine-tuning writes a new copy of the whole model; the original stays on disk, but the result "
+                "is as large as the base and can't be swapped in and out"]
+    if technique == "classifier":
+        return [f"the base model stays untouched: only the head ({adapter}) is saved"]
+    if keep:
+        return [f"the base model must stay untouched: adapters never change its weights; the adapter is a separate "
+                f"file of about {adapter} you can swap, stack or remove (finetune merge makes a merged copy only "
+                "when you ask)"]
+    return [f"adapters keep the base model intact: the result is a {adapter} file next to it, swappable per task"]
+
+
+def _privacy_reasons(private: bool, est: MemoryEstimate) -> list[str]:
+    if not private:
+        return ["training runs on this machine; nothing is uploaded unless you publish the result"]
+    small = f"the {format_bytes(max(est.adapter, 1))} adapter" if est.technique != "full" else "the result"
+    return [f"private data: training runs entirely on this machine and nothing leaves it (set HF_HUB_OFFLINE=1 "
+            f"once the base model is downloaded, so not even the Hub is contacted); keep {small} on-premises - "
+            "fine-tuned weights can reproduce training examples - and never publish it or push the data to a "
+            "public Hub"]
+
+
+def _size(rows: int | None, tokens: int | None) -> str:
+    if rows is not None and tokens is not None:
+        return f"{rows:,} examples (~{tokens:,} tokens)"
+    return f"{rows:,} examples" if rows is not None else f"~{tokens:,} tokens"
