@@ -38,8 +38,8 @@ def merge(ref: Any, out: Any, **kwargs: Any) -> Any:
 
 
 def advise(model: Any, **kwargs: Any) -> Any:
-    """Recommend a technique, quantizer and batch settings; see :func:`finetune_sdk.advise.advise`."""
-    from finetune_sdk.advise import advise as _advise
+    """Recommend a technique, quantizer and batch settings; see :func:`finetune_sdk.advisor.advise`."""
+    from finetune_sdk.advisor import advise as _advise
 
     return _advise(model, **kwargs)
 

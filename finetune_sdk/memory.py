@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from finetune_sdk.errors import ConfigError, ModelNotFoundError
+from finetune_sdk.errors import ConfigError, FinetuneError, ModelNotFoundError
 
 MiB = 1024**2
 GiB = 1024**3
@@ -147,7 +147,8 @@ class ModelShape:
         embeddings = v * h + self.positions * h + self.token_types * h
         if self.family == "decoder":
             q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-            bias = (q + 2 * kv if self.qkv_bias else 0) + (h if self.o_bias else 0) + (2 * i + h if self.mlp_bias else 0)
+            bias = ((q + 2 * kv if self.qkv_bias else 0) + (h if self.o_bias else 0)
+                    + (2 * i + h if self.mlp_bias else 0))
             other = self.layers * (bias + 2 * h + (2 * self.head_dim if self.qk_norm else 0)) + h
         elif self.family == "gpt2":
             other = self.layers * (3 * h + h + i + h + 4 * h) + 2 * h
@@ -247,7 +248,8 @@ class ModelShape:
 
     def inference_per_token(self, seq_len: int, device: str) -> float:
         """Elements per token alive at once in a forward pass without gradients (the classifier's backbone)."""
-        return 3 * self.hidden + 3 * self.intermediate + (2 * self.heads * seq_len if self.math_attention(device) else 0)
+        probs = 2 * self.heads * seq_len if self.math_attention(device) else 0
+        return 3 * self.hidden + 3 * self.intermediate + probs
 
 
 @dataclass
@@ -299,7 +301,8 @@ class MemoryEstimate:
                  f"batch {self.batch_size} x {self.seq_len} tokens"]
         if self.gradient_checkpointing:
             setup.append("gradient checkpointing")
-        setup.append(f"{self.device}, peak at the {self.peak}")
+        setup.append(f"{self.device}, peak at the "
+                     f"{'optimizer step' if self.peak == 'optimizer step' else 'start of the backward pass'}")
         caption = ", ".join(setup)
         table = Table(title=title, caption=caption, min_width=min(len(caption), 100))
         table.add_column("component")
@@ -415,7 +418,8 @@ def estimate_training_memory(
     # peft's prepare_model_for_kbit_training casts every unquantized weight of a quantized model to fp32
     plain = 4 if quantizer and adapters else DTYPE_BYTES[dtype]
     weights = (counts["linear"] * _quantized_bytes(quantizer, plain, double_quant)
-               + (counts["total"] - counts["linear"]) * plain + (counts["linear_rows"] * 4 if quantizer == "int8" else 0))
+               + (counts["total"] - counts["linear"]) * plain
+               + (counts["linear_rows"] * 4 if quantizer == "int8" else 0))
     adapter_params = lora_r * sum(i + o for _, i, o in targets) * shape.layers
     head_params = shape.hidden * num_labels + num_labels if classifier else 0
     trainable = counts["total"] if technique == "full" else adapter_params + head_params
@@ -456,7 +460,7 @@ def estimate_training_memory(
         # once (foreach) on CUDA
         step = (grads_all if device == "cuda" else 2 * largest * grad_bytes) if states else 0
         moments = {  # (activations, gradients, optimizer temporaries) alive on top of weights and optimizer states
-            "backward": (saved_bytes + max(3 * logits, tokens * transient * act_bytes), 0, 0),  # log-softmax
+            "backward": (saved_bytes + max(LOGIT_COPIES * logits, tokens * transient * act_bytes), 0, 0),
             "lm_head backward": (saved_bytes + logits, head_grad, 0),
             "optimizer step": (0, grads_all, step),
         }
@@ -585,14 +589,14 @@ def preflight(model: Any, technique_name: str, quantizer_name: str | None, optio
     try:
         config = load_config(model)
         estimate = estimate_for_options(config, technique_name, quantizer_name, options, seq_len, device=device)
-    except (ConfigError, ModelNotFoundError):
+    except (FinetuneError, AttributeError, KeyError, TypeError, ValueError):  # an estimate never stops a run
         return None
     if os.environ.get("FINETUNE_SDK_SKIP_MEMORY_CHECK") == "1":
         return estimate
     free = available_memory(estimate.device)
     if estimate.total <= free:
         return estimate
-    from finetune_sdk.advise import advise
+    from finetune_sdk.advisor import advise
 
     advice = advise(config, memory_bytes=free, device=estimate.device, seq_len=estimate.seq_len,
                     task="classification" if technique_name == "classifier" else "causal-lm")

@@ -7,6 +7,7 @@ import sys
 import click
 
 from finetune_sdk import __version__
+from finetune_sdk.cli.advise_command import advise_command
 from finetune_sdk.cli.errors import FinetuneGroup
 from finetune_sdk.cli.inference_commands import eval_command, generate_command, predict_command
 from finetune_sdk.cli.merge_command import merge_command
@@ -34,6 +35,7 @@ cli.add_command(predict_command)
 cli.add_command(plugins_command)
 cli.add_command(registry_group)
 cli.add_command(merge_command)
+cli.add_command(advise_command)
 
 
 def _add_plugin_commands() -> None:

@@ -1,0 +1,84 @@
+"""``finetune advise``: which technique and settings fit a model, a dataset and this machine, and why."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from finetune_sdk.cli.errors import UserError
+from finetune_sdk.errors import FinetuneError
+
+
+def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from finetune_sdk.memory import parse_memory
+
+    try:
+        size = parse_memory(value)
+    except FinetuneError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if size <= 0:
+        raise click.BadParameter(f"memory must be more than zero, got {value!r}")
+    return size
+
+
+@click.command("advise")
+@click.argument("model")
+@click.option("--rows", type=click.IntRange(min=0), help="number of training examples")
+@click.option("--tokens", type=click.IntRange(min=0), help="number of training tokens")
+@click.option("--memory", callback=_memory, metavar="SIZE",
+              help="memory to plan for, like 8GiB or 16000MB (default: what is free now)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="where training will run")
+@click.option("--seq-len", type=click.IntRange(min=1), default=512, show_default=True,
+              help="tokens per example (max_length)")
+@click.option("--keep-base", is_flag=True, help="the base model must stay untouched")
+@click.option("--private", is_flag=True, help="the data is private and must not leave this machine")
+@click.option("--task", type=click.Choice(["causal-lm", "classification"]), default="causal-lm", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the advice as JSON")
+def advise_command(model: str, rows: int | None, tokens: int | None, memory: int | None, device: str,
+                   seq_len: int, keep_base: bool, private: bool, task: str, as_json: bool) -> None:
+    """Recommend a technique, quantizer, batch size and memory settings for MODEL (a folder, cached Hub id or
+    .gguf file), with the memory estimate and the reasons. Only the model's config is read.
+
+    \b
+    Example:
+      finetune advise ./my-model --rows 2000 --memory 16GiB --private
+    """
+    from finetune_sdk.advisor import advise
+
+    try:
+        advice = advise(model, dataset_rows=rows, dataset_tokens=tokens, memory_bytes=memory, device=device,
+                        must_keep_base=keep_base, private_data=private, seq_len=seq_len, task=task)
+    except FinetuneError as exc:
+        raise UserError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(advice.as_dict(), indent=2))
+        return
+    render(advice, model)
+
+
+def render(advice: Any, model: str) -> None:
+    from rich.table import Table
+
+    from finetune_sdk.cli.render import cell, console
+    from finetune_sdk.memory import format_bytes
+
+    out = console()
+    table = Table(title="recommendation" if advice.fits else "recommendation (does not fit)")
+    table.add_column("setting")
+    table.add_column("value")
+    table.add_row("technique", advice.technique)
+    table.add_row("quantizer", advice.quantizer or "none")
+    for name, value in advice.options.items():
+        table.add_row(name, ("yes" if value else "no") if isinstance(value, bool) else cell(value))
+    table.add_row("estimated peak", f"{format_bytes(advice.estimate.total)} of {format_bytes(advice.memory_bytes)}")
+    out.print(table)
+    out.print(advice.estimate.table())
+    out.print("[bold]why[/bold]")
+    for reason in advice.reasons:
+        out.print(cell(f"- {reason}"))
+    out.print(cell(advice.command(model)))
