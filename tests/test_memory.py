@@ -328,3 +328,24 @@ def test_the_package_level_advise_stays_a_function(tiny_models):
     first = finetune_sdk.advise(tiny_models("llama"), dataset_rows=100, memory_bytes=8 * 2**30)
     second = finetune_sdk.advise(tiny_models("llama"), dataset_rows=100, memory_bytes=8 * 2**30)
     assert callable(finetune_sdk.advise) and first.technique == second.technique
+
+
+def test_trainer_shows_the_estimate_and_fails_early_when_the_job_cannot_fit(tiny_models, tmp_path, monkeypatch,
+                                                                          caplog, qa_rows):
+    import logging
+
+    import finetune_sdk.memory as memory
+    from finetune_sdk import Trainer
+
+    caplog.set_level("INFO", logger="finetune_sdk")
+    logging.getLogger("finetune_sdk").propagate = True
+    trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "ok", max_steps=1,
+                      progress=False)
+    trainer.fit(qa_rows)
+    assert "estimated training memory:" in caplog.text
+    monkeypatch.setattr(memory, "available_memory", lambda device="auto": 64 * 2**20)
+    refused = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "no", max_steps=1,
+                      progress=False)
+    with pytest.raises(ConfigError, match="training needs about .* but only 64 MiB of RAM is free"):
+        refused.fit(qa_rows)
+    assert refused._session is None and not (tmp_path / "no").exists()  # before any model was loaded
