@@ -167,7 +167,7 @@ def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             target = self.accelerator.unwrap_model(model if model is not None else self.model)
             weights = load_file(str(Path(resume_from_checkpoint) / "trainable.safetensors"))
-            missing, _unexpected = target.load_state_dict(weights, strict=False)
+            target.load_state_dict(weights, strict=False)
             wanted = {n for n, p in target.named_parameters() if p.requires_grad}
             if wanted - set(weights):
                 raise RuntimeError(f"checkpoint {resume_from_checkpoint} lacks trainable weights: "

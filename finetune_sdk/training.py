@@ -244,8 +244,7 @@ def evaluate_plan(trainer: Trainer, plan: TrainingPlan, session: Any) -> dict[st
             continue
         for key, value in result.items():
             metrics[f"eval_{name}_{key.removeprefix('eval_')}"] = value
-        if name:
-            trainer.logger.info("task %s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        trainer.logger.info("task %s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     return metrics
 
 

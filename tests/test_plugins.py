@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 import warnings
 from pathlib import Path
@@ -281,7 +282,7 @@ def test_scaffolded_plugin_installs_and_passes_its_own_tests(kind, tmp_path):
            "HF_HUB_OFFLINE": "1"}
     listed = subprocess.run([sys.executable, "-m", "finetune_sdk", "plugins", "--json"], env=env,
                             capture_output=True, text=True, timeout=120)
-    report = __import__("json").loads(listed.stdout)
+    report = json.loads(listed.stdout)
     entry = next(r for r in report[kind + "s"] if r["name"] == f"my-{kind}")
     assert entry["distribution"] == f"finetune-sdk-my-{kind}" and entry["version"] == "0.1.0"
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests")],

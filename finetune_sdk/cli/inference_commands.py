@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool,
     folder = result_folder(ref)
     manifest = read_manifest(folder)
     history_file = folder / "training_log.json"
-    history = __import__("json").loads(history_file.read_text()) if history_file.is_file() else []
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
     prompts = read_lines((), prompt_file, "prompt") if prompt_file else []
     info = {"technique": manifest["technique"], "base_model": manifest["base_model"]["id"], "output_dir": str(folder)}
     report = compare_models(model, lambda: load_base(folder), load_rows(data, name="eval_data"), prompts,
