@@ -7,7 +7,8 @@ data. Eval loss is computed the same way for every run (finetune_sdk's token-wei
 Rows:
   padded (random batches)      finetune_sdk, packing=False, group_by_length=False
   padded (length-grouped)      finetune_sdk, packing=False (the SDK's fallback when a model can't pack)
-  packed (SDK default)         finetune_sdk, packing=True: one row per batch, block-diagonal attention
+  packed (SDK default)         finetune_sdk, packing=True: one row per batch, attention per example
+  packed, block-diagonal masks with --masks: rows of at most max_length tokens, transformers' dense masks
   TRL SFTTrainer padding_free  trl 1.16 with its padding-free collator, the same batches (its best setting that
                                runs here without flash-attention)
 
@@ -90,6 +91,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--masks", action="store_true",
+                        help="also pack into rows of at most max_length tokens with block-diagonal masks (the "
+                             "fallback for attention other than SDPA) instead of attention per example")
     args = parser.parse_args()
 
     import torch
@@ -112,6 +116,14 @@ def main() -> None:
                                               group_by_length=False)
     runs["padded (length-grouped)"] = sdk_run(model_dir, rows, eval_rows, work / "b", packing=False)
     runs["packed (SDK default)"] = sdk_run(model_dir, rows, eval_rows, work / "c")
+    if args.masks:
+        from finetune_sdk import varlen_attention
+
+        applicable, varlen_attention.applicable = varlen_attention.applicable, lambda *_: False
+        try:
+            runs["packed, block-diagonal masks"] = sdk_run(model_dir, rows, eval_rows, work / "e")
+        finally:
+            varlen_attention.applicable = applicable
     if not args.no_trl:
         runs["TRL SFTTrainer padding_free"] = trl_run(model_dir, rows, eval_rows, work / "d",
                                                       runs["packed (SDK default)"]["tokens"])

@@ -36,18 +36,29 @@ def model_identity(source: Any) -> dict[str, Any]:
 
 
 def compute_features(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int = 32) -> Any:
-    """Pooled backbone features ``[N, hidden]`` (float32, CPU) of every example, in order."""
+    """Pooled backbone features ``[N, hidden]`` (float32, CPU) of every example, in order.
+
+    Batches are formed from examples of similar length (sorted by length), so the backbone computes on little
+    padding; the features are put back in the examples' order. Widths are rounded up to a multiple of 8, so that
+    GPU attention kernels (cuDNN plans) see a handful of shapes rather than one per batch.
+    """
     import torch
 
-    collate = Collator(pad_token_id)
+    collate = Collator(pad_token_id, pad_to_multiple_of=8)
     device = next(model.parameters()).device
+    examples = encoded.examples
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     model.eval()
     chunks = []
     with torch.no_grad():
-        for start in range(0, len(encoded.examples), batch_size):
-            batch = collate(encoded.examples[start:start + batch_size])
+        for start in range(0, len(order), batch_size):
+            batch = collate([examples[i] for i in order[start:start + batch_size]])
             chunks.append(model.features(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0)
+    if not chunks:
+        return torch.empty(0)
+    features = torch.empty_like(torch.cat(chunks))
+    features[torch.tensor(order)] = torch.cat(chunks)
+    return features
 
 
 def cached_features(model: Any, encoded: Encoded, pad_token_id: int, key: dict[str, Any],
@@ -83,6 +94,21 @@ class FeatureDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"features": self.features[index], "labels": self.labels[index]}
+
+
+def evaluate_head(head: Any, dataset: FeatureDataset, batch_size: int = 256) -> dict[str, float]:
+    """``eval_loss``, ``accuracy`` and ``macro_f1`` of the trained head on cached features: the same metrics as
+    :meth:`finetune_sdk.FineTunedModel.evaluate` without running the backbone again."""
+    import torch
+
+    from finetune_sdk.inference import classification_metrics
+
+    head.eval()
+    with torch.no_grad():
+        logits = torch.cat([head(dataset.features[i:i + batch_size].to(head.weight))
+                            for i in range(0, len(dataset), batch_size)]) if len(dataset) else \
+            torch.empty(0, head.out_features)
+    return classification_metrics(logits.cpu(), torch.tensor(dataset.labels, dtype=torch.long), head.out_features)
 
 
 def collate_features(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -117,7 +117,7 @@ class FineTunedModel:
             encoded = encode_causal(rows, formatter, self.tokenizer, self.options, strict=False)
         collate = Collator(self.tokenizer.pad_token_id)
         device = _device_of(self.model)
-        total_loss, count, correct, predictions, golds = 0.0, 0, 0, [], []
+        total_loss, count, classification_logits, golds = 0.0, 0, [], []
         self.model.eval()
         for start in range(0, len(encoded.examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(encoded.examples[start:start + batch_size]).items()}
@@ -125,11 +125,7 @@ class FineTunedModel:
                 logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             logits = logits.float()
             if self.task == CLASSIFICATION:
-                total_loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-                count += len(batch["labels"])
-                predicted = logits.argmax(-1)
-                correct += int((predicted == batch["labels"]).sum())
-                predictions += predicted.tolist()
+                classification_logits.append(logits.cpu())
                 golds += batch["labels"].tolist()
             else:
                 shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
@@ -137,10 +133,10 @@ class FineTunedModel:
                 total_loss += float(torch.nn.functional.cross_entropy(shifted, targets, ignore_index=-100,
                                                                       reduction="sum"))
                 count += int((targets != -100).sum())
-        loss = total_loss / max(count, 1)
         if self.task == CLASSIFICATION:
-            return {"eval_loss": loss, "accuracy": correct / max(count, 1),
-                    "macro_f1": macro_f1(predictions, golds, len(self.labels or []))}
+            logits = torch.cat(classification_logits) if classification_logits else torch.empty(0, len(self.labels))
+            return classification_metrics(logits, torch.tensor(golds, dtype=torch.long), len(self.labels or []))
+        loss = total_loss / max(count, 1)
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     def _require(self, generative: bool) -> None:
@@ -148,6 +144,25 @@ class FineTunedModel:
             raise ConfigError("generate() is for generative techniques; a classifier has predict()")
         if not generative and self.task != CLASSIFICATION:
             raise ConfigError("predict() is for the classifier technique; generative models have generate()")
+
+
+def classification_metrics(logits: Any, labels: Any, num_labels: int) -> dict[str, float]:
+    """``eval_loss`` (mean cross-entropy), ``accuracy`` and ``macro_f1`` of ``[N, num_labels]`` logits.
+
+    >>> import torch
+    >>> classification_metrics(torch.tensor([[2.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0]), 2)["accuracy"]
+    0.5
+    """
+    import torch
+
+    count = len(labels)
+    if not count:
+        return {"eval_loss": 0.0, "accuracy": 0.0, "macro_f1": 0.0}
+    logits = logits.float()
+    predicted = logits.argmax(-1)
+    return {"eval_loss": float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum")) / count,
+            "accuracy": int((predicted == labels).sum()) / count,
+            "macro_f1": macro_f1(predicted.tolist(), labels.tolist(), num_labels)}
 
 
 def macro_f1(predictions: Sequence[int], golds: Sequence[int], num_labels: int) -> float:

@@ -76,7 +76,7 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
     Option("max_grad_norm", float, 1.0, "gradient clipping norm"),
     Option("optim", str, "adamw_torch", "optimizer (transformers names, e.g. adamw_torch, paged_adamw_8bit)"),
     Option("eval_steps", int, None, "evaluate every N steps (default: at the end of each epoch)"),
-    Option("save_steps", int, None, "write a checkpoint every N steps (default: none)"),
+    Option("save_steps", int, 500, "write a checkpoint every N steps, to resume from after a crash (0: none)"),
     Option("logging_steps", int, 10, "log the loss every N steps"),
     Option("bf16", bool, False, "bfloat16 mixed precision"),
     Option("fp16", bool, False, "float16 mixed precision (CUDA only)"),

@@ -38,9 +38,12 @@ class PackingCollator:
         ([[0, 1, 2, 0, 1]], [[-100, 6, 7, -100, 9]])
     """
 
-    def __init__(self, row_length: int | None = None, pad_token_id: int = 0) -> None:
+    def __init__(self, row_length: int | None = None, pad_token_id: int = 0, varlen_kwargs: bool = False) -> None:
         self.row_length = row_length
         self.pad_token_id = pad_token_id
+        #: Also return flash-attention's varlen arguments (``cu_seq_lens_q``...): the spans of the examples and of
+        #: each row's padding over the flattened batch, for :mod:`finetune_sdk.varlen_attention`.
+        self.varlen_kwargs = varlen_kwargs
 
     def rows(self, batch: list[Mapping[str, Any]]) -> list[list[Mapping[str, Any]]]:
         """First-fit decreasing: the longest examples first, each into the first row with room."""
@@ -62,25 +65,27 @@ class PackingCollator:
     def __call__(self, batch: list[Mapping[str, Any]]) -> dict[str, Any]:
         import torch
 
-        packed = []
-        for row in self.rows(batch):
-            input_ids: list[int] = []
-            labels: list[int] = []
-            positions: list[int] = []
+        rows = self.rows(batch)
+        width = max(sum(len(ex["input_ids"]) for ex in row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        spans: list[int] = []  # lengths of the examples and of each row's padding, in order
+        for r, row in enumerate(rows):
+            at = 0
             for example in row:
-                ids = list(example["input_ids"])
-                input_ids += ids
-                labels += [IGNORE_INDEX] + list(example["labels"][1:])
-                positions += list(range(len(ids)))
-            packed.append((input_ids, labels, positions))
-        width = max(len(ids) for ids, _, _ in packed)
-        out_ids = torch.full((len(packed), width), self.pad_token_id, dtype=torch.long)
-        out_labels = torch.full((len(packed), width), IGNORE_INDEX, dtype=torch.long)
-        out_positions = torch.zeros((len(packed), width), dtype=torch.long)
-        for r, (ids, labels, positions) in enumerate(packed):
-            n = len(ids)
-            out_ids[r, :n] = torch.tensor(ids)
-            out_labels[r, :n] = torch.tensor(labels)
-            out_positions[r, :n] = torch.tensor(positions)
-            out_positions[r, n:] = torch.arange(width - n)  # the padding is a segment of its own
-        return {"input_ids": out_ids, "labels": out_labels, "position_ids": out_positions, "use_cache": False}
+                n = len(example["input_ids"])
+                input_ids[r, at:at + n] = torch.tensor(list(example["input_ids"]))
+                labels[r, at + 1:at + n] = torch.tensor(list(example["labels"][1:]), dtype=torch.long)
+                positions[r, at:at + n] = torch.arange(n)
+                spans.append(n)
+                at += n
+            if at < width:
+                positions[r, at:] = torch.arange(width - at)  # the padding is a segment of its own
+                spans.append(width - at)
+        packed = {"input_ids": input_ids, "labels": labels, "position_ids": positions, "use_cache": False}
+        if self.varlen_kwargs:
+            cumulative = torch.tensor([0] + spans).cumsum(0).to(torch.int32)
+            packed.update(cu_seq_lens_q=cumulative, cu_seq_lens_k=cumulative, max_length_q=max(spans),
+                          max_length_k=max(spans))
+        return packed

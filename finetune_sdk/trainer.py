@@ -94,9 +94,19 @@ class Trainer:
         :class:`~finetune_sdk.workflows.Task` (multi-task: datasets mixed by ``task_mixing``, per-task eval
         metrics). A ``preference`` formatter trains with DPO.
 
-        With ``save_steps``, checkpoints are written atomically to ``<output_dir>.checkpoints/``;
-        ``resume=True`` continues from the newest complete one (damaged ones are skipped with a warning) and ends
-        with the weights an uninterrupted run would have.
+        Every ``save_steps`` steps (500 by default; 0 turns it off) a checkpoint is written atomically to
+        ``<output_dir>.checkpoints/``; ``resume=True`` continues from the newest complete one (damaged ones are
+        skipped with a warning) and ends with the weights an uninterrupted run would have.
+
+        Example:
+            >>> from finetune_sdk.testing.tiny import save_tiny_model
+            >>> import tempfile, pathlib
+            >>> tmp = pathlib.Path(tempfile.mkdtemp())
+            >>> rows = [{"prompt": "2+2?", "completion": "4"}] * 4
+            >>> result = Trainer(save_tiny_model(tmp / "m"), formatter="alpaca", output_dir=tmp / "out",
+            ...                  max_steps=2, progress=False).fit(rows)
+            >>> sorted(p.name for p in result.output_dir.iterdir())[:2]
+            ['adapter_config.json', 'adapter_model.safetensors']
         """
         from finetune_sdk.training import run_training
 

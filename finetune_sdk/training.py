@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from finetune_sdk import varlen_attention
 from finetune_sdk.callbacks import CrashAtStep, PluginCallback, RichProgressCallback, TrainingContext
 from finetune_sdk.checkpoints import checkpoints_dir, checkpointing_trainer_class, latest_checkpoint
 from finetune_sdk.data import Rows
@@ -40,10 +41,16 @@ class TrainingPlan:
     evals: dict[str, EvalSet] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
     extra_metrics: dict[str, Any] = field(default_factory=dict)
-    #: Set by run_training: True when batches are packed into one row (see finetune_sdk.packing).
+    #: Set by run_training: True when each batch's examples are packed into rows (see finetune_sdk.packing).
     packed: bool = False
+    #: Set by run_training: True when packed rows attend per example with finetune_sdk.varlen_attention; a batch
+    #: is then one row without padding (else rows of at most max_length tokens with block-diagonal masks).
+    varlen: bool = False
     #: Continue from the newest complete checkpoint of this output_dir, if there is one.
     resume: bool = False
+    #: Set for the classifier on cached features: each held-out set's features, so that the final metrics come
+    #: from the trained head without running the backbone again.
+    eval_features: dict[str, Any] = field(default_factory=dict)
 
 
 class ListDataset:
@@ -152,6 +159,10 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
     model = trainer.technique.prepare(session.model, trainer.options, tokenizer)
     session.model = model
     plan.packed = decide_packing(trainer, plan, model)
+    plan.varlen = plan.packed and varlen_attention.applicable(model, trainer.options["max_length"])
+    if plan.packed:
+        trainer.logger.info("packing: %s", "each batch in one row, attention per example" if plan.varlen else
+                            f"rows of up to {trainer.options['max_length']} tokens, block-diagonal attention masks")
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise RuntimeError(f"technique {trainer.technique.name!r} left no trainable parameters")
@@ -188,7 +199,12 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
         if plan.resume:
             log.info("resuming from %s", resume_from) if resume_from else log.info(
                 "no complete checkpoint in %s: starting from the beginning", checkpoint_root)
-        output = hf.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        previous_attention = varlen_attention.use(model, varlen_attention.ATTENTION_NAME) if plan.varlen else None
+        try:
+            output = hf.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            if previous_attention is not None:
+                varlen_attention.use(model, previous_attention)
         runtime = output.metrics["train_runtime"]
         tokens_seen = hf.state.num_input_tokens_seen or round(encoded.tokens * (hf.state.epoch or 0.0))
         metrics: dict[str, Any] = {
@@ -230,7 +246,11 @@ def evaluate_plan(trainer: Trainer, plan: TrainingPlan, session: Any) -> dict[st
     metrics: dict[str, Any] = {}
     batch = trainer.options["per_device_eval_batch_size"]
     for name, eval_set in plan.evals.items():
-        if plan.objective == "dpo":
+        if name in plan.eval_features:
+            from finetune_sdk.features import evaluate_head
+
+            result = evaluate_head(_unwrap(session.model).head, plan.eval_features[name])
+        elif plan.objective == "dpo":
             result = evaluate_preference(session.model, eval_set.encoded, session.tokenizer.pad_token_id,
                                          trainer.options["dpo_beta"], batch)
         else:
@@ -267,7 +287,8 @@ def feature_training(trainer: Trainer, plan: TrainingPlan, model: Any, tokenizer
     for name, eval_set in plan.evals.items():
         eval_features, _, _ = cached_features(model, eval_set.encoded, tokenizer.pad_token_id,
                                               {**base, "data": eval_set.rows.fingerprint}, cache_dir)
-        evals[name or "eval"] = FeatureDataset(eval_features, [ex["labels"] for ex in eval_set.encoded.examples])
+        evals[name or "eval"] = plan.eval_features[name] = FeatureDataset(
+            eval_features, [ex["labels"] for ex in eval_set.encoded.examples])
     return head_model(model), (train, evals)
 
 
@@ -297,7 +318,8 @@ def _hf_trainer(plan: TrainingPlan, model: Any, args: Any, tokenizer: Any, callb
     elif plan.packed:
         from finetune_sdk.packing import PackingCollator
 
-        cls, collator = HFTrainer, PackingCollator(options["max_length"], tokenizer.pad_token_id)
+        row_length = None if plan.varlen else options["max_length"]  # per-example attention: one row, no padding
+        cls, collator = HFTrainer, PackingCollator(row_length, tokenizer.pad_token_id, varlen_kwargs=plan.varlen)
     else:
         cls, collator = HFTrainer, Collator(tokenizer.pad_token_id)
     cls = checkpointing_trainer_class(cls, checkpoint_root)

@@ -19,7 +19,7 @@ folder = Path("/tmp/minilm-architecture")
 BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522)).save_pretrained(folder)
 tiny_tokenizer().save_pretrained(folder)
 PY
-timeout 150 python3 benchmarks/bench_packing.py --model smollm2 --bf16 --no-trl --rows 512
-timeout 150 python3 benchmarks/bench_lora_vs_hf.py --model smollm2 --bf16 --rounds 3 --rows 512
-timeout 100 python3 benchmarks/bench_classifier.py --model /tmp/minilm-architecture --rows 2048 --epochs 5
-timeout 150 python3 benchmarks/bench_peak_memory.py --bf16 --steps 4 --seq 512 --batch 8
+timeout 150 python3 benchmarks/bench_packing.py --model smollm2 --bf16 --no-trl --masks --rows 512
+timeout 80 python3 benchmarks/bench_classifier.py --model /tmp/minilm-architecture --rows 2048 --epochs 5
+timeout 120 python3 benchmarks/bench_peak_memory.py --bf16 --steps 4 --seq 512 --batch 8
+timeout 100 python3 benchmarks/bench_lora_vs_hf.py --model smollm2 --bf16 --rounds 3 --rows 512

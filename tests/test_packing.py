@@ -78,3 +78,73 @@ def test_rows_of_bounded_length_keep_the_padded_loss(family):
         padded_loss = model(**Collator(tok.pad_token_id)(exs)).loss.item()
         packed_loss = model(**packed).loss.item()
     assert abs(padded_loss - packed_loss) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2"])
+def test_attention_per_example_matches_padded_loss_and_gradients(family):
+    """One row, no mask: varlen attention gives the padded batch's loss, logits and gradients."""
+    from finetune_sdk import varlen_attention
+
+    tok = tiny_tokenizer()
+    exs = examples()
+    padded_model, varlen_model = tiny_model(family, tok).eval(), tiny_model(family, tok).eval()  # no dropout
+    assert varlen_attention.applicable(varlen_model, row_length=None)
+    assert varlen_attention.use(varlen_model, varlen_attention.ATTENTION_NAME) == "sdpa"
+    packed = PackingCollator(varlen_kwargs=True)(exs)
+    assert packed["cu_seq_lens_q"].tolist() == [0, 30, 47, 56, 61, 64]  # longest first
+    padded_out, packed_out = padded_model(**Collator(tok.pad_token_id)(exs)), varlen_model(**packed)
+    assert abs(padded_out.loss.item() - packed_out.loss.item()) < 1e-5
+    padded_out.loss.backward()
+    packed_out.loss.backward()
+    for (name, a), b in zip(padded_model.named_parameters(), varlen_model.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+    with torch.no_grad():  # a padded batch (attention mask, no spans) goes through plain SDPA unchanged
+        again = varlen_model(**Collator(tok.pad_token_id)(exs))
+    assert torch.allclose(again.logits, padded_out.logits, atol=1e-5)
+
+
+def test_attention_per_example_with_several_rows_and_row_padding():
+    from finetune_sdk import varlen_attention
+
+    tok = tiny_tokenizer()
+    exs = examples()
+    model = tiny_model("llama", tok).eval()
+    varlen_attention.use(model, varlen_attention.ATTENTION_NAME)
+    packed = PackingCollator(row_length=32, pad_token_id=tok.pad_token_id, varlen_kwargs=True)(exs)
+    width = packed["input_ids"].shape[1]
+    assert varlen_attention.row_spans(packed["cu_seq_lens_q"], width) == [[30, 1], [17, 9, 5], [3, 28]]
+    with torch.no_grad():
+        padded_loss = model(**Collator(tok.pad_token_id)(exs)).loss.item()
+        packed_loss = model(**packed).loss.item()
+    assert abs(padded_loss - packed_loss) < 1e-5
+
+
+def test_attention_per_example_only_where_it_equals_the_mask():
+    from finetune_sdk.varlen_attention import applicable
+
+    tok = tiny_tokenizer()
+    windowed = tiny_model("mistral", tok)
+    windowed.config.sliding_window = 64
+    assert applicable(windowed, row_length=64) and not applicable(windowed, row_length=1024)
+    assert not applicable(windowed, row_length=None)
+    eager = tiny_model("llama", tok)
+    eager.set_attn_implementation("eager")
+    assert not applicable(eager, row_length=None)
+
+
+def test_packed_training_matches_padded_training(tiny_models, tmp_path, qa_rows, caplog):
+    """Same seed, same batches: packed (one row, attention per example) and padded runs train the same weights."""
+    from safetensors.torch import load_file
+
+    caplog.set_level("INFO", logger="finetune_sdk")
+    options = dict(formatter="chatml", max_steps=3, seed=0, progress=False, group_by_length=False,
+                   learning_rate=1e-3)
+    packed = Trainer(tiny_models("llama"), output_dir=tmp_path / "packed", **options).fit(qa_rows)
+    assert "each batch in one row, attention per example" in caplog.text
+    padded = Trainer(tiny_models("llama"), output_dir=tmp_path / "padded", packing=False, **options).fit(qa_rows)
+    assert abs(packed.metrics["train_loss"] - padded.metrics["train_loss"]) < 1e-4
+    a = load_file(str(tmp_path / "packed" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "padded" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
