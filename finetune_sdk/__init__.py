@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 
 def load(ref: Any, **kwargs: Any) -> Any:
-    """Load a fine-tuned result (a result folder) ready to ``generate``/``predict``; see :func:`finetune_sdk.loading.load`."""
+    """Load a fine-tuned result ready to ``generate``/``predict``/``evaluate``: a result folder or a registry
+    reference (``"support-bot@production"``, ``"hf://org/repo@v3"``). See :func:`finetune_sdk.loading.load`.
+    """
     from finetune_sdk.loading import load as _load
 
     return _load(ref, **kwargs)

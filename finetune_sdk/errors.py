@@ -31,10 +31,12 @@ class PluginError(FinetuneError):
 
 
 def closest(name: str, choices: Iterable[str]) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest choice, or ``""``.
+    """Return ``" (did you mean 'x'?)"`` for the closest one or two choices, or ``""``.
 
+    >>> closest("fulll", ["lora", "qlora", "full"])
+    " (did you mean 'full'?)"
     >>> closest("lroa", ["lora", "qlora", "full"])
-    " (did you mean 'lora'?)"
+    " (did you mean 'lora' or 'qlora'?)"
     """
     matches = difflib.get_close_matches(name, list(choices), n=2, cutoff=0.6)
     if not matches:

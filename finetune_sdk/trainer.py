@@ -103,10 +103,10 @@ class Trainer:
             >>> import tempfile, pathlib
             >>> tmp = pathlib.Path(tempfile.mkdtemp())
             >>> rows = [{"prompt": "2+2?", "completion": "4"}] * 4
-            >>> result = Trainer(save_tiny_model(tmp / "m"), formatter="alpaca", output_dir=tmp / "out",
+            >>> result = Trainer(save_tiny_model(tmp / "m"), formatter="chatml", output_dir=tmp / "out",
             ...                  max_steps=2, progress=False).fit(rows)
-            >>> sorted(p.name for p in result.output_dir.iterdir())[:2]
-            ['adapter_config.json', 'adapter_model.safetensors']
+            >>> (result.output_dir / "adapter_model.safetensors").is_file(), result.metrics["train_steps"]
+            (True, 2)
         """
         from finetune_sdk.training import run_training
 
@@ -419,9 +419,10 @@ def validate_task_name(name: str) -> None:
 def detect_formatter(columns: list[str], tokenizer: Any, task: str, host: Any) -> str:
     """Pick a formatter from a dataset's columns.
 
-    ``prompt``+``chosen``+``rejected`` -> ``preference``; ``messages`` or ``prompt``+``completion`` -> ``chat-template`` when the tokenizer has a chat template, else
-    ``chatml``; ``instruction``+``output`` -> ``alpaca``; ``text``+``label`` -> ``classification``; ``text`` ->
-    ``text``; otherwise the first plugin formatter that accepts the columns.
+    ``prompt``+``chosen``+``rejected`` -> ``preference``; ``messages`` or ``prompt``+``completion`` ->
+    ``chat-template`` when the tokenizer has a chat template, else ``chatml``; ``instruction``+``output`` ->
+    ``alpaca``; ``text``+``label`` -> ``classification``; ``text`` -> ``text``; otherwise the first plugin formatter
+    that accepts the columns.
     """
     cols = set(columns)
     if {"prompt", "chosen", "rejected"} <= cols:

@@ -66,17 +66,24 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def applicable(model: Any, row_length: int | None) -> bool:
-    """True when ``model`` (possibly PEFT-wrapped) runs on the CPU and attends with SDPA, causally, without logit
+def applicable(model: Any, row_length: int | None, device_type: str | None = None) -> bool:
+    """True when ``model`` (possibly PEFT-wrapped) trains on the CPU and attends with SDPA, causally, without logit
     soft-capping and without a sliding window shorter than ``row_length``: then attending within each span computes
     exactly what the block-diagonal mask does, for less.
 
-    On GPUs the per-span loop costs more in kernel launches than the attention it saves (on an H100, SmolLM2-135M
-    trained at half the speed of the masked rows), so packed rows keep transformers' block-diagonal masks there.
+    ``device_type`` is where training runs: by default ``"cuda"`` when a GPU is visible (transformers' Trainer
+    moves the model there), else the device of the model's weights. On GPUs the per-span loop costs more in kernel
+    launches than the attention it saves (on an H100, SmolLM2-135M trained at half the speed of the masked rows),
+    so packed rows keep transformers' block-diagonal masks there.
     """
+    import torch
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameter = next(base.parameters(), None)
-    if parameter is None or parameter.device.type != "cpu":
+    if device_type is None:
+        parameter = next(base.parameters(), None)
+        device_type = "cuda" if torch.cuda.is_available() else parameter.device.type if parameter is not None \
+            else "cpu"
+    if device_type != "cpu":
         return False
     config = getattr(base, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", ATTENTION_NAME):
@@ -85,7 +92,8 @@ def applicable(model: Any, row_length: int | None) -> bool:
             kind != "full_attention" for kind in config.layer_types):
         return False
     window = getattr(config, "sliding_window", None)
-    return not (window and getattr(config, "use_sliding_window", True) and (row_length is None or window < row_length))
+    windowed = window and getattr(config, "use_sliding_window", True)
+    return not (windowed and (row_length is None or window < row_length))
 
 
 def use(model: Any, attn_implementation: str) -> str:

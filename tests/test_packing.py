@@ -88,7 +88,8 @@ def test_attention_per_example_matches_padded_loss_and_gradients(family):
     tok = tiny_tokenizer()
     exs = examples()
     padded_model, varlen_model = tiny_model(family, tok).eval(), tiny_model(family, tok).eval()  # no dropout
-    assert varlen_attention.applicable(varlen_model, row_length=None)
+    assert varlen_attention.applicable(varlen_model, row_length=None, device_type="cpu")
+    assert not varlen_attention.applicable(varlen_model, row_length=None, device_type="cuda")
     assert varlen_attention.use(varlen_model, varlen_attention.ATTENTION_NAME) == "sdpa"
     packed = PackingCollator(varlen_kwargs=True)(exs)
     assert packed["cu_seq_lens_q"].tolist() == [0, 30, 47, 56, 61, 64]  # longest first
@@ -125,11 +126,11 @@ def test_attention_per_example_only_where_it_equals_the_mask():
     tok = tiny_tokenizer()
     windowed = tiny_model("mistral", tok)
     windowed.config.sliding_window = 64
-    assert applicable(windowed, row_length=64) and not applicable(windowed, row_length=1024)
-    assert not applicable(windowed, row_length=None)
+    assert applicable(windowed, 64, "cpu") and not applicable(windowed, 1024, "cpu")
+    assert not applicable(windowed, row_length=None, device_type="cpu")
     eager = tiny_model("llama", tok)
     eager.set_attn_implementation("eager")
-    assert not applicable(eager, row_length=None)
+    assert not applicable(eager, row_length=None, device_type="cpu")
 
 
 def test_packed_training_matches_padded_training(tiny_models, tmp_path, qa_rows, caplog):
