@@ -134,8 +134,9 @@ class FineTunedModel:
                                                                       reduction="sum"))
                 count += int((targets != -100).sum())
         if self.task == CLASSIFICATION:
-            logits = torch.cat(classification_logits) if classification_logits else torch.empty(0, len(self.labels))
-            return classification_metrics(logits, torch.tensor(golds, dtype=torch.long), len(self.labels or []))
+            num_labels = len(self.labels or [])
+            logits = torch.cat(classification_logits) if classification_logits else torch.empty(0, num_labels)
+            return classification_metrics(logits, torch.tensor(golds, dtype=torch.long), num_labels)
         loss = total_loss / max(count, 1)
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
