@@ -78,12 +78,12 @@ def run_hand_written(model_dir: Path, rows: list[dict[str, str]], out: Path) -> 
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import add_model_arguments, model_folder
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--model", default="tiny", help="tiny (seeded Llama-style), smollm2, or a model folder")
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    add_model_arguments(parser)
     parser.add_argument("--rows", type=int, default=256)
     args = parser.parse_args()
 
@@ -94,9 +94,6 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     rows = make_rows(args.rows)
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
-    sys.path.insert(0, str(Path(__file__).parent))
-    from models import model_folder
-
     model_dir = model_folder(args.model, work, args.hidden, args.layers)
     TRAIN["bf16"] = args.bf16
     sdk, hand = [], []

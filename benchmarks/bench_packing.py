@@ -84,12 +84,12 @@ def trl_run(model_dir: Path, rows, eval_rows, out: Path, useful_tokens: int) -> 
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import add_model_arguments, model_folder
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=256)
-    parser.add_argument("--model", default="tiny", help="tiny (seeded Llama-style), smollm2, or a model folder")
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    add_model_arguments(parser)
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--masks", action="store_true",
                         help="also pack into rows of at most max_length tokens with block-diagonal masks (the "
@@ -104,9 +104,6 @@ def main() -> None:
     quiet_third_party_output()
     transformers.utils.logging.set_verbosity_error()
     work = Path(tempfile.mkdtemp(prefix="bench-packing-"))
-    sys.path.insert(0, str(Path(__file__).parent))
-    from models import model_folder
-
     model_dir = model_folder(args.model, work, args.hidden, args.layers)
     TRAIN["bf16"] = args.bf16
     rows, eval_rows = make_rows(args.rows, 0), make_rows(48, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import glob
 from pathlib import Path
 
@@ -37,3 +38,11 @@ def model_folder(spec: str, tmp: Path, hidden: int, layers: int) -> Path:
     if spec == "smollm2":
         return Path(smollm2_folder(tmp))
     return Path(spec)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--bf16``, ``--hidden`` and ``--layers``: the options :func:`model_folder` takes."""
+    parser.add_argument("--model", default="tiny", help="tiny (seeded Llama-style), smollm2, or a model folder")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)

@@ -56,8 +56,9 @@ def compute_features(model: Any, encoded: Encoded, pad_token_id: int, batch_size
             chunks.append(model.features(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
     if not chunks:
         return torch.empty(0)
-    features = torch.empty_like(torch.cat(chunks))
-    features[torch.tensor(order)] = torch.cat(chunks)
+    by_length = torch.cat(chunks)
+    features = torch.empty_like(by_length)
+    features[torch.tensor(order)] = by_length
     return features
 
 
@@ -96,19 +97,20 @@ class FeatureDataset:
         return {"features": self.features[index], "labels": self.labels[index]}
 
 
-def evaluate_head(head: Any, dataset: FeatureDataset, batch_size: int = 256) -> dict[str, float]:
+def evaluate_head(head: Any, dataset: FeatureDataset) -> dict[str, float]:
     """``eval_loss``, ``accuracy`` and ``macro_f1`` of the trained head on cached features: the same metrics as
     :meth:`finetune_sdk.FineTunedModel.evaluate` without running the backbone again."""
     import torch
 
     from finetune_sdk.inference import classification_metrics
 
+    labels = torch.tensor(dataset.labels, dtype=torch.long)
+    if not len(dataset):
+        return classification_metrics(torch.empty(0, head.out_features), labels, head.out_features)
     head.eval()
     with torch.no_grad():
-        logits = torch.cat([head(dataset.features[i:i + batch_size].to(head.weight))
-                            for i in range(0, len(dataset), batch_size)]) if len(dataset) else \
-            torch.empty(0, head.out_features)
-    return classification_metrics(logits.cpu(), torch.tensor(dataset.labels, dtype=torch.long), head.out_features)
+        logits = head(dataset.features.to(head.weight))
+    return classification_metrics(logits.cpu(), labels, head.out_features)
 
 
 def collate_features(batch: list[dict[str, Any]]) -> dict[str, Any]:
