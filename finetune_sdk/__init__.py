@@ -15,8 +15,8 @@ from finetune_sdk.errors import FinetuneError
 from finetune_sdk.hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["FinetuneError", "FitResult", "Stage", "Task", "Trainer", "__version__", "advise", "hookimpl", "load",
-           "merge"]
+__all__ = ["FinetuneError", "FitResult", "Stage", "Task", "Trainer", "__version__", "advise", "export", "hookimpl",
+           "load", "merge"]
 
 if TYPE_CHECKING:
     from finetune_sdk.result import FitResult
@@ -37,6 +37,14 @@ def merge(ref: Any, out: Any, **kwargs: Any) -> Any:
     from finetune_sdk.merging import merge as _merge
 
     return _merge(ref, out, **kwargs)
+
+
+def export(ref: Any, out: Any, **kwargs: Any) -> Any:
+    """Merge a result and write it as a GGUF file with an Ollama Modelfile; see
+    :func:`finetune_sdk.exporting.export`."""
+    from finetune_sdk.exporting import export as _export
+
+    return _export(ref, out, **kwargs)
 
 
 def advise(model: Any, **kwargs: Any) -> Any:

@@ -121,6 +121,7 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, chat_template: s
     if tokenizer.pad_token_id is not None:
         special.special_token_ids.setdefault("pad", tokenizer.pad_token_id)
     special.chat_template = chat_template or None
+    special.add_special_token.update(_added_special_tokens(tokenizer))
     tokens, scores, token_types = vocabulary(tokenizer, vocab_size, kind, special.merges)
     writer.add_tokenizer_model(kind)
     if pre is not None:
@@ -133,6 +134,18 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, chat_template: s
     special.add_to_gguf(writer, quiet=True)
     return {"tokenizer": kind, "pre_tokenizer": pre, "special_token_ids": dict(special.special_token_ids),
             "merges": len(special.merges)}
+
+
+def _added_special_tokens(tokenizer: Any) -> dict[str, bool]:
+    """Whether encoding adds BOS before and EOS after the text, as observed (configs don't always say)."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    marked = tokenizer.encode("a", add_special_tokens=True)
+    added = {}
+    if tokenizer.bos_token_id is not None:
+        added["bos"] = len(marked) > len(plain) and marked[0] == tokenizer.bos_token_id
+    if tokenizer.eos_token_id is not None:
+        added["eos"] = len(marked) > len(plain) and marked[-1] == tokenizer.eos_token_id
+    return added
 
 
 def _adds_prefix_space(tokenizer: Any) -> bool:

@@ -1,0 +1,93 @@
+"""``finetune_sdk.export``: a fine-tuned result as one GGUF file for llama.cpp, Ollama and LM Studio.
+
+The adapter is merged into the base loaded in float32 (never into 4-bit weights, also after qlora), the merged model
+is written with :func:`~finetune_sdk.exporting.gguf_file.write_gguf`, and an Ollama ``Modelfile`` is written beside
+it. The folder appears atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.errors import ConfigError
+from finetune_sdk.exporting.quantization import check_quantization
+
+FORMATS = ("gguf",)
+EXPORT_KIND = "gguf-export"
+
+
+@dataclass(frozen=True)
+class GGUFExport:
+    """What :func:`export` wrote."""
+
+    directory: Path
+    gguf_path: Path
+    modelfile_path: Path
+    quantization: str
+    ollama_name: str
+    chat_format: str | None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ollama_command(self) -> str:
+        """The one command that registers the model with Ollama and starts a chat."""
+        from finetune_sdk.exporting.modelfile import ollama_command
+
+        return ollama_command(self.ollama_name, self.directory)
+
+
+def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: str = "gguf",
+           quantization: str = "q8_0", name: str | None = None, registry: Any = None) -> GGUFExport:
+    """Merge the result ``ref`` and write it to the folder ``out`` as a GGUF file plus an Ollama ``Modelfile``.
+
+    Args:
+        ref: a result folder written by ``Trainer.fit`` (LoRA, QLoRA or a full fine-tune) or a registry reference
+            (``"bot@production"``, ``"hf://org/repo@v3"``).
+        out: the folder to write: ``<name>-<quantization>.gguf``, ``Modelfile`` and ``finetune_manifest.json``.
+            It must not exist, be empty, or hold an earlier export (which is replaced); anything else is refused.
+        format: ``"gguf"``, the only format so far.
+        quantization: ``f16``, ``bf16``, ``f32``, ``q8_0`` (default), or the 4/5-bit ``q4_0``, ``q4_1``, ``q5_0``,
+            ``q5_1`` (block quantizations from ggml; the output matrix stays at q8_0 with them).
+        name: the model's name in the file and for Ollama (default: the registry name or the folder's name).
+        registry: the :class:`~finetune_sdk.registry.Registry` to resolve names in.
+
+    Returns:
+        A :class:`GGUFExport` with the paths, the quantization, the chat format and ``ollama_command``.
+
+    Raises:
+        ConfigError: an unknown format or quantization, an output path that holds something else, a model family
+            other than Llama, Mistral, Qwen2 and GPT-2, or a classifier result; all before the model loads
+            where possible.
+
+    Supported families: Llama (also SmolLM2, TinyLlama), Mistral (written as ``llama``, as llama.cpp does), Qwen2,
+    GPT-2. The chat template in the file is the format the model was trained in (the tokenizer's own template with
+    the ``chat-template`` formatter; ChatML, Llama 2 or Alpaca with those formatters).
+
+    Example:
+        >>> import finetune_sdk
+        >>> done = finetune_sdk.export("support-bot@production", "exports/bot", quantization="q8_0")  # doctest: +SKIP
+        >>> print(done.ollama_command)  # doctest: +SKIP
+        ollama create support-bot -f exports/bot/Modelfile && ollama run support-bot
+    """
+    from finetune_sdk.exporting.pipeline import run_export
+
+    if format != "gguf":
+        raise ConfigError(f"export format {format!r} is not supported; use one of {', '.join(FORMATS)}")
+    return run_export(ref, Path(out), quantization=check_quantization(quantization), name=name, registry=registry)
+
+
+def ollama_name(text: str) -> str:
+    """A valid Ollama model name from ``text``: lower case letters, digits, ``-``, ``_`` and ``.``.
+
+    >>> ollama_name("Support Bot@3")
+    'support-bot-3'
+    """
+    cleaned = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
+    return cleaned or "finetuned"
+
+
+__all__ = ["GGUFExport", "export", "ollama_name"]

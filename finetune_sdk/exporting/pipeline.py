@@ -1,0 +1,143 @@
+"""The steps of an export: resolve and check everything, merge, pick the chat format, write the folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.errors import ConfigError
+from finetune_sdk.fsutil import staged_directory, write_json_atomic, write_text_atomic
+from finetune_sdk.manifest import MANIFEST_NAME, library_versions, read_manifest
+
+logger = logging.getLogger("finetune_sdk")
+
+
+def check_export_folder(out: Path, inputs: list[tuple[str, Path | None]]) -> None:
+    """Refuse an output folder that would destroy something: it must not exist, be empty, or be an earlier export.
+
+    It may not be, contain or sit inside any of ``inputs`` (the result, the base model).
+    """
+    resolved = out.expanduser().resolve()
+    for what, path in inputs:
+        if path is None:
+            continue
+        other = Path(path).expanduser().resolve()
+        if resolved == other or other.is_relative_to(resolved) or resolved.is_relative_to(other):
+            raise ConfigError(f"--out {out} overlaps the {what} {path}; pick a folder outside it")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"--out {out} is an existing file; pick a folder path that does not exist yet")
+    if out.is_dir() and any(out.iterdir()) and not is_export_folder(out):
+        raise ConfigError(f"--out {out} is an existing folder that is not a finetune-sdk export; nothing was written: "
+                          "pick a new folder")
+
+
+def is_export_folder(path: Path) -> bool:
+    """True when ``path`` holds an export written by this SDK (its manifest says so)."""
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and isinstance(manifest.get("export"), dict)
+
+
+def merged_causal_lm(folder: Path, manifest: dict[str, Any], registry: Any) -> tuple[Any, Any]:
+    """The result as one float32 model (adapter merged into a full-precision base) and its tokenizer."""
+    import torch
+
+    from finetune_sdk.loading import load
+    from finetune_sdk.plugin_manager import get_plugin_host
+
+    technique = get_plugin_host().create("technique", manifest["technique"])
+    loaded = load(folder, quantized=False, registry=registry)
+    model = loaded.model
+    if getattr(technique, "saves_adapter", False):
+        model.get_base_model().to(torch.float32)
+        model = technique.merge(model)
+    model = model.to(torch.float32).eval()
+    return model, loaded.tokenizer
+
+
+def chat_setup(manifest: dict[str, Any], tokenizer: Any) -> tuple[str | None, Any, bool]:
+    """``(jinja template for the file, ChatFormat for Ollama or None, raw_prompt)`` for the trained formatter."""
+    from finetune_sdk.exporting.chat_formats import FORMATTER_FORMATS, detect_format
+
+    formatter = manifest.get("formatter")
+    if formatter in FORMATTER_FORMATS:
+        chosen = FORMATTER_FORMATS[formatter]
+        return chosen.jinja, chosen, False
+    own = getattr(tokenizer, "chat_template", None) or None
+    if formatter == "text":
+        return own, None, True
+    detected = detect_format(own, tokenizer)
+    if own and detected is None:
+        logger.warning("the chat template is not one finetune-sdk can write as an Ollama TEMPLATE; the Modelfile "
+                       "leaves it out and Ollama falls back to the template stored in the GGUF file")
+    return own, detected, False
+
+
+def run_export(ref: Any, out: Path, *, quantization: str, name: str | None, registry: Any) -> Any:
+    from finetune_sdk.exporting import GGUFExport, ollama_name
+    from finetune_sdk.exporting.gguf_file import write_gguf
+    from finetune_sdk.exporting.modelfile import modelfile
+    from finetune_sdk.loading import result_folder
+
+    folder = result_folder(ref, registry)
+    manifest = read_manifest(folder)
+    if manifest.get("task", "causal-lm") != "causal-lm":
+        raise ConfigError(f"{ref}: a {manifest.get('task')} result has no language-model head to export as GGUF")
+    base = manifest.get("base_model") or {}
+    check_export_folder(out, [("result", folder), ("base model", Path(base["path"]) if base.get("path") else None)])
+    _check_family_early(folder, manifest)
+    name = name or (Path(os.fspath(ref)).name if Path(ref).is_dir() else os.fspath(ref).split("@")[0].split("/")[-1])
+    model, tokenizer = merged_causal_lm(folder, manifest, registry)
+    template, chat_format, raw_prompt = chat_setup(manifest, tokenizer)
+    options = manifest.get("options") or {}
+    gguf_name = f"{ollama_name(name)}-{quantization}.gguf"
+    with staged_directory(out) as staging:
+        summary = write_gguf(model, tokenizer, staging / gguf_name, quantization=quantization,
+                             chat_template=template, name=name,
+                             description=f"{name}: {manifest.get('technique')} fine-tune exported by finetune-sdk")
+        write_text_atomic(staging / "Modelfile", modelfile(
+            gguf_name, chat_format, eos_token=tokenizer.eos_token, system_prompt=options.get("system_prompt"),
+            raw_prompt=raw_prompt))
+        write_json_atomic(staging / MANIFEST_NAME, {
+            "format_version": 1, "technique": "gguf-export", "task": "causal-lm",
+            "export": {"format": "gguf", "file": gguf_name, "quantization": quantization,
+                       "chat_format": chat_format.name if chat_format else None, **summary},
+            "exported_from": {"ref": os.fspath(ref), "technique": manifest.get("technique"),
+                              "quantizer": manifest.get("quantizer"), "formatter": manifest.get("formatter"),
+                              "base_model": base or None},
+            "libraries": {**library_versions(), "gguf": _version("gguf")},
+        })
+    return GGUFExport(directory=out, gguf_path=out / gguf_name, modelfile_path=out / "Modelfile",
+                      quantization=quantization, ollama_name=ollama_name(name),
+                      chat_format=chat_format.name if chat_format else None, summary=summary)
+
+
+def _check_family_early(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse an unsupported family from its config.json, before any weights load (when the config is local)."""
+    from finetune_sdk.exporting.architectures import FAMILIES
+
+    base = manifest.get("base_model") or {}
+    candidates = [folder / "config.json"]
+    if base.get("path"):
+        candidates.append(Path(base["path"]) / "config.json")
+    for path in candidates:
+        if path.is_file():
+            model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+            if model_type not in FAMILIES:
+                raise ConfigError(f"GGUF export doesn't support model type {model_type!r}; supported: "
+                                  f"{', '.join(sorted(FAMILIES))}")
+            return
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
