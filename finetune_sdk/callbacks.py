@@ -10,9 +10,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-logger = logging.getLogger("finetune_sdk")
-
 from finetune_sdk.plugin_manager import PluginHost
+from finetune_sdk.progress import format_duration
+
+logger = logging.getLogger("finetune_sdk")
 
 
 @dataclass
@@ -66,52 +67,82 @@ class PluginCallback(TrainerCallback):
 
 
 class RichProgressCallback(TrainerCallback):
-    """A rich progress bar with step, loss, tokens/s and ETA (on stderr)."""
+    """Training progress: a rich bar (step, loss, tokens/s, ETA) on a terminal, else a log line per logging step.
+
+    The loss shown is the loss logged at the step the bar shows (the mean over the last ``logging_steps`` steps,
+    as in ``training_log.json``): on a logging step the bar moves only once that step's loss is known. After a
+    resume the bar starts at the resumed step, and tokens/s and the ETA count only the steps run since.
+    """
 
     def __init__(self, tokens_per_step: float) -> None:
         self.tokens_per_step = tokens_per_step
         self.progress: Any = None
         self.task: Any = None
         self.start = 0.0
+        self.first_step = 0
         self.loss: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.start = time.perf_counter()
+        self.first_step = state.global_step
         console = Console(stderr=True)
-        if not console.is_terminal:  # CI logs and pipes get a log line per logging step instead of a bar
-            self.max_steps = state.max_steps
+        if not console.is_terminal:  # logs, CI and notebooks get a plain line per logging step
+            resumed = f" (resuming at step {self.first_step})" if self.first_step else ""
+            logger.info("training %d steps%s", state.max_steps, resumed)
             return
+        from rich.progress import BarColumn, Progress, TextColumn
+
         self.progress = Progress(
-            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-            TimeRemainingColumn(), console=console, transient=False)
-        self.task = self.progress.add_task("train", total=state.max_steps, stats="")
+            TextColumn("[bold]training"), BarColumn(bar_width=None), TextColumn("{task.fields[stats]}"),
+            console=console, transient=False, redirect_stderr=False, redirect_stdout=False)
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=self.first_step,
+                                           stats=self.stats(self.first_step, state.max_steps))
         self.progress.start()
+        self.progress.refresh()
+
+    def stats(self, step: int, max_steps: int) -> str:
+        """``12/40 loss 1.2345 1,234 tok/s ETA 0:42`` for the bar (and the plain lines)."""
+        parts = [f"{step}/{max_steps}"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        done = step - self.first_step
+        if done > 0:
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            parts.append(f"{self.tokens_per_step * done / elapsed:,.0f} tok/s")
+            parts.append(f"ETA {formatformat_duration(elapsed / done * max(max_steps - step, 0))}")
+        return "  ".join(parts)
+
+    def show(self, state: Any) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step,
+                                 stats=self.stats(state.global_step, state.max_steps))
+            self.progress.refresh()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.progress is None:
-            return
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.tokens_per_step * state.global_step / elapsed
-        loss = f"loss {self.loss:.4f}  " if self.loss is not None else ""
-        self.progress.update(self.task, completed=state.global_step, stats=f"{loss}{rate:,.0f} tok/s")
+        if not control.should_log:  # on a logging step on_log moves the bar together with this step's loss
+            self.show(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.loss = float(logs["loss"])
-            if self.progress is None:
-                elapsed = max(time.perf_counter() - self.start, 1e-9)
-                rate = self.tokens_per_step * state.global_step / elapsed
-                logger.info("step %d/%d  loss %.4f  %.0f tok/s  %.0f s", state.global_step, state.max_steps,
-                            self.loss, rate, elapsed)
+        if not logs or "loss" not in logs:
+            return
+        self.loss = float(logs["loss"])
+        if self.progress is not None:
+            self.show(state)
+            return
+        elapsed = time.perf_counter() - self.start
+        logger.info("step %s  elapsed %s", self.stats(state.global_step, state.max_steps),
+                    format_duration(elapsed))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
-            self.on_step_end(args, state, control)
+            self.show(state)
             self.progress.stop()
             self.progress = None
+        else:
+            logger.info("trained to step %d/%d in %s", state.global_step, state.max_steps,
+                        format_duration(time.perf_counter() - self.start))
 
 
 class CrashAtStep(TrainerCallback):

@@ -44,16 +44,20 @@ def compute_features(model: Any, encoded: Encoded, pad_token_id: int, batch_size
     """
     import torch
 
+    from finetune_sdk.progress import activity
+
     collate = Collator(pad_token_id, pad_to_multiple_of=8)
     device = next(model.parameters()).device
     examples = encoded.examples
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     model.eval()
     chunks = []
-    with torch.no_grad():
+    with torch.no_grad(), activity("classifier features: running the frozen backbone once", total=len(order),
+                                   unit="examples") as step:
         for start in range(0, len(order), batch_size):
             batch = collate([examples[i] for i in order[start:start + batch_size]])
             chunks.append(model.features(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
+            step.advance(len(batch["input_ids"]))
     if not chunks:
         return torch.empty(0)
     by_length = torch.cat(chunks)

@@ -12,6 +12,22 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shareable(path: Path, folder: bool = False) -> None:
+    """Give ``path`` the permissions a normal ``open``/``mkdir`` would: 0666 or 0777 less the umask.
+
+    ``tempfile.mkstemp``/``mkdtemp`` create 0600 files and 0700 folders, which is right while a file is being
+    written but not for a report or result users share.
+    """
+    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text to ``path`` through a temporary file, fsync and rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -21,6 +37,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        shareable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -44,6 +61,7 @@ def staged_directory(final: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     try:
         yield staging
+        shareable(staging, folder=True)
         old = None
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))

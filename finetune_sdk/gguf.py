@@ -31,11 +31,14 @@ def converted_folder(gguf_path: Path) -> Path:
     target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").is_file():
         return target
+    from finetune_sdk.progress import activity
+
     logger.info("converting %s to a Hugging Face folder once (cached in %s)", gguf_path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        _convert(gguf_path, staging)
+        with activity(f"converting {gguf_path.name} (once)"):
+            _convert(gguf_path, staging)
         try:
             os.rename(staging, target)
         except OSError:  # another process converted it meanwhile

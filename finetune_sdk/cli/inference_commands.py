@@ -9,7 +9,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from finetune_sdk.cli.render import cell, console, metrics_table
+from finetune_sdk.cli.render import cell, console, metrics_table, short_path
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.manifest import MANIFEST_NAME
 
@@ -72,7 +72,7 @@ def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool,
     if model.formatter is None:
         raise ConfigError("this model has no formatter recorded; pass --formatter")
     if not compare_base:
-        console().print(metrics_table(model.evaluate(data), title=f"eval of {ref} on {data}"))
+        console().print(metrics_table(model.evaluate(data), title=f"eval of {short_path(ref)} on {short_path(data)}"))
         return
     if not is_result(ref):
         raise ConfigError(f"--compare-base needs a fine-tuned result, and {ref} is a base model")
@@ -108,7 +108,7 @@ def generate_command(ref: str, prompts: tuple[str, ...], prompt_file: str | None
     lines = read_lines(prompts, prompt_file, "prompt")
     model = open_model(ref, formatter)
     answers = model.generate(lines, max_new_tokens=max_new_tokens, raw=raw)
-    table = Table(title=f"generations of {ref}", show_lines=True)
+    table = Table(title=f"generations of {short_path(ref)}", show_lines=True)
     table.add_column("prompt")
     table.add_column("answer")
     for prompt, answer in zip(lines, answers):
@@ -124,7 +124,7 @@ def predict_command(ref: str, texts: tuple[str, ...], text_file: str | None) -> 
     """Predict labels for TEXTS with a classifier result folder."""
     lines = read_lines(texts, text_file, "text")
     model = open_model(ref)
-    table = Table(title=f"predictions of {ref}")
+    table = Table(title=f"predictions of {short_path(ref)}")
     table.add_column("text")
     table.add_column("label")
     table.add_column("score", justify="right")

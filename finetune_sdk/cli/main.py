@@ -27,6 +27,11 @@ def cli() -> None:
       finetune train --model ./my-model --data train.jsonl --technique qlora --formatter llama2-chat
       finetune generate finetune-runs/my-run "What is our refund policy?"
     """
+    from rich.console import Console
+
+    from finetune_sdk.progress import display_on
+
+    display_on(Console(stderr=True))  # long steps as spinners and bars on a terminal, log lines otherwise
 
 
 cli.add_command(train_command)

@@ -8,6 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from finetune_sdk.cli.errors import FinetuneGroup
 from finetune_sdk.cli.render import cell, console
 
 
@@ -30,7 +31,7 @@ def plugin_report() -> dict[str, Any]:
     }
 
 
-@click.group("plugins", invoke_without_command=True)
+@click.group("plugins", cls=FinetuneGroup, invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.pass_context
 def plugins_command(ctx: click.Context, as_json: bool) -> None:
@@ -41,30 +42,54 @@ def plugins_command(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
+    render_report(report)
+
+
+def render_report(report: dict[str, Any]) -> None:
+    """The plugin report as tables that stay readable at 80 columns: names, distributions and versions are never
+    cut (descriptions and lists wrap instead)."""
     out = console()
     table = Table(title="plugins")
-    for column in ("plugin", "distribution", "version", "hooks", "registered"):
-        table.add_column(column)
+    table.add_column("plugin", no_wrap=True)
+    table.add_column("distribution", no_wrap=True)
+    table.add_column("provides", ratio=1)
     for p in report["plugins"]:
         if not p["error"]:
-            table.add_row(cell(p["name"]), cell(p["distribution"]), cell(p["version"]), cell(", ".join(p["hooks"])),
-                          cell(", ".join(p["registered"])))
+            table.add_row(cell(p["name"]), cell(_release(p)), cell(_provides(p["registered"])))
     out.print(table)
     for kind in ("techniques", "quantizers", "formatters"):
         table = Table(title=kind)
-        for column in ("name", "distribution", "version", "plugin", "description"):
-            table.add_column(column)
+        table.add_column("name", no_wrap=True)
+        table.add_column("distribution", no_wrap=True)
+        table.add_column("description", ratio=1)
         for row in report[kind]:
-            table.add_row(*(cell(row[c]) for c in ("name", "distribution", "version", "plugin", "description")))
+            table.add_row(cell(row["name"]), cell(_release(row)), cell(row["description"]))
         out.print(table)
     broken = [p for p in report["plugins"] if p["error"]]
     if broken:
         table = Table(title="plugins with errors", style="red")
-        for column in ("plugin", "distribution", "version", "error"):
-            table.add_column(column)
+        table.add_column("plugin", no_wrap=True)
+        table.add_column("distribution", no_wrap=True)
+        table.add_column("error", ratio=1)
         for p in broken:
-            table.add_row(*(cell(p[c]) for c in ("name", "distribution", "version", "error")))
+            table.add_row(cell(p["name"]), cell(_release(p)), cell(p["error"]))
         out.print(table)
+    out.print("Each technique, quantizer and formatter comes from the plugin that lists it under 'provides'; "
+              "--json has the hooks too.", style="dim")
+
+
+def _release(row: dict[str, Any]) -> str:
+    """``finetune-sdk 0.1.0``: the distribution and its version."""
+    return " ".join(str(part) for part in (row.get("distribution"), row.get("version")) if part) or "-"
+
+
+def _provides(registered: list[str]) -> str:
+    """``technique:lora, technique:qlora, quantizer:nf4`` as ``techniques: lora, qlora; quantizers: nf4``."""
+    by_kind: dict[str, list[str]] = {}
+    for item in registered:
+        kind, _, name = item.partition(":")
+        by_kind.setdefault(kind, []).append(name)
+    return "; ".join(f"{kind}s: {', '.join(names)}" for kind, names in by_kind.items())
 
 
 @plugins_command.command("init")

