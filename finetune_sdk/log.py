@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 logger = logging.getLogger("finetune_sdk")
 
@@ -40,16 +43,77 @@ def quiet_known_noise() -> None:
         noisy.addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward"))
 
 
+#: Harmless warnings of dependencies, hidden only around the SDK calls that raise them (never process-wide):
+#: transformers 5 deprecates ``is_gradient_checkpointing``, which PEFT reads on every wrap and load; importing
+#: bitsandbytes (through transformers or PEFT) imports torch's inductor, whose ``torch.jit.script_method`` use is
+#: deprecated; PEFT says GPT-2's Conv1D needs ``fan_in_fan_out`` and sets it itself.
+KNOWN_DEPENDENCY_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (DeprecationWarning, r"`torch\.jit\.script_method` is deprecated"),
+    (UserWarning, r"fan_in_fan_out is set to False but the target module is `Conv1D`"),
+)
+
+
+@contextmanager
+def known_dependency_warnings() -> Iterator[None]:
+    """Hide :data:`KNOWN_DEPENDENCY_WARNINGS` inside the block; every other warning, the SDK's own included, shows.
+
+    Example:
+        >>> import warnings
+        >>> with known_dependency_warnings():
+        ...     warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
+    """
+    with warnings.catch_warnings():
+        for category, message in KNOWN_DEPENDENCY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
+@contextmanager
+def library_progress_bars_off() -> Iterator[None]:
+    """No transformers progress bar ("Loading weights") inside the block, where the SDK reports progress itself;
+    the setting is put back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+class _DropHeadOnlyLoadReport(logging.Filter):
+    """Drops transformers' LOAD REPORT when its only finding is the language-model head left unused, which is
+    what loading a causal-LM checkpoint as a classifier backbone must do; a missing or mismatched weight shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text or "MISSING" in text or "MISMATCH" in text:
+            return True
+        flagged = [line.split("|")[0].strip() for line in text.splitlines() if "| UNEXPECTED" in line]
+        return not flagged or not all(key.startswith("lm_head.") for key in flagged)
+
+
+@contextmanager
+def backbone_load_report_filtered() -> Iterator[None]:
+    """Inside the block, a backbone load's report about the unused LM head is not printed (see above)."""
+    target = logging.getLogger("transformers.modeling_utils")
+    dropper = _DropHeadOnlyLoadReport()
+    target.addFilter(dropper)
+    try:
+        yield
+    finally:
+        target.removeFilter(dropper)
+
+
 def quiet_third_party_output() -> None:
-    """For command-line use: no transformers/huggingface_hub progress bars and no deprecation chatter.
+    """For command-line use: no transformers/huggingface_hub progress bars and no transformers log chatter.
 
     The SDK's own progress bar and log lines say what is happening; libraries should not call this.
     """
-    import warnings
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
     try:
         import transformers
 

@@ -110,10 +110,15 @@ def load_model(source: ModelSource, task: str, *, dtype: Any, quantization_confi
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
+    from contextlib import nullcontext
+
+    from finetune_sdk.log import backbone_load_report_filtered, library_progress_bars_off
     from finetune_sdk.progress import activity
 
     folder = _folder(source)  # a GGUF file is converted first (its own step)
-    with activity(f"loading {display_name(source.id)}{_quantized(quantization_config)}"):
+    with activity(f"loading {display_name(source.id)}{_quantized(quantization_config)}"), \
+            library_progress_bars_off(), \
+            backbone_load_report_filtered() if task == CLASSIFICATION else nullcontext():
         try:
             model = auto.from_pretrained(folder, **kwargs)
         except (OSError, ValueError) as exc:

@@ -130,8 +130,8 @@ def activity(description: str, total: float | None = None, unit: str = "") -> It
         yield step
     finally:
         seconds = step.elapsed
-        if console is None:
-            logger.info("%s: done in %.1f s", description, seconds)
+        if console is None:  # a quick step gets no second line
+            logger.log(logging.INFO if seconds >= 1 else logging.DEBUG, "%s: done in %.1f s", description, seconds)
         else:
             progress = _display["progress"]
             progress.remove_task(step._task)

@@ -108,7 +108,10 @@ class Trainer:
             >>> (result.output_dir / "adapter_model.safetensors").is_file(), result.metrics["train_steps"]
             (True, 2)
         """
-        from finetune_sdk.training import run_training
+        from finetune_sdk.log import known_dependency_warnings
+
+        with known_dependency_warnings():  # the first import of transformers' Trainer imports PEFT and bitsandbytes
+            from finetune_sdk.training import run_training
 
         if is_stage_list(train_data):
             return self._fit_stages(list(train_data))

@@ -193,6 +193,7 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
         if trainer.technique.task == CLASSIFICATION and trainer.options["cache_features"] and \
                 hasattr(model, "features"):
             train_model, datasets = feature_training(trainer, plan, model, tokenizer)
+            args.include_num_input_tokens_seen = "no"  # feature batches have no input_ids to count
         hf = _hf_trainer(plan, train_model, args, tokenizer, callbacks, trainer.options, checkpoint_root, datasets)
         hf.remove_callback(PrinterCallback)  # progress and logs go through rich and the plugin hooks
         resume_from = latest_checkpoint(checkpoint_root) if plan.resume else None

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
+from finetune_sdk.log import known_dependency_warnings
 from finetune_sdk.options import Option
 from finetune_sdk.quantizer import Quantizer
 from finetune_sdk.technique import Technique
@@ -41,17 +42,18 @@ class LoraTechnique(Technique):
         return True
 
     def prepare(self, model: Any, options: Mapping[str, Any], tokenizer: Any) -> Any:
-        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+        with known_dependency_warnings():
+            from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-        if isinstance(model, PeftModel):  # a second fit() continues training the same adapter
-            return model
-        if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False):
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=bool(options.get("gradient_checkpointing"))
-            )
-        elif options.get("gradient_checkpointing"):
-            model.enable_input_require_grads()
-        return get_peft_model(model, self.lora_config(options))
+            if isinstance(model, PeftModel):  # a second fit() continues training the same adapter
+                return model
+            if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False):
+                model = prepare_model_for_kbit_training(
+                    model, use_gradient_checkpointing=bool(options.get("gradient_checkpointing"))
+                )
+            elif options.get("gradient_checkpointing"):
+                model.enable_input_require_grads()
+            return get_peft_model(model, self.lora_config(options))
 
     def lora_config(self, options: Mapping[str, Any]) -> Any:
         """The PEFT ``LoraConfig`` for ``options``; override it to make a LoRA variant (DoRA, rsLoRA...)."""
@@ -71,9 +73,10 @@ class LoraTechnique(Technique):
         model.save_pretrained(directory, safe_serialization=True)
 
     def load(self, base_model: Any, directory: Path, options: Mapping[str, Any]) -> Any:
-        from peft import PeftModel
+        with known_dependency_warnings():
+            from peft import PeftModel
 
-        return PeftModel.from_pretrained(base_model, directory, is_trainable=False)
+            return PeftModel.from_pretrained(base_model, directory, is_trainable=False)
 
     def merge(self, model: Any) -> Any:
         return model.merge_and_unload()
