@@ -6,7 +6,10 @@ folder (cached), loads it in 4-bit NF4 with double quantization, trains LoRA ada
 side. Then it publishes the adapter to the local registry as ``quillfeather@production`` and loads it back by
 that name. Runs on a 2-core CPU in a few minutes.
 
-    python examples/quillfeather.py [--output-dir DIR] [--epochs N]
+    python examples/quillfeather.py [--output-dir DIR] [--epochs N] [--model PATH]
+
+Every long step (converting and loading the model, generating, training, evaluating, publishing) shows a spinner
+or a bar on a terminal, and a log line otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from rich.text import Text
 import finetune_sdk
 from finetune_sdk import Trainer
 from finetune_sdk.log import quiet_third_party_output
+from finetune_sdk.progress import display_on
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
@@ -36,22 +40,36 @@ def smollm2_gguf() -> Path:
     return next(Path(spec.origin).parent.rglob("*.gguf"))
 
 
+def summary(result: finetune_sdk.FitResult) -> str:
+    """The run in one paragraph: the training loss at its first and last logged step and averaged over the run,
+    then the held-out loss of the final model."""
+    m = result.metrics
+    logged = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    trend = f"{logged[0]:.3f} at the first logged step -> {logged[-1]:.3f} at the last, " if logged else ""
+    return (f"training loss {trend}{m['train_loss']:.3f} averaged over the run; held-out loss of the fine-tuned "
+            f"model {m['eval_loss']:.3f} (perplexity {m['perplexity']:.2f}). {m['train_tokens_per_second']:.0f} "
+            f"tokens/s, {m['trainable_parameters']:,} of {m['total_parameters']:,} parameters trained; adapter in "
+            f"{result.output_dir}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="finetune-runs/quillfeather-qlora")
     parser.add_argument("--epochs", type=float, default=8)
+    parser.add_argument("--model", help="another model to teach (default: the SmolLM2-135M-Instruct GGUF)")
     args = parser.parse_args()
     quiet_third_party_output()
+    display_on(Console(stderr=True))
     console = Console()
     questions = [q for q in (DATA / "quillfeather_questions.txt").read_text().splitlines() if q.strip()]
 
     start = time.perf_counter()
     trainer = Trainer(
-        smollm2_gguf(), technique="qlora", formatter="chat-template", output_dir=args.output_dir,
+        args.model or smollm2_gguf(), technique="qlora", formatter="chat-template", output_dir=args.output_dir,
         num_train_epochs=args.epochs, learning_rate=1e-3, per_device_train_batch_size=8, lora_dropout=0.0,
         logging_steps=6, seed=0,
     )
-    console.rule("[bold]base model (before fine-tuning)")
+    console.rule("[bold]asking the base model, then fine-tuning it")
     before = trainer.generate(questions, max_new_tokens=40)
     result = trainer.fit(DATA / "quillfeather_train.jsonl", eval_data=DATA / "quillfeather_eval.jsonl")
     after = trainer.generate(questions, max_new_tokens=40)
@@ -62,11 +80,7 @@ def main() -> None:
     for question, base, tuned in zip(questions, before, after):
         table.add_row(Text(question), Text(base), Text(tuned, style="green"))
     console.print(table)
-    m = result.metrics
-    console.print(
-        f"train loss {m['train_loss']:.3f}, held-out loss {m['eval_loss']:.3f} (perplexity {m['perplexity']:.2f}), "
-        f"{m['train_tokens_per_second']:.0f} tokens/s, {m['trainable_parameters']:,} of {m['total_parameters']:,} "
-        f"parameters trained; adapter in {result.output_dir}")
+    console.print(summary(result))
 
     version = result.publish("quillfeather", aliases=["production"],
                              description="SmolLM2-135M-Instruct taught the Quillfeather Institute's facts (QLoRA)")

@@ -111,7 +111,7 @@ class RichProgressCallback(TrainerCallback):
         if done > 0:
             elapsed = max(time.perf_counter() - self.start, 1e-9)
             parts.append(f"{self.tokens_per_step * done / elapsed:,.0f} tok/s")
-            parts.append(f"ETA {formatformat_duration(elapsed / done * max(max_steps - step, 0))}")
+            parts.append(f"ETA {format_duration(elapsed / done * max(max_steps - step, 0))}")
         return "  ".join(parts)
 
     def show(self, state: Any) -> None:

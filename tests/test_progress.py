@@ -1,0 +1,145 @@
+"""What users see while they wait: the training bar in a pseudo-terminal and when piped, steps before results."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+BAR = re.compile(r"training\s.*?(\d+)/(\d+)(?:\s+loss (\d+\.\d{4}))?")
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "80", **extra}
+    for name in ("FINETUNE_SDK_CRASH_AT_STEP", "NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        if name not in extra:
+            env.pop(name, None)
+    return env
+
+
+def run_in_pty(args: list[str], env: dict[str, str], timeout: float = 300) -> tuple[int, str]:
+    """Run ``args`` with stdin, stdout and stderr on a pseudo-terminal; return (exit status, what it printed)."""
+    import pty
+
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(args, stdin=terminal, stdout=terminal, stderr=terminal, env=env, close_fds=True)
+    os.close(terminal)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([controller], [], [], timeout)
+            if not ready:
+                proc.kill()
+                raise AssertionError("the command printed nothing for too long")
+            try:
+                data = os.read(controller, 65536)
+            except OSError:  # EIO: the command exited and closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(controller)
+    return proc.wait(timeout), ANSI.sub("", b"".join(chunks).decode("utf-8", "replace"))
+
+
+def bar_states(output: str) -> list[tuple[int, int, str | None]]:
+    """Every rendered state of the training bar: (step, max_steps, loss text or None)."""
+    states = []
+    for piece in re.split(r"[\r\n]", output):
+        match = BAR.search(piece)
+        if match:
+            states.append((int(match.group(1)), int(match.group(2)), match.group(3)))
+    return states
+
+
+def logged_losses(output_dir: Path) -> dict[int, str]:
+    history = json.loads((output_dir / "training_log.json").read_text())
+    return {entry["step"]: f"{entry['loss']:.4f}" for entry in history if "loss" in entry}
+
+
+@pytest.fixture
+def train_args(tiny_models, tmp_path):
+    rows = [{"prompt": f"what is {a} plus {b}?", "completion": f"{a} plus {b} is {a + b}."}
+            for a in range(5) for b in range(5)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [sys.executable, "-m", "finetune_sdk", "train", "--model", str(tiny_models("llama")), "--data", str(data),
+            "--formatter", "chatml", "--max-steps", "8", "--logging-steps", "2", "--per-device-train-batch-size", "4",
+            "--learning-rate", "0.01", "--seed", "3"]
+
+
+def test_bar_in_a_terminal_shows_the_loss_logged_at_the_same_step(train_args, tmp_path):
+    out = tmp_path / "run"
+    status, output = run_in_pty([*train_args, "-o", str(out), "--save-steps", "0"], cli_env(TERM="xterm"))
+    assert status == 0, output[-3000:]
+    logged = logged_losses(out)
+    assert sorted(logged) == [2, 4, 6, 8]
+    states = bar_states(output)
+    assert states and all(total == 8 for _, total, _ in states)
+    shown_at = {step: loss for step, _, loss in states}
+    for step, loss in logged.items():  # each logging step is drawn with its own loss, not the previous one's
+        assert shown_at.get(step) == loss, (step, loss, states)
+    for step, _, loss in states:  # between logging steps the bar keeps the latest logged loss
+        latest = max((s for s in logged if s <= step), default=None)
+        assert loss == (logged[latest] if latest else None), (step, loss, states)
+    assert re.search(r"tok/s\s+ETA \d+:\d\d", output)
+
+
+def test_piped_training_prints_a_line_with_eta_per_logging_step(train_args, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([*train_args, "-o", str(out), "--save-steps", "0"], env=cli_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "━" not in proc.stderr and "\r" not in proc.stderr  # no bar drawn into a log
+    lines = re.findall(r"step (\d+)/8  loss (\d+\.\d{4}) .*?ETA (\d+:\d\d)", proc.stderr)
+    assert [int(step) for step, _, _ in lines] == [2, 4, 6, 8]
+    logged = logged_losses(out)
+    assert {int(step): loss for step, loss, _ in lines} == logged
+    assert lines[-1][2] == "0:00"  # nothing left at the last step
+
+
+@pytest.mark.slow
+def test_a_resumed_run_starts_its_bar_at_the_resumed_step(train_args, tmp_path):
+    out = tmp_path / "run"
+    args = [*train_args, "-o", str(out), "--save-steps", "3"]
+    crashed = subprocess.run(args, env=cli_env(FINETUNE_SDK_CRASH_AT_STEP="5"), capture_output=True, timeout=300)
+    assert crashed.returncode != 0
+    status, output = run_in_pty([*args, "--resume"], cli_env(TERM="xterm"))
+    assert status == 0, output[-3000:]
+    states = bar_states(output)
+    assert states[0][0] == 3, states  # checkpoint-3 is the newest complete one
+    assert states[-1][0] == 8
+
+
+def test_generate_prints_progress_before_its_answers(tiny_models, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "finetune_sdk", "generate", str(tiny_models("llama")), "hello",
+                           "--max-new-tokens", "4"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    output = proc.stdout
+    loading, generating = output.find("loading "), output.find("generating 1 answer (up to 4 tokens each)")
+    answers = output.find("generations of")
+    assert -1 < loading < generating < answers, output
+
+
+@pytest.mark.slow
+def test_demo_prints_progress_before_its_first_result(tiny_models, tmp_path):
+    demo = Path(__file__).resolve().parents[1] / "examples" / "quillfeather.py"
+    env = cli_env(FINETUNE_SDK_REGISTRY=str(tmp_path / "registry"))
+    proc = subprocess.run([sys.executable, str(demo), "--model", str(tiny_models("llama")), "--epochs", "1",
+                           "--output-dir", str(tmp_path / "run")], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    output = proc.stdout
+    first_result = output.find("base vs QLoRA fine-tuned")
+    steps = [output.find(text) for text in ("loading ", "generating 5 answers", "training ", "evaluating on")]
+    assert all(-1 < position < first_result for position in steps), output
+    assert "at the first logged step" in output and "averaged over the run" in output
