@@ -137,7 +137,8 @@ class RichProgressCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:
-            self.show(state)
+            if self.progress.tasks[0].completed != state.global_step:
+                self.show(state)
             self.progress.stop()
             self.progress = None
         else:

@@ -74,8 +74,7 @@ def render_report(report: dict[str, Any]) -> None:
         for p in broken:
             table.add_row(cell(p["name"]), cell(_release(p)), cell(p["error"]))
         out.print(table)
-    out.print("Each technique, quantizer and formatter comes from the plugin that lists it under 'provides'; "
-              "--json has the hooks too.", style="dim")
+    out.print("--json also lists each plugin's hooks.", style="dim")
 
 
 def _release(row: dict[str, Any]) -> str:
