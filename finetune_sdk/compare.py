@@ -32,11 +32,14 @@ def compare_models(tuned: Any, load_base: Callable[[], Any], rows: Rows, prompts
     Generative models compare ``eval_loss`` and ``perplexity``; classifiers ``eval_loss``, ``accuracy`` and
     ``macro_f1``.
     """
+    from finetune_sdk.progress import activity
+
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
     generative = tuned.task != CLASSIFICATION
-    tuned_metrics = tuned.evaluate(rows)
-    tuned_answers = tuned.generate(prompts, max_new_tokens=max_new_tokens) if prompts and generative else []
-    with base_of(tuned, load_base) as base:
+    with activity("comparison: the fine-tuned model"):
+        tuned_metrics = tuned.evaluate(rows)
+        tuned_answers = tuned.generate(prompts, max_new_tokens=max_new_tokens) if prompts and generative else []
+    with activity("comparison: the base model"), base_of(tuned, load_base) as base:
         if base.formatter is None:
             base.formatter = tuned.formatter
         base_metrics = base.evaluate(rows)

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from finetune_sdk.advisor import BUDGET, advise
 from finetune_sdk.cli.advise_command import advise_command
 from finetune_sdk.errors import ConfigError
+from finetune_sdk.log import known_dependency_warnings
 from finetune_sdk.memory import (MemoryEstimate, ModelShape, available_memory, estimate_for_options,
                                  estimate_training_memory, parse_memory)
 from finetune_sdk.testing.tiny import tiny_config, tiny_tokenizer
@@ -87,8 +88,9 @@ def test_lora_adapter_size_matches_peft(tok):
     config = tiny_config("llama", tok, hidden_size=64, layers=2)
     for r, targets, peft_targets in ((8, "attention", None), (64, "all-linear", "all-linear")):
         torch.manual_seed(0)
-        model = get_peft_model(transformers.AutoModelForCausalLM.from_config(config),
-                               LoraConfig(r=r, target_modules=peft_targets, task_type="CAUSAL_LM"))
+        with known_dependency_warnings():
+            model = get_peft_model(transformers.AutoModelForCausalLM.from_config(config),
+                                   LoraConfig(r=r, target_modules=peft_targets, task_type="CAUSAL_LM"))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         est = estimate_training_memory(config, technique="lora", lora_r=r, lora_targets=targets)
         assert est.trainable_parameters == trainable
@@ -131,8 +133,9 @@ def test_saved_activations_match_what_autograd_saves(family, technique, targets,
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     if technique == "lora":
-        model = get_peft_model(model, LoraConfig(r=8, lora_dropout=dropout, task_type="CAUSAL_LM",
-                                                 target_modules=None if targets == "attention" else targets))
+        with known_dependency_warnings():
+            model = get_peft_model(model, LoraConfig(r=8, lora_dropout=dropout, task_type="CAUSAL_LM",
+                                                     target_modules=None if targets == "attention" else targets))
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}

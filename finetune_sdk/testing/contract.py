@@ -158,6 +158,8 @@ class QuantizerContract:
         import torch
         from peft import LoraConfig, get_peft_model
 
+        from finetune_sdk.log import known_dependency_warnings
+
         def lora_grads(generate_first: bool) -> dict[str, torch.Tensor]:
             model = self.load(model_dir)
             ids = torch.tensor([[1, 5, 9, 12, 30, 41]])
@@ -166,8 +168,9 @@ class QuantizerContract:
                 with torch.no_grad():
                     model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=3)
             torch.manual_seed(0)
-            peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0,
-                                                          init_lora_weights=False))
+            with known_dependency_warnings():
+                peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0,
+                                                              init_lora_weights=False))
             peft_model.train()
             peft_model(input_ids=ids, labels=ids).loss.backward()
             return {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None}
