@@ -41,6 +41,16 @@ def register_formatters(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_federated_strategies(register: Callable[[type], None]) -> None:
+    """Called once when plugins load: call ``register(StrategyClass)`` for each federated strategy you provide.
+
+    ``StrategyClass`` subclasses :class:`finetune_sdk.federated.FederatedStrategy`, has a unique ``name`` and
+    builds a Flower strategy; ``Trainer.fit_federated(strategy=name)`` and ``finetune federated server
+    --strategy name`` use it.
+    """
+
+
+@hookspec
 def register_commands(cli: click.Group) -> None:
     """Called when the ``finetune`` CLI starts: add your commands with ``cli.add_command(...)``."""
 

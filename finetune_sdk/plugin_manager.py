@@ -26,6 +26,7 @@ import pluggy
 
 from finetune_sdk import hookspecs
 from finetune_sdk.errors import ConfigError, PluginError, unknown_name_error
+from finetune_sdk.federated.strategy import FederatedStrategy
 from finetune_sdk.formatter import Formatter
 from finetune_sdk.quantizer import Quantizer
 from finetune_sdk.technique import Technique
@@ -39,13 +40,18 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "finetune_sdk.plugins.techniques",
     "finetune_sdk.plugins.quantizers",
     "finetune_sdk.plugins.formatters",
+    "finetune_sdk.federated.strategies",
 )
 
 KINDS: dict[str, tuple[str, type]] = {
     "technique": ("register_techniques", Technique),
     "quantizer": ("register_quantizers", Quantizer),
     "formatter": ("register_formatters", Formatter),
+    "strategy": ("register_federated_strategies", FederatedStrategy),
 }
+#: The plural of each kind, as ``finetune plugins`` titles its tables.
+PLURALS = {"technique": "techniques", "quantizer": "quantizers", "formatter": "formatters",
+           "strategy": "strategies"}
 
 
 class PluginWarning(UserWarning):
@@ -184,7 +190,7 @@ class PluginHost:
 
     # -- queries -------------------------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
-        """Registered names of a kind (``technique``, ``quantizer`` or ``formatter``), sorted."""
+        """Registered names of a kind (``technique``, ``quantizer``, ``formatter`` or ``strategy``), sorted."""
         return sorted(self._registrations[kind])
 
     def registration(self, kind: str, name: str) -> Registration:

@@ -132,6 +132,39 @@ class Trainer:
             self.logger.info("published %s", result.version.ref)
         return result
 
+    def fit_federated(self, clients: Any, *, rounds: int = 3, strategy: str = "fedavg", resume: bool = False,
+                      **settings: Any) -> FitResult:
+        """Federated fine-tuning on Flower: each client trains on its own data, only trainable parameters travel.
+
+        Runs a Flower SuperLink and one SuperNode per client as local processes on loopback; each client's rows
+        are read only by its own process. Returns a :class:`FitResult` whose folder is an ordinary result
+        (``finetune_sdk.load`` reads it), with per-round history, traffic and privacy in ``manifest["federated"]``.
+        Needs ``pip install 'finetune-sdk[federated]'``; see docs/federated.md.
+
+        Args:
+            clients: ``{name: data}``, where data is a file, a list of dicts, or ``{"train": ..., "eval": ...}``
+                (the eval rows give each client's held-out loss every round).
+            rounds: federated rounds.
+            strategy: ``"fedavg"``, ``"fedprox"`` or a plugin's strategy.
+            resume: continue after the last completed round of an interrupted run with the same ``output_dir``.
+            **settings: :class:`~finetune_sdk.federated.FederatedSettings` fields: ``fraction_fit``,
+                ``min_fit_clients``, ``local_epochs``, ``local_steps``, ``proximal_mu``, ``round_timeout``, ``dp``,
+                ``noise_multiplier``, ``clipping_norm``, ``target_delta``...
+
+        Raises:
+            ConfigError: an unknown setting, strategy or client name, or Flower not installed.
+            FinetuneError: a round where fewer than ``min_fit_clients`` clients reported.
+
+        Example:
+            >>> trainer = Trainer("models/my-llama", technique="qlora", output_dir="runs/fed")  # doctest: +SKIP
+            >>> result = trainer.fit_federated({"clinic-a": "a.jsonl", "clinic-b": "b.jsonl"}, rounds=5,
+            ...                                strategy="fedavg", fraction_fit=1.0, local_epochs=1)  # doctest: +SKIP
+            >>> result.metrics["bytes_total"], result.manifest["federated"]["history"][-1]["clients"]  # doctest: +SKIP
+        """
+        from finetune_sdk.federated.api import fit_federated
+
+        return fit_federated(self, clients, rounds=rounds, strategy=strategy, resume=resume, **settings)
+
     def compare(self, eval_data: Any, prompts: Any = None, *, max_new_tokens: int = 64,
                 report_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Base model vs the current (fine-tuned) model on ``eval_data`` and side-by-side generations.

@@ -14,7 +14,7 @@ from finetune_sdk.cli.render import cell, console
 
 def plugin_report() -> dict[str, Any]:
     """Everything ``finetune plugins`` shows, as plain data (``--json``)."""
-    from finetune_sdk.plugin_manager import KINDS, get_plugin_host
+    from finetune_sdk.plugin_manager import KINDS, PLURALS, get_plugin_host
 
     host = get_plugin_host()
     return {
@@ -23,7 +23,7 @@ def plugin_report() -> dict[str, Any]:
              "hooks": p.hooks, "registered": p.registered, "error": p.error}
             for p in host.plugins
         ],
-        **{kind + "s": [
+        **{PLURALS[kind]: [
             {"name": r.name, "plugin": r.plugin, "distribution": r.distribution, "version": r.version,
              "description": getattr(r.cls, "description", "")}
             for r in sorted(host.registrations(kind), key=lambda r: r.name)
@@ -35,7 +35,7 @@ def plugin_report() -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.pass_context
 def plugins_command(ctx: click.Context, as_json: bool) -> None:
-    """List techniques, quantizers and formatters with their plugin, distribution and version."""
+    """List techniques, quantizers, formatters and federated strategies with their plugin and version."""
     if ctx.invoked_subcommand is not None:
         return
     report = plugin_report()
@@ -57,7 +57,7 @@ def render_report(report: dict[str, Any]) -> None:
         if not p["error"]:
             table.add_row(cell(p["name"]), cell(_release(p)), cell(_provides(p["registered"])))
     out.print(table)
-    for kind in ("techniques", "quantizers", "formatters"):
+    for kind in ("techniques", "quantizers", "formatters", "strategies"):
         table = Table(title=kind)
         table.add_column("name", no_wrap=True)
         table.add_column("distribution", no_wrap=True)

@@ -1,0 +1,130 @@
+"""``Trainer.fit_federated``: a federation of clients on this machine, on Flower's runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.errors import ConfigError, DataError
+from finetune_sdk.federated.job import FederatedJob
+from finetune_sdk.federated.settings import FederatedSettings, require_flower
+from finetune_sdk.result import FitResult
+
+SETTING_NAMES = {f.name for f in fields(FederatedSettings)}
+
+
+def normalise_clients(clients: Any, work_dir: Path) -> dict[str, tuple[str, str | None]]:
+    """``{name: (train_path, eval_path)}`` from ``{name: path | rows | {"train": ..., "eval": ...}}``.
+
+    Rows given as lists of dicts are written to private (0600) JSON Lines files in ``work_dir``, for that client's
+    process to read. Paths are only checked to exist here: their rows are read by the client's process alone.
+    """
+    from finetune_sdk.registry.refs import validate_name
+
+    if not isinstance(clients, dict) or not clients:
+        raise ConfigError("clients must be a non-empty dict {client name: data file or {'train': ..., 'eval': ...}}")
+    out: dict[str, tuple[str, str | None]] = {}
+    for name, spec in clients.items():
+        validate_name(str(name), "client name")
+        train, evaluation = (spec.get("train"), spec.get("eval")) if isinstance(spec, dict) else (spec, None)
+        if train is None:
+            raise ConfigError(f"client {name!r}: no 'train' data")
+        out[str(name)] = (_as_file(train, work_dir / f"{name}-train.jsonl", f"client {name!r} train"),
+                          _as_file(evaluation, work_dir / f"{name}-eval.jsonl", f"client {name!r} eval")
+                          if evaluation is not None else None)
+    return out
+
+
+def _as_file(data: Any, path: Path, what: str) -> str:
+    if isinstance(data, (str, os.PathLike)):
+        if not Path(data).is_file():
+            raise DataError(f"{what} data: no such file {data}")
+        return str(Path(data).resolve())
+    if isinstance(data, list) and all(isinstance(row, dict) for row in data):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for row in data:
+                handle.write(json.dumps(row) + "\n")
+        return str(path)
+    raise DataError(f"{what} data must be a file path or a list of dicts, got {type(data).__name__}")
+
+
+def fit_federated(trainer: Any, clients: Any, *, resume: bool = False, timeout: float | None = None,
+                  **settings: Any) -> FitResult:
+    """See :meth:`finetune_sdk.Trainer.fit_federated`."""
+    require_flower()
+    unknown = sorted(set(settings) - SETTING_NAMES)
+    if unknown:
+        from finetune_sdk.errors import closest
+
+        raise ConfigError(f"unknown federated setting {unknown[0]!r}{closest(unknown[0], SETTING_NAMES)}; "
+                          f"available: {', '.join(sorted(SETTING_NAMES))}")
+    config = FederatedSettings(**settings).validate(num_clients=len(clients) if isinstance(clients, dict) else None)
+    if "min_available_clients" not in settings:
+        config.min_available_clients = len(clients)
+    trainer.host.create("strategy", config.strategy)
+    if trainer._given_model is not None:
+        raise ConfigError("fit_federated needs the model as a path or Hub id (each client process loads it), "
+                          "not a loaded model object")
+    from finetune_sdk.federated.runtime import FlowerProcesses, free_port, new_work_dir, node_config, wait_for_run, \
+        write_app
+
+    work_dir = new_work_dir()
+    processes = FlowerProcesses(work_dir)
+    try:
+        data = normalise_clients(clients, work_dir)
+        job = _job(trainer, config, data, resume)
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        processes.superlink(port)
+        for name, (train, evaluation) in data.items():
+            processes.supernode(name, address, node_config(name, train, evaluation))
+        processes.submit(write_app(work_dir / "app", job), address)
+        trainer.logger.info("federated run: %d clients, %d rounds, strategy %s (Flower SuperLink on %s; logs in %s)",
+                            len(data), config.rounds, config.strategy, address, work_dir)
+        wait_for_run(job, processes, timeout or config.rounds * config.round_timeout * 2 + 600)
+    except BaseException:
+        processes.stop()
+        trainer.logger.error("federated run stopped; Flower logs kept in %s", work_dir)
+        raise
+    processes.stop()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return _result(trainer, job)
+
+
+def _job(trainer: Any, config: FederatedSettings, data: dict[str, Any], resume: bool) -> FederatedJob:
+    options = {k: trainer.options[k] for k in trainer._option_names}
+    options["learning_rate"] = trainer.options["learning_rate"]
+    options["seed"] = trainer.options["seed"]
+    registry = getattr(trainer.registry, "home", None)
+    return FederatedJob(
+        model=trainer.source.path or trainer.source.id, technique=trainer.technique.name,
+        quantizer=trainer.quantizer.name if trainer.quantizer else None,
+        formatter=trainer.formatter.name if trainer.formatter else None, options=options, settings=config,
+        output_dir=str(Path(trainer.output_dir).resolve()), publish_as=trainer.publish_as,
+        registry_home=str(registry) if registry else None, resume=resume, run_token=secrets.token_hex(8),
+        expected_clients=sorted(data))
+
+
+def _result(trainer: Any, job: FederatedJob) -> FitResult:
+    from finetune_sdk.manifest import read_manifest
+
+    output_dir = Path(trainer.output_dir)
+    manifest = read_manifest(output_dir)
+    history = manifest["federated"]["history"]
+    result = FitResult(output_dir=output_dir, metrics=manifest["metrics"], manifest=manifest, log_history=history)
+    refs = [entry["version"] for entry in history if entry.get("version")]
+    if refs:
+        from finetune_sdk.registry import Registry
+
+        registry = trainer.registry or Registry()
+        result.version = registry.resolve(refs[-1])
+        trainer.published.append(result.version)
+    trainer._log_history = history
+    trainer._session = result.load()  # generate / evaluate / compare now use the federated model
+    return result

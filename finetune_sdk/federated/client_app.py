@@ -1,0 +1,75 @@
+"""The Flower ClientApp every client runs: its data stays in this process, trainable parameters go back.
+
+A SuperNode started by ``finetune federated client`` (or by ``Trainer.fit_federated`` for each simulated client)
+runs this app for each message of the server. The client's data paths come from the SuperNode's node config
+(``data``, ``eval-data``, ``client-name``), which never leaves the client's machine.
+
+Replies carry one ``ArrayRecord`` (the trainable parameters), one ``MetricRecord`` (``num-examples`` and the
+losses, which Flower's strategies aggregate) and one ``ConfigRecord`` ``"report"`` naming the client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from finetune_sdk.federated.audit import install_open_audit
+from finetune_sdk.federated.client_training import ClientData, evaluate_global, train_round
+from finetune_sdk.federated.job import NODE_DATA, NODE_EVAL_DATA, NODE_NAME, FederatedJob
+from finetune_sdk.federated.privacy import UNIT_WEIGHT
+
+REPORT_KEY = "report"
+
+
+def client_data(context: Context) -> ClientData:
+    """This client's data paths from the SuperNode's node config."""
+    config = context.node_config
+    if NODE_DATA not in config:
+        raise ValueError(f"this SuperNode has no {NODE_DATA!r} in its node config; start it with "
+                         "`finetune federated client --data FILE`")
+    name = str(config.get(NODE_NAME) or f"node-{context.node_id}")
+    eval_data = str(config.get(NODE_EVAL_DATA) or "") or None
+    return ClientData(name, str(config[NODE_DATA]), eval_data)
+
+
+def clip_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's ``fixedclipping_mod`` (client-side DP clipping) when the server sent a clipping norm."""
+    configs = list(msg.content.config_records.values())
+    if configs and KEY_CLIPPING_NORM in configs[0]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[clip_when_asked])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train on this client's data from the global parameters; reply with the new trainable parameters."""
+    install_open_audit("client")
+    job = FederatedJob.from_run_config(context.run_config)
+    client = client_data(context)
+    config = msg.content["config"]
+    update = train_round(job, client, msg.content["arrays"], int(config["server-round"]),
+                         float(config.get("proximal-mu", 0.0)))
+    metrics = MetricRecord({"num-examples": update.num_examples, UNIT_WEIGHT: 1, **update.metrics})
+    report = ConfigRecord({"client": client.name, "formatter": update.formatter or ""})
+    return Message(RecordDict({"arrays": update.arrays, "metrics": metrics, REPORT_KEY: report}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Held-out loss of the global parameters on this client's eval data."""
+    install_open_audit("client")
+    job = FederatedJob.from_run_config(context.run_config)
+    client = client_data(context)
+    metrics, formatter = evaluate_global(job, client, msg.content["arrays"])
+    examples = int(metrics.pop("eval_examples", 0))
+    record = MetricRecord({"num-examples": max(examples, 1), "eval_loss": metrics.get("eval_loss", 0.0),
+                           "has-eval": 1 if metrics else 0})
+    report = ConfigRecord({"client": client.name, "formatter": formatter or ""})
+    return Message(RecordDict({"metrics": record, REPORT_KEY: report}), reply_to=msg)

@@ -1,0 +1,124 @@
+"""One client's part of a round: load the global parameters, train on its own data, report.
+
+Local training is the SDK's ordinary ``Trainer.fit`` (same techniques, formatters, options and seeds as a local
+run), started from the global trainable parameters the server sent. With FedProx each trainable parameter's
+gradient gets the proximal term ``mu * (w - w_global)`` (the gradient of ``mu/2 * ||w - w_global||^2``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.data import load_rows
+from finetune_sdk.federated.job import FederatedJob
+from finetune_sdk.federated.params import load_arrays, trainable_arrays
+
+
+@dataclass
+class ClientData:
+    """Where one client's rows are; read only inside that client's process."""
+
+    name: str
+    train: str
+    eval: str | None = None
+
+
+@dataclass
+class LocalUpdate:
+    """What a client sends back: trainable parameters and numbers about them (never rows or tokens)."""
+
+    arrays: Any
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    formatter: str | None = None
+
+
+def local_options(job: FederatedJob, server_round: int) -> dict[str, Any]:
+    """The local fit's options for a round: the job's, with epochs/steps from the federated settings and the
+    seed moved on by one per round (round 1 uses the Trainer's seed, so 1 client x 1 round equals a local fit)."""
+    settings = job.settings
+    seed = int(job.options.get("seed", 42)) + server_round - 1
+    options: dict[str, Any] = {"seed": seed, "save_steps": 0}
+    if settings.local_steps:
+        options["max_steps"] = settings.local_steps
+    else:
+        options["num_train_epochs"] = settings.local_epochs
+    return options
+
+
+def evaluate_global(job: FederatedJob, client: ClientData, arrays: Any) -> tuple[dict[str, float], str | None]:
+    """Held-out loss of the global parameters on this client's eval data (empty without eval data)."""
+    if not client.eval:
+        return {}, None
+    work = Path(tempfile.mkdtemp(prefix="finetune-federated-eval-"))
+    try:
+        trainer = job.trainer(work / "out")
+        _prepare_with(trainer, arrays)
+        metrics = trainer.evaluate(load_rows(client.eval, name=f"client {client.name} eval-data"))
+        return {"eval_loss": float(metrics["eval_loss"]), "eval_examples": float(len(load_rows(client.eval)))}, \
+            trainer.formatter.name if trainer.formatter else None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def train_round(job: FederatedJob, client: ClientData, arrays: Any, server_round: int,
+                proximal_mu: float = 0.0) -> LocalUpdate:
+    """Train locally from the global ``arrays`` and return the new trainable parameters and metrics.
+
+    Metrics: ``train_loss``, ``train_steps``; with eval data ``global_eval_loss`` (the received global model on
+    this client's held-out rows, before training), ``eval_loss`` (the local model after training) and
+    ``eval_examples`` (all three 0 without eval data, so that every client reports the same keys).
+    """
+    rows = load_rows(client.train, name=f"client {client.name} data")
+    eval_rows = load_rows(client.eval, name=f"client {client.name} eval-data") if client.eval else None
+    work = Path(tempfile.mkdtemp(prefix="finetune-federated-client-"))
+    try:
+        trainer = job.trainer(work / "out", **local_options(job, server_round))
+        model = _prepare_with(trainer, arrays)
+        metrics: dict[str, float] = {"global_eval_loss": 0.0, "eval_loss": 0.0, "eval_examples": 0.0}
+        if eval_rows is not None:
+            metrics["global_eval_loss"] = float(trainer.evaluate(eval_rows)["eval_loss"])
+        handles = _add_proximal_term(model, proximal_mu, trainer.options["gradient_accumulation_steps"]) \
+            if proximal_mu > 0 else []
+        try:
+            result = trainer.fit(rows)
+        finally:
+            for handle in handles:
+                handle.remove()
+        metrics["train_loss"] = float(result.metrics["train_loss"])
+        metrics["train_steps"] = float(result.metrics["train_steps"])
+        if eval_rows is not None:
+            metrics["eval_loss"] = float(trainer.evaluate(eval_rows)["eval_loss"])
+            metrics["eval_examples"] = float(len(eval_rows))
+        return LocalUpdate(trainable_arrays(trainer.session().model), result.metrics["examples"], metrics,
+                           trainer.formatter.name if trainer.formatter else None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _prepare_with(trainer: Any, arrays: Any) -> Any:
+    """Make the Trainer's model trainable as its technique does, then load the global parameters into it.
+
+    ``Trainer.fit`` continues from a prepared model (as a second ``fit`` continues the same adapter)."""
+    session = trainer.session()
+    session.model = trainer.technique.prepare(session.model, trainer.options, session.tokenizer)
+    load_arrays(session.model, arrays)
+    return session.model
+
+
+def _add_proximal_term(model: Any, mu: float, accumulation_steps: int) -> list[Any]:
+    """Gradient hooks adding FedProx's ``mu * (w - w_global)`` to each trainable parameter's gradient.
+
+    Backward runs once per micro-batch and the micro-batch gradients are summed, so each adds
+    ``1/accumulation_steps`` of the term."""
+    scale = mu / max(accumulation_steps, 1)
+    handles = []
+    for param in model.parameters():
+        if param.requires_grad:
+            anchor = param.detach().clone()
+            handles.append(param.register_hook(lambda grad, p=param, a=anchor: grad + scale * (p.detach() - a)))
+    return handles

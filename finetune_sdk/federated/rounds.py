@@ -1,0 +1,259 @@
+"""The server's round loop on Flower's Grid: sample, send the global parameters, aggregate, save, publish.
+
+Flower's ``Strategy.start`` runs rounds 1..N in one go; this loop calls the same strategy methods
+(``configure_train``, ``aggregate_train``, ``configure_evaluate``, ``aggregate_evaluate``) itself so that it can
+start at round k after a crash, enforce ``min_fit_clients``, say which clients dropped, count the bytes each
+client sent and received, and save and publish every round's global adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.errors import FinetuneError
+from finetune_sdk.federated.job import FederatedJob
+from finetune_sdk.federated.params import load_arrays, payload_bytes, trainable_arrays
+from finetune_sdk.federated.privacy import accountant_state, privacy_report, wrap_with_dp
+from finetune_sdk.federated.server_state import (
+    clear_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_result,
+    write_status,
+)
+
+logger = logging.getLogger("finetune_sdk")
+REPORT_KEY = "report"
+
+
+class FederatedServer:
+    """Runs a :class:`FederatedJob` on a Flower ``Grid`` (inside the ServerApp)."""
+
+    def __init__(self, job: FederatedJob, grid: Any) -> None:
+        from transformers import set_seed
+
+        from finetune_sdk.plugin_manager import get_plugin_host
+
+        self.job, self.grid, self.settings = job, grid, job.settings
+        self.state_dir = job.state_dir
+        self.trainer = job.trainer(job.output_dir)
+        set_seed(self.settings.seed if self.settings.seed is not None else self.trainer.options["seed"])
+        session = self.trainer.session()
+        session.model = self.trainer.technique.prepare(session.model, self.trainer.options, session.tokenizer)
+        self.model = session.model
+        self.arrays = trainable_arrays(self.model)
+        self.history: list[dict[str, Any]] = []
+        self.names: dict[int, str] = {}
+        self.examples: dict[str, int] = {}
+        self.formatter: str | None = job.formatter
+        self.parent: str | None = None
+        self.start_round = 1
+        resumed = load_checkpoint(self.state_dir) if job.resume else None
+        saved_accountant = None
+        if resumed is not None:
+            self.arrays, state = resumed
+            self.start_round = state["round"] + 1
+            self.history, self.parent = state["history"], state.get("parent")
+            self.names = {int(k): v for k, v in state["names"].items()}
+            self.examples, self.formatter = state["examples"], state.get("formatter") or self.formatter
+            saved_accountant = state.get("accountant")
+            logger.info("resuming the federated run after round %d from %s", state["round"], self.state_dir)
+        self.population = max(len(job.expected_clients), self.settings.min_available_clients or 1)
+        strategy = get_plugin_host().create("strategy", self.settings.strategy).build(self.settings)
+        self.strategy = wrap_with_dp(strategy, self.settings, self.population, saved_accountant) \
+            if self.settings.dp else strategy
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from flwr.app import ConfigRecord
+
+        self._wait_for_clients()
+        for server_round in range(self.start_round, self.settings.rounds + 1):
+            started = time.time()
+            messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
+            sent = {m.metadata.dst_node_id: payload_bytes(m.content["arrays"]) for m in messages}
+            replies = list(self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+            valid = [r for r in replies if not r.has_error()]
+            for reply in valid:
+                self.names[reply.metadata.src_node_id] = str(reply.content[REPORT_KEY]["client"])
+            dropped = self._dropped(sent, valid, replies)
+            if len(valid) < (self.settings.min_fit_clients or 1):
+                raise FinetuneError(
+                    f"round {server_round}: only {len(valid)} of {len(sent)} sampled clients reported (dropped: "
+                    f"{', '.join(dropped) or 'none'}); min_fit_clients is {self.settings.min_fit_clients}")
+            arrays, _ = self.strategy.aggregate_train(server_round, valid)
+            if arrays is None:
+                raise FinetuneError(f"round {server_round}: the strategy could not aggregate the updates")
+            self.arrays = arrays
+            entry = self._round_entry(server_round, sent, valid, dropped, time.time() - started)
+            self.history.append(entry)
+            self._log_round(entry)
+            self._save_round(entry)
+        final_eval = self._final_evaluation()
+        return self._finish(final_eval)
+
+    def _wait_for_clients(self) -> None:
+        wanted = self.settings.min_available_clients or 1
+        while len(list(self.grid.get_node_ids())) < wanted:
+            logger.info("waiting for clients: %d connected, %d wanted", len(list(self.grid.get_node_ids())), wanted)
+            time.sleep(1)
+
+    def _dropped(self, sent: dict[int, int], valid: list[Any], replies: list[Any]) -> list[str]:
+        answered = {r.metadata.src_node_id for r in valid}
+        dropped = []
+        for node in sent:
+            if node not in answered:
+                error = next((r.error.reason for r in replies if r.metadata.src_node_id == node and r.has_error()),
+                             "no reply before round_timeout")
+                dropped.append(f"{self.names.get(node, f'node-{node}')} ({error.splitlines()[0][:120]})")
+        return dropped
+
+    def _round_entry(self, server_round: int, sent: dict[int, int], valid: list[Any], dropped: list[str],
+                     seconds: float) -> dict[str, Any]:
+        clients: dict[str, Any] = {}
+        for reply in valid:
+            node = reply.metadata.src_node_id
+            name = self.names[node]
+            metrics = dict(reply.content["metrics"])
+            examples = int(metrics["num-examples"])
+            self.examples[name] = examples
+            self.formatter = self.formatter or str(reply.content[REPORT_KEY].get("formatter") or "") or None
+            clients[name] = {
+                "examples": examples, "bytes_received": sent[node],
+                "bytes_sent": payload_bytes(reply.content["arrays"]),
+                "train_loss": metrics["train_loss"], "train_steps": int(metrics["train_steps"]),
+                **({"eval_loss": metrics["eval_loss"], "global_eval_loss_before": metrics["global_eval_loss"],
+                    "eval_examples": int(metrics["eval_examples"])} if metrics["eval_examples"] else {}),
+            }
+        if self.history:  # this round's clients evaluated the previous round's global model before training
+            _attach_global_eval(self.history[-1], clients)
+        traffic_down = sum(c["bytes_received"] for c in clients.values())
+        traffic_up = sum(c["bytes_sent"] for c in clients.values())
+        return {"round": server_round, "clients": clients, "dropped": dropped, "seconds": round(seconds, 3),
+                "bytes_to_clients": traffic_down, "bytes_from_clients": traffic_up,
+                "bytes_total": traffic_down + traffic_up, "sampled": len(sent)}
+
+    def _log_round(self, entry: dict[str, Any]) -> None:
+        parts = [f"{name}: {c['examples']} examples, train_loss {c['train_loss']:.4f}, "
+                 f"sent {c['bytes_sent']:,} B, received {c['bytes_received']:,} B"
+                 for name, c in entry["clients"].items()]
+        logger.info("round %d/%d: %s%s", entry["round"], self.settings.rounds, "; ".join(parts),
+                    f"; dropped: {', '.join(entry['dropped'])}" if entry["dropped"] else "")
+
+    def _save_round(self, entry: dict[str, Any]) -> None:
+        load_arrays(self.model, self.arrays)
+        directory = self.state_dir / f"round-{entry['round']}"
+        write_result(self.trainer, directory, self.formatter, self._metrics(), self._federated(entry["round"]),
+                     self.history)
+        if self.job.publish_as:
+            version = self._registry().publish(
+                directory, self.job.publish_as, parent=self.parent, tags=self._tags(entry),
+                description=f"federated round {entry['round']} of {self.settings.rounds}")
+            self.parent = entry["version"] = version.ref
+            logger.info("published %s", version.ref)
+        save_checkpoint(self.state_dir, self.arrays, {
+            "round": entry["round"], "history": self.history, "parent": self.parent,
+            "names": {str(k): v for k, v in self.names.items()}, "examples": self.examples,
+            "formatter": self.formatter, "array_names": list(self.arrays.keys()),
+            "accountant": accountant_state(self.strategy)})
+
+    def _final_evaluation(self) -> dict[str, Any]:
+        from flwr.app import ConfigRecord
+
+        if not self.settings.fraction_evaluate:
+            return {}
+        messages = list(self.strategy.configure_evaluate(self.settings.rounds, self.arrays, ConfigRecord(),
+                                                         self.grid))
+        replies = [r for r in self.grid.send_and_receive(messages, timeout=self.settings.round_timeout)
+                   if not r.has_error()]
+        per_client = {}
+        for reply in replies:
+            metrics = dict(reply.content["metrics"])
+            if metrics.get("has-eval"):
+                name = str(reply.content[REPORT_KEY]["client"])
+                per_client[name] = {"eval_loss": metrics["eval_loss"], "eval_examples": int(metrics["num-examples"])}
+        if self.history:
+            _attach_global_eval(self.history[-1], {n: {"global_eval_loss_before": c["eval_loss"],
+                                                      "eval_examples": c["eval_examples"]}
+                                                   for n, c in per_client.items()})
+        return per_client
+
+    def _finish(self, final_eval: dict[str, Any]) -> dict[str, Any]:
+        load_arrays(self.model, self.arrays)
+        metrics = self._metrics()
+        manifest = write_result(self.trainer, Path(self.job.output_dir), self.formatter, metrics,
+                                self._federated(self.settings.rounds), self.history)
+        clear_checkpoint(self.state_dir)
+        return manifest
+
+    # -- records -----------------------------------------------------------------------------------------------
+    def _metrics(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        total = sum(e["bytes_total"] for e in self.history)
+        metrics: dict[str, Any] = {
+            "rounds": len(self.history) and self.history[-1]["round"],
+            "train_loss": _weighted(last.get("clients", {}), "train_loss"),
+            "bytes_total": total, "bytes_to_clients": sum(e["bytes_to_clients"] for e in self.history),
+            "bytes_from_clients": sum(e["bytes_from_clients"] for e in self.history),
+            "trainable_parameters": sum(int(a.numpy().size) for a in self.arrays.values()),
+            "total_parameters": sum(p.numel() for p in self.model.parameters()),
+            "examples": sum(self.examples.values()),
+        }
+        if "global_eval" in last:
+            metrics["eval_loss"] = last["global_eval"]["eval_loss"]
+        return metrics
+
+    def _federated(self, server_round: int) -> dict[str, Any]:
+        return {
+            "round": server_round, "rounds": self.settings.rounds, "strategy": self.settings.strategy,
+            "settings": {k: v for k, v in vars(self.settings).items() if k != "strategy_options"},
+            "clients": {name: {"examples": n} for name, n in sorted(self.examples.items())},
+            "privacy": privacy_report(self.strategy, self.settings),
+            "secure_aggregation": False, "runtime": f"flower {_flower_version()}",
+            "history": self.history,
+        }
+
+    def _tags(self, entry: dict[str, Any]) -> list[str]:
+        privacy = self.settings.privacy()
+        clients = ",".join(f"{n}:{c['examples']}" for n, c in sorted(entry["clients"].items()))
+        return ["federated", f"round={entry['round']}", f"strategy={self.settings.strategy}", f"clients={clients}",
+                "dp=off" if privacy is None else
+                f"dp={privacy['mode']},noise_multiplier={privacy['noise_multiplier']},"
+                f"clipping_norm={privacy['clipping_norm']}"]
+
+    def _registry(self) -> Any:
+        from finetune_sdk.registry import Registry
+
+        return Registry(self.job.registry_home) if self.job.registry_home else Registry()
+
+
+def _attach_global_eval(entry: dict[str, Any], clients: dict[str, Any]) -> None:
+    """Record, on the round that produced a global model, each client's held-out loss of that model."""
+    losses = {n: c for n, c in clients.items() if "global_eval_loss_before" in c}
+    if not losses:
+        return
+    per_client = {n: c["global_eval_loss_before"] for n, c in losses.items()}
+    weights = {n: c.get("eval_examples", 1) for n, c in losses.items()}
+    total = sum(weights.values()) or 1
+    entry["global_eval"] = {"per_client": per_client,
+                            "eval_loss": sum(per_client[n] * weights[n] for n in per_client) / total}
+
+
+def _weighted(clients: dict[str, Any], key: str) -> float | None:
+    total = sum(c["examples"] for c in clients.values())
+    if not total:
+        return None
+    return sum(c[key] * c["examples"] for c in clients.values()) / total
+
+
+def _flower_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("flwr")
+
+
+def write_failure(job: FederatedJob, exc: BaseException) -> None:
+    write_status(job.state_dir, job.run_token, "failed", error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,217 @@
+"""Flower's deployment runtime as local processes: a SuperLink and SuperNodes on loopback, and the run submitted.
+
+``Trainer.fit_federated`` runs its simulation this way (one SuperNode per client, so each client's rows are read
+only by its own processes); ``finetune federated server`` starts the SuperLink and submits the run; ``finetune
+federated client`` starts one SuperNode. Flower's Ray-based simulation engine is not used: Ray is a large
+dependency that runs clients in shared worker processes, and on a few CPU cores its start-up outweighs the runs.
+
+The apps are the SDK's :mod:`~finetune_sdk.federated.server_app` and :mod:`~finetune_sdk.federated.client_app`,
+submitted as a Flower app whose ``pyproject.toml`` carries the job in ``[tool.flwr.app.config]`` (``flwr run``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.errors import FinetuneError
+from finetune_sdk.federated.job import NODE_DATA, NODE_EVAL_DATA, NODE_NAME, FederatedJob
+from finetune_sdk.federated.server_state import read_status
+
+logger = logging.getLogger("finetune_sdk")
+LOOPBACK = "127.0.0.1"
+APP_NAME = "finetune-sdk-federated"
+#: Flower settings passed through as they are (TLS and authentication).
+TLS_FLAGS = ("ssl_certfile", "ssl_keyfile", "ssl_ca_certfile")
+
+
+def free_port() -> int:
+    """An unused TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of Flower processes: this Python's scripts first on PATH, a private FLWR_HOME."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def node_config(name: str, data: str, eval_data: str | None) -> str:
+    """``--node-config`` for a client SuperNode (TOML values, so paths with spaces or quotes survive)."""
+    items = {NODE_NAME: name, NODE_DATA: str(Path(data).resolve())}
+    if eval_data:
+        items[NODE_EVAL_DATA] = str(Path(eval_data).resolve())
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in items.items())
+
+
+def write_app(folder: Path, job: FederatedJob) -> Path:
+    """A Flower app folder whose components are the SDK's apps and whose run config is the job."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = "\n".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in job.to_run_config().items())
+    (folder / "pyproject.toml").write_text(f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{APP_NAME}"
+version = "1.0.0"
+description = "finetune-sdk federated fine-tuning"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "finetune-sdk"
+
+[tool.flwr.app.components]
+serverapp = "finetune_sdk.federated.server_app:app"
+clientapp = "finetune_sdk.federated.client_app:app"
+
+[tool.flwr.app.config]
+{config}
+""", encoding="utf-8")
+    return folder
+
+
+class FlowerProcesses:
+    """Flower processes this SDK started; :meth:`stop` ends exactly those (and waits for them)."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.flwr_home = work_dir / "flwr-home"
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.env = flower_env(self.flwr_home)
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.work_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child writes to it
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.work_dir,
+                                   start_new_session=True)
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def superlink(self, port: int, *, insecure: bool = True, tls: dict[str, str] | None = None,
+                  host: str = LOOPBACK) -> subprocess.Popen[bytes]:
+        args = [_script("flower-superlink"), "--host", host, "--port", str(port),
+                "--disable-runtime-dependency-installation"]
+        args += ["--insecure"] if insecure else _flags(tls or {})
+        return self.start("superlink", args)
+
+    def supernode(self, name: str, superlink: str, config: str, *, insecure: bool = True,
+                  root_certificates: str | None = None, auth_key: str | None = None) -> subprocess.Popen[bytes]:
+        args = [_script("flower-supernode"), "--superlink", superlink, "--port", str(free_port()),
+                "--node-config", config, "--max-wait-time", "600"]
+        args += ["--insecure"] if insecure else (["--root-certificates", root_certificates] if root_certificates
+                                                 else [])
+        if auth_key:
+            args += ["--auth-supernode-private-key", auth_key]
+        return self.start(f"supernode-{name}", args)
+
+    def submit(self, app_dir: Path, superlink: str, *, insecure: bool = True,
+               root_certificates: str | None = None) -> str:
+        """``flwr run`` the app on the SuperLink; returns the run id."""
+        connection = {"address": superlink, "insecure": insecure}
+        if root_certificates:
+            connection["root-certificates"] = str(Path(root_certificates).resolve())
+        lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in connection.items())
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "finetune"\n\n[superlink.finetune]\n{lines}\n', encoding="utf-8")
+        deadline = time.time() + 120
+        while True:
+            done = subprocess.run([_script("flwr"), "run", str(app_dir), "finetune", "--format", "json"],
+                                  capture_output=True, text=True, env=self.env, cwd=self.work_dir, timeout=300)
+            answer = _json_tail(done.stdout)
+            if done.returncode == 0 and answer.get("success"):
+                return str(answer["run-id"])
+            if time.time() > deadline:  # the SuperLink may still be starting: retry for a while
+                raise FinetuneError(f"Flower refused the run: {(done.stdout + done.stderr).strip()[-500:]}")
+            time.sleep(1)
+
+    def alive(self, name: str) -> bool:
+        process = self.processes.get(name)
+        return process is not None and process.poll() is None
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one process this object started (and its process group)."""
+        process = self.processes[name]
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            self.kill(name, signal.SIGTERM)
+        deadline = time.time() + 15
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait()
+
+    def log_tail(self, name: str, chars: int = 2000) -> str:
+        path = self.work_dir / f"{name}.log"
+        return path.read_text(encoding="utf-8", errors="replace")[-chars:] if path.is_file() else ""
+
+
+def wait_for_run(job: FederatedJob, processes: FlowerProcesses, timeout: float) -> dict[str, Any]:
+    """Wait until the ServerApp writes a final status for this run; a failure is raised with its message."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = read_status(job.state_dir)
+        if status and status.get("token") == job.run_token and status["state"] in ("completed", "failed"):
+            if status["state"] == "failed":
+                raise FinetuneError(f"federated run failed: {status.get('error')}")
+            return status
+        if not processes.alive("superlink"):
+            raise FinetuneError("the Flower SuperLink stopped before the run finished:\n"
+                                + processes.log_tail("superlink"))
+        time.sleep(0.5)
+    raise FinetuneError(f"the federated run did not finish within {timeout:.0f} s; see the logs in "
+                        f"{processes.work_dir}")
+
+
+def new_work_dir(prefix: str = "finetune-federated-") -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def _script(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _flags(values: dict[str, str]) -> list[str]:
+    args = []
+    for key in TLS_FLAGS:
+        if values.get(key):
+            args += ["--" + key.replace("_", "-"), str(values[key])]
+    return args
+
+
+def _json_tail(text: str) -> dict[str, Any]:
+    start = text.find("{")
+    try:
+        return json.loads(text[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        return {}

@@ -1,0 +1,78 @@
+"""The server's files: each round's global adapter as an ordinary result folder, the resume checkpoint, the status.
+
+Layout beside ``output_dir`` (``<output_dir>.federated/``): ``round-<k>/`` (a result folder ``finetune_sdk.load``
+reads), ``checkpoint/`` (``arrays.safetensors`` and ``state.json`` of the last completed round, written
+atomically) and ``status.json`` (``running``, ``completed`` or ``failed`` with the error). ``output_dir`` itself
+is the final global adapter, written when the run completes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from finetune_sdk.fsutil import staged_directory, write_json_atomic
+from finetune_sdk.manifest import MANIFEST_NAME
+
+CHECKPOINT, STATUS = "checkpoint", "status.json"
+
+
+def write_result(trainer: Any, directory: Path, formatter: str | None, metrics: dict[str, Any],
+                 federated: dict[str, Any], log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write the model's current trainable weights as a result folder (atomically); returns its manifest."""
+    session = trainer.session()
+    plan = SimpleNamespace(objective="sft", formatter_name=formatter,
+                           dataset={"source": "federated", "clients": federated.get("clients", {}),
+                                    "rows": sum(c.get("examples", 0) for c in federated.get("clients", {}).values()),
+                                    "fingerprint": None})
+    manifest = trainer.manifest(plan, metrics)
+    manifest["federated"] = federated
+    with staged_directory(directory) as staging:
+        trainer.technique.save(session.model, staging)
+        session.tokenizer.save_pretrained(staging)
+        write_json_atomic(staging / "training_log.json", log_history)
+        write_json_atomic(staging / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def save_checkpoint(state_dir: Path, arrays: Any, state: dict[str, Any]) -> None:
+    """Save the global parameters and the run's state after a completed round; the old checkpoint is replaced
+    in one rename."""
+    from safetensors.numpy import save_file
+
+    with staged_directory(state_dir / CHECKPOINT) as staging:
+        save_file({name: array.numpy() for name, array in arrays.items()}, str(staging / "arrays.safetensors"))
+        write_json_atomic(staging / "state.json", state)
+
+
+def load_checkpoint(state_dir: Path) -> tuple[Any, dict[str, Any]] | None:
+    """The last completed round's parameters (an ``ArrayRecord``) and state, or ``None`` when there is none."""
+    folder = state_dir / CHECKPOINT
+    if not (folder / "state.json").is_file() or not (folder / "arrays.safetensors").is_file():
+        return None
+    from flwr.app import Array, ArrayRecord
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(folder / "arrays.safetensors"))
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    return ArrayRecord({name: Array(arrays[name]) for name in state["array_names"]}), state
+
+
+def write_status(state_dir: Path, token: str, state: str, **extra: Any) -> None:
+    write_json_atomic(state_dir / STATUS, {"token": token, "state": state, **extra})
+
+
+def read_status(state_dir: Path) -> dict[str, Any] | None:
+    path = state_dir / STATUS
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def clear_checkpoint(state_dir: Path) -> None:
+    """Drop the resume checkpoint once the final result is written (nothing is left to resume)."""
+    shutil.rmtree(state_dir / CHECKPOINT, ignore_errors=True)

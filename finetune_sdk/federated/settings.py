@@ -1,0 +1,130 @@
+"""The settings of a federated run, checked before any process starts, and how they travel to Flower apps."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from finetune_sdk.errors import ConfigError
+
+FLOWER_EXTRA_HINT = "pip install 'finetune-sdk[federated]'"
+DP_MODES = ("server", "client")
+
+
+def require_flower() -> None:
+    """Raise a one-line :class:`ConfigError` naming the extra when Flower (``flwr``) is not installed."""
+    if importlib.util.find_spec("flwr") is None:
+        raise ConfigError(f"federated fine-tuning needs Flower (flwr), which is not installed; run: "
+                          f"{FLOWER_EXTRA_HINT}")
+
+
+@dataclass
+class FederatedSettings:
+    """How a federation trains; every field has the name Flower or the FedAvg/FedProx/DP papers give it.
+
+    Attributes:
+        rounds: federated rounds (server aggregations).
+        strategy: ``"fedavg"`` (McMahan et al., 2017, weighted by example counts), ``"fedprox"`` (Li et al., 2020:
+            local loss plus ``proximal_mu / 2 * ||w - w_global||^2``) or a plugin's strategy.
+        fraction_fit: fraction of the connected clients sampled for training each round (at least
+            ``min_fit_clients``).
+        fraction_evaluate: fraction of clients asked for the final held-out evaluation.
+        min_fit_clients: a round is aggregated when at least this many sampled clients report; fewer is an error.
+            ``None``: 1.
+        min_available_clients: clients that must be connected before the first round (``None``: ``min_fit_clients``).
+        local_epochs: passes over its own data each client makes per round (``num_train_epochs`` of local fit).
+        local_steps: optimizer steps per round instead of epochs (``max_steps`` of local fit; 0: use epochs).
+        proximal_mu: FedProx's mu (0 with FedAvg).
+        round_timeout: seconds the server waits for replies each round; clients that have not answered by then
+            are dropped from the round.
+        dp: differential privacy on the client updates: ``None`` (off), ``"server"`` (the server clips each
+            update to ``clipping_norm`` and adds Gaussian noise: Flower's
+            ``DifferentialPrivacyServerSideFixedClipping``) or ``"client"`` (each client clips its own update
+            before sending it, the server adds the noise: ``DifferentialPrivacyClientSideFixedClipping`` with
+            ``fixedclipping_mod``).
+        noise_multiplier: Gaussian noise standard deviation as a multiple of ``clipping_norm``.
+        clipping_norm: L2 bound on each client's update (the change of the trainable parameters in a round).
+        target_delta: the delta at which epsilon is reported (Flower's RDP accountant, client-level DP,
+            no amplification by sampling).
+        seed: seed of the server's initial adapter (``None``: the Trainer's ``seed``).
+    """
+
+    rounds: int = 3
+    strategy: str = "fedavg"
+    fraction_fit: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_fit_clients: int | None = None
+    min_available_clients: int | None = None
+    local_epochs: float = 1.0
+    local_steps: int = 0
+    proximal_mu: float = 0.0
+    round_timeout: float = 600.0
+    dp: str | None = None
+    noise_multiplier: float = 0.0
+    clipping_norm: float = 0.0
+    target_delta: float = 1e-5
+    seed: int | None = None
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, num_clients: int | None = None) -> FederatedSettings:
+        """Check every field; a bad one is a one-line :class:`ConfigError`. Returns ``self``.
+
+        >>> FederatedSettings(rounds=2).validate(num_clients=3).min_fit_clients
+        1
+        >>> FederatedSettings(fraction_fit=1.5).validate()
+        Traceback (most recent call last):
+        ...
+        finetune_sdk.errors.ConfigError: fraction_fit must be in (0, 1], got 1.5
+        """
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+        for name in ("fraction_fit", "fraction_evaluate"):
+            value = getattr(self, name)
+            if not 0 < value <= 1 and not (name == "fraction_evaluate" and value == 0):
+                raise ConfigError(f"{name} must be in (0, 1], got {value}")
+        if self.min_fit_clients is None:
+            self.min_fit_clients = 1
+        if self.min_fit_clients < 1:
+            raise ConfigError(f"min_fit_clients must be >= 1, got {self.min_fit_clients}")
+        if self.min_available_clients is None:
+            self.min_available_clients = self.min_fit_clients
+        if num_clients is not None and self.min_fit_clients > num_clients:
+            raise ConfigError(f"min_fit_clients={self.min_fit_clients} but only {num_clients} clients were given")
+        if num_clients is not None and self.min_available_clients > num_clients:
+            raise ConfigError(f"min_available_clients={self.min_available_clients} but only {num_clients} "
+                              "clients were given")
+        if self.local_epochs <= 0 and self.local_steps <= 0:
+            raise ConfigError("local_epochs must be > 0 (or give local_steps > 0)")
+        if self.proximal_mu < 0:
+            raise ConfigError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+        if self.round_timeout <= 0:
+            raise ConfigError(f"round_timeout must be > 0 seconds, got {self.round_timeout}")
+        if self.dp is not None:
+            if self.dp not in DP_MODES:
+                raise ConfigError(f"dp must be None, 'server' or 'client', got {self.dp!r}")
+            if self.clipping_norm <= 0:
+                raise ConfigError("differential privacy needs clipping_norm > 0 (the L2 bound on each update)")
+            if self.noise_multiplier < 0 or not math.isfinite(self.noise_multiplier):
+                raise ConfigError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+            if not 0 < self.target_delta < 1:
+                raise ConfigError(f"target_delta must be in (0, 1), got {self.target_delta}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FederatedSettings:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def privacy(self) -> dict[str, Any] | None:
+        """The privacy settings as the manifest records them (``None`` without DP)."""
+        if self.dp is None:
+            return None
+        return {"mode": self.dp, "noise_multiplier": self.noise_multiplier, "clipping_norm": self.clipping_norm,
+                "target_delta": self.target_delta}
