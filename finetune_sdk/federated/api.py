@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from finetune_sdk.errors import ConfigError, DataError
+from finetune_sdk.errors import ConfigError, DataError, FinetuneError
 from finetune_sdk.federated.job import FederatedJob
 from finetune_sdk.federated.settings import FederatedSettings, require_flower
 from finetune_sdk.result import FitResult
@@ -30,7 +30,10 @@ def normalise_clients(clients: Any, work_dir: Path) -> dict[str, tuple[str, str 
         raise ConfigError("clients must be a non-empty dict {client name: data file or {'train': ..., 'eval': ...}}")
     out: dict[str, tuple[str, str | None]] = {}
     for name, spec in clients.items():
-        validate_name(str(name), "client name")
+        try:
+            validate_name(str(name), "client name")
+        except FinetuneError as exc:
+            raise ConfigError(str(exc)) from None
         train, evaluation = (spec.get("train"), spec.get("eval")) if isinstance(spec, dict) else (spec, None)
         if train is None:
             raise ConfigError(f"client {name!r}: no 'train' data")
@@ -75,10 +78,14 @@ def fit_federated(trainer: Any, clients: Any, *, resume: bool = False, timeout: 
         write_app
 
     work_dir = new_work_dir()
-    processes = FlowerProcesses(work_dir)
     try:
         data = normalise_clients(clients, work_dir)
-        job = _job(trainer, config, data, resume)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    job = _job(trainer, config, data, resume)
+    processes = FlowerProcesses(work_dir)
+    try:
         port = free_port()
         address = f"127.0.0.1:{port}"
         processes.superlink(port)

@@ -84,11 +84,12 @@ class FederatedServer:
                 raise FinetuneError(
                     f"round {server_round}: only {len(valid)} of {len(sent)} sampled clients reported (dropped: "
                     f"{', '.join(dropped) or 'none'}); min_fit_clients is {self.settings.min_fit_clients}")
+            norms = {r.metadata.src_node_id: update_norm(r.content["arrays"], self.arrays) for r in valid}
             arrays, _ = self.strategy.aggregate_train(server_round, valid)
             if arrays is None:
                 raise FinetuneError(f"round {server_round}: the strategy could not aggregate the updates")
             self.arrays = arrays
-            entry = self._round_entry(server_round, sent, valid, dropped, time.time() - started)
+            entry = self._round_entry(server_round, sent, valid, dropped, norms, time.time() - started)
             self.history.append(entry)
             self._log_round(entry)
             self._save_round(entry)
@@ -112,7 +113,7 @@ class FederatedServer:
         return dropped
 
     def _round_entry(self, server_round: int, sent: dict[int, int], valid: list[Any], dropped: list[str],
-                     seconds: float) -> dict[str, Any]:
+                     norms: dict[int, float], seconds: float) -> dict[str, Any]:
         clients: dict[str, Any] = {}
         for reply in valid:
             node = reply.metadata.src_node_id
@@ -125,6 +126,7 @@ class FederatedServer:
                 "examples": examples, "bytes_received": sent[node],
                 "bytes_sent": payload_bytes(reply.content["arrays"]),
                 "train_loss": metrics["train_loss"], "train_steps": int(metrics["train_steps"]),
+                "update_norm": norms[node],
                 **({"eval_loss": metrics["eval_loss"], "global_eval_loss_before": metrics["global_eval_loss"],
                     "eval_examples": int(metrics["eval_examples"])} if metrics["eval_examples"] else {}),
             }
@@ -240,6 +242,14 @@ def _attach_global_eval(entry: dict[str, Any], clients: dict[str, Any]) -> None:
     total = sum(weights.values()) or 1
     entry["global_eval"] = {"per_client": per_client,
                             "eval_loss": sum(per_client[n] * weights[n] for n in per_client) / total}
+
+
+def update_norm(new: Any, old: Any) -> float:
+    """L2 norm of a client's update: the change of all its trainable parameters in the round."""
+    import numpy as np
+
+    return float(np.sqrt(sum(float(np.sum((new[k].numpy().astype(np.float64) - old[k].numpy()) ** 2))
+                             for k in old.keys())))
 
 
 def _weighted(clients: dict[str, Any], key: str) -> float | None:

@@ -1,0 +1,195 @@
+"""Federated fine-tuning: settings, strategies, what travels, and the server's rounds on an in-process Grid.
+
+The runs with real Flower processes (SuperLink and SuperNodes) are in test_federated_runtime.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from finetune_sdk import Trainer  # noqa: E402
+from finetune_sdk.errors import ConfigError, FinetuneError  # noqa: E402
+from finetune_sdk.federated.job import FederatedJob  # noqa: E402
+from finetune_sdk.federated.settings import FederatedSettings  # noqa: E402
+from tests.federated_data import write_clients  # noqa: E402
+
+OPTIONS = {"learning_rate": 5e-3, "seed": 7, "per_device_train_batch_size": 2}
+
+
+def make_job(model, out, clients, **settings):
+    settings.setdefault("rounds", 1)
+    config = FederatedSettings(**settings).validate(len(clients))
+    return FederatedJob(str(model), "lora", None, "chatml", dict(OPTIONS), config, str(out),
+                        expected_clients=sorted(clients), run_token="test")
+
+
+def as_pairs(clients):
+    return {name: (spec["train"], spec.get("eval")) for name, spec in clients.items()}
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"rounds": 0}, "rounds must be an integer >= 1"),
+    ({"fraction_fit": 0}, "fraction_fit must be in (0, 1]"),
+    ({"min_fit_clients": 4}, "min_fit_clients=4 but only 3 clients"),
+    ({"dp": "server"}, "needs clipping_norm > 0"),
+    ({"dp": "local", "clipping_norm": 1.0}, "dp must be None, 'server' or 'client'"),
+    ({"local_epochs": 0}, "local_epochs must be > 0"),
+])
+def test_bad_settings_are_one_line_errors(settings, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        FederatedSettings(**settings).validate(num_clients=3)
+
+
+def test_fit_federated_checks_before_starting_anything(llama_dir, tmp_path):
+    trainer = Trainer(llama_dir, formatter="chatml", output_dir=tmp_path / "out", progress=False)
+    clients = write_clients(tmp_path / "data", ["clinic-a"])
+    with pytest.raises(ConfigError, match="unknown federated setting 'round'.*did you mean 'rounds'"):
+        trainer.fit_federated(clients, round=2)
+    with pytest.raises(ConfigError, match="unknown strategy 'fedavgg'.*'fedavg'"):
+        trainer.fit_federated(clients, strategy="fedavgg")
+    with pytest.raises(FinetuneError, match="no such file"):
+        trainer.fit_federated({"clinic-a": str(tmp_path / "missing.jsonl")})
+    with pytest.raises(ConfigError, match="client name"):
+        trainer.fit_federated({"../a": clients["clinic-a"]["train"]})
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_flower_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from finetune_sdk.federated.settings import require_flower
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flwr" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"finetune-sdk\[federated\]"):
+        require_flower()
+
+
+def test_builtin_strategies_build_flower_strategies():
+    from flwr.serverapp.strategy import FedAvg, FedProx
+
+    from finetune_sdk.plugin_manager import get_plugin_host
+
+    host = get_plugin_host()
+    assert {"fedavg", "fedprox"} <= set(host.names("strategy"))
+    settings = FederatedSettings(fraction_fit=0.5, min_fit_clients=2, proximal_mu=0.1).validate(4)
+    fedavg = host.create("strategy", "fedavg").build(settings)
+    fedprox = host.create("strategy", "fedprox").build(settings)
+    assert type(fedavg) is FedAvg and fedavg.fraction_train == 0.5 and fedavg.min_train_nodes == 2
+    assert isinstance(fedprox, FedProx) and fedprox.proximal_mu == 0.1
+
+
+def test_qlora_sends_only_the_adapter_and_bytes_match_its_size(tiny_models):
+    from finetune_sdk.federated.params import NPY_HEADER_BYTES, payload_bytes, raw_bytes, trainable_arrays
+
+    model_dir = tiny_models("llama", hidden_size=64)
+    trainer = Trainer(model_dir, technique="qlora", formatter="chatml", progress=False, r=4)
+    session = trainer.session()
+    model = trainer.technique.prepare(session.model, trainer.options, session.tokenizer)
+    record = trainable_arrays(model)
+    assert record.keys() and all("lora_" in name for name in record.keys())
+    adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert raw_bytes(model) == adapter * 4
+    assert raw_bytes(model) <= payload_bytes(record) <= raw_bytes(model) + NPY_HEADER_BYTES * len(record.keys())
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and not set(frozen) & set(record.keys()), "the 4-bit base never travels"
+
+
+def test_one_client_one_round_fedavg_equals_local_fit(llama_dir, tmp_path):
+    """Acceptance: 1 client, FedAvg, 1 round = a local fit with the same seed and steps (within 1e-5)."""
+    import torch
+
+    import finetune_sdk
+    from finetune_sdk.federated.params import trainable_arrays
+    from finetune_sdk.testing.federated import run_in_process
+
+    clients = write_clients(tmp_path / "data", ["clinic-a"])
+    manifest = run_in_process(make_job(llama_dir, tmp_path / "fed", clients, local_steps=3), as_pairs(clients))
+    assert manifest["federated"]["history"][0]["clients"]["clinic-a"]["train_steps"] == 3
+
+    local = Trainer(llama_dir, formatter="chatml", output_dir=tmp_path / "local", progress=False, max_steps=3,
+                    save_steps=0, **OPTIONS)
+    local.fit(clients["clinic-a"]["train"])
+    expected = trainable_arrays(local.session().model)
+    loaded = finetune_sdk.load(tmp_path / "fed")
+    for param in loaded.model.parameters():  # loaded for inference: mark the adapter as the trainable part
+        param.requires_grad = False
+    for name, param in loaded.model.named_parameters():
+        param.requires_grad = "lora_" in name
+    actual = trainable_arrays(loaded.model)
+    assert set(actual.keys()) == set(expected.keys())
+    for name in expected.keys():
+        assert np.allclose(actual[name].numpy(), expected[name].numpy(), atol=1e-5), name
+    changed = max(float(np.abs(expected[n].numpy()).max()) for n in expected.keys() if "lora_B" in n)
+    assert changed > 0, "training must have moved the adapter for the comparison to mean something"
+    assert torch.is_tensor(loaded.model.get_input_embeddings().weight)
+
+
+@pytest.mark.slow
+def test_dropped_client_is_reported_and_min_fit_clients_enforced(llama_dir, tmp_path):
+    from finetune_sdk.testing.federated import run_in_process
+
+    clients = as_pairs(write_clients(tmp_path / "data"))
+    manifest = run_in_process(make_job(llama_dir, tmp_path / "out", clients, local_steps=1, min_fit_clients=2),
+                              clients, failing=["clinic-c"])
+    round_1 = manifest["federated"]["history"][0]
+    assert sorted(round_1["clients"]) == ["clinic-a", "clinic-b"]
+    assert len(round_1["dropped"]) == 1 and "disconnected" in round_1["dropped"][0]
+    with pytest.raises(FinetuneError, match="round 1: only 1 of 3 sampled clients reported"):
+        run_in_process(make_job(llama_dir, tmp_path / "out2", clients, local_steps=1, min_fit_clients=2),
+                       clients, failing=["clinic-b", "clinic-c"])
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.slow
+def test_client_side_dp_clips_updates_and_records_privacy(llama_dir, tmp_path):
+    """Acceptance: with noise on, the privacy parameters are in the manifest and each update is clipped."""
+    from finetune_sdk.testing.federated import run_in_process
+
+    clients = as_pairs(write_clients(tmp_path / "data", ["clinic-a", "clinic-b"]))
+    manifest = run_in_process(make_job(llama_dir, tmp_path / "out", clients, rounds=2, local_steps=2, dp="client",
+                                       clipping_norm=0.01, noise_multiplier=0.5), clients)
+    privacy = manifest["federated"]["privacy"]
+    assert privacy["mode"] == "client" and privacy["noise_multiplier"] == 0.5 and privacy["clipping_norm"] == 0.01
+    assert privacy["delta"] == 1e-5 and privacy["releases"] == 2 and 0 < privacy["epsilon"] < float("inf")
+    for entry in manifest["federated"]["history"]:
+        for client in entry["clients"].values():
+            assert client["update_norm"] == pytest.approx(0.01, rel=1e-3)  # clipped to the norm, not below
+
+
+def test_fedprox_term_adds_mu_times_distance_to_the_gradient():
+    import torch
+
+    from finetune_sdk.federated.client_training import _add_proximal_term
+
+    layer = torch.nn.Linear(3, 1, bias=False)
+    handles = _add_proximal_term(layer, mu=0.5, accumulation_steps=1)
+    with torch.no_grad():
+        layer.weight += 2.0  # w - w_global = 2 everywhere
+    layer(torch.zeros(1, 3)).sum().backward()  # the data gradient is 0 for a zero input
+    assert torch.allclose(layer.weight.grad, torch.full((1, 3), 1.0))
+    for handle in handles:
+        handle.remove()
+
+
+@pytest.mark.slow
+def test_every_round_is_a_registry_version_with_lineage(llama_dir, tmp_path):
+    from finetune_sdk.registry import Registry
+    from finetune_sdk.testing.federated import run_in_process
+
+    clients = as_pairs(write_clients(tmp_path / "data", ["clinic-a", "clinic-b"]))
+    job = make_job(llama_dir, tmp_path / "out", clients, rounds=2, local_steps=1)
+    job.publish_as, job.registry_home = "fed-bot", str(tmp_path / "registry")
+    run_in_process(job, clients)
+    registry = Registry(tmp_path / "registry")
+    v1, v2 = registry.resolve("fed-bot@1"), registry.resolve("fed-bot@2")
+    assert v2.parent == v1.ref and v1.parent is None
+    assert "round=2" in v2.tags and "strategy=fedavg" in v2.tags and "clients=clinic-a:4,clinic-b:4" in v2.tags
+    manifest = json.loads((registry.path("fed-bot@2") / "finetune_manifest.json").read_text())
+    assert manifest["federated"]["round"] == 2 and manifest["federated"]["clients"]["clinic-a"]["examples"] == 4
+    assert "Quillmere" not in json.dumps(manifest), "no client data in what the server stores"
