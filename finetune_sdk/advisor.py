@@ -60,16 +60,20 @@ class Advice:
     device: str = "cpu"
     fits: bool = True
     considered: list[Candidate] = field(default_factory=list)
+    #: True when the data can't leave its owners: train with ``fit_federated`` / ``finetune federated``.
+    federated: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"technique": self.technique, "quantizer": self.quantizer, "options": dict(self.options),
+                "federated": self.federated,
                 "fits": self.fits, "memory_bytes": self.memory_bytes, "device": self.device,
                 "estimate": self.estimate.as_dict(), "reasons": list(self.reasons),
                 "considered": [vars(c) for c in self.considered]}
 
     def command(self, model: str = "MODEL", data: str = "train.jsonl") -> str:
         """The ``finetune train`` command line that applies this advice."""
-        parts = [f"finetune train --model {model} --data {data} --technique {self.technique}"]
+        parts = [f"finetune federated server --model {model} --technique {self.technique} --output-dir fed"
+                 if self.federated else f"finetune train --model {model} --data {data} --technique {self.technique}"]
         if self.quantizer:
             parts.append(f"--quantizer {self.quantizer}")
         for name, value in self.options.items():
@@ -78,12 +82,15 @@ class Advice:
                 parts += [flag] if value else []
             elif not (name == "gradient_accumulation_steps" and value == 1):
                 parts.append(f"{flag} {value}")
+        if self.federated:
+            parts.append(f"  (then on each owner's machine: finetune federated client --server SERVER:9092 --data {data})")
         return " ".join(parts)
 
 
 def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int | None = None,
            memory_bytes: int | None = None, device: str = "auto", must_keep_base: bool = False,
-           private_data: bool = False, seq_len: int = 512, task: str = "causal-lm") -> Advice:
+           private_data: bool = False, seq_len: int = 512, task: str = "causal-lm",
+           data_owners: int = 0) -> Advice:
     """Recommend how to fine-tune ``model`` (a config, model folder, cached Hub id or ``.gguf`` file).
 
     Args:
@@ -94,6 +101,8 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
         private_data: the data must not leave the organisation (adds what that means for the run).
         seq_len: tokens per example after truncation (``max_length``).
         task: ``causal-lm`` (text generation) or ``classification``.
+        data_owners: the data is split among this many owners who can't share it (hospitals, banks, devices):
+            2 or more recommends federated fine-tuning (``Advice.federated``), with its reasons and costs.
     """
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -154,10 +163,17 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
     reasons += _data_reasons(chosen.technique, rows, tokens, large, must_keep_base)
     reasons += _memory_reasons(chosen, gc, memory, device, fits, considered, options)
     reasons += _base_reasons(chosen.technique, must_keep_base, chosen)
-    reasons += _privacy_reasons(private_data, chosen)
+    federated = data_owners >= 2
+    if federated:
+        from finetune_sdk.federated.advice import federated_reasons
+
+        reasons += federated_reasons(data_owners, chosen, shape)
+    else:
+        reasons += _privacy_reasons(private_data, chosen)
     reasons += [f"note: {note}" for note in chosen.notes]
     return Advice(technique=chosen.technique, quantizer=chosen.quantizer, options=options, estimate=chosen,
-                  reasons=reasons, memory_bytes=memory, device=device, fits=fits, considered=considered)
+                  reasons=reasons, memory_bytes=memory, device=device, fits=fits, considered=considered,
+                  federated=federated)
 
 
 def _options(est: MemoryEstimate, gc: bool, target: int, seq_len: int) -> dict[str, Any]:

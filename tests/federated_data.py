@@ -18,14 +18,19 @@ def client_rows(name: str) -> list[dict[str, str]]:
             for place, colour in FACTS[name]]
 
 
+def held_out_rows(name: str) -> list[dict[str, str]]:
+    """The same facts asked in other words: held out from training."""
+    return [{"prompt": f"Which colour is the flag of {place}?", "completion": f"The {place} flag is {colour}."}
+            for place, colour in FACTS[name]]
+
+
 def write_clients(folder: Path, names: list[str] | None = None) -> dict[str, dict[str, str]]:
     """``{name: {"train": file, "eval": file}}``: each client's held-out rows ask about its own facts."""
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in names or list(FACTS):
-        rows = client_rows(name)
         train, held_out = folder / f"{name}.jsonl", folder / f"{name}-eval.jsonl"
-        train.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        held_out.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]), encoding="utf-8")
+        train.write_text("".join(json.dumps(r) + "\n" for r in client_rows(name)), encoding="utf-8")
+        held_out.write_text("".join(json.dumps(r) + "\n" for r in held_out_rows(name)), encoding="utf-8")
         out[name] = {"train": str(train), "eval": str(held_out)}
     return out

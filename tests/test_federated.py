@@ -193,3 +193,46 @@ def test_every_round_is_a_registry_version_with_lineage(llama_dir, tmp_path):
     manifest = json.loads((registry.path("fed-bot@2") / "finetune_manifest.json").read_text())
     assert manifest["federated"]["round"] == 2 and manifest["federated"]["clients"]["clinic-a"]["examples"] == 4
     assert "Quillmere" not in json.dumps(manifest), "no client data in what the server stores"
+
+
+def _strategy_contracts():
+    from finetune_sdk.plugin_manager import PluginHost
+    from finetune_sdk.testing import StrategyContract
+
+    for name in PluginHost(autoload=False).names("strategy"):
+        settings = {"proximal_mu": 0.01} if name == "fedprox" else {}
+        cls = type(f"TestStrategyContract_{name}", (StrategyContract,), {"name": name, "settings": settings})
+        yield cls.__name__, cls
+
+
+for _name, _cls in _strategy_contracts():
+    globals()[_name] = _cls
+
+
+def test_strategy_plugin_registers_through_the_hook(monkeypatch):
+    import sys
+    import types
+
+    import finetune_sdk
+    from finetune_sdk import plugin_manager
+    from finetune_sdk.federated import FederatedStrategy
+    from finetune_sdk.plugin_manager import PluginHost
+
+    class Median(FederatedStrategy):
+        name = "fedmedian"
+        description = "coordinate-wise median (Yin et al., 2018)"
+
+        def build(self, settings):
+            from flwr.serverapp.strategy import FedMedian
+
+            return FedMedian(**self.sampling(settings))
+
+    module = types.ModuleType("finetune_sdk_fedmedian")
+    module.register_federated_strategies = finetune_sdk.hookimpl(lambda register: register(Median))
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    entry_point = types.SimpleNamespace(name="fedmedian", load=lambda: module,
+                                        dist=types.SimpleNamespace(name="finetune-sdk-fedmedian"))
+    monkeypatch.setattr(plugin_manager, "discover_entry_points", lambda: [entry_point])
+    host = PluginHost(autoload=True)
+    assert "fedmedian" in host.names("strategy")
+    assert type(host.create("strategy", "fedmedian").build(FederatedSettings().validate())).__name__ == "FedMedian"

@@ -37,10 +37,15 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
               help="tokens per example (max_length)")
 @click.option("--keep-base", is_flag=True, help="the base model must stay untouched")
 @click.option("--private", is_flag=True, help="the data is private and must not leave this machine")
+@click.option("--private-data", "owners", type=click.IntRange(min=2), flag_value=2, default=None,
+              help="the data can't leave its owners (several hospitals, banks, devices): recommend federated "
+                   "fine-tuning; --owners N says how many")
+@click.option("--owners", "owners", type=click.IntRange(min=2), help="number of data owners (implies --private-data)")
 @click.option("--task", type=click.Choice(["causal-lm", "classification"]), default="causal-lm", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the advice as JSON")
 def advise_command(model: str, rows: int | None, tokens: int | None, memory: int | None, device: str,
-                   seq_len: int, keep_base: bool, private: bool, task: str, as_json: bool) -> None:
+                   seq_len: int, keep_base: bool, private: bool, owners: int | None, task: str,
+                   as_json: bool) -> None:
     """Recommend a technique, quantizer, batch size and memory settings for MODEL (a folder, cached Hub id or
     .gguf file), with the memory estimate and the reasons. Only the model's config is read.
 
@@ -52,7 +57,8 @@ def advise_command(model: str, rows: int | None, tokens: int | None, memory: int
 
     try:
         advice = advise(model, dataset_rows=rows, dataset_tokens=tokens, memory_bytes=memory, device=device,
-                        must_keep_base=keep_base, private_data=private, seq_len=seq_len, task=task)
+                        must_keep_base=keep_base, private_data=private, seq_len=seq_len, task=task,
+                        data_owners=owners or 0)
     except FinetuneError as exc:
         raise UserError(str(exc)) from None
     if as_json:
@@ -71,6 +77,8 @@ def render(advice: Any, model: str) -> None:
     table = Table(title="recommendation" if advice.fits else "recommendation (does not fit)")
     table.add_column("setting")
     table.add_column("value")
+    if advice.federated:
+        table.add_row("training", "federated (Flower): each owner trains on its own data")
     table.add_row("technique", advice.technique)
     table.add_row("quantizer", advice.quantizer or "none")
     for name, value in advice.options.items():

@@ -10,6 +10,7 @@ from finetune_sdk import __version__
 from finetune_sdk.cli.advise_command import advise_command
 from finetune_sdk.cli.errors import FinetuneGroup
 from finetune_sdk.cli.export_command import export_command
+from finetune_sdk.cli.federated_commands import federated_group
 from finetune_sdk.cli.inference_commands import eval_command, generate_command, predict_command
 from finetune_sdk.cli.merge_command import merge_command
 from finetune_sdk.cli.plugins_command import plugins_command
@@ -43,6 +44,7 @@ cli.add_command(registry_group)
 cli.add_command(merge_command)
 cli.add_command(export_command)
 cli.add_command(advise_command)
+cli.add_command(federated_group)
 
 
 def _add_plugin_commands() -> None:

@@ -70,30 +70,52 @@ def fit_federated(trainer: Any, clients: Any, *, resume: bool = False, timeout: 
     config = FederatedSettings(**settings).validate(num_clients=len(clients) if isinstance(clients, dict) else None)
     if "min_available_clients" not in settings:
         config.min_available_clients = len(clients)
-    trainer.host.create("strategy", config.strategy)
-    if trainer._given_model is not None:
-        raise ConfigError("fit_federated needs the model as a path or Hub id (each client process loads it), "
-                          "not a loaded model object")
-    from finetune_sdk.federated.runtime import FlowerProcesses, free_port, new_work_dir, node_config, wait_for_run, \
-        write_app
+    from finetune_sdk.federated.runtime import free_port, new_work_dir
 
+    _check_trainer(trainer, config)
     work_dir = new_work_dir()
     try:
         data = normalise_clients(clients, work_dir)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
-    job = _job(trainer, config, data, resume)
+    return run_federation(trainer, config, work_dir, port=free_port(), clients=data, resume=resume,
+                          timeout=timeout)
+
+
+def run_server(trainer: Any, config: FederatedSettings, *, host: str, port: int, resume: bool = False,
+               insecure: bool = False, tls: dict[str, str | None] | None = None,
+               supernode_auth: bool = False) -> FitResult:
+    """``finetune federated server``: a SuperLink on ``host:port`` for clients on other machines, the job run."""
+    from finetune_sdk.federated.runtime import new_work_dir
+
+    require_flower()
+    _check_trainer(trainer, config)
+    return run_federation(trainer, config, new_work_dir(), port=port, host=host, resume=resume, insecure=insecure,
+                          tls=tls, supernode_auth=supernode_auth)
+
+
+def run_federation(trainer: Any, config: FederatedSettings, work_dir: Path, *, port: int, host: str = "127.0.0.1",
+                   clients: dict[str, tuple[str, str | None]] | None = None, resume: bool = False,
+                   insecure: bool = True, tls: dict[str, str | None] | None = None, supernode_auth: bool = False,
+                   timeout: float | None = None) -> FitResult:
+    """Start a SuperLink (and a SuperNode per local client), submit the job, wait for it, stop what was started."""
+    from finetune_sdk.federated.runtime import FlowerProcesses, node_config, wait_for_run, write_app
+
+    job = _job(trainer, config, sorted(clients or {}), resume)
     processes = FlowerProcesses(work_dir)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    address = f"{local}:{port}"
     try:
-        port = free_port()
-        address = f"127.0.0.1:{port}"
-        processes.superlink(port)
-        for name, (train, evaluation) in data.items():
+        processes.superlink(port, host=host, insecure=insecure, tls=tls, supernode_auth=supernode_auth)
+        for name, (train, evaluation) in (clients or {}).items():
             processes.supernode(name, address, node_config(name, train, evaluation))
-        processes.submit(write_app(work_dir / "app", job), address)
-        trainer.logger.info("federated run: %d clients, %d rounds, strategy %s (Flower SuperLink on %s; logs in %s)",
-                            len(data), config.rounds, config.strategy, address, work_dir)
+        processes.submit(write_app(work_dir / "app", job), address, insecure=insecure,
+                         root_certificates=(tls or {}).get("ssl_ca_certfile"))
+        trainer.logger.info("federated run: %s, %d rounds, strategy %s (Flower SuperLink on %s:%d; logs in %s)",
+                            f"{len(clients)} local clients" if clients else
+                            f"waiting for {config.min_available_clients} clients", config.rounds, config.strategy,
+                            host, port, work_dir)
         wait_for_run(job, processes, timeout or config.rounds * config.round_timeout * 2 + 600)
     except BaseException:
         processes.stop()
@@ -104,7 +126,14 @@ def fit_federated(trainer: Any, clients: Any, *, resume: bool = False, timeout: 
     return _result(trainer, job)
 
 
-def _job(trainer: Any, config: FederatedSettings, data: dict[str, Any], resume: bool) -> FederatedJob:
+def _check_trainer(trainer: Any, config: FederatedSettings) -> None:
+    trainer.host.create("strategy", config.strategy)
+    if trainer._given_model is not None:
+        raise ConfigError("fit_federated needs the model as a path or Hub id (each client process loads it), "
+                          "not a loaded model object")
+
+
+def _job(trainer: Any, config: FederatedSettings, clients: list[str], resume: bool) -> FederatedJob:
     options = {k: trainer.options[k] for k in trainer._option_names}
     options["learning_rate"] = trainer.options["learning_rate"]
     options["seed"] = trainer.options["seed"]
@@ -115,7 +144,7 @@ def _job(trainer: Any, config: FederatedSettings, data: dict[str, Any], resume: 
         formatter=trainer.formatter.name if trainer.formatter else None, options=options, settings=config,
         output_dir=str(Path(trainer.output_dir).resolve()), publish_as=trainer.publish_as,
         registry_home=str(registry) if registry else None, resume=resume, run_token=secrets.token_hex(8),
-        expected_clients=sorted(data))
+        expected_clients=clients)
 
 
 def _result(trainer: Any, job: FederatedJob) -> FitResult:

@@ -40,5 +40,7 @@ def opened_paths(folder: str | os.PathLike[str], role: str) -> dict[int, set[str
     """The paths each process of ``role`` opened, by process id."""
     found: dict[int, set[str]] = {}
     for log in Path(folder).glob(f"{role}-*.log"):
-        found[int(log.stem.rsplit("-", 1)[1])] = set(log.read_text(encoding="utf-8").splitlines())
+        pid = log.stem.rsplit("-", 1)[1]
+        if log.stem == f"{role}-{pid}" and pid.isdigit():
+            found[int(pid)] = set(log.read_text(encoding="utf-8").splitlines())
     return found

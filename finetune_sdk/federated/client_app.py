@@ -50,9 +50,9 @@ app = ClientApp(mods=[clip_when_asked])
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on this client's data from the global parameters; reply with the new trainable parameters."""
-    install_open_audit("client")
-    job = FederatedJob.from_run_config(context.run_config)
     client = client_data(context)
+    install_open_audit(f"client-{client.name}")
+    job = FederatedJob.from_run_config(context.run_config)
     config = msg.content["config"]
     update = train_round(job, client, msg.content["arrays"], int(config["server-round"]),
                          float(config.get("proximal-mu", 0.0)))
@@ -64,9 +64,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out loss of the global parameters on this client's eval data."""
-    install_open_audit("client")
-    job = FederatedJob.from_run_config(context.run_config)
     client = client_data(context)
+    install_open_audit(f"client-{client.name}")
+    job = FederatedJob.from_run_config(context.run_config)
     metrics, formatter = evaluate_global(job, client, msg.content["arrays"])
     examples = int(metrics.pop("eval_examples", 0))
     record = MetricRecord({"num-examples": max(examples, 1), "eval_loss": metrics.get("eval_loss", 0.0),

@@ -98,30 +98,36 @@ class FlowerProcesses:
         self.env = flower_env(self.flwr_home)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.work_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child writes to it
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.work_dir,
-                                   start_new_session=True)
-        log.close()
+    def start(self, name: str, args: list[str], *, log_to_console: bool = False) -> subprocess.Popen[bytes]:
+        if log_to_console:
+            process = subprocess.Popen(args, env=self.env, cwd=self.work_dir, start_new_session=True)
+        else:
+            log = open(self.work_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child writes to it
+            process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.work_dir,
+                                       start_new_session=True)
+            log.close()
         self.processes[name] = process
         return process
 
-    def superlink(self, port: int, *, insecure: bool = True, tls: dict[str, str] | None = None,
-                  host: str = LOOPBACK) -> subprocess.Popen[bytes]:
+    def superlink(self, port: int, *, insecure: bool = True, tls: dict[str, str | None] | None = None,
+                  host: str = LOOPBACK, supernode_auth: bool = False) -> subprocess.Popen[bytes]:
         args = [_script("flower-superlink"), "--host", host, "--port", str(port),
                 "--disable-runtime-dependency-installation"]
         args += ["--insecure"] if insecure else _flags(tls or {})
+        if supernode_auth:
+            args.append("--enable-supernode-auth")
         return self.start("superlink", args)
 
     def supernode(self, name: str, superlink: str, config: str, *, insecure: bool = True,
-                  root_certificates: str | None = None, auth_key: str | None = None) -> subprocess.Popen[bytes]:
+                  root_certificates: str | None = None, auth_key: str | None = None,
+                  log_to_console: bool = False) -> subprocess.Popen[bytes]:
         args = [_script("flower-supernode"), "--superlink", superlink, "--port", str(free_port()),
                 "--node-config", config, "--max-wait-time", "600"]
         args += ["--insecure"] if insecure else (["--root-certificates", root_certificates] if root_certificates
                                                  else [])
         if auth_key:
             args += ["--auth-supernode-private-key", auth_key]
-        return self.start(f"supernode-{name}", args)
+        return self.start(f"supernode-{name}", args, log_to_console=log_to_console)
 
     def submit(self, app_dir: Path, superlink: str, *, insecure: bool = True,
                root_certificates: str | None = None) -> str:
@@ -201,7 +207,7 @@ def _script(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def _flags(values: dict[str, str]) -> list[str]:
+def _flags(values: dict[str, str | None]) -> list[str]:
     args = []
     for key in TLS_FLAGS:
         if values.get(key):

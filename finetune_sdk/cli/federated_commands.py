@@ -1,0 +1,138 @@
+"""``finetune federated server`` and ``finetune federated client``: the same job with each client on its machine.
+
+The server starts a Flower SuperLink, submits the SDK's Flower app with the job, waits for it and stops; each
+client starts a Flower SuperNode with its local data files in its node config (they never leave its machine).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from finetune_sdk.cli.option_flags import option_flags
+from finetune_sdk.cli.render import console, metrics_table
+from finetune_sdk.errors import ConfigError
+
+TLS_HELP = "TLS: certificate, key and CA files passed to Flower's SuperLink (without them, --insecure is required)"
+
+
+@click.group("federated")
+def federated_group() -> None:
+    """Federated fine-tuning on Flower: a server that aggregates, clients that keep their data.
+
+    \b
+    Example (server, then one client per data owner):
+      finetune federated server --model ./my-model --technique qlora --rounds 5 --min-clients 3 \\
+          --address 0.0.0.0:9092 --ssl-certfile server.pem --ssl-keyfile server.key --ssl-ca-certfile ca.pem -o fed
+      finetune federated client --server fed.example.org:9092 --root-certificates ca.pem --data local.jsonl
+    """
+
+
+@federated_group.command("server")
+@click.option("--model", "-m", required=True, help="model folder or Hub id (every client must have the same)")
+@click.option("--technique", "-t", default="lora", show_default=True, help="lora, qlora, full, classifier...")
+@click.option("--quantizer", "-q", help="nf4, int8, none (default: the technique's)")
+@click.option("--formatter", "-f", help="formatter; default: picked by each client from its data's columns")
+@click.option("--output-dir", "-o", required=True, help="where the final global adapter goes")
+@click.option("--address", default="127.0.0.1:9092", show_default=True,
+              help="HOST:PORT the SuperLink listens on (0.0.0.0:PORT to accept other machines)")
+@click.option("--rounds", type=int, default=3, show_default=True, help="federated rounds")
+@click.option("--strategy", default="fedavg", show_default=True, help="fedavg, fedprox or a plugin's strategy")
+@click.option("--min-clients", type=int, default=2, show_default=True,
+              help="clients that must be connected before round 1")
+@click.option("--min-fit-clients", type=int, help="fewest replies a round accepts (default: 1)")
+@click.option("--fraction-fit", type=float, default=1.0, show_default=True, help="fraction sampled per round")
+@click.option("--local-epochs", type=float, default=1.0, show_default=True, help="local passes per round")
+@click.option("--local-steps", type=int, default=0, help="local optimizer steps per round instead of epochs")
+@click.option("--proximal-mu", type=float, default=0.0, help="FedProx mu")
+@click.option("--round-timeout", type=float, default=600.0, show_default=True, help="seconds to wait each round")
+@click.option("--dp", type=click.Choice(["server", "client"]), help="differential privacy on client updates")
+@click.option("--noise-multiplier", type=float, default=0.0, help="DP Gaussian noise, in units of the clipping norm")
+@click.option("--clipping-norm", type=float, default=0.0, help="DP L2 bound on each client's update")
+@click.option("--target-delta", type=float, default=1e-5, show_default=True, help="delta epsilon is reported at")
+@click.option("--publish", "publish_as", help="publish every round's global adapter to the registry")
+@click.option("--resume", is_flag=True, help="continue after the last completed round of an interrupted run")
+@click.option("--insecure", is_flag=True, help="no TLS (loopback tests, trusted networks only)")
+@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), help=TLS_HELP)
+@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), help=TLS_HELP)
+@click.option("--ssl-ca-certfile", type=click.Path(exists=True, dir_okay=False), help=TLS_HELP)
+@click.option("--enable-supernode-auth", is_flag=True,
+              help="accept only SuperNodes whose public keys were registered (`flwr supernode register`)")
+@option_flags
+def server_command(model: str, technique: str, quantizer: str | None, formatter: str | None, output_dir: str,
+                   address: str, rounds: int, strategy: str, min_clients: int, min_fit_clients: int | None,
+                   fraction_fit: float, local_epochs: float, local_steps: int, proximal_mu: float,
+                   round_timeout: float, dp: str | None, noise_multiplier: float, clipping_norm: float,
+                   target_delta: float, publish_as: str | None, resume: bool, insecure: bool,
+                   ssl_certfile: str | None, ssl_keyfile: str | None, ssl_ca_certfile: str | None,
+                   enable_supernode_auth: bool, **flags: Any) -> None:
+    """Run the federated server: SuperLink on --address, the job submitted, the result saved to -o."""
+    from finetune_sdk.federated.api import run_server
+    from finetune_sdk.federated.settings import FederatedSettings
+    from finetune_sdk.trainer import Trainer
+
+    host, port = split_address(address)
+    tls = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile, "ssl_ca_certfile": ssl_ca_certfile}
+    if not insecure and not all(tls.values()):
+        raise ConfigError("the server needs TLS (--ssl-certfile, --ssl-keyfile and --ssl-ca-certfile) or --insecure")
+    settings = FederatedSettings(rounds=rounds, strategy=strategy, fraction_fit=fraction_fit,
+                                 min_fit_clients=min_fit_clients, min_available_clients=min_clients,
+                                 local_epochs=local_epochs, local_steps=local_steps, proximal_mu=proximal_mu,
+                                 round_timeout=round_timeout, dp=dp, noise_multiplier=noise_multiplier,
+                                 clipping_norm=clipping_norm, target_delta=target_delta).validate()
+    trainer = Trainer(model, technique=technique, quantizer=quantizer, formatter=formatter, output_dir=output_dir,
+                      publish_as=publish_as, progress=False, **{k: v for k, v in flags.items() if v is not None})
+    result = run_server(trainer, settings, host=host, port=port, resume=resume, insecure=insecure,
+                        tls=None if insecure else tls, supernode_auth=enable_supernode_auth)
+    console().print(metrics_table(result.metrics, title="federated result"))
+    console().print(f"saved to [bold]{result.output_dir}[/bold]")
+
+
+@federated_group.command("client")
+@click.option("--server", "server", required=True, help="HOST:PORT of the federated server's SuperLink")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="this client's data")
+@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="this client's held-out data")
+@click.option("--name", help="how the server's reports name this client (default: the node id)")
+@click.option("--insecure", is_flag=True, help="no TLS (the server must be started with --insecure)")
+@click.option("--root-certificates", type=click.Path(exists=True, dir_okay=False),
+              help="CA certificate that signed the server's TLS certificate")
+@click.option("--auth-key", type=click.Path(exists=True, dir_okay=False),
+              help="this SuperNode's private key, when the server runs with --enable-supernode-auth")
+def client_command(server: str, data: str, eval_data: str | None, name: str | None, insecure: bool,
+                   root_certificates: str | None, auth_key: str | None) -> None:
+    """Run a federated client (a Flower SuperNode) until the server's run ends or Ctrl-C."""
+    from finetune_sdk.data import load_rows
+    from finetune_sdk.federated.runtime import FlowerProcesses, new_work_dir, node_config
+    from finetune_sdk.federated.settings import require_flower
+    from finetune_sdk.registry.refs import validate_name
+
+    require_flower()
+    split_address(server)
+    if not insecure and not root_certificates:
+        raise ConfigError("the client needs --root-certificates (the CA of the server's certificate) or --insecure")
+    load_rows(data, name="--data")  # a malformed file is reported here, before connecting
+    if eval_data:
+        load_rows(eval_data, name="--eval-data")
+    client_name = validate_name(name or Path(data).stem, "client name")
+    processes = FlowerProcesses(new_work_dir("finetune-federated-client-"))
+    node = processes.supernode(client_name, server, node_config(client_name, data, eval_data), insecure=insecure,
+                               root_certificates=root_certificates, auth_key=auth_key, log_to_console=True)
+    console().print(f"client [bold]{client_name}[/bold] connected to {server}; Ctrl-C to leave")
+    signal.signal(signal.SIGTERM, lambda *_: processes.stop())
+    try:
+        node.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        processes.stop()
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` as ``(host, port)``; anything else is a one-line error."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"address {address!r} is not HOST:PORT (e.g. 127.0.0.1:9092)")
+    return host.strip("[]"), int(port)
