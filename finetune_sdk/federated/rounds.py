@@ -139,11 +139,9 @@ class FederatedServer:
                 "bytes_total": traffic_down + traffic_up, "sampled": len(sent)}
 
     def _log_round(self, entry: dict[str, Any]) -> None:
-        parts = [f"{name}: {c['examples']} examples, train_loss {c['train_loss']:.4f}, "
-                 f"sent {c['bytes_sent']:,} B, received {c['bytes_received']:,} B"
-                 for name, c in entry["clients"].items()]
-        logger.info("round %d/%d: %s%s", entry["round"], self.settings.rounds, "; ".join(parts),
-                    f"; dropped: {', '.join(entry['dropped'])}" if entry["dropped"] else "")
+        line = round_summary(entry, self.settings.rounds)
+        logger.info("%s", line)
+        write_status(self.state_dir, self.job.run_token, "running", round=entry["round"], summary=line)
 
     def _save_round(self, entry: dict[str, Any]) -> None:
         load_arrays(self.model, self.arrays)
@@ -242,6 +240,15 @@ def _attach_global_eval(entry: dict[str, Any], clients: dict[str, Any]) -> None:
     total = sum(weights.values()) or 1
     entry["global_eval"] = {"per_client": per_client,
                             "eval_loss": sum(per_client[n] * weights[n] for n in per_client) / total}
+
+
+def round_summary(entry: dict[str, Any], rounds: int) -> str:
+    """One line per round: each client's examples, loss and traffic, and who dropped."""
+    parts = [f"{name}: {c['examples']} examples, train_loss {c['train_loss']:.4f}, "
+             f"sent {c['bytes_sent']:,} B, received {c['bytes_received']:,} B"
+             for name, c in entry["clients"].items()]
+    dropped = f"; dropped: {', '.join(entry['dropped'])}" if entry["dropped"] else ""
+    return f"round {entry['round']}/{rounds} ({entry['seconds']:.1f} s): {'; '.join(parts)}{dropped}"
 
 
 def update_norm(new: Any, old: Any) -> float:

@@ -184,8 +184,12 @@ class FlowerProcesses:
 def wait_for_run(job: FederatedJob, processes: FlowerProcesses, timeout: float) -> dict[str, Any]:
     """Wait until the ServerApp writes a final status for this run; a failure is raised with its message."""
     deadline = time.time() + timeout
+    reported = 0
     while time.time() < deadline:
         status = read_status(job.state_dir)
+        if status and status.get("token") == job.run_token and status.get("round", 0) > reported:
+            reported = status["round"]
+            logger.info("%s", status.get("summary", f"round {reported} done"))
         if status and status.get("token") == job.run_token and status["state"] in ("completed", "failed"):
             if status["state"] == "failed":
                 raise FinetuneError(f"federated run failed: {status.get('error')}")

@@ -1,0 +1,97 @@
+"""Federated (FedAvg on Flower, one SuperNode process per client) vs centralised training on the same data.
+
+Three clients hold disjoint invented facts (non-IID); the held-out set asks every client's facts in other words.
+Both sides train LoRA on the same seeded Llama-style model with the same batch and learning rate and see the same
+number of examples: federated = rounds x local steps x batch x clients, centralised = one fit on the union with
+that many examples. Reported: held-out loss on the union, wall time, and bytes moved (federated: adapter traffic
+both ways over all rounds; centralised: the clients' data files uploaded once to the trainer).
+
+    python benchmarks/bench_federated.py [--rounds 4] [--local-steps 4] [--facts 12] [--hidden 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PLACES = ("Quill Dover Ash Bramble Tin Orrin Vex Callo Marrow Pelling Sunder Widder Fen Gorse Hollin Ivel Jasper "
+          "Kestle Larch Moss Nettle Oakum Pike Rook Sedge Thorn Umber Vale Wick Yarrow Zeal Alder").split()
+COLOURS = ("blue", "green", "red", "gold", "white", "black")
+CLIENTS = ("clinic-a", "clinic-b", "clinic-c")
+
+
+def make_data(folder: Path, facts: int, seed: int = 0) -> tuple[dict[str, str], list[dict[str, str]]]:
+    rng = random.Random(seed)
+    places = rng.sample(PLACES, min(facts * len(CLIENTS), len(PLACES)))
+    clients, held_out = {}, []
+    for i, name in enumerate(CLIENTS):
+        own = places[i::len(CLIENTS)]
+        colours = {p: rng.choice(COLOURS) for p in own}
+        rows = [{"prompt": f"What colour is the {p}ford flag?", "completion": f"The {p}ford flag is {c}."}
+                for p, c in colours.items()]
+        held_out += [{"prompt": f"Which colour is the flag of {p}ford?", "completion": f"The {p}ford flag is {c}."}
+                     for p, c in colours.items()]
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        clients[name] = str(path)
+    return clients, held_out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--facts", type=int, default=8, help="facts per client")
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=2)
+    args = parser.parse_args()
+
+    import finetune_sdk
+    from finetune_sdk import Trainer
+    from finetune_sdk.testing.tiny import save_tiny_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-federated-"))
+    model = save_tiny_model(tmp / "model", hidden_size=args.hidden)
+    clients, held_out = make_data(tmp, args.facts)
+    train = dict(learning_rate=3e-2, seed=7, per_device_train_batch_size=args.batch, r=8, lora_dropout=0.0)
+    steps = args.rounds * args.local_steps * len(CLIENTS)
+    examples = steps * args.batch
+
+    started = time.perf_counter()
+    fed_trainer = Trainer(model, formatter="chatml", output_dir=tmp / "federated", progress=False, **train)
+    fed = fed_trainer.fit_federated(clients, rounds=args.rounds, local_steps=args.local_steps, fraction_evaluate=0)
+    fed_time = time.perf_counter() - started
+    fed_loss = finetune_sdk.load(fed.output_dir).evaluate(held_out)["eval_loss"]
+
+    union = tmp / "union.jsonl"
+    union.write_text("".join(Path(p).read_text(encoding="utf-8") for p in clients.values()), encoding="utf-8")
+    started = time.perf_counter()
+    central = Trainer(model, formatter="chatml", output_dir=tmp / "central", progress=False, max_steps=steps,
+                      save_steps=0, **train)
+    central.fit(str(union))
+    central_time = time.perf_counter() - started
+    central_loss = central.evaluate(held_out)["eval_loss"]
+    base_loss = Trainer(model, formatter="chatml", progress=False, **train).evaluate(held_out)["eval_loss"]
+    data_bytes = sum(Path(p).stat().st_size for p in clients.values())
+
+    print(f"{len(CLIENTS)} clients x {args.facts} facts, hidden {args.hidden}, LoRA r=8, batch {args.batch}, "
+          f"{examples} examples seen by each side (load average {os.getloadavg()[0]:.1f})")
+    print("| run | held-out loss | wall time | bytes moved |")
+    print("| --- | --- | --- | --- |")
+    print(f"| base model | {base_loss:.3f} | - | - |")
+    print(f"| centralised (data pooled, {steps} steps) | {central_loss:.3f} | {central_time:.1f} s | "
+          f"{data_bytes:,} (data uploaded) |")
+    print(f"| federated FedAvg ({args.rounds} rounds x {args.local_steps} local steps) | {fed_loss:.3f} | "
+          f"{fed_time:.1f} s | {fed.metrics['bytes_total']:,} (adapter, both ways) |")
+
+
+if __name__ == "__main__":
+    main()
