@@ -164,7 +164,10 @@ def test_server_killed_after_a_round_resumes_from_its_checkpoint(llama_dir, tmp_
     result = second.fit_federated(resume=True, **settings)
     history = result.manifest["federated"]["history"]
     assert [e["round"] for e in history] == [1, 2, 3]
-    assert history[:done] == saved["history"]  # completed rounds were not run again
+    def without_global_eval(entry):  # a round's global adapter is evaluated by the next round's clients
+        return {k: v for k, v in entry.items() if k != "global_eval"}
+
+    assert [without_global_eval(e) for e in history[:done]] == [without_global_eval(e) for e in saved["history"]]
     versions = [registry.resolve(f"fed@{i}") for i in (1, 2, 3)]
     assert versions[1].parent == versions[0].ref and versions[2].parent == versions[1].ref
     assert not state.exists()

@@ -61,13 +61,15 @@ def fit_federated(trainer: Any, clients: Any, *, resume: bool = False, timeout: 
                   **settings: Any) -> FitResult:
     """See :meth:`finetune_sdk.Trainer.fit_federated`."""
     require_flower()
+    if not isinstance(clients, dict) or not clients:
+        raise ConfigError("clients must be a non-empty dict {client name: data file or {'train': ..., 'eval': ...}}")
     unknown = sorted(set(settings) - SETTING_NAMES)
     if unknown:
         from finetune_sdk.errors import closest
 
         raise ConfigError(f"unknown federated setting {unknown[0]!r}{closest(unknown[0], SETTING_NAMES)}; "
                           f"available: {', '.join(sorted(SETTING_NAMES))}")
-    config = FederatedSettings(**settings).validate(num_clients=len(clients) if isinstance(clients, dict) else None)
+    config = FederatedSettings(**settings).validate(num_clients=len(clients))
     if "min_available_clients" not in settings:
         config.min_available_clients = len(clients)
     from finetune_sdk.federated.runtime import free_port, new_work_dir

@@ -46,7 +46,7 @@ def local_options(job: FederatedJob, server_round: int) -> dict[str, Any]:
     if settings.local_steps:
         options["max_steps"] = settings.local_steps
     else:
-        options["num_train_epochs"] = settings.local_epochs
+        options["num_train_epochs"], options["max_steps"] = settings.local_epochs, -1
     return options
 
 
