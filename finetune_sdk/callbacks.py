@@ -4,35 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
+from finetune_sdk.plugin_api import TrainingContext
 from finetune_sdk.plugin_manager import PluginHost
 from finetune_sdk.progress import format_duration
 
 logger = logging.getLogger("finetune_sdk")
-
-
-@dataclass
-class TrainingContext:
-    """What observer hooks see: the run's settings and where it stands.
-
-    ``step``/``max_steps``/``epoch`` are updated as training goes.
-    """
-
-    technique: str
-    quantizer: str | None
-    formatter: str | None
-    model_id: str
-    output_dir: Path
-    options: dict[str, Any]
-    step: int = 0
-    max_steps: int = 0
-    epoch: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class PluginCallback(TrainerCallback):

@@ -38,7 +38,7 @@ def checkpoints_dir(output_dir: Path) -> Path:
 
 def latest_checkpoint(directory: Path) -> Path | None:
     """The newest complete, verified checkpoint in ``directory``; damaged ones are skipped with a warning."""
-    from finetune_sdk.registry.blobs import sha256_file
+    from finetune_sdk.fsutil import sha256_file
 
     if not directory.is_dir():
         return None
@@ -133,7 +133,7 @@ def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2
             return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            from finetune_sdk.registry.blobs import sha256_file
+            from finetune_sdk.fsutil import sha256_file
 
             if not self.args.should_save:
                 return

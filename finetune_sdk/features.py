@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from finetune_sdk.encoding import Collator, Encoded
+from finetune_sdk.fsutil import atomic_path
 
 logger = logging.getLogger("finetune_sdk")
 
@@ -79,11 +78,8 @@ def cached_features(model: Any, encoded: Encoded, pad_token_id: int, key: dict[s
             return features, time.perf_counter() - start, True
     features = compute_features(model, encoded, pad_token_id)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".features-", dir=path.parent)
-        os.close(fd)
-        save_file({"features": features.contiguous()}, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, prefix=".features-") as tmp:
+            save_file({"features": features.contiguous()}, str(tmp))
     return features, time.perf_counter() - start, False
 
 

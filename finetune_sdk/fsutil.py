@@ -1,7 +1,9 @@
-"""Atomic writes: a result appears whole or not at all."""
+"""The filesystem rules in one place: atomic writes (a file or folder appears whole or not at all), the SDK's cache
+root and file hashing. Every file the SDK writes goes through :func:`atomic_path` or :func:`staged_directory`."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,20 +30,61 @@ def shareable(path: Path, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
 
 
+CHUNK = 1 << 20
+
+
+def cache_root() -> Path:
+    """``$FINETUNE_SDK_CACHE`` or ``~/.cache/finetune_sdk``: the one folder every SDK cache lives under
+    (``gguf/`` converted GGUF models, ``features/`` classifier features)."""
+    return Path(os.environ.get("FINETUNE_SDK_CACHE") or Path.home() / ".cache" / "finetune_sdk")
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 hex digest of the file at ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_path(path: Path, prefix: str | None = None, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; when the block ends without an error it is fsynced, given
+    shareable permissions and renamed onto ``path`` (readers see the old file or the new one, never half of it).
+
+    On an error, or when the block removed the temporary file itself (``path`` already holds what it would have
+    written), nothing is renamed and the temporary file is gone.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+        >>> with atomic_path(target) as tmp:
+        ...     _ = tmp.write_text("whole")
+        >>> target.read_text(), [p.name for p in target.parent.iterdir()]
+        ('whole', ['a.txt'])
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if tmp.exists():
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            shareable(tmp)
+            os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text to ``path`` through a temporary file, fsync and rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        shareable(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

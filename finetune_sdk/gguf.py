@@ -10,13 +10,9 @@ import tempfile
 from pathlib import Path
 
 from finetune_sdk.errors import ModelNotFoundError
+from finetune_sdk.fsutil import cache_root
 
 logger = logging.getLogger("finetune_sdk")
-
-
-def cache_root() -> Path:
-    """``$FINETUNE_SDK_CACHE`` or ``~/.cache/finetune_sdk``."""
-    return Path(os.environ.get("FINETUNE_SDK_CACHE") or Path.home() / ".cache" / "finetune_sdk")
 
 
 def converted_folder(gguf_path: Path) -> Path:

@@ -15,7 +15,7 @@ import pluggy
 if TYPE_CHECKING:
     import click
 
-    from finetune_sdk.callbacks import TrainingContext
+    from finetune_sdk.plugin_api import TrainingContext
 
 PROJECT = "finetune_sdk"
 hookspec = pluggy.HookspecMarker(PROJECT)

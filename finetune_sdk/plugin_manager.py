@@ -28,6 +28,7 @@ from finetune_sdk import hookspecs
 from finetune_sdk.errors import ConfigError, PluginError, unknown_name_error
 from finetune_sdk.federated.strategy import FederatedStrategy
 from finetune_sdk.formatter import Formatter
+from finetune_sdk.plugin_api import PluginWarning
 from finetune_sdk.quantizer import Quantizer
 from finetune_sdk.technique import Technique
 
@@ -52,10 +53,6 @@ KINDS: dict[str, tuple[str, type]] = {
 #: The plural of each kind, as ``finetune plugins`` titles its tables.
 PLURALS = {"technique": "techniques", "quantizer": "quantizers", "formatter": "formatters",
            "strategy": "strategies"}
-
-
-class PluginWarning(UserWarning):
-    """A plugin could not be loaded or misbehaved; the SDK carries on without it."""
 
 
 @dataclass(frozen=True)

@@ -272,7 +272,7 @@ def evaluate_plan(trainer: Trainer, plan: TrainingPlan, session: Any) -> dict[st
 def feature_training(trainer: Trainer, plan: TrainingPlan, model: Any, tokenizer: Any) -> tuple[Any, Any]:
     """The head and (train, eval) feature datasets: the frozen backbone runs once per dataset (cached on disk)."""
     from finetune_sdk.features import FeatureDataset, cached_features, head_model, model_identity
-    from finetune_sdk.gguf import cache_root
+    from finetune_sdk.fsutil import cache_root
 
     base = {"model": model_identity(trainer.source), "pooling": model.pooling,
             "quantizer": trainer.quantizer.name if trainer.quantizer else None, "dtype": trainer.options["dtype"],

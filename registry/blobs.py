@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from finetune_sdk.errors import IntegrityError
+from finetune_sdk.fsutil import CHUNK, atomic_path, sha256_file
 
-CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["BlobStore", "sha256_file"]
 
 
 class BlobStore:
@@ -34,29 +25,22 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     def put(self, source: Path) -> tuple[str, int]:
-        """Store ``source``; return (sha256, size). The hash is of the bytes actually copied."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=self.root)
+        """Store ``source``; return (sha256, size). The hash is of the bytes actually copied: a source that changes
+        while it is stored is an :class:`IntegrityError`."""
+        sha = sha256_file(source)
+        target = self.path(sha)
+        if target.is_file():
+            return sha, target.stat().st_size
         digest, size = hashlib.sha256(), 0
-        try:
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+        with atomic_path(target, prefix=".incoming-") as tmp:
+            with open(tmp, "wb") as out, open(source, "rb") as src:
                 for block in iter(lambda: src.read(CHUNK), b""):
                     digest.update(block)
                     size += len(block)
                     out.write(block)
-                out.flush()
-                os.fsync(out.fileno())
-            sha = digest.hexdigest()
-            target = self.path(sha)
-            if target.is_file():
-                os.unlink(tmp)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, target)
-            return sha, size
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            if digest.hexdigest() != sha:
+                raise IntegrityError(f"{source} changed while it was being stored; publish again")
+        return sha, size
 
     def verify(self, sha256: str, label: str) -> None:
         """Raise :class:`IntegrityError` naming ``label`` when the blob is missing or its bytes changed."""

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from finetune_sdk.errors import IntegrityError, RegistryError
 from finetune_sdk.fsutil import write_json_atomic
 from finetune_sdk.manifest import read_manifest
-from finetune_sdk.registry.blobs import sha256_file
+from finetune_sdk.fsutil import sha256_file
 from finetune_sdk.registry.local import AdapterVersion, Registry
 from finetune_sdk.registry.model_card import model_card
 from finetune_sdk.registry.refs import HUB_REPO, parse_ref

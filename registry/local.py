@@ -14,7 +14,8 @@ from typing import Any
 from finetune_sdk.errors import FinetuneError, IntegrityError, RegistryError
 from finetune_sdk.fsutil import staged_directory
 from finetune_sdk.manifest import read_manifest
-from finetune_sdk.registry.blobs import BlobStore, sha256_file
+from finetune_sdk.fsutil import sha256_file
+from finetune_sdk.registry.blobs import BlobStore
 from finetune_sdk.registry.index import Index
 from finetune_sdk.registry.refs import Ref, parse_ref, validate_name
 

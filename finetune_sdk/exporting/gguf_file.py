@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from finetune_sdk.exporting.architectures import family_of, gguf_tensors
 from finetune_sdk.exporting.quantization import check_quantization, encode, file_type, tensor_type
 from finetune_sdk.exporting.vocab import add_tokenizer
+from finetune_sdk.fsutil import atomic_path
 
 
 def write_gguf(model: Any, tokenizer: Any, path: str | os.PathLike[str], *, quantization: str = "q8_0",
@@ -50,11 +50,8 @@ def write_gguf(model: Any, tokenizer: Any, path: str | os.PathLike[str], *, quan
         if not parameter.dtype.is_floating_point or parameter.__class__.__name__ in ("Params4bit", "Int8Params"):
             raise TypeError("write_gguf needs float weights: merge the adapter into a dequantized base first")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, family.gguf_arch)
+    with atomic_path(path, suffix=".partial") as tmp:
+        writer = gguf.GGUFWriter(str(tmp), family.gguf_arch)
         writer.add_type(gguf.GGUFType.MODEL)
         # transformers reads a file named exactly "mistral" as a Mistral model, which its GGUF loader then can't map
         writer.add_name(name if name and name != "mistral" else f"{family.model_type}-finetune")
@@ -77,11 +74,5 @@ def write_gguf(model: Any, tokenizer: Any, path: str | os.PathLike[str], *, quan
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return {"architecture": family.gguf_arch, "model_type": family.model_type, "quantization": quantization,
             "tensor_types": counts, **summary}
