@@ -36,6 +36,19 @@ def checkpoints_dir(output_dir: Path) -> Path:
     return Path(str(output_dir) + ".checkpoints")
 
 
+def remove_checkpoints(directory: Path) -> None:
+    """Remove the checkpoints this module wrote in ``directory`` (and the folder once empty); nothing else."""
+    if not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if path.is_dir() and (CHECKPOINT.match(path.name) or path.name.startswith(".staging-")):
+            shutil.rmtree(path, ignore_errors=True)
+    try:
+        directory.rmdir()
+    except OSError:
+        logger.warning("kept %s: it holds files finetune-sdk did not write", directory)
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     """The newest complete, verified checkpoint in ``directory``; damaged ones are skipped with a warning."""
     from finetune_sdk.fsutil import sha256_file

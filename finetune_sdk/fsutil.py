@@ -93,25 +93,35 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 @contextmanager
-def staged_directory(final: Path) -> Iterator[Path]:
+def staged_directory(final: Path, *, replace_only_results: bool = True) -> Iterator[Path]:
     """Yield a staging folder beside ``final``; on success it replaces ``final`` in one rename.
 
     On an exception the staging folder is removed and ``final`` is left as it was. An existing ``final`` is moved
-    aside first and deleted only after the new one is in place.
+    aside first and deleted only after the new one is in place; with ``replace_only_results`` (the default) it must
+    be an earlier result of this SDK or an empty folder (see :mod:`finetune_sdk.output_paths`), else a
+    :class:`~finetune_sdk.errors.ConfigError` is raised and nothing is touched. Disk-full and permission errors
+    become one-line :class:`~finetune_sdk.errors.FinetuneError` s.
     """
+    from finetune_sdk.output_paths import check_output_path, log_replacement, scratch_dir, user_os_error
+
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    if replace_only_results:
+        check_output_path(final)
+    staging = scratch_dir(final, "staging")
     try:
         yield staging
         shareable(staging, folder=True)
         old = None
         if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            if replace_only_results and check_output_path(final):
+                log_replacement(final)
+            old = scratch_dir(final, "old")
             os.rename(final, old / final.name)
         os.rename(staging, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        raise user_os_error(exc, final) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -51,6 +51,9 @@ class FineTunedModel:
         from finetune_sdk.progress import activity
 
         self._require(generative=True)
+        for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"generate: {name} must be a whole number of at least 1, got {value!r}")
         single = isinstance(prompts, str)
         prompts = [prompts] if single else list(prompts)
         batches = [prompts[start:start + batch_size] for start in range(0, len(prompts), batch_size)]

@@ -36,6 +36,11 @@ def merge(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: st
     if not getattr(technique, "saves_adapter", False):
         raise ConfigError(f"{ref}: technique {manifest['technique']!r} has no adapter to merge "
                           "(a full fine-tune is already a standalone model)")
+    from finetune_sdk.output_paths import check_output_path
+
+    base = manifest.get("base_model") or {}
+    check_output_path(out, flag="out", inputs=[("result being merged", folder),
+                                               ("base model", base.get("path") if base.get("kind") == "local" else None)])
     loaded = load(folder, quantized=False, registry=registry)
     base_model = loaded.model.get_base_model()
     base_model.to(getattr(torch, dtype))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -72,6 +71,8 @@ class Trainer:
         self._check_precision()
         self.source, self._given_model, self._tokenizer = _model_source(model, tokenizer, self.options["revision"])
         self.output_dir = Path(output_dir) if output_dir else _default_output_dir(self.source, technique)
+        if output_dir is not None:
+            self._check_output_dir(probe=False)
         self.progress = progress
         self.publish_as = publish_as
         if publish_as is not None:
@@ -115,6 +116,7 @@ class Trainer:
 
         if is_stage_list(train_data):
             return self._fit_stages(list(train_data))
+        self._check_output_dir(train_data, eval_data)
         tokenizer = self._load_tokenizer()
         if is_task_list(train_data):
             plan = self._plan_tasks(list(train_data), tokenizer)
@@ -257,6 +259,9 @@ class Trainer:
         return TrainingPlan(train, first.name, "sft", evals, dataset, extra)
 
     def _fit_stages(self, stages: list[Stage]) -> FitResult:
+        check_stages_folder(self.output_dir, len(stages))
+        for i, stage in enumerate(stages, start=1):
+            self._check_output_dir(stage.data, stage.eval_data, output_dir=self.output_dir / f"stage-{i}")
         specs = self._option_specs()
         overrides = []
         for i, stage in enumerate(stages, start=1):
@@ -343,6 +348,19 @@ class Trainer:
                              self.options, seq_len=seq_len)
         if estimate is not None:
             self.logger.info("estimated training memory: %s", estimate)
+
+    def _check_output_dir(self, *data: Any, output_dir: Path | None = None, probe: bool = True) -> None:
+        """Refuse an output path that would overwrite something this SDK did not write, or an input."""
+        from finetune_sdk.output_paths import check_output_path
+
+        base = {"local": self.source.path, "gguf": self.source.id}.get(self.source.kind)
+        inputs: list[tuple[str, Any]] = [("base model", base)]
+        for item in data:
+            for task in item if is_task_list(item) else [item]:
+                for path in (getattr(task, "data", task), getattr(task, "eval_data", None)):
+                    if isinstance(path, (str, os.PathLike)):
+                        inputs.append(("data file", path))
+        check_output_path(output_dir or self.output_dir, inputs=inputs, probe=probe)
 
     def _option_specs(self) -> dict[str, Any]:
         return option_table([TRAINING_OPTIONS, self.technique.options,
@@ -513,7 +531,24 @@ def _default_output_dir(source: ModelSource, technique: str) -> Path:
 
 
 def work_dir_beside(output_dir: Path) -> Path:
-    """A scratch folder next to ``output_dir`` for checkpoints while training."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.work-", dir=output_dir.parent))
+    """A scratch folder next to ``output_dir`` for transformers' own files while training (removed after the run;
+    one left by a killed process is removed by the next run)."""
+    from finetune_sdk.output_paths import scratch_dir
 
+    return scratch_dir(output_dir, "work")
+
+
+def check_stages_folder(output_dir: Path, count: int) -> None:
+    """The folder of a sequential run holds only ``stage-<i>`` results: anything else there is refused."""
+    from finetune_sdk.output_paths import is_sdk_result
+
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise ConfigError(f"output_dir {output_dir} is an existing file; a sequential run writes stage-1..stage-"
+                          f"{count} into a folder: pick a new one")
+    foreign = sorted(p.name for p in output_dir.iterdir()
+                     if not (p.name.startswith("stage-") and is_sdk_result(p)) and not p.name.startswith(".stage-"))
+    if foreign:
+        raise ConfigError(f"output_dir {output_dir} holds {', '.join(foreign[:3])}, which a sequential run did not "
+                          "write; pick a new folder")

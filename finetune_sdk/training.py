@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_sdk import varlen_attention
 from finetune_sdk.callbacks import CrashAtStep, PluginCallback, RichProgressCallback, TrainingContext
-from finetune_sdk.checkpoints import checkpoints_dir, checkpointing_trainer_class, latest_checkpoint
+from finetune_sdk.checkpoints import (
+    checkpoints_dir,
+    checkpointing_trainer_class,
+    latest_checkpoint,
+    remove_checkpoints,
+)
 from finetune_sdk.data import Rows
 from finetune_sdk.encoding import Collator, Encoded, encode_causal, encode_classification
 from finetune_sdk.formatter import CLASSIFICATION, Formatter
@@ -223,6 +228,10 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
         }
         metrics.update(evaluate_plan(trainer, plan, session))
         log_history = list(hf.state.log_history)
+    except OSError as exc:  # disk full, permissions: one line (checkpoints already written stay for --resume)
+        from finetune_sdk.output_paths import user_os_error
+
+        raise user_os_error(exc, trainer.output_dir) from None
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -233,7 +242,7 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
             tokenizer.save_pretrained(staging)
             write_json_atomic(staging / "training_log.json", log_history)
             write_json_atomic(staging / MANIFEST_NAME, manifest)
-        shutil.rmtree(checkpoint_root, ignore_errors=True)  # the result is complete: nothing left to resume
+        remove_checkpoints(checkpoint_root)  # the result is complete: nothing left to resume
     context.step = metrics["train_steps"]
     trainer.host.notify("on_train_end", context=context, metrics=metrics)
     log.info("saved %s result to %s", trainer.technique.name, trainer.output_dir)

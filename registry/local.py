@@ -256,7 +256,7 @@ class Registry:
         folder = self.home / "checkouts" / version.name / str(version.version)
         if folder.is_dir() and self._checkout_ok(folder, version):
             return folder
-        with staged_directory(folder) as staging:
+        with staged_directory(folder, replace_only_results=False) as staging:
             for rel, info in version.files.items():
                 self.blobs.copy_to(info["sha256"], staging / rel, f"{version.ref}: {rel}")
         return folder

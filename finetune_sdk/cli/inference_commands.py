@@ -64,7 +64,7 @@ def read_lines(items: tuple[str, ...], file: str | None, what: str) -> list[str]
 @click.option("--compare-base", is_flag=True, help="also evaluate the base model and show both side by side")
 @click.option("--prompts", "prompt_file", help="with --compare-base: a file of prompts to generate side by side")
 @click.option("--report-dir", help="with --compare-base: write comparison.json and comparison.html here")
-@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool, prompt_file: str | None,
                  report_dir: str | None, max_new_tokens: int) -> None:
     """Evaluate a result (or a base model) on DATA: loss and perplexity, or accuracy and macro-F1."""
@@ -99,7 +99,7 @@ def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool,
 @click.argument("ref")
 @click.argument("prompts", nargs=-1)
 @click.option("--file", "prompt_file", help="a text file with one prompt per line")
-@click.option("--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--raw", is_flag=True, help="send prompts as they are, without the formatter's wrapping")
 @click.option("--formatter", "-f", help="override the formatter recorded with the result")
 def generate_command(ref: str, prompts: tuple[str, ...], prompt_file: str | None, max_new_tokens: int, raw: bool,

@@ -30,6 +30,7 @@ def option_flags(func: Callable[..., Any]) -> Callable[..., Any]:
     for spec in reversed(list(all_option_specs().values())):
         flag = "--" + spec.name.replace("_", "-")
         default = f" [default: {spec.default}]" if spec.default not in (None, "", ()) else ""
+        default += f" [{spec.range_text()}]" if spec.range_text() else ""
         if spec.type is bool:
             decl = f"{flag}/--no-{spec.name.replace('_', '-')}"
             func = click.option(decl, spec.name, default=None, help=spec.help + default)(func)

@@ -28,7 +28,7 @@ RUN_KEYS = ("model", "data", "train_data", "eval_data", "technique", "quantizer"
 @click.option("--output-dir", "-o", help="where the result goes")
 @click.option("--publish", "publish_as", help="publish the result to the registry under this name")
 @click.option("--resume", is_flag=True, help="continue from the newest complete checkpoint of --output-dir")
-@click.option("--nproc", type=int, default=1, show_default=True,
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="processes for data-parallel training: launches torchrun (gloo on CPU, NCCL on GPUs)")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML or TOML file with the same names")
 @option_flags
@@ -50,6 +50,7 @@ def train_command(model: str | None, data: str | None, eval_data: str | None, te
     from finetune_sdk.trainer import Trainer
 
     config = read_config(config_path)
+    check_config_keys(config, config_path)
     given = {"model": model, "data": data, "eval_data": eval_data, "technique": technique, "quantizer": quantizer,
              "formatter": formatter, "output_dir": output_dir}
     run = {k: v for k, v in config.items() if k in RUN_KEYS}
@@ -70,6 +71,18 @@ def train_command(model: str | None, data: str | None, eval_data: str | None, te
     console().print(f"saved to [bold]{result.output_dir}[/bold]")
     if result.version is not None:
         console().print(f"published as [bold]{result.version.ref}[/bold]")
+
+
+def check_config_keys(config: dict[str, Any], path: str | None) -> None:
+    """Refuse a key of the config file that is neither a run setting nor an option, naming the file."""
+    from finetune_sdk.cli.option_flags import all_option_specs
+    from finetune_sdk.errors import closest
+
+    known = set(RUN_KEYS) | set(all_option_specs())
+    for key in config:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r}{closest(str(key), known)}; the keys are the names of "
+                              "`finetune train --help` with '_' for '-'")
 
 
 def run_torchrun(nproc: int, run: dict[str, Any], flags: dict[str, Any]) -> None:

@@ -70,7 +70,7 @@ class Int8Quantizer(Quantizer):
     description: ClassVar[str] = "8-bit weights, LLM.int8() outlier decomposition (bitsandbytes)"
     bits: ClassVar[int] = 8
     options: ClassVar[tuple[Option, ...]] = (
-        Option("int8_threshold", float, 6.0, "outlier threshold of LLM.int8()"),
+        Option("int8_threshold", float, 6.0, "outlier threshold of LLM.int8()", minimum=0),
     )
 
     def quantization_config(self, options: Mapping[str, Any]) -> Any:

@@ -27,8 +27,9 @@ class ClassifierTechnique(Technique):
     task: ClassVar[str] = CLASSIFICATION
     default_learning_rate: ClassVar[float] = 1e-3
     options: ClassVar[tuple[Option, ...]] = (
-        Option("labels", list, None, "class names, comma separated (default: the labels found in the data)"),
-        Option("num_labels", int, None, "number of classes when labels are integers 0..n-1"),
+        Option("labels", list, None, "class names, comma separated (default: the labels found in the data)",
+               minimum=2),
+        Option("num_labels", int, None, "number of classes when labels are integers 0..n-1", minimum=2),
         Option("pooling", str, "auto", "hidden-state pooling: auto, last, first or mean",
                choices=("auto", "last", "first", "mean")),
     )

@@ -14,11 +14,12 @@ from finetune_sdk.technique import Technique
 
 def lora_options(r: int, alpha: int, dropout: float, targets: str | None) -> tuple[Option, ...]:
     return (
-        Option("r", int, r, "LoRA rank"),
-        Option("lora_alpha", int, alpha, "LoRA scaling numerator (scale = lora_alpha / r)"),
-        Option("lora_dropout", float, dropout, "dropout on the LoRA input"),
+        Option("r", int, r, "LoRA rank", minimum=1),
+        Option("lora_alpha", int, alpha, "LoRA scaling numerator (scale = lora_alpha / r)", minimum=1),
+        Option("lora_dropout", float, dropout, "dropout on the LoRA input", minimum=0, exclusive_maximum=1),
         Option("target_modules", list, targets,
-               "module names to adapt, comma separated, or 'all-linear' (default: PEFT's per-architecture choice)"),
+               "module names to adapt, comma separated, or 'all-linear' (default: PEFT's per-architecture choice)",
+               minimum=1),
         Option("bias", str, "none", "train biases too: none, all or lora_only", choices=("none", "all", "lora_only")),
         Option("use_rslora", bool, False, "rank-stabilised scaling lora_alpha / sqrt(r)"),
     )

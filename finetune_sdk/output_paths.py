@@ -1,0 +1,182 @@
+"""Where results may be written: never over anything this SDK did not create.
+
+The rule, applied before any model loads (and again at the final rename):
+
+* a path that does not exist is fine, as long as its nearest existing folder is writable;
+* an existing path is replaced only when it is a complete earlier result of this SDK (its
+  ``finetune_manifest.json`` reads as one), or an empty folder; the replacement is logged;
+* anything else there (a user's folder, a file, a model folder) is refused with a one-line error;
+* the output can never be, contain or sit inside an input: the base model's folder, a data file, the result being
+  merged.
+
+Failed runs leave nothing behind: work and staging folders beside the output carry the process id
+(``.<name>.work-<pid>-*``), and a later run removes those of processes that are gone (after a SIGKILL).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from finetune_sdk.errors import ConfigError, FinetuneError
+from finetune_sdk.manifest import MANIFEST_NAME
+
+logger = logging.getLogger("finetune_sdk")
+#: The kinds of scratch folders the SDK creates beside an output path (see :func:`scratch_dir`).
+SCRATCH_KINDS = ("work", "staging", "old")
+#: OS errors that are the user's to fix (disk full, permissions, read-only disk), shown as one line.
+USER_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                            errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG})
+
+
+def is_sdk_result(path: Path) -> bool:
+    """True when ``path`` is a folder holding a complete result of this SDK (a readable manifest)."""
+    from finetune_sdk.manifest import read_manifest
+
+    if not path.is_dir() or path.is_symlink() or not (path / MANIFEST_NAME).is_file():
+        return False
+    try:
+        manifest = read_manifest(path)
+    except (FinetuneError, OSError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and "technique" in manifest
+
+
+def check_output_path(output: str | os.PathLike[str], *,
+                      inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = (), flag: str = "output_dir",
+                      probe: bool = True) -> bool:
+    """Refuse an output path that would destroy something; return True when it replaces an earlier result.
+
+    Args:
+        output: the folder a result will be written to.
+        inputs: what the run reads, as (description, path) pairs (``("base model", path)``, ``("data file",
+            path)``); the output may not be, contain or sit inside any of them.
+        flag: the option's name for messages (``output_dir``, ``--out``).
+        probe: check that a new output's nearest existing folder is writable (creates and removes an empty folder).
+
+    Raises:
+        ConfigError: one line naming the path and what to do; nothing is written.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> (folder / "important.txt").write_text("keep me")
+        7
+        >>> check_output_path(folder)
+        Traceback (most recent call last):
+        finetune_sdk.errors.ConfigError: output_dir ... is an existing folder that is not a finetune-sdk result ...
+        >>> check_output_path(folder / "new-run")
+        False
+    """
+    out = Path(output).expanduser()
+    resolved = out.resolve()
+    for what, given in inputs:
+        if given is None or not isinstance(given, (str, os.PathLike)):
+            continue
+        other = Path(given).expanduser().resolve()
+        if resolved == other or other.is_relative_to(resolved) or resolved.is_relative_to(other):
+            relation = "is" if resolved == other else "contains" if other.is_relative_to(resolved) else "is inside"
+            raise ConfigError(f"{flag} {out} {relation} the {what} {given}; writing the result there would destroy "
+                              "it: pick another folder")
+    if resolved == Path.cwd().resolve() or Path.cwd().resolve().is_relative_to(resolved):
+        raise ConfigError(f"{flag} {out} is the current folder (or holds it); pick a new folder for the result")
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not out.is_dir():
+            raise ConfigError(f"{flag} {out} is an existing file; pick a folder path that does not exist yet")
+        if is_sdk_result(out):
+            return True
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ConfigError(f"{flag} {out} is an existing folder that is not a finetune-sdk result (it holds "
+                              f"{shown}); nothing was written: pick a new folder")
+        return False
+    if probe:
+        _check_writable_parent(out, flag)
+    return False
+
+
+def _check_writable_parent(out: Path, flag: str) -> None:
+    """The nearest existing ancestor of ``out`` must be a folder this process can create entries in."""
+    ancestor = out.absolute().parent
+    while not ancestor.exists() and not ancestor.is_symlink() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{flag} {out}: {ancestor} is a file, not a folder; pick a path under a folder")
+    try:  # a real probe: os.access says yes to root on read-only or special file systems
+        os.rmdir(tempfile.mkdtemp(prefix=".finetune-probe-", dir=ancestor))
+    except OSError as exc:
+        raise ConfigError(f"{flag} {out}: can't create folders in {ancestor} ({exc.strerror or exc}); pick a "
+                          "writable location") from None
+
+
+def log_replacement(output: Path) -> None:
+    """Say which earlier result is being replaced (called just before the rename)."""
+    from finetune_sdk.manifest import read_manifest
+
+    manifest = read_manifest(output)
+    logger.info("replacing the earlier %s result in %s (created %s)", manifest.get("technique"), output,
+                manifest.get("created", "at an unknown time"))
+
+
+def scratch_dir(output: Path, kind: str) -> Path:
+    """Create ``.<name>.<kind>-<pid>-*`` beside ``output`` (after removing stale ones of dead processes)."""
+    output = Path(output)
+    remove_stale_scratch(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.{kind}-{os.getpid()}-", dir=output.parent))
+    except OSError as exc:
+        raise user_os_error(exc, output) from None
+
+
+def remove_stale_scratch(output: Path) -> list[Path]:
+    """Remove scratch folders beside ``output`` left by processes that no longer run; return what was removed.
+
+    A stale ``old`` folder holds the previous result moved aside just before a crash: it is put back when the
+    output is missing, else removed.
+    """
+    parent = Path(output).parent
+    if not parent.is_dir():
+        return []
+    removed = []
+    for kind in SCRATCH_KINDS:
+        for path in parent.glob(f".{Path(output).name}.{kind}-*-*"):
+            pid = path.name[len(f".{Path(output).name}.{kind}-"):].split("-", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            moved_aside = path / Path(output).name
+            if kind == "old" and moved_aside.is_dir() and not Path(output).exists():
+                os.rename(moved_aside, output)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        logger.info("removed %d folder(s) left by an interrupted run beside %s", len(removed), output)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def user_os_error(exc: OSError, target: Path) -> Exception:
+    """An ``OSError`` the user can fix (disk full, permission...) as a one-line :class:`FinetuneError`;
+    other errors are returned unchanged."""
+    if exc.errno not in USER_OS_ERRORS:
+        return exc
+    where = exc.filename or target
+    return FinetuneError(f"can't write {target}: {exc.strerror or type(exc).__name__} ({where}); nothing was "
+                         "saved: free space or pick a writable location")
