@@ -136,9 +136,47 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"can't store {type(value).__name__} in a checkpoint")
 
 
-def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2) -> type:
-    """A subclass of the transformers ``Trainer`` class ``base`` that checkpoints in this module's format."""
+def _plain(options: Any) -> dict[str, Any]:
+    from finetune_sdk.manifest import scrub
+
+    return json.loads(json.dumps(scrub(dict(options or {})), default=str))
+
+
+def resume_mismatch(checkpoint: Path, weights: dict[str, Any], target: Any, options: Any) -> str | None:
+    """Why the weights in ``checkpoint`` can't go into ``target`` (shapes or names differ), naming the options that
+    changed since the checkpoint was written; ``None`` when they fit."""
+    params = {n: p for n, p in target.named_parameters() if p.requires_grad}
+    reshaped = [n for n in weights if n in params and tuple(weights[n].shape) != tuple(params[n].shape)]
+    missing = sorted(set(params) - set(weights))
+    if not reshaped and not missing:
+        return None
+    try:
+        before = json.loads((checkpoint / RECORD).read_text()).get("options") or {}
+    except (OSError, ValueError):
+        before = {}
+    now = _plain(options)
+    changed = [f"{k} was {before[k]!r}, now {now.get(k)!r}" for k in sorted(before) if before[k] != now.get(k)]
+    if changed:
+        why = "options changed since: " + "; ".join(changed[:4])
+    elif reshaped:
+        name = reshaped[0]
+        why = f"{name} is {list(weights[name].shape)} there and {list(params[name].shape)} now"
+    else:
+        why = f"it has no weights for {missing[0]}"
+    return (f"can't resume from {checkpoint}: its trained weights don't fit this run's model ({why}); resume with "
+            "the options of the interrupted run, or train into a new output_dir")
+
+
+def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2,
+                                options: Any = None) -> type:
+    """A subclass of the transformers ``Trainer`` class ``base`` that checkpoints in this module's format.
+
+    ``options`` (the run's options) are recorded in each checkpoint, so that resuming with options that change the
+    trained weights' shapes is an error naming them.
+    """
     from safetensors.torch import load_file, save_file
+
+    from finetune_sdk.errors import ConfigError
 
     class CheckpointingTrainer(base):  # type: ignore[misc, valid-type]
         def _trainable(self) -> dict[str, Any]:
@@ -164,7 +202,8 @@ def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2
                 _write_json(staging / "rng.json", rng_meta)
                 self.state.save_to_json(str(staging / "trainer_state.json"))
                 files = {p.name: sha256_file(p) for p in staging.iterdir()}
-                _write_json(staging / RECORD, {"files": files, "step": self.state.global_step})
+                _write_json(staging / RECORD, {"files": files, "step": self.state.global_step,
+                                               "options": _plain(options)})
                 for path in staging.iterdir():
                     with open(path, "rb") as handle:
                         os.fsync(handle.fileno())
@@ -180,11 +219,10 @@ def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             target = self.accelerator.unwrap_model(model if model is not None else self.model)
             weights = load_file(str(Path(resume_from_checkpoint) / "trainable.safetensors"))
+            problem = resume_mismatch(Path(resume_from_checkpoint), weights, target, options)
+            if problem:
+                raise ConfigError(problem)
             target.load_state_dict(weights, strict=False)
-            wanted = {n for n, p in target.named_parameters() if p.requires_grad}
-            if wanted - set(weights):
-                raise RuntimeError(f"checkpoint {resume_from_checkpoint} lacks trainable weights: "
-                                   f"{sorted(wanted - set(weights))[:3]}")
 
         def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
             if checkpoint is None:

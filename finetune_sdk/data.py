@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import DataError
+from finetune_sdk.textfiles import read_text
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -86,37 +88,47 @@ def _read_file(path: Path) -> Rows:
     if suffix == ".json":
         return _read_json(path)
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+        try:
+            rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
+        except csv.Error as exc:
+            raise DataError(f"{path}: malformed CSV ({exc})") from None
         return Rows(rows, [f"{path} line {i + 2}" for i in range(len(rows))], str(path))
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-        return Rows(rows, [f"{path} row {i + 1}" for i in range(len(rows))], str(path))
+        return _read_parquet(path)
     raise DataError(f"{path}: unsupported file type {suffix or '(none)'}; use {', '.join(SUFFIXES)}")
+
+
+def _read_parquet(path: Path) -> Rows:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path}: not a readable Parquet file ({reason})") from None
+    return Rows(rows, [f"{path} row {i + 1}" for i in range(len(rows))], str(path))
 
 
 def _read_jsonl(path: Path) -> Rows:
     rows, where = [], []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-            where.append(f"{path} line {number}")
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        where.append(f"{path} line {number}")
     return Rows(rows, where, str(path))
 
 
 def _read_json(path: Path) -> Rows:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):

@@ -68,19 +68,40 @@ def compute_features(model: Any, encoded: Encoded, pad_token_id: int, batch_size
 def cached_features(model: Any, encoded: Encoded, pad_token_id: int, key: dict[str, Any],
                     cache_dir: Path | None) -> tuple[Any, float, bool]:
     """(features, seconds spent, whether they came from the cache)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     start = time.perf_counter()
     path = (cache_dir / f"{cache_key(key)}.safetensors") if cache_dir else None
     if path is not None and path.is_file():
-        features = load_file(str(path))["features"]
-        if features.shape[0] == len(encoded.examples):
+        features = read_cached_features(path, len(encoded.examples))
+        if features is not None:
             return features, time.perf_counter() - start, True
     features = compute_features(model, encoded, pad_token_id)
     if path is not None:
         with atomic_path(path, prefix=".features-") as tmp:
             save_file({"features": features.contiguous()}, str(tmp))
     return features, time.perf_counter() - start, False
+
+
+def read_cached_features(path: Path, count: int) -> Any:
+    """The cached ``[count, hidden]`` features in ``path``, or ``None`` (with a warning) when the file is damaged."""
+    from safetensors.torch import load_file
+
+    from finetune_sdk.errors import FinetuneError
+    from finetune_sdk.safe_weights import check_safetensors
+
+    try:
+        check_safetensors(path)
+        features = load_file(str(path))["features"]
+        if features.dim() != 2 or features.shape[0] != count:
+            raise ValueError(f"shape {list(features.shape)} instead of [{count}, hidden]")
+        if not features.isfinite().all():
+            raise ValueError("non-finite values")
+        return features
+    except (FinetuneError, OSError, ValueError, KeyError, RuntimeError) as exc:
+        logger.warning("feature cache %s is damaged (%s); computing the features again", path, exc)
+        path.unlink(missing_ok=True)
+        return None
 
 
 class FeatureDataset:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import FinetuneError
 from finetune_sdk.manifest import read_manifest
-from finetune_sdk.models import ModelSource, ensure_pad_token, load_model, resolve_source
+from finetune_sdk.models import ModelSource, _first_line, ensure_pad_token, load_model, resolve_source
 from finetune_sdk.plugin_manager import get_plugin_host
+from finetune_sdk.safe_weights import check_result_folder
+
+logger = logging.getLogger("finetune_sdk")
 
 
 def result_folder(ref: str | os.PathLike[str], registry: Any = None) -> Path:
@@ -28,8 +32,29 @@ def result_folder(ref: str | os.PathLike[str], registry: Any = None) -> Path:
     return registry.path(text)
 
 
+def untrusted_options(manifest: dict[str, Any], trust_remote_code: bool) -> dict[str, Any]:
+    """The manifest's options with ``trust_remote_code`` set by the caller, never by the (maybe downloaded) file."""
+    options = dict(manifest.get("options") or {})
+    if options.get("trust_remote_code") and not trust_remote_code:
+        logger.warning("the result was trained with trust_remote_code; it stays off unless you pass "
+                       "trust_remote_code=True (--trust-remote-code) yourself")
+    options["trust_remote_code"] = trust_remote_code
+    return options
+
+
+def result_tokenizer(directory: Path, trust_remote_code: bool) -> Any:
+    """The tokenizer saved in a result folder (its own code runs only when the caller trusts it)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise FinetuneError(f"can't load the tokenizer saved in {directory}: {_first_line(exc)}") from None
+    return ensure_pad_token(tokenizer)
+
+
 def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_model: Any = None,
-         registry: Any = None) -> Any:
+         registry: Any = None, trust_remote_code: bool = False) -> Any:
     """Load a result: the base model (4-bit again when it was trained with qlora) plus what was trained.
 
     Args:
@@ -38,6 +63,8 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
         quantized: ``None`` (as trained), ``False`` to load the base in full precision even after qlora.
         base_model: a path or Hub id to use instead of the recorded base model.
         registry: the :class:`~finetune_sdk.registry.Registry` to resolve names in (default: ``Registry()``).
+        trust_remote_code: let the model repository's own Python code run. Only this argument turns it on: a
+            result's manifest (or any downloaded file) never does, even when it was trained with it.
 
     Returns:
         A :class:`~finetune_sdk.inference.FineTunedModel` with ``generate``, ``predict`` and ``evaluate``.
@@ -48,7 +75,6 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
         >>> bot.generate("How do I reset my password?")  # doctest: +SKIP
     """
     import torch
-    from transformers import AutoTokenizer
 
     from finetune_sdk.inference import FineTunedModel
     from finetune_sdk.log import ensure_handler
@@ -57,11 +83,12 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
 
     directory = result_folder(ref, registry)
     manifest = read_manifest(directory)
+    check_result_folder(directory)
     host = get_plugin_host()
     technique = host.create("technique", manifest["technique"])
     formatter = host.create("formatter", manifest["formatter"]) if manifest.get("formatter") else None
-    options = dict(manifest["options"])
-    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(directory))
+    options = untrusted_options(manifest, trust_remote_code)
+    tokenizer = result_tokenizer(directory, trust_remote_code)
     quantizer = None
     if getattr(technique, "result_is_model", False):
         source = ModelSource("local", str(directory.resolve()), str(directory.resolve()))
@@ -72,7 +99,7 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
     dtype = getattr(torch, manifest.get("dtype") or "float32")
     model = load_model(source, manifest["task"], dtype=dtype,
                        quantization_config=quantizer.quantization_config(options) if quantizer else None,
-                       trust_remote_code=bool(options.get("trust_remote_code")))
+                       trust_remote_code=trust_remote_code)
     if quantizer is not None:
         quantizer.after_load(model)
     if model.config.pad_token_id is None:
@@ -83,28 +110,29 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
                           labels=manifest.get("labels"))
 
 
-def load_base(ref: str | os.PathLike[str], *, registry: Any = None) -> Any:
+def load_base(ref: str | os.PathLike[str], *, registry: Any = None, trust_remote_code: bool = False) -> Any:
     """The untrained starting point of a result: its recorded base model (for a classifier, with a fresh head
     seeded as training seeded it), wrapped with the result's tokenizer and formatter."""
     import torch
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
 
     from finetune_sdk.inference import FineTunedModel
 
     directory = result_folder(ref, registry)
     manifest = read_manifest(directory)
+    check_result_folder(directory)
     host = get_plugin_host()
     technique = host.create("technique", manifest["technique"])
-    options = dict(manifest["options"])
+    options = untrusted_options(manifest, trust_remote_code)
     base = manifest.get("merged_from", {}).get("base_model") or manifest["base_model"]
     source = ModelSource.from_manifest(base)
     quantizer = host.create("quantizer", manifest["quantizer"]) if manifest.get("quantizer") else None
     model = load_model(source, manifest["task"], dtype=getattr(torch, manifest.get("dtype") or "float32"),
                        quantization_config=quantizer.quantization_config(options) if quantizer else None,
-                       trust_remote_code=bool(options.get("trust_remote_code")))
+                       trust_remote_code=trust_remote_code)
     if quantizer is not None:
         quantizer.after_load(model)
-    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(directory))
+    tokenizer = result_tokenizer(directory, trust_remote_code)
     labels = manifest.get("labels")
     if manifest["task"] == "classification":
         set_seed(options.get("seed", 42))

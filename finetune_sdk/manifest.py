@@ -36,10 +36,14 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise FinetuneError(f"{directory}: no {MANIFEST_NAME}; is this a finetune_sdk result folder?")
+    from finetune_sdk.textfiles import read_text
+
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(read_text(path, error=FinetuneError))
     except json.JSONDecodeError as exc:
         raise FinetuneError(f"{path} line {exc.lineno}: malformed manifest ({exc.msg})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("options", {}), dict):
+        raise FinetuneError(f"{path}: malformed manifest (expected a JSON object with an 'options' object)")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise FinetuneError(

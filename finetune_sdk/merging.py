@@ -12,12 +12,14 @@ from finetune_sdk.manifest import MANIFEST_NAME, read_manifest
 
 
 def merge(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: str = "float32",
-          registry: Any = None) -> Path:
+          registry: Any = None, trust_remote_code: bool = False) -> Path:
     """Fold the adapter of ``ref`` (a result folder or registry reference) into its base; save to ``out``.
 
     A qlora adapter is merged into the base loaded in ``dtype`` (float32 or bfloat16), never into the 4-bit
     weights, since merging into a 4-bit base degrades outputs. The folder (model, tokenizer, a manifest saying
     what was merged) appears atomically and loads with ``finetune_sdk.load`` or plain ``from_pretrained``.
+    ``out`` must be new, empty or an earlier result (see :mod:`finetune_sdk.output_paths`); the base model's code
+    runs only with ``trust_remote_code=True`` from the caller.
 
     Example:
         >>> import finetune_sdk
@@ -41,7 +43,7 @@ def merge(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, dtype: st
     base = manifest.get("base_model") or {}
     check_output_path(out, flag="out", inputs=[("result being merged", folder),
                                                ("base model", base.get("path") if base.get("kind") == "local" else None)])
-    loaded = load(folder, quantized=False, registry=registry)
+    loaded = load(folder, quantized=False, registry=registry, trust_remote_code=trust_remote_code)
     base_model = loaded.model.get_base_model()
     base_model.to(getattr(torch, dtype))
     merged = technique.merge(loaded.model)

@@ -56,6 +56,9 @@ def resolve_source(model: str | os.PathLike[str], revision: str | None = None) -
             raise ModelNotFoundError(
                 f"{text} is not a Hugging Face model folder (no config.json); give a model folder, a Hub id or a "
                 ".gguf file")
+        from finetune_sdk.safe_weights import check_model_folder
+
+        check_model_folder(path)
         return ModelSource("local", str(path.resolve()), str(path.resolve()), revision)
     looks_like_path = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
     if looks_like_path or not HUB_ID.match(text):
@@ -105,7 +108,9 @@ def load_model(source: ModelSource, task: str, *, dtype: Any, quantization_confi
     from transformers import AutoModel, AutoModelForCausalLM
 
     auto = AutoModel if task == CLASSIFICATION else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "revision": _rev(source)}
+    # safetensors only: transformers refuses a pytorch_model.bin instead of unpickling it
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "revision": _rev(source),
+                              "use_safetensors": True}
     device = default_device()
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
@@ -116,6 +121,10 @@ def load_model(source: ModelSource, task: str, *, dtype: Any, quantization_confi
     from finetune_sdk.progress import activity
 
     folder = _folder(source)  # a GGUF file is converted first (its own step)
+    if Path(folder).is_dir():
+        from finetune_sdk.safe_weights import check_model_folder
+
+        check_model_folder(Path(folder))
     with activity(f"loading {display_name(source.id)}{_quantized(quantization_config)}"), \
             library_progress_bars_off(), \
             backbone_load_report_filtered() if task == CLASSIFICATION else nullcontext():

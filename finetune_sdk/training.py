@@ -310,7 +310,7 @@ def _hf_trainer(plan: TrainingPlan, model: Any, args: Any, tokenizer: Any, callb
         from finetune_sdk.features import collate_features
 
         train, evals = datasets
-        cls = checkpointing_trainer_class(HFTrainer, checkpoint_root)
+        cls = checkpointing_trainer_class(HFTrainer, checkpoint_root, options=options)
         eval_dataset = (evals if len(evals) > 1 else next(iter(evals.values()))) if evals else None
         return cls(model=model, args=args, train_dataset=train, eval_dataset=eval_dataset,
                    data_collator=collate_features, callbacks=callbacks)
@@ -332,7 +332,7 @@ def _hf_trainer(plan: TrainingPlan, model: Any, args: Any, tokenizer: Any, callb
         cls, collator = HFTrainer, PackingCollator(row_length, tokenizer.pad_token_id, varlen_kwargs=plan.varlen)
     else:
         cls, collator = HFTrainer, Collator(tokenizer.pad_token_id)
-    cls = checkpointing_trainer_class(cls, checkpoint_root)
+    cls = checkpointing_trainer_class(cls, checkpoint_root, options=options)
     return cls(model=model, args=args, train_dataset=ListDataset(plan.train.examples), eval_dataset=eval_dataset,
                data_collator=collator, callbacks=callbacks)
 

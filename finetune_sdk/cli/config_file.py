@@ -15,7 +15,9 @@ def read_config(path: str | None) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = file.read_text(encoding="utf-8")
+    from finetune_sdk.textfiles import read_text
+
+    text = read_text(file, error=ConfigError)
     if file.suffix.lower() == ".toml":
         import tomllib
 

@@ -26,7 +26,10 @@ def is_result(ref: str) -> bool:
     return bool(NAME.match(ref)) and any(a["name"] == ref for a in Registry().list())
 
 
-def open_model(ref: str, formatter: str | None = None) -> Any:
+TRUST_HELP = "let the model repository's own Python code run (never turned on by a result or a download)"
+
+
+def open_model(ref: str, formatter: str | None = None, trust_remote_code: bool = False) -> Any:
     """A result folder or registry reference loads with ``finetune_sdk.load``; anything else is a base model."""
     from finetune_sdk.log import quiet_third_party_output
 
@@ -34,7 +37,7 @@ def open_model(ref: str, formatter: str | None = None) -> Any:
     if is_result(ref):
         from finetune_sdk.loading import load
 
-        model = load(ref)
+        model = load(ref, trust_remote_code=trust_remote_code)
         if formatter:
             from finetune_sdk.plugin_manager import get_plugin_host
 
@@ -42,7 +45,7 @@ def open_model(ref: str, formatter: str | None = None) -> Any:
         return model
     from finetune_sdk.trainer import Trainer
 
-    return Trainer(ref, formatter=formatter, progress=False).session()
+    return Trainer(ref, formatter=formatter, progress=False, trust_remote_code=trust_remote_code).session()
 
 
 def read_lines(items: tuple[str, ...], file: str | None, what: str) -> list[str]:
@@ -51,7 +54,9 @@ def read_lines(items: tuple[str, ...], file: str | None, what: str) -> list[str]
         path = Path(file)
         if not path.is_file():
             raise ConfigError(f"{what} file {file} does not exist")
-        lines += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from finetune_sdk.textfiles import read_text
+
+        lines += [line.strip() for line in read_text(path, error=ConfigError).splitlines() if line.strip()]
     if not lines:
         raise ConfigError(f"no {what}s given: pass them as arguments or with --file")
     return lines
@@ -65,10 +70,11 @@ def read_lines(items: tuple[str, ...], file: str | None, what: str) -> list[str]
 @click.option("--prompts", "prompt_file", help="with --compare-base: a file of prompts to generate side by side")
 @click.option("--report-dir", help="with --compare-base: write comparison.json and comparison.html here")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--trust-remote-code", is_flag=True, help=TRUST_HELP)
 def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool, prompt_file: str | None,
-                 report_dir: str | None, max_new_tokens: int) -> None:
+                 report_dir: str | None, max_new_tokens: int, trust_remote_code: bool) -> None:
     """Evaluate a result (or a base model) on DATA: loss and perplexity, or accuracy and macro-F1."""
-    model = open_model(ref, formatter)
+    model = open_model(ref, formatter, trust_remote_code)
     if model.formatter is None:
         raise ConfigError("this model has no formatter recorded; pass --formatter")
     if not compare_base:
@@ -88,7 +94,8 @@ def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool,
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
     prompts = read_lines((), prompt_file, "prompt") if prompt_file else []
     info = {"technique": manifest["technique"], "base_model": manifest["base_model"]["id"], "output_dir": str(folder)}
-    report = compare_models(model, lambda: load_base(folder), load_rows(data, name="eval_data"), prompts,
+    base = lambda: load_base(folder, trust_remote_code=trust_remote_code)  # noqa: E731
+    report = compare_models(model, base, load_rows(data, name="eval_data"), prompts,
                             max_new_tokens=max_new_tokens, log_history=history, info=info, report_dir=report_dir)
     console().print(comparison_table(report))
     if report_dir:
@@ -102,11 +109,12 @@ def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool,
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--raw", is_flag=True, help="send prompts as they are, without the formatter's wrapping")
 @click.option("--formatter", "-f", help="override the formatter recorded with the result")
+@click.option("--trust-remote-code", is_flag=True, help=TRUST_HELP)
 def generate_command(ref: str, prompts: tuple[str, ...], prompt_file: str | None, max_new_tokens: int, raw: bool,
-                     formatter: str | None) -> None:
+                     formatter: str | None, trust_remote_code: bool) -> None:
     """Generate answers to PROMPTS with a result folder (or a base model)."""
     lines = read_lines(prompts, prompt_file, "prompt")
-    model = open_model(ref, formatter)
+    model = open_model(ref, formatter, trust_remote_code)
     answers = model.generate(lines, max_new_tokens=max_new_tokens, raw=raw)
     table = Table(title=f"generations of {short_path(ref)}", show_lines=True)
     table.add_column("prompt")
@@ -120,10 +128,11 @@ def generate_command(ref: str, prompts: tuple[str, ...], prompt_file: str | None
 @click.argument("ref")
 @click.argument("texts", nargs=-1)
 @click.option("--file", "text_file", help="a text file with one text per line")
-def predict_command(ref: str, texts: tuple[str, ...], text_file: str | None) -> None:
+@click.option("--trust-remote-code", is_flag=True, help=TRUST_HELP)
+def predict_command(ref: str, texts: tuple[str, ...], text_file: str | None, trust_remote_code: bool) -> None:
     """Predict labels for TEXTS with a classifier result folder."""
     lines = read_lines(texts, text_file, "text")
-    model = open_model(ref)
+    model = open_model(ref, trust_remote_code=trust_remote_code)
     table = Table(title=f"predictions of {short_path(ref)}")
     table.add_column("text")
     table.add_column("label")

@@ -59,11 +59,24 @@ class ClassifierTechnique(Technique):
         from safetensors.torch import load_file
 
         from finetune_sdk.classifier_model import ClassifierModel
+        from finetune_sdk.errors import FinetuneError
 
-        config = json.loads((directory / HEAD_CONFIG).read_text())
-        model = ClassifierModel(base_model, len(config["labels"]), config["pooling"], options.get("pad_token_id"))
-        model.labels = config["labels"]
-        model.head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)))
+        try:
+            config = json.loads((directory / HEAD_CONFIG).read_text(encoding="utf-8"))
+            labels, pooling = [str(label) for label in config["labels"]], str(config["pooling"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FinetuneError(f"{directory / HEAD_CONFIG}: unreadable classifier config ({type(exc).__name__}: "
+                                f"{exc}); re-create the result") from None
+        model = ClassifierModel(base_model, len(labels), pooling, options.get("pad_token_id"))
+        model.labels = labels
+        weights = load_file(str(directory / HEAD_WEIGHTS))
+        expected = {name: tuple(t.shape) for name, t in model.head.state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in weights.items()}
+        if found != expected:
+            raise FinetuneError(
+                f"{directory / HEAD_WEIGHTS}: head has shapes {found}, but {len(labels)} labels on a backbone of "
+                f"hidden size {model.head.in_features} need {expected}; the head belongs to another model or labels")
+        model.head.load_state_dict(weights)
         return model
 
 
