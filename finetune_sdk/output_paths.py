@@ -4,7 +4,8 @@ The rule, applied before any model loads (and again at the final rename):
 
 * a path that does not exist is fine, as long as its nearest existing folder is writable;
 * an existing path is replaced only when it is a complete earlier result of this SDK (its
-  ``finetune_manifest.json`` reads as one), or an empty folder; the replacement is logged;
+  ``finetune_manifest.json`` reads as one), the folder of an earlier sequential run (``stage-<i>`` results only),
+  or an empty folder; the replacement is logged;
 * anything else there (a user's folder, a file, a model folder) is refused with a one-line error;
 * the output can never be, contain or sit inside an input: the base model's folder, a data file, the result being
   merged.
@@ -47,6 +48,16 @@ def is_sdk_result(path: Path) -> bool:
     return isinstance(manifest, dict) and "technique" in manifest
 
 
+def is_sdk_output(path: Path) -> bool:
+    """A result, or the folder of a sequential run (only ``stage-<i>`` results, and scratch folders, inside)."""
+    if is_sdk_result(path):
+        return True
+    if not path.is_dir() or path.is_symlink():
+        return False
+    entries = [p for p in path.iterdir() if not p.name.startswith(".stage-")]
+    return bool(entries) and all(p.name.startswith("stage-") and is_sdk_result(p) for p in entries)
+
+
 def check_output_path(output: str | os.PathLike[str], *,
                       inputs: Iterable[tuple[str, str | os.PathLike[str] | None]] = (), flag: str = "output_dir",
                       probe: bool = True) -> bool:
@@ -75,6 +86,8 @@ def check_output_path(output: str | os.PathLike[str], *,
     """
     out = Path(output).expanduser()
     resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or Path.cwd().resolve().is_relative_to(resolved):
+        raise ConfigError(f"{flag} {out} is the current folder (or holds it); pick a new folder for the result")
     for what, given in inputs:
         if given is None or not isinstance(given, (str, os.PathLike)):
             continue
@@ -83,12 +96,10 @@ def check_output_path(output: str | os.PathLike[str], *,
             relation = "is" if resolved == other else "contains" if other.is_relative_to(resolved) else "is inside"
             raise ConfigError(f"{flag} {out} {relation} the {what} {given}; writing the result there would destroy "
                               "it: pick another folder")
-    if resolved == Path.cwd().resolve() or Path.cwd().resolve().is_relative_to(resolved):
-        raise ConfigError(f"{flag} {out} is the current folder (or holds it); pick a new folder for the result")
     if out.exists() or out.is_symlink():
         if out.is_symlink() or not out.is_dir():
             raise ConfigError(f"{flag} {out} is an existing file; pick a folder path that does not exist yet")
-        if is_sdk_result(out):
+        if is_sdk_output(out):
             return True
         entries = sorted(p.name for p in out.iterdir())
         if entries:
@@ -119,6 +130,9 @@ def log_replacement(output: Path) -> None:
     """Say which earlier result is being replaced (called just before the rename)."""
     from finetune_sdk.manifest import read_manifest
 
+    if not is_sdk_result(output):
+        logger.info("replacing the earlier sequential run in %s", output)
+        return
     manifest = read_manifest(output)
     logger.info("replacing the earlier %s result in %s (created %s)", manifest.get("technique"), output,
                 manifest.get("created", "at an unknown time"))
@@ -148,7 +162,7 @@ def remove_stale_scratch(output: Path) -> list[Path]:
     for kind in SCRATCH_KINDS:
         for path in parent.glob(f".{Path(output).name}.{kind}-*-*"):
             pid = path.name[len(f".{Path(output).name}.{kind}-"):].split("-", 1)[0]
-            if not pid.isdigit() or _alive(int(pid)):
+            if not pid.isdigit() or process_alive(int(pid)):
                 continue
             moved_aside = path / Path(output).name
             if kind == "old" and moved_aside.is_dir() and not Path(output).exists():
@@ -160,7 +174,8 @@ def remove_stale_scratch(output: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True when a process with this id runs (or this is our own id)."""
     if pid == os.getpid():
         return True
     try:

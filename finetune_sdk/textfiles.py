@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
 
 from finetune_sdk.errors import DataError, FinetuneError
@@ -31,8 +32,9 @@ def read_text(path: str | Path, error: type[FinetuneError] = DataError) -> str:
         raise error(f"{path}: is a folder, not a file") from None
     except OSError as exc:
         raise error(f"{path}: can't read it ({exc.strerror or type(exc).__name__})") from None
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
-        return raw.decode("utf-8-sig")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1

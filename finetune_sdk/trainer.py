@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.data import Rows, load_rows
+from finetune_sdk.data_checks import check_answers, check_classes, check_pairs
 from finetune_sdk.errors import ConfigError, DataError
 from finetune_sdk.formatter import CLASSIFICATION, Formatter
 from finetune_sdk.log import ensure_handler
@@ -205,7 +206,13 @@ class Trainer:
             eval_rows = reward_rows(eval_rows, self.formatter) if eval_rows is not None else None
         if self.technique.task == CLASSIFICATION:
             self.options["labels"] = self._labels(train_rows, formatter)
+        elif formatter.task != PREFERENCE:
+            check_answers(train_rows.rows, train_rows.source)
         train = encode(self, train_rows, formatter, tokenizer)
+        if self.technique.task == CLASSIFICATION:
+            check_classes([ex["labels"] for ex in train.examples], self.options["labels"], train_rows.source)
+        elif formatter.task == PREFERENCE:
+            check_pairs(train.examples, train_rows.source)
         evals = {"": EvalSet(eval_rows, formatter, encode(self, eval_rows, formatter, tokenizer))} if eval_rows else {}
         if self._session is not None and formatter.task != PREFERENCE:
             self._session.formatter = formatter
@@ -233,6 +240,7 @@ class Trainer:
             if formatter.task != self.technique.task:
                 raise ConfigError(f"task {task.name!r}: formatter {formatter.name!r} makes {formatter.task} data; "
                                   "multi-task mixing takes supervised or text formatters")
+            check_answers(rows.rows, rows.source)
             encoded[task.name] = encode(self, rows, formatter, tokenizer)
             formatters[task.name], fingerprints[task.name] = formatter, rows.fingerprint
             if task.eval_data is not None:

@@ -7,22 +7,22 @@ branches pointing at a version's commit, moved when the alias moves.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from finetune_sdk.errors import IntegrityError, RegistryError
-from finetune_sdk.fsutil import write_json_atomic
+from finetune_sdk.fsutil import sha256_file, write_json_atomic
 from finetune_sdk.manifest import read_manifest
-from finetune_sdk.fsutil import sha256_file
+from finetune_sdk.network import TIMEOUT_ENV, bounded_hub_client, hub_timeout
 from finetune_sdk.registry.local import AdapterVersion, Registry
+from finetune_sdk.registry.locks import publishing
 from finetune_sdk.registry.model_card import model_card
-from finetune_sdk.registry.refs import HUB_REPO, parse_ref
+from finetune_sdk.registry.record import read_record, scratch
+from finetune_sdk.registry.refs import inside, parse_ref, validate_name, validate_repo_id
 
 REGISTRY_FILE = "registry.json"
 ATTEMPTS = 3
@@ -58,15 +58,24 @@ def _call(endpoint: str, what: str, fn: Callable[[], T]) -> T:
             reason = f"HTTP {status}"
         except OSError as exc:  # connection refused, DNS, timeouts (httpx errors are OSError subclasses or wrap them)
             reason = type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                raise _no_answer(what, endpoint) from None
         except Exception as exc:  # noqa: BLE001 - httpx transport errors aren't OSError
             if type(exc).__module__.split(".")[0].rstrip("0123456789") not in ("httpx", "httpcore", "requests",
                                                                                  "urllib"):
                 raise
+            if "Timeout" in type(exc).__name__:  # a stalled server stays stalled: no retry
+                raise _no_answer(what, endpoint) from None
             reason = type(exc).__name__
         if attempt < ATTEMPTS:
             time.sleep(delay)
             delay *= 2
     raise RegistryError(f"{what} at {endpoint} failed after {ATTEMPTS} attempts ({reason}); is the endpoint up?")
+
+
+def _no_answer(what: str, endpoint: str) -> RegistryError:
+    return RegistryError(f"{what} at {endpoint}: no answer within {hub_timeout():g} s (the server accepted the "
+                         f"connection but sent nothing); is the endpoint up? ({TIMEOUT_ENV} sets the timeout)")
 
 
 def _status(exc: Exception) -> str:
@@ -79,6 +88,7 @@ def _status(exc: Exception) -> str:
 def _api(endpoint: str, token: str | None) -> Any:
     from huggingface_hub import HfApi
 
+    bounded_hub_client()
     return HfApi(endpoint=endpoint, token=token)
 
 
@@ -88,18 +98,17 @@ def push(registry: Registry, ref: str, repo_id: str, *, endpoint: str | None = N
 
     The token comes from the argument, else from where huggingface_hub reads it (``HF_TOKEN``, saved login).
     """
-    if not HUB_REPO.match(repo_id or ""):
-        raise RegistryError(f"repo id {repo_id!r} must read org/name")
+    validate_repo_id(repo_id)
     version = registry.verify(ref)
     endpoint = resolve_endpoint(endpoint)
     api = _api(endpoint, token)
     _call(endpoint, f"creating {repo_id}", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
-    folder = Path(tempfile.mkdtemp(prefix="finetune-push-"))
-    try:
+    with scratch(registry.home, "push") as folder:
         source = registry.path(version.ref)
         for rel in version.files:
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / rel, folder / rel)
+            target = inside(folder, rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / rel, target)
         write_json_atomic(folder / REGISTRY_FILE, {
             "name": version.name, "version": version.version, "parent": version.parent,
             "description": version.description, "created": version.created, "tags": version.tags,
@@ -108,8 +117,6 @@ def push(registry: Registry, ref: str, repo_id: str, *, endpoint: str | None = N
         commit = _call(endpoint, f"pushing {version.ref} to {repo_id}", lambda: api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), commit_message=f"{version.name} v{version.version}",
             delete_patterns=["*"]))
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
     sha = commit.oid
     tag = f"v{version.version}"
     refs = _call(endpoint, f"listing refs of {repo_id}", lambda: api.list_repo_refs(repo_id))
@@ -137,6 +144,8 @@ def pull(registry: Registry, ref: str, *, endpoint: str | None = None, token: st
     parsed = parse_ref(ref)
     if not parsed.is_hub:
         raise RegistryError(f"{ref!r} is not a Hub reference; pull takes hf://org/repo[@v3]")
+    if name is not None:
+        validate_name(name)
     endpoint = resolve_endpoint(endpoint)
     revision = parsed.revision or "main"
     immutable = revision[:1] == "v" and revision[1:].isdigit() or len(revision) == 40
@@ -150,33 +159,25 @@ def pull(registry: Registry, ref: str, *, endpoint: str | None = None, token: st
     sha = info.sha
     if cached is not None and _remote_commit(registry, endpoint, parsed.repo_id, revision) == sha:
         return cached
-    download = Path(tempfile.mkdtemp(prefix="finetune-pull-"))
-    try:
+    with scratch(registry.home, "pull") as download, scratch(registry.home, "pulled") as stage:
         _call(endpoint, f"downloading {parsed}", lambda: snapshot_download(
-            parsed.repo_id, revision=sha, endpoint=endpoint, token=token, local_dir=download))
-        record_path = download / REGISTRY_FILE
-        if not record_path.is_file():
-            raise RegistryError(f"{parsed} (commit {sha[:12]}) has no {REGISTRY_FILE}; it was not pushed by "
-                                "finetune-sdk")
-        record = json.loads(record_path.read_text(encoding="utf-8"))
+            parsed.repo_id, revision=sha, endpoint=endpoint, token=token, local_dir=download,
+            etag_timeout=hub_timeout()))
+        record = read_record(download / REGISTRY_FILE, f"{parsed} (commit {sha[:12]})")
         for rel, meta in record["files"].items():
-            path = download / rel
-            if not path.is_file():
+            path = inside(download, rel)
+            if not path.is_file() or path.is_symlink():
                 raise IntegrityError(f"{parsed}: {rel} listed in {REGISTRY_FILE} was not downloaded")
             actual = sha256_file(path)
             if actual != meta["sha256"] or path.stat().st_size != meta["size"]:
                 raise IntegrityError(f"{parsed}: downloaded {rel} does not match its recorded sha256 "
                                      f"({actual[:12]}... instead of {meta['sha256'][:12]}...)")
-        stage = Path(tempfile.mkdtemp(prefix="finetune-pulled-"))
         for rel in record["files"]:
-            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(download / rel, stage / rel)
+            target = inside(stage, rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(download / rel, target)
         manifest = read_manifest(stage)
-        local = _store(registry, stage, manifest, record, name or record["name"], parsed, endpoint, sha)
-        shutil.rmtree(stage, ignore_errors=True)
-    finally:
-        shutil.rmtree(download, ignore_errors=True)
-    return local
+        return _store(registry, stage, manifest, record, name or record["name"], parsed, endpoint, sha)
 
 
 def _remote_commit(registry: Registry, endpoint: str, repo_id: str, revision: str) -> str | None:
@@ -188,6 +189,12 @@ def _remote_commit(registry: Registry, endpoint: str, repo_id: str, revision: st
 
 def _store(registry: Registry, folder: Path, manifest: dict[str, Any], record: dict[str, Any], name: str,
            parsed: Any, endpoint: str, sha: str) -> AdapterVersion:
+    with publishing(registry.home):  # garbage collection waits until the version's row is in
+        return _store_locked(registry, folder, manifest, record, name, parsed, endpoint, sha)
+
+
+def _store_locked(registry: Registry, folder: Path, manifest: dict[str, Any], record: dict[str, Any], name: str,
+                  parsed: Any, endpoint: str, sha: str) -> AdapterVersion:
     files = registry._store_files(folder)
     version = int(record["version"])
     try:

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from finetune_sdk.errors import RegistryError
+
 SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -32,9 +34,20 @@ class Index:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.connect() as db:
+        if self.path.is_dir():
+            raise RegistryError(f"registry index {self.path} is a folder; move it aside")
+        db = None
+        try:
+            db = self.connect()
             db.executescript(SCHEMA)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            db.execute("SELECT name, version, files FROM versions LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise RegistryError(f"registry index {self.path} is damaged ({exc}); move it aside (the blobs stay) or "
+                                "restore it from a backup") from None
+        finally:
+            if db is not None:
+                db.close()
 
     def connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)

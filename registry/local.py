@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +18,8 @@ from finetune_sdk.manifest import read_manifest
 from finetune_sdk.fsutil import sha256_file
 from finetune_sdk.registry.blobs import BlobStore
 from finetune_sdk.registry.index import Index
-from finetune_sdk.registry.refs import Ref, parse_ref, validate_name
+from finetune_sdk.registry.locks import collecting, publishing
+from finetune_sdk.registry.refs import Ref, inside, parse_ref, validate_name
 
 HOME_ENV = "FINETUNE_SDK_REGISTRY"
 #: Files a result folder may hold that the registry doesn't keep (PEFT's boilerplate card: push writes its own).
@@ -33,9 +35,13 @@ def default_home() -> Path:
 
 
 def _failpoint(name: str) -> None:
-    """Crash-test hook: ``FINETUNE_SDK_REGISTRY_FAILPOINT=<name>`` SIGKILLs this process here."""
+    """Crash-test hooks: ``FINETUNE_SDK_REGISTRY_FAILPOINT=<name>`` SIGKILLs this process here;
+    ``FINETUNE_SDK_REGISTRY_PAUSE=<name>:<seconds>`` sleeps here (to widen a race window in tests)."""
     if os.environ.get("FINETUNE_SDK_REGISTRY_FAILPOINT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    where, _, seconds = os.environ.get("FINETUNE_SDK_REGISTRY_PAUSE", "").partition(":")
+    if where == name:
+        time.sleep(float(seconds or 0))
 
 
 def _now() -> str:
@@ -86,6 +92,14 @@ class Registry:
 
     def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
         self.home = Path(home).expanduser() if home is not None else default_home()
+        if self.home.exists() and not self.home.is_dir():
+            raise RegistryError(f"registry home {self.home} is a file, not a folder; point {HOME_ENV} (or --home) "
+                                "at a folder")
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(f"can't create the registry home {self.home} ({exc.strerror or exc}); point "
+                                f"{HOME_ENV} (or --home) at a writable folder") from None
         self.blobs = BlobStore(self.home / "blobs")
         self.index = Index(self.home / "index.db")
 
@@ -105,10 +119,12 @@ class Registry:
         parent_ref = self.resolve(parent).ref if parent else None
         from finetune_sdk.progress import activity
 
-        with activity(f"publishing {directory.name} as the next version of {name}"):
-            files = self._store_files(directory)
-        _failpoint("after_blobs")
-        return self._insert(name, None, manifest, files, description, parent_ref, list(aliases), list(tags), None)
+        with publishing(self.home):  # garbage collection waits until this version's row is in
+            with activity(f"publishing {directory.name} as the next version of {name}"):
+                files = self._store_files(directory)
+            _failpoint("after_blobs")
+            return self._insert(name, None, manifest, files, description, parent_ref, list(aliases), list(tags),
+                                None)
 
     def _store_files(self, directory: Path) -> dict[str, dict[str, Any]]:
         files: dict[str, dict[str, Any]] = {}
@@ -256,9 +272,9 @@ class Registry:
         folder = self.home / "checkouts" / version.name / str(version.version)
         if folder.is_dir() and self._checkout_ok(folder, version):
             return folder
-        with staged_directory(folder, replace_only_results=False) as staging:
+        with publishing(self.home), staged_directory(folder, replace_only_results=False) as staging:
             for rel, info in version.files.items():
-                self.blobs.copy_to(info["sha256"], staging / rel, f"{version.ref}: {rel}")
+                self.blobs.copy_to(info["sha256"], inside(staging, rel, version.ref), f"{version.ref}: {rel}")
         return folder
 
     def _checkout_ok(self, folder: Path, version: AdapterVersion) -> bool:
@@ -314,15 +330,16 @@ class Registry:
 
     def collect_garbage(self) -> int:
         """Remove blobs no version refers to (left by deletes or interrupted publishes); return how many."""
-        with self.index.read() as db:
-            used = {info["sha256"] for (files,) in db.execute("SELECT files FROM versions")
-                    for info in json.loads(files).values()}
-        removed = 0
-        if self.blobs.root.is_dir():
-            for path in self.blobs.root.glob("*/*"):
-                if path.name not in used:
-                    path.unlink(missing_ok=True)
-                    removed += 1
+        with collecting(self.home):  # no publish is between storing its blobs and recording its version
+            with self.index.read() as db:
+                used = {info["sha256"] for (files,) in db.execute("SELECT files FROM versions")
+                        for info in json.loads(files).values()}
+            removed = 0
+            if self.blobs.root.is_dir():
+                for path in self.blobs.root.glob("*/*"):
+                    if path.name not in used:
+                        path.unlink(missing_ok=True)
+                        removed += 1
         return removed
 
     # -- Hub -------------------------------------------------------------------------------------------------

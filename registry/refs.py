@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from finetune_sdk.errors import RegistryError
 
@@ -31,6 +32,50 @@ def validate_name(name: str, what: str = "adapter name") -> str:
             f"{what} {name!r} is not allowed: use letters, digits, '.', '_' or '-' (no path separators or '..'), "
             "starting with a letter or digit")
     return name
+
+
+def validate_repo_id(repo_id: str, ref: str | None = None) -> str:
+    """Return ``repo_id`` if it reads ``org/name`` under the Hub's rules (no ``..`` or ``--``, no leading or
+    trailing ``.`` or ``-``, at most 96 characters per part).
+
+    >>> validate_repo_id("org/re..po")
+    Traceback (most recent call last):
+    finetune_sdk.errors.RegistryError: 'org/re..po': a Hub repo id reads org/name with letters, digits, '.', '_' or '-' (no '..' or '--', not starting or ending with '.' or '-')
+    """
+    shown = repr(ref if ref is not None else repo_id)
+    parts = repo_id.split("/") if isinstance(repo_id, str) else []
+    if not HUB_REPO.match(repo_id or "") or len(parts) != 2 or any(
+            ".." in p or "--" in p or p[-1] in ".-" or len(p) > MAX_NAME for p in parts):
+        raise RegistryError(f"{shown}: a Hub repo id reads org/name with letters, digits, '.', '_' or '-' (no '..' "
+                            "or '--', not starting or ending with '.' or '-')")
+    return repo_id
+
+
+def validate_relative_path(rel: str, what: str = "file") -> str:
+    """Return ``rel`` if it is a plain relative path (``a/b.json``) that stays inside its folder.
+
+    Absolute paths, ``..`` or ``.`` parts, backslashes, empty parts, control characters and hidden (``.x``) parts
+    are refused: file lists come from remotes that may be hostile.
+
+    >>> validate_relative_path("../../../etc/os-release")
+    Traceback (most recent call last):
+    finetune_sdk.errors.RegistryError: file '../../../etc/os-release' is not a plain relative path inside the folder; refusing it
+    """
+    parts = rel.split("/") if isinstance(rel, str) else [""]
+    if (not isinstance(rel, str) or not rel or len(rel) > 1024 or "\\" in rel or ":" in rel
+            or any(ord(c) < 32 or ord(c) == 127 for c in rel)
+            or any(part in ("", ".", "..") or part.startswith(".") for part in parts)
+            or PurePosixPath(rel).is_absolute()):
+        raise RegistryError(f"{what} {rel!r} is not a plain relative path inside the folder; refusing it")
+    return rel
+
+
+def inside(folder: Path, rel: str, what: str = "file") -> Path:
+    """``folder / rel`` after :func:`validate_relative_path` (a last check that it resolves inside ``folder``)."""
+    target = Path(folder) / validate_relative_path(rel, what)
+    if not target.resolve().is_relative_to(Path(folder).resolve()):
+        raise RegistryError(f"{what} {rel!r} leads outside {folder}; refusing it")
+    return target
 
 
 @dataclass(frozen=True)
@@ -68,8 +113,7 @@ def parse_ref(ref: str) -> Ref:
     if ref.startswith("hf://"):
         body = ref[len("hf://"):]
         repo_id, _, revision = body.partition("@")
-        if not HUB_REPO.match(repo_id):
-            raise RegistryError(f"{ref!r}: a Hub reference reads hf://org/repo or hf://org/repo@v3")
+        validate_repo_id(repo_id, ref)
         if revision:
             validate_name(revision, "revision")
         return Ref(repo_id=repo_id, revision=revision or None)

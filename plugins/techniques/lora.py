@@ -25,6 +25,26 @@ def lora_options(r: int, alpha: int, dropout: float, targets: str | None) -> tup
     )
 
 
+LINEAR_TYPES = ("Linear", "Linear4bit", "Linear8bitLt", "Conv1D")
+
+
+def check_target_modules(model: Any, targets: Any) -> None:
+    """Refuse ``target_modules`` names that match no module of ``model`` (PEFT's rule: the full name, or its last
+    dotted parts), naming the linear layers the model does have. ``None`` and a single string (``all-linear`` or
+    a regular expression) are left to PEFT."""
+    from finetune_sdk.errors import ConfigError
+
+    if targets is None or isinstance(targets, str):
+        return
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if type(m).__name__ in LINEAR_TYPES and n} - {"lm_head"})
+        raise ConfigError(f"option 'target_modules': {', '.join(map(repr, unmatched))} match no module of "
+                          f"{type(model).__name__}; its linear layers are {', '.join(linear) or 'none'}")
+
+
 class LoraTechnique(Technique):
     """Low-rank adapters on the attention (or chosen) layers; the base weights stay frozen.
 
@@ -54,6 +74,7 @@ class LoraTechnique(Technique):
                 )
             elif options.get("gradient_checkpointing"):
                 model.enable_input_require_grads()
+            check_target_modules(model, options.get("target_modules"))
             return get_peft_model(model, self.lora_config(options))
 
     def lora_config(self, options: Mapping[str, Any]) -> Any:
