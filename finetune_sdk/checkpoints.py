@@ -154,8 +154,13 @@ def resume_mismatch(checkpoint: Path, weights: dict[str, Any], target: Any, opti
         before = json.loads((checkpoint / RECORD).read_text()).get("options") or {}
     except (OSError, ValueError):
         before = {}
+    from finetune_sdk.options import TRAINING_OPTIONS
+
     now = _plain(options)
-    changed = [f"{k} was {before[k]!r}, now {now.get(k)!r}" for k in sorted(before) if before[k] != now.get(k)]
+    loop = {o.name for o in TRAINING_OPTIONS}  # the training loop's options don't shape the trained weights
+    differing = [k for k in sorted(before) if before[k] != now.get(k)]
+    shaping = [k for k in differing if k not in loop] or differing
+    changed = [f"{k} was {before[k]!r}, now {now.get(k)!r}" for k in shaping]
     if changed:
         why = "options changed since: " + "; ".join(changed[:4])
     elif reshaped:

@@ -52,11 +52,13 @@ class Option:
             if self.type is list:
                 if isinstance(value, str):
                     items = [v.strip() for v in value.split(",") if v.strip()]
-                    return items[0] if items == ["all-linear"] else items
-                return list(value) if not isinstance(value, str) else value
-            if self.type is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            converted = self.type(value)
+                    converted = items[0] if items == ["all-linear"] else items
+                else:
+                    converted = list(value)
+            else:
+                if self.type is int and isinstance(value, float) and not value.is_integer():
+                    raise ValueError(value)
+                converted = self.type(value)
         except (TypeError, ValueError):
             raise ConfigError(
                 f"option {self.name!r} must be {self.type.__name__}, got {value!r}; {self.help}"

@@ -118,6 +118,9 @@ class Trainer:
         if is_stage_list(train_data):
             return self._fit_stages(list(train_data))
         self._check_output_dir(train_data, eval_data)
+        if not is_task_list(train_data):  # bad files are named before any tokenizer or model loads
+            train_data = load_rows(train_data, name="train_data")
+            eval_data = load_rows(eval_data, name="eval_data") if eval_data is not None else None
         tokenizer = self._load_tokenizer()
         if is_task_list(train_data):
             plan = self._plan_tasks(list(train_data), tokenizer)
