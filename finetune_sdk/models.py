@@ -88,6 +88,7 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> A
     from transformers import AutoTokenizer
 
     folder = _folder(source)
+    _bounded_network(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             folder, revision=_rev(source), trust_remote_code=trust_remote_code)
@@ -121,6 +122,7 @@ def load_model(source: ModelSource, task: str, *, dtype: Any, quantization_confi
     from finetune_sdk.progress import activity
 
     folder = _folder(source)  # a GGUF file is converted first (its own step)
+    _bounded_network(source)
     if Path(folder).is_dir():
         from finetune_sdk.safe_weights import check_model_folder
 
@@ -174,6 +176,14 @@ def _folder(source: ModelSource) -> str:
     if source.kind == "object":
         raise ConfigError("this model was passed in already loaded; pass base_model= to load it again")
     return source.path or source.id
+
+
+def _bounded_network(source: ModelSource) -> None:
+    """Hub downloads of a base model time out like the registry's (see :mod:`finetune_sdk.network`)."""
+    if source.kind == "hub":
+        from finetune_sdk.network import bounded_hub_client
+
+        bounded_hub_client()
 
 
 def _rev(source: ModelSource) -> str | None:

@@ -112,6 +112,20 @@ def check_output_path(output: str | os.PathLike[str], *,
     return False
 
 
+def check_stages_folder(output_dir: Path, count: int) -> None:
+    """The folder of a sequential run holds only ``stage-<i>`` results: anything else there is refused."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise ConfigError(f"output_dir {output_dir} is an existing file; a sequential run writes stage-1..stage-"
+                          f"{count} into a folder: pick a new one")
+    foreign = sorted(p.name for p in output_dir.iterdir()
+                     if not (p.name.startswith("stage-") and is_sdk_result(p)) and not p.name.startswith(".stage-"))
+    if foreign:
+        raise ConfigError(f"output_dir {output_dir} holds {', '.join(foreign[:3])}, which a sequential run did not "
+                          "write; pick a new folder")
+
+
 def _check_writable_parent(out: Path, flag: str) -> None:
     """The nearest existing ancestor of ``out`` must be a folder this process can create entries in."""
     ancestor = out.absolute().parent

@@ -270,6 +270,8 @@ class Trainer:
         return TrainingPlan(train, first.name, "sft", evals, dataset, extra)
 
     def _fit_stages(self, stages: list[Stage]) -> FitResult:
+        from finetune_sdk.output_paths import check_stages_folder
+
         check_stages_folder(self.output_dir, len(stages))
         for i, stage in enumerate(stages, start=1):
             self._check_output_dir(stage.data, stage.eval_data, output_dir=self.output_dir / f"stage-{i}")
@@ -547,19 +549,3 @@ def work_dir_beside(output_dir: Path) -> Path:
     from finetune_sdk.output_paths import scratch_dir
 
     return scratch_dir(output_dir, "work")
-
-
-def check_stages_folder(output_dir: Path, count: int) -> None:
-    """The folder of a sequential run holds only ``stage-<i>`` results: anything else there is refused."""
-    from finetune_sdk.output_paths import is_sdk_result
-
-    if not output_dir.exists():
-        return
-    if not output_dir.is_dir():
-        raise ConfigError(f"output_dir {output_dir} is an existing file; a sequential run writes stage-1..stage-"
-                          f"{count} into a folder: pick a new one")
-    foreign = sorted(p.name for p in output_dir.iterdir()
-                     if not (p.name.startswith("stage-") and is_sdk_result(p)) and not p.name.startswith(".stage-"))
-    if foreign:
-        raise ConfigError(f"output_dir {output_dir} holds {', '.join(foreign[:3])}, which a sequential run did not "
-                          "write; pick a new folder")

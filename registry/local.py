@@ -132,7 +132,12 @@ class Registry:
             rel = path.relative_to(directory).as_posix()
             if rel in SKIPPED_FILES or any(part.startswith(".") for part in Path(rel).parts):
                 continue
-            sha, size = self.blobs.put(path)
+            try:
+                sha, size = self.blobs.put(path)
+            except OSError as exc:  # disk full, permissions: one line; the partial blob is already removed
+                from finetune_sdk.output_paths import user_os_error
+
+                raise user_os_error(exc, self.blobs.root) from None
             files[rel] = {"sha256": sha, "size": size}
         return files
 
@@ -340,6 +345,8 @@ class Registry:
                     if path.name not in used:
                         path.unlink(missing_ok=True)
                         removed += 1
+                for partial in self.blobs.root.glob(".incoming-*"):  # no publish runs: these are a killed one's
+                    partial.unlink(missing_ok=True)
         return removed
 
     # -- Hub -------------------------------------------------------------------------------------------------
