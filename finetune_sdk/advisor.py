@@ -18,12 +18,17 @@ Example:
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_sdk.errors import ConfigError
-from finetune_sdk.memory import (MemoryEstimate, ModelShape, available_memory, estimate_training_memory,
-                                 format_bytes, load_config, resolve_device)
+from finetune_sdk.errors import ConfigError, FinetuneError
+from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION
+from finetune_sdk.machine import available_memory, format_bytes, resolve_device
+from finetune_sdk.memory import (QUANTIZERS, MemoryEstimate, estimate_for_options, estimate_training_memory,
+                                 estimated_technique)
+from finetune_sdk.model_shape import ModelShape, load_config
 
 BUDGET = 0.85  # of the memory, for the estimate (the rest absorbs what the estimate misses)
 FULL_BUDGET = 0.70  # full fine-tuning must leave more headroom: it runs long and has no cheaper fallback
@@ -32,7 +37,8 @@ LARGE_TOKENS = 20_000_000
 SMALL_ROWS = 1_000
 TARGET_EFFECTIVE_BATCH = 16
 BATCHES = (16, 8, 4, 2, 1)
-TASKS = ("causal-lm", "classification")
+#: The tasks a technique trains (a formatter may also make preference data).
+TECHNIQUE_TASKS = (CAUSAL_LM, CLASSIFICATION)
 
 
 @dataclass
@@ -104,8 +110,8 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
         data_owners: the data is split among this many owners who can't share it (hospitals, banks, devices):
             2 or more recommends federated fine-tuning (``Advice.federated``), with its reasons and costs.
     """
-    if task not in TASKS:
-        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task not in TECHNIQUE_TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TECHNIQUE_TASKS)}, got {task!r}")
     if seq_len < 1:
         raise ConfigError(f"seq_len must be positive, got {seq_len}")
     config = load_config(model)
@@ -283,3 +289,49 @@ def _size(rows: int | None, tokens: int | None) -> str:
     if rows is not None and tokens is not None:
         return f"{rows:,} examples (~{tokens:,} tokens)"
     return f"{rows:,} examples" if rows is not None else f"~{tokens:,} tokens"
+
+
+def preflight(model: Any, technique: Any, quantizer_name: str | None, options: Mapping[str, Any], *,
+              device: str = "auto", seq_len: int | None = None) -> MemoryEstimate | None:
+    """Estimate a run before its model is loaded and refuse one that can't fit in the memory free now.
+
+    ``technique`` is a builtin's name or a technique (a plugin's is estimated by what it declares it ``trains``).
+    Returns the estimate (``None`` when the config can't be read locally or the technique is not known to the
+    estimate), or raises :class:`ConfigError` naming settings that would fit, as ``finetune advise`` picks them.
+    Set ``FINETUNE_SDK_SKIP_MEMORY_CHECK=1`` to only estimate.
+    """
+    technique_name = estimated_technique(technique)
+    if technique_name is None or quantizer_name not in (*QUANTIZERS, "none", ""):
+        return None
+    try:
+        config = load_config(model)
+        estimate = estimate_for_options(config, technique_name, quantizer_name, options, seq_len, device=device)
+    except (FinetuneError, AttributeError, KeyError, TypeError, ValueError):  # an estimate never stops a run
+        return None
+    if os.environ.get("FINETUNE_SDK_SKIP_MEMORY_CHECK") == "1":
+        return estimate
+    free = available_memory(estimate.device)
+    if estimate.total <= free:
+        return estimate
+    advice = advise(config, memory_bytes=free, device=estimate.device, seq_len=estimate.seq_len,
+                    task="classification" if technique_name == "classifier" else "causal-lm")
+    settings = ", ".join([f"technique={advice.technique!r}"] + ([f"quantizer={advice.quantizer!r}"] if advice.quantizer
+                         else []) + [f"{k}={v!r}" for k, v in advice.options.items() if k != "max_length"])
+    where = "RAM" if estimate.device == "cpu" else "GPU memory"
+    fix = f"{settings} would fit" if advice.fits else "even the smallest settings don't: use a smaller model"
+    raise ConfigError(f"training needs about {format_bytes(estimate.total)} but only {format_bytes(free)} of {where} "
+                      f"is free; {fix} (finetune advise MODEL explains; FINETUNE_SDK_SKIP_MEMORY_CHECK=1 skips this)")
+
+
+def check_run_memory(model: Any, technique: Any, quantizer: Any, options: Any, examples: list[Any]) -> Any:
+    """Before a run loads its model: log the training-memory estimate for the longest of ``examples`` (encoded,
+    capped at ``max_length``) and stop with settings that would fit when it can't (see
+    :func:`preflight`). Returns the estimate or None."""
+    import logging
+
+    longest = max((len(ex.get("input_ids", ())) for ex in examples), default=0)
+    seq_len = min(options["max_length"], longest) if longest else options["max_length"]
+    estimate = preflight(model, technique, quantizer.name if quantizer else None, options, seq_len=seq_len)
+    if estimate is not None:
+        logging.getLogger("finetune_sdk").info("estimated training memory: %s", estimate)
+    return estimate

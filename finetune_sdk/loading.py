@@ -9,7 +9,7 @@ from typing import Any
 
 from finetune_sdk.errors import FinetuneError
 from finetune_sdk.manifest import read_manifest
-from finetune_sdk.models import ModelSource, _first_line, ensure_pad_token, load_model, resolve_source
+from finetune_sdk.models import ModelSource, _first_line, ensure_pad_token, load_base_model, resolve_source
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.safe_weights import check_result_folder
 
@@ -96,14 +96,9 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
         source = resolve_source(base_model) if base_model else ModelSource.from_manifest(manifest["base_model"])
         if manifest.get("quantizer") and quantized is not False:
             quantizer = host.create("quantizer", manifest["quantizer"])
-    dtype = getattr(torch, manifest.get("dtype") or "float32")
-    model = load_model(source, manifest["task"], dtype=dtype,
-                       quantization_config=quantizer.quantization_config(options) if quantizer else None,
-                       trust_remote_code=trust_remote_code)
-    if quantizer is not None:
-        quantizer.after_load(model)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    model = load_base_model(source, manifest["task"], quantizer, options,
+                            dtype=getattr(torch, manifest.get("dtype") or "float32"),
+                            pad_token_id=tokenizer.pad_token_id)
     model = technique.load(model, directory, {**options, "pad_token_id": tokenizer.pad_token_id})
     model.eval()
     return FineTunedModel(model, tokenizer, task=manifest["task"], formatter=formatter, options=options,
@@ -127,11 +122,8 @@ def load_base(ref: str | os.PathLike[str], *, registry: Any = None, trust_remote
     base = manifest.get("merged_from", {}).get("base_model") or manifest["base_model"]
     source = ModelSource.from_manifest(base)
     quantizer = host.create("quantizer", manifest["quantizer"]) if manifest.get("quantizer") else None
-    model = load_model(source, manifest["task"], dtype=getattr(torch, manifest.get("dtype") or "float32"),
-                       quantization_config=quantizer.quantization_config(options) if quantizer else None,
-                       trust_remote_code=trust_remote_code)
-    if quantizer is not None:
-        quantizer.after_load(model)
+    model = load_base_model(source, manifest["task"], quantizer, options,
+                            dtype=getattr(torch, manifest.get("dtype") or "float32"))
     tokenizer = result_tokenizer(directory, trust_remote_code)
     labels = manifest.get("labels")
     if manifest["task"] == "classification":

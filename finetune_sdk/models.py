@@ -139,6 +139,20 @@ def load_model(source: ModelSource, task: str, *, dtype: Any, quantization_confi
     return model
 
 
+def load_base_model(source: ModelSource, task: str, quantizer: Any, options: dict[str, Any], *, dtype: Any,
+                    pad_token_id: int | None = None) -> Any:
+    """The base model as training, loading and comparison start from it: loaded for ``task`` in ``dtype``,
+    quantized by ``quantizer`` (None: full precision) with its ``after_load`` fix-ups, with a pad token id."""
+    model = load_model(source, task, dtype=dtype,
+                       quantization_config=quantizer.quantization_config(options) if quantizer else None,
+                       trust_remote_code=bool(options.get("trust_remote_code")))
+    if quantizer is not None:
+        quantizer.after_load(model)
+    if model.config.pad_token_id is None and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
 def display_name(model_id: str) -> str:
     """A model id as users recognise it: a Hub id as is, a path by its last part.
 

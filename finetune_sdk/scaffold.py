@@ -7,8 +7,9 @@ from pathlib import Path
 
 from finetune_sdk.errors import ConfigError
 
-KINDS = ("technique", "quantizer", "formatter")
-NAME = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
+#: The plugin kinds a scaffold can be generated for (a subset of plugin_manager.KINDS).
+SCAFFOLD_KINDS = ("technique", "quantizer", "formatter")
+PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9-]{0,40}$")
 
 PYPROJECT = '''[build-system]
 requires = ["setuptools>=69"]
@@ -151,10 +152,10 @@ MODULES = {"technique": (TECHNIQUE, "TechniqueContract"), "quantizer": (QUANTIZE
 
 def scaffold(name: str, kind: str, directory: Path) -> Path:
     """Write ``finetune-sdk-<name>/`` under ``directory``; refuse to overwrite anything. Returns its path."""
-    if not NAME.match(name):
+    if not PLUGIN_NAME.match(name):
         raise ConfigError(f"plugin name {name!r} must be lowercase letters, digits and '-', starting with a letter")
-    if kind not in KINDS:
-        raise ConfigError(f"unknown plugin kind {kind!r}; use one of {', '.join(KINDS)}")
+    if kind not in SCAFFOLD_KINDS:
+        raise ConfigError(f"unknown plugin kind {kind!r}; use one of {', '.join(SCAFFOLD_KINDS)}")
     dist = f"finetune-sdk-{name}"
     module = "finetune_sdk_" + name.replace("-", "_")
     cls = "".join(part.capitalize() for part in name.split("-")) + kind.capitalize()

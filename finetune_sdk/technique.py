@@ -42,6 +42,9 @@ class Technique:
     saves_adapter: ClassVar[bool] = False
     #: True when the saved result is a whole model directory that loads without the base model.
     result_is_model: ClassVar[bool] = False
+    #: What it trains, for the memory estimate: ``"adapter"`` (adapters over a frozen base), ``"all weights"`` or
+    #: ``"head"`` (a classifier head over a frozen backbone); ``None``: the estimate doesn't cover it.
+    trains: ClassVar[str | None] = None
     default_learning_rate: ClassVar[float] = 2e-4
     options: ClassVar[tuple[Option, ...]] = ()
 

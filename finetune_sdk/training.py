@@ -1,84 +1,43 @@
-"""The training run behind ``Trainer.fit``: a plan of encoded data, then prepare, train, evaluate, save atomically."""
+"""The run engine behind ``Trainer.fit``: a :class:`~finetune_sdk.planning.TrainingPlan` and a :class:`RunSpec` in,
+a trained model out. It prepares the model, trains with the plan's objective (:mod:`finetune_sdk.objectives`),
+evaluates, and hands the result to :mod:`finetune_sdk.saving`. It never sees the ``Trainer``."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from finetune_sdk import varlen_attention
-from finetune_sdk.callbacks import CrashAtStep, PluginCallback, RichProgressCallback, TrainingContext
-from finetune_sdk.checkpoints import (
-    checkpoints_dir,
-    checkpointing_trainer_class,
-    latest_checkpoint,
-    remove_checkpoints,
-)
-from finetune_sdk.data import Rows
-from finetune_sdk.encoding import Collator, Encoded, encode_causal, encode_classification
-from finetune_sdk.formatter import CLASSIFICATION, Formatter
-from finetune_sdk.fsutil import staged_directory, write_json_atomic
-from finetune_sdk.manifest import MANIFEST_NAME
-from finetune_sdk.preference import PREFERENCE, PairCollator, encode_preference
+from finetune_sdk.callbacks import CrashAtStep, PluginCallback, RichProgressCallback
+from finetune_sdk.checkpoints import (checkpoints_dir, checkpointing_trainer_class, latest_checkpoint,
+                                      remove_checkpoints)
+from finetune_sdk.models import ModelSource
+from finetune_sdk.objectives import ListDataset
+from finetune_sdk.plugin_api import TrainingContext
+from finetune_sdk.planning import EvalSet, TrainingPlan
 from finetune_sdk.result import FitResult
+from finetune_sdk.saving import build_manifest, is_main_process, save_result, unwrap, work_dir_beside
 
-if TYPE_CHECKING:
-    from finetune_sdk.trainer import Trainer
-
-
-@dataclass
-class EvalSet:
-    """A held-out dataset with the formatter that renders it."""
-
-    rows: Rows
-    formatter: Formatter
-    encoded: Encoded
+__all__ = ["EvalSet", "ListDataset", "RunSpec", "TrainingPlan", "count_parameters", "decide_packing",
+           "evaluate_plan", "run_training", "training_arguments"]
 
 
 @dataclass
-class TrainingPlan:
-    """Everything one training run needs, encoded and checked before the model is touched."""
+class RunSpec:
+    """What a run needs besides its plan and model: the plugins, the resolved options and where the result goes."""
 
-    train: Encoded
-    formatter_name: str
-    objective: str = "sft"  # "sft" or "dpo"
-    evals: dict[str, EvalSet] = field(default_factory=dict)
-    dataset: dict[str, Any] = field(default_factory=dict)
-    extra_metrics: dict[str, Any] = field(default_factory=dict)
-    #: Set by run_training: True when each batch's examples are packed into rows (see finetune_sdk.packing).
-    packed: bool = False
-    #: Set by run_training: True when packed rows attend per example with finetune_sdk.varlen_attention; a batch
-    #: is then one row without padding (else rows of at most max_length tokens with block-diagonal masks).
-    varlen: bool = False
-    #: Continue from the newest complete checkpoint of this output_dir, if there is one.
-    resume: bool = False
-    #: Set for the classifier on cached features: each held-out set's features, so that the final metrics come
-    #: from the trained head without running the backbone again.
-    eval_features: dict[str, Any] = field(default_factory=dict)
-
-
-class ListDataset:
-    """A list of encoded examples as a map-style dataset."""
-
-    def __init__(self, examples: list[dict[str, Any]]) -> None:
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.examples[index]
-
-
-def encode(trainer: Trainer, rows: Rows, formatter: Formatter, tokenizer: Any) -> Encoded:
-    """Encode rows the way ``formatter`` and the technique's task want them."""
-    if trainer.technique.task == CLASSIFICATION:
-        label_ids = {label: i for i, label in enumerate(trainer.options["labels"])}
-        return encode_classification(rows, formatter, tokenizer, trainer.options, label_ids)
-    if formatter.task == PREFERENCE:
-        return encode_preference(rows, formatter, tokenizer, trainer.options)
-    return encode_causal(rows, formatter, tokenizer, trainer.options)
+    technique: Any
+    quantizer: Any
+    options: dict[str, Any]
+    output_dir: Path
+    source: ModelSource
+    host: Any
+    progress: bool = True
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("finetune_sdk"))
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -97,25 +56,27 @@ def count_parameters(model: Any) -> tuple[int, int]:
 PASSTHROUGH = ("fsdp", "fsdp_config", "deepspeed")
 
 
-def decide_packing(trainer: Trainer, plan: TrainingPlan, model: Any) -> bool:
-    """Pack when asked (the default), the data is supervised/text causal-LM data and the model supports it."""
+def decide_packing(run: Any, plan: TrainingPlan, model: Any) -> bool:
+    """Pack when asked (the default), the objective packs (``sft`` on causal-LM data) and the model supports it.
+
+    ``run`` is a :class:`RunSpec` (or anything with ``options`` and ``logger``)."""
     from finetune_sdk.packing import packing_supported
 
-    if not trainer.options["packing"] or plan.objective != "sft" or trainer.technique.task == CLASSIFICATION:
+    if not run.options["packing"] or not plan.strategy.packs:
         return False
     if not packing_supported(model):
-        trainer.logger.info("packing off: model type not known to keep attention inside packed examples; "
-                            "batches are grouped by length instead")
+        run.logger.info("packing off: model type not known to keep attention inside packed examples; "
+                        "batches are grouped by length instead")
         return False
     return True
 
 
-def training_arguments(trainer: Trainer, work_dir: str, has_eval: bool, group_by_length: bool = False,
+def training_arguments(run: RunSpec, work_dir: str, has_eval: bool, group_by_length: bool = False,
                        packed: bool = False) -> Any:
     import torch
     from transformers import TrainingArguments
 
-    o = trainer.options
+    o = run.options
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     kwargs: dict[str, Any] = dict(
         output_dir=work_dir,
@@ -146,60 +107,47 @@ def training_arguments(trainer: Trainer, work_dir: str, has_eval: bool, group_by
     return TrainingArguments(**kwargs)
 
 
-def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitResult:
-    """Prepare the model, train on ``plan``, evaluate, and write the result folder atomically."""
+def run_training(run: RunSpec, plan: TrainingPlan, session: Any, tokenizer: Any) -> FitResult:
+    """Prepare ``session.model`` (a FineTunedModel's), train on ``plan``, evaluate, and save the result folder."""
     from transformers import PrinterCallback, set_seed
 
-    log = trainer.logger
+    log, options, objective = run.logger, run.options, plan.strategy
     encoded = plan.train
-    session = trainer.session()
-    set_seed(trainer.options["seed"])
-    if plan.objective == "dpo":
-        from finetune_sdk.preference import precompute_reference
-
-        batch = trainer.options["per_device_eval_batch_size"]
-        precompute_reference(session.model, encoded, tokenizer.pad_token_id, batch)
-        for eval_set in plan.evals.values():
-            precompute_reference(session.model, eval_set.encoded, tokenizer.pad_token_id, batch)
-    model = trainer.technique.prepare(session.model, trainer.options, tokenizer)
+    set_seed(options["seed"])
+    objective.before_prepare(session.model, plan, tokenizer, options)
+    model = run.technique.prepare(session.model, options, tokenizer)
     session.model = model
-    plan.packed = decide_packing(trainer, plan, model)
-    plan.varlen = plan.packed and varlen_attention.applicable(model, trainer.options["max_length"])
+    plan.packed = decide_packing(run, plan, model)
+    plan.varlen = plan.packed and varlen_attention.applicable(model, options["max_length"])
     if plan.packed:
-        trainer.logger.info("packing: %s", "each batch in one row, attention per example" if plan.varlen else
-                            f"rows of up to {trainer.options['max_length']} tokens, block-diagonal attention masks")
+        log.info("packing: %s", "each batch in one row, attention per example" if plan.varlen else
+                 f"rows of up to {options['max_length']} tokens, block-diagonal attention masks")
     trainable, total = count_parameters(model)
     if trainable == 0:
-        raise RuntimeError(f"technique {trainer.technique.name!r} left no trainable parameters")
+        raise RuntimeError(f"technique {run.technique.name!r} left no trainable parameters")
     log.info("%s%s on %s: %s of %s parameters trainable (%.2f%%), %d examples, %d tokens",
-             trainer.technique.name, " + DPO" if plan.objective == "dpo" else "", trainer.source.id,
+             run.technique.name, objective.label, run.source.id,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(encoded.examples), encoded.tokens)
 
     context = TrainingContext(
-        technique=trainer.technique.name, quantizer=trainer.quantizer.name if trainer.quantizer else None,
-        formatter=plan.formatter_name, model_id=trainer.source.id, output_dir=trainer.output_dir,
-        options=dict(trainer.options))
-    from finetune_sdk.trainer import work_dir_beside
-
-    work_dir = work_dir_beside(trainer.output_dir)
-    checkpoint_root = checkpoints_dir(trainer.output_dir)
+        technique=run.technique.name, quantizer=run.quantizer.name if run.quantizer else None,
+        formatter=plan.formatter_name, model_id=run.source.id, output_dir=run.output_dir, options=dict(options))
+    work_dir = work_dir_beside(run.output_dir)
+    checkpoint_root = checkpoints_dir(run.output_dir)
     try:
-        args = training_arguments(trainer, str(work_dir), bool(plan.evals), packed=plan.packed,
-                                  group_by_length=trainer.options["group_by_length"] and not plan.packed
-                                  and plan.objective == "sft" and trainer.technique.task != CLASSIFICATION)
+        args = training_arguments(run, str(work_dir), bool(plan.evals), packed=plan.packed,
+                                  group_by_length=options["group_by_length"] and not plan.packed and objective.packs)
         steps_tokens = encoded.tokens / max(len(encoded.examples), 1) * args.per_device_train_batch_size * \
             args.gradient_accumulation_steps
-        callbacks: list[Any] = [PluginCallback(trainer.host, context, checkpoint_root)]
-        if trainer.progress:
+        callbacks: list[Any] = [PluginCallback(run.host, context, checkpoint_root)]
+        if run.progress:
             callbacks.append(RichProgressCallback(steps_tokens))
         if os.environ.get("FINETUNE_SDK_CRASH_AT_STEP"):
             callbacks.append(CrashAtStep(int(os.environ["FINETUNE_SDK_CRASH_AT_STEP"])))
-        train_model, datasets = model, None
-        if trainer.technique.task == CLASSIFICATION and trainer.options["cache_features"] and \
-                hasattr(model, "features"):
-            train_model, datasets = feature_training(trainer, plan, model, tokenizer)
-            args.include_num_input_tokens_seen = "no"  # feature batches have no input_ids to count
-        hf = _hf_trainer(plan, train_model, args, tokenizer, callbacks, trainer.options, checkpoint_root, datasets)
+        inputs = objective.training_inputs(run, plan, model, tokenizer, args)
+        cls = checkpointing_trainer_class(inputs.trainer_class, checkpoint_root, options=options)
+        hf = cls(model=inputs.model, args=args, train_dataset=inputs.train_dataset, eval_dataset=inputs.eval_dataset,
+                 data_collator=inputs.collator, callbacks=callbacks)
         hf.remove_callback(PrinterCallback)  # progress and logs go through rich and the plugin hooks
         resume_from = latest_checkpoint(checkpoint_root) if plan.resume else None
         if plan.resume:
@@ -226,120 +174,34 @@ def run_training(trainer: Trainer, plan: TrainingPlan, tokenizer: Any) -> FitRes
             "examples_dropped": encoded.dropped,
             **plan.extra_metrics,
         }
-        metrics.update(evaluate_plan(trainer, plan, session))
+        metrics.update(evaluate_plan(run, plan, session))
         log_history = list(hf.state.log_history)
     except OSError as exc:  # disk full, permissions: one line (checkpoints already written stay for --resume)
         from finetune_sdk.output_paths import user_os_error
 
-        raise user_os_error(exc, trainer.output_dir) from None
+        raise user_os_error(exc, run.output_dir) from None
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
-    manifest = trainer.manifest(plan, metrics)
-    if _is_main_process():
-        with staged_directory(trainer.output_dir) as staging:
-            trainer.technique.save(_unwrap(model), staging)
-            tokenizer.save_pretrained(staging)
-            write_json_atomic(staging / "training_log.json", log_history)
-            write_json_atomic(staging / MANIFEST_NAME, manifest)
+    manifest = build_manifest(run, plan, metrics, model)
+    if is_main_process():
+        save_result(run.output_dir, run.technique, unwrap(model), tokenizer, log_history, manifest)
         remove_checkpoints(checkpoint_root)  # the result is complete: nothing left to resume
     context.step = metrics["train_steps"]
-    trainer.host.notify("on_train_end", context=context, metrics=metrics)
-    log.info("saved %s result to %s", trainer.technique.name, trainer.output_dir)
-    return FitResult(output_dir=trainer.output_dir, metrics=metrics, manifest=manifest, log_history=log_history)
+    run.host.notify("on_train_end", context=context, metrics=metrics)
+    log.info("saved %s result to %s", run.technique.name, run.output_dir)
+    return FitResult(output_dir=run.output_dir, metrics=metrics, manifest=manifest, log_history=log_history)
 
 
-def evaluate_plan(trainer: Trainer, plan: TrainingPlan, session: Any) -> dict[str, Any]:
+def evaluate_plan(run: RunSpec, plan: TrainingPlan, session: Any) -> dict[str, Any]:
     """Final metrics on each held-out set: ``eval_loss``... for one set, ``eval_<task>_loss``... for several."""
-    from finetune_sdk.preference import evaluate_preference
-
     metrics: dict[str, Any] = {}
-    batch = trainer.options["per_device_eval_batch_size"]
-    for name, eval_set in plan.evals.items():
-        if name in plan.eval_features:
-            from finetune_sdk.features import evaluate_head
-
-            result = evaluate_head(_unwrap(session.model).head, plan.eval_features[name])
-        elif plan.objective == "dpo":
-            result = evaluate_preference(session.model, eval_set.encoded, session.tokenizer.pad_token_id,
-                                         trainer.options["dpo_beta"], batch)
-        else:
-            previous, session.formatter = session.formatter, eval_set.formatter
-            try:
-                result = session.evaluate(eval_set.rows, batch_size=batch)
-            finally:
-                session.formatter = previous
+    for name in plan.evals:
+        result = plan.strategy.evaluate(session, plan, name, run.options)
         if not name:
             metrics.update(result)  # eval_loss, perplexity / accuracy, macro_f1 / reward_margin...
             continue
         for key, value in result.items():
             metrics[f"eval_{name}_{key.removeprefix('eval_')}"] = value
-        trainer.logger.info("task %s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        run.logger.info("task %s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
     return metrics
-
-
-def feature_training(trainer: Trainer, plan: TrainingPlan, model: Any, tokenizer: Any) -> tuple[Any, Any]:
-    """The head and (train, eval) feature datasets: the frozen backbone runs once per dataset (cached on disk)."""
-    from finetune_sdk.features import FeatureDataset, cached_features, head_model, model_identity
-    from finetune_sdk.fsutil import cache_root
-
-    base = {"model": model_identity(trainer.source), "pooling": model.pooling,
-            "quantizer": trainer.quantizer.name if trainer.quantizer else None, "dtype": trainer.options["dtype"],
-            "max_length": trainer.options["max_length"]}
-    cache_dir = cache_root() / "features"
-    features, seconds, hit = cached_features(model, plan.train, tokenizer.pad_token_id,
-                                             {**base, "data": plan.dataset.get("fingerprint")}, cache_dir)
-    trainer.logger.info("classifier features for %d examples: %s in %.1f s", len(plan.train.examples),
-                        "read from the cache" if hit else "computed once", seconds)
-    plan.extra_metrics.update({"feature_seconds": seconds, "features_cached": hit})
-    train = FeatureDataset(features, [ex["labels"] for ex in plan.train.examples])
-    evals = {}
-    for name, eval_set in plan.evals.items():
-        eval_features, _, _ = cached_features(model, eval_set.encoded, tokenizer.pad_token_id,
-                                              {**base, "data": eval_set.rows.fingerprint}, cache_dir)
-        evals[name or "eval"] = plan.eval_features[name] = FeatureDataset(
-            eval_features, [ex["labels"] for ex in eval_set.encoded.examples])
-    return head_model(model), (train, evals)
-
-
-def _hf_trainer(plan: TrainingPlan, model: Any, args: Any, tokenizer: Any, callbacks: list[Any],
-                options: dict[str, Any], checkpoint_root: Any, datasets: Any = None) -> Any:
-    from transformers import Trainer as HFTrainer
-
-    if datasets is not None:  # the classifier head on cached features
-        from finetune_sdk.features import collate_features
-
-        train, evals = datasets
-        cls = checkpointing_trainer_class(HFTrainer, checkpoint_root, options=options)
-        eval_dataset = (evals if len(evals) > 1 else next(iter(evals.values()))) if evals else None
-        return cls(model=model, args=args, train_dataset=train, eval_dataset=eval_dataset,
-                   data_collator=collate_features, callbacks=callbacks)
-
-    evals = {name or "eval": ListDataset(s.encoded.examples) for name, s in plan.evals.items()}
-    eval_dataset: Any = None
-    if evals:
-        eval_dataset = evals if len(evals) > 1 or "" not in plan.evals else next(iter(evals.values()))
-    if plan.objective == "dpo":
-        from finetune_sdk.preference import dpo_trainer_class
-
-        cls = dpo_trainer_class()
-        cls.beta = options["dpo_beta"]
-        collator: Any = PairCollator(tokenizer.pad_token_id)
-    elif plan.packed:
-        from finetune_sdk.packing import PackingCollator
-
-        row_length = None if plan.varlen else options["max_length"]  # per-example attention: one row, no padding
-        cls, collator = HFTrainer, PackingCollator(row_length, tokenizer.pad_token_id, varlen_kwargs=plan.varlen)
-    else:
-        cls, collator = HFTrainer, Collator(tokenizer.pad_token_id)
-    cls = checkpointing_trainer_class(cls, checkpoint_root, options=options)
-    return cls(model=model, args=args, train_dataset=ListDataset(plan.train.examples), eval_dataset=eval_dataset,
-               data_collator=collator, callbacks=callbacks)
-
-
-def _unwrap(model: Any) -> Any:
-    return getattr(model, "module", model)
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0

@@ -160,3 +160,18 @@ def test_no_import_cycles_at_import_time():
 
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+def test_long_modules_say_why_at_their_top():
+    long = [f"{m} ({n} lines)" for m, path in modules().items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES * 1.1
+            and "Over 400 lines:" not in path.read_text(encoding="utf-8")[:2000]]
+    assert long == []
+
+
+def test_trainer_is_a_thin_facade():
+    assert len(modules()["finetune_sdk.trainer"].read_text(encoding="utf-8").splitlines()) <= 260
+
+
+def test_the_run_engine_never_sees_the_trainer():
+    for module in ("finetune_sdk.training", "finetune_sdk.planning", "finetune_sdk.objectives",
+                   "finetune_sdk.saving"):
+        assert "finetune_sdk.trainer" not in imports(module), module

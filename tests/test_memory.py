@@ -166,12 +166,14 @@ def test_classifier_has_no_lm_head_and_trains_only_a_head(tok):
 
 
 def test_estimate_is_a_sum_and_shows(tok):
+    from finetune_sdk.cli.render import memory_table
+
     est = estimate_training_memory(llama(), technique="qlora", gradient_checkpointing=True)
     assert isinstance(est, MemoryEstimate)
     assert est.total == sum(est.as_dict()[k] for k in MemoryEstimate.COMPONENTS)
     assert json.loads(json.dumps(est.as_dict()))["total"] == est.total
     assert "GiB" in str(est) or "MiB" in str(est)
-    assert est.table().row_count == len(MemoryEstimate.COMPONENTS) + 1
+    assert memory_table(est).row_count == len(MemoryEstimate.COMPONENTS) + 1
 
 
 def test_estimate_for_options_maps_sdk_option_names():
@@ -309,7 +311,7 @@ def test_advise_command_missing_model_exits_2():
 
 # -- the check before training ------------------------------------------------------------------------------------
 def test_preflight_refuses_a_run_that_cannot_fit_and_names_settings_that_would(monkeypatch):
-    import finetune_sdk.memory as memory
+    import finetune_sdk.advisor as memory  # the check before a run is the advisor's
 
     config = llama(hidden=2048, layers=22, vocab=32000)
     options = {"per_device_train_batch_size": 8, "max_length": 1024}
@@ -337,7 +339,7 @@ def test_trainer_shows_the_estimate_and_fails_early_when_the_job_cannot_fit(tiny
                                                                           caplog, qa_rows):
     import logging
 
-    import finetune_sdk.memory as memory
+    import finetune_sdk.advisor as memory  # the check before a run is the advisor's
     from finetune_sdk import Trainer
 
     caplog.set_level("INFO", logger="finetune_sdk")

@@ -14,7 +14,7 @@ from finetune_sdk.errors import FinetuneError
 def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
         return None
-    from finetune_sdk.memory import parse_memory
+    from finetune_sdk.machine import parse_memory
 
     try:
         size = parse_memory(value)
@@ -70,8 +70,8 @@ def advise_command(model: str, rows: int | None, tokens: int | None, memory: int
 def render(advice: Any, model: str) -> None:
     from rich.table import Table
 
-    from finetune_sdk.cli.render import cell, console
-    from finetune_sdk.memory import format_bytes
+    from finetune_sdk.cli.render import cell, console, memory_table
+    from finetune_sdk.machine import format_bytes
 
     out = console()
     table = Table(title="recommendation" if advice.fits else "recommendation (does not fit)")
@@ -85,7 +85,7 @@ def render(advice: Any, model: str) -> None:
         table.add_row(name, ("yes" if value else "no") if isinstance(value, bool) else cell(value))
     table.add_row("estimated peak", f"{format_bytes(advice.estimate.total)} of {format_bytes(advice.memory_bytes)}")
     out.print(table)
-    out.print(advice.estimate.table())
+    out.print(memory_table(advice.estimate))
     out.print("[bold]why[/bold]")
     for reason in advice.reasons:
         out.print(cell(f"- {reason}"))

@@ -76,3 +76,24 @@ def metrics_table(metrics: Mapping[str, Any], title: str = "metrics") -> Table:
     for name, value in metrics.items():
         table.add_row(cell(name), cell(value))
     return table
+
+
+def memory_table(estimate: Any, title: str = "memory at the training peak") -> Table:
+    """A :class:`~finetune_sdk.memory.MemoryEstimate` as a rich ``Table`` of its components, with what was
+    estimated as its caption."""
+    from finetune_sdk.machine import format_bytes
+
+    setup = [estimate.technique + (f" + {estimate.quantizer}" if estimate.quantizer else ""),
+             f"batch {estimate.batch_size} x {estimate.seq_len} tokens"]
+    if estimate.gradient_checkpointing:
+        setup.append("gradient checkpointing")
+    setup.append(f"{estimate.device}, peak at the "
+                 f"{'optimizer step' if estimate.peak == 'optimizer step' else 'start of the backward pass'}")
+    caption = ", ".join(setup)
+    table = Table(title=title, caption=caption, min_width=min(len(caption), 100))
+    table.add_column("component")
+    table.add_column("size", justify="right")
+    for name in estimate.COMPONENTS:
+        table.add_row(name, format_bytes(getattr(estimate, name)))
+    table.add_row("total", format_bytes(estimate.total), style="bold")
+    return table

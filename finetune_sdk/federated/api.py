@@ -59,7 +59,34 @@ def _as_file(data: Any, path: Path, what: str) -> str:
 
 def fit_federated(trainer: Any, clients: Any, *, resume: bool = False, timeout: float | None = None,
                   **settings: Any) -> FitResult:
-    """See :meth:`finetune_sdk.Trainer.fit_federated`."""
+    """Federated fine-tuning on Flower: each client trains on its own data, only trainable parameters travel.
+
+    Runs a Flower SuperLink and one SuperNode per client as local processes on loopback; each client's rows
+    are read only by its own process. Returns a :class:`FitResult` whose folder is an ordinary result
+    (``finetune_sdk.load`` reads it), with per-round history, traffic and privacy in ``manifest["federated"]``.
+    Needs ``pip install 'finetune-sdk[federated]'``; see docs/federated.md.
+
+    Args:
+        trainer: the :class:`~finetune_sdk.Trainer` whose model, technique, formatter and options each client uses.
+        clients: ``{name: data}``, where data is a file, a list of dicts, or ``{"train": ..., "eval": ...}``
+            (the eval rows give each client's held-out loss every round).
+        rounds: federated rounds.
+        strategy: ``"fedavg"``, ``"fedprox"`` or a plugin's strategy.
+        resume: continue after the last completed round of an interrupted run with the same ``output_dir``.
+        **settings: :class:`~finetune_sdk.federated.FederatedSettings` fields: ``fraction_fit``,
+            ``min_fit_clients``, ``local_epochs``, ``local_steps``, ``proximal_mu``, ``round_timeout``, ``dp``,
+            ``noise_multiplier``, ``clipping_norm``, ``target_delta``...
+
+    Raises:
+        ConfigError: an unknown setting, strategy or client name, or Flower not installed.
+        FinetuneError: a round where fewer than ``min_fit_clients`` clients reported.
+
+    Example:
+        >>> trainer = Trainer("models/my-llama", technique="qlora", output_dir="runs/fed")  # doctest: +SKIP
+        >>> result = trainer.fit_federated({"clinic-a": "a.jsonl", "clinic-b": "b.jsonl"}, rounds=5,
+        ...                                strategy="fedavg", fraction_fit=1.0, local_epochs=1)  # doctest: +SKIP
+        >>> result.metrics["bytes_total"], result.manifest["federated"]["history"][-1]["clients"]  # doctest: +SKIP
+    """
     require_flower()
     if not isinstance(clients, dict) or not clients:
         raise ConfigError("clients must be a non-empty dict {client name: data file or {'train': ..., 'eval': ...}}")

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from finetune_sdk.fsutil import staged_directory, write_json_atomic
-from finetune_sdk.manifest import MANIFEST_NAME
+from finetune_sdk.saving import save_result
 
 CHECKPOINT, STATUS = "checkpoint", "status.json"
 
@@ -30,11 +30,7 @@ def write_result(trainer: Any, directory: Path, formatter: str | None, metrics: 
                                     "fingerprint": None})
     manifest = trainer.manifest(plan, metrics)
     manifest["federated"] = federated
-    with staged_directory(directory) as staging:
-        trainer.technique.save(session.model, staging)
-        session.tokenizer.save_pretrained(staging)
-        write_json_atomic(staging / "training_log.json", log_history)
-        write_json_atomic(staging / MANIFEST_NAME, manifest)
+    save_result(directory, trainer.technique, session.model, session.tokenizer, log_history, manifest)
     return manifest
 
 

@@ -25,6 +25,7 @@ from finetune_sdk.options import Option
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.quantizer import Quantizer
 from finetune_sdk.technique import Technique
+from finetune_sdk.testing.light import heavy_imports
 from finetune_sdk.testing.tiny import save_tiny_model, tiny_tokenizer
 
 CAUSAL_ROWS = [{"prompt": f"what is {w}?", "completion": f"{w} is a {c}."}
@@ -45,6 +46,13 @@ def _check_options(options: Any) -> None:
         assert option.help, f"option {option.name!r} has no help text"
         if option.default is not None:
             assert option.coerce(option.default) == option.default
+
+
+def assert_light(cls: type) -> None:
+    """The module defining ``cls`` (and its package) import no heavy library at import time."""
+    package = cls.__module__.split(".")[0]
+    heavy = heavy_imports(cls.__module__) + (heavy_imports(package) if package != "finetune_sdk" else [])
+    assert not heavy, f"move these imports into the functions that use them: {'; '.join(heavy)}"
 
 
 class TechniqueContract:
@@ -78,6 +86,10 @@ class TechniqueContract:
         default = technique.default_quantizer
         quantizer = get_plugin_host().create("quantizer", default) if default else None
         assert technique.accepts_quantizer(quantizer), "the default quantizer must be accepted"
+
+    def test_plugin_module_imports_nothing_heavy(self) -> None:
+        """``finetune --help`` imports every plugin module: torch, transformers... only inside functions."""
+        assert_light(get_plugin_host().registration("technique", self.name).cls)
 
     def test_trains_saves_and_reloads(self, model_dir: Any, tmp_path: Any) -> None:
         import torch
@@ -140,6 +152,10 @@ class QuantizerContract:
         assert isinstance(quantizer.bits, int) and 1 <= quantizer.bits <= 16
         _check_options(quantizer.options)
 
+    def test_plugin_module_imports_nothing_heavy(self) -> None:
+        """``finetune --help`` imports every plugin module: torch, transformers... only inside functions."""
+        assert_light(get_plugin_host().registration("quantizer", self.name).cls)
+
     def test_quantized_model_runs_and_is_smaller(self, model_dir: Any) -> None:
         import torch
         from transformers import AutoModelForCausalLM
@@ -198,6 +214,10 @@ class FormatterContract:
         assert formatter.example, "give an example row"
         formatter.validate(formatter.example, "example")
         assert formatter.accepts(list(formatter.example))
+
+    def test_plugin_module_imports_nothing_heavy(self) -> None:
+        """``finetune --help`` imports every plugin module: torch, transformers... only inside functions."""
+        assert_light(get_plugin_host().registration("formatter", self.name).cls)
 
     def test_missing_columns_name_the_row(self) -> None:
         with pytest.raises(DataError, match="train.jsonl line 3"):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from finetune_sdk.formatter import CLASSIFICATION
+from finetune_sdk.model_shape import ENCODER_TYPES
 from finetune_sdk.options import Option
 from finetune_sdk.quantizer import Quantizer
 from finetune_sdk.technique import Technique
@@ -25,6 +26,7 @@ class ClassifierTechnique(Technique):
     name: ClassVar[str] = "classifier"
     description: ClassVar[str] = "frozen pretrained backbone + new linear classification head on its hidden states"
     task: ClassVar[str] = CLASSIFICATION
+    trains: ClassVar[str | None] = "head"
     default_learning_rate: ClassVar[float] = 1e-3
     options: ClassVar[tuple[Option, ...]] = (
         Option("labels", list, None, "class names, comma separated (default: the labels found in the data)",
@@ -87,7 +89,3 @@ def resolve_pooling(pooling: str, model: Any) -> str:
     config = getattr(model, "config", None)
     is_encoder = not getattr(config, "is_decoder", False) and getattr(config, "model_type", "") in ENCODER_TYPES
     return "first" if is_encoder else "last"
-
-
-ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "deberta", "deberta-v2", "electra",
-                           "albert", "mpnet", "camembert", "modernbert"})

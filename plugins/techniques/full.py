@@ -16,6 +16,7 @@ class FullTechnique(Technique):
     description: ClassVar[str] = "all weights trained; saves a standalone Hugging Face model directory"
     default_learning_rate: ClassVar[float] = 2e-5
     result_is_model: ClassVar[bool] = True
+    trains: ClassVar[str | None] = "all weights"
 
     def prepare(self, model: Any, options: Mapping[str, Any], tokenizer: Any) -> Any:
         for param in model.parameters():

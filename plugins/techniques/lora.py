@@ -56,6 +56,7 @@ class LoraTechnique(Technique):
     name: ClassVar[str] = "lora"
     description: ClassVar[str] = "LoRA adapters (PEFT) on a frozen base; r=8 by default, as in the LoRA paper"
     saves_adapter: ClassVar[bool] = True
+    trains: ClassVar[str | None] = "adapter"
     default_learning_rate: ClassVar[float] = 2e-4
     options: ClassVar[tuple[Option, ...]] = lora_options(8, 16, 0.05, None)
 

@@ -1,0 +1,261 @@
+"""Training objectives as small strategies: what a run optimises, chosen in one place (:func:`objective_for`).
+
+An objective decides how rows are encoded, what happens to the model before training (the DPO reference), which
+transformers ``Trainer`` class and collator train it, whether packing applies, and how a held-out set is scored.
+The run engine (:mod:`finetune_sdk.training`) asks the plan's objective and never branches on its name, so a new
+objective (KTO, an RL objective, a federated round's local step) is a new class registered in :data:`OBJECTIVES`.
+
+* ``sft``: causal-LM cross-entropy on the response tokens (supervised and text formatters; multi-task mixtures).
+* ``dpo``: Direct Preference Optimization (Rafailov et al., 2023) on (prompt, chosen, rejected) pairs.
+* ``classification-head``: cross-entropy of a classifier head (the ``classifier`` technique; preference pairs
+  become a reward model's chosen/rejected rows).
+
+Example:
+    >>> objective_for("preference", "causal-lm").name, objective_for("supervised", "causal-lm").name
+    ('dpo', 'sft')
+    >>> objective_for("preference", "classification").name
+    'classification-head'
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from finetune_sdk.encoding import Collator, Encoded, encode_causal, encode_classification
+from finetune_sdk.errors import unknown_name_error
+from finetune_sdk.formatter import CLASSIFICATION, PREFERENCE, Formatter
+
+if TYPE_CHECKING:
+    from finetune_sdk.data import Rows
+    from finetune_sdk.planning import TrainingPlan
+    from finetune_sdk.training import RunSpec
+
+logger = logging.getLogger("finetune_sdk")
+
+
+class ListDataset:
+    """A list of encoded examples as a map-style dataset."""
+
+    def __init__(self, examples: list[dict[str, Any]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.examples[index]
+
+
+@dataclass
+class TrainingInputs:
+    """What the transformers ``Trainer`` is built from: the module to train, the datasets, the collator, the class.
+
+    ``eval_dataset`` is one dataset, a ``{name: dataset}`` dict (multi-task: ``eval_<name>_loss`` logs) or None.
+    """
+
+    model: Any
+    train_dataset: Any
+    eval_dataset: Any
+    collator: Any
+    trainer_class: type
+
+
+class Objective:
+    """Base class of objectives; the defaults are those of supervised causal-LM training."""
+
+    name: ClassVar[str]
+    #: Shown after the technique in the run's first log line (``lora + DPO on ...``).
+    label: ClassVar[str] = ""
+    #: Examples may be packed into rows (finetune_sdk.packing) and batches grouped by length.
+    packs: ClassVar[bool] = False
+
+    def encode(self, rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
+        """Rows as encoded examples (``input_ids``/``labels`` lists, or what :meth:`collator` stacks)."""
+        return encode_causal(rows, formatter, tokenizer, options)
+
+    def check_rows(self, rows: Rows) -> None:
+        """Warn about (or refuse) training rows that can't teach this objective, before they are encoded."""
+
+    def check_encoded(self, encoded: Encoded, options: Mapping[str, Any], source: str) -> None:
+        """Warn about (or refuse) encoded training examples that can't teach this objective."""
+
+    def before_prepare(self, model: Any, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> None:
+        """Run on the loaded model before the technique prepares it (e.g. a reference model's scores)."""
+
+    def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
+        """The transformers ``Trainer`` class to train with (``base`` is ``transformers.Trainer``)."""
+        return base
+
+    def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
+        """The data collator that stacks a batch of encoded examples."""
+        return Collator(tokenizer.pad_token_id)
+
+    def training_inputs(self, run: RunSpec, plan: TrainingPlan, model: Any, tokenizer: Any, args: Any) -> TrainingInputs:
+        """The model, datasets, collator and ``Trainer`` class a run of this objective trains with."""
+        from transformers import Trainer as HFTrainer
+
+        evals = {name or "eval": ListDataset(s.encoded.examples) for name, s in plan.evals.items()}
+        eval_dataset: Any = None
+        if evals:
+            eval_dataset = evals if len(evals) > 1 or "" not in plan.evals else next(iter(evals.values()))
+        return TrainingInputs(model, ListDataset(plan.train.examples), eval_dataset,
+                              self.collator(plan, tokenizer, run.options), self.trainer_class(HFTrainer, run.options))
+
+    def evaluate(self, session: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Final metrics of the trained model (a FineTunedModel) on the held-out set ``plan.evals[name]``."""
+        eval_set = plan.evals[name]
+        previous, session.formatter = session.formatter, eval_set.formatter
+        try:
+            return session.evaluate(eval_set.rows, batch_size=options["per_device_eval_batch_size"])
+        finally:
+            session.formatter = previous
+
+
+class SupervisedFineTuning(Objective):
+    """``sft``: next-token cross-entropy on response tokens; packing and length grouping apply."""
+
+    name = "sft"
+    packs = True
+
+    def check_rows(self, rows: Rows) -> None:
+        from finetune_sdk.data_checks import check_answers
+
+        check_answers(rows.rows, rows.source)
+
+    def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
+        if plan.packed:
+            from finetune_sdk.packing import PackingCollator
+
+            row_length = None if plan.varlen else options["max_length"]  # per-example attention: one row, no pad
+            return PackingCollator(row_length, tokenizer.pad_token_id, varlen_kwargs=plan.varlen)
+        return Collator(tokenizer.pad_token_id)
+
+
+class DirectPreferenceOptimization(Objective):
+    """``dpo``: the DPO loss against the starting model's log-probabilities, computed once before training."""
+
+    name = "dpo"
+    label = " + DPO"
+
+    def encode(self, rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
+        from finetune_sdk.preference import encode_preference
+
+        return encode_preference(rows, formatter, tokenizer, options)
+
+    def check_encoded(self, encoded: Encoded, options: Mapping[str, Any], source: str) -> None:
+        from finetune_sdk.data_checks import check_pairs
+
+        check_pairs(encoded.examples, source)
+
+    def before_prepare(self, model: Any, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> None:
+        from finetune_sdk.preference import precompute_reference
+
+        batch = options["per_device_eval_batch_size"]
+        precompute_reference(model, plan.train, tokenizer.pad_token_id, batch)
+        for eval_set in plan.evals.values():
+            precompute_reference(model, eval_set.encoded, tokenizer.pad_token_id, batch)
+
+    def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
+        from finetune_sdk.preference import dpo_trainer_class
+
+        cls = dpo_trainer_class()
+        cls.beta = options["dpo_beta"]
+        return cls
+
+    def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
+        from finetune_sdk.preference import PairCollator
+
+        return PairCollator(tokenizer.pad_token_id)
+
+    def evaluate(self, session: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        from finetune_sdk.preference import evaluate_preference
+
+        return evaluate_preference(session.model, plan.evals[name].encoded, session.tokenizer.pad_token_id,
+                                   options["dpo_beta"], options["per_device_eval_batch_size"])
+
+
+class ClassificationHead(Objective):
+    """``classification-head``: cross-entropy of the classifier's head over the ``labels`` option's classes.
+
+    With ``cache_features`` the frozen backbone runs once per dataset (see :mod:`finetune_sdk.features`) and the
+    head trains, and is scored, on the cached features.
+    """
+
+    name = "classification-head"
+
+    def encode(self, rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
+        label_ids = {label: i for i, label in enumerate(options["labels"])}
+        return encode_classification(rows, formatter, tokenizer, options, label_ids)
+
+    def check_encoded(self, encoded: Encoded, options: Mapping[str, Any], source: str) -> None:
+        from finetune_sdk.data_checks import check_classes
+
+        check_classes([ex["labels"] for ex in encoded.examples], options["labels"], source)
+
+    def training_inputs(self, run: RunSpec, plan: TrainingPlan, model: Any, tokenizer: Any, args: Any) -> TrainingInputs:
+        if not (run.options["cache_features"] and hasattr(model, "features")):
+            return super().training_inputs(run, plan, model, tokenizer, args)
+        from transformers import Trainer as HFTrainer
+
+        from finetune_sdk.features import collate_features, head_model
+
+        train, evals = self.feature_datasets(run, plan, model, tokenizer)
+        args.include_num_input_tokens_seen = "no"  # feature batches have no input_ids to count
+        eval_dataset = (evals if len(evals) > 1 else next(iter(evals.values()))) if evals else None
+        return TrainingInputs(head_model(model), train, eval_dataset, collate_features, HFTrainer)
+
+    def feature_datasets(self, run: RunSpec, plan: TrainingPlan, model: Any, tokenizer: Any) -> tuple[Any, Any]:
+        """(train, {name: eval}) feature datasets: the frozen backbone runs once per dataset (cached on disk)."""
+        from finetune_sdk.features import FeatureDataset, cached_features, model_identity
+        from finetune_sdk.fsutil import cache_root
+
+        base = {"model": model_identity(run.source), "pooling": model.pooling,
+                "quantizer": run.quantizer.name if run.quantizer else None, "dtype": run.options["dtype"],
+                "max_length": run.options["max_length"]}
+        cache_dir = cache_root() / "features"
+        features, seconds, hit = cached_features(model, plan.train, tokenizer.pad_token_id,
+                                                 {**base, "data": plan.dataset.get("fingerprint")}, cache_dir)
+        logger.info("classifier features for %d examples: %s in %.1f s", len(plan.train.examples),
+                    "read from the cache" if hit else "computed once", seconds)
+        plan.extra_metrics.update({"feature_seconds": seconds, "features_cached": hit})
+        train = FeatureDataset(features, [ex["labels"] for ex in plan.train.examples])
+        evals = {}
+        for name, eval_set in plan.evals.items():
+            eval_features, _, _ = cached_features(model, eval_set.encoded, tokenizer.pad_token_id,
+                                                  {**base, "data": eval_set.rows.fingerprint}, cache_dir)
+            evals[name or "eval"] = plan.eval_features[name] = FeatureDataset(
+                eval_features, [ex["labels"] for ex in eval_set.encoded.examples])
+        return train, evals
+
+    def evaluate(self, session: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        if name in plan.eval_features:  # scored from the cached features by the trained head
+            from finetune_sdk.features import evaluate_head
+
+            model = session.model
+            return evaluate_head(getattr(model, "module", model).head, plan.eval_features[name])
+        return super().evaluate(session, plan, name, options)
+
+
+#: Every objective by name: the one place an objective is chosen from.
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (SupervisedFineTuning(), DirectPreferenceOptimization(),
+                                                        ClassificationHead())}
+
+
+def objective_for(formatter_task: str, technique_task: str) -> Objective:
+    """The objective that trains ``technique_task`` on data a ``formatter_task`` formatter makes."""
+    if technique_task == CLASSIFICATION:
+        return OBJECTIVES["classification-head"]
+    if formatter_task == PREFERENCE:
+        return OBJECTIVES["dpo"]
+    return OBJECTIVES["sft"]
+
+
+def get_objective(name: str) -> Objective:
+    """The objective registered as ``name`` (``sft``, ``dpo``, ``classification-head``)."""
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise unknown_name_error("objective", name, OBJECTIVES) from None

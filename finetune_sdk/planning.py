@@ -1,0 +1,216 @@
+"""Planning: rows in, an encoded :class:`TrainingPlan` out, without touching a model.
+
+Everything that decides what a run trains on lives here: the formatter picked from the columns, the classifier's
+labels, preference pairs turned into reward rows, the multi-task mixture, the objective (see
+:mod:`finetune_sdk.objectives`) and the encoding. The run engine (:mod:`finetune_sdk.training`) takes the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_sdk.data import Rows, load_rows
+from finetune_sdk.encoding import Encoded
+from finetune_sdk.errors import ConfigError, DataError
+from finetune_sdk.formatter import CLASSIFICATION, PREFERENCE, Formatter
+from finetune_sdk.objectives import Objective, get_objective, objective_for
+from finetune_sdk.workflows import Task, is_task_list, mix, mixing_probabilities
+
+logger = logging.getLogger("finetune_sdk")
+
+
+@dataclass
+class EvalSet:
+    """A held-out dataset with the formatter that renders it."""
+
+    rows: Rows
+    formatter: Formatter
+    encoded: Encoded
+
+
+@dataclass
+class TrainingPlan:
+    """Everything one training run needs, encoded and checked before the model is touched."""
+
+    train: Encoded
+    formatter_name: str
+    #: The objective's name (``sft``, ``dpo``, ``classification-head``; see :mod:`finetune_sdk.objectives`).
+    objective: str = "sft"
+    evals: dict[str, EvalSet] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    extra_metrics: dict[str, Any] = field(default_factory=dict)
+    #: Set by run_training: True when each batch's examples are packed into rows (see finetune_sdk.packing).
+    packed: bool = False
+    #: Set by run_training: True when packed rows attend per example with finetune_sdk.varlen_attention; a batch
+    #: is then one row without padding (else rows of at most max_length tokens with block-diagonal masks).
+    varlen: bool = False
+    #: Continue from the newest complete checkpoint of this output_dir, if there is one.
+    resume: bool = False
+    #: Set for the classifier on cached features: each held-out set's features, so that the final metrics come
+    #: from the trained head without running the backbone again.
+    eval_features: dict[str, Any] = field(default_factory=dict)
+    #: The formatter picked for the data (the Trainer keeps it for generate/evaluate).
+    formatter: Formatter | None = None
+    #: The formatter a loaded model should render prompts with after this plan (None: leave it as it is).
+    session_formatter: Formatter | None = None
+    #: The classifier's labels, in class-id order (None for generative objectives).
+    labels: list[str] | None = None
+
+    @property
+    def strategy(self) -> Objective:
+        """The :class:`~finetune_sdk.objectives.Objective` named by :attr:`objective`."""
+        return get_objective(self.objective)
+
+
+class Planner:
+    """Builds :class:`TrainingPlan` s for one technique and its options (the options are not changed)."""
+
+    def __init__(self, host: Any, technique_task: str, options: Mapping[str, Any]) -> None:
+        self.host = host
+        self.task = technique_task
+        self.options = options
+
+    def pick_formatter(self, rows: Rows, tokenizer: Any) -> Formatter:
+        """The formatter the columns of ``rows`` call for (logged, since the user did not name one)."""
+        name = detect_formatter(rows.columns, tokenizer, self.task, self.host)
+        logger.info("formatter: %r, picked from the columns %s of %s", name, ", ".join(rows.columns), rows.source)
+        return self.host.create("formatter", name)
+
+    def plan(self, train_data: Any, eval_data: Any, tokenizer: Any, formatter: Formatter | None) -> TrainingPlan:
+        """The plan for one dataset (and an optional held-out one), or for a list of :class:`Task` (mixed; see
+        :meth:`plan_tasks`); ``formatter=None`` picks one from the columns."""
+        if is_task_list(train_data):
+            return self.plan_tasks(list(train_data), tokenizer)
+        train_rows = load_rows(train_data, name="train_data")
+        eval_rows = load_rows(eval_data, name="eval_data") if eval_data is not None else None
+        picked = formatter or self.pick_formatter(train_rows, tokenizer)
+        used = picked
+        if self.task == CLASSIFICATION and picked.task == PREFERENCE:  # a reward model on the pairs
+            train_rows, used = reward_rows(train_rows, picked), self.host.create("formatter", "classification")
+            eval_rows = reward_rows(eval_rows, picked) if eval_rows is not None else None
+        labels = labels_for(train_rows, used, self.options) if self.task == CLASSIFICATION else None
+        options = {**self.options, "labels": labels} if labels is not None else self.options
+        objective = objective_for(used.task, self.task)
+        objective.check_rows(train_rows)
+        train = objective.encode(train_rows, used, tokenizer, options)
+        objective.check_encoded(train, options, train_rows.source)
+        evals = {"": EvalSet(eval_rows, used, objective.encode(eval_rows, used, tokenizer, options))} \
+            if eval_rows else {}
+        dataset = {"fingerprint": train_rows.fingerprint, "rows": len(train_rows), "source": train_rows.source,
+                   "eval_fingerprint": eval_rows.fingerprint if eval_rows else None}
+        session_formatter = used if used.task != PREFERENCE else (picked if formatter is None else None)
+        return TrainingPlan(train, used.name, objective.name, evals, dataset, formatter=picked,
+                            session_formatter=session_formatter, labels=labels)
+
+    def plan_tasks(self, tasks: list[Task], tokenizer: Any) -> TrainingPlan:
+        """The plan for multi-task training: each task encoded, then mixed by ``task_mixing``."""
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"task names must be unique, got {names}")
+        encoded, formatters, fingerprints, evals = {}, {}, {}, {}
+        for task in tasks:
+            validate_task_name(task.name)
+            rows = load_rows(task.data, name=f"task {task.name}")
+            formatter = self.host.create("formatter", task.formatter) if task.formatter else self.host.create(
+                "formatter", detect_formatter(rows.columns, tokenizer, self.task, self.host))
+            if formatter.task != self.task:
+                raise ConfigError(f"task {task.name!r}: formatter {formatter.name!r} makes {formatter.task} data; "
+                                  "multi-task mixing takes supervised or text formatters")
+            objective = objective_for(formatter.task, self.task)
+            objective.check_rows(rows)
+            encoded[task.name] = objective.encode(rows, formatter, tokenizer, self.options)
+            formatters[task.name], fingerprints[task.name] = formatter, rows.fingerprint
+            if task.eval_data is not None:
+                eval_rows = load_rows(task.eval_data, name=f"task {task.name} eval_data")
+                evals[task.name] = EvalSet(eval_rows, formatter,
+                                           objective.encode(eval_rows, formatter, tokenizer, self.options))
+        sizes = {name: len(e.examples) for name, e in encoded.items()}
+        probabilities = mixing_probabilities(sizes, {t.name: t.weight for t in tasks}, self.options["task_mixing"],
+                                             self.options["mixing_temperature"])
+        mixture, counts = mix({n: e.examples for n, e in encoded.items()}, probabilities, sum(sizes.values()),
+                              self.options["seed"])
+        logger.info("multi-task mixture (%s): %s", self.options["task_mixing"],
+                    ", ".join(f"{n} p={probabilities[n]:.3f} ({counts[n]} examples)" for n in names))
+        train = Encoded(examples=mixture, tokens=sum(len(e["input_ids"]) for e in mixture),
+                        dropped=sum(e.dropped for e in encoded.values()))
+        first = formatters[names[0]]
+        fingerprint = hashlib.sha256("".join(fingerprints[n] for n in names).encode()).hexdigest()
+        dataset = {"fingerprint": "sha256:" + fingerprint, "rows": len(mixture), "source": "multi-task",
+                   "tasks": {n: {"fingerprint": fingerprints[n], "rows": sizes[n], "formatter": formatters[n].name,
+                                 "probability": probabilities[n], "sampled": counts[n]} for n in names}}
+        extra = {"task_examples": counts, "task_probabilities": probabilities}
+        return TrainingPlan(train, first.name, objective_for(first.task, self.task).name, evals, dataset, extra,
+                            formatter=first, session_formatter=first)
+
+
+def labels_for(rows: Rows, formatter: Formatter, options: Mapping[str, Any]) -> list[str]:
+    """The classifier's labels: the ``labels`` option, ``num_labels`` numbered ones, or those the rows use
+    (``0..max`` for integer labels, else sorted)."""
+    if options["labels"]:
+        return [str(label) for label in options["labels"]]
+    if options["num_labels"]:
+        return [str(i) for i in range(options["num_labels"])]
+    found = []
+    for row, where in zip(rows.rows, rows.where):
+        formatter.validate(row, where)
+        found.append(formatter.text_and_label(row)[1])
+    if all(isinstance(label, int) for label in found):
+        return [str(i) for i in range(max(found) + 1)]
+    return sorted({str(label) for label in found})
+
+
+def formatter_fits(formatter_task: str, technique_task: str) -> bool:
+    """A formatter's data fits a technique: same task, or preference pairs (DPO for generative techniques, a
+    reward model for the classifier)."""
+    return formatter_task == technique_task or formatter_task == PREFERENCE
+
+
+def reward_rows(rows: Rows, formatter: Formatter) -> Rows:
+    """Preference pairs as classifier rows: prompt + chosen -> "chosen", prompt + rejected -> "rejected"."""
+    out, where = [], []
+    for row, place in zip(rows.rows, rows.where):
+        formatter.validate(row, place)
+        out += [{"text": f"{row['prompt']}\n{row['chosen']}", "label": "chosen"},
+                {"text": f"{row['prompt']}\n{row['rejected']}", "label": "rejected"}]
+        where += [place + " (chosen)", place + " (rejected)"]
+    return Rows(out, where, rows.source)
+
+
+def validate_task_name(name: str) -> None:
+    """A task name is used in metric names and folders: the registry's name rules apply."""
+    from finetune_sdk.registry.refs import validate_name
+
+    validate_name(name, "task name")
+
+
+def detect_formatter(columns: list[str], tokenizer: Any, task: str, host: Any) -> str:
+    """Pick a formatter from a dataset's columns.
+
+    ``prompt``+``chosen``+``rejected`` -> ``preference``; ``messages`` or ``prompt``+``completion`` ->
+    ``chat-template`` when the tokenizer has a chat template, else ``chatml``; ``instruction``+``output`` ->
+    ``alpaca``; ``text``+``label`` -> ``classification``; ``text`` -> ``text``; otherwise the first plugin formatter
+    that accepts the columns.
+    """
+    cols = set(columns)
+    if {"prompt", "chosen", "rejected"} <= cols:
+        return "preference"
+    if task == CLASSIFICATION:
+        if {"text", "label"} <= cols:
+            return "classification"
+    elif "messages" in cols or {"prompt", "completion"} <= cols:
+        return "chat-template" if getattr(tokenizer, "chat_template", None) else "chatml"
+    elif {"instruction", "output"} <= cols:
+        return "alpaca"
+    elif "text" in cols:
+        return "text"
+    for name in host.names("formatter"):
+        formatter = host.create("formatter", name)
+        if formatter.task == task and formatter.accepts(columns):
+            return name
+    raise DataError(
+        f"can't tell which formatter fits the columns {', '.join(columns) or '(none)'}; pass formatter= (one of "
+        f"{', '.join(host.names('formatter'))}) or rename the columns")

@@ -1,0 +1,98 @@
+"""Checking what a ``Trainer`` is asked to do, before any model loads: the plugins by name and whether they fit
+together, the precision options, where the model comes from and where the result goes."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.errors import ConfigError
+from finetune_sdk.formatter import Formatter
+from finetune_sdk.models import ModelSource, resolve_source
+from finetune_sdk.planning import formatter_fits
+
+NO_QUANTIZER = ("none", "")
+
+
+def resolve_plugins(host: Any, technique: str, quantizer: str | None,
+                    formatter: str | None) -> tuple[Any, Any, Formatter | None]:
+    """(technique, quantizer or None, formatter or None) created by name, checked to fit together.
+
+    ``quantizer=None`` is the technique's default (qlora: ``nf4``); ``"none"`` is full precision.
+    """
+    created = host.create("technique", technique)
+    quantizer_name = created.default_quantizer if quantizer is None else quantizer
+    if quantizer_name in NO_QUANTIZER:
+        quantizer_name = None
+    quantizer_obj = host.create("quantizer", quantizer_name) if quantizer_name else None
+    if not created.accepts_quantizer(quantizer_obj):
+        raise ConfigError(incompatible_quantizer(created.name, quantizer_name))
+    formatter_obj: Formatter | None = host.create("formatter", formatter) if formatter else None
+    if formatter_obj is not None and not formatter_fits(formatter_obj.task, created.task):
+        raise ConfigError(
+            f"formatter {formatter!r} makes {formatter_obj.task} data but technique {technique!r} trains "
+            f"{created.task}; pick a matching formatter")
+    return created, quantizer_obj, formatter_obj
+
+
+def incompatible_quantizer(technique: str, quantizer: str | None) -> str:
+    """Why ``technique`` can't train on a base quantized with ``quantizer`` (None: full precision), in one line."""
+    if technique == "full" and quantizer:
+        return (f"technique 'full' can't train a {quantizer}-quantized model (quantized weights have no gradients);"
+                " use 'lora' or 'qlora' on a quantized base, or drop the quantizer")
+    if quantizer is None:
+        return f"technique {technique!r} needs a quantized base; pass quantizer='nf4' or use technique='lora'"
+    return f"technique {technique!r} can't train on a base quantized with {quantizer!r}"
+
+
+def check_precision(options: dict[str, Any]) -> None:
+    """bf16 and fp16 exclude each other; fp16 mixed precision needs a CUDA GPU."""
+    if options["bf16"] and options["fp16"]:
+        raise ConfigError("options bf16 and fp16 are exclusive; pick one")
+    if options["fp16"]:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("fp16 mixed precision needs a CUDA GPU; on CPU use bf16=True or neither")
+
+
+def model_source(model: Any, tokenizer: Any, revision: str | None) -> tuple[ModelSource, Any, Any]:
+    """(source, the loaded model or None, the tokenizer or None) for a path, Hub id, model or (model, tokenizer)."""
+    if isinstance(model, (str, os.PathLike)):
+        return resolve_source(model, revision), None, tokenizer
+    if isinstance(model, tuple) and len(model) == 2:
+        model, tokenizer = model
+    if tokenizer is None:
+        raise ConfigError("a model passed in already loaded needs its tokenizer: Trainer(model, tokenizer=...)")
+    from finetune_sdk.models import ensure_pad_token
+
+    name = getattr(model, "name_or_path", "") or ""
+    if name and Path(name).is_dir():
+        source = ModelSource("local", str(Path(name).resolve()), str(Path(name).resolve()))
+    else:
+        source = ModelSource("object", name or type(model).__name__)
+    return source, model, ensure_pad_token(tokenizer)
+
+
+def default_output_dir(source: ModelSource, technique: str) -> Path:
+    """``finetune-runs/<model>-<technique>-<local time>``."""
+    stem = Path(source.id).name.removesuffix(".gguf") or "model"
+    return Path("finetune-runs") / f"{stem}-{technique}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_output_dir(source: ModelSource, output_dir: Path, data: tuple[Any, ...] = (), probe: bool = True) -> None:
+    """Refuse an output path that would overwrite something this SDK did not write, or an input (the base model's
+    folder or file, a data file of ``data``: paths, ``Task`` lists or stages)."""
+    from finetune_sdk.output_paths import check_output_path
+    from finetune_sdk.workflows import is_task_list
+
+    base = {"local": source.path, "gguf": source.id}.get(source.kind)
+    inputs: list[tuple[str, Any]] = [("base model", base)]
+    for item in data:
+        for task in item if is_task_list(item) else [item]:
+            for path in (getattr(task, "data", task), getattr(task, "eval_data", None)):
+                if isinstance(path, (str, os.PathLike)):
+                    inputs.append(("data file", path))
+    check_output_path(output_dir, inputs=inputs, probe=probe)

@@ -1,0 +1,83 @@
+"""Objectives as strategies, chosen in one place, and plans built without touching a model."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune_sdk import Trainer
+from finetune_sdk.advisor import preflight
+from finetune_sdk.errors import ConfigError
+from finetune_sdk.memory import estimated_technique
+from finetune_sdk.objectives import OBJECTIVES, Objective, get_objective, objective_for
+from finetune_sdk.planning import Planner
+from finetune_sdk.technique import Technique
+from finetune_sdk.testing.tiny import tiny_config, tiny_tokenizer
+from finetune_sdk.training import decide_packing
+
+PAIRS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+QA = [{"prompt": f"what is {i}?", "completion": f"{i}."} for i in range(4)]
+LABELLED = [{"text": f"t{i}", "label": i % 3} for i in range(6)]
+
+
+def test_one_place_chooses_the_objective():
+    assert objective_for("causal-lm", "causal-lm").name == "sft"
+    assert objective_for("preference", "causal-lm").name == "dpo"
+    assert objective_for("preference", "classification").name == "classification-head"
+    assert objective_for("classification", "classification").name == "classification-head"
+    assert set(OBJECTIVES) == {"sft", "dpo", "classification-head"}
+    assert all(isinstance(o, Objective) and get_objective(n) is o for n, o in OBJECTIVES.items())
+    with pytest.raises(ConfigError, match="unknown objective 'dp0'.*did you mean 'dpo'"):
+        get_objective("dp0")
+
+
+def planner(model_dir, technique="lora", **options):
+    trainer = Trainer(model_dir, technique=technique, progress=False, **options)
+    return trainer, Planner(trainer.host, trainer.technique.task, trainer.options)
+
+
+def test_plans_are_built_without_a_model(tiny_models):
+    tok = tiny_tokenizer()
+    trainer, plan_for = planner(tiny_models("llama"))
+    sft = plan_for.plan(QA, QA[:2], tok, None)
+    assert (sft.objective, sft.formatter.name, sft.strategy.packs) == ("sft", "chat-template", True)
+    assert len(sft.train.examples) == 4 and set(sft.evals) == {""} and sft.labels is None
+    dpo = plan_for.plan(PAIRS, None, tok, None)
+    assert (dpo.objective, dpo.formatter_name) == ("dpo", "preference")
+    assert {"chosen", "rejected"} <= set(dpo.train.examples[0]) and not dpo.strategy.packs
+    assert trainer._session is None  # nothing was loaded
+
+
+def test_classifier_plans_find_labels_and_turn_pairs_into_reward_rows(tiny_models):
+    tok = tiny_tokenizer()
+    trainer, plan_for = planner(tiny_models("llama"), technique="classifier")
+    plan = plan_for.plan(LABELLED, None, tok, None)
+    assert (plan.objective, plan.labels) == ("classification-head", ["0", "1", "2"])
+    assert [ex["labels"] for ex in plan.train.examples] == [0, 1, 2, 0, 1, 2]
+    assert trainer.options["labels"] is None  # the planner leaves the Trainer's options alone
+    reward = plan_for.plan(PAIRS, PAIRS[:1], tok, None)
+    assert (reward.formatter.name, reward.formatter_name, reward.labels) == ("preference", "classification",
+                                                                            ["chosen", "rejected"])
+    assert len(reward.train.examples) == 8 and len(reward.evals[""].encoded.examples) == 2
+
+
+def test_packing_follows_the_objective(tiny_models):
+    trainer, plan_for = planner(tiny_models("llama"))
+    model = type("M", (), {"config": type("C", (), {"model_type": "llama"})()})()
+    assert decide_packing(trainer, plan_for.plan(QA, None, tiny_tokenizer(), None), model)
+    assert not decide_packing(trainer, plan_for.plan(PAIRS, None, tiny_tokenizer(), None), model)
+
+
+class Dora(Technique):
+    name = "dora-demo"
+    trains = "adapter"
+
+
+def test_plugin_techniques_are_estimated_by_what_they_train(monkeypatch):
+    import finetune_sdk.advisor as advisor
+
+    monkeypatch.setattr(advisor, "available_memory", lambda device="auto": 2**40)
+    config = tiny_config("llama", tiny_tokenizer())
+    options = {"per_device_train_batch_size": 2, "max_length": 64, "r": 8}
+    assert estimated_technique(Dora()) == "lora" and estimated_technique("dora-demo") is None
+    assert preflight(config, Dora(), None, options, device="cpu").technique == "lora"
+    assert preflight(config, type("Opaque", (Technique,), {"name": "opaque"})(), None, options, device="cpu") is None
