@@ -114,7 +114,7 @@ def test_the_marker_does_fire_when_the_caller_trusts_the_code(hostile, tmp_path)
 
 
 def test_trust_comes_only_from_the_caller(hostile, monkeypatch):
-    import finetune_sdk.loading as loading
+    import finetune_sdk.models as loading  # every base model loads through models.load_base_model -> load_model
 
     folder, marker = hostile
     seen = []
