@@ -25,6 +25,7 @@ from finetune_sdk.registry.record import read_record, scratch
 from finetune_sdk.registry.refs import inside, parse_ref, validate_name, validate_repo_id
 
 REGISTRY_FILE = "registry.json"
+ARTIFACTS = "artifacts"
 ATTEMPTS = 3
 T = TypeVar("T")
 
@@ -109,11 +110,15 @@ def push(registry: Registry, ref: str, repo_id: str, *, endpoint: str | None = N
             target = inside(folder, rel)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / rel, target)
+        extra = registry.artifacts(version.ref)
+        for file, info in extra.items():
+            registry.blobs.copy_to(info["sha256"], inside(folder, f"{ARTIFACTS}/{validate_name(file, 'artifact')}"),
+                                   f"{version.ref}: {file}")
         write_json_atomic(folder / REGISTRY_FILE, {
             "name": version.name, "version": version.version, "parent": version.parent,
             "description": version.description, "created": version.created, "tags": version.tags,
-            "files": version.files})
-        (folder / "README.md").write_text(model_card(version, repo_id), encoding="utf-8")
+            "files": version.files, "artifacts": extra})
+        (folder / "README.md").write_text(model_card(version, repo_id, artifacts=extra), encoding="utf-8")
         commit = _call(endpoint, f"pushing {version.ref} to {repo_id}", lambda: api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), commit_message=f"{version.name} v{version.version}",
             delete_patterns=["*"]))
@@ -177,7 +182,21 @@ def pull(registry: Registry, ref: str, *, endpoint: str | None = None, token: st
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(download / rel, target)
         manifest = read_manifest(stage)
-        return _store(registry, stage, manifest, record, name or record["name"], parsed, endpoint, sha)
+        local = _store(registry, stage, manifest, record, name or record["name"], parsed, endpoint, sha)
+        _store_artifacts(registry, local.ref, download, record, parsed)
+        return local
+
+
+def _store_artifacts(registry: Registry, ref: str, download: Path, record: dict[str, Any], parsed: Any) -> None:
+    """Attach the pulled version's artifacts (``artifacts/`` in the repo), each checked against its sha256."""
+    artifacts = record.get("artifacts") or {}
+    if not isinstance(artifacts, dict) or not all(isinstance(meta, dict) for meta in artifacts.values()):
+        raise RegistryError(f"{parsed}: {REGISTRY_FILE} lists artifacts that are not objects; refusing to pull it")
+    for file, meta in artifacts.items():
+        path = download / ARTIFACTS / validate_name(file, "artifact file name")
+        if not path.is_file() or path.is_symlink() or sha256_file(path) != meta.get("sha256"):
+            raise IntegrityError(f"{parsed}: artifact {file} is missing or does not match its recorded sha256")
+        registry.attach(ref, path, kind=str(meta.get("kind", "file")), metadata=meta.get("metadata") or {})
 
 
 def _remote_commit(registry: Registry, endpoint: str, repo_id: str, revision: str) -> str | None:

@@ -16,6 +16,7 @@ from finetune_sdk.errors import FinetuneError, IntegrityError, RegistryError
 from finetune_sdk.fsutil import staged_directory
 from finetune_sdk.manifest import read_manifest
 from finetune_sdk.fsutil import sha256_file
+from finetune_sdk.registry import artifacts as artifact_rows
 from finetune_sdk.registry.blobs import BlobStore
 from finetune_sdk.registry.index import Index
 from finetune_sdk.registry.locks import collecting, publishing
@@ -329,6 +330,7 @@ class Registry:
             db.execute("DELETE FROM tags WHERE name = ? AND version = ?", (version.name, version.version))
             db.execute("DELETE FROM remotes WHERE name = ? AND version = ?", (version.name, version.version))
             db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (version.name, version.version))
+            artifact_rows.forget(db, version.name, version.version)
         shutil.rmtree(self.home / "checkouts" / version.name / str(version.version), ignore_errors=True)
         self.collect_garbage()
         return version
@@ -339,6 +341,7 @@ class Registry:
             with self.index.read() as db:
                 used = {info["sha256"] for (files,) in db.execute("SELECT files FROM versions")
                         for info in json.loads(files).values()}
+                used |= artifact_rows.used_blobs(db)
             removed = 0
             if self.blobs.root.is_dir():
                 for path in self.blobs.root.glob("*/*"):
@@ -348,6 +351,20 @@ class Registry:
                 for partial in self.blobs.root.glob(".incoming-*"):  # no publish runs: these are a killed one's
                     partial.unlink(missing_ok=True)
         return removed
+
+    # -- artifacts (files made from a version later, such as a GGUF export) ---------------------------------
+    def attach(self, ref: str, path: str | os.PathLike[str], *, kind: str = "gguf",
+               metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Store a file made from version ``ref`` (a GGUF export) as its artifact; see ``registry.artifacts``."""
+        return artifact_rows.attach(self, ref, path, kind=kind, metadata=metadata)
+
+    def artifacts(self, ref: str) -> dict[str, dict[str, Any]]:
+        """The artifacts of version ``ref`` by file name: sha256, size, kind and metadata (e.g. quantization)."""
+        return artifact_rows.artifacts(self, ref)
+
+    def artifact_path(self, ref: str, file: str) -> Path:
+        """A hash-checked copy of one artifact of version ``ref``."""
+        return artifact_rows.artifact_path(self, ref, file)
 
     # -- Hub -------------------------------------------------------------------------------------------------
     def push(self, ref: str, repo_id: str, **kwargs: Any) -> dict[str, Any]:

@@ -14,15 +14,18 @@ def _yaml_list(items: list[str]) -> str:
     return "".join(f"\n- {json.dumps(item)}" for item in items)
 
 
-def model_card(version: AdapterVersion, repo_id: str) -> str:
+def model_card(version: AdapterVersion, repo_id: str, artifacts: dict[str, dict[str, Any]] | None = None) -> str:
     """YAML metadata (``library_name: peft``, ``base_model``, tags, pipeline tag) and a body that says how it was
-    trained and how to load it. Credentials never appear: manifests hold none."""
+    trained and how to load it, and a table of the version's artifacts (GGUF exports with their quantization).
+    Credentials never appear: manifests hold none."""
     m = version.manifest
     base = m.get("base_model") or {}
     technique = m.get("technique") or "unknown"
     tags = ["finetune-sdk", technique] + (["peft", "lora"] if technique in ("lora", "qlora") else [])
     if m.get("quantizer"):
         tags.append(m["quantizer"])
+    if any(a.get("kind") == "gguf" for a in (artifacts or {}).values()):
+        tags.append("gguf")
     header = ["---", "library_name: peft" if technique in ("lora", "qlora") else "library_name: transformers"]
     if base.get("kind") == "hub":
         header.append(f"base_model: {json.dumps(base['id'])}")
@@ -48,6 +51,13 @@ def model_card(version: AdapterVersion, repo_id: str) -> str:
         'model.generate(["Hello!"])' if m.get("task") != "classification" else 'model.predict(["Hello!"])',
         "```", "",
     ]
+    if artifacts:
+        lines += ["## Exported files", "", "| file | kind | quantization | size |", "| --- | --- | --- | --- |",
+                  *[f"| `artifacts/{name}` | {a.get('kind')} | `{(a.get('metadata') or {}).get('quantization')}` | "
+                    f"{a.get('size', 0) / 2**20:.1f} MiB |" for name, a in sorted(artifacts.items())], ""]
+        if any(a.get("kind") == "gguf" for a in artifacts.values()):
+            lines += ["The GGUF files run with llama.cpp (`llama-cli -m FILE`), LM Studio, or Ollama (download the "
+                      "file and its `Modelfile`, then `ollama create NAME -f Modelfile`).", ""]
     if technique in ("lora", "qlora"):
         lines += ["With plain PEFT (the adapter's own revision is the tag; the base model's revision is in "
                   "adapter_config.json):", "", "```python", "from peft import AutoPeftModelForCausalLM", "",

@@ -197,3 +197,35 @@ def test_cli_exports_and_replaces_its_own_earlier_export(tmp_path):
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["Modelfile", "finetune_manifest.json",
                                                                    "run-f16.gguf"]
 
+
+
+@pytest.mark.usefixtures("hub_online")
+def test_export_attaches_to_a_registry_version_and_travels_to_the_hub(tmp_path, monkeypatch):
+    from finetune_sdk.registry import Registry
+    from tests.hub_server import HubTestServer
+
+    token = "hf_test_token_do_not_print"
+    registry = Registry(tmp_path / "registry")
+    registry.publish(_train(_base(tmp_path, "llama", "bpe"), tmp_path / "run"), "adder")
+    with pytest.raises(ConfigError, match="publish it first"):
+        finetune_sdk.export(tmp_path / "run", tmp_path / "x", attach=True, registry=registry)
+    export = finetune_sdk.export("adder@1", tmp_path / "gguf", quantization="q4_0", attach=True, registry=registry)
+    assert export.gguf_path.name == "adder-q4_0.gguf"
+    artifacts = registry.artifacts("adder@1")
+    assert artifacts["adder-q4_0.gguf"]["kind"] == "gguf"
+    assert artifacts["adder-q4_0.gguf"]["metadata"]["quantization"] == "q4_0"
+    assert "adder-q4_0.Modelfile" in artifacts
+    assert registry.collect_garbage() == 0  # artifacts' blobs are in use
+    assert registry.artifact_path("adder@1", "adder-q4_0.gguf").read_bytes() == export.gguf_path.read_bytes()
+
+    with HubTestServer(tmp_path / "hub", tokens={token}) as hub:
+        registry.push("adder@1", "team/adder", endpoint=hub.url, token=token)
+        card = hub.read_file("team/adder", "README.md", "v1").decode()
+        assert "## Exported files" in card and "`artifacts/adder-q4_0.gguf` | gguf | `q4_0`" in card
+        assert '- "gguf"' in card
+        fresh = Registry(tmp_path / "fresh")
+        pulled = fresh.pull("hf://team/adder@v1", endpoint=hub.url, token=token)
+        assert fresh.artifacts(pulled.ref) == artifacts
+        assert fresh.artifact_path(pulled.ref, "adder-q4_0.gguf").read_bytes() == export.gguf_path.read_bytes()
+    registry.delete("adder@1")
+    assert registry.collect_garbage() == 0 and not any((registry.home / "blobs").glob("*/*"))

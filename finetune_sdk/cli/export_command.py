@@ -18,7 +18,10 @@ QUANTIZATION_NAMES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_
               show_default=True, help="tensor type of the weight matrices (q4_0/q4_1/q5_0/q5_1 are ggml's block "
               "4/5-bit types)")
 @click.option("--name", default=None, help="model name in the file and for Ollama (default: from REF)")
-def export_command(ref: str, out: str, export_format: str, quantization: str, name: str | None) -> None:
+@click.option("--attach", is_flag=True, help="store the GGUF file and Modelfile as artifacts of the registry version "
+              "REF (pushed to the Hub with it)")
+def export_command(ref: str, out: str, export_format: str, quantization: str, name: str | None,
+                   attach: bool) -> None:
     """Merge REF (a result folder or registry ref) and write it as GGUF with an Ollama Modelfile.
 
     \b
@@ -29,7 +32,7 @@ def export_command(ref: str, out: str, export_format: str, quantization: str, na
     from finetune_sdk.log import quiet_third_party_output
 
     quiet_third_party_output()
-    done = export(ref, out, format=export_format, quantization=quantization.lower(), name=name)
+    done = export(ref, out, format=export_format, quantization=quantization.lower(), name=name, attach=attach)
     from rich.markup import escape
 
     out_console = console()

@@ -41,7 +41,8 @@ class GGUFExport:
 
 
 def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: str = "gguf",
-           quantization: str = "q8_0", name: str | None = None, registry: Any = None) -> GGUFExport:
+           quantization: str = "q8_0", name: str | None = None, attach: bool = False,
+           registry: Any = None) -> GGUFExport:
     """Merge the result ``ref`` and write it to the folder ``out`` as a GGUF file plus an Ollama ``Modelfile``.
 
     Args:
@@ -53,6 +54,8 @@ def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: 
         quantization: ``f16``, ``bf16``, ``f32``, ``q8_0`` (default), or the 4/5-bit ``q4_0``, ``q4_1``, ``q5_0``,
             ``q5_1`` (block quantizations from ggml; the output matrix stays at q8_0 with them).
         name: the model's name in the file and for Ollama (default: the registry name or the folder's name).
+        attach: also store the GGUF file and its Modelfile as artifacts of the registry version ``ref`` names
+            (pushed to the Hub with it and listed in its model card); ``ref`` must then be a registry reference.
         registry: the :class:`~finetune_sdk.registry.Registry` to resolve names in.
 
     Returns:
@@ -77,7 +80,16 @@ def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: 
 
     if format != "gguf":
         raise ConfigError(f"export format {format!r} is not supported; use one of {', '.join(FORMATS)}")
-    return run_export(ref, Path(out), quantization=check_quantization(quantization), name=name, registry=registry)
+    quantization = check_quantization(quantization)
+    if attach and Path(ref).is_dir():
+        raise ConfigError(f"attach: {ref} is a result folder; publish it first and export the registry version "
+                          "(e.g. name@1) to attach the GGUF file to it")
+    done = run_export(ref, Path(out), quantization=quantization, name=name, registry=registry)
+    if attach:
+        from finetune_sdk.exporting.pipeline import attach_to_registry
+
+        attach_to_registry(done, ref, registry)
+    return done
 
 
 def ollama_name(text: str) -> str:

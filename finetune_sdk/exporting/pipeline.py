@@ -141,3 +141,22 @@ def _version(package: str) -> str | None:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
+
+
+def attach_to_registry(done: Any, ref: Any, registry: Any) -> None:
+    """Store an export's GGUF file and Modelfile as artifacts of the registry version ``ref``."""
+    import shutil
+    import tempfile
+
+    from finetune_sdk.registry import Registry
+
+    registry = registry if registry is not None else Registry()
+    version = registry.pull(os.fspath(ref)) if os.fspath(ref).startswith("hf://") else registry.resolve(os.fspath(ref))
+    metadata = {"quantization": done.quantization, "format": "gguf", "chat_format": done.chat_format,
+                "architecture": done.summary.get("architecture")}
+    registry.attach(version.ref, done.gguf_path, kind="gguf", metadata=metadata)
+    with tempfile.TemporaryDirectory(prefix="finetune-modelfile-") as folder:
+        named = Path(folder) / f"{done.gguf_path.stem}.Modelfile"
+        shutil.copyfile(done.modelfile_path, named)
+        registry.attach(version.ref, named, kind="ollama-modelfile", metadata={"gguf": done.gguf_path.name})
+    logger.info("attached %s and its Modelfile to %s in the registry", done.gguf_path.name, version.ref)
