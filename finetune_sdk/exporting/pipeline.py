@@ -11,6 +11,7 @@ from typing import Any
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.fsutil import staged_directory, write_json_atomic, write_text_atomic
 from finetune_sdk.manifest import MANIFEST_NAME, library_versions, read_manifest
+from finetune_sdk.progress import activity
 
 logger = logging.getLogger("finetune_sdk")
 
@@ -54,8 +55,9 @@ def merged_causal_lm(folder: Path, manifest: dict[str, Any], registry: Any) -> t
     loaded = load(folder, quantized=False, registry=registry)
     model = loaded.model
     if getattr(technique, "saves_adapter", False):
-        model.get_base_model().to(torch.float32)
-        model = technique.merge(model)
+        with activity("merging the adapter into the float32 base"):
+            model.get_base_model().to(torch.float32)
+            model = technique.merge(model)
     model = model.to(torch.float32).eval()
     return model, loaded.tokenizer
 
@@ -97,9 +99,10 @@ def run_export(ref: Any, out: Path, *, quantization: str, name: str | None, regi
     options = manifest.get("options") or {}
     gguf_name = f"{ollama_name(name)}-{quantization}.gguf"
     with staged_directory(out) as staging:
-        summary = write_gguf(model, tokenizer, staging / gguf_name, quantization=quantization,
-                             chat_template=template, name=name,
-                             description=f"{name}: {manifest.get('technique')} fine-tune exported by finetune-sdk")
+        with activity(f"writing {gguf_name}"):
+            summary = write_gguf(model, tokenizer, staging / gguf_name, quantization=quantization,
+                                 chat_template=template, name=name,
+                                 description=f"{name}: {manifest.get('technique')} fine-tune exported by finetune-sdk")
         write_text_atomic(staging / "Modelfile", modelfile(
             gguf_name, chat_format, eos_token=tokenizer.eos_token, system_prompt=options.get("system_prompt"),
             raw_prompt=raw_prompt))
