@@ -101,7 +101,7 @@ ALPACA = ChatFormat(
            "'assistant' %}{{ message['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"),
     ollama=('{{- range .Messages }}{{- if eq .Role "user" }}' + ALPACA_HEADER
             + '### Instruction:\n{{ .Content }}\n\n### Response:\n'
-            '{{- else if eq .Role "assistant" }}{{ .Content }}\n\n{{ end }}{{ end }}'),
+            '{{ else if eq .Role "assistant" }}{{ .Content }}\n\n{{ end }}{{ end }}'),
     stops=("### Instruction:",), render=_alpaca, supports_system=False)
 
 #: Formats recognised in a tokenizer's own template, and the one each builtin formatter trains in.
