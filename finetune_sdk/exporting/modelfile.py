@@ -56,5 +56,12 @@ def modelfile(gguf_name: str, chat_format: ChatFormat | None, *, eos_token: str 
 
 
 def ollama_command(name: str, folder: Any) -> str:
-    """The one shell command that registers the export with Ollama and chats with it."""
-    return f"ollama create {name} -f {folder}/Modelfile && ollama run {name}"
+    """The one shell command that registers the export with Ollama and chats with it (the path shell-quoted).
+
+    >>> ollama_command("bot", "exports/my bot")
+    "ollama create bot -f 'exports/my bot/Modelfile' && ollama run bot"
+    """
+    import shlex
+    from pathlib import Path
+
+    return f"ollama create {name} -f {shlex.quote(str(Path(folder) / 'Modelfile'))} && ollama run {name}"
