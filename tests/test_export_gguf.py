@@ -185,6 +185,16 @@ def test_bad_requests_are_one_line_errors_before_loading(tmp_path):
         user_folder / "notes.txt"]
     out = CliRunner().invoke(cli, ["export", str(result), "--out", str(result / "inside")])
     assert out.exit_code == 2 and "overlaps the result" in out.output
+    other = tmp_path / "phi-base"  # a base of a family llama.cpp's converter has but this exporter doesn't
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    manifest = json.loads((result / "finetune_manifest.json").read_text())
+    manifest["base_model"] = {"kind": "local", "id": str(other), "path": str(other), "revision": None}
+    (result / "finetune_manifest.json").write_text(json.dumps(manifest))
+    out = CliRunner().invoke(cli, ["export", str(result), "--out", str(tmp_path / "phi")])
+    assert out.exit_code == 2 and not (tmp_path / "phi").exists()
+    assert out.output.strip().splitlines() == [
+        "Error: GGUF export doesn't support model type 'phi3'; supported: gpt2, llama, mistral, qwen2"]
 
 
 def test_cli_exports_and_replaces_its_own_earlier_export(tmp_path):
