@@ -239,3 +239,27 @@ def test_export_attaches_to_a_registry_version_and_travels_to_the_hub(tmp_path, 
         assert fresh.artifact_path(pulled.ref, "adder-q4_0.gguf").read_bytes() == export.gguf_path.read_bytes()
     registry.delete("adder@1")
     assert registry.collect_garbage() == 0 and not any((registry.home / "blobs").glob("*/*"))
+
+
+@pytest.mark.parametrize("regex,pre", [
+    (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+     "qwen2"),
+    (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+     "llama-bpe"),
+])
+def test_split_regex_pre_tokenizers_are_named_for_llama_cpp(tmp_path, regex, pre):
+    """Qwen2's and Llama 3's pre-tokenizers (a regex Split before byte-level BPE) keep their ids in the file."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    from finetune_sdk.exporting.gguf_file import write_gguf
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    summary = write_gguf(tiny_model("qwen2", tok), tok, tmp_path / "m.gguf", quantization="f16")
+    assert summary["pre_tokenizer"] == pre
+    reloaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in [*TEXTS, "numbers 1234567 and 89", "it's we'll THEY'RE"]:
+        assert reloaded(text)["input_ids"] == tok(text)["input_ids"], text
