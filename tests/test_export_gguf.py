@@ -263,3 +263,13 @@ def test_split_regex_pre_tokenizers_are_named_for_llama_cpp(tmp_path, regex, pre
     reloaded = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     for text in [*TEXTS, "numbers 1234567 and 89", "it's we'll THEY'RE"]:
         assert reloaded(text)["input_ids"] == tok(text)["input_ids"], text
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_exports_as_is(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = _train(_base(tmp_path, "llama", "bpe"), tmp_path / "run", technique="full")
+    export = finetune_sdk.export(result, tmp_path / "gguf", quantization="f16")
+    trained = AutoModelForCausalLM.from_pretrained(result, dtype=torch.float32).eval()
+    assert _max_logit_diff(trained, _reload(export)[0], tiny_tokenizer()) <= F16_LOGIT_BOUND
