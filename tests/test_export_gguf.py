@@ -273,3 +273,23 @@ def test_a_full_fine_tune_exports_as_is(tmp_path):
     export = finetune_sdk.export(result, tmp_path / "gguf", quantization="f16")
     trained = AutoModelForCausalLM.from_pretrained(result, dtype=torch.float32).eval()
     assert _max_logit_diff(trained, _reload(export)[0], tiny_tokenizer()) <= F16_LOGIT_BOUND
+
+
+@pytest.mark.slow
+def test_a_qlora_result_on_a_gguf_base_exports_like_the_demo(tmp_path, monkeypatch):
+    """The demo's path: a GGUF base (converted once to a folder), QLoRA, published, exported by registry name."""
+    from finetune_sdk.exporting.gguf_file import write_gguf
+    from finetune_sdk.registry import Registry
+
+    monkeypatch.setenv("FINETUNE_SDK_CACHE", str(tmp_path / "cache"))
+    tok = tiny_tokenizer()
+    write_gguf(tiny_model("llama", tok), tok, tmp_path / "base.gguf", quantization="f32",
+               chat_template=tok.chat_template)
+    registry = Registry(tmp_path / "registry")
+    fit = Trainer(tmp_path / "base.gguf", technique="qlora", formatter="chat-template", output_dir=tmp_path / "run",
+                  num_train_epochs=1, learning_rate=1e-2, progress=False).fit(ROWS)
+    fit.publish("quill", aliases=["production"], registry=registry)
+    export = finetune_sdk.export("quill@production", tmp_path / "gguf", registry=registry)
+    merged, tokenizer = _merged(tmp_path / "run")
+    assert export.gguf_path.name == "quill-q8_0.gguf"
+    assert _max_logit_diff(merged, _reload(export)[0], tokenizer) <= Q8_0_LOGIT_BOUND
