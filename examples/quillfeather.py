@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--output-dir", default="finetune-runs/quillfeather-qlora")
     parser.add_argument("--epochs", type=float, default=8)
     parser.add_argument("--model", help="another model to teach (default: the SmolLM2-135M-Instruct GGUF)")
-    parser.add_argument("--gguf-dir", default="finetune-runs/quillfeather-gguf")
+    parser.add_argument("--gguf-dir", help="folder for the GGUF export (default: the output dir + '-gguf')")
     args = parser.parse_args()
     quiet_third_party_output()
     display_on(Console(stderr=True))
@@ -91,7 +91,8 @@ def main() -> None:
     console.print(f"[bold]{questions[0]}[/bold] -> {bot.generate(questions[0], max_new_tokens=40)}")
 
     console.rule("[bold]GGUF export for llama.cpp, Ollama and LM Studio")
-    export = finetune_sdk.export("quillfeather@production", args.gguf_dir, format="gguf", quantization="q8_0")
+    export = finetune_sdk.export("quillfeather@production", args.gguf_dir or f"{args.output_dir}-gguf", format="gguf",
+                                 quantization="q8_0")
     console.print(f"total {time.perf_counter() - start:.0f} s")
     console.print(Text(f"GGUF file: {export.gguf_path}"), soft_wrap=True)
     console.print(Text(f"run it with Ollama: {export.ollama_command}"), soft_wrap=True)

@@ -143,3 +143,7 @@ def test_demo_prints_progress_before_its_first_result(tiny_models, tmp_path):
     steps = [output.find(text) for text in ("loading ", "generating 5 answers", "training ", "evaluating on")]
     assert all(-1 < position < first_result for position in steps), output
     assert "at the first logged step" in output and "averaged over the run" in output
+    last_lines = output.strip().splitlines()[-2:]  # the demo ends with the GGUF export and how to run it
+    assert last_lines == [f"GGUF file: {tmp_path}/run-gguf/quillfeather-q8_0.gguf",
+                          f"run it with Ollama: ollama create quillfeather -f {tmp_path}/run-gguf/Modelfile && "
+                          "ollama run quillfeather"], last_lines
