@@ -55,7 +55,7 @@ def _byte_level_pre(pre: dict[str, Any]) -> str | None:
     parts = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts or []]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
