@@ -162,6 +162,20 @@ def test_client_side_dp_clips_updates_and_records_privacy(llama_dir, tmp_path):
             assert client["update_norm"] == pytest.approx(0.01, rel=1e-3)  # clipped to the norm, not below
 
 
+@pytest.mark.slow
+def test_server_side_clipping_bounds_the_global_update(llama_dir, tmp_path):
+    from finetune_sdk.testing.federated import run_in_process
+
+    clients = as_pairs(write_clients(tmp_path / "data", ["clinic-a", "clinic-b"]))
+    manifest = run_in_process(make_job(llama_dir, tmp_path / "out", clients, local_steps=2, dp="server",
+                                       clipping_norm=0.01, noise_multiplier=0.0), clients)
+    privacy = manifest["federated"]["privacy"]
+    assert privacy["mode"] == "server" and privacy["epsilon"] is None and "no noise" in privacy["note"]
+    entry = manifest["federated"]["history"][0]
+    assert min(c["update_norm"] for c in entry["clients"].values()) > 0.01  # what the clients sent: unclipped
+    assert entry["global_update_norm"] <= 0.01 + 1e-6  # the average of updates clipped to 0.01
+
+
 def test_fedprox_term_adds_mu_times_distance_to_the_gradient():
     import torch
 

@@ -88,8 +88,10 @@ class FederatedServer:
             arrays, _ = self.strategy.aggregate_train(server_round, valid)
             if arrays is None:
                 raise FinetuneError(f"round {server_round}: the strategy could not aggregate the updates")
+            global_norm = update_norm(arrays, self.arrays)
             self.arrays = arrays
             entry = self._round_entry(server_round, sent, valid, dropped, norms, time.time() - started)
+            entry["global_update_norm"] = global_norm
             self.history.append(entry)
             self._log_round(entry)
             self._save_round(entry)
