@@ -121,13 +121,17 @@ def client_command(server: str, data: str, eval_data: str | None, name: str | No
     node = processes.supernode(client_name, server, node_config(client_name, data, eval_data), insecure=insecure,
                                root_certificates=root_certificates, auth_key=auth_key, log_to_console=True)
     console().print(f"client [bold]{client_name}[/bold] connected to {server}; Ctrl-C to leave")
-    signal.signal(signal.SIGTERM, lambda *_: processes.stop())
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the SuperNode in `finally`, not inside the handler
     try:
         node.wait()
     except KeyboardInterrupt:
         pass
     finally:
         processes.stop()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def split_address(address: str) -> tuple[str, int]:
