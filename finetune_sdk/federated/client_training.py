@@ -56,10 +56,11 @@ def evaluate_global(job: FederatedJob, client: ClientData, arrays: Any) -> tuple
         return {}, None
     work = Path(tempfile.mkdtemp(prefix="finetune-federated-eval-"))
     try:
+        rows = load_rows(client.eval, name=f"client {client.name} eval-data")
         trainer = job.trainer(work / "out")
         _prepare_with(trainer, arrays)
-        metrics = trainer.evaluate(load_rows(client.eval, name=f"client {client.name} eval-data"))
-        return {"eval_loss": float(metrics["eval_loss"]), "eval_examples": float(len(load_rows(client.eval)))}, \
+        metrics = trainer.evaluate(rows)
+        return {"eval_loss": float(metrics["eval_loss"]), "eval_examples": float(len(rows))}, \
             trainer.formatter.name if trainer.formatter else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
