@@ -250,3 +250,15 @@ def test_strategy_plugin_registers_through_the_hook(monkeypatch):
     host = PluginHost(autoload=True)
     assert "fedmedian" in host.names("strategy")
     assert type(host.create("strategy", "fedmedian").build(FederatedSettings().validate())).__name__ == "FedMedian"
+
+
+@pytest.mark.slow
+def test_fraction_fit_samples_part_of_the_clients_each_round(llama_dir, tmp_path):
+    from finetune_sdk.testing.federated import run_in_process
+
+    clients = as_pairs(write_clients(tmp_path / "data"))
+    manifest = run_in_process(make_job(llama_dir, tmp_path / "out", clients, rounds=2, local_steps=1,
+                                       fraction_fit=0.34, fraction_evaluate=0), clients)
+    for entry in manifest["federated"]["history"]:
+        assert entry["sampled"] == 1 and len(entry["clients"]) == 1 and entry["dropped"] == []
+    assert manifest["metrics"]["bytes_total"] == sum(e["bytes_total"] for e in manifest["federated"]["history"])
