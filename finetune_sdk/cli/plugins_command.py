@@ -88,7 +88,9 @@ def _provides(registered: list[str]) -> str:
     for item in registered:
         kind, _, name = item.partition(":")
         by_kind.setdefault(kind, []).append(name)
-    return "; ".join(f"{kind}s: {', '.join(names)}" for kind, names in by_kind.items())
+    from finetune_sdk.plugin_manager import PLURALS
+
+    return "; ".join(f"{PLURALS.get(kind, kind + 's')}: {', '.join(names)}" for kind, names in by_kind.items())
 
 
 @plugins_command.command("init")
