@@ -97,7 +97,10 @@ def check_output_path(output: str | os.PathLike[str], *,
             raise ConfigError(f"{flag} {out} {relation} the {what} {given}; writing the result there would destroy "
                               "it: pick another folder")
     if out.exists() or out.is_symlink():
-        if out.is_symlink() or not out.is_dir():
+        if out.is_symlink():
+            raise ConfigError(f"{flag} {out} is a symbolic link; replacing it could reach anything: pick a folder "
+                              "path that does not exist yet")
+        if not out.is_dir():
             raise ConfigError(f"{flag} {out} is an existing file; pick a folder path that does not exist yet")
         if is_sdk_output(out):
             return True

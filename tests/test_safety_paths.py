@@ -61,6 +61,10 @@ def test_an_existing_file_is_refused(base, data, tmp_path, monkeypatch):
     forbid_model_loading(monkeypatch)
     assert_refused(invoke(train_args(base, data, notes)), f"output_dir {notes} is an existing file")
     assert notes.read_text() == "keep"
+    link = tmp_path / "link"
+    link.symlink_to(base, target_is_directory=True)  # a link to the base model: replacing it must not follow
+    assert_refused(invoke(train_args(base, data, link)), f"output_dir {link}")
+    assert link.is_symlink() and (base / "config.json").is_file()
 
 
 @pytest.mark.parametrize("where,relation", [("base", "is the base model"), ("base/out", "is inside the base model"),
