@@ -104,6 +104,9 @@ def test_piped_training_prints_a_line_with_eta_per_logging_step(train_args, tmp_
     logged = logged_losses(out)
     assert {int(step): loss for step, loss, _ in lines} == logged
     assert lines[-1][2] == "0:00"  # nothing left at the last step
+    summary = " ".join(proc.stdout.split())  # the metrics say which loss is the run's mean and which the last
+    assert f"train_loss is the mean over the run; the loss logged at the last logging step (step 8) was " \
+           f"{logged[8]}." in summary
 
 
 @pytest.mark.slow

@@ -68,6 +68,10 @@ def train_command(model: str | None, data: str | None, eval_data: str | None, te
                       publish_as=publish_as or run.get("publish"), **options)
     result = trainer.fit(train_data, eval_data=run.get("eval_data"), resume=resume)
     console().print(metrics_table(result.metrics, title=f"{trainer.technique.name} result"))
+    last = next((entry for entry in reversed(result.log_history) if "loss" in entry), None)
+    if last is not None and "train_loss" in result.metrics:
+        console().print(f"train_loss is the mean over the run; the loss logged at the last logging step "
+                        f"(step {last['step']}) was {last['loss']:.4f}.", style="dim", highlight=False)
     console().print(f"saved to [bold]{result.output_dir}[/bold]")
     if result.version is not None:
         console().print(f"published as [bold]{result.version.ref}[/bold]")
