@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from finetune_sdk.errors import ModelNotFoundError
 from finetune_sdk.fsutil import cache_root
-
-logger = logging.getLogger("finetune_sdk")
 
 
 def converted_folder(gguf_path: Path) -> Path:
@@ -29,11 +28,11 @@ def converted_folder(gguf_path: Path) -> Path:
         return target
     from finetune_sdk.progress import activity
 
-    logger.info("converting %s to a Hugging Face folder once (cached in %s)", gguf_path.name, target)
+    cache = str(target.parent).replace(str(Path.home()), "~", 1)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        with activity(f"converting {gguf_path.name} (once)"):
+        with activity(f"converting {gguf_path.name} to a Hugging Face folder once (cached in {cache})"):
             _convert(gguf_path, staging)
         try:
             os.rename(staging, target)
@@ -45,14 +44,37 @@ def converted_folder(gguf_path: Path) -> Path:
     return target
 
 
+@contextmanager
+def _no_gguf_tensor_bar() -> Iterator[None]:
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors"), which its
+    progress-bar switch does not reach; the SDK's step shows instead. Only that module's name is swapped, and
+    only while converting."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    original = getattr(reader, "tqdm", None)
+    if original is None:
+        yield
+        return
+    reader.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = original
+
+
 def _convert(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune_sdk.log import library_progress_bars_off
+
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with library_progress_bars_off(), _no_gguf_tensor_bar():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except (OSError, ValueError, ImportError) as exc:
         raise ModelNotFoundError(f"can't read GGUF file {gguf_path}: {exc}") from None
     config = loaded.config

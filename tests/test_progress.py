@@ -150,3 +150,24 @@ def test_demo_prints_progress_before_its_first_result(tiny_models, tmp_path):
     assert last_lines == [f"GGUF file: {tmp_path}/run-gguf/quillfeather-q8_0.gguf",
                           f"run it with Ollama: ollama create quillfeather -f {tmp_path}/run-gguf/Modelfile && "
                           "ollama run quillfeather"], last_lines
+
+
+def test_gguf_conversion_reports_one_step_and_no_library_bar(tmp_path, monkeypatch, caplog, capfd):
+    pytest.importorskip("gguf")
+    from finetune_sdk.exporting.gguf_file import write_gguf
+    from finetune_sdk.gguf import converted_folder
+    from finetune_sdk.testing.tiny import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    gguf_file = tmp_path / "tiny-llama.gguf"
+    write_gguf(tiny_model("llama", tokenizer), tokenizer, gguf_file, quantization="f32")
+    monkeypatch.setenv("FINETUNE_SDK_CACHE", str(tmp_path / "cache"))
+    capfd.readouterr()
+    with caplog.at_level("INFO", logger="finetune_sdk"):
+        folder = converted_folder(gguf_file)
+    assert (folder / "config.json").is_file()
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("converting tiny-llama.gguf")]
+    assert steps == ["converting tiny-llama.gguf to a Hugging Face folder once (cached in "
+                     f"{tmp_path / 'cache' / 'gguf'}) ..."]
+    printed = capfd.readouterr()
+    assert "de-quantizing" not in printed.err + printed.out  # transformers' own bar stays off
