@@ -167,8 +167,8 @@ def metric_comparison_table(base: Mapping[str, Any] | None, tuned: Mapping[str, 
         >>> [column.header for column in table.columns]
         ['metric', 'base', 'fine-tuned', 'change']
     """
-    table = Table(title=title, caption=caption)
-    table.add_column("metric")
+    table = Table(title=title, caption=caption, min_width=min(len(title) + 4, 80))  # the title on one line
+    table.add_column("metric", no_wrap=True)
     table.add_column("base", justify="right")
     table.add_column("fine-tuned", justify="right")
     table.add_column("change", justify="right")
@@ -376,9 +376,9 @@ def render_html(report: Mapping[str, Any]) -> str:
         True
     """
     technique, base_model = report.get("technique"), report.get("base_model")
-    base_model = display_name(str(base_model)) if base_model else base_model
-    heading = "Fine-tuning report" + (f": {technique} on {base_model}" if technique and base_model else
-                                      f": {base_model or technique}" if base_model or technique else "")
+    short_base = display_name(str(base_model)) if base_model else base_model  # the full path is in the run table
+    heading = "Fine-tuning report" + (f": {technique} on {short_base}" if technique and short_base else
+                                      f": {short_base or technique}" if short_base or technique else "")
     info = [("task", report.get("task")), ("technique", technique), ("base model", base_model),
             ("output dir", report.get("output_dir")), ("date", report.get("created"))]
     if report.get("eval_data"):

