@@ -55,7 +55,8 @@ def test_plugins_table_at_80_columns(runner):
     text = stdout_of(runner.invoke(cli, ["plugins"]))
     report = plugin_report()
     names = [p["name"] for p in report["plugins"]]
-    names += [row["name"] for kind in ("techniques", "quantizers", "formatters") for row in report[kind]]
+    kinds = [key for key in report if key != "plugins"]  # techniques, quantizers, formatters, strategies...
+    names += [row["name"] for kind in kinds for row in report[kind]]
     names += {f"{row['distribution']} {row['version']}" for row in report["techniques"]}
     assert_fits_80_columns(text, names)
     version = report["techniques"][0]["version"]
