@@ -18,6 +18,8 @@ from typing import Any
 logger = logging.getLogger("finetune_sdk")
 
 _display: dict[str, Any] = {"console": None, "progress": None, "open": 0}
+#: Without a terminal, a step with a known amount of work logs where it stands at most this often (seconds).
+LOG_EVERY_SECONDS = 30.0
 
 
 def display_on(console: Any) -> None:
@@ -60,6 +62,7 @@ class Activity:
         self.unit = unit
         self.completed = 0.0
         self.start = time.perf_counter()
+        self.last_logged = self.start
         self._task: Any = None
 
     def advance(self, amount: float = 1) -> None:
@@ -74,13 +77,18 @@ class Activity:
         progress = _display["progress"]
         if progress is not None and self._task is not None:
             progress.update(self._task, completed=completed, total=self.total, detail=self.detail())
+        elif self._task is None and self.total:
+            now = time.perf_counter()
+            if now - self.last_logged >= LOG_EVERY_SECONDS:  # a log line now and then for a long step, with its ETA
+                self.last_logged = now
+                logger.info("%s: %s", self.description, self.detail(now))
 
-    def detail(self) -> str:
+    def detail(self, now: float | None = None) -> str:
         """``12/40 tokens`` and the ETA, or "" when the total is unknown."""
         if not self.total:
             return ""
         done = f"{self.completed:,.0f}/{self.total:,.0f}{' ' + self.unit if self.unit else ''}"
-        elapsed = time.perf_counter() - self.start
+        elapsed = (time.perf_counter() if now is None else now) - self.start
         if self.completed <= 0 or self.completed >= self.total:
             return done
         return f"{done} ETA {format_duration(elapsed / self.completed * (self.total - self.completed))}"

@@ -171,3 +171,18 @@ def test_gguf_conversion_reports_one_step_and_no_library_bar(tmp_path, monkeypat
                      f"{tmp_path / 'cache' / 'gguf'}) ..."]
     printed = capfd.readouterr()
     assert "de-quantizing" not in printed.err + printed.out  # transformers' own bar stays off
+
+
+def test_a_long_step_without_a_terminal_logs_where_it_stands(monkeypatch, caplog):
+    from finetune_sdk import progress
+
+    clock = iter([0.0, 0.0, 10.0, 31.0, 40.0])  # start, then each advance, then the end
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
+    with caplog.at_level("INFO", logger="finetune_sdk"):
+        with progress.activity("generating 5 answers", total=40, unit="token steps") as step:
+            for _ in range(3):
+                step.advance(10)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "generating 5 answers ..."
+    assert messages[1] == "generating 5 answers: 30/40 token steps ETA 0:10"  # 30 of 40 done in 31 s
+    assert len(messages) == 3 and messages[2] == "generating 5 answers: done in 40.0 s"
