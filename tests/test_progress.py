@@ -186,3 +186,25 @@ def test_a_long_step_without_a_terminal_logs_where_it_stands(monkeypatch, caplog
     assert messages[0] == "generating 5 answers ..."
     assert messages[1] == "generating 5 answers: 30/40 token steps ETA 0:10"  # 30 of 40 done in 31 s
     assert len(messages) == 3 and messages[2] == "generating 5 answers: done in 40.0 s"
+
+
+@pytest.mark.usefixtures("hub_online")
+def test_publish_push_and_pull_report_their_steps(tiny_models, tmp_path, monkeypatch, caplog):
+    from finetune_sdk import Trainer
+    from finetune_sdk.registry import Registry
+    from tests.hub_server import HubTestServer
+
+    rows = [{"prompt": f"what is {a} plus 1?", "completion": f"{a + 1}"} for a in range(4)]
+    result = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "run", max_steps=1,
+                     progress=False).fit(rows)
+    registry = Registry(tmp_path / "registry")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    with HubTestServer(tmp_path / "hub", tokens={"hf_test_token"}) as hub, \
+            caplog.at_level("INFO", logger="finetune_sdk"):
+        registry.publish(result, "adder")
+        registry.push("adder@1", "team/adder", endpoint=hub.url)
+        Registry(tmp_path / "fresh").pull("hf://team/adder@v1", endpoint=hub.url)
+    messages = [r.getMessage() for r in caplog.records]
+    for step in ("publishing run as the next version of adder ...", "pushing adder@1 to the Hub repo team/adder ...",
+                 "pulling hf://team/adder@v1 ..."):
+        assert step in messages, messages
