@@ -56,3 +56,6 @@ def test_fit_and_load_of_each_technique_print_no_flood(tmp_path):
     assert not repeated, repeated
     steps_logged = [line for line in output.splitlines() if re.search(r"finetune_sdk: step \d+/6 ", line)]
     assert len(steps_logged) == 4 * STEPS  # the progress lines are there, with different content each step
+    for step in ("loading model ...", "evaluating on 4 examples ...",
+                 "classifier features: running the frozen backbone once ..."):  # the long steps say what they do
+        assert f"finetune_sdk: {step}" in output, step
