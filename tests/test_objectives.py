@@ -81,3 +81,40 @@ def test_plugin_techniques_are_estimated_by_what_they_train(monkeypatch):
     assert estimated_technique(Dora()) == "lora" and estimated_technique("dora-demo") is None
     assert preflight(config, Dora(), None, options, device="cpu").technique == "lora"
     assert preflight(config, type("Opaque", (Technique,), {"name": "opaque"})(), None, options, device="cpu") is None
+
+
+def test_a_new_objective_is_a_class_not_a_branch(tiny_models, tmp_path, monkeypatch):
+    from finetune_sdk.objectives import SupervisedFineTuning
+    from finetune_sdk.training import RunSpec, run_training
+
+    class CountingObjective(SupervisedFineTuning):
+        name = "counting-demo"
+        packs = False
+
+        def __init__(self):
+            self.batches = 0
+
+        def collator(self, plan, tokenizer, options):
+            inner = super().collator(plan, tokenizer, options)
+
+            def collate(batch):
+                self.batches += 1
+                return inner(batch)
+            return collate
+
+        def evaluate(self, session, plan, name, options):
+            return {"eval_rows_seen": float(len(plan.evals[name].rows))}
+
+    objective = CountingObjective()
+    monkeypatch.setitem(OBJECTIVES, objective.name, objective)
+    trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "out", max_steps=2,
+                      per_device_train_batch_size=2, progress=False)
+    tokenizer = trainer._load_tokenizer()
+    plan = Planner(trainer.host, "causal-lm", trainer.options).plan(QA, QA[:3], tokenizer, trainer.formatter)
+    plan.objective = objective.name
+    run = RunSpec(trainer.technique, None, trainer.options, trainer.output_dir, trainer.source, trainer.host,
+                  progress=False)
+    result = run_training(run, plan, trainer.session(), tokenizer)
+    assert objective.batches >= 2 and result.metrics["eval_rows_seen"] == 3.0
+    assert result.manifest["objective"] == "counting-demo"
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
