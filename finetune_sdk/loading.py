@@ -9,7 +9,8 @@ from typing import Any
 
 from finetune_sdk.errors import FinetuneError
 from finetune_sdk.manifest import read_manifest
-from finetune_sdk.models import ModelSource, _first_line, ensure_pad_token, load_base_model, resolve_source
+from finetune_sdk.models import (ModelSource, _first_line, ensure_pad_token, load_base_model, resolve_source,
+                                 with_new_head)
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.safe_weights import check_result_folder
 
@@ -109,7 +110,6 @@ def load_base(ref: str | os.PathLike[str], *, registry: Any = None, trust_remote
     """The untrained starting point of a result: its recorded base model (for a classifier, with a fresh head
     seeded as training seeded it), wrapped with the result's tokenizer and formatter."""
     import torch
-    from transformers import set_seed
 
     from finetune_sdk.inference import FineTunedModel
 
@@ -127,8 +127,7 @@ def load_base(ref: str | os.PathLike[str], *, registry: Any = None, trust_remote
     tokenizer = result_tokenizer(directory, trust_remote_code)
     labels = manifest.get("labels")
     if manifest["task"] == "classification":
-        set_seed(options.get("seed", 42))
-        model = technique.prepare(model, {**options, "labels": labels}, tokenizer)
+        model = with_new_head(technique, model, options, labels, tokenizer)
     formatter = host.create("formatter", manifest["formatter"]) if manifest.get("formatter") else None
     return FineTunedModel(model, tokenizer, task=manifest["task"], formatter=formatter, options=options,
                           labels=labels)

@@ -153,6 +153,15 @@ def load_base_model(source: ModelSource, task: str, quantizer: Any, options: dic
     return model
 
 
+def with_new_head(technique: Any, model: Any, options: dict[str, Any], labels: list[str], tokenizer: Any) -> Any:
+    """A classification technique's model over ``model`` with a new head for ``labels``, initialised from
+    ``options["seed"]`` as training initialises it (so an untrained head is the same every time)."""
+    from transformers import set_seed
+
+    set_seed(options.get("seed", 42))
+    return technique.prepare(model, {**options, "labels": labels}, tokenizer)
+
+
 def display_name(model_id: str) -> str:
     """A model id as users recognise it: a Hub id as is, a path by its last part.
 

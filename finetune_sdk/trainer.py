@@ -155,23 +155,15 @@ class Trainer:
         Returns the report (metrics of both, generations, loss curves); with ``report_dir`` also writes
         ``comparison.json`` and a self-contained ``comparison.html`` there.
         """
-        from finetune_sdk.compare import compare_models
+        from finetune_sdk.compare import compare_models, fresh_base
 
         rows = load_rows(eval_data, name="eval_data")
         session = self.session()
         self._pick_formatter(rows, session.tokenizer)
         session.formatter = self.formatter
         info = {"technique": self.technique.name, "base_model": self.source.id, "output_dir": str(self.output_dir)}
-        return compare_models(session, self._base_session, rows, prompts, max_new_tokens=max_new_tokens,
+        return compare_models(session, lambda: fresh_base(self), rows, prompts, max_new_tokens=max_new_tokens,
                               log_history=self.log_history, info=info, report_dir=report_dir)
-
-    def _base_session(self) -> Any:
-        """The untrained starting point as a FineTunedModel (a fresh load; used when no adapter can be disabled)."""
-        base = Trainer(self._given_model if self._given_model is not None else self.source.id,
-                       technique=self.technique.name, quantizer=self.quantizer.name if self.quantizer else "none",
-                       formatter=self.formatter.name if self.formatter else None, tokenizer=self._tokenizer,
-                       progress=False, **{k: v for k, v in self.options.items() if k in self._option_names})
-        return base.session()
 
     def generate(self, prompts: Any, **kwargs: Any) -> Any:
         """Generate answers with the current model (the base before :meth:`fit`, the fine-tuned one after).
@@ -201,7 +193,7 @@ class Trainer:
         """The current model as a :class:`~finetune_sdk.inference.FineTunedModel` (loads the base on first use)."""
         if self._session is None:
             from finetune_sdk.inference import FineTunedModel
-            from finetune_sdk.models import load_base_model, resolve_dtype
+            from finetune_sdk.models import load_base_model, resolve_dtype, with_new_head
 
             tokenizer = self._load_tokenizer()
             model = self._given_model
@@ -211,11 +203,8 @@ class Trainer:
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
             if self.technique.task == CLASSIFICATION:
-                from transformers import set_seed
-
                 labels = self.options["labels"] or [str(i) for i in range(self.options["num_labels"] or 2)]
-                set_seed(self.options["seed"])  # the new head's initialisation
-                model = self.technique.prepare(model, {**self.options, "labels": labels}, tokenizer)
+                model = with_new_head(self.technique, model, self.options, labels, tokenizer)
             formatter = self.formatter
             if formatter is None and self.technique.task != CLASSIFICATION and getattr(tokenizer, "chat_template", 0):
                 formatter = self.host.create("formatter", "chat-template")
