@@ -195,9 +195,19 @@ def stalled_endpoint():
     server.close()
 
 
-@pytest.mark.usefixtures("hub_online")
-def test_a_stalled_server_is_a_bounded_one_line_error(stalled_endpoint, tmp_path, monkeypatch):
+@pytest.fixture
+def short_hub_timeout(monkeypatch):
+    """1.5 s Hub timeouts for this test only (the client factory is process-wide: restore the default after)."""
+    from finetune_sdk.network import bounded_hub_client
+
     monkeypatch.setenv("FINETUNE_SDK_HUB_TIMEOUT", "1.5")
+    yield
+    monkeypatch.delenv("FINETUNE_SDK_HUB_TIMEOUT")
+    bounded_hub_client()
+
+
+@pytest.mark.usefixtures("hub_online", "short_hub_timeout")
+def test_a_stalled_server_is_a_bounded_one_line_error(stalled_endpoint, tmp_path):
     started = time.monotonic()
     result = invoke(["registry", "--home", tmp_path / "r", "pull", "hf://team/x@v1", "--endpoint", stalled_endpoint])
     elapsed = time.monotonic() - started
