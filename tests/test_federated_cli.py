@@ -55,21 +55,27 @@ def test_advise_recommends_federated_when_data_cannot_leave_its_owners(llama_dir
 
 
 @pytest.mark.slow
-def test_server_and_clients_as_separate_commands(llama_dir, tmp_path):
-    """The deployment path: `finetune federated server` and two `finetune federated client` processes."""
+def test_server_and_clients_as_separate_commands_over_tls(llama_dir, tmp_path):
+    """The deployment path: `finetune federated server` and two `finetune federated client` processes, with the
+    TLS settings passed through to Flower's SuperLink and SuperNodes."""
     pytest.importorskip("flwr")
     from finetune_sdk.federated.runtime import free_port
+    from tests.federated_tls import write_tls_files
 
+    tls = write_tls_files(tmp_path / "tls")
     clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
     port = free_port()
     env = {**os.environ, "FINETUNE_SDK_REGISTRY": str(tmp_path / "registry")}
     finetune = [sys.executable, "-m", "finetune_sdk"]
     server = subprocess.Popen(finetune + ["federated", "server", "-m", str(llama_dir), "-f", "chatml", "-o",
-                                          str(tmp_path / "fed"), "--insecure", "--address", f"127.0.0.1:{port}",
+                                          str(tmp_path / "fed"), "--address", f"127.0.0.1:{port}",
+                                          "--ssl-certfile", tls["cert"], "--ssl-keyfile", tls["key"],
+                                          "--ssl-ca-certfile", tls["ca"], "--fraction-evaluate", "0",
                                           "--rounds", "1", "--local-steps", "2", "--min-clients", "2",
                                           "--learning-rate", "0.03", "--publish", "clinics"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    workers = [subprocess.Popen(finetune + ["federated", "client", "--server", f"127.0.0.1:{port}", "--insecure",
+    workers = [subprocess.Popen(finetune + ["federated", "client", "--server", f"127.0.0.1:{port}",
+                                            "--root-certificates", tls["ca"],
                                             "--data", spec["train"], "--eval-data", spec["eval"], "--name", name],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
                for name, spec in clients.items()]

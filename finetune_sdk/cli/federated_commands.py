@@ -45,6 +45,8 @@ def federated_group() -> None:
               help="clients that must be connected before round 1")
 @click.option("--min-fit-clients", type=int, help="fewest replies a round accepts (default: 1)")
 @click.option("--fraction-fit", type=float, default=1.0, show_default=True, help="fraction sampled per round")
+@click.option("--fraction-evaluate", type=float, default=1.0, show_default=True,
+              help="fraction asked for the final held-out evaluation (0: none)")
 @click.option("--local-epochs", type=float, default=1.0, show_default=True, help="local passes per round")
 @click.option("--local-steps", type=int, default=0, help="local optimizer steps per round instead of epochs")
 @click.option("--proximal-mu", type=float, default=0.0, help="FedProx mu")
@@ -64,7 +66,7 @@ def federated_group() -> None:
 @option_flags
 def server_command(model: str, technique: str, quantizer: str | None, formatter: str | None, output_dir: str,
                    address: str, rounds: int, strategy: str, min_clients: int, min_fit_clients: int | None,
-                   fraction_fit: float, local_epochs: float, local_steps: int, proximal_mu: float,
+                   fraction_fit: float, fraction_evaluate: float, local_epochs: float, local_steps: int, proximal_mu: float,
                    round_timeout: float, dp: str | None, noise_multiplier: float, clipping_norm: float,
                    target_delta: float, publish_as: str | None, resume: bool, insecure: bool,
                    ssl_certfile: str | None, ssl_keyfile: str | None, ssl_ca_certfile: str | None,
@@ -79,6 +81,7 @@ def server_command(model: str, technique: str, quantizer: str | None, formatter:
     if not insecure and not all(tls.values()):
         raise ConfigError("the server needs TLS (--ssl-certfile, --ssl-keyfile and --ssl-ca-certfile) or --insecure")
     settings = FederatedSettings(rounds=rounds, strategy=strategy, fraction_fit=fraction_fit,
+                                 fraction_evaluate=fraction_evaluate,
                                  min_fit_clients=min_fit_clients, min_available_clients=min_clients,
                                  local_epochs=local_epochs, local_steps=local_steps, proximal_mu=proximal_mu,
                                  round_timeout=round_timeout, dp=dp, noise_multiplier=noise_multiplier,
@@ -103,7 +106,7 @@ def server_command(model: str, technique: str, quantizer: str | None, formatter:
               help="this SuperNode's private key, when the server runs with --enable-supernode-auth")
 def client_command(server: str, data: str, eval_data: str | None, name: str | None, insecure: bool,
                    root_certificates: str | None, auth_key: str | None) -> None:
-    """Run a federated client (a Flower SuperNode) until the server's run ends or Ctrl-C."""
+    """Run a federated client (a Flower SuperNode) until Ctrl-C; it serves the server's runs as they come."""
     from finetune_sdk.data import load_rows
     from finetune_sdk.federated.runtime import FlowerProcesses, new_work_dir, node_config
     from finetune_sdk.federated.settings import require_flower
@@ -120,7 +123,7 @@ def client_command(server: str, data: str, eval_data: str | None, name: str | No
     processes = FlowerProcesses(new_work_dir("finetune-federated-client-"))
     node = processes.supernode(client_name, server, node_config(client_name, data, eval_data), insecure=insecure,
                                root_certificates=root_certificates, auth_key=auth_key, log_to_console=True)
-    console().print(f"client [bold]{client_name}[/bold] connected to {server}; Ctrl-C to leave")
+    console().print(f"client [bold]{client_name}[/bold] serving {server}; Ctrl-C to leave")
     signal.signal(signal.SIGTERM, _interrupt)  # stop the SuperNode in `finally`, not inside the handler
     try:
         node.wait()
