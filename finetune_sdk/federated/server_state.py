@@ -14,10 +14,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from finetune_sdk.errors import ConfigError
 from finetune_sdk.fsutil import staged_directory, write_json_atomic
 from finetune_sdk.saving import save_result
 
 CHECKPOINT, STATUS = "checkpoint", "status.json"
+CHECKPOINT_FILES = {"arrays.safetensors", "state.json"}
 
 
 def write_result(trainer: Any, directory: Path, formatter: str | None, metrics: dict[str, Any],
@@ -39,7 +41,12 @@ def save_checkpoint(state_dir: Path, arrays: Any, state: dict[str, Any]) -> None
     in one rename."""
     from safetensors.numpy import save_file
 
-    with staged_directory(state_dir / CHECKPOINT) as staging:
+    folder = state_dir / CHECKPOINT
+    if folder.exists() and not {p.name for p in folder.iterdir()} <= CHECKPOINT_FILES:
+        raise ConfigError(f"{folder} holds files a federated checkpoint doesn't; nothing was written: move them away "
+                          "or pick another output_dir")
+    # the SDK's own checkpoint folder (checked just above), not a result folder: replaced without the result check
+    with staged_directory(folder, replace_only_results=False) as staging:
         save_file({name: array.numpy() for name, array in arrays.items()}, str(staging / "arrays.safetensors"))
         write_json_atomic(staging / "state.json", state)
 
