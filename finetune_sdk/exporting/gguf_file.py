@@ -74,5 +74,18 @@ def write_gguf(model: Any, tokenizer: Any, path: str | os.PathLike[str], *, quan
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        _check_written(tmp, [n for n, _ in tensors], model.config.vocab_size)
     return {"architecture": family.gguf_arch, "model_type": family.model_type, "quantization": quantization,
             "tensor_types": counts, **summary}
+
+
+def _check_written(path: Path, tensor_names: list[str], vocab_size: int) -> None:
+    """Read the file back (memory-mapped, no model load): every tensor and every token must be there."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    written = [tensor.name for tensor in reader.tensors]
+    tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if sorted(written) != sorted(tensor_names) or tokens != vocab_size:
+        raise RuntimeError(f"the GGUF file written for {path} reads back with {len(written)} tensors and {tokens} "
+                           f"tokens instead of {len(tensor_names)} and {vocab_size}; nothing was saved")
