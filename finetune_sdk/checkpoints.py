@@ -8,6 +8,8 @@ A checkpoint folder ``<output_dir>.checkpoints/checkpoint-<step>/`` holds:
 * ``scheduler.json``: the learning-rate scheduler;
 * ``rng.safetensors`` + ``rng.json``: torch (CPU and CUDA), NumPy and Python random states;
 * ``trainer_state.json``: transformers' step, epoch and log history (the data position);
+* ``run_totals.json``: the summed training loss and seconds of the run so far, so that a resumed run's
+  ``train_loss`` and ``train_runtime`` describe the whole run;
 * ``checkpoint.json``, written last: the sha256 of every file above.
 
 Each checkpoint is built in a staging folder and renamed into place, so a crash never leaves a half checkpoint
@@ -23,12 +25,14 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger("finetune_sdk")
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 RECORD = "checkpoint.json"
+RUN_TOTALS = "run_totals.json"
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -74,24 +78,37 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Optimizer state as flat ``"<param index>.<key>[/<nested key>...]"`` tensors and JSON scalars; nested dicts
+    (bitsandbytes' 8-bit optimizers keep their quantization state in one) are flattened by path."""
     import torch
 
     tensors: dict[str, Any] = {}
     scalars: dict[str, Any] = {}
-    for index, values in state["state"].items():
+
+    def walk(prefix: str, values: dict[str, Any]) -> None:
         for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            name = f"{prefix}/{key}" if "." in prefix else f"{prefix}.{key}"
+            if isinstance(value, dict):
+                walk(name, value)
+            elif isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().cpu().contiguous()
             else:
-                scalars[f"{index}.{key}"] = value
+                scalars[name] = value
+
+    for index, values in state["state"].items():
+        walk(str(index), values)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, key = flat.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
+        index, path = flat.split(".", 1)
+        *parents, key = path.split("/")
+        target = state.setdefault(int(index), {})
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[key] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -172,6 +189,20 @@ def resume_mismatch(checkpoint: Path, weights: dict[str, Any], target: Any, opti
             "the options of the interrupted run, or train into a new output_dir")
 
 
+def read_run_totals(checkpoint: str | None) -> dict[str, float]:
+    """The run's totals up to ``checkpoint`` (``loss_sum``, ``runtime``, ``steps``); zeros for a fresh run or a
+    checkpoint written before they were recorded (then only the resumed part is counted, with a warning)."""
+    totals = {"loss_sum": 0.0, "runtime": 0.0, "steps": 0}
+    if checkpoint is None:
+        return totals
+    path = Path(checkpoint) / RUN_TOTALS
+    if not path.is_file():
+        logger.warning("%s has no %s: train_loss and train_runtime will cover the resumed part only",
+                       checkpoint, RUN_TOTALS)
+        return totals
+    return {**totals, **json.loads(path.read_text())}
+
+
 def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2,
                                 options: Any = None) -> type:
     """A subclass of the transformers ``Trainer`` class ``base`` that checkpoints in this module's format.
@@ -184,6 +215,30 @@ def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2
     from finetune_sdk.errors import ConfigError
 
     class CheckpointingTrainer(base):  # type: ignore[misc, valid-type]
+        #: Totals of the run before this ``train()`` call (read from the checkpoint it resumes from).
+        prior: dict[str, float] = {"loss_sum": 0.0, "runtime": 0.0, "steps": 0}
+
+        def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+            self.prior = read_run_totals(resume_from_checkpoint)
+            self._call_started = time.perf_counter()
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+        def run_totals(self) -> dict[str, float]:
+            """Summed training loss, seconds and steps of the whole run so far, resumed parts included."""
+            loss = self._total_loss_scalar + float(self._tr_loss.item() if hasattr(self._tr_loss, "item") else
+                                                   self._tr_loss)
+            return {"loss_sum": self.prior["loss_sum"] + loss,
+                    "runtime": self.prior["runtime"] + time.perf_counter() - self._call_started,
+                    "steps": self.state.global_step}
+
+        def whole_run_metrics(self, output: Any) -> dict[str, float]:
+            """``train_loss`` (mean over every step of the run) and ``train_runtime`` (seconds of every part of
+            the run) after ``train()``; on a fresh run they equal transformers' own."""
+            steps_now = self.state.global_step - self.prior["steps"]
+            loss_sum = self.prior["loss_sum"] + float(output.training_loss) * steps_now
+            return {"train_loss": loss_sum / max(self.state.global_step, 1),
+                    "train_runtime": self.prior["runtime"] + float(output.metrics["train_runtime"])}
+
         def _trainable(self) -> dict[str, Any]:
             model = self.accelerator.unwrap_model(self.model)
             return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -206,6 +261,7 @@ def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2
                 save_file(rng_tensors, str(staging / "rng.safetensors"))
                 _write_json(staging / "rng.json", rng_meta)
                 self.state.save_to_json(str(staging / "trainer_state.json"))
+                _write_json(staging / RUN_TOTALS, self.run_totals())
                 files = {p.name: sha256_file(p) for p in staging.iterdir()}
                 _write_json(staging / RECORD, {"files": files, "step": self.state.global_step,
                                                "options": _plain(options)})

@@ -20,6 +20,10 @@ class ClassifierModel(nn.Module):
         torch.Size([1, 3])
     """
 
+    #: The loss is a mean over the batch (``num_items_in_batch`` isn't used): transformers then divides it by the
+    #: gradient accumulation steps itself.
+    accepts_loss_kwargs = False
+
     def __init__(self, backbone: Any, num_labels: int, pooling: str, pad_token_id: int | None) -> None:
         super().__init__()
         self.backbone = backbone

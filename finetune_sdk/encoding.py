@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 from finetune_sdk.data import Rows
 from finetune_sdk.errors import DataError
 from finetune_sdk.formatter import Formatter, Segment
+from finetune_sdk.labels import label_key
 
 IGNORE_INDEX = -100
 logger = logging.getLogger("finetune_sdk")
@@ -25,7 +28,13 @@ class Encoded:
 
 
 def encode_segments(segments: Sequence[Segment], tokenizer: Any, max_length: int | None) -> dict[str, list[int]]:
-    """Tokenize each segment on its own, concatenate, and label the ``train=True`` ones.
+    """Tokenize segments, concatenate, and label the ``train=True`` ones (prompt tokens get -100).
+
+    Consecutive segments with the same ``train`` flag are tokenized as one text, so marking a piece literal never
+    changes how ordinary text is split into tokens. Only special-token strings in template segments
+    (``literal=False``) become special ids; literal segments (user content) are encoded as plain text.
+
+    Returns ``{"input_ids": [...], "labels": [...]}``: two lists of ints of the same length, cut to ``max_length``.
 
     Example:
         >>> from finetune_sdk.testing.tiny import tiny_tokenizer
@@ -36,15 +45,84 @@ def encode_segments(segments: Sequence[Segment], tokenizer: Any, max_length: int
     """
     input_ids: list[int] = []
     labels: list[int] = []
-    for segment in segments:
-        if not segment.text:
-            continue
-        ids = tokenizer(segment.text, add_special_tokens=False)["input_ids"]
+    for train, run in _runs(segments):
+        ids = encode_run(run, tokenizer)
         input_ids += ids
-        labels += ids if segment.train else [IGNORE_INDEX] * len(ids)
+        labels += ids if train else [IGNORE_INDEX] * len(ids)
     if max_length is not None:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return {"input_ids": input_ids, "labels": labels}
+
+
+def encode_run(segments: Sequence[Segment], tokenizer: Any) -> list[int]:
+    """Token ids of segments joined: template markers become their special id, every other character (template
+    text and literal content alike) is tokenized with special-token parsing off."""
+    special = special_token_ids(tokenizer)
+    marker = _marker_pattern(tuple(special))
+    strips = _strips(tokenizer)
+    ids: list[int] = []
+    text = ""
+    strip_next = False  # the previous marker eats the whitespace after it (AddedToken rstrip), as HF does
+    for segment in segments:
+        if segment.literal or marker is None:
+            text += segment.text
+            continue
+        pos = 0
+        for match in marker.finditer(segment.text):
+            text += segment.text[pos:match.start()]
+            lstrip, rstrip = strips.get(match.group(), (False, False))
+            ids += _plain(_strip(text, strip_next, lstrip), tokenizer)
+            ids.append(special[match.group()])
+            text, pos, strip_next = "", match.end(), rstrip
+        text += segment.text[pos:]
+    return ids + _plain(_strip(text, strip_next, False), tokenizer)
+
+
+def _strip(text: str, left: bool, right: bool) -> str:
+    text = text.lstrip() if left else text
+    return text.rstrip() if right else text
+
+
+def _strips(tokenizer: Any) -> dict[str, tuple[bool, bool]]:
+    """Special tokens declared to eat the whitespace before (``lstrip``) or after (``rstrip``) them."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {str(t): (bool(getattr(t, "lstrip", False)), bool(getattr(t, "rstrip", False))) for t in added.values()
+            if getattr(t, "lstrip", False) or getattr(t, "rstrip", False)}
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The tokenizer's special-token strings and their ids (BOS, EOS, PAD, UNK and the additional ones)."""
+    tokens = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    ids = tokenizer.convert_tokens_to_ids(tokens) if tokens else []
+    return {token: int(i) for token, i in zip(tokens, ids) if i is not None}
+
+
+def encode_plain(text: str, tokenizer: Any, **kwargs: Any) -> Any:
+    """``tokenizer(text, ...)`` with special-token strings in ``text`` kept as plain text (user content)."""
+    return tokenizer(text, split_special_tokens=True, **kwargs)
+
+
+def _plain(text: str, tokenizer: Any) -> list[int]:
+    return list(encode_plain(text, tokenizer, add_special_tokens=False)["input_ids"]) if text else []
+
+
+@functools.lru_cache(maxsize=32)
+def _marker_pattern(tokens: tuple[str, ...]) -> re.Pattern[str] | None:
+    if not tokens:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
+def _runs(segments: Sequence[Segment]) -> list[tuple[bool, list[Segment]]]:
+    runs: list[tuple[bool, list[Segment]]] = []
+    for segment in segments:
+        if not segment.text:
+            continue
+        if runs and runs[-1][0] == segment.train:
+            runs[-1][1].append(segment)
+        else:
+            runs.append((segment.train, [segment]))
+    return runs
 
 
 def encode_causal(rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any],
@@ -90,16 +168,20 @@ def encode_blocks(rows: Rows, formatter: Formatter, tokenizer: Any, options: Map
 
 def encode_classification(rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any],
                           label_ids: Mapping[str, int]) -> Encoded:
-    """Encode (text, label) rows; a label outside ``label_ids`` is an error naming the row."""
+    """Encode (text, label) rows; a label outside ``label_ids`` is an error naming the row. A row whose text
+    encodes to no tokens at all is skipped (counted in ``dropped``)."""
     out = Encoded()
     known = ", ".join(label_ids)
     for row, where in zip(rows.rows, rows.where):
         formatter.validate(row, where)
         text, label = formatter.text_and_label(row)
-        key = str(label)
+        key = label_key(label)
         if key not in label_ids:
             raise DataError(f"{where}: label {label!r} is not one of the classifier's labels ({known})")
-        ids = tokenizer(text, truncation=True, max_length=options["max_length"])["input_ids"]
+        ids = encode_plain(text, tokenizer, truncation=True, max_length=options["max_length"])["input_ids"]
+        if not ids:  # an empty text: nothing to classify
+            out.dropped += 1
+            continue
         out.tokens += len(ids)
         out.examples.append({"input_ids": ids, "labels": label_ids[key]})
     return out

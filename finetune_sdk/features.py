@@ -126,8 +126,6 @@ def evaluate_head(head: Any, dataset: FeatureDataset) -> dict[str, float]:
     from finetune_sdk.inference import classification_metrics
 
     labels = torch.tensor(dataset.labels, dtype=torch.long)
-    if not len(dataset):
-        return classification_metrics(torch.empty(0, head.out_features), labels, head.out_features)
     head.eval()
     with torch.no_grad():
         logits = head(dataset.features.to(head.weight))
@@ -148,6 +146,8 @@ def head_model(classifier: Any) -> Any:
     from transformers.modeling_outputs import SequenceClassifierOutput
 
     class HeadOnly(nn.Module):
+        accepts_loss_kwargs = False  # a mean loss: transformers divides it by the accumulation steps
+
         def __init__(self, head: nn.Linear) -> None:
             super().__init__()
             self.head = head

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -18,11 +19,43 @@ TASKS = (CAUSAL_LM, CLASSIFICATION, PREFERENCE)
 class Segment:
     """A piece of formatted text; ``train=True`` when its tokens count in the loss.
 
-    Special-token strings (``tokenizer.eos_token``...) inside ``text`` become their single token id.
+    Template text (``literal=False``, the default): special-token strings in ``text`` (``tokenizer.eos_token``,
+    ``<|im_start|>``...) become their single token id. Use it only for the template's own markers.
+
+    User content (``literal=True``): ``text`` is plain text; a special-token string in it (an HTML answer with
+    ``<s>$40</s>``, a ``<|im_end|>`` in a prompt) is encoded as the ordinary tokens of its characters, never as a
+    control token. Every message, field and document a formatter takes from a row must be a literal segment.
+
+    Example:
+        >>> from finetune_sdk.encoding import encode_segments
+        >>> from finetune_sdk.testing.tiny import tiny_tokenizer
+        >>> tok = tiny_tokenizer()
+        >>> ids = encode_segments([Segment("<s>$40</s>", literal=True), Segment("</s>")], tok, None)["input_ids"]
+        >>> ids.count(tok.eos_token_id), ids.count(tok.bos_token_id)
+        (1, 0)
     """
 
     text: str
     train: bool = False
+    literal: bool = False
+
+
+def literal_format(template: str, *, train: bool = False, **fields: Any) -> list[Segment]:
+    r"""``template.format(**fields)`` as segments: the template's text as template text, each field's value as a
+    literal segment (user content).
+
+    >>> [(s.text, s.literal) for s in literal_format("Q: {question}\nA:", question="<s>hi")]
+    [('Q: ', False), ('<s>hi', True), ('\nA:', False)]
+    """
+    segments: list[Segment] = []
+    for text, field, spec, conversion in string.Formatter().parse(template):
+        if text:
+            segments.append(Segment(text, train=train))
+        if field is not None:
+            value = format(fields[field], spec or "") if not conversion else repr(fields[field])
+            if value:
+                segments.append(Segment(value, train=train, literal=True))
+    return segments
 
 
 class Formatter:
@@ -30,6 +63,8 @@ class Formatter:
 
     A formatter declares the column sets it accepts (``column_sets``, the first one that a row has wins),
     renders a training row into :class:`Segment` s, and renders a bare prompt the same way for generation.
+    Content taken from a row (or a generation prompt) goes in ``Segment(..., literal=True)``: only the template's
+    own markers may become special tokens (see docs/formatters.md).
 
     Example:
         >>> from finetune_sdk.formatter import Formatter, Segment
@@ -37,11 +72,13 @@ class Formatter:
         ...     name = "upper"
         ...     column_sets = (("prompt", "completion"),)
         ...     def segments(self, row, tokenizer, options):
-        ...         return [Segment(row["prompt"].upper() + "\\n"), Segment(row["completion"], train=True)]
+        ...         return [Segment(row["prompt"].upper(), literal=True), Segment("\\n"),
+        ...                 Segment(row["completion"], train=True, literal=True), Segment(tokenizer.eos_token, train=True)]
         ...     def prompt_segments(self, prompt, tokenizer, options):
-        ...         return [Segment(prompt.upper() + "\\n")]
-        >>> [s.text for s in Upper().segments({"prompt": "hi", "completion": "yo"}, None, {})]
-        ['HI\\n', 'yo']
+        ...         return [Segment(prompt.upper(), literal=True), Segment("\\n")]
+        >>> tok = type("Tok", (), {"eos_token": "</s>"})()
+        >>> [s.text for s in Upper().segments({"prompt": "hi", "completion": "yo"}, tok, {})]
+        ['HI', '\\n', 'yo', '</s>']
     """
 
     name: ClassVar[str]

@@ -7,9 +7,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from finetune_sdk.data import load_rows
-from finetune_sdk.encoding import Collator, encode_causal, encode_classification, encode_segments
+from finetune_sdk.encoding import Collator, encode_causal, encode_classification, encode_plain, encode_segments
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.formatter import CLASSIFICATION, Formatter, Segment
+from finetune_sdk.scoring import require_rows, scored_rows
 
 
 class FineTunedModel:
@@ -34,9 +35,13 @@ class FineTunedModel:
 
     # -- generation ----------------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str, raw: bool = False) -> list[int]:
-        """Token ids of ``prompt`` wrapped as the formatter wraps a training prompt (or as is when ``raw``)."""
-        if raw or self.formatter is None:
+        """Token ids of ``prompt`` wrapped as the formatter wraps a training prompt: the prompt is plain text, a
+        special-token string in it is never a control token. With ``raw=True`` (or no formatter) the text is sent
+        as is, special-token strings included, for callers who write the template themselves."""
+        if raw:
             segments = [Segment(prompt)]
+        elif self.formatter is None:
+            segments = [Segment(prompt, literal=True)]
         else:
             segments = self.formatter.prompt_segments(prompt, self.tokenizer, self.options)
         return encode_segments(segments, self.tokenizer, None)["input_ids"]
@@ -103,8 +108,9 @@ class FineTunedModel:
         results: list[Any] = []
         self.model.eval()
         for start in range(0, len(texts), batch_size):
-            batch = [{"input_ids": self.tokenizer(t, truncation=True, max_length=self.options["max_length"])
-                      ["input_ids"], "labels": 0} for t in texts[start:start + batch_size]]
+            batch = [{"input_ids": encode_plain(t, self.tokenizer, truncation=True,
+                                                max_length=self.options["max_length"])["input_ids"], "labels": 0}
+                     for t in texts[start:start + batch_size]]
             inputs = collate(batch)
             with torch.no_grad():
                 logits = self.model(input_ids=inputs["input_ids"].to(_device_of(self.model)),
@@ -119,7 +125,12 @@ class FineTunedModel:
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, data: Any, *, batch_size: int = 8) -> dict[str, float]:
-        """Loss over ``data`` (token-weighted for generative models, with perplexity; accuracy for classifiers)."""
+        """Loss over ``data`` (token-weighted for generative models, with perplexity; accuracy for classifiers).
+
+        The metrics include ``eval_rows_scored`` and ``eval_rows_skipped`` (rows whose answer is cut off entirely by
+        ``max_length``); when no row is left to score a :class:`~finetune_sdk.errors.DataError` says so (a loss
+        over nothing would read as a perfect 0.0).
+        """
         import torch
 
         from finetune_sdk.progress import activity
@@ -131,8 +142,12 @@ class FineTunedModel:
         if self.task == CLASSIFICATION:
             encoded = encode_classification(rows, formatter, self.tokenizer, self.options,
                                             {label: i for i, label in enumerate(self.labels or [])})
+            why = "have no tokens to classify"
         else:
             encoded = encode_causal(rows, formatter, self.tokenizer, self.options, strict=False)
+            why = f"have no answer tokens left after truncation to max_length={self.options['max_length']}"
+        require_rows(len(encoded.examples), encoded.dropped, rows.source, why)
+        counts = scored_rows(len(encoded.examples), encoded.dropped)
         collate = Collator(self.tokenizer.pad_token_id)
         device = _device_of(self.model)
         total_loss, count, classification_logits, golds = 0.0, 0, [], []
@@ -158,9 +173,9 @@ class FineTunedModel:
         if self.task == CLASSIFICATION:
             num_labels = len(self.labels or [])
             logits = torch.cat(classification_logits) if classification_logits else torch.empty(0, num_labels)
-            return classification_metrics(logits, torch.tensor(golds, dtype=torch.long), num_labels)
-        loss = total_loss / max(count, 1)
-        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+            return {**classification_metrics(logits, torch.tensor(golds, dtype=torch.long), num_labels), **counts}
+        loss = total_loss / count
+        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), **counts}
 
     def _require(self, generative: bool) -> None:
         if generative and self.task == CLASSIFICATION:
@@ -179,8 +194,7 @@ def classification_metrics(logits: Any, labels: Any, num_labels: int) -> dict[st
     import torch
 
     count = len(labels)
-    if not count:
-        return {"eval_loss": 0.0, "accuracy": 0.0, "macro_f1": 0.0}
+    require_rows(count, 0, "eval_data", "")
     logits = logits.float()
     predicted = logits.argmax(-1)
     return {"eval_loss": float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum")) / count,

@@ -50,3 +50,20 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             f"{path}: manifest format version {version!r} is newer than this finetune-sdk reads "
             f"({FORMAT_VERSION}); upgrade finetune-sdk")
     return manifest
+
+
+def plugin_records(host: Any, used: list[tuple[str, str | None]]) -> list[dict[str, str]]:
+    """Where each plugin a result was produced with comes from: ``kind``, ``name``, ``plugin``, ``distribution``
+    and ``version`` for each (kind, name) in ``used`` (None names and repeats are skipped)."""
+    records, seen = [], set()
+    for kind, name in used:
+        if not name or (kind, name) in seen:
+            continue
+        seen.add((kind, name))
+        try:
+            reg = host.registration(kind, name)
+        except FinetuneError:  # not (or no longer) registered: nothing to trace it to
+            continue
+        records.append({"kind": kind, "name": name, "plugin": reg.plugin, "distribution": reg.distribution,
+                        "version": reg.version})
+    return records

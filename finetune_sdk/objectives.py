@@ -83,7 +83,16 @@ class Objective:
         """Warn about (or refuse) encoded training examples that can't teach this objective."""
 
     def before_prepare(self, model: Any, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> None:
-        """Run on the loaded model before the technique prepares it (e.g. a reference model's scores)."""
+        """Run on the loaded model before the technique prepares it."""
+
+    def after_prepare(self, model: Any, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> None:
+        """Run on the prepared model, as it stands before the first step (e.g. a reference model's scores)."""
+
+    def while_training(self, model: Any) -> Any:
+        """A context manager the training loop runs in (e.g. dropout off); by default nothing changes."""
+        import contextlib
+
+        return contextlib.nullcontext()
 
     def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
         """The transformers ``Trainer`` class to train with (``base`` is ``transformers.Trainer``)."""
@@ -135,7 +144,9 @@ class SupervisedFineTuning(Objective):
 
 
 class DirectPreferenceOptimization(Objective):
-    """``dpo``: the DPO loss against the starting model's log-probabilities, computed once before training."""
+    """``dpo``: the DPO loss against the log-probabilities of the policy as it stands when DPO starts (after the
+    technique has prepared it, trained adapters included), computed once before the first step; dropout off while
+    training, as TRL's ``disable_dropout``."""
 
     name = "dpo"
     label = " + DPO"
@@ -150,13 +161,18 @@ class DirectPreferenceOptimization(Objective):
 
         check_pairs(encoded.examples, source)
 
-    def before_prepare(self, model: Any, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> None:
+    def after_prepare(self, model: Any, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> None:
         from finetune_sdk.preference import precompute_reference
 
         batch = options["per_device_eval_batch_size"]
         precompute_reference(model, plan.train, tokenizer.pad_token_id, batch)
         for eval_set in plan.evals.values():
             precompute_reference(model, eval_set.encoded, tokenizer.pad_token_id, batch)
+
+    def while_training(self, model: Any) -> Any:
+        from finetune_sdk.preference import dropout_disabled
+
+        return dropout_disabled(model)
 
     def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
         from finetune_sdk.preference import dpo_trainer_class
@@ -173,8 +189,10 @@ class DirectPreferenceOptimization(Objective):
     def evaluate(self, session: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         from finetune_sdk.preference import evaluate_preference
 
-        return evaluate_preference(session.model, plan.evals[name].encoded, session.tokenizer.pad_token_id,
-                                   options["dpo_beta"], options["per_device_eval_batch_size"])
+        eval_set = plan.evals[name]
+        return evaluate_preference(session.model, eval_set.encoded, session.tokenizer.pad_token_id,
+                                   options["dpo_beta"], options["per_device_eval_batch_size"],
+                                   source=eval_set.rows.source)
 
 
 class ClassificationHead(Objective):
@@ -233,9 +251,13 @@ class ClassificationHead(Objective):
     def evaluate(self, session: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         if name in plan.eval_features:  # scored from the cached features by the trained head
             from finetune_sdk.features import evaluate_head
+            from finetune_sdk.scoring import require_rows, scored_rows
 
-            model = session.model
-            return evaluate_head(getattr(model, "module", model).head, plan.eval_features[name])
+            encoded, model = plan.evals[name].encoded, session.model
+            require_rows(len(encoded.examples), encoded.dropped, plan.evals[name].rows.source,
+                         "have no tokens to classify")
+            return {**evaluate_head(getattr(model, "module", model).head, plan.eval_features[name]),
+                    **scored_rows(len(encoded.examples), encoded.dropped)}
         return super().evaluate(session, plan, name, options)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -26,6 +27,9 @@ from pathlib import Path
 
 from finetune_sdk.errors import ConfigError, FinetuneError
 from finetune_sdk.manifest import MANIFEST_NAME
+
+#: The checkpoints of an interrupted stage of a sequential run (``output_dir/stage-<i>.checkpoints``).
+STAGE_CHECKPOINTS = re.compile(r"stage-\d+\.checkpoints")
 
 logger = logging.getLogger("finetune_sdk")
 #: The kinds of scratch folders the SDK creates beside an output path (see :func:`scratch_dir`).
@@ -123,7 +127,8 @@ def check_stages_folder(output_dir: Path, count: int) -> None:
         raise ConfigError(f"output_dir {output_dir} is an existing file; a sequential run writes stage-1..stage-"
                           f"{count} into a folder: pick a new one")
     foreign = sorted(p.name for p in output_dir.iterdir()
-                     if not (p.name.startswith("stage-") and is_sdk_result(p)) and not p.name.startswith(".stage-"))
+                     if not (p.name.startswith("stage-") and is_sdk_result(p)) and not p.name.startswith(".stage-")
+                     and not STAGE_CHECKPOINTS.fullmatch(p.name))  # an interrupted stage's checkpoints
     if foreign:
         raise ConfigError(f"output_dir {output_dir} holds {', '.join(foreign[:3])}, which a sequential run did not "
                           "write; pick a new folder")

@@ -50,6 +50,8 @@ class TrainingPlan:
     varlen: bool = False
     #: Continue from the newest complete checkpoint of this output_dir, if there is one.
     resume: bool = False
+    #: For a stage of fit([Stage, ...]): where the trainable weights the stage ends with are kept for resume.
+    state_path: Any = None
     #: Set for the classifier on cached features: each held-out set's features, so that the final metrics come
     #: from the trained head without running the backbone again.
     eval_features: dict[str, Any] = field(default_factory=dict)
@@ -148,8 +150,11 @@ class Planner:
 
 
 def labels_for(rows: Rows, formatter: Formatter, options: Mapping[str, Any]) -> list[str]:
-    """The classifier's labels: the ``labels`` option, ``num_labels`` numbered ones, or those the rows use
-    (``0..max`` for integer labels, else sorted)."""
+    """The classifier's labels: the ``labels`` option, ``num_labels`` numbered ones, or those the rows use, in the
+    order of :func:`finetune_sdk.labels.label_order` (integer and integer-looking labels numerically, the same from
+    every file format; others sorted)."""
+    from finetune_sdk.labels import label_order
+
     if options["labels"]:
         return [str(label) for label in options["labels"]]
     if options["num_labels"]:
@@ -158,9 +163,7 @@ def labels_for(rows: Rows, formatter: Formatter, options: Mapping[str, Any]) -> 
     for row, where in zip(rows.rows, rows.where):
         formatter.validate(row, where)
         found.append(formatter.text_and_label(row)[1])
-    if all(isinstance(label, int) for label in found):
-        return [str(i) for i in range(max(found) + 1)]
-    return sorted({str(label) for label in found})
+    return label_order(found)
 
 
 def formatter_fits(formatter_task: str, technique_task: str) -> bool:

@@ -55,6 +55,10 @@ PLURALS = {"technique": "techniques", "quantizer": "quantizers", "formatter": "f
            "strategy": "strategies"}
 
 
+#: The hooks that register classes; every other hook is an observer called through :meth:`PluginHost.notify`.
+REGISTER_HOOKS = frozenset(hook for hook, _ in KINDS.values())
+
+
 @dataclass(frozen=True)
 class Registration:
     """A class a plugin registered under a name."""
@@ -144,11 +148,36 @@ class PluginHost:
             except pluggy.PluginValidationError as exc:
                 self.pm.unregister(module)
                 raise PluginError(str(exc)) from None
+            if not builtin:
+                self._isolate(module, info)
             info.hooks = sorted(impl for impl in _hooks_of(self.pm, module))
         except Exception as exc:  # noqa: BLE001 - one broken plugin must not take the SDK down
             if builtin:
                 raise
             self._report(info, f"failed to load: {type(exc).__name__}: {exc}")
+
+    def _isolate(self, module: Any, info: PluginInfo) -> None:
+        """Wrap each observer hook implementation of a third-party plugin so that an exception in it is reported
+        (naming the plugin and its distribution) and the other implementations still run. The implementations stay
+        in pluggy's hook callers, so pluggy's own calling decides the order (``tryfirst``/``trylast``, last
+        registered first) and runs hook wrappers (``wrapper=True``, ``hookwrapper=True``) around them."""
+        for caller in self.pm.get_hookcallers(module) or []:
+            if caller.name in REGISTER_HOOKS:
+                continue  # called one by one in _collect, each in its own try/except
+            for impl in caller.get_hookimpls():
+                if impl.plugin is module and not (impl.wrapper or impl.hookwrapper):
+                    impl.function = self._guarded(impl.function, info, caller.name)
+
+    def _guarded(self, function: Callable[..., Any], info: PluginInfo, hook_name: str) -> Callable[..., Any]:
+        def guarded(*args: Any) -> Any:
+            try:
+                return function(*args)
+            except Exception as exc:  # noqa: BLE001 - a failing observer must not stop training
+                self._report(info, f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+                return None
+
+        guarded.__wrapped__ = function  # type: ignore[attr-defined]
+        return guarded
 
     def _collect(self, kind: str) -> None:
         hook_name, base = KINDS[kind]
@@ -215,17 +244,13 @@ class PluginHost:
         return [r for regs in self._registrations[kind].values() for r in regs]
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call an observer hook on every plugin; a failing plugin is reported, training goes on."""
-        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
-        self._trace(hook_name, impls)
-        for impl in impls:
-            try:
-                impl.function(**{k: v for k, v in kwargs.items() if k in impl.argnames})
-            except Exception as exc:  # noqa: BLE001
-                info = self._info(impl.plugin_name)
-                if info.builtin:
-                    raise
-                self._report(info, f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+        """Call an observer hook through pluggy, in pluggy's order: ``tryfirst`` implementations first, then the
+        most recently registered, ``trylast`` ones last, with hook wrappers around them. A third-party
+        implementation that raises is reported (a warning naming the plugin and its distribution; an error in
+        strict mode) and the others still run."""
+        caller = getattr(self.pm.hook, hook_name)
+        self._trace(hook_name, list(reversed(caller.get_hookimpls())))  # the order pluggy calls them in
+        caller(**kwargs)
 
     def add_commands(self, cli: Any) -> None:
         """Let plugins add CLI commands."""

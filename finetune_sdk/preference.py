@@ -1,14 +1,17 @@
 """Preference tuning with DPO (Rafailov et al., 2023): the practical RLHF route, on lora, qlora or full.
 
-The reference model's log-probabilities are computed once, before training, from the starting point (the base
-without adapter for LoRA/QLoRA, the initial weights for full fine-tuning), so no second copy of the model is held.
+The reference model's log-probabilities are computed once, before the first DPO step, from the policy as it stands
+when DPO starts, for every technique: the base for a first run, the SFT result (adapter included) when DPO follows
+SFT in ``fit([Stage(...), Stage(...)])``. Held-out pairs get theirs at the same moment, so evaluating them after
+training compares with the same starting point. No second copy of the model is held.
 The loss is ``-log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`` over (prompt, chosen, rejected) pairs,
-with ``pi`` the summed log-probability of the response tokens.
+with ``pi`` the summed log-probability of the response tokens. Dropout is off while DPO trains (as in TRL).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from finetune_sdk.data import Rows
@@ -80,15 +83,15 @@ def dpo_loss(policy: Any, reference: Any, beta: float) -> tuple[Any, Any]:
 
 
 def precompute_reference(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int) -> None:
-    """Store the starting model's summed log-probs in each pair (``ref_chosen``/``ref_rejected``)."""
+    """Store ``model``'s summed log-probs in each pair (``ref_chosen``/``ref_rejected``): call it with the policy as
+    it stands when DPO starts (adapters stay on: a trained adapter is part of the starting point)."""
     import torch
 
     collate = PairCollator(pad_token_id)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    context = model.disable_adapter() if hasattr(model, "disable_adapter") else _null()
-    with torch.no_grad(), context:
+    with torch.no_grad():
         for start in range(0, len(encoded.examples), batch_size):
             chunk = encoded.examples[start:start + batch_size]
             batch = collate(chunk)
@@ -101,11 +104,19 @@ def precompute_reference(model: Any, encoded: Encoded, pad_token_id: int, batch_
 
 
 def evaluate_preference(model: Any, encoded: Encoded, pad_token_id: int, beta: float,
-                        batch_size: int = 8) -> dict[str, float]:
-    """DPO loss, reward accuracy and the chosen-over-rejected log-probability margin on held-out pairs."""
+                        batch_size: int = 8, source: str = "eval_data") -> dict[str, float]:
+    """DPO loss, reward accuracy and the chosen-over-rejected log-probability margin on held-out pairs.
+
+    References stored by :func:`precompute_reference` at the start of DPO are used; pairs without them get
+    ``model`` itself as the reference (so the margin is 0: call this on a model before training to get a baseline).
+    """
     import torch
 
-    if encoded.examples and "ref_chosen" not in encoded.examples[0]:
+    from finetune_sdk.scoring import require_rows, scored_rows
+
+    require_rows(len(encoded.examples), encoded.dropped, source,
+                 "have a chosen or rejected answer cut off entirely by max_length")
+    if "ref_chosen" not in encoded.examples[0]:
         precompute_reference(model, encoded, pad_token_id, batch_size)
     collate = PairCollator(pad_token_id)
     device = next(model.parameters()).device
@@ -120,9 +131,28 @@ def evaluate_preference(model: Any, encoded: Encoded, pad_token_id: int, beta: f
             losses.append(float(loss) * half)
             margins += margin.tolist()
             logp_margins += (policy[:half] - policy[half:]).tolist()
-    n = max(len(margins), 1)
+    n = len(margins)
     return {"eval_loss": sum(losses) / n, "reward_accuracy": sum(m > 0 for m in margins) / n,
-            "reward_margin": sum(margins) / n, "logp_margin": sum(logp_margins) / n}
+            "reward_margin": sum(margins) / n, "logp_margin": sum(logp_margins) / n,
+            **scored_rows(n, encoded.dropped)}
+
+
+@contextmanager
+def dropout_disabled(model: Any) -> Iterator[None]:
+    """Dropout off in ``model`` for the duration (restored afterwards), as TRL's ``DPOConfig(disable_dropout=True)``
+    does: the reference was computed without dropout, so a policy that hasn't moved has the same log-probs and a
+    loss of exactly log 2."""
+    import torch
+
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    saved = [m.p for m in dropouts]
+    for module in dropouts:
+        module.p = 0.0
+    try:
+        yield
+    finally:
+        for module, p in zip(dropouts, saved):
+            module.p = p
 
 
 def dpo_trainer_class() -> type:
@@ -131,6 +161,8 @@ def dpo_trainer_class() -> type:
 
     class DPOTrainer(HFTrainer):
         beta = 0.1
+        # the DPO loss is a mean over the micro-batch's pairs: transformers divides it by the accumulation steps
+        loss_is_scaled_for_ga = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             policy = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
@@ -147,10 +179,3 @@ def dpo_trainer_class() -> type:
 
     return DPOTrainer
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

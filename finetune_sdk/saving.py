@@ -40,9 +40,27 @@ def build_manifest(run: Any, plan: Any, metrics: dict[str, Any], model: Any) -> 
         "base_model": base,
         "dataset": plan.dataset,
         "labels": run.options.get("labels") if run.technique.task == CLASSIFICATION else None,
+        "plugins": plugins_used(run, plan),
         "metrics": metrics,
         "libraries": library_versions(),
     }
+
+
+def plugins_used(run: Any, plan: Any) -> list[dict[str, str]]:
+    """The distribution and version of each plugin that produced a result: its technique, quantizer and
+    formatter(s) (see :func:`finetune_sdk.manifest.plugin_records`)."""
+    from finetune_sdk.manifest import plugin_records
+
+    host = getattr(run, "host", None)
+    if host is None:
+        return []
+    dataset = plan.dataset if isinstance(getattr(plan, "dataset", None), dict) else {}
+    chosen = getattr(plan, "formatter", None)
+    formatters = [plan.formatter_name, *(t.get("formatter") for t in dataset.get("tasks", {}).values()),
+                  getattr(chosen, "name", None)]
+    used = [("technique", run.technique.name), ("quantizer", run.quantizer.name if run.quantizer else None),
+            *(("formatter", name) for name in formatters)]
+    return plugin_records(host, used)
 
 
 def save_result(directory: Path, technique: Any, model: Any, tokenizer: Any, log_history: list[dict[str, Any]],

@@ -105,7 +105,7 @@ def register_quantizers(register):
 FORMATTER = '''"""{dist}: the `{name}` formatter (question/answer rows, a starting point to change)."""
 
 from finetune_sdk import hookimpl
-from finetune_sdk.formatter import Formatter, Segment
+from finetune_sdk.formatter import Formatter, Segment, literal_format
 
 FINETUNE_SDK_PLUGIN_API = (1, 1)
 
@@ -119,12 +119,15 @@ class {cls}(Formatter):
     column_types = {{"question": (str,), "answer": (str,)}}
     example = {{"question": "What colour is the sky?", "answer": "Blue."}}
 
+    # Row content goes in literal segments (plain text, never control tokens); only the template's own markers,
+    # such as the EOS, are written as template text.
     def segments(self, row, tokenizer, options):
-        return [Segment(f"Question: {{row['question']}}\\nAnswer:"),
-                Segment(f" {{row['answer']}}{{tokenizer.eos_token or ''}}", train=True)]
+        return [*literal_format("Question: {{question}}\\nAnswer:", question=row["question"]),
+                *literal_format(" {{answer}}", train=True, answer=row["answer"]),
+                Segment(tokenizer.eos_token or "", train=True)]
 
     def prompt_segments(self, prompt, tokenizer, options):
-        return [Segment(f"Question: {{prompt}}\\nAnswer:")]
+        return literal_format("Question: {{question}}\\nAnswer:", question=prompt)
 
 
 @hookimpl

@@ -75,6 +75,8 @@ class Trainer:
         self.published: list[Any] = []
         self._session: Any = None
         self._log_history: list[dict[str, Any]] = []
+        #: Set while a stage of fit([Stage, ...]) trains: where its final trainable weights go (for resume).
+        self._stage_state: Path | None = None
         self.logger = ensure_handler()
 
     # -- public API ----------------------------------------------------------------------------------------
@@ -89,7 +91,10 @@ class Trainer:
 
         Every ``save_steps`` steps (500 by default; 0 turns it off) a checkpoint is written atomically to
         ``<output_dir>.checkpoints/``; ``resume=True`` continues from the newest complete one (damaged ones are
-        skipped with a warning) and ends with the weights an uninterrupted run would have.
+        skipped with a warning) and ends with the weights an uninterrupted run would have; its metrics
+        (``train_loss``, ``train_runtime``, tokens/s) describe the whole run, not only the resumed part. Resume
+        reaches every path: single runs, multi-task, DPO, the classifier and stages (finished stages are skipped,
+        the interrupted one resumes from its checkpoints, nothing is published twice).
 
         Example:
             >>> from finetune_sdk.testing.tiny import save_tiny_model
@@ -109,7 +114,7 @@ class Trainer:
         if is_stage_list(train_data):
             from finetune_sdk.workflows import fit_stages
 
-            return fit_stages(self, list(train_data))
+            return fit_stages(self, list(train_data), resume)
         self._check_output_dir(train_data, eval_data)
         if not is_task_list(train_data):  # bad files are named before any tokenizer or model loads
             train_data = load_rows(train_data, name="train_data")
@@ -118,6 +123,7 @@ class Trainer:
         plan = Planner(self.host, self.technique.task, self.options).plan(train_data, eval_data, tokenizer,
                                                                           self.formatter)
         plan.resume = resume
+        plan.state_path = self._stage_state
         self.formatter = plan.formatter
         if plan.labels is not None:
             self.options["labels"] = plan.labels

@@ -71,8 +71,15 @@ def decide_packing(run: Any, plan: TrainingPlan, model: Any) -> bool:
     return True
 
 
+def supports_checkpointing(model: Any) -> bool:
+    """True when ``model`` can recompute activations in the backward pass (transformers and PEFT models). The
+    classifier's model can't and needn't: its frozen backbone runs without gradients, so it keeps no activations
+    for the backward pass and ``gradient_checkpointing`` has nothing to save there."""
+    return hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable")
+
+
 def training_arguments(run: RunSpec, work_dir: str, has_eval: bool, group_by_length: bool = False,
-                       packed: bool = False) -> Any:
+                       packed: bool = False, checkpointable: bool = True) -> Any:
     import torch
     from transformers import TrainingArguments
 
@@ -96,7 +103,7 @@ def training_arguments(run: RunSpec, work_dir: str, has_eval: bool, group_by_len
     # transformers 5 renamed gradient_checkpointing; the SDK keeps the name users know.
     checkpointing = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") \
         else "gradient_checkpointing"
-    kwargs[checkpointing] = o["gradient_checkpointing"]
+    kwargs[checkpointing] = o["gradient_checkpointing"] and checkpointable
     if group_by_length:  # fewer pad tokens when batches are padded
         kwargs["train_sampling_strategy"] = "group_by_length"
     for name in PASSTHROUGH:  # FSDP / DeepSpeed settings go to transformers and accelerate as they are
@@ -117,6 +124,7 @@ def run_training(run: RunSpec, plan: TrainingPlan, session: Any, tokenizer: Any)
     objective.before_prepare(session.model, plan, tokenizer, options)
     model = run.technique.prepare(session.model, options, tokenizer)
     session.model = model
+    objective.after_prepare(model, plan, tokenizer, options)  # DPO: the reference is the policy as it stands now
     plan.packed = decide_packing(run, plan, model)
     plan.varlen = plan.packed and varlen_attention.applicable(model, options["max_length"])
     if plan.packed:
@@ -135,8 +143,13 @@ def run_training(run: RunSpec, plan: TrainingPlan, session: Any, tokenizer: Any)
     work_dir = work_dir_beside(run.output_dir)
     checkpoint_root = checkpoints_dir(run.output_dir)
     try:
+        checkpointable = supports_checkpointing(model)
+        if options["gradient_checkpointing"] and not checkpointable:
+            log.info("gradient_checkpointing: nothing to recompute, %s keeps no activations for the backward pass "
+                     "(the frozen backbone runs without gradients)", type(model).__name__)
         args = training_arguments(run, str(work_dir), bool(plan.evals), packed=plan.packed,
-                                  group_by_length=options["group_by_length"] and not plan.packed and objective.packs)
+                                  group_by_length=options["group_by_length"] and not plan.packed and objective.packs,
+                                  checkpointable=checkpointable)
         steps_tokens = encoded.tokens / max(len(encoded.examples), 1) * args.per_device_train_batch_size * \
             args.gradient_accumulation_steps
         callbacks: list[Any] = [PluginCallback(run.host, context, checkpoint_root)]
@@ -155,14 +168,16 @@ def run_training(run: RunSpec, plan: TrainingPlan, session: Any, tokenizer: Any)
                 "no complete checkpoint in %s: starting from the beginning", checkpoint_root)
         previous_attention = varlen_attention.use(model, varlen_attention.ATTENTION_NAME) if plan.varlen else None
         try:
-            output = hf.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            with objective.while_training(model):
+                output = hf.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         finally:
             if previous_attention is not None:
                 varlen_attention.use(model, previous_attention)
-        runtime = output.metrics["train_runtime"]
+        whole = hf.whole_run_metrics(output)  # a resumed run: loss and seconds of every part, not the last only
+        runtime = whole["train_runtime"]
         tokens_seen = hf.state.num_input_tokens_seen or round(encoded.tokens * (hf.state.epoch or 0.0))
         metrics: dict[str, Any] = {
-            "train_loss": float(output.training_loss),
+            "train_loss": float(whole["train_loss"]),
             "train_runtime": float(runtime),
             "train_tokens": int(tokens_seen),
             "train_tokens_per_second": float(tokens_seen / runtime) if runtime else 0.0,
@@ -185,6 +200,10 @@ def run_training(run: RunSpec, plan: TrainingPlan, session: Any, tokenizer: Any)
 
     manifest = build_manifest(run, plan, metrics, model)
     if is_main_process():
+        if plan.state_path is not None:  # before the result: a finished stage always has its state on disk
+            from finetune_sdk.stage_runs import save_trainable_state
+
+            save_trainable_state(unwrap(model), plan.state_path)
         save_result(run.output_dir, run.technique, unwrap(model), tokenizer, log_history, manifest)
         remove_checkpoints(checkpoint_root)  # the result is complete: nothing left to resume
     context.step = metrics["train_steps"]

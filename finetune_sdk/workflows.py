@@ -106,10 +106,11 @@ def is_task_list(data: Any) -> bool:
     return isinstance(data, (list, tuple)) and bool(data) and all(isinstance(t, Task) for t in data)
 
 
-def fit_stages(trainer: Any, stages: list[Stage]) -> Any:
+def fit_stages(trainer: Any, stages: list[Stage], resume: bool = False) -> Any:
     """Sequential fine-tuning with a ``Trainer``: each stage's options override the Trainer's for that stage only
     (all checked before the first stage trains), the same adapter continues, each result goes to
-    ``output_dir/stage-<i>``; returns the last stage's ``FitResult`` with every stage's in ``stages``."""
+    ``output_dir/stage-<i>``; returns the last stage's ``FitResult`` with every stage's in ``stages``. With
+    ``resume``, finished stages are skipped and the interrupted one resumes (see :mod:`finetune_sdk.stage_runs`)."""
     from finetune_sdk.options import resolve_options
     from finetune_sdk.output_paths import check_stages_folder
 
@@ -126,18 +127,7 @@ def fit_stages(trainer: Any, stages: list[Stage]) -> Any:
             raise ConfigError(f"stage {i}: {exc}") from None
         if stage.formatter:
             trainer.host.create("formatter", stage.formatter)
-    saved = (dict(trainer.options), trainer.formatter, trainer.output_dir)
-    results: list[Any] = []
-    try:
-        for i, (stage, override) in enumerate(zip(stages, overrides), start=1):
-            trainer.options = {**saved[0], **override}
-            trainer.formatter = trainer.host.create("formatter", stage.formatter) if stage.formatter else saved[1]
-            trainer.output_dir = saved[2] / f"stage-{i}"
-            trainer.logger.info("stage %d of %d%s", i, len(stages), f" ({stage.name})" if stage.name else "")
-            results.append(trainer.fit(stage.data, stage.eval_data))
-    finally:
-        trainer.options, _, trainer.output_dir = saved
-    final = results[-1]
-    final.stages = results
-    return final
+    from finetune_sdk.stage_runs import run_stages
+
+    return run_stages(trainer, stages, overrides, resume)
 

@@ -48,9 +48,15 @@ cli.add_command(federated_group)
 
 
 def _add_plugin_commands() -> None:
+    from finetune_sdk.errors import PluginError
     from finetune_sdk.plugin_manager import get_plugin_host
 
-    get_plugin_host().add_commands(cli)
+    try:
+        get_plugin_host().add_commands(cli)
+    except PluginError:
+        # Strict mode and a broken plugin: nothing to add. The command that needs the plugins meets the same
+        # error and reports it as one line naming the plugin and its distribution (exit 2), not a traceback.
+        pass
 
 
 _add_plugin_commands()

@@ -26,6 +26,8 @@ from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.quantizer import Quantizer
 from finetune_sdk.technique import Technique
 from finetune_sdk.testing.light import heavy_imports
+from finetune_sdk.testing.special_tokens import (TOKENIZER_VARIANTS, content_with_specials, ends_with_one_eos,
+                                                 inject_special_tokens, variant_tokenizer)
 from finetune_sdk.testing.tiny import save_tiny_model, tiny_tokenizer
 
 CAUSAL_ROWS = [{"prompt": f"what is {w}?", "completion": f"{w} is a {c}."}
@@ -119,6 +121,43 @@ class TechniqueContract:
             expected = trainer.session().model(**batch).logits
             actual = loaded.model(**batch).logits
         assert torch.allclose(expected, actual, atol=1e-5), (expected - actual).abs().max()
+
+
+    def _short_run(self, model_dir: Any, output_dir: Any, **options: Any) -> Any:
+        from finetune_sdk import Trainer
+
+        trainer = Trainer(model_dir, technique=self.name, formatter=self.formatter_name(), output_dir=output_dir,
+                          max_steps=3, learning_rate=self.learning_rate, per_device_train_batch_size=4,
+                          logging_steps=1, save_steps=0, progress=False, seed=0, **options)
+        return trainer.fit(self.rows())
+
+    @pytest.fixture(scope="class")
+    def default_run(self, model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+        return self._short_run(model_dir, tmp_path_factory.mktemp("contract-default") / "out")
+
+    @pytest.mark.parametrize("option", ["gradient_checkpointing", "packing"])
+    def test_training_options_work(self, model_dir: Any, tmp_path: Any, default_run: Any, option: str) -> None:
+        """``gradient_checkpointing=True`` and ``packing=False`` train (or are refused before the model loads) and
+        learn what the default run learns: recomputing activations and padding instead of packing change memory
+        and speed, never the losses."""
+        import math
+
+        from finetune_sdk.errors import ConfigError
+
+        # gradient_checkpointing=True; packing=False with the same (random) batches as the packed default run
+        options = {"gradient_checkpointing": True} if option == "gradient_checkpointing" else \
+            {"packing": False, "group_by_length": False}
+        value = options[option]
+        try:
+            result = self._short_run(model_dir, tmp_path / "out", **options)
+        except ConfigError as exc:  # refused up front is allowed; failing mid-run is not
+            assert "Traceback" not in str(exc)
+            return
+        losses = [e["loss"] for e in result.log_history if "loss" in e]
+        expected = [e["loss"] for e in default_run.log_history if "loss" in e]
+        assert len(losses) == len(expected) == 3 and all(math.isfinite(x) for x in losses)
+        assert losses == pytest.approx(expected, rel=2e-3, abs=1e-4), \
+            f"{option}={value} changed the losses: {losses} vs {expected}"
 
 
 class QuantizerContract:
@@ -241,3 +280,37 @@ class FormatterContract:
             "the answer's EOS must be in the loss"
         prompt = formatter.prompt_segments("hello there", tokenizer, {"max_length": 512})
         assert prompt and not any(s.train for s in prompt)
+
+    @pytest.mark.parametrize("variant", TOKENIZER_VARIANTS)
+    def test_content_is_never_control_tokens(self, variant: str) -> None:
+        """Row content holding every special-token string encodes without special ids and ends with one EOS."""
+        from finetune_sdk.encoding import encode_plain, encode_segments
+
+        formatter = self.formatter()
+        tokenizer = variant_tokenizer(variant)
+        special = set(tokenizer.all_special_ids)
+        clean, injected = dict(formatter.example), inject_special_tokens(formatter, tokenizer)
+        assert injected != clean, "the example row has no content field to check"
+        formatter.validate(injected, "example with special-token strings")
+
+        def counts(ids: list[int]) -> dict[int, int]:
+            return {i: ids.count(i) for i in special}
+
+        if formatter.task == CLASSIFICATION:
+            encode = lambda row: encode_plain(formatter.text_and_label(row)[0], tokenizer)["input_ids"]  # noqa: E731
+            assert counts(encode(injected)) == counts(encode(clean)), "special ids from row content"
+            return
+        try:
+            expected = encode_segments(formatter.segments(clean, tokenizer, {"max_length": 4096}), tokenizer, None)
+        except DataError:
+            pytest.skip(f"{self.name} does not take this tokenizer ({variant})")
+        actual = encode_segments(formatter.segments(injected, tokenizer, {"max_length": 4096}), tokenizer, None)
+        ids = actual["input_ids"]
+        assert counts(ids) == counts(expected["input_ids"]), \
+            f"row content became special tokens: {tokenizer.convert_ids_to_tokens(ids)}"
+        assert ends_with_one_eos(ids, tokenizer), f"must end with exactly one EOS: {tokenizer.convert_ids_to_tokens(ids)}"
+        prompt = encode_segments(formatter.prompt_segments(content_with_specials(tokenizer), tokenizer, {}),
+                                 tokenizer, None)["input_ids"]
+        plain = encode_segments(formatter.prompt_segments("hello", tokenizer, {}), tokenizer, None)["input_ids"]
+        assert counts(prompt) == counts(plain), "a generation prompt became special tokens"
+

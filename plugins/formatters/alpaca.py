@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from finetune_sdk.formatter import Formatter, Segment
+from finetune_sdk.formatter import Formatter, Segment, literal_format
 
 WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -35,13 +35,13 @@ class AlpacaFormatter(Formatter):
         "instruction": (str,), "input": (str,), "output": (str,)}
     example: ClassVar[Mapping[str, Any]] = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
 
-    def _prompt(self, instruction: str, input_text: str | None, tokenizer: Any) -> str:
+    def _prompt(self, instruction: str, input_text: str | None, tokenizer: Any) -> list[Segment]:
         template = WITH_INPUT if input_text else WITHOUT_INPUT
-        return leading_bos(tokenizer) + template.format(instruction=instruction, input=input_text)
+        return [Segment(leading_bos(tokenizer)), *literal_format(template, instruction=instruction, input=input_text)]
 
     def segments(self, row, tokenizer, options):
-        return [Segment(self._prompt(row["instruction"], row.get("input"), tokenizer)),
-                Segment(row["output"] + (tokenizer.eos_token or ""), train=True)]
+        return [*self._prompt(row["instruction"], row.get("input"), tokenizer),
+                Segment(row["output"], train=True, literal=True), Segment(tokenizer.eos_token or "", train=True)]
 
     def prompt_segments(self, prompt, tokenizer, options):
-        return [Segment(self._prompt(prompt, None, tokenizer))]
+        return self._prompt(prompt, None, tokenizer)

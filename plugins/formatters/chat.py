@@ -6,7 +6,9 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from finetune_sdk.errors import DataError
-from finetune_sdk.formatter import Formatter, Segment
+from finetune_sdk.encoding import encode_run
+from finetune_sdk.formatter import Formatter, Segment, literal_format
+from finetune_sdk.plugins.formatters.template_rendering import TemplateRendering
 
 ROLES = ("system", "user", "assistant")
 
@@ -64,17 +66,19 @@ class Llama2ChatFormatter(ChatFormatter):
 
     def _render(self, messages: list[dict[str, str]], tokenizer: Any) -> list[Segment]:
         bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-        system = ""
+        system: list[Segment] = []
         if messages and messages[0]["role"] == "system":
-            system = f"<<SYS>>\n{messages[0]['content']}\n<</SYS>>\n\n"
+            system = literal_format("<<SYS>>\n{system}\n<</SYS>>\n\n", system=messages[0]["content"])
             messages = messages[1:]
         segments: list[Segment] = []
         for message in messages:
             if message["role"] == "user":
-                segments.append(Segment(f"{bos}[INST] {system}{message['content'].strip()} [/INST]"))
-                system = ""
+                segments += [Segment(f"{bos}[INST] "), *system,
+                             *literal_format("{user} [/INST]", user=message["content"].strip())]
+                system = []
             elif message["role"] == "assistant":
-                segments.append(Segment(f" {message['content'].strip()} {eos}", train=True))
+                segments += literal_format(" {answer} ", train=True, answer=message["content"].strip())
+                segments.append(Segment(eos, train=True))
         return segments
 
     def segments(self, row, tokenizer, options):
@@ -82,6 +86,11 @@ class Llama2ChatFormatter(ChatFormatter):
 
     def prompt_segments(self, prompt, tokenizer, options):
         return self._render(prompt_conversation(prompt, options), tokenizer)
+
+
+def chatml_turn(role: str, content: str) -> list[Segment]:
+    """``<|im_start|>role\\ncontent<|im_end|>\\n`` with the content as plain text."""
+    return literal_format("<|im_start|>" + role + "\n{content}<|im_end|>\n", content=content)
 
 
 class ChatMLFormatter(ChatFormatter):
@@ -96,27 +105,29 @@ class ChatMLFormatter(ChatFormatter):
 
     def segments(self, row, tokenizer, options):
         segments: list[Segment] = []
-        prompt = ""
+        prompt: list[Segment] = []
         for message in conversation(row, options):
             if message["role"] == "assistant":
-                segments.append(Segment(prompt + "<|im_start|>assistant\n"))
-                segments.append(Segment(message["content"] + self._end(tokenizer), train=True))
-                prompt = "\n"
+                segments += [*prompt, Segment("<|im_start|>assistant\n")]
+                segments += [Segment(message["content"], train=True, literal=True),
+                             Segment(self._end(tokenizer), train=True)]
+                prompt = [Segment("\n")]
             else:
-                prompt += f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n"
+                prompt += chatml_turn(message["role"], message["content"])
         return segments
 
     def prompt_segments(self, prompt, tokenizer, options):
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-                       for m in prompt_conversation(prompt, options))
-        return [Segment(text + "<|im_start|>assistant\n")]
+        turns = [s for m in prompt_conversation(prompt, options) for s in chatml_turn(m["role"], m["content"])]
+        return [*turns, Segment("<|im_start|>assistant\n")]
 
 
 class ChatTemplateFormatter(ChatFormatter):
     """The tokenizer's own chat template; each assistant message (and its end-of-turn marker) is learnt.
 
-    When the template's end-of-turn marker isn't the tokenizer's EOS, EOS is appended (and learnt) after the last
-    assistant message, so the model learns to stop either way.
+    Message contents are located in the rendered text and encoded as plain text, so only the template's own
+    markers become special tokens. When the template's end-of-turn marker isn't the tokenizer's EOS, EOS is
+    appended (and learnt) after the last assistant message, so the model learns to stop either way; whether the
+    answer already ends the conversation with EOS is decided on token ids, never on the text.
     """
 
     name: ClassVar[str] = "chat-template"
@@ -130,25 +141,28 @@ class ChatTemplateFormatter(ChatFormatter):
 
     def segments(self, row, tokenizer, options):
         messages = conversation(row, options)
-        eos = tokenizer.eos_token or ""
+        rendering = TemplateRendering(self, tokenizer, messages)
+        eos_id = tokenizer.eos_token_id
         segments: list[Segment] = []
         done = ""
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prefix = self._template(tokenizer, messages[:i], generation_prompt=True)
-            full = self._template(tokenizer, messages[: i + 1], generation_prompt=False)
+            prefix = rendering.render(i, generation_prompt=True)
+            full = rendering.render(i + 1, generation_prompt=False)
             if not (prefix.startswith(done) and full.startswith(prefix)):
                 raise DataError(
                     "formatter 'chat-template': this chat template rewrites earlier turns, so the answer can't be"
                     " isolated for masking; use 'chatml' or 'llama2-chat'")
-            answer = full[len(prefix):]
+            answer = rendering.segments(len(prefix), len(full), train=True)
             is_last = not any(m["role"] == "assistant" for m in messages[i + 1:])
-            if is_last and eos and eos not in answer:
-                answer += eos  # the template ends turns with its own marker; the conversation ends with EOS
-            segments += [Segment(prefix[len(done):]), Segment(answer, train=True)]
+            if is_last and eos_id is not None and eos_id not in encode_run(answer, tokenizer):
+                answer.append(Segment(tokenizer.eos_token, train=True))  # the conversation ends with EOS
+            segments += [*rendering.segments(len(done), len(prefix)), *answer]
             done = full
         return segments
 
     def prompt_segments(self, prompt, tokenizer, options):
-        return [Segment(self._template(tokenizer, prompt_conversation(prompt, options), generation_prompt=True))]
+        messages = prompt_conversation(prompt, options)
+        rendering = TemplateRendering(self, tokenizer, messages)
+        return rendering.segments(0, len(rendering.render(len(messages), generation_prompt=True)))

@@ -22,7 +22,8 @@ class TextFormatter(Formatter):
     example: ClassVar[Mapping[str, Any]] = {"text": "The cat sat on the mat."}
 
     def segments(self, row, tokenizer, options):
-        return [Segment(leading_bos(tokenizer)), Segment(row["text"] + (tokenizer.eos_token or ""), train=True)]
+        return [Segment(leading_bos(tokenizer)), Segment(row["text"], train=True, literal=True),
+                Segment(tokenizer.eos_token or "", train=True)]
 
     def prompt_segments(self, prompt, tokenizer, options):
-        return [Segment(leading_bos(tokenizer) + prompt)]
+        return [Segment(leading_bos(tokenizer)), Segment(prompt, literal=True)]

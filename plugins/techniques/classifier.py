@@ -54,7 +54,8 @@ class ClassifierTechnique(Technique):
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(directory / HEAD_WEIGHTS))
-        config = {"labels": model.labels, "pooling": model.pooling, "hidden_size": model.head.in_features}
+        config = {"labels": model.labels, "id2label": dict(enumerate(model.labels)), "pooling": model.pooling,
+                  "hidden_size": model.head.in_features}
         (directory / HEAD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
     def load(self, base_model: Any, directory: Path, options: Mapping[str, Any]) -> Any:

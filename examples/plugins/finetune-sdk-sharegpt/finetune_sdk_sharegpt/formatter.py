@@ -25,14 +25,16 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _turn(role: str, text: str) -> str:
-    return f"{IM_START}{role}\n{text}{IM_END}\n"
+def _turn(role: str, text: str) -> list[Segment]:
+    """One ChatML turn; the text is user content, encoded as plain text (never as control tokens)."""
+    return [Segment(f"{IM_START}{role}\n"), Segment(text, literal=True), Segment(f"{IM_END}\n")]
 
 
 class ShareGPTFormatter(Formatter):
     """ShareGPT conversations as ChatML: ``<|im_start|>role\\n...<|im_end|>\\n`` per turn.
 
-    Only the ``gpt`` turns are learnt: each answer with its ``<|im_end|>``, and after the last answer the tokenizer's
+    Turn values are literal segments: a special-token string inside a message stays plain text. Only the ``gpt``
+    turns are learnt: each answer with its ``<|im_end|>``, and after the last answer the tokenizer's
     EOS as well (when EOS isn't ``<|im_end|>`` itself). Turns after the last answer have nothing to learn and are
     left out. The ``system_prompt`` option adds a system turn to conversations that have none.
 
@@ -41,7 +43,7 @@ class ShareGPTFormatter(Formatter):
         >>> row = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
         >>> tok = type("Tok", (), {"eos_token": "</s>"})()
         >>> [(s.text, s.train) for s in ShareGPTFormatter().segments(row, tok, {})]
-        [('<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n', False), ('hello<|im_end|></s>', True)]
+        [('<|im_start|>user\\n', False), ('hi', False), ('<|im_end|>\\n', False), ('<|im_start|>assistant\\n', False), ('hello', True), ('<|im_end|></s>', True)]
     """
 
     name: ClassVar[str] = "sharegpt"
@@ -88,18 +90,17 @@ class ShareGPTFormatter(Formatter):
         last = max(i for i, (role, _) in enumerate(messages) if role == "assistant")
         eos = getattr(tokenizer, "eos_token", None) or ""
         segments: list[Segment] = []
-        prompt = ""
+        prompt: list[Segment] = []
         for i, (role, text) in enumerate(messages[: last + 1]):
             if role != "assistant":
                 prompt += _turn(role, text)
                 continue
-            answer = text + IM_END
-            if i == last and eos != IM_END:
-                answer += eos
-            segments += [Segment(prompt + f"{IM_START}assistant\n"), Segment(answer, train=True)]
-            prompt = "\n"  # the newline that closes the answer's turn starts the next prompt
+            end = IM_END + (eos if i == last and eos != IM_END else "")
+            segments += [*prompt, Segment(f"{IM_START}assistant\n"), Segment(text, train=True, literal=True),
+                         Segment(end, train=True)]
+            prompt = [Segment("\n")]  # the newline that closes the answer's turn starts the next prompt
         return segments
 
     def prompt_segments(self, prompt: str, tokenizer: Any, options: Mapping[str, Any]) -> list[Segment]:
         messages = self._messages([{"from": "human", "value": prompt}], options)
-        return [Segment("".join(_turn(role, text) for role, text in messages) + f"{IM_START}assistant\n")]
+        return [*(s for role, text in messages for s in _turn(role, text)), Segment(f"{IM_START}assistant\n")]
