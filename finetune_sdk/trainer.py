@@ -18,7 +18,7 @@ from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.request import (check_output_dir, check_precision, default_output_dir, model_source,
                                   resolve_plugins)
 from finetune_sdk.result import FitResult
-from finetune_sdk.workflows import is_stage_list, is_task_list
+from finetune_sdk.workflows import fit_stages, is_stage_list, is_task_list
 
 #: Older names of functions that moved to :mod:`finetune_sdk.planning`.
 compatible = formatter_fits
@@ -75,8 +75,7 @@ class Trainer:
         self.published: list[Any] = []
         self._session: Any = None
         self._log_history: list[dict[str, Any]] = []
-        #: Set while a stage of fit([Stage, ...]) trains: where its final trainable weights go (for resume).
-        self._stage_state: Path | None = None
+        self._stage_state: Path | None = None  # while a stage trains: where its final weights go (resume)
         self.logger = ensure_handler()
 
     # -- public API ----------------------------------------------------------------------------------------
@@ -91,10 +90,8 @@ class Trainer:
 
         Every ``save_steps`` steps (500 by default; 0 turns it off) a checkpoint is written atomically to
         ``<output_dir>.checkpoints/``; ``resume=True`` continues from the newest complete one (damaged ones are
-        skipped with a warning) and ends with the weights an uninterrupted run would have; its metrics
-        (``train_loss``, ``train_runtime``, tokens/s) describe the whole run, not only the resumed part. Resume
-        reaches every path: single runs, multi-task, DPO, the classifier and stages (finished stages are skipped,
-        the interrupted one resumes from its checkpoints, nothing is published twice).
+        skipped with a warning) and ends with the weights and whole-run metrics of an uninterrupted run, on every
+        path (stages: finished ones skipped, see :mod:`finetune_sdk.stage_runs`).
 
         Example:
             >>> from finetune_sdk.testing.tiny import save_tiny_model
@@ -112,8 +109,6 @@ class Trainer:
             from finetune_sdk.training import RunSpec, run_training
 
         if is_stage_list(train_data):
-            from finetune_sdk.workflows import fit_stages
-
             return fit_stages(self, list(train_data), resume)
         self._check_output_dir(train_data, eval_data)
         if not is_task_list(train_data):  # bad files are named before any tokenizer or model loads
@@ -122,8 +117,7 @@ class Trainer:
         tokenizer = self._load_tokenizer()
         plan = Planner(self.host, self.technique.task, self.options).plan(train_data, eval_data, tokenizer,
                                                                           self.formatter)
-        plan.resume = resume
-        plan.state_path = self._stage_state
+        plan.resume, plan.state_path = resume, self._stage_state
         self.formatter = plan.formatter
         if plan.labels is not None:
             self.options["labels"] = plan.labels
