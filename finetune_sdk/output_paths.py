@@ -59,7 +59,8 @@ def is_sdk_output(path: Path) -> bool:
     if not path.is_dir() or path.is_symlink():
         return False
     entries = [p for p in path.iterdir() if not p.name.startswith(".stage-")]
-    return bool(entries) and all(p.name.startswith("stage-") and is_sdk_result(p) for p in entries)
+    return bool(entries) and all((p.name.startswith("stage-") and is_sdk_result(p))
+                                 or STAGE_CHECKPOINTS.fullmatch(p.name) for p in entries)  # + interrupted stages
 
 
 def check_output_path(output: str | os.PathLike[str], *,
