@@ -160,3 +160,17 @@ def test_resumed_run_metrics_describe_the_whole_run(tiny_models, tmp_path, crash
     assert metrics["train_tokens"] == reference.metrics["train_tokens"]
     assert metrics["train_runtime"] > segment["train_runtime"]  # both parts counted
     assert metrics["train_tokens_per_second"] == pytest.approx(metrics["train_tokens"] / metrics["train_runtime"])
+
+
+def test_a_crash_in_the_first_stage_resumes_it(tiny_models, tmp_path, crash_at):
+    stages = [Stage(SFT, formatter="alpaca", max_steps=5), Stage(CHAT, formatter="chatml", max_steps=2)]
+    reference = trainer(tiny_models("llama"), tmp_path / "ref").fit(stages)
+    out = tmp_path / "run"
+    crash_at(3)  # stage 1 crashes after step 3: only out/stage-1.checkpoints exists
+    with pytest.raises(Crash):
+        trainer(tiny_models("llama"), out).fit(stages)
+    crash_at.disarm()
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == ["stage-1.checkpoints"]
+    resumed = trainer(tiny_models("llama"), out).fit(stages, resume=True)
+    assert_same_weights(reference, resumed)
+    assert_same_weights(reference.stages[0], resumed.stages[0])
