@@ -100,8 +100,13 @@ class Activity:
 
 def _rich_progress(console: Any) -> Any:
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=16),
+    class BarWhenKnown(BarColumn):  # a step of unknown length has its spinner, not a bar that means nothing
+        def render(self, task: Any) -> Any:
+            return Text("") if task.total is None else super().render(task)
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarWhenKnown(bar_width=16),
                     TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console, transient=True,
                     redirect_stderr=False, redirect_stdout=False)
 
@@ -144,7 +149,9 @@ def activity(description: str, total: float | None = None, unit: str = "") -> It
             progress = _display["progress"]
             progress.remove_task(step._task)
             _display["open"] -= 1
-            if not _display["open"]:
+            if _display["open"]:
+                progress.refresh()  # the finished step's line goes now, not at the next tick
+            else:
                 progress.stop()
                 _display["progress"] = None
             console.print(f"[green]✓[/green] {_escape(description)} [dim]({seconds:.1f} s)[/dim]", highlight=False)

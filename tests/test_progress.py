@@ -208,3 +208,27 @@ def test_publish_push_and_pull_report_their_steps(tiny_models, tmp_path, monkeyp
     for step in ("publishing run as the next version of adder ...", "pushing adder@1 to the Hub repo team/adder ...",
                  "pulling hf://team/adder@v1 ..."):
         assert step in messages, messages
+
+
+def test_on_a_terminal_steps_show_live_and_leave_one_line_each(caplog):
+    import io
+
+    from rich.console import Console
+
+    from finetune_sdk import progress
+
+    screen = io.StringIO()
+    progress.display_on(Console(file=screen, force_terminal=True, width=80, color_system=None))
+    try:
+        with caplog.at_level("INFO", logger="finetune_sdk"):
+            with progress.activity("loading model"):
+                with progress.activity("evaluating on 3 examples", total=3, unit="examples") as step:
+                    for _ in range(3):
+                        step.advance()
+    finally:
+        progress.display_off()
+    shown = screen.getvalue()
+    assert re.search(r"evaluating on 3 examples +\d/3 examples", shown)  # drawn live, below the outer step
+    done = [line.strip() for line in re.split(r"[\r\n]", ANSI.sub("", shown)) if line.strip().startswith("✓")]
+    assert [line.split(" (")[0] for line in done] == ["✓ evaluating on 3 examples", "✓ loading model"]
+    assert not [r for r in caplog.records if "loading model" in r.getMessage()]  # no log line on top of it
