@@ -50,7 +50,7 @@ class FineTunedModel:
                  do_sample: bool = False, batch_size: int = 8, **generate_kwargs: Any) -> Any:
         """Generate an answer per prompt; returns a list (or one string when given one string).
 
-        Greedy by default (deterministic); pass ``do_sample=True, temperature=...`` to sample. Progress (token
+        Greedy by default (deterministic); pass ``do_sample=True, temperature=...`` to sample. Progress (new tokens
         steps of each batch) is reported through :func:`finetune_sdk.progress.activity`.
         """
         from finetune_sdk.progress import activity
@@ -65,8 +65,7 @@ class FineTunedModel:
         count = f"{len(prompts)} answer{'s' * (len(prompts) != 1)}"
         answers: list[str] = []
         self.model.eval()
-        with activity(f"generating {count} (up to {max_new_tokens} tokens each)",
-                      total=len(batches) * max_new_tokens, unit="token steps") as step:
+        with activity(f"generating {count}", total=len(batches) * max_new_tokens, unit="tokens") as step:
             for number, batch in enumerate(batches):
                 kwargs = dict(generate_kwargs)
                 if kwargs.get("num_beams", 1) == 1 and "streamer" not in kwargs:  # beam search takes no streamer

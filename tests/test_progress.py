@@ -128,7 +128,7 @@ def test_generate_prints_progress_before_its_answers(tiny_models, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     output = proc.stdout
-    loading, generating = output.find("loading "), output.find("generating 1 answer (up to 4 tokens each)")
+    loading, generating = output.find("loading "), output.find("generating 1 answer ...")
     answers = output.find("generations of")
     assert -1 < loading < generating < answers, output
 
@@ -179,12 +179,12 @@ def test_a_long_step_without_a_terminal_logs_where_it_stands(monkeypatch, caplog
     clock = iter([0.0, 0.0, 10.0, 31.0, 40.0])  # start, then each advance, then the end
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
     with caplog.at_level("INFO", logger="finetune_sdk"):
-        with progress.activity("generating 5 answers", total=40, unit="token steps") as step:
+        with progress.activity("generating 5 answers", total=40, unit="tokens") as step:
             for _ in range(3):
                 step.advance(10)
     messages = [r.getMessage() for r in caplog.records]
     assert messages[0] == "generating 5 answers ..."
-    assert messages[1] == "generating 5 answers: 30/40 token steps ETA 0:10"  # 30 of 40 done in 31 s
+    assert messages[1] == "generating 5 answers: 30/40 tokens ETA 0:10"  # 30 of 40 done in 31 s
     assert len(messages) == 3 and messages[2] == "generating 5 answers: done in 40.0 s"
 
 
