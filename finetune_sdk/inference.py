@@ -50,8 +50,8 @@ class FineTunedModel:
                  do_sample: bool = False, batch_size: int = 8, **generate_kwargs: Any) -> Any:
         """Generate an answer per prompt; returns a list (or one string when given one string).
 
-        Greedy by default (deterministic); pass ``do_sample=True, temperature=...`` to sample. Progress (new tokens
-        steps of each batch) is reported through :func:`finetune_sdk.progress.activity`.
+        Greedy by default (deterministic); pass ``do_sample=True, temperature=...`` to sample. Progress (new
+        tokens of each batch) is reported through :func:`finetune_sdk.progress.activity`.
         """
         from finetune_sdk.progress import activity
 
