@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 
-from finetune_sdk.cli.render import cell, console, metrics_table, short_path
+from finetune_sdk.cli.render import cell, console, metrics_table, short_path, titled_table
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.manifest import MANIFEST_NAME
 
@@ -116,7 +115,7 @@ def generate_command(ref: str, prompts: tuple[str, ...], prompt_file: str | None
     lines = read_lines(prompts, prompt_file, "prompt")
     model = open_model(ref, formatter, trust_remote_code)
     answers = model.generate(lines, max_new_tokens=max_new_tokens, raw=raw)
-    table = Table(title=f"generations of {short_path(ref)}", show_lines=True)
+    table = titled_table(f"generations of {short_path(ref)}", show_lines=True)
     table.add_column("prompt")
     table.add_column("answer")
     for prompt, answer in zip(lines, answers):
@@ -133,7 +132,7 @@ def predict_command(ref: str, texts: tuple[str, ...], text_file: str | None, tru
     """Predict labels for TEXTS with a classifier result folder."""
     lines = read_lines(texts, text_file, "text")
     model = open_model(ref, trust_remote_code=trust_remote_code)
-    table = Table(title=f"predictions of {short_path(ref)}")
+    table = titled_table(f"predictions of {short_path(ref)}")
     table.add_column("text")
     table.add_column("label")
     table.add_column("score", justify="right")

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from finetune_sdk.cli.errors import FinetuneGroup
-from finetune_sdk.cli.render import cell, console, short_time
+from finetune_sdk.cli.render import cell, console, short_time, titled_table
 
 
 def _registry(ctx: click.Context) -> Any:
@@ -57,7 +57,7 @@ def versions_command(ctx: click.Context, name: str, as_json: bool) -> None:
     versions = _registry(ctx).versions(name)
     if as_json:
         return _echo_json([v.summary() for v in versions])
-    table = Table(title=f"versions of {name}", show_edge=False)  # 80 columns hold every name in full
+    table = titled_table(f"versions of {name}", show_edge=False)  # 80 columns hold every name in full
     for column in ("version", "created (UTC)", "technique", "parent"):
         table.add_column(column, no_wrap=True)
     table.add_column("aliases, #tags", ratio=1, min_width=10)
@@ -84,7 +84,7 @@ def show_command(ctx: click.Context, ref: str, as_json: bool) -> None:
     info = _registry(ctx).show(ref)
     if as_json:
         return _echo_json(info)
-    table = Table(title=info["ref"], show_header=False)
+    table = titled_table(info["ref"], show_header=False)
     table.add_column("field")
     table.add_column("value")
     for key in ("created", "description", "technique", "quantizer", "formatter", "parent", "lineage", "aliases",
@@ -112,7 +112,7 @@ def diff_command(ctx: click.Context, ref_a: str, ref_b: str, as_json: bool) -> N
     diff = _registry(ctx).diff(ref_a, ref_b)
     if as_json:
         return _echo_json(diff)
-    table = Table(title=f"{diff['a']} -> {diff['b']}")
+    table = titled_table(f"{diff['a']} -> {diff['b']}")
     for column in ("field", diff["a"], diff["b"]):
         table.add_column(column)
     for section in ("options", "metrics"):

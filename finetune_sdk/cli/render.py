@@ -69,8 +69,18 @@ def short_path(text: Any, width: int = 32) -> str:
     return f"…/{kept}"
 
 
+def titled_table(title: str, **options: Any) -> Table:
+    """A table whose title stays on one line (rich wraps a title to the table's width otherwise).
+
+    Example:
+        >>> titled_table("generations of …/runs/customer-support").min_width  # 38 characters and the borders
+        42
+    """
+    return Table(title=title, min_width=min(len(title) + 4, 80), **options)
+
+
 def metrics_table(metrics: Mapping[str, Any], title: str = "metrics") -> Table:
-    table = Table(title=title, min_width=min(len(title) + 4, 80))  # the title on one line, not wrapped
+    table = titled_table(title)
     table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right")
     for name, value in metrics.items():
