@@ -130,6 +130,9 @@ def measure(case: dict[str, Any], device: str, steps: int, work: Path) -> dict[s
     import torch
     import transformers.trainer  # noqa: F401  (what Trainer.fit imports, so the baseline matches)
 
+    from contextlib import nullcontext
+
+    from finetune_sdk.chunked_loss import chunked_loss
     from finetune_sdk.plugins.techniques.full import FullTechnique
     from finetune_sdk.plugins.techniques.lora import LoraTechnique, QLoraTechnique
 
@@ -155,7 +158,8 @@ def measure(case: dict[str, Any], device: str, steps: int, work: Path) -> dict[s
     for _ in range(steps):
         t = time.perf_counter()
         ids = torch.randint(3, vocab, (case["batch"], case["seq"]), generator=generator).to(device)
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        with chunked_loss(model) if case.get("chunked", True) else nullcontext():  # as the SDK trains
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -202,6 +206,7 @@ def estimate(case: dict[str, Any], device: str) -> Any:
     config = case.get("folder") or llama_config(**case["config"])
     options = {"per_device_train_batch_size": case["batch"], "gradient_checkpointing": case["gc"],
                "lora_dropout": 0.05, "dtype": case.get("dtype", "float32"), "optim": "adamw_torch",
+               "chunked_loss": case.get("chunked", True),
                **LORA.get(case["technique"], {})}
     quantizer = "nf4" if case["technique"] == "qlora" else None
     return estimate_for_options(config, case["technique"], quantizer, options, case["seq"], device=device)
@@ -216,6 +221,8 @@ def main() -> None:
     parser.add_argument("--extra", action="store_true", help="also a 250M-parameter model (adds ~3 minutes on CPU)")
     parser.add_argument("--only", help="run the cases whose name or technique contains this")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--plain-loss", action="store_true",
+                        help="the loss from the full logits instead of the SDK's chunked cross-entropy")
     parser.add_argument("--check", action="store_true", help="exit 1 when an estimate is off by more than 25%%")
     args = parser.parse_args()
     if args.worker:
@@ -237,7 +244,7 @@ def main() -> None:
     failed: list[str] = []
     selected = [c for c in cases(args.quick, args.extra, args.device)
                 if not args.only or args.only in f"{c['name']} {c['technique']}"]
-    selected = [c for c in selected if c["technique"] in TECHNIQUES]
+    selected = [{**c, "chunked": not args.plain_loss} for c in selected if c["technique"] in TECHNIQUES]
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         for case in selected:

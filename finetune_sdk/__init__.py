@@ -4,15 +4,21 @@ Example:
     >>> from finetune_sdk import Trainer
     >>> result = Trainer("path/or/hub-id", technique="qlora", formatter="llama2-chat").fit("train.jsonl")  # doctest: +SKIP
 
-Importing this package is cheap: torch and transformers load only when a model is used.
+Importing this package is cheap: torch and transformers load only when a model is used. It sets
+``OMP_WAIT_POLICY=PASSIVE`` when unset and torch is not loaded yet (see :mod:`finetune_sdk.cpu_threads`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from finetune_sdk.cpu_threads import prefer_passive_waits
 from finetune_sdk.errors import FinetuneError
 from finetune_sdk.hookspecs import hookimpl
+
+# OpenMP threads that sleep instead of spinning while they wait: on cores shared with other processes spinning made
+# training 5-7x slower (finetune_sdk.cpu_threads). Only when no policy is set and torch is not imported yet.
+prefer_passive_waits()
 
 __version__ = "0.1.0"
 __all__ = ["FinetuneError", "FitResult", "Stage", "Task", "Trainer", "__version__", "advise", "export", "hookimpl",

@@ -23,12 +23,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_sdk.chunked_loss import CHUNKED_LOSS_MODEL_TYPES
 from finetune_sdk.errors import ConfigError, FinetuneError
 from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION
 from finetune_sdk.machine import available_memory, format_bytes, resolve_device
 from finetune_sdk.memory import (QUANTIZERS, MemoryEstimate, estimate_for_options, estimate_training_memory,
                                  estimated_technique)
 from finetune_sdk.model_shape import ModelShape, load_config
+from finetune_sdk.precision import cpu_bf16_native
 
 BUDGET = 0.85  # of the memory, for the estimate (the rest absorbs what the estimate misses)
 FULL_BUDGET = 0.70  # full fine-tuning must leave more headroom: it runs long and has no cheaper fallback
@@ -126,12 +128,16 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
     # examples per optimizer step: 16, or fewer for tiny datasets so an epoch still has ~10 steps
     target = TARGET_EFFECTIVE_BATCH if rows is None else max(1, min(TARGET_EFFECTIVE_BATCH, rows // 10))
 
+    bf16_cpu = device == "cpu" and cpu_bf16_native()
+
     def estimate(technique: str, quantizer: str | None, batch: int, checkpointing: bool) -> MemoryEstimate:
+        # dtype="auto" as training resolves it: a bf16 frozen base on a GPU, and for LoRA on a bf16 CPU
+        bf16 = (device == "cuda" and technique != "full") or (bf16_cpu and technique == "lora")
         return estimate_training_memory(
             config, technique=technique, quantizer=quantizer, batch_size=batch, seq_len=seq_len,
             gradient_checkpointing=checkpointing, lora_r=64 if technique == "qlora" else 8,
             lora_targets="all-linear" if technique == "qlora" else "attention", device=device,
-            dtype="bfloat16" if device == "cuda" and technique != "full" else "float32")
+            dtype="bfloat16" if bf16 else "float32", activation_dtype="float32" if bf16 and device == "cpu" else None)
 
     def largest_batch(technique: str, quantizer: str | None, checkpointing: bool,
                       budget: float) -> MemoryEstimate | None:
@@ -168,6 +174,7 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
     reasons += _task_reasons(task, shape)
     reasons += _data_reasons(chosen.technique, rows, tokens, large, must_keep_base)
     reasons += _memory_reasons(chosen, gc, memory, device, fits, considered, options)
+    reasons += _speed_reasons(chosen, shape, bf16_cpu or None)
     reasons += _base_reasons(chosen.technique, must_keep_base, chosen)
     federated = data_owners >= 2
     if federated:
@@ -242,10 +249,11 @@ def _memory_reasons(est: MemoryEstimate, gc: bool, memory: int, device: str, fit
     tried_lora = [c for c in considered if c.technique == "lora"]
     if est.technique == "qlora" and tried_lora:
         smallest = min(tried_lora, key=lambda c: c.total)
-        dtype = "bf16" if device == "cuda" else "fp32"
+        bf16 = device == "cuda" or bool(cpu_bf16_native())
+        dtype = "bf16" if bf16 else "fp32"
         out.append(f"LoRA on the {dtype} model needs at least {format_bytes(smallest.total)}: more than "
                    f"{BUDGET:.0%} of {format_bytes(memory)}; QLoRA stores the base's linear layers in 4 bits (NF4), "
-                   f"an {'quarter' if device == 'cuda' else 'eighth'} of their {dtype} size, with little loss in "
+                   f"an {'quarter' if bf16 else 'eighth'} of their {dtype} size, with little loss in "
                    "quality")
     if any(c.technique == "full" for c in considered) and est.technique != "full":
         out.append("full fine-tuning would need weights + gradients + AdamW states (16 bytes per parameter) plus "
@@ -258,6 +266,21 @@ def _memory_reasons(est: MemoryEstimate, gc: bool, memory: int, device: str, fit
     if accumulation > 1:
         out.append(f"batch {batch} x {accumulation} accumulation steps = {batch * accumulation} examples per "
                    "optimizer step, the same training as a larger batch at the memory of a small one")
+    return out
+
+
+def _speed_reasons(est: MemoryEstimate, shape: ModelShape, bf16_cpu: str | None) -> list[str]:
+    out = []
+    if est.technique == "lora" and est.dtype == "bfloat16":
+        where = f"this CPU has {bf16_cpu}" if bf16_cpu else "the GPU computes bf16 natively"
+        kept = "the activations between its matmuls, " if bf16_cpu else ""
+        out.append(f"precision: the frozen base is loaded in bf16 ({where}: half the weight memory and faster "
+                   f"matmuls), while {kept}the LoRA weights, their gradients and the optimizer state stay fp32; "
+                   "dtype='float32' keeps everything in fp32")
+    if est.technique != "classifier" and shape.model_type in CHUNKED_LOSS_MODEL_TYPES:
+        logits = est.batch_size * est.seq_len * shape.vocab_size * 4
+        out.append(f"the loss is computed in chunks of tokens: the {format_bytes(logits)} of fp32 logits over the "
+                   f"{shape.vocab_size:,}-token vocabulary never exist at once (chunked_loss=False turns it off)")
     return out
 
 

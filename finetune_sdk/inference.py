@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from finetune_sdk.chunked_loss import summed_causal_lm_loss
 from finetune_sdk.data import load_rows
 from finetune_sdk.encoding import Collator, encode_causal, encode_classification, encode_plain, encode_segments
 from finetune_sdk.errors import ConfigError
@@ -156,18 +157,18 @@ class FineTunedModel:
             for start in range(0, len(examples), batch_size):
                 chunk = examples[start:start + batch_size]
                 batch = {k: v.to(device) for k, v in collate(chunk).items()}
-                with torch.no_grad():
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                logits = logits.float()
                 if self.task == CLASSIFICATION:
-                    classification_logits.append(logits.cpu())
+                    with torch.no_grad():
+                        logits = self.model(input_ids=batch["input_ids"],
+                                            attention_mask=batch["attention_mask"]).logits
+                    classification_logits.append(logits.float().cpu())
                     golds += batch["labels"].tolist()
-                else:
-                    shifted = logits[:, :-1].reshape(-1, logits.shape[-1])
-                    targets = batch["labels"][:, 1:].reshape(-1)
-                    total_loss += float(torch.nn.functional.cross_entropy(shifted, targets, ignore_index=-100,
-                                                                          reduction="sum"))
-                    count += int((targets != -100).sum())
+                else:  # chunked: the batch's full logits never exist at once (finetune_sdk.chunked_loss)
+                    batch_loss, batch_count = summed_causal_lm_loss(
+                        self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                        use_chunked=self.options.get("chunked_loss", True) is not False)
+                    total_loss += batch_loss
+                    count += batch_count
                 step.advance(len(chunk))
         if self.task == CLASSIFICATION:
             num_labels = len(self.labels or [])

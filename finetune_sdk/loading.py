@@ -101,6 +101,11 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
                             dtype=getattr(torch, manifest.get("dtype") or "float32"),
                             pad_token_id=tokenizer.pad_token_id)
     model = technique.load(model, directory, {**options, "pad_token_id": tokenizer.pad_token_id})
+    if (manifest.get("precision") or {}).get("activations") == "float32" and \
+            manifest.get("dtype") not in (None, "float32"):
+        from finetune_sdk.precision import keep_activations_fp32
+
+        keep_activations_fp32(model)  # computes as it trained: bf16 matmuls, fp32 in between
     model.eval()
     return FineTunedModel(model, tokenizer, task=manifest["task"], formatter=formatter, options=options,
                           labels=manifest.get("labels"))

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from finetune_sdk.chunked_loss import CHUNKED_LOSS_MODEL_TYPES, chunk_tokens
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.machine import GiB, MiB, available_memory, format_bytes, parse_memory, resolve_device
 from finetune_sdk.model_shape import ModelShape, load_config
@@ -105,7 +106,7 @@ def estimate_training_memory(
     gradient_checkpointing: bool = False, dtype: str = "float32", lora_r: int = 8,
     lora_targets: str | list[str] | None = "attention", optimizer: str = "adamw", device: str = "cpu",
     lora_dropout: float = 0.05, mixed_precision: bool = False, double_quant: bool = True, num_labels: int = 2,
-    attention: str | None = None,
+    attention: str | None = None, chunked_loss: bool = True, activation_dtype: str | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory of fine-tuning the model ``config`` describes.
 
@@ -122,6 +123,10 @@ def estimate_training_memory(
         optimizer: transformers ``optim`` name (``adamw_torch``, ``adamw_8bit``, ``sgd``...) or ``adamw``.
         device: ``cpu`` (peak RSS of the process) or ``cuda`` (peak GPU memory, CUDA context included).
         mixed_precision: ``bf16=True``/``fp16=True`` autocast over ``dtype`` weights.
+        activation_dtype: ``float32`` for 16-bit frozen weights whose matmuls hand fp32 to the rest of the model
+            (``dtype="auto"`` on a bf16 CPU); ``None``: the weights' dtype, or 16 bits under autocast.
+        chunked_loss: the SDK's chunked cross-entropy (its default, for the model types it supports): the loss
+            holds one chunk's logits and the hidden state's gradient instead of every token's fp32 logits.
     """
     if technique not in TECHNIQUES:
         raise ConfigError(f"can't estimate technique {technique!r}; known: {', '.join(TECHNIQUES)}")
@@ -154,7 +159,8 @@ def estimate_training_memory(
     # activations are in the compute dtype: the weights' dtype, or 16 bits under autocast. A quantized model
     # computes in fp32 whatever its compute dtype: prepare_model_for_kbit_training makes the embeddings fp32 and
     # bitsandbytes casts each matmul's output back to its input's dtype.
-    compute16 = (mixed_precision or dtype != "float32") and not (quantizer and adapters)
+    compute16 = (mixed_precision or dtype != "float32") and not (quantizer and adapters) and \
+        activation_dtype != "float32"
     act_bytes = 2 if compute16 else 4
     dequant_bytes = 2 if mixed_precision or dtype != "float32" else 4  # bitsandbytes' compute dtype
     tokens = batch_size * seq_len
@@ -179,6 +185,14 @@ def estimate_training_memory(
             saved_bytes += (counts["linear"] + shape.vocab_size * shape.hidden) * 2
         logits = tokens * shape.vocab_size * 4  # the loss works on fp32 logits
         head_grad = shape.vocab_size * shape.hidden * grad_bytes if technique == "full" else 0
+        if chunked_loss and shape.model_type in CHUNKED_LOSS_MODEL_TYPES:
+            # one chunk's logits copies, the hidden state's gradient (made in the forward pass) and, for full
+            # fine-tuning, the head's fp32 weight gradient accumulated over the chunks
+            loss_bytes = (LOGIT_COPIES * min(tokens, chunk_tokens(shape.vocab_size)) * shape.vocab_size * 4
+                          + tokens * shape.hidden * act_bytes + (shape.vocab_size * shape.hidden * 4 if head_grad
+                                                                 else 0))
+            saved_bytes += loss_bytes
+            logits = 0
         if technique == "full":
             largest = max(shape.vocab_size * shape.hidden, max(i * o for _, i, o in linears))
         else:
@@ -243,16 +257,24 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
     ``per_device_train_batch_size``, ``gradient_checkpointing``, ``bf16``/``fp16``, ``dtype``, ``optim``,
     ``max_length``); ``seq_len`` defaults to ``max_length``, the longest a batch can be.
 
-    ``dtype="auto"`` resolves as the loader does: float32 on CPU and for full fine-tuning, bfloat16 for a frozen
-    base on a CUDA GPU. With a quantizer the activations follow its ``compute_dtype`` (``auto`` resolves alike).
+    ``dtype="auto"`` resolves as training does (:func:`finetune_sdk.precision.resolve_precision`): bfloat16 for the
+    frozen base of LoRA on a bf16 GPU or an AVX512-BF16/AMX CPU, float32 otherwise. With a quantizer the
+    activations follow its ``compute_dtype`` (``auto``: bfloat16 on a CUDA GPU, else float32).
+    ``chunked_loss`` (default true) is the SDK's chunked cross-entropy.
     """
     device = resolve_device(device)
     quantizer = None if quantizer_name in (None, "", "none") else quantizer_name
-    dtype = options.get("dtype") or "auto"
+    dtype, activations = options.get("dtype") or "auto", None
     if quantizer and technique_name != "classifier":  # activations follow bitsandbytes' compute dtype
         dtype = options.get("compute_dtype") or "auto"
+        if dtype == "auto":
+            dtype = "bfloat16" if device == "cuda" else "float32"
     if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" and technique_name != "full" else "float32"
+        from finetune_sdk.precision import resolve_precision
+
+        precision = resolve_precision(options, adapter=technique_name in ("lora", "qlora"),
+                                      full=technique_name == "full", quantized=quantizer is not None, device=device)
+        dtype, activations = precision.dtype, precision.activations or None
     targets = options.get("target_modules")
     if targets is None:
         targets = "all-linear" if technique_name == "qlora" else "attention"
@@ -267,7 +289,8 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
         optimizer=str(options.get("optim") or "adamw_torch"), device=device,
         mixed_precision=bool(options.get("bf16") or options.get("fp16")),
         double_quant=bool(options.get("double_quant", True)),
-        num_labels=len(options.get("labels") or ()) or int(options.get("num_labels") or 2))
+        num_labels=len(options.get("labels") or ()) or int(options.get("num_labels") or 2),
+        chunked_loss=options.get("chunked_loss", True) is not False, activation_dtype=activations)
 
 
 #: What a technique trains (``Technique.trains``) -> the builtin technique whose estimate covers it.

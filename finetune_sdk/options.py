@@ -133,10 +133,12 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
     Option("save_steps", int, 500, "write a checkpoint every N steps, to resume from after a crash (0: none)",
            minimum=0),
     Option("logging_steps", int, 10, "log the loss every N steps", minimum=1),
-    Option("bf16", bool, False, "bfloat16 mixed precision"),
+    Option("bf16", bool, None, "bfloat16 autocast mixed precision; given (true or false) it overrides the "
+           "automatic precision choice of dtype='auto'"),
     Option("fp16", bool, False, "float16 mixed precision (CUDA only)"),
     Option("gradient_checkpointing", bool, False, "recompute activations in the backward pass to save memory"),
-    Option("dtype", str, "auto", "dtype of the loaded weights: auto, float32, bfloat16, float16",
+    Option("dtype", str, "auto", "dtype of the loaded weights: auto (bfloat16 for an adapter's frozen base on a "
+           "bf16 GPU or an AVX512-BF16/AMX CPU, else float32), float32, bfloat16, float16",
            choices=("auto", "float32", "bfloat16", "float16")),
     Option("revision", str, None, "Hub revision (branch, tag or commit) of the base model"),
     Option("trust_remote_code", bool, False, "allow code from the model repository to run (off unless asked)"),
@@ -153,6 +155,8 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
            choices=("proportional", "explicit", "temperature")),
     Option("mixing_temperature", float, 2.0, "temperature T of task_mixing='temperature' (p ~ n^(1/T))",
            exclusive_minimum=0),
+    Option("chunked_loss", bool, True, "causal LM: compute the loss in chunks of tokens from the last hidden "
+           "state, never holding the full logits (where the model supports it)"),
     Option("fsdp", str, None, "FSDP mode passed to transformers, e.g. 'full_shard auto_wrap'"),
     Option("fsdp_config", str, None, "FSDP config file (JSON) passed to transformers"),
     Option("deepspeed", str, None, "DeepSpeed config file (JSON) passed to transformers"),

@@ -52,6 +52,10 @@ class TrainingPlan:
     resume: bool = False
     #: For a stage of fit([Stage, ...]): where the trainable weights the stage ends with are kept for resume.
     state_path: Any = None
+    #: Set by run_training: the dtypes of the trainable parameters (recorded in the manifest's precision).
+    trainable_dtypes: list[str] = field(default_factory=list)
+    #: Set by run_training: True when the causal-LM loss is computed in chunks (finetune_sdk.chunked_loss).
+    chunked_loss: bool = False
     #: Set for the classifier on cached features: each held-out set's features, so that the final metrics come
     #: from the trained head without running the backbone again.
     eval_features: dict[str, Any] = field(default_factory=dict)

@@ -22,11 +22,14 @@ def build_manifest(run: Any, plan: Any, metrics: dict[str, Any], model: Any) -> 
     or the Trainer); ``plan`` has ``objective``, ``formatter_name`` and ``dataset``; ``model`` is the trained model
     (its base's commit is recorded when the source gave none).
     """
-    from finetune_sdk.models import commit_hash, resolve_dtype
+    from finetune_sdk.models import commit_hash
+    from finetune_sdk.precision import run_precision
 
     base = run.source.to_manifest()
     base["revision"] = base["revision"] or commit_hash(getattr(model, "base_model", model))
-    dtype = resolve_dtype(run.options["dtype"], bool(getattr(run.technique, "result_is_model", False)))
+    precision = run_precision(run).to_manifest()
+    if getattr(plan, "trainable_dtypes", None):  # what the trained parameters really are
+        precision["trainable_dtype"] = ",".join(plan.trainable_dtypes)
     return {
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -36,7 +39,8 @@ def build_manifest(run: Any, plan: Any, metrics: dict[str, Any], model: Any) -> 
         "quantizer": run.quantizer.name if run.quantizer else None,
         "formatter": plan.formatter_name,
         "options": scrub(run.options),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": precision["dtype"],
+        "precision": precision,
         "base_model": base,
         "dataset": plan.dataset,
         "labels": run.options.get("labels") if run.technique.task == CLASSIFICATION else None,

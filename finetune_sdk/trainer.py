@@ -5,6 +5,7 @@ runs plan -> run -> save: :mod:`.planning` encodes the data, :mod:`.training` tr
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ class Trainer:
             check_run_memory(self.source.path or self.source.id, self.technique, self.quantizer, self.options,
                              plan.train.examples)
         run = RunSpec(self.technique, self.quantizer, self.options, self.output_dir, self.source, self.host,
-                      self.progress, self.logger)
+                      self.progress, self.logger, self.precision)
         result = run_training(run, plan, self.session(), tokenizer)
         self._log_history = result.log_history
         if self.publish_as:
@@ -193,13 +194,14 @@ class Trainer:
         """The current model as a :class:`~finetune_sdk.inference.FineTunedModel` (loads the base on first use)."""
         if self._session is None:
             from finetune_sdk.inference import FineTunedModel
-            from finetune_sdk.models import load_base_model, resolve_dtype, with_new_head
+            from finetune_sdk.models import load_base_model, with_new_head
 
             tokenizer = self._load_tokenizer()
             model = self._given_model
             if model is None:
+                self.logger.info("precision: %s", self.precision.describe())
                 model = load_base_model(self.source, self.technique.task, self.quantizer, self.options,
-                                        dtype=resolve_dtype(self.options["dtype"], self.technique.result_is_model))
+                                        dtype=self.precision.torch_dtype())
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
             if self.technique.task == CLASSIFICATION:
@@ -219,6 +221,20 @@ class Trainer:
     def _option_specs(self) -> dict[str, Any]:
         return option_table([TRAINING_OPTIONS, self.technique.options,
                              self.quantizer.options if self.quantizer else ()])
+
+    @property
+    def precision(self) -> Any:
+        """The run's :class:`~finetune_sdk.precision.Precision` (``dtype="auto"``: bf16 frozen base where fast)."""
+        from finetune_sdk.precision import resolve_precision, run_precision
+
+        if self._given_model is None:
+            return run_precision(self)
+        import torch
+
+        dtype = str(next(self._given_model.parameters(), torch.empty(0)).dtype).removeprefix("torch.")
+        given = resolve_precision({**self.options, "dtype": dtype}, adapter=self.technique.saves_adapter,
+                                  full=self.technique.result_is_model)
+        return replace(given, reason="the model was passed in loaded")
 
     @property
     def log_history(self) -> list[dict[str, Any]]:

@@ -15,10 +15,13 @@ from finetune_sdk import varlen_attention
 from finetune_sdk.callbacks import CrashAtStep, PluginCallback, RichProgressCallback
 from finetune_sdk.checkpoints import (checkpoints_dir, checkpointing_trainer_class, latest_checkpoint,
                                       remove_checkpoints)
+from finetune_sdk.chunked_loss import chunked_loss_trainer_class
+from finetune_sdk.cpu_threads import set_cpu_threads
 from finetune_sdk.models import ModelSource
 from finetune_sdk.objectives import ListDataset
 from finetune_sdk.plugin_api import TrainingContext
 from finetune_sdk.planning import EvalSet, TrainingPlan
+from finetune_sdk.precision import keep_activations_fp32, run_precision
 from finetune_sdk.result import FitResult
 from finetune_sdk.saving import build_manifest, is_main_process, save_result, unwrap, work_dir_beside
 
@@ -38,6 +41,8 @@ class RunSpec:
     host: Any
     progress: bool = True
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("finetune_sdk"))
+    #: The run's :class:`~finetune_sdk.precision.Precision` (None: resolved from the options).
+    precision: Any = None
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -78,6 +83,24 @@ def supports_checkpointing(model: Any) -> bool:
     return hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable")
 
 
+def decide_chunked_loss(run: Any, plan: TrainingPlan, model: Any) -> bool:
+    """Chunked cross-entropy when asked (the default), for supervised/text causal-LM training (the ``sft``
+    objective) of a model whose loss it computes exactly (finetune_sdk.chunked_loss.supports_chunked_loss), without
+    FSDP or DeepSpeed (the LM head's weight is sharded there)."""
+    from finetune_sdk.chunked_loss import supports_chunked_loss
+
+    if not run.options.get("chunked_loss", True) or plan.objective != "sft":
+        return False
+    if run.options.get("fsdp") or run.options.get("deepspeed"):
+        run.logger.info("chunked loss off under FSDP/DeepSpeed: the LM head's weight is sharded")
+        return False
+    if not supports_chunked_loss(model):
+        run.logger.info("chunked loss off: the model's LM head or logits are not plain (full logits are used)")
+        return False
+    run.logger.info("chunked loss: the logits are computed a chunk of tokens at a time, never all at once")
+    return True
+
+
 def training_arguments(run: RunSpec, work_dir: str, has_eval: bool, group_by_length: bool = False,
                        packed: bool = False, checkpointable: bool = True) -> Any:
     import torch
@@ -95,7 +118,7 @@ def training_arguments(run: RunSpec, work_dir: str, has_eval: bool, group_by_len
         max_grad_norm=o["max_grad_norm"], optim=o["optim"], logging_steps=o["logging_steps"],
         eval_strategy=("steps" if o["eval_steps"] else "epoch") if has_eval else "no", eval_steps=o["eval_steps"],
         save_strategy="steps" if o["save_steps"] else "no", save_steps=o["save_steps"] or 500,
-        bf16=o["bf16"], fp16=o["fp16"],
+        bf16=bool(o["bf16"]), fp16=bool(o["fp16"]),
         report_to=o["report_to"], disable_tqdm=True, remove_unused_columns=False, label_names=["labels"],
         include_num_input_tokens_seen="no" if packed else "non_padding", use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(), save_only_model=False,
@@ -124,6 +147,9 @@ def run_training(run: RunSpec, plan: TrainingPlan, session: Any, tokenizer: Any)
     objective.before_prepare(session.model, plan, tokenizer, options)
     model = run.technique.prepare(session.model, options, tokenizer)
     session.model = model
+    precision = run_precision(run)
+    if precision.activations == "float32" and precision.dtype != "float32":
+        keep_activations_fp32(model)  # bf16 matmuls, fp32 in between: adapter updates are not rounded away
     objective.after_prepare(model, plan, tokenizer, options)  # DPO: the reference is the policy as it stands now
     plan.packed = decide_packing(run, plan, model)
     plan.varlen = plan.packed and varlen_attention.applicable(model, options["max_length"])
@@ -133,6 +159,9 @@ def run_training(run: RunSpec, plan: TrainingPlan, session: Any, tokenizer: Any)
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise RuntimeError(f"technique {run.technique.name!r} left no trainable parameters")
+    plan.trainable_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                                    if p.requires_grad})
+    plan.chunked_loss = decide_chunked_loss(run, plan, model)
     log.info("%s%s on %s: %s of %s parameters trainable (%.2f%%), %d examples, %d tokens",
              run.technique.name, objective.label, run.source.id,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(encoded.examples), encoded.tokens)
@@ -158,7 +187,10 @@ def run_training(run: RunSpec, plan: TrainingPlan, session: Any, tokenizer: Any)
         if os.environ.get("FINETUNE_SDK_CRASH_AT_STEP"):
             callbacks.append(CrashAtStep(int(os.environ["FINETUNE_SDK_CRASH_AT_STEP"])))
         inputs = objective.training_inputs(run, plan, model, tokenizer, args)
-        cls = checkpointing_trainer_class(inputs.trainer_class, checkpoint_root, options=options)
+        trainer_class = chunked_loss_trainer_class(inputs.trainer_class) if plan.chunked_loss else \
+            inputs.trainer_class
+        set_cpu_threads(log)
+        cls = checkpointing_trainer_class(trainer_class, checkpoint_root, options=options)
         hf = cls(model=inputs.model, args=args, train_dataset=inputs.train_dataset, eval_dataset=inputs.eval_dataset,
                  data_collator=inputs.collator, callbacks=callbacks)
         hf.remove_callback(PrinterCallback)  # progress and logs go through rich and the plugin hooks

@@ -99,9 +99,18 @@ def test_lora_adapter_size_matches_peft(tok):
 # -- activations, gradients, optimizer --------------------------------------------------------------------------
 def test_doubling_the_batch_roughly_doubles_activations():
     config = llama()
-    small, large = (estimate_training_memory(config, batch_size=b, seq_len=256) for b in (4, 8))
+    small, large = (estimate_training_memory(config, batch_size=b, seq_len=256, chunked_loss=False) for b in (4, 8))
     assert 1.9 < large.activations / small.activations < 2.1
     assert large.weights == small.weights
+
+
+def test_the_chunked_loss_drops_the_full_logits_from_the_estimate():
+    config = llama(vocab=49152)
+    plain, chunked = (estimate_training_memory(config, batch_size=8, seq_len=512, chunked_loss=c) for c in (False, True))
+    full_logits = 3 * 8 * 512 * 49152 * 4
+    assert plain.activations - chunked.activations > 0.8 * full_logits
+    assert estimate_for_options(config, "lora", None, {"chunked_loss": False, "dtype": "float32"}).total > \
+        estimate_for_options(config, "lora", None, {"dtype": "float32"}).total
 
 
 def test_gradient_checkpointing_lowers_activations():
@@ -215,7 +224,7 @@ def test_available_memory_and_no_torch_at_import():
 
 # -- the advisor --------------------------------------------------------------------------------------------------
 def test_little_memory_gets_qlora_with_gradient_checkpointing():
-    config = llama(hidden=2048, layers=22, vocab=32000)  # TinyLlama-sized
+    config = llama(hidden=3072, layers=28, vocab=32000)  # 3B-sized: the weights dominate (with the chunked loss)
     kw = dict(batch_size=1, seq_len=2048, device="cuda", dtype="bfloat16")
     qlora_gc = estimate_training_memory(config, technique="qlora", lora_r=64, lora_targets="all-linear",
                                         gradient_checkpointing=True, **kw)

@@ -1,0 +1,170 @@
+"""Which precision a run trains in: ``dtype="auto"`` picks bf16 for a frozen base where the hardware is fast at it.
+
+With ``dtype="auto"`` and neither ``bf16`` nor ``fp16`` given, an adapter technique (LoRA, or a plugin technique that
+saves a PEFT adapter) on a full-precision base gets its frozen base weights in bfloat16 when the device computes
+bf16 natively: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16 or AMX (``torch.cpu`` reports both). The
+base's matmuls then run in bf16 without autocast, while the activations between them (:func:`keep_activations_fp32`:
+without it, a LoRA update smaller than half a bf16 step of the frozen layer's output is rounded away, and the
+adapter learned visibly slower than in fp32), the trainable parameters (PEFT creates LoRA weights in fp32), their
+gradients and the optimizer state stay fp32. Everything else trains
+in fp32, as do full fine-tuning (its weights are the trainable ones) and a 4-bit/8-bit base on the CPU (bitsandbytes
+computes in fp32 there). Giving ``dtype=`` or ``bf16=``/``fp16=`` overrides the choice; the choice is logged and
+recorded in the manifest (``precision``).
+
+Example:
+    >>> p = resolve_precision({"dtype": "float32", "bf16": None, "fp16": False}, adapter=True)
+    >>> p.dtype, p.reason
+    ('float32', 'dtype=float32 given')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The precision of a training run.
+
+    ``dtype``: the loaded (frozen) base weights; ``autocast``: ``bfloat16``/``float16`` mixed precision over them
+    (``bf16=True``/``fp16=True``) or ``None``; ``trainable_dtype``: the trainable parameters, gradients and
+    optimizer state (``float32`` for adapters; the weights' dtype for full fine-tuning); ``auto``: chosen by the
+    SDK; ``reason``: why, in words.
+    """
+
+    dtype: str
+    autocast: str | None
+    trainable_dtype: str
+    auto: bool
+    reason: str
+    #: ``float32`` when the frozen 16-bit base computes its matmuls in 16 bits but hands fp32 to the rest of the
+    #: model (residual stream, norms, attention, the adapters' sums: :func:`keep_activations_fp32`); else the
+    #: weights' (or autocast's) dtype.
+    activations: str = ""
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def describe(self) -> str:
+        """One line for the log, e.g. ``bfloat16 frozen base, float32 trainable parameters and optimizer state``."""
+        frozen = self.trainable_dtype == "float32" and self.dtype != "float32"
+        base = f"{self.dtype} {'frozen base' if frozen else 'weights'}"
+        activations = f", {self.activations} activations" if self.activations == "float32" and frozen else ""
+        trained = f", {self.trainable_dtype} trainable parameters and optimizer state" if frozen else ""
+        autocast = f", {self.autocast} autocast" if self.autocast else ""
+        return f"{base}{activations}{trained}{autocast} ({self.reason})"
+
+    def to_manifest(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cpu_bf16_native() -> str | None:
+    """``"AMX"`` or ``"AVX512-BF16"`` when this CPU has bf16 matrix instructions (torch's own detection), else None."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    if cpu is not None and getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "AMX"
+    if cpu is not None and getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "AVX512-BF16"
+    return None
+
+
+def cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(options: Mapping[str, Any], *, adapter: bool, full: bool = False, quantized: bool = False,
+                      device: str | None = None) -> Precision:
+    """The precision for a run's resolved ``options`` (``dtype``, ``bf16``, ``fp16``).
+
+    ``adapter``: the technique trains a PEFT adapter on a frozen base; ``full``: it trains every weight;
+    ``quantized``: the base is loaded in 4 or 8 bits; ``device``: ``cpu`` or ``cuda`` (default: a GPU when torch
+    sees one). ``bf16``/``fp16`` of ``None`` mean not given.
+    """
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    autocast = "bfloat16" if options.get("bf16") else "float16" if options.get("fp16") else None
+    dtype = options.get("dtype") or "auto"
+    if dtype != "auto":
+        return Precision(dtype, autocast, dtype if full else "float32", False, f"dtype={dtype} given")
+    given = options.get("bf16") is not None or bool(options.get("fp16"))
+    if device == "cuda":  # a frozen base in bf16 on a bf16 GPU, with or without autocast (as before)
+        if not full and cuda_bf16():
+            return Precision("bfloat16", autocast, "float32", not given, "auto: the GPU computes bf16 natively")
+        return Precision("float32", autocast, "float32", False,
+                         "auto: full fine-tuning keeps fp32 weights" if full else "auto: the GPU has no bf16")
+    if given:
+        return Precision("float32", autocast, "float32", False,
+                         f"{'bf16' if options.get('bf16') is not None else 'fp16'}= given: fp32 weights")
+    if full or not adapter:
+        return Precision("float32", None, "float32", False,
+                         "auto: fp32, the trained weights are the model's own" if full else
+                         "auto: fp32 for techniques other than adapters")
+    if quantized:
+        return Precision("float32", None, "float32", False,
+                         "auto: fp32 around a quantized base on the CPU (bitsandbytes computes in fp32 there)")
+    native = cpu_bf16_native()
+    if native is None:
+        return Precision("float32", None, "float32", False, "auto: this CPU has no AVX512-BF16 or AMX")
+    return Precision("bfloat16", None, "float32", True,
+                     f"auto: this CPU has {native}; dtype='float32' keeps the base in fp32", activations="float32")
+
+
+def run_precision(run: Any) -> Precision:
+    """The precision of a run: ``run`` has ``technique``, ``quantizer`` and resolved ``options`` (a
+    :class:`~finetune_sdk.training.RunSpec` or the Trainer); a ``precision`` it carries wins."""
+    given = getattr(run, "precision", None)
+    if isinstance(given, Precision):
+        return given
+    return resolve_precision(run.options, adapter=bool(getattr(run.technique, "saves_adapter", False)),
+                             full=bool(getattr(run.technique, "result_is_model", False)),
+                             quantized=run.quantizer is not None)
+
+
+def keep_activations_fp32(model: Any) -> int:
+    """Let a frozen 16-bit base compute its matmuls in 16 bits while everything between them stays fp32.
+
+    Each frozen 16-bit ``Linear`` (and GPT-2's ``Conv1D``) gets its input cast to its weight's dtype and its output
+    cast to fp32; each frozen 16-bit ``Embedding`` returns fp32; the other frozen 16-bit parameters (norms) become
+    fp32 (they are tiny). The residual stream, norms, attention and, above all, the sum of a frozen layer's output
+    and its LoRA update then stay fp32: in bf16 that sum rounds away an update smaller than half a bf16 step
+    (2^-9 of the output), which early in training is most of them, so the adapter learned more slowly than in fp32.
+    Returns the number of layers given casts; a second call changes nothing.
+    """
+    import torch
+
+    hooked = 0
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.dtype in (torch.bfloat16, torch.float16)]
+        if not own or any(p.requires_grad for p in own) or getattr(module, "_finetune_sdk_fp32_io", False):
+            continue
+        if isinstance(module, torch.nn.Embedding):
+            module.register_forward_hook(_output_to_fp32)
+        elif isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+            module.register_forward_pre_hook(_input_to_weight_dtype)
+            module.register_forward_hook(_output_to_fp32)
+        else:
+            for param in own:
+                param.data = param.data.float()
+            continue
+        module._finetune_sdk_fp32_io = True
+        hooked += 1
+    return hooked
+
+
+def _input_to_weight_dtype(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (args[0].to(module.weight.dtype), *args[1:]) if args else args
+
+
+def _output_to_fp32(module: Any, args: Any, output: Any) -> Any:
+    import torch
+
+    return output.float() if isinstance(output, torch.Tensor) else output

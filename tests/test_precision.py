@@ -1,0 +1,95 @@
+"""Precision ``auto``: bf16 frozen base + fp32 trainable state where the CPU computes bf16, fp32 elsewhere."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import finetune_sdk
+from finetune_sdk import Trainer, precision
+from finetune_sdk.manifest import MANIFEST_NAME
+from finetune_sdk.precision import resolve_precision
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """This CPU reports AVX512-BF16 (the decision only; bf16 math runs on any CPU)."""
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: "AVX512-BF16")
+
+
+@pytest.fixture
+def plain_cpu(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: None)
+
+
+AUTO = {"dtype": "auto", "bf16": None, "fp16": False}
+
+
+def test_rules_on_a_bf16_cpu(bf16_cpu):
+    p = resolve_precision(AUTO, adapter=True, device="cpu")
+    assert (p.dtype, p.trainable_dtype, p.autocast, p.auto) == ("bfloat16", "float32", None, True)
+    assert "AVX512-BF16" in p.reason
+    assert resolve_precision(AUTO, adapter=True, full=True, device="cpu").dtype == "float32"  # full: fp32 weights
+    assert resolve_precision(AUTO, adapter=False, device="cpu").dtype == "float32"  # the classifier
+    assert resolve_precision(AUTO, adapter=True, quantized=True, device="cpu").dtype == "float32"  # qlora on CPU
+    # an explicit dtype= or bf16= (true or false) overrides the automatic choice
+    assert resolve_precision({**AUTO, "dtype": "float32"}, adapter=True, device="cpu").dtype == "float32"
+    off = resolve_precision({**AUTO, "bf16": False}, adapter=True, device="cpu")
+    assert (off.dtype, off.autocast, off.auto) == ("float32", None, False)
+    on = resolve_precision({**AUTO, "bf16": True}, adapter=True, device="cpu")
+    assert (on.dtype, on.autocast) == ("float32", "bfloat16")
+
+
+def test_rules_on_a_cpu_without_bf16_and_on_gpus(plain_cpu, monkeypatch):
+    p = resolve_precision(AUTO, adapter=True, device="cpu")
+    assert (p.dtype, p.auto) == ("float32", False) and "no AVX512-BF16" in p.reason
+    monkeypatch.setattr(precision, "cuda_bf16", lambda: True)
+    assert resolve_precision(AUTO, adapter=True, device="cuda").dtype == "bfloat16"
+    assert resolve_precision(AUTO, adapter=True, full=True, device="cuda").dtype == "float32"
+    monkeypatch.setattr(precision, "cuda_bf16", lambda: False)
+    assert resolve_precision(AUTO, adapter=True, device="cuda").dtype == "float32"
+
+
+def test_auto_trains_a_bf16_base_with_fp32_adapters_and_records_it(bf16_cpu, tiny_models, tmp_path, qa_rows,
+                                                                   caplog):
+    caplog.set_level("INFO", logger="finetune_sdk")
+    trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "out", max_steps=2,
+                      progress=False)
+    result = trainer.fit(qa_rows)
+    model = trainer.session().model
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n)
+    assert all(dtypes[n] == torch.bfloat16 for n in dtypes if n.endswith(("proj.base_layer.weight", "embed_tokens.weight")))
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "norm" in n)  # between the matmuls: fp32
+    ids = torch.tensor([[1, 5, 9, 12]])
+    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert all(h.dtype == torch.float32 for h in hidden)  # the residual stream stays fp32
+    manifest = json.loads((result.output_dir / MANIFEST_NAME).read_text())
+    assert manifest["dtype"] == "bfloat16"
+    assert manifest["precision"] == {"dtype": "bfloat16", "autocast": None, "trainable_dtype": "float32",
+                                     "auto": True, "reason": manifest["precision"]["reason"],
+                                     "activations": "float32"}
+    assert ("precision: bfloat16 frozen base, float32 activations, float32 trainable parameters and optimizer "
+            "state") in caplog.text
+    loaded = finetune_sdk.load(result.output_dir)
+    assert next(loaded.model.get_base_model().parameters()).dtype == torch.bfloat16  # reloaded as trained
+
+
+def test_fp32_is_recorded_where_the_cpu_has_no_bf16(plain_cpu, tiny_models, tmp_path, qa_rows):
+    result = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "out", max_steps=1,
+                     progress=False).fit(qa_rows)
+    assert result.manifest["dtype"] == "float32" and result.manifest["precision"]["auto"] is False
+
+
+def test_bf16_base_loss_stays_within_one_percent_of_fp32(bf16_cpu, tiny_models, tmp_path, qa_rows):
+    """Loss parity on a tiny model: same data, seed and steps; auto (bf16 base) vs dtype='float32'."""
+    losses = {}
+    for dtype in ("auto", "float32"):
+        trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / dtype, max_steps=6,
+                          per_device_train_batch_size=4, learning_rate=1e-3, dtype=dtype, progress=False)
+        result = trainer.fit(qa_rows, eval_data=qa_rows[:8])
+        losses[dtype] = (result.metrics["train_loss"], result.metrics["eval_loss"])
+    assert losses["auto"][0] == pytest.approx(losses["float32"][0], rel=0.01)
+    assert losses["auto"][1] == pytest.approx(losses["float32"][1], rel=0.01)
