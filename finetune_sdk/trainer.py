@@ -225,10 +225,11 @@ class Trainer:
     @property
     def precision(self) -> Any:
         """The run's :class:`~finetune_sdk.precision.Precision` (``dtype="auto"``: bf16 frozen base where fast)."""
-        from finetune_sdk.precision import resolve_precision, run_precision
+        from finetune_sdk.precision import resolve_precision
 
         if self._given_model is None:
-            return run_precision(self)
+            return resolve_precision(self.options, adapter=self.technique.saves_adapter,
+                                     full=self.technique.result_is_model, quantized=self.quantizer is not None)
         import torch
 
         dtype = str(next(self._given_model.parameters(), torch.empty(0)).dtype).removeprefix("torch.")
