@@ -53,6 +53,7 @@ def real_smollm2() -> str:
 
 def run(model: str, variant: str, train: list, evaluation: list, args: argparse.Namespace, out: Path) -> dict:
     from finetune_sdk import Trainer
+    from finetune_sdk.precision import precision_for
 
     trainer = Trainer(model, technique="lora", formatter="text", output_dir=out, progress=False, **LORA,
                       per_device_train_batch_size=args.batch, max_steps=args.steps, max_length=args.max_length,
@@ -62,7 +63,7 @@ def run(model: str, variant: str, train: list, evaluation: list, args: argparse.
     metrics = trainer.fit(train, eval_data=evaluation).metrics
     return {"tok/s": metrics["train_tokens_per_second"], "eval_loss": metrics["eval_loss"],
             "train_loss": metrics["train_loss"], "seconds": time.perf_counter() - start,
-            "precision": trainer.precision.describe()}
+            "precision": precision_for(trainer).describe()}
 
 
 def main() -> None:

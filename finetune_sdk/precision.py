@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 
@@ -116,6 +116,19 @@ def resolve_precision(options: Mapping[str, Any], *, adapter: bool, full: bool =
         return Precision("float32", None, "float32", False, "auto: this CPU has no AVX512-BF16 or AMX")
     return Precision("bfloat16", None, "float32", True,
                      f"auto: this CPU has {native}; dtype='float32' keeps the base in fp32", activations="float32")
+
+
+def precision_for(trainer: Any) -> Precision:
+    """The precision of a ``Trainer``'s run; a model passed in loaded keeps its own dtype."""
+    if getattr(trainer, "_given_model", None) is None:
+        return resolve_precision(trainer.options, adapter=trainer.technique.saves_adapter,
+                                 full=trainer.technique.result_is_model, quantized=trainer.quantizer is not None)
+    import torch
+
+    dtype = str(next(trainer._given_model.parameters(), torch.empty(0)).dtype).removeprefix("torch.")
+    given = resolve_precision({**trainer.options, "dtype": dtype}, adapter=trainer.technique.saves_adapter,
+                              full=trainer.technique.result_is_model)
+    return replace(given, reason="the model was passed in loaded")
 
 
 def run_precision(run: Any) -> Precision:

@@ -5,7 +5,6 @@ runs plan -> run -> save: :mod:`.planning` encodes the data, :mod:`.training` tr
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from finetune_sdk.log import ensure_handler
 from finetune_sdk.options import TRAINING_OPTIONS, option_table, resolve_options
 from finetune_sdk.planning import Planner, detect_formatter, formatter_fits, reward_rows, validate_task_name
 from finetune_sdk.plugin_manager import get_plugin_host
+from finetune_sdk.precision import precision_for
 from finetune_sdk.request import (check_output_dir, check_precision, default_output_dir, model_source,
                                   resolve_plugins)
 from finetune_sdk.result import FitResult
@@ -128,7 +128,7 @@ class Trainer:
             check_run_memory(self.source.path or self.source.id, self.technique, self.quantizer, self.options,
                              plan.train.examples)
         run = RunSpec(self.technique, self.quantizer, self.options, self.output_dir, self.source, self.host,
-                      self.progress, self.logger, self.precision)
+                      self.progress, self.logger, precision_for(self))
         result = run_training(run, plan, self.session(), tokenizer)
         self._log_history = result.log_history
         if self.publish_as:
@@ -199,9 +199,8 @@ class Trainer:
             tokenizer = self._load_tokenizer()
             model = self._given_model
             if model is None:
-                self.logger.info("precision: %s", self.precision.describe())
                 model = load_base_model(self.source, self.technique.task, self.quantizer, self.options,
-                                        dtype=self.precision.torch_dtype())
+                                        dtype=precision_for(self).torch_dtype())
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
             if self.technique.task == CLASSIFICATION:
@@ -221,21 +220,6 @@ class Trainer:
     def _option_specs(self) -> dict[str, Any]:
         return option_table([TRAINING_OPTIONS, self.technique.options,
                              self.quantizer.options if self.quantizer else ()])
-
-    @property
-    def precision(self) -> Any:
-        """The run's :class:`~finetune_sdk.precision.Precision` (``dtype="auto"``: bf16 frozen base where fast)."""
-        from finetune_sdk.precision import resolve_precision
-
-        if self._given_model is None:
-            return resolve_precision(self.options, adapter=self.technique.saves_adapter,
-                                     full=self.technique.result_is_model, quantized=self.quantizer is not None)
-        import torch
-
-        dtype = str(next(self._given_model.parameters(), torch.empty(0)).dtype).removeprefix("torch.")
-        given = resolve_precision({**self.options, "dtype": dtype}, adapter=self.technique.saves_adapter,
-                                  full=self.technique.result_is_model)
-        return replace(given, reason="the model was passed in loaded")
 
     @property
     def log_history(self) -> list[dict[str, Any]]:

@@ -148,6 +148,7 @@ def run_training(run: RunSpec, plan: TrainingPlan, session: Any, tokenizer: Any)
     model = run.technique.prepare(session.model, options, tokenizer)
     session.model = model
     precision = run_precision(run)
+    log.info("precision: %s", precision.describe())
     if precision.activations == "float32" and precision.dtype != "float32":
         keep_activations_fp32(model)  # bf16 matmuls, fp32 in between: adapter updates are not rounded away
     objective.after_prepare(model, plan, tokenizer, options)  # DPO: the reference is the policy as it stands now

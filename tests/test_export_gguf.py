@@ -43,8 +43,9 @@ def _base(tmp_path: Path, family: str, tokenizer_kind: str) -> Path:
 
 
 def _train(base: Path, out: Path, technique: str = "lora", **options) -> Path:
+    # an fp32 base (dtype="auto" may pick bf16 on this CPU): the bounds below are for an fp32 merge
     options = {"formatter": "chat-template", "num_train_epochs": 1, "learning_rate": 5e-2, "progress": False,
-               **options}
+               "dtype": "float32", **options}
     return Trainer(base, technique=technique, output_dir=out, **options).fit(ROWS).output_dir
 
 
