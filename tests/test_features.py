@@ -21,7 +21,8 @@ def train(model_dir, out, **options):
                    per_device_train_batch_size=4, progress=False, seed=0, **options).fit(ROWS, eval_data=ROWS[:6])
 
 
-def test_cached_features_train_the_same_head_and_are_reused(tiny_models, tmp_path):
+def test_cached_features_train_the_same_head_and_are_reused(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_SDK_CACHE", str(tmp_path / "cache"))  # other tests may have cached these rows
     for family in ("llama", "bert"):
         cached = train(tiny_models(family), tmp_path / f"{family}-cached")
         direct = train(tiny_models(family), tmp_path / f"{family}-direct", cache_features=False)

@@ -141,6 +141,17 @@ def test_client_killed_mid_round_the_run_completes_and_reports_it(llama_dir, tmp
     assert "clinic-c" not in history[1]["clients"]
 
 
+def _processes_under(folder) -> list[str]:
+    """Command lines of living processes whose working directory is inside ``folder``."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cwd", "cmdline"]):
+        if process.info["cwd"] and process.info["cwd"].startswith(str(folder)):
+            found.append(" ".join(process.info["cmdline"] or [])[:120])
+    return found
+
+
 def test_server_killed_after_a_round_resumes_from_its_checkpoint(llama_dir, tmp_path, started):
     from finetune_sdk.registry import Registry
 
@@ -155,6 +166,7 @@ def test_server_killed_after_a_round_resumes_from_its_checkpoint(llama_dir, tmp_
     started[0].kill("superlink")  # the server dies between rounds
     thread.join(300)
     assert "error" in outcome and not (tmp_path / "fed").exists()
+    assert _processes_under(tmp_path) == []  # the SuperLink's detached ServerApp went with it
     saved = json.loads(state.read_text())
     done = saved["round"]
     assert 1 <= done < 3
@@ -171,3 +183,4 @@ def test_server_killed_after_a_round_resumes_from_its_checkpoint(llama_dir, tmp_
     versions = [registry.resolve(f"fed@{i}") for i in (1, 2, 3)]
     assert versions[1].parent == versions[0].ref and versions[2].parent == versions[1].ref
     assert not state.exists()
+    assert _processes_under(tmp_path) == []

@@ -154,31 +154,63 @@ class FlowerProcesses:
         return process is not None and process.poll() is None
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to one process this object started (and its process group)."""
+        """Send ``sig`` to one process this object started and to everything it started in turn.
+
+        Flower's SuperLink starts its ServerApp through a detached process in a session of its own, so signalling
+        the SuperLink's process group alone would leave that ServerApp running after the SuperLink is gone.
+        """
         process = self.processes[name]
         if process.poll() is None:
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                pass
+            _signal_tree(process.pid, sig)
 
     def stop(self) -> None:
-        for name in list(self.processes):
-            self.kill(name, signal.SIGTERM)
+        """End every process this object started and their descendants: SIGTERM, then SIGKILL after 15 s."""
+        trees = {name: _descendants(process.pid) for name, process in self.processes.items()
+                 if process.poll() is None}
+        for name in trees:
+            _signal_tree(self.processes[name].pid, signal.SIGTERM)
         deadline = time.time() + 15
-        for process in self.processes.values():
+        for name, process in self.processes.items():
             try:
                 process.wait(timeout=max(deadline - time.time(), 0.1))
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _signal_tree(process.pid, signal.SIGKILL)
                 process.wait()
+        for leftover in (pid for pids in trees.values() for pid in pids):  # reparented to init by now
+            _signal(leftover, signal.SIGKILL)
 
     def log_tail(self, name: str, chars: int = 2000) -> str:
         path = self.work_dir / f"{name}.log"
         return path.read_text(encoding="utf-8", errors="replace")[-chars:] if path.is_file() else ""
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids of every living descendant of ``pid`` (children first found, then theirs)."""
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Signal ``pid``'s process group when it leads one of its own (never ours), else the process alone."""
+    try:
+        group = os.getpgid(pid)
+        if group == pid and group != os.getpgrp():
+            os.killpg(group, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    """Signal ``pid`` and all its descendants, found before the first signal so none is missed."""
+    descendants = _descendants(pid)
+    for target in [pid, *descendants]:
+        _signal(target, sig)
 
 
 def wait_for_run(job: FederatedJob, processes: FlowerProcesses, timeout: float) -> dict[str, Any]:
