@@ -116,8 +116,8 @@ def _number(value: float) -> str:
 TRAINING_OPTIONS: tuple[Option, ...] = (
     Option("num_train_epochs", float, 3.0, "passes over the training data", exclusive_minimum=0),
     Option("max_steps", int, -1, "stop after this many optimizer steps (overrides epochs when > 0)", minimum=-1),
-    Option("learning_rate", float, None, "peak learning rate (technique default when unset)",
-           exclusive_minimum=0),
+    Option("learning_rate", float, None, "peak learning rate (technique default when unset; 0 trains nothing)",
+           minimum=0),
     Option("per_device_train_batch_size", int, 4, "examples per device per step", minimum=1),
     Option("per_device_eval_batch_size", int, 8, "examples per device per evaluation step", minimum=1),
     Option("gradient_accumulation_steps", int, 1, "micro-batches accumulated per optimizer step", minimum=1),

@@ -1,7 +1,6 @@
 """Issue 11, kind 2: DPO's reference is the policy as it stands when DPO starts (every technique).
 
-The issue's input uses ``learning_rate=0``; option ranges (issue 10) now refuse 0, so a policy that never moves is
-trained with ``learning_rate=1e-12`` (its weights change by ~1e-12, far below the tolerances checked)."""
+The issue's input: a DPO stage with ``learning_rate=0`` after an SFT stage, a policy that never moves."""
 
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ def test_dpo_after_sft_with_a_policy_that_never_moves_has_margin_zero_and_loss_l
                       learning_rate=2e-2 if technique != "full" else 3e-3, num_train_epochs=2, save_steps=0,
                       **({"target_modules": "all-linear"} if technique != "full" else {}))
     result = trainer.fit([Stage(SFT, formatter="alpaca"),
-                          Stage(PAIRS, formatter="preference", eval_data=HELD_OUT, learning_rate=1e-12)])
+                          Stage(PAIRS, formatter="preference", eval_data=HELD_OUT, learning_rate=0)])
     sft, dpo = result.stages
     assert sft.metrics["train_loss"] > 0 and dpo.manifest["objective"] == "dpo"
     assert dpo.metrics["train_loss"] == pytest.approx(math.log(2), abs=1e-4)

@@ -28,7 +28,7 @@ def data(tmp_path, qa_rows):
     ({"lora_dropout": -0.1}, "option 'lora_dropout' must be at least 0, got -0.1"),
     ({"learning_rate": float("nan")}, "option 'learning_rate' must be a finite number, got nan"),
     ({"learning_rate": "inf"}, "option 'learning_rate' must be a finite number, got inf"),
-    ({"learning_rate": 0}, "option 'learning_rate' must be greater than 0, got 0.0"),
+    ({"learning_rate": -1e-4}, "option 'learning_rate' must be at least 0, got -0.0001"),
     ({"seed": -1}, "option 'seed' must be at least 0, got -1"),
     ({"num_train_epochs": -1}, "option 'num_train_epochs' must be greater than 0, got -1.0"),
     ({"num_train_epochs": 0}, "option 'num_train_epochs' must be greater than 0, got 0.0"),
