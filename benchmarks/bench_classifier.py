@@ -1,7 +1,7 @@
 """Classifier technique: head trained on cached backbone features vs the frozen backbone run every epoch.
 
 Same model, data, seed and 5 epochs; the table shows wall time of ``fit`` (feature extraction included for the cached
-run, on a cold cache) and the speed-up. The trained heads match (tests/test_features.py).
+run, on a cold cache) and the speed-up. The trained heads match (tests/test_feature_cache.py).
 
     python benchmarks/bench_classifier.py [--model PATH] [--rows 512] [--epochs 5]
 """

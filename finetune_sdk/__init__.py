@@ -66,9 +66,9 @@ def __getattr__(name: str) -> Any:
 
         return Trainer
     if name in ("Stage", "Task"):
-        from finetune_sdk import workflows
+        from finetune_sdk import stages_and_tasks
 
-        return getattr(workflows, name)
+        return getattr(stages_and_tasks, name)
     if name == "FitResult":
         from finetune_sdk.result import FitResult
 

@@ -33,7 +33,7 @@ def fresh_base(trainer: Any) -> Any:
                    quantizer=trainer.quantizer.name if trainer.quantizer else "none",
                    formatter=trainer.formatter.name if trainer.formatter else None, tokenizer=trainer._tokenizer,
                    progress=False, **{k: v for k, v in trainer.options.items() if k in trainer._option_names})
-    return base.session()
+    return base.current_model()
 
 
 def compare_models(tuned: Any, load_base: Callable[[], Any], rows: Rows, prompts: Any = None, *,

@@ -14,10 +14,13 @@ from finetune_sdk.formatter import CLASSIFICATION, Formatter, Segment
 from finetune_sdk.scoring import require_rows, scored_rows
 
 
-class FineTunedModel:
-    """A model with its tokenizer and formatter, ready to generate, predict and evaluate.
+class LoadedModel:
+    """A loaded model (base or fine-tuned) with its tokenizer and formatter, ready to generate, predict and
+    evaluate.
 
-    ``finetune_sdk.load(...)`` returns one; ``Trainer`` uses one for its current model.
+    ``finetune_sdk.load(...)`` returns one holding a fine-tuned result; ``Trainer.current_model()`` returns the
+    base model before ``fit`` and the fine-tuned one after. ``FineTunedModel`` is the same class under its older
+    name.
 
     Example:
         >>> import finetune_sdk
@@ -216,6 +219,10 @@ def macro_f1(predictions: Sequence[int], golds: Sequence[int], num_labels: int) 
         if tp + fp + fn:
             scores.append(2 * tp / (2 * tp + fp + fn))
     return sum(scores) / len(scores) if scores else 0.0
+
+
+#: The older name of :class:`LoadedModel`.
+FineTunedModel = LoadedModel
 
 
 class _StepCounter:

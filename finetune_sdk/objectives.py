@@ -2,7 +2,7 @@
 
 An objective decides how rows are encoded, what happens to the model before training (the DPO reference), which
 transformers ``Trainer`` class and collator train it, whether packing applies, and how a held-out set is scored.
-The run engine (:mod:`finetune_sdk.training`) asks the plan's objective and never branches on its name, so a new
+The run engine (:mod:`finetune_sdk.run_engine`) asks the plan's objective and never branches on its name, so a new
 objective (KTO, an RL objective, a federated round's local step) is a new class registered in :data:`OBJECTIVES`.
 
 * ``sft``: causal-LM cross-entropy on the response tokens (supervised and text formatters; multi-task mixtures).
@@ -31,7 +31,7 @@ from finetune_sdk.formatter import CLASSIFICATION, PREFERENCE, Formatter
 if TYPE_CHECKING:
     from finetune_sdk.data import Rows
     from finetune_sdk.planning import TrainingPlan
-    from finetune_sdk.training import RunSpec
+    from finetune_sdk.run_engine import RunSpec
 
 logger = logging.getLogger("finetune_sdk")
 
@@ -113,14 +113,14 @@ class Objective:
         return TrainingInputs(model, ListDataset(plan.train.examples), eval_dataset,
                               self.collator(plan, tokenizer, run.options), self.trainer_class(HFTrainer, run.options))
 
-    def evaluate(self, session: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        """Final metrics of the trained model (a FineTunedModel) on the held-out set ``plan.evals[name]``."""
+    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Final metrics of the trained model (a LoadedModel) on the held-out set ``plan.evals[name]``."""
         eval_set = plan.evals[name]
-        previous, session.formatter = session.formatter, eval_set.formatter
+        previous, loaded.formatter = loaded.formatter, eval_set.formatter
         try:
-            return session.evaluate(eval_set.rows, batch_size=options["per_device_eval_batch_size"])
+            return loaded.evaluate(eval_set.rows, batch_size=options["per_device_eval_batch_size"])
         finally:
-            session.formatter = previous
+            loaded.formatter = previous
 
 
 class SupervisedFineTuning(Objective):
@@ -186,11 +186,11 @@ class DirectPreferenceOptimization(Objective):
 
         return PairCollator(tokenizer.pad_token_id)
 
-    def evaluate(self, session: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         from finetune_sdk.preference import evaluate_preference
 
         eval_set = plan.evals[name]
-        return evaluate_preference(session.model, eval_set.encoded, session.tokenizer.pad_token_id,
+        return evaluate_preference(loaded.model, eval_set.encoded, loaded.tokenizer.pad_token_id,
                                    options["dpo_beta"], options["per_device_eval_batch_size"],
                                    source=eval_set.rows.source)
 
@@ -198,7 +198,7 @@ class DirectPreferenceOptimization(Objective):
 class ClassificationHead(Objective):
     """``classification-head``: cross-entropy of the classifier's head over the ``labels`` option's classes.
 
-    With ``cache_features`` the frozen backbone runs once per dataset (see :mod:`finetune_sdk.features`) and the
+    With ``cache_features`` the frozen backbone runs once per dataset (see :mod:`finetune_sdk.feature_cache`) and the
     head trains, and is scored, on the cached features.
     """
 
@@ -218,7 +218,7 @@ class ClassificationHead(Objective):
             return super().training_inputs(run, plan, model, tokenizer, args)
         from transformers import Trainer as HFTrainer
 
-        from finetune_sdk.features import collate_features, head_model
+        from finetune_sdk.feature_cache import collate_features, head_model
 
         train, evals = self.feature_datasets(run, plan, model, tokenizer)
         args.include_num_input_tokens_seen = "no"  # feature batches have no input_ids to count
@@ -227,7 +227,7 @@ class ClassificationHead(Objective):
 
     def feature_datasets(self, run: RunSpec, plan: TrainingPlan, model: Any, tokenizer: Any) -> tuple[Any, Any]:
         """(train, {name: eval}) feature datasets: the frozen backbone runs once per dataset (cached on disk)."""
-        from finetune_sdk.features import FeatureDataset, cached_features, model_identity
+        from finetune_sdk.feature_cache import FeatureDataset, cached_features, model_identity
         from finetune_sdk.fsutil import cache_root
 
         base = {"model": model_identity(run.source), "pooling": model.pooling,
@@ -248,17 +248,17 @@ class ClassificationHead(Objective):
                 eval_features, [ex["labels"] for ex in eval_set.encoded.examples])
         return train, evals
 
-    def evaluate(self, session: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         if name in plan.eval_features:  # scored from the cached features by the trained head
-            from finetune_sdk.features import evaluate_head
+            from finetune_sdk.feature_cache import evaluate_head
             from finetune_sdk.scoring import require_rows, scored_rows
 
-            encoded, model = plan.evals[name].encoded, session.model
+            encoded, model = plan.evals[name].encoded, loaded.model
             require_rows(len(encoded.examples), encoded.dropped, plan.evals[name].rows.source,
                          "have no tokens to classify")
             return {**evaluate_head(getattr(model, "module", model).head, plan.eval_features[name]),
                     **scored_rows(len(encoded.examples), encoded.dropped)}
-        return super().evaluate(session, plan, name, options)
+        return super().evaluate(loaded, plan, name, options)
 
 
 #: Every objective by name: the one place an objective is chosen from.

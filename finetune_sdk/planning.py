@@ -2,7 +2,7 @@
 
 Everything that decides what a run trains on lives here: the formatter picked from the columns, the classifier's
 labels, preference pairs turned into reward rows, the multi-task mixture, the objective (see
-:mod:`finetune_sdk.objectives`) and the encoding. The run engine (:mod:`finetune_sdk.training`) takes the plan.
+:mod:`finetune_sdk.objectives`) and the encoding. The run engine (:mod:`finetune_sdk.run_engine`) takes the plan.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from finetune_sdk.encoding import Encoded
 from finetune_sdk.errors import ConfigError, DataError
 from finetune_sdk.formatter import CLASSIFICATION, PREFERENCE, Formatter
 from finetune_sdk.objectives import Objective, get_objective, objective_for
-from finetune_sdk.workflows import Task, is_task_list, mix, mixing_probabilities
+from finetune_sdk.stages_and_tasks import Task, is_task_list, mix, mixing_probabilities
 
 logger = logging.getLogger("finetune_sdk")
 
@@ -61,8 +61,8 @@ class TrainingPlan:
     eval_features: dict[str, Any] = field(default_factory=dict)
     #: The formatter picked for the data (the Trainer keeps it for generate/evaluate).
     formatter: Formatter | None = None
-    #: The formatter a loaded model should render prompts with after this plan (None: leave it as it is).
-    session_formatter: Formatter | None = None
+    #: The formatter the Trainer's current model renders prompts with after this plan (None: leave it as it is).
+    current_model_formatter: Formatter | None = None
     #: The classifier's labels, in class-id order (None for generative objectives).
     labels: list[str] | None = None
 
@@ -108,9 +108,9 @@ class Planner:
             if eval_rows else {}
         dataset = {"fingerprint": train_rows.fingerprint, "rows": len(train_rows), "source": train_rows.source,
                    "eval_fingerprint": eval_rows.fingerprint if eval_rows else None}
-        session_formatter = used if used.task != PREFERENCE else (picked if formatter is None else None)
+        current_model_formatter = used if used.task != PREFERENCE else (picked if formatter is None else None)
         return TrainingPlan(train, used.name, objective.name, evals, dataset, formatter=picked,
-                            session_formatter=session_formatter, labels=labels)
+                            current_model_formatter=current_model_formatter, labels=labels)
 
     def plan_tasks(self, tasks: list[Task], tokenizer: Any) -> TrainingPlan:
         """The plan for multi-task training: each task encoded, then mixed by ``task_mixing``."""
@@ -150,7 +150,7 @@ class Planner:
                                  "probability": probabilities[n], "sampled": counts[n]} for n in names}}
         extra = {"task_examples": counts, "task_probabilities": probabilities}
         return TrainingPlan(train, first.name, objective_for(first.task, self.task).name, evals, dataset, extra,
-                            formatter=first, session_formatter=first)
+                            formatter=first, current_model_formatter=first)
 
 
 def labels_for(rows: Rows, formatter: Formatter, options: Mapping[str, Any]) -> list[str]:

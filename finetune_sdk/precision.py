@@ -133,7 +133,7 @@ def precision_for(trainer: Any) -> Precision:
 
 def run_precision(run: Any) -> Precision:
     """The precision of a run: ``run`` has ``technique``, ``quantizer`` and resolved ``options`` (a
-    :class:`~finetune_sdk.training.RunSpec` or the Trainer); a ``precision`` it carries wins."""
+    :class:`~finetune_sdk.run_engine.RunSpec` or the Trainer); a ``precision`` it carries wins."""
     given = getattr(run, "precision", None)
     if isinstance(given, Precision):
         return given

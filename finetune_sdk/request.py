@@ -86,7 +86,7 @@ def check_output_dir(source: ModelSource, output_dir: Path, data: tuple[Any, ...
     """Refuse an output path that would overwrite something this SDK did not write, or an input (the base model's
     folder or file, a data file of ``data``: paths, ``Task`` lists or stages)."""
     from finetune_sdk.output_paths import check_output_path
-    from finetune_sdk.workflows import is_task_list
+    from finetune_sdk.stages_and_tasks import is_task_list
 
     base = {"local": source.path, "gguf": source.id}.get(source.kind)
     inputs: list[tuple[str, Any]] = [("base model", base)]

@@ -1,5 +1,5 @@
 """Saving a run, in one place: the manifest, the result folder (weights, tokenizer, log, manifest, written
-atomically) and the scratch folder beside it. Used by :mod:`finetune_sdk.training` and the federated server."""
+atomically) and the scratch folder beside it. Used by :mod:`finetune_sdk.run_engine` and the federated server."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ TRAINING_LOG = "training_log.json"
 def build_manifest(run: Any, plan: Any, metrics: dict[str, Any], model: Any) -> dict[str, Any]:
     """The manifest of a finished run (no credentials).
 
-    ``run`` has ``technique``, ``quantizer``, ``options`` and ``source`` (a :class:`~finetune_sdk.training.RunSpec`
+    ``run`` has ``technique``, ``quantizer``, ``options`` and ``source`` (a :class:`~finetune_sdk.run_engine.RunSpec`
     or the Trainer); ``plan`` has ``objective``, ``formatter_name`` and ``dataset``; ``model`` is the trained model
     (its base's commit is recorded when the source gave none).
     """

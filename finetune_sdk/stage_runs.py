@@ -21,7 +21,7 @@ from finetune_sdk.result import FitResult
 
 if TYPE_CHECKING:
     from finetune_sdk.trainer import Trainer
-    from finetune_sdk.workflows import Stage
+    from finetune_sdk.stages_and_tasks import Stage
 
 logger = logging.getLogger("finetune_sdk")
 STATE_FILE = "trainable.safetensors"
@@ -52,7 +52,7 @@ def completed_stages(trainer: Trainer, stages: list[Stage], output_dir: Path) ->
     """How many leading stages of a previous run into ``output_dir`` finished (result and state on disk), each
     checked to have been trained on the same data."""
     from finetune_sdk.data import load_rows
-    from finetune_sdk.workflows import is_task_list
+    from finetune_sdk.stages_and_tasks import is_task_list
 
     done = 0
     for i, stage in enumerate(stages, start=1):
@@ -77,7 +77,7 @@ def restore_stage(trainer: Trainer, output_dir: Path, index: int) -> None:
     saved trainable weights."""
     from safetensors.torch import load_file
 
-    session = trainer.session()
+    session = trainer.current_model()
     model = trainer.technique.prepare(session.model, trainer.options, session.tokenizer)
     session.model = model
     weights = load_file(str(stage_state_path(output_dir, index)))

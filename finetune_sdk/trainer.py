@@ -1,12 +1,12 @@
 """``Trainer``: the facade of fine-tuning. It checks the request before any model loads (:mod:`.request`), then
-runs plan -> run -> save: :mod:`.planning` encodes the data, :mod:`.training` trains with the plan's objective
+runs plan -> run -> save: :mod:`.planning` encodes the data, :mod:`.run_engine` trains with the plan's objective
 (:mod:`.objectives`), :mod:`.saving` writes the result folder. See docs/architecture.md."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.advisor import check_run_memory
 from finetune_sdk.data import Rows, load_rows
@@ -19,7 +19,10 @@ from finetune_sdk.precision import precision_for
 from finetune_sdk.request import (check_output_dir, check_precision, default_output_dir, model_source,
                                   resolve_plugins)
 from finetune_sdk.result import FitResult
-from finetune_sdk.workflows import fit_stages, is_stage_list, is_task_list
+from finetune_sdk.stages_and_tasks import fit_stages, is_stage_list, is_task_list
+
+if TYPE_CHECKING:
+    from finetune_sdk.inference import LoadedModel
 
 #: Older names of functions that moved to :mod:`finetune_sdk.planning`.
 compatible = formatter_fits
@@ -74,7 +77,7 @@ class Trainer:
             validate_name(publish_as)
         self.registry = registry
         self.published: list[Any] = []
-        self._session: Any = None
+        self._current_model: LoadedModel | None = None
         self._log_history: list[dict[str, Any]] = []
         self._stage_state: Path | None = None  # while a stage trains: where its final weights go (resume)
         self.logger = ensure_handler()
@@ -84,9 +87,9 @@ class Trainer:
         """Train and save the result; returns a :class:`FitResult`. The result folder appears atomically.
 
         ``train_data`` is a path (.jsonl, .json, .csv, .parquet), a list of dicts or a ``datasets.Dataset``; or a
-        list of :class:`~finetune_sdk.workflows.Stage` (sequential fine-tuning: stages train in order, continuing
+        list of :class:`~finetune_sdk.stages_and_tasks.Stage` (sequential fine-tuning: stages train in order, continuing
         the same adapter, each saved to ``output_dir/stage-<i>``); or a list of
-        :class:`~finetune_sdk.workflows.Task` (multi-task: datasets mixed by ``task_mixing``, per-task eval
+        :class:`~finetune_sdk.stages_and_tasks.Task` (multi-task: datasets mixed by ``task_mixing``, per-task eval
         metrics). A ``preference`` formatter trains with DPO.
 
         Every ``save_steps`` steps (500 by default; 0 turns it off) a checkpoint is written atomically to
@@ -107,7 +110,7 @@ class Trainer:
         from finetune_sdk.log import known_dependency_warnings
 
         with known_dependency_warnings():  # the first import of transformers' Trainer imports PEFT and bitsandbytes
-            from finetune_sdk.training import RunSpec, run_training
+            from finetune_sdk.run_engine import RunSpec, run_training
 
         if is_stage_list(train_data):
             return fit_stages(self, list(train_data), resume)
@@ -122,14 +125,14 @@ class Trainer:
         self.formatter = plan.formatter
         if plan.labels is not None:
             self.options["labels"] = plan.labels
-        if self._session is not None and plan.session_formatter is not None:
-            self._session.formatter = plan.session_formatter
-        if self._session is None and self._given_model is None:  # stop before the model loads when it can't fit
+        if self._current_model is not None and plan.current_model_formatter is not None:
+            self._current_model.formatter = plan.current_model_formatter
+        if self._current_model is None and self._given_model is None:  # stop before the model loads if it can't fit
             check_run_memory(self.source.path or self.source.id, self.technique, self.quantizer, self.options,
                              plan.train.examples)
         run = RunSpec(self.technique, self.quantizer, self.options, self.output_dir, self.source, self.host,
                       self.progress, self.logger, precision_for(self))
-        result = run_training(run, plan, self.session(), tokenizer)
+        result = run_training(run, plan, self.current_model(), tokenizer)
         self._log_history = result.log_history
         if self.publish_as:
             parent = self.published[-1].ref if self.published else None
@@ -158,12 +161,10 @@ class Trainer:
         """
         from finetune_sdk.compare import compare_models, fresh_base
 
-        rows = load_rows(eval_data, name="eval_data")
-        session = self.session()
-        self._pick_formatter(rows, session.tokenizer)
-        session.formatter = self.formatter
+        rows, current = load_rows(eval_data, name="eval_data"), self.current_model()
+        current.formatter = self._pick_formatter(rows, current.tokenizer)
         info = {"technique": self.technique.name, "base_model": self.source.id, "output_dir": str(self.output_dir)}
-        return compare_models(session, lambda: fresh_base(self), rows, prompts, max_new_tokens=max_new_tokens,
+        return compare_models(current, lambda: fresh_base(self), rows, prompts, max_new_tokens=max_new_tokens,
                               log_history=self.log_history, info=info, report_dir=report_dir)
 
     def generate(self, prompts: Any, **kwargs: Any) -> Any:
@@ -171,29 +172,30 @@ class Trainer:
 
         Each prompt is wrapped as the formatter wraps training prompts; ``raw=True`` sends it as is.
         """
-        return self.session().generate(prompts, **kwargs)
+        return self.current_model().generate(prompts, **kwargs)
 
     def predict(self, texts: Any, **kwargs: Any) -> Any:
         """Predict labels with the classifier (before :meth:`fit` the head is untrained)."""
-        return self.session().predict(texts, **kwargs)
+        return self.current_model().predict(texts, **kwargs)
 
     def evaluate(self, data: Any, **kwargs: Any) -> dict[str, float]:
         """Loss (and perplexity, or accuracy and macro-F1 for the classifier) of the current model on ``data``."""
         rows = load_rows(data, name="eval_data")
-        if self._session is None and self.technique.task == CLASSIFICATION and not self.options["labels"]:
+        if self._current_model is None and self.technique.task == CLASSIFICATION and not self.options["labels"]:
             from finetune_sdk.planning import labels_for
 
             formatter = self._pick_formatter(rows, self._load_tokenizer())
             self.options["labels"] = labels_for(rows, formatter, self.options)
-        session = self.session()
-        self._pick_formatter(rows, session.tokenizer)  # the data's columns decide, as in fit()
-        return session.evaluate(rows, **kwargs)
+        current = self.current_model()
+        self._pick_formatter(rows, current.tokenizer)  # the data's columns decide, as in fit()
+        return current.evaluate(rows, **kwargs)
 
     # -- model and tokenizer -------------------------------------------------------------------------------
-    def session(self) -> Any:
-        """The current model as a :class:`~finetune_sdk.inference.FineTunedModel` (loads the base on first use)."""
-        if self._session is None:
-            from finetune_sdk.inference import FineTunedModel
+    def current_model(self) -> LoadedModel:
+        """The model ``generate``/``predict``/``evaluate`` use (:class:`~finetune_sdk.inference.LoadedModel`): the
+        base (loaded on first use; a classifier's head untrained) before :meth:`fit`, the trained model after."""
+        if self._current_model is None:
+            from finetune_sdk.inference import LoadedModel
             from finetune_sdk.models import load_base_model, with_new_head
 
             tokenizer = self._load_tokenizer()
@@ -209,9 +211,9 @@ class Trainer:
             formatter = self.formatter
             if formatter is None and self.technique.task != CLASSIFICATION and getattr(tokenizer, "chat_template", 0):
                 formatter = self.host.create("formatter", "chat-template")
-            self._session = FineTunedModel(model, tokenizer, task=self.technique.task, formatter=formatter,
+            self._current_model = LoadedModel(model, tokenizer, task=self.technique.task, formatter=formatter,
                                            options=self.options, labels=getattr(model, "labels", None))
-        return self._session
+        return self._current_model
 
     def _check_output_dir(self, *data: Any, output_dir: Path | None = None, probe: bool = True) -> None:
         """Refuse an output path that would overwrite something this SDK did not write, or an input."""
@@ -237,13 +239,12 @@ class Trainer:
     def _pick_formatter(self, rows: Rows, tokenizer: Any) -> Formatter:
         if self.formatter is None:
             self.formatter = Planner(self.host, self.technique.task, self.options).pick_formatter(rows, tokenizer)
-            if self._session is not None:
-                self._session.formatter = self.formatter
+            if self._current_model is not None:
+                self._current_model.formatter = self.formatter
         return self.formatter
 
     def manifest(self, plan: Any, metrics: dict[str, Any]) -> dict[str, Any]:
-        """The manifest of a finished run (no credentials); ``plan`` has ``objective``, ``formatter_name`` and
-        ``dataset``."""
+        """A finished run's manifest (no credentials); ``plan`` has ``objective``, ``formatter_name``, ``dataset``."""
         from finetune_sdk.saving import build_manifest
 
-        return build_manifest(self, plan, metrics, self.session().model)
+        return build_manifest(self, plan, metrics, self.current_model().model)

@@ -172,6 +172,6 @@ def test_trainer_is_a_thin_facade():
 
 
 def test_the_run_engine_never_sees_the_trainer():
-    for module in ("finetune_sdk.training", "finetune_sdk.planning", "finetune_sdk.objectives",
-                   "finetune_sdk.saving"):
+    for module in ("finetune_sdk.run_engine", "finetune_sdk.planning", "finetune_sdk.objectives",
+                   "finetune_sdk.feature_cache", "finetune_sdk.saving"):
         assert "finetune_sdk.trainer" not in imports(module), module

@@ -149,7 +149,7 @@ def test_trainer_fits_sharegpt_rows_with_dora_and_the_csv_observer_logs(plugins_
     assert all(float(r[1]) > 0 for r in rows[1:]) and float(rows[-1][2]) == pytest.approx(3.0)
 
     host = get_plugin_host()  # a `conversations` column is enough to pick the plugin's formatter
-    assert detect_formatter(["conversations"], trainer.session().tokenizer, "causal-lm", host) == "sharegpt"
+    assert detect_formatter(["conversations"], trainer.current_model().tokenizer, "causal-lm", host) == "sharegpt"
 
 
 def test_cli_trains_with_plugin_technique_and_formatter_and_runs_plugin_command(installed, tiny_models, tmp_path):

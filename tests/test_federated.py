@@ -89,7 +89,7 @@ def test_qlora_sends_only_the_adapter_and_bytes_match_its_size(tiny_models):
 
     model_dir = tiny_models("llama", hidden_size=64)
     trainer = Trainer(model_dir, technique="qlora", formatter="chatml", progress=False, r=4)
-    session = trainer.session()
+    session = trainer.current_model()
     model = trainer.technique.prepare(session.model, trainer.options, session.tokenizer)
     record = trainable_arrays(model)
     assert record.keys() and all("lora_" in name for name in record.keys())
@@ -115,7 +115,7 @@ def test_one_client_one_round_fedavg_equals_local_fit(llama_dir, tmp_path):
     local = Trainer(llama_dir, formatter="chatml", output_dir=tmp_path / "local", progress=False, max_steps=3,
                     save_steps=0, **OPTIONS)
     local.fit(clients["clinic-a"]["train"])
-    expected = trainable_arrays(local.session().model)
+    expected = trainable_arrays(local.current_model().model)
     loaded = finetune_sdk.load(tmp_path / "fed")
     for param in loaded.model.parameters():  # loaded for inference: mark the adapter as the trainable part
         param.requires_grad = False

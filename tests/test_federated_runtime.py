@@ -93,7 +93,7 @@ def test_one_client_one_round_equals_local_fit_over_real_processes(llama_dir, tm
     trainer_for(llama_dir, tmp_path / "fed").fit_federated(clients, rounds=1, local_steps=3, fraction_evaluate=0)
     local = trainer_for(llama_dir, tmp_path / "local", max_steps=3, save_steps=0)
     local.fit(clients["clinic-a"]["train"])
-    expected = trainable_arrays(local.session().model)
+    expected = trainable_arrays(local.current_model().model)
     loaded = finetune_sdk.load(tmp_path / "fed").model
     for name, param in loaded.named_parameters():
         param.requires_grad = "lora_" in name

@@ -362,4 +362,4 @@ def test_trainer_shows_the_estimate_and_fails_early_when_the_job_cannot_fit(tiny
                       progress=False)
     with pytest.raises(ConfigError, match="training needs about .* but only 64 MiB of RAM is free"):
         refused.fit(qa_rows)
-    assert refused._session is None and not (tmp_path / "no").exists()  # before any model was loaded
+    assert refused._current_model is None and not (tmp_path / "no").exists()  # before any model was loaded

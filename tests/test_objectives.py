@@ -12,7 +12,7 @@ from finetune_sdk.objectives import OBJECTIVES, Objective, get_objective, object
 from finetune_sdk.planning import Planner
 from finetune_sdk.technique import Technique
 from finetune_sdk.testing.tiny import tiny_config, tiny_tokenizer
-from finetune_sdk.training import decide_packing
+from finetune_sdk.run_engine import decide_packing
 
 PAIRS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
 QA = [{"prompt": f"what is {i}?", "completion": f"{i}."} for i in range(4)]
@@ -44,7 +44,7 @@ def test_plans_are_built_without_a_model(tiny_models):
     dpo = plan_for.plan(PAIRS, None, tok, None)
     assert (dpo.objective, dpo.formatter_name) == ("dpo", "preference")
     assert {"chosen", "rejected"} <= set(dpo.train.examples[0]) and not dpo.strategy.packs
-    assert trainer._session is None  # nothing was loaded
+    assert trainer._current_model is None  # nothing was loaded
 
 
 def test_classifier_plans_find_labels_and_turn_pairs_into_reward_rows(tiny_models):
@@ -85,7 +85,7 @@ def test_plugin_techniques_are_estimated_by_what_they_train(monkeypatch):
 
 def test_a_new_objective_is_a_class_not_a_branch(tiny_models, tmp_path, monkeypatch):
     from finetune_sdk.objectives import SupervisedFineTuning
-    from finetune_sdk.training import RunSpec, run_training
+    from finetune_sdk.run_engine import RunSpec, run_training
 
     class CountingObjective(SupervisedFineTuning):
         name = "counting-demo"
@@ -114,7 +114,7 @@ def test_a_new_objective_is_a_class_not_a_branch(tiny_models, tmp_path, monkeypa
     plan.objective = objective.name
     run = RunSpec(trainer.technique, None, trainer.options, trainer.output_dir, trainer.source, trainer.host,
                   progress=False)
-    result = run_training(run, plan, trainer.session(), tokenizer)
+    result = run_training(run, plan, trainer.current_model(), tokenizer)
     assert objective.batches >= 2 and result.metrics["eval_rows_seen"] == 3.0
     assert result.manifest["objective"] == "counting-demo"
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -52,10 +52,10 @@ def test_packing_is_on_by_default_and_can_be_turned_off(tiny_models, tmp_path, q
 
 
 def test_unsupported_models_fall_back_to_length_grouping(tiny_models, tmp_path, qa_rows):
-    from finetune_sdk.training import TrainingPlan, decide_packing
+    from finetune_sdk.run_engine import TrainingPlan, decide_packing
 
     trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "x", progress=False)
-    model = trainer.session().model
+    model = trainer.current_model().model
     plan = TrainingPlan(train=None, formatter_name="chatml")
     assert decide_packing(trainer, plan, model)
     model.config.model_type = "some-new-arch"

@@ -58,7 +58,7 @@ def test_auto_trains_a_bf16_base_with_fp32_adapters_and_records_it(bf16_cpu, tin
     trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "out", max_steps=2,
                       progress=False)
     result = trainer.fit(qa_rows)
-    model = trainer.session().model
+    model = trainer.current_model().model
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
     assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n)
     assert all(dtypes[n] == torch.bfloat16 for n in dtypes if n.endswith(("proj.base_layer.weight", "embed_tokens.weight")))

@@ -29,7 +29,7 @@ class Crash(Exception):
 @pytest.fixture
 def crash_at(monkeypatch):
     """``crash_at(n)``: the next training run stops after step n (like FINETUNE_SDK_CRASH_AT_STEP, in-process)."""
-    import finetune_sdk.training as training
+    import finetune_sdk.run_engine as training
 
     class CrashAtStep(TrainerCallback):
         def __init__(self, step):

@@ -85,7 +85,7 @@ def test_plugin_options_get_the_same_checks():
 
 
 def test_generate_max_new_tokens_in_python(llama_dir):
-    model = Trainer(llama_dir, progress=False).session()
+    model = Trainer(llama_dir, progress=False).current_model()
     with pytest.raises(ConfigError, match="max_new_tokens must be a whole number of at least 1, got -1"):
         model.generate("hi", max_new_tokens=-1)
 
@@ -274,7 +274,7 @@ def test_rows_with_empty_answers(llama_dir, tmp_path, caplog):
 
 
 def test_resume_after_changing_the_rank_names_the_option(llama_dir, data, tmp_path, monkeypatch):
-    import finetune_sdk.training as training
+    import finetune_sdk.run_engine as training
     from finetune_sdk.checkpoints import checkpoints_dir
 
     out = tmp_path / "run"

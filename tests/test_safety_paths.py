@@ -190,7 +190,7 @@ def test_a_sigkilled_run_leaves_work_folders_that_the_next_run_removes(base, dat
 
 
 def test_a_sequential_run_refuses_a_folder_with_other_files(base, data, tmp_path):
-    from finetune_sdk.workflows import Stage
+    from finetune_sdk.stages_and_tasks import Stage
 
     out = tmp_path / "stages"
     out.mkdir()

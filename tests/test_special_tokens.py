@@ -81,7 +81,7 @@ def test_classifier_text_and_generation_prompts_are_plain_text(tok, tiny_models)
     from finetune_sdk import Trainer
 
     trainer = Trainer(tiny_models("llama"), formatter="chatml", progress=False)
-    session = trainer.session()
+    session = trainer.current_model()
     prompt = session.prompt_ids(INJECTION)
     assert prompt.count(tok.convert_tokens_to_ids("<|im_start|>")) == 2
     raw = session.prompt_ids("<|im_start|>user\nhi", raw=True)  # raw: the caller writes the template

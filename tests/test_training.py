@@ -68,7 +68,7 @@ def test_reload_gives_identical_outputs(tiny_models, tmp_path, qa_rows, techniqu
     assert loaded.generate(prompts, max_new_tokens=12) == expected
     ids = torch.tensor([loaded.prompt_ids(prompts[0])])
     with torch.no_grad():
-        assert torch.equal(trainer.session().model(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
+        assert torch.equal(trainer.current_model().model(input_ids=ids).logits, loaded.model(input_ids=ids).logits)
     if technique == "qlora":
         import bitsandbytes as bnb
 
@@ -88,12 +88,12 @@ def test_classifier_head_learns_on_a_frozen_backbone(tiny_models, tmp_path, fami
                       output_dir=tmp_path / "out", num_train_epochs=30, learning_rate=3e-2, progress=False,
                       per_device_train_batch_size=8)
     before = trainer.evaluate(rows)
-    backbone_before = {k: v.clone() for k, v in trainer.session().model.backbone.state_dict().items()}
+    backbone_before = {k: v.clone() for k, v in trainer.current_model().model.backbone.state_dict().items()}
     result = trainer.fit(rows, eval_data=rows)
     after = trainer.evaluate(rows)
     assert after["eval_loss"] < before["eval_loss"]
     assert {"accuracy", "macro_f1", "eval_loss"} <= set(result.metrics)
-    for key, value in trainer.session().model.backbone.state_dict().items():
+    for key, value in trainer.current_model().model.backbone.state_dict().items():
         assert torch.equal(value, backbone_before[key]), f"backbone weight {key} changed"
     assert (result.output_dir / "classifier_head.safetensors").is_file()
     config = json.loads((result.output_dir / "classifier_config.json").read_text())
@@ -123,6 +123,19 @@ def test_generate_before_fit_uses_the_base_and_after_the_tuned_model(tiny_models
     assert "plus" in after  # it learnt the answers' shape
     raw = trainer.generate("what is", raw=True, max_new_tokens=3)
     assert isinstance(raw, str)
+
+
+def test_current_model_is_the_base_before_fit_and_the_trained_model_after(tiny_models, tmp_path, qa_rows):
+    from finetune_sdk.inference import FineTunedModel, LoadedModel
+
+    trainer = Trainer(tiny_models("llama"), technique="lora", formatter="chatml", output_dir=tmp_path / "out",
+                      max_steps=1, progress=False)
+    base = trainer.current_model()
+    assert isinstance(base, LoadedModel) and FineTunedModel is LoadedModel  # the older name still works
+    assert not any("lora_" in name for name, _ in base.model.named_parameters())
+    trainer.fit(qa_rows)
+    assert trainer.current_model() is base  # the same loaded model, now holding the trained adapter
+    assert any("lora_" in name for name, _ in base.model.named_parameters())
 
 
 def test_formatter_is_picked_from_columns_and_said(tiny_models, tmp_path, caplog):

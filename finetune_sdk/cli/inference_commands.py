@@ -44,7 +44,7 @@ def open_model(ref: str, formatter: str | None = None, trust_remote_code: bool =
         return model
     from finetune_sdk.trainer import Trainer
 
-    return Trainer(ref, formatter=formatter, progress=False, trust_remote_code=trust_remote_code).session()
+    return Trainer(ref, formatter=formatter, progress=False, trust_remote_code=trust_remote_code).current_model()
 
 
 def read_lines(items: tuple[str, ...], file: str | None, what: str) -> list[str]:

@@ -191,5 +191,5 @@ def _result(trainer: Any, job: FederatedJob) -> FitResult:
         result.version = registry.resolve(refs[-1])
         trainer.published.append(result.version)
     trainer._log_history = history
-    trainer._session = result.load()  # generate / evaluate / compare now use the federated model
+    trainer._current_model = result.load()  # generate / evaluate / compare now use the federated model
     return result

@@ -95,7 +95,7 @@ def train_round(job: FederatedJob, client: ClientData, arrays: Any, server_round
         if eval_rows is not None:
             metrics["eval_loss"] = float(trainer.evaluate(eval_rows)["eval_loss"])
             metrics["eval_examples"] = float(len(eval_rows))
-        return LocalUpdate(trainable_arrays(trainer.session().model), result.metrics["examples"], metrics,
+        return LocalUpdate(trainable_arrays(trainer.current_model().model), result.metrics["examples"], metrics,
                            trainer.formatter.name if trainer.formatter else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -105,7 +105,7 @@ def _prepare_with(trainer: Any, arrays: Any) -> Any:
     """Make the Trainer's model trainable as its technique does, then load the global parameters into it.
 
     ``Trainer.fit`` continues from a prepared model (as a second ``fit`` continues the same adapter)."""
-    session = trainer.session()
+    session = trainer.current_model()
     session.model = trainer.technique.prepare(session.model, trainer.options, session.tokenizer)
     load_arrays(session.model, arrays)
     return session.model

@@ -41,7 +41,7 @@ class FederatedServer:
         self.state_dir = job.state_dir
         self.trainer = job.trainer(job.output_dir)
         set_seed(self.settings.seed if self.settings.seed is not None else self.trainer.options["seed"])
-        session = self.trainer.session()
+        session = self.trainer.current_model()
         session.model = self.trainer.technique.prepare(session.model, self.trainer.options, session.tokenizer)
         self.model = session.model
         self.arrays = trainable_arrays(self.model)

@@ -25,7 +25,7 @@ CHECKPOINT_FILES = {"arrays.safetensors", "state.json"}
 def write_result(trainer: Any, directory: Path, formatter: str | None, metrics: dict[str, Any],
                  federated: dict[str, Any], log_history: list[dict[str, Any]]) -> dict[str, Any]:
     """Write the model's current trainable weights as a result folder (atomically); returns its manifest."""
-    session = trainer.session()
+    session = trainer.current_model()
     plan = SimpleNamespace(objective="sft", formatter_name=formatter,
                            dataset={"source": "federated", "clients": federated.get("clients", {}),
                                     "rows": sum(c.get("examples", 0) for c in federated.get("clients", {}).values()),

@@ -115,10 +115,11 @@ class TechniqueContract:
             "results are safetensors only"
 
         loaded = finetune_sdk.load(result.output_dir)
-        batch = trainer.session().tokenizer(["what is red?", "the cat is here"], return_tensors="pt", padding=True)
+        trained = trainer.current_model()
+        batch = trained.tokenizer(["what is red?", "the cat is here"], return_tensors="pt", padding=True)
         with torch.no_grad():
-            trainer.session().model.eval()
-            expected = trainer.session().model(**batch).logits
+            trained.model.eval()
+            expected = trained.model(**batch).logits
             actual = loaded.model(**batch).logits
         assert torch.allclose(expected, actual, atol=1e-5), (expected - actual).abs().max()
 

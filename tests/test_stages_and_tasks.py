@@ -17,7 +17,7 @@ from finetune_sdk import Stage, Task, Trainer
 from finetune_sdk.cli import cli
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.registry import Registry
-from finetune_sdk.workflows import mix, mixing_probabilities
+from finetune_sdk.stages_and_tasks import mix, mixing_probabilities
 
 DOCS = [{"text": "the quick brown fox jumps over the lazy dog. " * 3},
         {"text": "a model learns to answer questions about its data. " * 2},
@@ -34,7 +34,7 @@ def test_continued_pretraining_cuts_documents_into_blocks_and_loss_falls(tiny_mo
     before = trainer.evaluate(DOCS)["eval_loss"]
     result = trainer.fit(DOCS)
     assert trainer.evaluate(DOCS)["eval_loss"] < before * 0.8
-    tokens = sum(len(trainer.session().tokenizer(d["text"] + "</s>", add_special_tokens=False)["input_ids"])
+    tokens = sum(len(trainer.current_model().tokenizer(d["text"] + "</s>", add_special_tokens=False)["input_ids"])
                  for d in DOCS)
     assert result.metrics["examples"] == math.ceil(tokens / 32)  # concatenated, then cut into 32-token blocks
 
@@ -108,7 +108,7 @@ def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(tiny_model
     from finetune_sdk.data import load_rows
     from finetune_sdk.preference import encode_preference, evaluate_preference
 
-    base = Trainer(tiny_models("llama"), technique=technique, formatter="preference", progress=False).session()
+    base = Trainer(tiny_models("llama"), technique=technique, formatter="preference", progress=False).current_model()
     held = encode_preference(load_rows(DPO_HELD_OUT), base.formatter, base.tokenizer, trainer.options)
     before = evaluate_preference(base.model, held, base.tokenizer.pad_token_id, 0.5)["logp_margin"]
     after = result.metrics["logp_margin"]

@@ -137,16 +137,16 @@ def training_arguments(run: RunSpec, work_dir: str, has_eval: bool, group_by_len
     return TrainingArguments(**kwargs)
 
 
-def run_training(run: RunSpec, plan: TrainingPlan, session: Any, tokenizer: Any) -> FitResult:
-    """Prepare ``session.model`` (a FineTunedModel's), train on ``plan``, evaluate, and save the result folder."""
+def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) -> FitResult:
+    """Prepare ``loaded.model`` (a LoadedModel's), train on ``plan``, evaluate, and save the result folder."""
     from transformers import PrinterCallback, set_seed
 
     log, options, objective = run.logger, run.options, plan.strategy
     encoded = plan.train
     set_seed(options["seed"])
-    objective.before_prepare(session.model, plan, tokenizer, options)
-    model = run.technique.prepare(session.model, options, tokenizer)
-    session.model = model
+    objective.before_prepare(loaded.model, plan, tokenizer, options)
+    model = run.technique.prepare(loaded.model, options, tokenizer)
+    loaded.model = model
     precision = run_precision(run)
     log.info("precision: %s", precision.describe())
     if precision.activations == "float32" and precision.dtype != "float32":
@@ -222,7 +222,7 @@ def run_training(run: RunSpec, plan: TrainingPlan, session: Any, tokenizer: Any)
             "examples_dropped": encoded.dropped,
             **plan.extra_metrics,
         }
-        metrics.update(evaluate_plan(run, plan, session))
+        metrics.update(evaluate_plan(run, plan, loaded))
         log_history = list(hf.state.log_history)
     except OSError as exc:  # disk full, permissions: one line (checkpoints already written stay for --resume)
         from finetune_sdk.output_paths import user_os_error
@@ -245,11 +245,11 @@ def run_training(run: RunSpec, plan: TrainingPlan, session: Any, tokenizer: Any)
     return FitResult(output_dir=run.output_dir, metrics=metrics, manifest=manifest, log_history=log_history)
 
 
-def evaluate_plan(run: RunSpec, plan: TrainingPlan, session: Any) -> dict[str, Any]:
+def evaluate_plan(run: RunSpec, plan: TrainingPlan, loaded: Any) -> dict[str, Any]:
     """Final metrics on each held-out set: ``eval_loss``... for one set, ``eval_<task>_loss``... for several."""
     metrics: dict[str, Any] = {}
     for name in plan.evals:
-        result = plan.strategy.evaluate(session, plan, name, run.options)
+        result = plan.strategy.evaluate(loaded, plan, name, run.options)
         if not name:
             metrics.update(result)  # eval_loss, perplexity / accuracy, macro_f1 / reward_margin...
             continue
