@@ -78,3 +78,18 @@ def hub_online(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+
+@pytest.fixture
+def install(monkeypatch):
+    """Install fake entry points and make them the process's plugins: ``install(ep1, ep2) -> PluginHost``."""
+    from finetune_sdk import plugin_manager
+    from finetune_sdk.plugin_manager import PluginHost
+
+    def _install(*entry_points):
+        monkeypatch.setattr(plugin_manager, "discover_entry_points", lambda: list(entry_points))
+        host = PluginHost(autoload=True)
+        monkeypatch.setattr(plugin_manager, "_HOST", host)
+        return host
+
+    return _install

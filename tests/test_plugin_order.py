@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from finetune_sdk import hookimpl
 from finetune_sdk import plugin_manager as pm_module
-from finetune_sdk.plugin_manager import PluginHost, PluginWarning
+from finetune_sdk.plugin_manager import PluginWarning
 
 
 class FakeEntryPoint:
@@ -32,17 +32,6 @@ def observer(name, calls, **marks):
 
     module.on_train_end = hookimpl(**marks)(on_train_end)
     return module
-
-
-@pytest.fixture
-def install(monkeypatch):
-    def _install(*entry_points):
-        monkeypatch.setattr(pm_module, "discover_entry_points", lambda: list(entry_points))
-        host = PluginHost(autoload=True)
-        monkeypatch.setattr(pm_module, "_HOST", host)
-        return host
-
-    return _install
 
 
 def test_observers_run_in_pluggys_order_tryfirst_first_trylast_last(install):

@@ -77,19 +77,6 @@ class FakeEntryPoint:
         return self._load()
 
 
-@pytest.fixture
-def install(monkeypatch):
-    """Install fake entry points and make them the process's plugins."""
-
-    def _install(*entry_points):
-        monkeypatch.setattr(pm_module, "discover_entry_points", lambda: list(entry_points))
-        host = PluginHost(autoload=True)
-        monkeypatch.setattr(pm_module, "_HOST", host)
-        return host
-
-    return _install
-
-
 def test_every_hookspec_is_documented_and_tested():
     docs = (Path(__file__).parents[1] / "docs" / "plugins.md").read_text()
     for hook in HOOKS:
