@@ -187,7 +187,8 @@ def causal_lm(model: Any) -> Any:
 def supports_chunked_loss(model: Any) -> bool:
     """True when the chunked loss computes exactly the model's own loss: a model type of
     :data:`CHUNKED_LOSS_MODEL_TYPES` whose LM head is a plain ``torch.nn.Linear`` without hooks (not adapted by
-    LoRA, not quantized, not dispatched by accelerate)."""
+    LoRA, not quantized, not dispatched by accelerate). The casts :func:`finetune_sdk.precision.keep_activations_fp32`
+    puts on a 16-bit head (input to the weight's dtype, logits to fp32) are allowed: each chunk makes the same casts."""
     import torch
 
     base = causal_lm(model)
@@ -197,7 +198,12 @@ def supports_chunked_loss(model: Any) -> bool:
         return False
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return False
-    return not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
+    if hasattr(head, "_hf_hook"):
+        return False
+    from finetune_sdk.precision import PRECISION_HOOKS
+
+    # the SDK's own bf16-matmul/fp32-activation casts (precision auto) are what the chunks do themselves
+    return all(hook in PRECISION_HOOKS for hook in (*head._forward_hooks.values(), *head._forward_pre_hooks.values()))
 
 
 @contextmanager

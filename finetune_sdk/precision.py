@@ -181,3 +181,8 @@ def _output_to_fp32(module: Any, args: Any, output: Any) -> Any:
     import torch
 
     return output.float() if isinstance(output, torch.Tensor) else output
+
+
+#: The forward (pre-)hooks :func:`keep_activations_fp32` registers; a layer with only these computes
+#: ``linear(x.to(weight.dtype)).float()`` (the chunked loss recognises them on the LM head).
+PRECISION_HOOKS = frozenset({_input_to_weight_dtype, _output_to_fp32})

@@ -41,6 +41,7 @@ def build_manifest(run: Any, plan: Any, metrics: dict[str, Any], model: Any) -> 
         "options": scrub(run.options),
         "dtype": precision["dtype"],
         "precision": precision,
+        "chunked_loss": bool(getattr(plan, "chunked_loss", False)),  # the loss computed without full logits
         "base_model": base,
         "dataset": plan.dataset,
         "labels": run.options.get("labels") if run.technique.task == CLASSIFICATION else None,

@@ -125,3 +125,44 @@ def test_fit_and_evaluate_give_the_same_numbers_with_and_without_chunks(tiny_mod
     assert len(during1) >= 1 and during1 == pytest.approx(during2, rel=1e-4)  # transformers' evaluations
     assert m1["eval_loss"] == pytest.approx(m2["eval_loss"], rel=1e-4)
     assert eval1 == pytest.approx(eval2, rel=1e-4)
+
+
+def test_a_bf16_head_with_fp32_activations_takes_the_chunked_loss():
+    """precision auto's casts on the LM head (input to bf16, logits to fp32) are what each chunk does: the
+    chunked loss stays on, with the plain loss's value and gradients (a user hook still turns it off)."""
+    from finetune_sdk.precision import keep_activations_fp32
+
+    model = tiny_model("llama").to(torch.bfloat16)
+    keep_activations_fp32(model)
+    model.model.norm.weight.requires_grad_(True)  # a gradient that flows through the head's input
+    ids, labels = _batch(model.config.vocab_size)
+    assert supports_chunked_loss(model)
+    plain = model(input_ids=ids, labels=labels).loss
+    plain.backward()
+    plain_grad = model.model.norm.weight.grad.clone()
+    model.zero_grad()
+    with chunked_loss(model, chunk_size=5) as active:
+        chunked = model(input_ids=ids, labels=labels).loss
+    chunked.backward()
+    assert active and chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=0)
+    torch.testing.assert_close(model.model.norm.weight.grad, plain_grad, rtol=2e-2, atol=1e-4)
+    model.lm_head.register_forward_hook(lambda module, args, output: output * 2)
+    assert not supports_chunked_loss(model)
+
+
+def test_precision_auto_on_a_bf16_cpu_keeps_the_chunked_loss(tiny_models, tmp_path, qa_rows, monkeypatch):
+    from finetune_sdk import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: "AVX512-BF16")
+    losses, manifests = {}, {}
+    for chunked in (True, False):
+        trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / str(chunked), max_steps=2,
+                          per_device_train_batch_size=4, chunked_loss=chunked, progress=False, logging_steps=1)
+        result = trainer.fit(qa_rows)
+        losses[chunked] = [h["loss"] for h in result.log_history if "loss" in h]
+        manifests[chunked] = result.manifest
+    assert manifests[True]["precision"]["dtype"] == "bfloat16"
+    assert manifests[True]["precision"]["activations"] == "float32"
+    assert manifests[True]["chunked_loss"] is True and manifests[False]["chunked_loss"] is False
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
