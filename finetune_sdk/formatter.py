@@ -12,7 +12,9 @@ from finetune_sdk.errors import DataError
 CAUSAL_LM = "causal-lm"
 CLASSIFICATION = "classification"
 PREFERENCE = "preference"
-TASKS = (CAUSAL_LM, CLASSIFICATION, PREFERENCE)
+#: Unpaired feedback (a prompt, one completion and a thumbs up/down), trained with KTO.
+KTO = "kto"
+TASKS = (CAUSAL_LM, CLASSIFICATION, PREFERENCE, KTO)
 
 
 @dataclass(frozen=True)

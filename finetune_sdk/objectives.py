@@ -7,14 +7,15 @@ objective (KTO, an RL objective, a federated round's local step) is a new class 
 
 * ``sft``: causal-LM cross-entropy on the response tokens (supervised and text formatters; multi-task mixtures).
 * ``dpo``: Direct Preference Optimization (Rafailov et al., 2023) on (prompt, chosen, rejected) pairs.
+* ``kto``: KTO (Ethayarajh et al., 2024) on unpaired (prompt, completion, label) rows (see :mod:`finetune_sdk.kto`).
 * ``classification-head``: cross-entropy of a classifier head (the ``classifier`` technique; preference pairs
   become a reward model's chosen/rejected rows).
 
 Example:
     >>> objective_for("preference", "causal-lm").name, objective_for("supervised", "causal-lm").name
     ('dpo', 'sft')
-    >>> objective_for("preference", "classification").name
-    'classification-head'
+    >>> objective_for("preference", "classification").name, objective_for("kto", "causal-lm").name
+    ('classification-head', 'kto')
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from finetune_sdk.encoding import Collator, Encoded, encode_causal, encode_classification
 from finetune_sdk.errors import unknown_name_error
-from finetune_sdk.formatter import CLASSIFICATION, PREFERENCE, Formatter
+from finetune_sdk.formatter import CLASSIFICATION, KTO, PREFERENCE, Formatter
 
 if TYPE_CHECKING:
     from finetune_sdk.data import Rows
@@ -195,6 +196,57 @@ class DirectPreferenceOptimization(Objective):
                                    source=eval_set.rows.source)
 
 
+class KahnemanTverskyOptimization(Objective):
+    """``kto``: the KTO loss on unpaired desirable/undesirable completions, against the log-probabilities of the
+    policy as it stands when KTO starts, computed once before the first step (as for DPO); the KL reference point
+    from mismatched (prompt, completion) pairs. Dropout off while training. See :mod:`finetune_sdk.kto`."""
+
+    name = "kto"
+    label = " + KTO"
+
+    def encode(self, rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
+        from finetune_sdk.kto import encode_kto
+
+        return encode_kto(rows, formatter, tokenizer, options)
+
+    def check_encoded(self, encoded: Encoded, options: Mapping[str, Any], source: str) -> None:
+        from finetune_sdk.kto import check_label_balance
+
+        check_label_balance(encoded.examples, options["desirable_weight"], options["undesirable_weight"], source)
+
+    def after_prepare(self, model: Any, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> None:
+        from finetune_sdk.kto import precompute_kto_reference
+
+        batch = options["per_device_eval_batch_size"]
+        for encoded in (plan.train, *(s.encoded for s in plan.evals.values())):
+            precompute_kto_reference(model, encoded, tokenizer.pad_token_id, batch)
+
+    def while_training(self, model: Any) -> Any:
+        from finetune_sdk.preference import dropout_disabled
+
+        return dropout_disabled(model)
+
+    def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
+        from finetune_sdk.kto import kto_trainer_class
+
+        cls = kto_trainer_class()
+        cls.beta, cls.desirable_weight = options["kto_beta"], options["desirable_weight"]
+        cls.undesirable_weight = options["undesirable_weight"]
+        return cls
+
+    def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
+        from finetune_sdk.kto import KTOCollator
+
+        return KTOCollator(tokenizer.pad_token_id)
+
+    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        from finetune_sdk.kto import evaluate_kto
+
+        eval_set = plan.evals[name]
+        return evaluate_kto(loaded.model, eval_set.encoded, loaded.tokenizer.pad_token_id, options,
+                            source=eval_set.rows.source)
+
+
 class ClassificationHead(Objective):
     """``classification-head``: cross-entropy of the classifier's head over the ``labels`` option's classes.
 
@@ -263,7 +315,7 @@ class ClassificationHead(Objective):
 
 #: Every objective by name: the one place an objective is chosen from.
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (SupervisedFineTuning(), DirectPreferenceOptimization(),
-                                                        ClassificationHead())}
+                                                        KahnemanTverskyOptimization(), ClassificationHead())}
 
 
 def objective_for(formatter_task: str, technique_task: str) -> Objective:
@@ -272,11 +324,13 @@ def objective_for(formatter_task: str, technique_task: str) -> Objective:
         return OBJECTIVES["classification-head"]
     if formatter_task == PREFERENCE:
         return OBJECTIVES["dpo"]
+    if formatter_task == KTO:
+        return OBJECTIVES["kto"]
     return OBJECTIVES["sft"]
 
 
 def get_objective(name: str) -> Objective:
-    """The objective registered as ``name`` (``sft``, ``dpo``, ``classification-head``)."""
+    """The objective registered as ``name`` (``sft``, ``dpo``, ``kto``, ``classification-head``)."""
     try:
         return OBJECTIVES[name]
     except KeyError:

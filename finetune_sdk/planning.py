@@ -16,7 +16,7 @@ from typing import Any
 from finetune_sdk.data import Rows, load_rows
 from finetune_sdk.encoding import Encoded
 from finetune_sdk.errors import ConfigError, DataError
-from finetune_sdk.formatter import CLASSIFICATION, PREFERENCE, Formatter
+from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, KTO, PREFERENCE, Formatter
 from finetune_sdk.objectives import Objective, get_objective, objective_for
 from finetune_sdk.stages_and_tasks import Task, is_task_list, mix, mixing_probabilities
 
@@ -108,7 +108,7 @@ class Planner:
             if eval_rows else {}
         dataset = {"fingerprint": train_rows.fingerprint, "rows": len(train_rows), "source": train_rows.source,
                    "eval_fingerprint": eval_rows.fingerprint if eval_rows else None}
-        current_model_formatter = used if used.task != PREFERENCE else (picked if formatter is None else None)
+        current_model_formatter = used if used.task not in (PREFERENCE, KTO) else (picked if formatter is None else None)
         return TrainingPlan(train, used.name, objective.name, evals, dataset, formatter=picked,
                             current_model_formatter=current_model_formatter, labels=labels)
 
@@ -171,9 +171,9 @@ def labels_for(rows: Rows, formatter: Formatter, options: Mapping[str, Any]) -> 
 
 
 def formatter_fits(formatter_task: str, technique_task: str) -> bool:
-    """A formatter's data fits a technique: same task, or preference pairs (DPO for generative techniques, a
-    reward model for the classifier)."""
-    return formatter_task == technique_task or formatter_task == PREFERENCE
+    """A formatter's data fits a technique: same task, preference pairs (DPO for generative techniques, a
+    reward model for the classifier), or KTO rows (generative techniques)."""
+    return formatter_task in (technique_task, PREFERENCE) or (formatter_task == KTO and technique_task == CAUSAL_LM)
 
 
 def reward_rows(rows: Rows, formatter: Formatter) -> Rows:
@@ -197,7 +197,8 @@ def validate_task_name(name: str) -> None:
 def detect_formatter(columns: list[str], tokenizer: Any, task: str, host: Any) -> str:
     """Pick a formatter from a dataset's columns.
 
-    ``prompt``+``chosen``+``rejected`` -> ``preference``; ``messages`` or ``prompt``+``completion`` ->
+    ``prompt``+``chosen``+``rejected`` -> ``preference``; ``prompt``+``completion``+``label`` -> ``kto`` (generative
+    techniques); ``messages`` or ``prompt``+``completion`` ->
     ``chat-template`` when the tokenizer has a chat template, else ``chatml``; ``instruction``+``output`` ->
     ``alpaca``; ``text``+``label`` -> ``classification``; ``text`` -> ``text``; otherwise the first plugin formatter
     that accepts the columns.
@@ -205,6 +206,8 @@ def detect_formatter(columns: list[str], tokenizer: Any, task: str, host: Any) -
     cols = set(columns)
     if {"prompt", "chosen", "rejected"} <= cols:
         return "preference"
+    if task == CAUSAL_LM and {"prompt", "completion", "label"} <= cols:
+        return "kto"
     if task == CLASSIFICATION:
         if {"text", "label"} <= cols:
             return "classification"

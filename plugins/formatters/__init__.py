@@ -1,14 +1,15 @@
-"""Builtin formatters: llama2-chat, chatml, chat-template, alpaca, text, classification and preference."""
+"""Builtin formatters: llama2-chat, chatml, chat-template, alpaca, text, classification, preference and kto."""
 
 from finetune_sdk.hookspecs import hookimpl
 from finetune_sdk.plugins.formatters.alpaca import AlpacaFormatter
 from finetune_sdk.plugins.formatters.chat import ChatMLFormatter, ChatTemplateFormatter, Llama2ChatFormatter
 from finetune_sdk.plugins.formatters.classification import ClassificationFormatter
+from finetune_sdk.plugins.formatters.kto import KTOFormatter
 from finetune_sdk.plugins.formatters.preference import PreferenceFormatter
 from finetune_sdk.plugins.formatters.text import TextFormatter
 
 FORMATTERS = (Llama2ChatFormatter, ChatMLFormatter, ChatTemplateFormatter, AlpacaFormatter, TextFormatter,
-              ClassificationFormatter, PreferenceFormatter)
+              ClassificationFormatter, PreferenceFormatter, KTOFormatter)
 
 
 @hookimpl

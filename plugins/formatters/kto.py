@@ -1,0 +1,61 @@
+"""Unpaired feedback for KTO: ``prompt``, ``completion``, ``label`` (true: desirable, false: undesirable) + ``system``.
+
+The columns are TRL's unpaired preference format and what ``finetune feedback`` writes for thumbs up/down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from finetune_sdk.formatter import KTO, Formatter, Segment
+from finetune_sdk.plugins.formatters.chat import ChatMLFormatter, ChatTemplateFormatter
+
+
+class KTOFormatter(Formatter):
+    """A prompt with one completion rated desirable (``label: true``) or undesirable (``label: false``); rendered
+    with the tokenizer's chat template (or ChatML when it has none), the completion and its end marker learnt.
+
+    Besides :meth:`segments`, a formatter of task ``kto`` gives :meth:`desirable` (the row's rating) and
+    :meth:`mismatched_segments` (a row's prompt with another row's completion: KTO's KL reference point).
+
+    Example:
+        >>> from finetune_sdk.testing.tiny import tiny_tokenizer
+        >>> row = {"prompt": "Is the sky blue?", "completion": "Yes.", "label": True}
+        >>> formatter = KTOFormatter()
+        >>> formatter.desirable(row), [s.text for s in formatter.segments(row, tiny_tokenizer(), {}) if s.train][0]
+        (True, 'Yes.')
+    """
+
+    name: ClassVar[str] = "kto"
+    description: ClassVar[str] = "prompt + one completion rated true/false, for KTO (chat template or ChatML)"
+    task: ClassVar[str] = KTO
+    column_sets: ClassVar[tuple[tuple[str, ...], ...]] = (("prompt", "completion", "label"),)
+    column_types: ClassVar[Mapping[str, tuple[type, ...]]] = {
+        "prompt": (str,), "completion": (str,), "label": (bool,), "system": (str,)}
+    example: ClassVar[Mapping[str, Any]] = {"prompt": "Is the sky blue?", "completion": "Yes, on a clear day.",
+                                            "label": True}
+
+    def _chat(self, tokenizer: Any) -> Formatter:
+        return ChatTemplateFormatter() if getattr(tokenizer, "chat_template", None) else ChatMLFormatter()
+
+    def _render(self, row: Mapping[str, Any], completion: str, tokenizer: Any, options: Any) -> list[Segment]:
+        chat_row = {"prompt": row["prompt"], "completion": completion}
+        if row.get("system"):
+            chat_row["system"] = row["system"]
+        return self._chat(tokenizer).segments(chat_row, tokenizer, options)
+
+    def desirable(self, row: Mapping[str, Any]) -> bool:
+        """True when the row's completion was rated desirable (thumbs up)."""
+        return bool(row["label"])
+
+    def segments(self, row, tokenizer, options):
+        return self._render(row, row["completion"], tokenizer, options)
+
+    def mismatched_segments(self, row: Mapping[str, Any], other: Mapping[str, Any], tokenizer: Any,
+                            options: Mapping[str, Any]) -> list[Segment]:
+        """``row``'s prompt (and system message) answered with ``other``'s completion."""
+        return self._render(row, other["completion"], tokenizer, options)
+
+    def prompt_segments(self, prompt, tokenizer, options):
+        return self._chat(tokenizer).prompt_segments(prompt, tokenizer, options)

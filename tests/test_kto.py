@@ -1,0 +1,189 @@
+"""Issue 15, KTO: unpaired thumbs up/down rows train with KTO (Ethayarajh et al., 2024) on lora, qlora and full."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from finetune_sdk import Stage, Trainer
+from finetune_sdk.errors import DataError
+
+#: Desirable: the right sum; undesirable: a refusal (both for every prompt, unpaired rows).
+TRAIN = [{"prompt": f"what is {a} plus {b}?", "completion": f"{a} plus {b} is {a + b}.", "label": True}
+         for a in range(4) for b in range(4)] + \
+        [{"prompt": f"what is {a} plus {b}?", "completion": f"I do not know {a} {b}.", "label": False}
+         for a in range(4) for b in range(4)]
+HELD_OUT = [{"prompt": f"what is {a} plus {b}?", "completion": f"{a} plus {b} is {a + b}.", "label": True}
+            for a, b in [(4, 1), (5, 2), (1, 5)]] + \
+           [{"prompt": f"what is {a} plus {b}?", "completion": f"I do not know {a} {b}.", "label": False}
+            for a, b in [(6, 0), (2, 5), (5, 5)]]
+SFT = [{"instruction": f"what is {a} plus {b}?", "output": f"{a} plus {b} is {a + b}."}
+       for a in range(3) for b in range(3)]
+SETTINGS = {"lora": {"learning_rate": 2e-2, "target_modules": "all-linear", "r": 16},
+            "qlora": {"learning_rate": 2e-2}, "full": {"learning_rate": 2e-3}}
+
+
+def held_out_baseline(model_dir, technique, options):
+    """The held-out margin of the untrained policy, with the untrained policy as the reference: 0 by definition;
+    and the raw log-prob margin of desirable over undesirable, to compare against after training."""
+    from finetune_sdk.data import load_rows
+    from finetune_sdk.kto import encode_kto, evaluate_kto
+
+    base = Trainer(model_dir, technique=technique, formatter="kto", progress=False).current_model()
+    held = encode_kto(load_rows(HELD_OUT), base.formatter, base.tokenizer, options)
+    return evaluate_kto(base.model, held, base.tokenizer.pad_token_id, options)
+
+
+@pytest.mark.parametrize("technique", ["lora", "full", pytest.param("qlora", marks=pytest.mark.slow)])
+def test_kto_raises_the_held_out_margin_of_desirable_over_undesirable(tiny_models, tmp_path, technique):
+    trainer = Trainer(tiny_models("llama"), technique=technique, formatter="kto", output_dir=tmp_path / "o",
+                      num_train_epochs=3, kto_beta=0.5, save_steps=0, progress=False, **SETTINGS[technique])
+    result = trainer.fit(TRAIN, eval_data=HELD_OUT)
+    m = result.metrics
+    assert result.manifest["objective"] == "kto" and result.manifest["formatter"] == "kto"
+    assert held_out_baseline(tiny_models("llama"), technique, trainer.options)["kto_margin"] == 0.0
+    print(technique, m)
+    assert m["kto_margin"] > 1.0, m  # log pi/pi_ref of desirable minus undesirable, in nats, on unseen prompts
+    assert m["eval_loss"] < 0.45 and m["eval_rows_scored"] == 6 and m["eval_rows_skipped"] == 0, m
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.5)])
+def test_a_policy_that_never_moves_has_margin_zero_and_the_loss_at_zero_log_ratios(tiny_models, tmp_path,
+                                                                                   weights):
+    desirable_weight, undesirable_weight = weights
+    rows = TRAIN[:16] + TRAIN[16:24]  # 16 desirable, 8 undesirable
+    trainer = Trainer(tiny_models("llama"), technique="lora", formatter="kto", output_dir=tmp_path / "o",
+                      learning_rate=0, max_steps=3, save_steps=0, progress=False,
+                      desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    result = trainer.fit(rows, eval_data=HELD_OUT)
+    # r = 0 and z0 = 0: every row's loss is weight * (1 - sigmoid(0)) = weight / 2
+    held_out = (3 * desirable_weight + 3 * undesirable_weight) / 2 / 6
+    assert result.metrics["kto_margin"] == pytest.approx(0.0, abs=1e-5)
+    assert result.metrics["kto_kl"] == pytest.approx(0.0, abs=1e-5)
+    assert result.metrics["eval_loss"] == pytest.approx(held_out, abs=1e-5)
+    if desirable_weight == undesirable_weight:  # any batch's mean is weight / 2
+        assert result.metrics["train_loss"] == pytest.approx(0.5, abs=1e-5)
+
+
+def test_kto_after_sft_takes_the_sft_result_as_its_reference(tiny_models, tmp_path):
+    result = Trainer(tiny_models("llama"), technique="lora", output_dir=tmp_path / "o", progress=False,
+                     learning_rate=2e-2, save_steps=0, target_modules="all-linear").fit(
+        [Stage(SFT, formatter="alpaca", num_train_epochs=2),
+         Stage(TRAIN, formatter="kto", eval_data=HELD_OUT, learning_rate=0, max_steps=2)])
+    sft, kto = result.stages
+    assert kto.manifest["objective"] == "kto" and sft.manifest["objective"] == "sft"
+    assert kto.metrics["kto_margin"] == pytest.approx(0.0, abs=1e-5)  # the SFT-trained adapter is the reference
+    assert kto.metrics["eval_loss"] == pytest.approx(0.5, abs=1e-5)
+
+
+def test_one_label_only_is_refused_and_imbalance_warns(tiny_models, tmp_path, caplog):
+    trainer = Trainer(tiny_models("llama"), technique="lora", formatter="kto", output_dir=tmp_path / "o",
+                      progress=False)
+    with pytest.raises(DataError, match=r"every row has label true \(desirable\); KTO needs both") as info:
+        trainer.fit(TRAIN[:16])
+    assert "\n" not in str(info.value) and not (tmp_path / "o").exists()
+    with pytest.raises(DataError, match=r"eval_data.*every row has label false"):
+        trainer.fit(TRAIN, eval_data=HELD_OUT[3:])
+
+    from finetune_sdk.kto import check_label_balance
+
+    caplog.set_level(logging.WARNING, logger="finetune_sdk")
+    logging.getLogger("finetune_sdk").propagate = True
+    examples = [{"desirable": True}] * 30 + [{"desirable": False}] * 10
+    check_label_balance(examples, 1.0, 1.0, "ratings.jsonl")
+    assert "30 desirable and 10 undesirable" in caplog.text
+    assert "desirable_weight in [0.33, 0.44] or undesirable_weight in [2.25, 3.00]" in caplog.text
+    caplog.clear()
+    check_label_balance(examples, 0.4, 1.0, "ratings.jsonl")  # 0.4 * 30 / 10 = 1.2: in range
+    check_label_balance(examples[:20] + examples[30:], 1.0, 1.0, "ratings.jsonl")  # 20:10 at weights 1 -> 2.0
+    assert caplog.text.count("outside KTO's recommended") == 1
+
+
+@pytest.mark.parametrize("line, field", [
+    ({"prompt": "hi", "completion": "yo", "label": "yes"}, "column 'label' must be bool, got str"),
+    ({"prompt": "hi", "completion": "yo", "label": 1}, "column 'label' must be bool, got int"),
+    ({"prompt": "hi", "label": True}, "needs columns (prompt, completion, label); this row has label, prompt"),
+])
+def test_bad_rows_are_one_line_naming_file_line_and_field(tiny_models, tmp_path, line, field):
+    data = tmp_path / "ratings.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TRAIN[:2]) + json.dumps(line) + "\n")
+    trainer = Trainer(tiny_models("llama"), technique="lora", formatter="kto", output_dir=tmp_path / "o",
+                      progress=False)
+    with pytest.raises(DataError) as info:
+        trainer.fit(str(data))
+    message = str(info.value)
+    assert message.startswith(f"{data} line 3: ") and field in message and "\n" not in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_kto_rows_are_recognised_from_their_columns(tiny_models):
+    from finetune_sdk.planning import detect_formatter
+    from finetune_sdk.plugin_manager import get_plugin_host
+    from finetune_sdk.testing.tiny import tiny_tokenizer
+
+    host = get_plugin_host()
+    assert detect_formatter(["prompt", "completion", "label"], tiny_tokenizer(), "causal-lm", host) == "kto"
+    assert detect_formatter(["prompt", "completion"], tiny_tokenizer(), "causal-lm", host) == "chat-template"
+    with pytest.raises(Exception, match="formatter 'kto' makes kto data but technique 'classifier'"):
+        Trainer(tiny_models("llama"), technique="classifier", formatter="kto")
+
+
+def test_mismatched_pairs_take_the_next_rows_completion_and_the_content_stays_literal():
+    from finetune_sdk.data import Rows
+    from finetune_sdk.kto import encode_kto
+    from finetune_sdk.plugins.formatters.kto import KTOFormatter
+    from finetune_sdk.testing.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    rows = [{"prompt": "p0", "completion": "</s>c0", "label": True}, {"prompt": "p1", "completion": "c1", "label": False},
+            {"prompt": "p2", "completion": "c2", "label": True}]
+    encoded = encode_kto(Rows(rows, ["r0", "r1", "r2"], "mem"), KTOFormatter(), tok, {"max_length": 128})
+    decode = lambda seq: tok.decode(seq["input_ids"])  # noqa: E731
+    assert [ex["desirable"] for ex in encoded.examples] == [True, False, True]
+    assert "p0" in decode(encoded.examples[0]["kl"]) and "c1" in decode(encoded.examples[0]["kl"])
+    assert "p2" in decode(encoded.examples[2]["kl"]) and "c0" in decode(encoded.examples[2]["kl"])  # wraps around
+    assert encoded.examples[0]["completion"]["input_ids"].count(tok.eos_token_id) == 1  # "</s>" in content: text
+
+
+def test_kto_loss_matches_the_papers_formula():
+    from finetune_sdk.kto import kto_loss
+
+    policy, reference = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-1.5, -1.0, -3.0])
+    kl_policy, kl_reference = torch.tensor([-4.0, -4.0, -4.0]), torch.tensor([-4.3, -4.1, -4.2])
+    desirable = torch.tensor([True, False, True])
+    loss, logratios, kl = kto_loss(policy, reference, kl_policy, kl_reference, desirable, 0.5, 2.0, 3.0)
+    z0 = 0.2  # mean of 0.3, 0.1, 0.2
+    expected = (2 * (1 - torch.sigmoid(torch.tensor(0.5 * (0.5 - z0))))
+                + 3 * (1 - torch.sigmoid(torch.tensor(0.5 * (z0 + 1.0))))
+                + 2 * (1 - torch.sigmoid(torch.tensor(0.5 * (0.0 - z0))))) / 3
+    assert float(kl) == pytest.approx(z0) and float(loss) == pytest.approx(float(expected))
+    assert logratios.tolist() == pytest.approx([0.5, -1.0, 0.0])
+    _, _, clamped = kto_loss(policy, reference, kl_reference, kl_policy, desirable, 0.5)
+    assert float(clamped) == 0.0  # a negative KL estimate is clamped at 0
+
+
+def test_cli_trains_lora_with_the_kto_formatter(tiny_models, tmp_path):
+    from click.testing import CliRunner
+
+    from finetune_sdk.cli.main import cli
+
+    data, held = tmp_path / "ratings.jsonl", tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
+    held.write_text("".join(json.dumps(r) + "\n" for r in HELD_OUT))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["train", "--model", str(tiny_models("llama")), "--data", str(data),
+                                      "--eval-data", str(held), "--technique", "lora", "--formatter", "kto",
+                                      "--max-steps", "2", "--kto-beta", "0.2", "--undesirable-weight", "1.2",
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "finetune_manifest.json").read_text())
+    assert manifest["objective"] == "kto" and (out / "adapter_model.safetensors").exists()
+    assert manifest["options"]["kto_beta"] == 0.2 and manifest["options"]["undesirable_weight"] == 1.2
+    assert {"kto_margin", "kto_kl", "eval_loss"} <= set(manifest["metrics"])
+    bad = CliRunner().invoke(cli, ["train", "--model", str(tiny_models("llama")), "--data", str(data),
+                                   "--formatter", "kto", "--kto-beta", "0", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "option 'kto_beta' must be greater than 0" in bad.output
+    assert "Traceback" not in bad.output
