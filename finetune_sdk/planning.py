@@ -108,7 +108,8 @@ class Planner:
             if eval_rows else {}
         dataset = {"fingerprint": train_rows.fingerprint, "rows": len(train_rows), "source": train_rows.source,
                    "eval_fingerprint": eval_rows.fingerprint if eval_rows else None}
-        current_model_formatter = used if used.task not in (PREFERENCE, KTO) else (picked if formatter is None else None)
+        current_model_formatter = used if used.task not in (PREFERENCE, KTO) else \
+            (picked if formatter is None else None)
         return TrainingPlan(train, used.name, objective.name, evals, dataset, formatter=picked,
                             current_model_formatter=current_model_formatter, labels=labels)
 
