@@ -45,7 +45,6 @@ def test_kto_raises_the_held_out_margin_of_desirable_over_undesirable(tiny_model
     m = result.metrics
     assert result.manifest["objective"] == "kto" and result.manifest["formatter"] == "kto"
     assert held_out_baseline(tiny_models("llama"), technique, trainer.options)["kto_margin"] == 0.0
-    print(technique, m)
     assert m["kto_margin"] > 1.0, m  # log pi/pi_ref of desirable minus undesirable, in nats, on unseen prompts
     assert m["eval_loss"] < 0.45 and m["eval_rows_scored"] == 6 and m["eval_rows_skipped"] == 0, m
 
@@ -138,8 +137,8 @@ def test_mismatched_pairs_take_the_next_rows_completion_and_the_content_stays_li
     from finetune_sdk.testing.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    rows = [{"prompt": "p0", "completion": "</s>c0", "label": True}, {"prompt": "p1", "completion": "c1", "label": False},
-            {"prompt": "p2", "completion": "c2", "label": True}]
+    rows = [{"prompt": "p0", "completion": "</s>c0", "label": True},
+            {"prompt": "p1", "completion": "c1", "label": False}, {"prompt": "p2", "completion": "c2", "label": True}]
     encoded = encode_kto(Rows(rows, ["r0", "r1", "r2"], "mem"), KTOFormatter(), tok, {"max_length": 128})
     decode = lambda seq: tok.decode(seq["input_ids"])  # noqa: E731
     assert [ex["desirable"] for ex in encoded.examples] == [True, False, True]
