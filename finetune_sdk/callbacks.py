@@ -50,7 +50,7 @@ class PluginCallback(TrainerCallback):
 class RichProgressCallback(TrainerCallback):
     """Training progress: a rich bar (step, loss, tokens/s, ETA) on a terminal, else a log line per logging step.
 
-    The loss shown is the loss logged at the step the bar shows (the mean over the last ``logging_steps`` steps,
+    The loss shown (and GRPO's mean reward) is the one logged at the step the bar shows (the mean over the last ``logging_steps`` steps,
     as in ``training_log.json``): on a logging step the bar moves only once that step's loss is known. After a
     resume the bar starts at the resumed step, and tokens/s and the ETA count only the steps run since.
     """
@@ -62,6 +62,7 @@ class RichProgressCallback(TrainerCallback):
         self.start = 0.0
         self.first_step = 0
         self.loss: float | None = None
+        self.reward: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         from rich.console import Console
@@ -84,10 +85,13 @@ class RichProgressCallback(TrainerCallback):
         self.progress.refresh()
 
     def stats(self, step: int, max_steps: int) -> str:
-        """``12/40 loss 1.2345 1,234 tok/s ETA 0:42`` for the bar (and the plain lines)."""
+        """``12/40 loss 1.2345 1,234 tok/s ETA 0:42`` for the bar (and the plain lines); GRPO adds
+        ``reward 0.625``."""
         parts = [f"{step}/{max_steps}"]
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
+        if self.reward is not None:
+            parts.append(f"reward {self.reward:.3f}")
         done = step - self.first_step
         if done > 0:
             elapsed = max(time.perf_counter() - self.start, 1e-9)
@@ -109,6 +113,7 @@ class RichProgressCallback(TrainerCallback):
         if not logs or "loss" not in logs:
             return
         self.loss = float(logs["loss"])
+        self.reward = float(logs["reward"]) if "reward" in logs else None
         if self.progress is not None:
             self.show(state)
             return

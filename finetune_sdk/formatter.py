@@ -14,7 +14,9 @@ CLASSIFICATION = "classification"
 PREFERENCE = "preference"
 #: Unpaired feedback (a prompt, one completion and a thumbs up/down), trained with KTO.
 KTO = "kto"
-TASKS = (CAUSAL_LM, CLASSIFICATION, PREFERENCE, KTO)
+#: Prompt-only rows: the policy writes the answers (online RL, GRPO).
+PROMPT = "prompt"
+TASKS = (CAUSAL_LM, CLASSIFICATION, PREFERENCE, KTO, PROMPT)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,17 @@ def register_federated_strategies(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_reward_functions(register: Callable[..., None]) -> None:
+    """Called once when plugins load: call ``register(function)`` (or ``register(function, name="...")``) for each
+    reward function you provide for GRPO.
+
+    ``function(prompts: list[str], completions: list[str], **columns) -> list[float]`` returns one finite float
+    per completion (higher is better; the other columns of the prompt rows arrive as keyword arguments, see
+    :mod:`finetune_sdk.rewards`). Users pick it with ``reward_funcs=["name"]`` or ``finetune train --reward name``.
+    """
+
+
+@hookspec
 def register_commands(cli: click.Group) -> None:
     """Called when the ``finetune`` CLI starts: add your commands with ``cli.add_command(...)``."""
 

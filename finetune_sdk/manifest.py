@@ -27,8 +27,17 @@ def library_versions() -> dict[str, str | None]:
 
 
 def scrub(options: dict[str, Any]) -> dict[str, Any]:
-    """Drop anything that looks like a credential: manifests are shared, tokens never are."""
-    return {k: v for k, v in options.items() if not any(s in k.lower() for s in SECRET_KEYS)}
+    """Drop anything that looks like a credential: manifests are shared, tokens never are. A Python function
+    given as an option (GRPO's ``reward_funcs``) is recorded by its ``module.qualname``."""
+    return {k: _recordable(v) for k, v in options.items() if not any(s in k.lower() for s in SECRET_KEYS)}
+
+
+def _recordable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_recordable(v) for v in value]
+    if callable(value):
+        return f"{getattr(value, '__module__', None) or '?'}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return value
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

@@ -8,6 +8,8 @@ objective (KTO, an RL objective, a federated round's local step) is a new class 
 * ``sft``: causal-LM cross-entropy on the response tokens (supervised and text formatters; multi-task mixtures).
 * ``dpo``: Direct Preference Optimization (Rafailov et al., 2023) on (prompt, chosen, rejected) pairs.
 * ``kto``: KTO (Ethayarajh et al., 2024) on unpaired (prompt, completion, label) rows (see :mod:`finetune_sdk.kto`).
+* ``grpo``: online RL with Group Relative Policy Optimization (Shao et al., 2024) on prompt rows, against reward
+  functions and/or a reward model (see :mod:`finetune_sdk.grpo`).
 * ``classification-head``: cross-entropy of a classifier head (the ``classifier`` technique; preference pairs
   become a reward model's chosen/rejected rows).
 
@@ -16,6 +18,8 @@ Example:
     ('dpo', 'sft')
     >>> objective_for("preference", "classification").name, objective_for("kto", "causal-lm").name
     ('classification-head', 'kto')
+    >>> objective_for("prompt", "causal-lm").name
+    'grpo'
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from finetune_sdk.encoding import Collator, Encoded, encode_causal, encode_classification
 from finetune_sdk.errors import unknown_name_error
-from finetune_sdk.formatter import CLASSIFICATION, KTO, PREFERENCE, Formatter
+from finetune_sdk.formatter import CLASSIFICATION, KTO, PREFERENCE, PROMPT, Formatter
 
 if TYPE_CHECKING:
     from finetune_sdk.data import Rows
@@ -76,6 +80,9 @@ class Objective:
     def encode(self, rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
         """Rows as encoded examples (``input_ids``/``labels`` lists, or what :meth:`collator` stacks)."""
         return encode_causal(rows, formatter, tokenizer, options)
+
+    def check_options(self, options: Mapping[str, Any], host: Any) -> None:
+        """Refuse options this objective can't train with, before any model loads (e.g. GRPO without a reward)."""
 
     def check_rows(self, rows: Rows) -> None:
         """Warn about (or refuse) training rows that can't teach this objective, before they are encoded."""
@@ -247,6 +254,72 @@ class KahnemanTverskyOptimization(Objective):
                             source=eval_set.rows.source)
 
 
+class GroupRelativePolicyOptimization(Objective):
+    """``grpo``: sample ``num_generations`` completions per prompt from the policy, score them with the run's
+    rewards, normalise within each group and take the clipped surrogate with a KL penalty (``beta``) to the policy
+    as it stands when GRPO starts. Dropout is off while training; held-out prompts are scored by the mean reward
+    of greedy completions (``eval_reward``), before training (``eval_reward_start``) and after."""
+
+    name = "grpo"
+    label = " + GRPO"
+
+    def encode(self, rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
+        from finetune_sdk.grpo import encode_prompts
+
+        return encode_prompts(rows, formatter, tokenizer, options)
+
+    def check_options(self, options: Mapping[str, Any], host: Any) -> None:
+        from finetune_sdk.rewards import check_reward_sources
+
+        check_reward_sources(options, host)
+
+    def while_training(self, model: Any) -> Any:
+        from finetune_sdk.preference import dropout_disabled
+
+        return dropout_disabled(model)
+
+    def rewards(self, plan: TrainingPlan, options: Mapping[str, Any]) -> list[Any]:
+        """The run's rewards (the reward model is loaded once per plan)."""
+        if "rewards" not in plan.objective_state:
+            from finetune_sdk.plugin_manager import get_plugin_host
+            from finetune_sdk.rewards import resolve_reward_functions, reward_model
+
+            rewards = resolve_reward_functions(options.get("reward_funcs"), get_plugin_host())
+            if options.get("reward_model"):
+                rewards.append(reward_model(options["reward_model"]))
+            plan.objective_state["rewards"] = rewards
+        return plan.objective_state["rewards"]
+
+    def training_inputs(self, run: RunSpec, plan: TrainingPlan, model: Any, tokenizer: Any, args: Any) -> TrainingInputs:
+        from finetune_sdk.grpo import GRPOSettings, PromptCollator, ReferenceWeights, grpo_trainer_class
+
+        settings = GRPOSettings.from_options(run.options)
+        rewards = self.rewards(plan, run.options)
+        reference = ReferenceWeights(model) if settings.beta else None  # before a resumed run loads its weights
+        args.include_num_input_tokens_seen = "no"  # prompt batches have no input_ids to count
+        evals = {name or "eval": ListDataset(s.encoded.examples) for name, s in plan.evals.items()}
+        for name in plan.evals:
+            plan.extra_metrics[f"eval{'_' + name if name else ''}_reward_start"] = \
+                self.evaluate_model(model, plan, name, tokenizer, run.options)["eval_reward"]
+        return TrainingInputs(model, ListDataset(plan.train.examples), next(iter(evals.values()), None),
+                              PromptCollator(), grpo_trainer_class(settings, rewards, reference, tokenizer))
+
+    def evaluate_model(self, model: Any, plan: TrainingPlan, name: str, tokenizer: Any,
+                       options: Mapping[str, Any]) -> dict[str, float]:
+        from finetune_sdk.grpo import GRPOSettings, greedy_rewards
+        from finetune_sdk.scoring import require_rows, scored_rows
+
+        encoded = plan.evals[name].encoded
+        require_rows(len(encoded.examples), encoded.dropped, plan.evals[name].rows.source,
+                     "have prompts longer than max_length - max_completion_length")
+        return {**greedy_rewards(model, encoded.examples, tokenizer, self.rewards(plan, options),
+                                 GRPOSettings.from_options(options), options["per_device_eval_batch_size"]),
+                **scored_rows(len(encoded.examples), encoded.dropped)}
+
+    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        return self.evaluate_model(loaded.model, plan, name, loaded.tokenizer, options)
+
+
 class ClassificationHead(Objective):
     """``classification-head``: cross-entropy of the classifier's head over the ``labels`` option's classes.
 
@@ -315,7 +388,8 @@ class ClassificationHead(Objective):
 
 #: Every objective by name: the one place an objective is chosen from.
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (SupervisedFineTuning(), DirectPreferenceOptimization(),
-                                                        KahnemanTverskyOptimization(), ClassificationHead())}
+                                                        KahnemanTverskyOptimization(), ClassificationHead(),
+                                                        GroupRelativePolicyOptimization())}
 
 
 def objective_for(formatter_task: str, technique_task: str) -> Objective:
@@ -326,11 +400,13 @@ def objective_for(formatter_task: str, technique_task: str) -> Objective:
         return OBJECTIVES["dpo"]
     if formatter_task == KTO:
         return OBJECTIVES["kto"]
+    if formatter_task == PROMPT:
+        return OBJECTIVES["grpo"]
     return OBJECTIVES["sft"]
 
 
 def get_objective(name: str) -> Objective:
-    """The objective registered as ``name`` (``sft``, ``dpo``, ``kto``, ``classification-head``)."""
+    """The objective registered as ``name`` (``sft``, ``dpo``, ``kto``, ``grpo``, ``classification-head``)."""
     try:
         return OBJECTIVES[name]
     except KeyError:

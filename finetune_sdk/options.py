@@ -157,6 +157,18 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
            exclusive_minimum=0),
     Option("undesirable_weight", float, 1.0, "KTO: weight of the undesirable (label false) rows' loss",
            exclusive_minimum=0),
+    Option("num_generations", int, 8, "GRPO: completions sampled per prompt (the group whose rewards are "
+           "normalised together)", minimum=2),
+    Option("max_completion_length", int, 256, "GRPO: most tokens sampled per completion", minimum=1),
+    Option("beta", float, 0.04, "GRPO: weight of the KL penalty to the reference (the policy when GRPO starts; "
+           "0: no reference)", minimum=0),
+    Option("temperature", float, 1.0, "GRPO: sampling temperature of the completions", exclusive_minimum=0),
+    Option("epsilon", float, 0.2, "GRPO: clip range of the probability ratio (PPO's epsilon)", exclusive_minimum=0,
+           exclusive_maximum=1),
+    Option("reward_funcs", list, None, "GRPO: reward functions, by name (registered by plugins) or, in Python, "
+           "as callables fn(prompts, completions, **columns) -> list[float]", minimum=1),
+    Option("reward_model", str, None, "GRPO: a reward model (result folder or registry ref) whose score(prompts, "
+           "completions) is a reward"),
     Option("task_mixing", str, "proportional", "multi-task sampling: proportional, explicit or temperature",
            choices=("proportional", "explicit", "temperature")),
     Option("mixing_temperature", float, 2.0, "temperature T of task_mixing='temperature' (p ~ n^(1/T))",

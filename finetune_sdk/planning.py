@@ -16,7 +16,7 @@ from typing import Any
 from finetune_sdk.data import Rows, load_rows
 from finetune_sdk.encoding import Encoded
 from finetune_sdk.errors import ConfigError, DataError
-from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, KTO, PREFERENCE, Formatter
+from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, KTO, PREFERENCE, PROMPT, Formatter
 from finetune_sdk.objectives import Objective, get_objective, objective_for
 from finetune_sdk.stages_and_tasks import Task, is_task_list, mix, mixing_probabilities
 
@@ -65,6 +65,8 @@ class TrainingPlan:
     current_model_formatter: Formatter | None = None
     #: The classifier's labels, in class-id order (None for generative objectives).
     labels: list[str] | None = None
+    #: What the objective keeps between its steps of one run (GRPO: its rewards, the reward model loaded once).
+    objective_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def strategy(self) -> Objective:
@@ -101,6 +103,7 @@ class Planner:
         labels = labels_for(train_rows, used, self.options) if self.task == CLASSIFICATION else None
         options = {**self.options, "labels": labels} if labels is not None else self.options
         objective = objective_for(used.task, self.task)
+        objective.check_options(options, self.host)
         objective.check_rows(train_rows)
         train = objective.encode(train_rows, used, tokenizer, options)
         objective.check_encoded(train, options, train_rows.source)
@@ -173,8 +176,10 @@ def labels_for(rows: Rows, formatter: Formatter, options: Mapping[str, Any]) -> 
 
 def formatter_fits(formatter_task: str, technique_task: str) -> bool:
     """A formatter's data fits a technique: same task, preference pairs (DPO for generative techniques, a
-    reward model for the classifier), or KTO rows (generative techniques)."""
-    return formatter_task in (technique_task, PREFERENCE) or (formatter_task == KTO and technique_task == CAUSAL_LM)
+    reward model for the classifier), KTO rows (generative techniques) or prompts for a generative technique
+    (GRPO)."""
+    return formatter_task in (technique_task, PREFERENCE) or (formatter_task in (KTO, PROMPT) and
+                                                              technique_task == CAUSAL_LM)
 
 
 def reward_rows(rows: Rows, formatter: Formatter) -> Rows:
@@ -200,7 +205,8 @@ def detect_formatter(columns: list[str], tokenizer: Any, task: str, host: Any) -
 
     ``prompt``+``chosen``+``rejected`` -> ``preference``; ``prompt``+``completion``+``label`` -> ``kto`` (generative
     techniques); ``messages`` or ``prompt``+``completion`` ->
-    ``chat-template`` when the tokenizer has a chat template, else ``chatml``; ``instruction``+``output`` ->
+    ``chat-template`` when the tokenizer has a chat template, else ``chatml``; ``prompt`` without an answer column
+    -> ``prompt`` (GRPO); ``instruction``+``output`` ->
     ``alpaca``; ``text``+``label`` -> ``classification``; ``text`` -> ``text``; otherwise the first plugin formatter
     that accepts the columns.
     """
@@ -214,6 +220,8 @@ def detect_formatter(columns: list[str], tokenizer: Any, task: str, host: Any) -
             return "classification"
     elif "messages" in cols or {"prompt", "completion"} <= cols:
         return "chat-template" if getattr(tokenizer, "chat_template", None) else "chatml"
+    elif "prompt" in cols and not cols & {"completion", "label", "text", "output"}:
+        return "prompt"
     elif {"instruction", "output"} <= cols:
         return "alpaca"
     elif "text" in cols:

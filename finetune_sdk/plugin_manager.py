@@ -44,15 +44,17 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "finetune_sdk.federated.strategies",
 )
 
-KINDS: dict[str, tuple[str, type]] = {
+#: Each kind's register hook and the base class of what it registers (None: a function, e.g. a reward function).
+KINDS: dict[str, tuple[str, type | None]] = {
     "technique": ("register_techniques", Technique),
     "quantizer": ("register_quantizers", Quantizer),
     "formatter": ("register_formatters", Formatter),
     "strategy": ("register_federated_strategies", FederatedStrategy),
+    "reward": ("register_reward_functions", None),
 }
 #: The plural of each kind, as ``finetune plugins`` titles its tables.
 PLURALS = {"technique": "techniques", "quantizer": "quantizers", "formatter": "formatters",
-           "strategy": "strategies"}
+           "strategy": "strategies", "reward": "rewards"}
 
 
 #: The hooks that register classes; every other hook is an observer called through :meth:`PluginHost.notify`.
@@ -186,16 +188,15 @@ class PluginHost:
         for impl in impls:
             info = self._info(impl.plugin_name)
 
-            def register(cls: type, _info: PluginInfo = info) -> None:
-                if not (isinstance(cls, type) and issubclass(cls, base)) or not getattr(cls, "name", None):
-                    raise PluginError(f"register() takes a {base.__name__} subclass with a name, got {cls!r}")
-                reg = Registration(kind, cls.name, cls, _info.name, _info.distribution, _info.version)
-                taken = self._registrations[kind].setdefault(cls.name, [])
+            def register(cls: Any, name: str | None = None, _info: PluginInfo = info) -> None:
+                name = _registered_name(kind, base, cls, name)
+                reg = Registration(kind, name, cls, _info.name, _info.distribution, _info.version)
+                taken = self._registrations[kind].setdefault(name, [])
                 taken.append(reg)
-                _info.registered.append(f"{kind}:{cls.name}")
+                _info.registered.append(f"{kind}:{name}")
                 if len(taken) > 1:
                     first = taken[0]
-                    self._report(_info, f"registers {kind} {cls.name!r}, already registered by plugin "
+                    self._report(_info, f"registers {kind} {name!r}, already registered by plugin "
                                         f"{first.plugin!r} ({first.distribution} {first.version}); using it is an "
                                         "error until one is uninstalled")
 
@@ -216,7 +217,8 @@ class PluginHost:
 
     # -- queries -------------------------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
-        """Registered names of a kind (``technique``, ``quantizer``, ``formatter`` or ``strategy``), sorted."""
+        """Registered names of a kind (``technique``, ``quantizer``, ``formatter``, ``strategy`` or ``reward``),
+        sorted."""
         return sorted(self._registrations[kind])
 
     def registration(self, kind: str, name: str) -> Registration:
@@ -255,6 +257,20 @@ class PluginHost:
     def add_commands(self, cli: Any) -> None:
         """Let plugins add CLI commands."""
         self.notify("register_commands", cli=cli)
+
+
+def _registered_name(kind: str, base: type | None, registered: Any, name: str | None) -> str:
+    """The name ``registered`` goes under: a class's ``name``; a function's ``name=`` or ``__name__``."""
+    if base is None:
+        if not callable(registered) or isinstance(registered, type):
+            raise PluginError(f"register() takes a {kind} function, got {registered!r}")
+        name = name or getattr(registered, "__name__", None)
+        if not isinstance(name, str) or not name or name == "<lambda>":
+            raise PluginError(f"register() needs name= for {registered!r}")
+        return name
+    if not (isinstance(registered, type) and issubclass(registered, base)) or not getattr(registered, "name", None):
+        raise PluginError(f"register() takes a {base.__name__} subclass with a name, got {registered!r}")
+    return str(registered.name)
 
 
 def discover_entry_points() -> list[Any]:

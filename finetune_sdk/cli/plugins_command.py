@@ -25,7 +25,7 @@ def plugin_report() -> dict[str, Any]:
         ],
         **{PLURALS[kind]: [
             {"name": r.name, "plugin": r.plugin, "distribution": r.distribution, "version": r.version,
-             "description": getattr(r.cls, "description", "")}
+             "description": _description(r.cls)}
             for r in sorted(host.registrations(kind), key=lambda r: r.name)
         ] for kind in KINDS},
     }
@@ -35,7 +35,8 @@ def plugin_report() -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.pass_context
 def plugins_command(ctx: click.Context, as_json: bool) -> None:
-    """List techniques, quantizers, formatters and federated strategies with their plugin and version."""
+    """List techniques, quantizers, formatters, federated strategies and reward functions with their plugin and
+    version."""
     if ctx.invoked_subcommand is not None:
         return
     report = plugin_report()
@@ -57,8 +58,10 @@ def render_report(report: dict[str, Any]) -> None:
         if not p["error"]:
             table.add_row(cell(p["name"]), cell(_release(p)), cell(_provides(p["registered"])))
     out.print(table)
-    for kind in ("techniques", "quantizers", "formatters", "strategies"):
-        table = Table(title=kind)
+    for kind in ("techniques", "quantizers", "formatters", "strategies", "rewards"):
+        if kind == "rewards" and not report[kind]:
+            continue  # no plugin registers a reward function: no empty table
+        table = Table(title="reward functions" if kind == "rewards" else kind)
         table.add_column("name", no_wrap=True)
         table.add_column("distribution", no_wrap=True)
         table.add_column("description", ratio=1)
@@ -75,6 +78,13 @@ def render_report(report: dict[str, Any]) -> None:
             table.add_row(cell(p["name"]), cell(_release(p)), cell(p["error"]))
         out.print(table)
     out.print("--json also lists each plugin's hooks.", style="dim")
+
+
+def _description(registered: Any) -> str:
+    """A class's ``description``, or the first line of a registered function's docstring."""
+    if isinstance(registered, type):
+        return str(getattr(registered, "description", ""))
+    return ((registered.__doc__ or "").strip().splitlines() or [""])[0]
 
 
 def _release(row: dict[str, Any]) -> str:

@@ -31,16 +31,23 @@ RUN_KEYS = ("model", "data", "train_data", "eval_data", "technique", "quantizer"
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="processes for data-parallel training: launches torchrun (gloo on CPU, NCCL on GPUs)")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML or TOML file with the same names")
+@click.option("--reward", "rewards", multiple=True, metavar="NAME",
+              help="GRPO (prompt-only data): a reward function registered by a plugin; repeat for several "
+                   "(finetune plugins lists them)")
 @option_flags
 def train_command(model: str | None, data: str | None, eval_data: str | None, technique: str | None,
                   quantizer: str | None, formatter: str | None, output_dir: str | None, publish_as: str | None,
-                  resume: bool, nproc: int, config_path: str | None, **flags: Any) -> None:
+                  resume: bool, nproc: int, config_path: str | None, rewards: tuple[str, ...],
+                  **flags: Any) -> None:
     """Fine-tune a model on a dataset and save the result.
 
     \b
     Example:
       finetune train --model ./tiny-llama --data train.jsonl --technique lora --r 16 --num-train-epochs 2
+      finetune train --model ./tiny-llama --data prompts.jsonl --reward my_reward --reward-model rm-v1
     """
+    if rewards:  # --reward a --reward b is --reward-funcs a,b
+        flags["reward_funcs"] = ",".join([*filter(None, [flags.get("reward_funcs")]), *rewards])
     if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         run_torchrun(nproc, {"model": model, "data": data, "eval_data": eval_data, "technique": technique,
                              "quantizer": quantizer, "formatter": formatter, "output_dir": output_dir,
