@@ -22,7 +22,8 @@ from finetune_sdk.technique import Technique
 HOOKS = sorted(name for name in dir(hookspecs) if name.startswith(("register_", "on_")))
 EXERCISED = {"register_techniques", "register_quantizers", "register_formatters", "register_commands",
              "on_train_begin", "on_log", "on_evaluate", "on_save", "on_train_end",
-             "register_federated_strategies"}  # exercised in test_federated.py
+             "register_federated_strategies",  # exercised in test_federated.py
+             "register_reward_functions"}  # exercised in test_grpo.py
 
 
 class NormTune(Technique):

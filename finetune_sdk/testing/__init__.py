@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FormatterContract", "QuantizerContract", "StrategyContract", "TechniqueContract", "save_tiny_model",
-           "tiny_model", "tiny_tokenizer"]
+__all__ = ["FormatterContract", "QuantizerContract", "RewardFunctionContract", "StrategyContract",
+           "TechniqueContract", "save_tiny_model", "tiny_model", "tiny_tokenizer"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from finetune_sdk.testing import contract
 
         return getattr(contract, name)
+    if name == "RewardFunctionContract":
+        from finetune_sdk.testing import reward_contract
+
+        return reward_contract.RewardFunctionContract
     if name == "StrategyContract":
         from finetune_sdk.testing import strategy_contract
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import pytest
 
 from finetune_sdk.errors import DataError
-from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, TASKS, Formatter, Segment
+from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, PROMPT, TASKS, Formatter, Segment
 from finetune_sdk.options import Option
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.quantizer import Quantizer
@@ -275,6 +275,11 @@ class FormatterContract:
         segments = formatter.segments(formatter.example, tokenizer, {"max_length": 512})
         assert all(isinstance(s, Segment) for s in segments)
         encoded = encode_segments(segments, tokenizer, None)
+        if formatter.task == PROMPT:  # prompts only (GRPO): the policy writes the answers, nothing is learnt here
+            assert segments and not any(s.train for s in segments)
+            assert encoded["input_ids"] == encode_segments(
+                formatter.prompt_segments(formatter.example["prompt"], tokenizer, {}), tokenizer, None)["input_ids"]
+            return
         assert any(label != IGNORE_INDEX for label in encoded["labels"]), "nothing to learn"
         assert encoded["labels"][-1] == tokenizer.eos_token_id or \
             tokenizer.eos_token_id in [lab for lab in encoded["labels"] if lab != IGNORE_INDEX], \
@@ -309,7 +314,7 @@ class FormatterContract:
         ids = actual["input_ids"]
         assert counts(ids) == counts(expected["input_ids"]), \
             f"row content became special tokens: {tokenizer.convert_ids_to_tokens(ids)}"
-        assert ends_with_one_eos(ids, tokenizer), f"must end with exactly one EOS: {tokenizer.convert_ids_to_tokens(ids)}"
+        assert formatter.task == PROMPT or ends_with_one_eos(ids, tokenizer), f"must end with exactly one EOS: {tokenizer.convert_ids_to_tokens(ids)}"
         prompt = encode_segments(formatter.prompt_segments(content_with_specials(tokenizer), tokenizer, {}),
                                  tokenizer, None)["input_ids"]
         plain = encode_segments(formatter.prompt_segments("hello", tokenizer, {}), tokenizer, None)["input_ids"]

@@ -1,0 +1,218 @@
+"""GRPO (issue 15): online RL against reward functions, plugin reward functions, reward errors, resume after SIGKILL.
+
+The task is learnable in a second: a word-level tokenizer of 16 tokens, prompts of two words, completions of at
+most 4 tokens, and a verifiable reward (1 when the completion contains the word "cat")."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from finetune_sdk import Stage, Trainer
+from finetune_sdk.errors import ConfigError
+from finetune_sdk.rewards import RewardError
+
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+WORDS = ["user", "assistant", "system", "red", "blue", "green", "sun", "moon", "dog", "cat"]
+PAIRS = list(itertools.product(["red", "blue", "green", "sun", "moon", "dog"], repeat=2))
+random.Random(0).shuffle(PAIRS)
+TRAIN = [{"prompt": f"{a} {b}"} for a, b in PAIRS[:24]]
+HELD_OUT = [{"prompt": f"{a} {b}"} for a, b in PAIRS[24:]]
+FAST = dict(num_generations=8, max_completion_length=4, per_device_train_batch_size=4, max_length=32,
+            logging_steps=2, save_steps=0, progress=False)
+
+
+def has_cat(prompts, completions, **columns):
+    """1.0 when the completion contains the word "cat"."""
+    return [1.0 if "cat" in completion.split() else 0.0 for completion in completions]
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(SPECIAL + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory):
+    """A tiny Llama over the 16-word vocabulary, saved as a model folder."""
+    from finetune_sdk.testing.tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("word-llama")
+    tokenizer = word_tokenizer()
+    model = tiny_model("llama", tokenizer, seed=3)  # its greedy answers never say "cat"
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def greedy_reward(trainer):
+    answers = trainer.generate([row["prompt"] for row in HELD_OUT], max_new_tokens=4)
+    return sum(has_cat(None, answers)) / len(answers)
+
+
+@pytest.mark.parametrize("technique, learning_rate", [("lora", 2e-2), ("full", 3e-3)])
+def test_grpo_with_a_verifiable_reward_raises_the_greedy_reward_on_held_out_prompts(word_model, tmp_path, technique,
+                                                                                      learning_rate):
+    trainer = Trainer(word_model, technique=technique, formatter="prompt", output_dir=tmp_path / "run",
+                      reward_funcs=[has_cat], max_steps=24, learning_rate=learning_rate, **FAST)
+    before = greedy_reward(trainer)
+    result = trainer.fit(TRAIN, eval_data=HELD_OUT)
+    after = greedy_reward(trainer)
+    assert before == 0.0 and after >= 0.9, (before, after)
+    assert result.manifest["objective"] == "grpo" and result.manifest["formatter"] == "prompt"
+    assert result.manifest["options"]["reward_funcs"] == [f"{__name__}.has_cat"]
+    assert result.metrics["eval_reward_start"] == pytest.approx(before)  # greedy completions of the start policy
+    assert result.metrics["eval_reward"] == pytest.approx(after) and result.metrics["eval_rows_scored"] == 12
+    logged = [entry for entry in result.log_history if "loss" in entry]
+    assert len(logged) == 12
+    for key in ("reward", "reward_std", "kl", "completion_length", "rewards/has_cat"):
+        assert all(math.isfinite(entry[key]) for entry in logged), key
+    assert logged[-1]["reward"] > logged[0]["reward"]  # the sampled completions earn more as the policy learns
+    assert 0 < logged[-1]["completion_length"] <= 4 and logged[-1]["kl"] > 0
+
+
+def test_the_reference_is_the_policy_when_grpo_starts_even_after_an_sft_stage(word_model, tmp_path):
+    """A GRPO stage with learning_rate=0 after SFT never moves: KL to its reference (the SFT policy, not the base
+    with the adapter disabled) is exactly 0, and the reward of the policy is unchanged."""
+    sft = [{"prompt": row["prompt"], "completion": "dog dog"} for row in TRAIN]
+    trainer = Trainer(word_model, technique="lora", output_dir=tmp_path / "run", reward_funcs=[has_cat],
+                      learning_rate=5e-2, **{**FAST, "max_steps": 6})
+    result = trainer.fit([Stage(sft, formatter="chatml"), Stage(TRAIN, eval_data=HELD_OUT, learning_rate=0)])
+    grpo = result.stages[1]
+    assert grpo.manifest["objective"] == "grpo"
+    logged = [entry for entry in grpo.log_history if "loss" in entry]
+    assert logged and all(entry["kl"] == pytest.approx(0.0, abs=1e-6) for entry in logged)
+    assert grpo.metrics["eval_reward"] == grpo.metrics["eval_reward_start"]
+
+
+def test_reward_functions_from_a_plugin_through_the_hook(install, word_model, tmp_path):
+    from tests.test_plugins import FakeEntryPoint, plugin_module
+
+    from finetune_sdk.cli.plugins_command import plugin_report
+    from finetune_sdk.testing import RewardFunctionContract
+
+    def register_reward_functions(register):
+        register(has_cat)
+        register(lambda prompts, completions, **columns: [float(len(c)) for c in completions], name="length")
+
+    host = install(FakeEntryPoint("rewards", lambda: plugin_module(
+        "finetune_sdk_rewards", register_reward_functions=register_reward_functions), "finetune-sdk-rewards"))
+    assert host.names("reward") == ["has_cat", "length"]
+    rows = {r["name"]: r for r in plugin_report()["rewards"]}
+    assert rows["has_cat"]["distribution"] == "finetune-sdk-rewards"
+    assert rows["has_cat"]["description"].startswith("1.0 when the completion")
+
+    class TestHasCat(RewardFunctionContract):
+        name = "has_cat"
+
+    contract = TestHasCat()
+    contract.test_registered_as_a_function()
+    contract.test_returns_one_finite_float_per_completion()
+
+    trainer = Trainer(word_model, technique="lora", output_dir=tmp_path / "run", reward_funcs=["has_cat"],
+                      max_steps=24, learning_rate=2e-2, **FAST)
+    result = trainer.fit(TRAIN)
+    assert result.manifest["options"]["reward_funcs"] == ["has_cat"]
+    assert greedy_reward(trainer) >= 0.9
+    with pytest.raises(ConfigError, match="unknown reward 'has_cats'.*has_cat"):
+        Trainer(word_model, output_dir=tmp_path / "typo", reward_funcs=["has_cats"], **FAST).fit(TRAIN)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda prompts, completions: [1.0] * 3, "reward function 'short' returned 3 rewards for 8 completions; it must "
+                                              "return one float per completion"),
+    (lambda prompts, completions: [math.nan] * len(completions), "reward function 'short' returned nan for "
+                                                                  "completion 0"),
+    (lambda prompts, completions: 1 / 0, "reward function 'short' raised ZeroDivisionError: division by zero"),
+])
+def test_a_bad_reward_function_is_one_clear_line_naming_it_and_leaves_no_result(word_model, tmp_path, bad, message):
+    bad.__name__ = "short"
+    trainer = Trainer(word_model, output_dir=tmp_path / "run", reward_funcs=[has_cat, bad], max_steps=2,
+                      **{**FAST, "per_device_train_batch_size": 1})
+    with pytest.raises(RewardError) as error:
+        trainer.fit(TRAIN)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_grpo_without_a_reward_or_with_a_missing_reward_model_is_refused_before_the_model_loads(word_model, tmp_path,
+                                                                                                 monkeypatch):
+    from finetune_sdk import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match="GRPO needs a reward: pass reward_funcs="):
+        Trainer(word_model, output_dir=tmp_path / "a", **FAST).fit(TRAIN)
+    with pytest.raises(ConfigError, match="reward_model .*no-such-rm"):
+        Trainer(word_model, output_dir=tmp_path / "b", reward_model=str(tmp_path / "no-such-rm"), **FAST).fit(TRAIN)
+    with pytest.raises(ConfigError, match="option 'num_generations' must be at least 2"):
+        Trainer(word_model, reward_funcs=[has_cat], num_generations=1)
+    with pytest.raises(ConfigError, match="max_length .* must exceed max_completion_length"):
+        Trainer(word_model, output_dir=tmp_path / "c", reward_funcs=[has_cat],
+                **{**FAST, "max_completion_length": 64}).fit(TRAIN)
+
+
+RESUME_SCRIPT = """
+import sys
+from finetune_sdk import Trainer
+
+def has_cat(prompts, completions, **columns):
+    return [1.0 if "cat" in c.split() else 0.0 for c in completions]
+
+rows = {rows!r}
+Trainer({model!r}, technique="lora", output_dir=sys.argv[1], reward_funcs=[has_cat], max_steps=12, save_steps=5,
+        learning_rate=2e-2, seed=3, num_generations=8, max_completion_length=4, per_device_train_batch_size=4,
+        max_length=32, logging_steps=2, lora_dropout=0.1, progress=False).fit(rows, resume=sys.argv[2] == "resume")
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_grpo_run_resumes_to_the_uninterrupted_weights(word_model, tmp_path):
+    """Same weights within 1e-6: the seed fixes the data order and the first samples, and every checkpoint holds
+    the torch RNG state the completions are sampled from (and LoRA dropout, off while GRPO trains, draws nothing),
+    so the resumed run samples exactly the completions the uninterrupted one did."""
+    import torch
+    from safetensors.torch import load_file
+
+    script = tmp_path / "grpo_run.py"
+    script.write_text(textwrap.dedent(RESUME_SCRIPT.format(rows=TRAIN, model=str(word_model))))
+
+    def run(out, crash_at=None, resume=False):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("FINETUNE_SDK_CRASH_AT_STEP", None)
+        if crash_at:
+            env["FINETUNE_SDK_CRASH_AT_STEP"] = str(crash_at)
+        return subprocess.run([sys.executable, str(script), str(out), "resume" if resume else "fresh"], env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    reference = run(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    out = tmp_path / "crashed"
+    assert run(out, crash_at=7).returncode == -signal.SIGKILL
+    assert not out.exists()
+    resumed = run(out, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "checkpoint-5" in resumed.stderr
+    expected, actual = (load_file(str(p / "adapter_model.safetensors")) for p in (tmp_path / "reference", out))
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.allclose(expected[key], actual[key], atol=1e-6), (key, (expected[key] - actual[key]).abs().max())
+    def rewards(folder):  # the logged means after step 6 (step 6's mean spans the checkpoint at step 5)
+        return {e["step"]: e["reward"] for e in json.loads((folder / "training_log.json").read_text())
+                if "reward" in e and e["step"] > 6}
+
+    assert rewards(out) == rewards(tmp_path / "reference") and len(rewards(out)) == 3
