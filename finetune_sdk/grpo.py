@@ -38,12 +38,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.data import Rows
 from finetune_sdk.encoding import Encoded, encode_segments
 from finetune_sdk.errors import ConfigError, DataError
 from finetune_sdk.rewards import Reward, score_completions
+
+if TYPE_CHECKING:
+    from finetune_sdk.objectives import TrainingInputs
+    from finetune_sdk.planning import TrainingPlan
+    from finetune_sdk.run_engine import RunSpec
 
 ADVANTAGE_EPS = 1e-4
 
@@ -247,6 +252,51 @@ def greedy_rewards(model: Any, examples: Sequence[Mapping[str, Any]], tokenizer:
         lengths += group.completion_mask.sum(1).tolist()
     n = max(len(totals), 1)
     return {"eval_reward": sum(totals) / n, "eval_completion_length": sum(lengths) / n}
+
+
+def run_rewards(plan: TrainingPlan, options: Mapping[str, Any]) -> list[Reward]:
+    """The run's rewards: ``reward_funcs`` resolved, then the reward model (loaded once per plan)."""
+    if "rewards" not in plan.objective_state:
+        from finetune_sdk.plugin_manager import get_plugin_host
+        from finetune_sdk.rewards import resolve_reward_functions, reward_model
+
+        rewards = resolve_reward_functions(options.get("reward_funcs"), get_plugin_host())
+        if options.get("reward_model"):
+            rewards.append(reward_model(options["reward_model"]))
+        plan.objective_state["rewards"] = rewards
+    return plan.objective_state["rewards"]
+
+
+def evaluate_prompts(model: Any, plan: TrainingPlan, name: str, tokenizer: Any,
+                     options: Mapping[str, Any]) -> dict[str, float]:
+    """``eval_reward`` and ``eval_completion_length`` of ``model``'s greedy completions to the held-out prompts
+    ``plan.evals[name]``, with the counts of scored and skipped rows."""
+    from finetune_sdk.scoring import require_rows, scored_rows
+
+    encoded = plan.evals[name].encoded
+    require_rows(len(encoded.examples), encoded.dropped, plan.evals[name].rows.source,
+                 "have prompts longer than max_length - max_completion_length")
+    return {**greedy_rewards(model, encoded.examples, tokenizer, run_rewards(plan, options),
+                             GRPOSettings.from_options(options), options["per_device_eval_batch_size"]),
+            **scored_rows(len(encoded.examples), encoded.dropped)}
+
+
+def grpo_training_inputs(run: RunSpec, plan: TrainingPlan, model: Any, tokenizer: Any, args: Any) -> TrainingInputs:
+    """What the run engine builds GRPO's ``Trainer`` from; the reference weights are copied here, before a resumed
+    run loads its checkpoint, and the held-out prompts' greedy reward of the starting policy is recorded as
+    ``eval_reward_start``."""
+    from finetune_sdk.objectives import ListDataset, TrainingInputs
+
+    settings = GRPOSettings.from_options(run.options)
+    rewards = run_rewards(plan, run.options)
+    reference = ReferenceWeights(model) if settings.beta else None
+    args.include_num_input_tokens_seen = "no"  # prompt batches have no input_ids to count
+    for name in plan.evals:
+        plan.extra_metrics[f"eval{'_' + name if name else ''}_reward_start"] = \
+            evaluate_prompts(model, plan, name, tokenizer, run.options)["eval_reward"]
+    evals = [ListDataset(s.encoded.examples) for s in plan.evals.values()]
+    return TrainingInputs(model, ListDataset(plan.train.examples), evals[0] if evals else None, PromptCollator(),
+                          grpo_trainer_class(settings, rewards, reference, tokenizer))
 
 
 def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], reference: ReferenceWeights | None,

@@ -278,46 +278,15 @@ class GroupRelativePolicyOptimization(Objective):
 
         return dropout_disabled(model)
 
-    def rewards(self, plan: TrainingPlan, options: Mapping[str, Any]) -> list[Any]:
-        """The run's rewards (the reward model is loaded once per plan)."""
-        if "rewards" not in plan.objective_state:
-            from finetune_sdk.plugin_manager import get_plugin_host
-            from finetune_sdk.rewards import resolve_reward_functions, reward_model
-
-            rewards = resolve_reward_functions(options.get("reward_funcs"), get_plugin_host())
-            if options.get("reward_model"):
-                rewards.append(reward_model(options["reward_model"]))
-            plan.objective_state["rewards"] = rewards
-        return plan.objective_state["rewards"]
-
     def training_inputs(self, run: RunSpec, plan: TrainingPlan, model: Any, tokenizer: Any, args: Any) -> TrainingInputs:
-        from finetune_sdk.grpo import GRPOSettings, PromptCollator, ReferenceWeights, grpo_trainer_class
+        from finetune_sdk.grpo import grpo_training_inputs
 
-        settings = GRPOSettings.from_options(run.options)
-        rewards = self.rewards(plan, run.options)
-        reference = ReferenceWeights(model) if settings.beta else None  # before a resumed run loads its weights
-        args.include_num_input_tokens_seen = "no"  # prompt batches have no input_ids to count
-        evals = {name or "eval": ListDataset(s.encoded.examples) for name, s in plan.evals.items()}
-        for name in plan.evals:
-            plan.extra_metrics[f"eval{'_' + name if name else ''}_reward_start"] = \
-                self.evaluate_model(model, plan, name, tokenizer, run.options)["eval_reward"]
-        return TrainingInputs(model, ListDataset(plan.train.examples), next(iter(evals.values()), None),
-                              PromptCollator(), grpo_trainer_class(settings, rewards, reference, tokenizer))
-
-    def evaluate_model(self, model: Any, plan: TrainingPlan, name: str, tokenizer: Any,
-                       options: Mapping[str, Any]) -> dict[str, float]:
-        from finetune_sdk.grpo import GRPOSettings, greedy_rewards
-        from finetune_sdk.scoring import require_rows, scored_rows
-
-        encoded = plan.evals[name].encoded
-        require_rows(len(encoded.examples), encoded.dropped, plan.evals[name].rows.source,
-                     "have prompts longer than max_length - max_completion_length")
-        return {**greedy_rewards(model, encoded.examples, tokenizer, self.rewards(plan, options),
-                                 GRPOSettings.from_options(options), options["per_device_eval_batch_size"]),
-                **scored_rows(len(encoded.examples), encoded.dropped)}
+        return grpo_training_inputs(run, plan, model, tokenizer, args)
 
     def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        return self.evaluate_model(loaded.model, plan, name, loaded.tokenizer, options)
+        from finetune_sdk.grpo import evaluate_prompts
+
+        return evaluate_prompts(loaded.model, plan, name, loaded.tokenizer, options)
 
 
 class ClassificationHead(Objective):
