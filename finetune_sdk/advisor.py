@@ -98,7 +98,7 @@ class Advice:
 def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int | None = None,
            memory_bytes: int | None = None, device: str = "auto", must_keep_base: bool = False,
            private_data: bool = False, seq_len: int = 512, task: str = "causal-lm",
-           data_owners: int = 0) -> Advice:
+           data_owners: int = 0, num_generations: int = 0) -> Advice:
     """Recommend how to fine-tune ``model`` (a config, model folder, cached Hub id or ``.gguf`` file).
 
     Args:
@@ -111,6 +111,9 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
         task: ``causal-lm`` (text generation) or ``classification``.
         data_owners: the data is split among this many owners who can't share it (hospitals, banks, devices):
             2 or more recommends federated fine-tuning (``Advice.federated``), with its reasons and costs.
+        num_generations: online RL with GRPO: completions sampled per prompt (0: not GRPO). Each prompt in a batch
+            then trains that many sequences of ``seq_len`` tokens (prompt + completion), and the reference keeps
+            a copy of the trainable weights; the target is 16 completions per optimizer step.
     """
     if task not in TECHNIQUE_TASKS:
         raise ConfigError(f"task must be one of {', '.join(TECHNIQUE_TASKS)}, got {task!r}")
@@ -127,6 +130,8 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
     considered: list[Candidate] = []
     # examples per optimizer step: 16, or fewer for tiny datasets so an epoch still has ~10 steps
     target = TARGET_EFFECTIVE_BATCH if rows is None else max(1, min(TARGET_EFFECTIVE_BATCH, rows // 10))
+    if num_generations:  # GRPO: 16 completions (not prompts) per optimizer step
+        target = max(1, min(target, TARGET_EFFECTIVE_BATCH // num_generations))
 
     bf16_cpu = device == "cpu" and cpu_bf16_native()
 
@@ -137,7 +142,8 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
             config, technique=technique, quantizer=quantizer, batch_size=batch, seq_len=seq_len,
             gradient_checkpointing=checkpointing, lora_r=64 if technique == "qlora" else 8,
             lora_targets="all-linear" if technique == "qlora" else "attention", device=device,
-            dtype="bfloat16" if bf16 else "float32", activation_dtype="float32" if bf16 and device == "cpu" else None)
+            dtype="bfloat16" if bf16 else "float32", activation_dtype="float32" if bf16 and device == "cpu" else None,
+            num_generations=num_generations, reference_weights=bool(num_generations))
 
     def largest_batch(technique: str, quantizer: str | None, checkpointing: bool,
                       budget: float) -> MemoryEstimate | None:
@@ -170,11 +176,17 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
         chosen = estimate(technique, "nf4", 1, not classification)
     gc = chosen.gradient_checkpointing
     options = _options(chosen, gc, target, seq_len)
+    if num_generations and not classification:
+        options["num_generations"] = num_generations
+        reasons.append(f"GRPO samples {num_generations} completions per prompt and trains on all of them: batch "
+                       f"{chosen.batch_size} is {chosen.batch_size * num_generations} sequences of up to {seq_len} "
+                       "tokens (prompt + max_completion_length), plus one copy of the trainable weights for the "
+                       "reference; sampling takes most of a step's time on a CPU")
 
     reasons += _task_reasons(task, shape)
     reasons += _data_reasons(chosen.technique, rows, tokens, large, must_keep_base)
     reasons += _memory_reasons(chosen, gc, memory, device, fits, considered, options)
-    reasons += _speed_reasons(chosen, shape, bf16_cpu or None)
+    reasons += _speed_reasons(chosen, shape, bf16_cpu or None, chunked=not num_generations)
     reasons += _base_reasons(chosen.technique, must_keep_base, chosen)
     federated = data_owners >= 2
     if federated:
@@ -269,7 +281,7 @@ def _memory_reasons(est: MemoryEstimate, gc: bool, memory: int, device: str, fit
     return out
 
 
-def _speed_reasons(est: MemoryEstimate, shape: ModelShape, bf16_cpu: str | None) -> list[str]:
+def _speed_reasons(est: MemoryEstimate, shape: ModelShape, bf16_cpu: str | None, chunked: bool = True) -> list[str]:
     out = []
     if est.technique == "lora" and est.dtype == "bfloat16":
         where = f"this CPU has {bf16_cpu}" if bf16_cpu else "the GPU computes bf16 natively"
@@ -277,7 +289,7 @@ def _speed_reasons(est: MemoryEstimate, shape: ModelShape, bf16_cpu: str | None)
         out.append(f"precision: the frozen base is loaded in bf16 ({where}: half the weight memory and faster "
                    f"matmuls), while {kept}the LoRA weights, their gradients and the optimizer state stay fp32; "
                    "dtype='float32' keeps everything in fp32")
-    if est.technique != "classifier" and shape.model_type in CHUNKED_LOSS_MODEL_TYPES:
+    if est.technique != "classifier" and shape.model_type in CHUNKED_LOSS_MODEL_TYPES and chunked:
         logits = est.batch_size * est.seq_len * shape.vocab_size * 4
         out.append(f"the loss is computed in chunks of tokens: the {format_bytes(logits)} of fp32 logits over the "
                    f"{shape.vocab_size:,}-token vocabulary never exist at once (chunked_loss=False turns it off)")
@@ -315,7 +327,7 @@ def _size(rows: int | None, tokens: int | None) -> str:
 
 
 def preflight(model: Any, technique: Any, quantizer_name: str | None, options: Mapping[str, Any], *,
-              device: str = "auto", seq_len: int | None = None) -> MemoryEstimate | None:
+              device: str = "auto", seq_len: int | None = None, objective: str | None = None) -> MemoryEstimate | None:
     """Estimate a run before its model is loaded and refuse one that can't fit in the memory free now.
 
     ``technique`` is a builtin's name or a technique (a plugin's is estimated by what it declares it ``trains``).
@@ -328,7 +340,8 @@ def preflight(model: Any, technique: Any, quantizer_name: str | None, options: M
         return None
     try:
         config = load_config(model)
-        estimate = estimate_for_options(config, technique_name, quantizer_name, options, seq_len, device=device)
+        estimate = estimate_for_options(config, technique_name, quantizer_name, options, seq_len, device=device,
+                                        objective=objective)
     except (FinetuneError, AttributeError, KeyError, TypeError, ValueError):  # an estimate never stops a run
         return None
     if os.environ.get("FINETUNE_SDK_SKIP_MEMORY_CHECK") == "1":
@@ -337,7 +350,8 @@ def preflight(model: Any, technique: Any, quantizer_name: str | None, options: M
     if estimate.total <= free:
         return estimate
     advice = advise(config, memory_bytes=free, device=estimate.device, seq_len=estimate.seq_len,
-                    task="classification" if technique_name == "classifier" else "causal-lm")
+                    task="classification" if technique_name == "classifier" else "causal-lm",
+                    num_generations=int(options.get("num_generations") or 8) if objective == "grpo" else 0)
     settings = ", ".join([f"technique={advice.technique!r}"] + ([f"quantizer={advice.quantizer!r}"] if advice.quantizer
                          else []) + [f"{k}={v!r}" for k, v in advice.options.items() if k != "max_length"])
     where = "RAM" if estimate.device == "cpu" else "GPU memory"
@@ -346,15 +360,19 @@ def preflight(model: Any, technique: Any, quantizer_name: str | None, options: M
                       f"is free; {fix} (finetune advise MODEL explains; FINETUNE_SDK_SKIP_MEMORY_CHECK=1 skips this)")
 
 
-def check_run_memory(model: Any, technique: Any, quantizer: Any, options: Any, examples: list[Any]) -> Any:
+def check_run_memory(model: Any, technique: Any, quantizer: Any, options: Any, examples: list[Any],
+                     objective: str | None = None) -> Any:
     """Before a run loads its model: log the training-memory estimate for the longest of ``examples`` (encoded,
-    capped at ``max_length``) and stop with settings that would fit when it can't (see
-    :func:`preflight`). Returns the estimate or None."""
+    capped at ``max_length``; GRPO: the longest prompt plus ``max_completion_length``) and stop with settings that
+    would fit when it can't (see :func:`preflight`). Returns the estimate or None."""
     import logging
 
-    longest = max((len(ex.get("input_ids", ())) for ex in examples), default=0)
+    longest = max((len(ex.get("input_ids") or ex.get("prompt_ids") or ()) for ex in examples), default=0)
+    if objective == "grpo" and longest:
+        longest += options["max_completion_length"]
     seq_len = min(options["max_length"], longest) if longest else options["max_length"]
-    estimate = preflight(model, technique, quantizer.name if quantizer else None, options, seq_len=seq_len)
+    estimate = preflight(model, technique, quantizer.name if quantizer else None, options, seq_len=seq_len,
+                         objective=objective)
     if estimate is not None:
         logging.getLogger("finetune_sdk").info("estimated training memory: %s", estimate)
     return estimate

@@ -107,6 +107,7 @@ def estimate_training_memory(
     lora_targets: str | list[str] | None = "attention", optimizer: str = "adamw", device: str = "cpu",
     lora_dropout: float = 0.05, mixed_precision: bool = False, double_quant: bool = True, num_labels: int = 2,
     attention: str | None = None, chunked_loss: bool = True, activation_dtype: str | None = None,
+    num_generations: int = 0, reference_weights: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory of fine-tuning the model ``config`` describes.
 
@@ -127,6 +128,12 @@ def estimate_training_memory(
             (``dtype="auto"`` on a bf16 CPU); ``None``: the weights' dtype, or 16 bits under autocast.
         chunked_loss: the SDK's chunked cross-entropy (its default, for the model types it supports): the loss
             holds one chunk's logits and the hidden state's gradient instead of every token's fp32 logits.
+        num_generations: GRPO's group size (0: not GRPO): each of the ``batch_size`` prompts is sampled that many
+            completions, so a micro-batch trains ``batch_size * num_generations`` sequences of ``seq_len`` tokens
+            (prompt + ``max_completion_length``), with full fp32 logits (GRPO's loss takes no chunked loss).
+            Sampling's KV cache is freed before that forward pass, so it is not part of the peak.
+        reference_weights: GRPO's reference (``beta > 0``): one more copy of the trainable weights, swapped in to
+            score the samples; its forward pass runs without gradients, smaller than the training one.
     """
     if technique not in TECHNIQUES:
         raise ConfigError(f"can't estimate technique {technique!r}; known: {', '.join(TECHNIQUES)}")
@@ -163,7 +170,10 @@ def estimate_training_memory(
         activation_dtype != "float32"
     act_bytes = 2 if compute16 else 4
     dequant_bytes = 2 if mixed_precision or dtype != "float32" else 4  # bitsandbytes' compute dtype
-    tokens = batch_size * seq_len
+    sequences = batch_size * max(num_generations, 1)  # GRPO: the group is the effective batch
+    tokens = sequences * seq_len
+    if num_generations:
+        chunked_loss = False
     grads_all = trainable * grad_bytes
     states = trainable * _optimizer_state_bytes(optimizer, grad_bytes)
     step_extra = saved_bytes = transient = 0
@@ -177,7 +187,7 @@ def estimate_training_memory(
             autocast32=mixed_precision and dtype == "float32")
         mask_bytes = act_bytes if shape.math_attention(device) else 1  # the attention mask, shared by all layers
         saved_bytes = (tokens * ((saved - saved32) * act_bytes + saved32 * 4)
-                       + batch_size * seq_len * seq_len * mask_bytes)
+                       + sequences * seq_len * seq_len * mask_bytes)
         linears = shape.layer_linears()
         if quantizer:  # a 4/8-bit weight is dequantized to the compute dtype for its matmul
             saved_bytes += max(i * o for _, i, o in linears) * dequant_bytes
@@ -219,13 +229,20 @@ def estimate_training_memory(
                            if i * o * dequant_bytes <= GLIBC_MMAP_THRESHOLD_MAX) * shape.layers
         slack += heap_dequant * DEQUANT_SLACK_CPU
     overhead = (CPU_FRAMEWORK_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES) + slack
+    notes = shape.notes
+    if num_generations:
+        reference = trainable * grad_bytes if reference_weights else 0
+        weights += reference
+        notes += (f"GRPO: {batch_size} prompt(s) x {num_generations} completions = {sequences} sequences of "
+                  f"{seq_len} tokens per micro-batch" + (f", plus the reference's copy of the trainable weights "
+                                                          f"({format_bytes(reference)})" if reference else ""),)
     return MemoryEstimate(
         weights=int(weights), adapter=(adapter_params + head_params) * 4, gradients=int(gradients),
         optimizer=int(states + step_extra), activations=int(activations), overhead=int(overhead),
         parameters=counts["total"] + adapter_params + head_params, trainable_parameters=trainable,
         technique=technique, quantizer=quantizer, device=device, batch_size=batch_size, seq_len=seq_len,
         gradient_checkpointing=gradient_checkpointing and not classifier, dtype=dtype, peak=peak,
-        saved_activations=int(saved_bytes), notes=shape.notes)
+        saved_activations=int(saved_bytes), notes=notes)
 
 
 def _quantized_bytes(quantizer: str | None, plain: int, double_quant: bool) -> float:
@@ -252,7 +269,7 @@ def _optimizer_state_bytes(name: str, weight_bytes: int) -> float:
 
 def estimate_for_options(model_config: Any, technique_name: str, quantizer_name: str | None,
                          options: Mapping[str, Any], seq_len: int | None = None, *,
-                         device: str = "auto") -> MemoryEstimate:
+                         device: str = "auto", objective: str | None = None) -> MemoryEstimate:
     """The estimate for a ``Trainer``'s resolved options (``r``, ``target_modules``, ``lora_dropout``,
     ``per_device_train_batch_size``, ``gradient_checkpointing``, ``bf16``/``fp16``, ``dtype``, ``optim``,
     ``max_length``); ``seq_len`` defaults to ``max_length``, the longest a batch can be.
@@ -260,7 +277,8 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
     ``dtype="auto"`` resolves as training does (:func:`finetune_sdk.precision.resolve_precision`): bfloat16 for the
     frozen base of LoRA on a bf16 GPU or an AVX512-BF16/AMX CPU, float32 otherwise. With a quantizer the
     activations follow its ``compute_dtype`` (``auto``: bfloat16 on a CUDA GPU, else float32).
-    ``chunked_loss`` (default true) is the SDK's chunked cross-entropy.
+    ``chunked_loss`` (default true) is the SDK's chunked cross-entropy. ``objective="grpo"`` counts
+    ``num_generations`` sequences per prompt and, with ``beta > 0``, the reference's copy of the trainable weights.
     """
     device = resolve_device(device)
     quantizer = None if quantizer_name in (None, "", "none") else quantizer_name
@@ -290,7 +308,9 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
         mixed_precision=bool(options.get("bf16") or options.get("fp16")),
         double_quant=bool(options.get("double_quant", True)),
         num_labels=len(options.get("labels") or ()) or int(options.get("num_labels") or 2),
-        chunked_loss=options.get("chunked_loss", True) is not False, activation_dtype=activations)
+        chunked_loss=options.get("chunked_loss", True) is not False, activation_dtype=activations,
+        num_generations=int(options.get("num_generations") or 8) if objective == "grpo" else 0,
+        reference_weights=objective == "grpo" and float(options.get("beta", 0.04) or 0) > 0)
 
 
 #: What a technique trains (``Technique.trains``) -> the builtin technique whose estimate covers it.

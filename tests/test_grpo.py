@@ -133,6 +133,37 @@ def test_reward_functions_from_a_plugin_through_the_hook(install, word_model, tm
         Trainer(word_model, output_dir=tmp_path / "typo", reward_funcs=["has_cats"], **FAST).fit(TRAIN)
 
 
+def test_cli_trains_with_reward_names_and_refuses_an_unknown_one_in_one_line(install, word_model, tmp_path):
+    from click.testing import CliRunner
+    from tests.test_plugins import FakeEntryPoint, plugin_module
+
+    from finetune_sdk.cli import cli
+
+    install(FakeEntryPoint("rewards", lambda: plugin_module(
+        "finetune_sdk_rewards", register_reward_functions=lambda register: register(has_cat))))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in TRAIN))
+    args = ["train", "--model", str(word_model), "--data", str(data), "--num-generations", "4",
+            "--max-completion-length", "4", "--max-length", "32", "--max-steps", "2", "--save-steps", "0"]
+    runner = CliRunner()
+    result = runner.invoke(cli, [*args, "--reward", "has_cat", "-o", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "run" / "finetune_manifest.json").read_text())
+    assert manifest["objective"] == "grpo" and manifest["options"]["reward_funcs"] == ["has_cat"]
+    assert manifest["options"]["num_generations"] == 4
+
+    bad = runner.invoke(cli, [*args, "--reward", "has_cats", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    assert bad.output.strip().splitlines() == [
+        "Error: unknown reward 'has_cats' (did you mean 'has_cat'?); available: has_cat"]
+    assert not (tmp_path / "bad").exists()
+
+    advice = runner.invoke(cli, ["advise", str(word_model), "--num-generations", "8", "--seq-len", "32",
+                                 "--memory", "8GiB", "--json"])
+    assert advice.exit_code == 0, advice.output
+    assert json.loads(advice.output)["options"]["num_generations"] == 8
+
+
 @pytest.mark.parametrize("bad, message", [
     (lambda prompts, completions: [1.0] * 3, "reward function 'short' returned 3 rewards for 8 completions; it must "
                                               "return one float per completion"),
@@ -216,3 +247,29 @@ def test_a_killed_grpo_run_resumes_to_the_uninterrupted_weights(word_model, tmp_
                 if "reward" in e and e["step"] > 6}
 
     assert rewards(out) == rewards(tmp_path / "reference") and len(rewards(out)) == 3
+
+
+def test_memory_estimate_and_advice_know_grpo_groups_and_the_reference():
+    from transformers import LlamaConfig
+
+    from finetune_sdk.advisor import advise
+    from finetune_sdk.memory import estimate_for_options, estimate_training_memory
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=8000)
+    sft = estimate_training_memory(config, technique="full", batch_size=2, seq_len=128, chunked_loss=False)
+    grpo = estimate_training_memory(config, technique="full", batch_size=2, seq_len=128, num_generations=8,
+                                    reference_weights=True)
+    assert grpo.activations > 6 * sft.activations  # 16 sequences instead of 2
+    assert grpo.weights == sft.weights + grpo.trainable_parameters * 4  # the reference's copy of every weight
+    assert any("2 prompt(s) x 8 completions = 16 sequences" in note for note in grpo.notes)
+    options = {"per_device_train_batch_size": 2, "max_length": 128, "dtype": "float32", "num_generations": 8,
+               "beta": 0.04}
+    assert estimate_for_options(config, "full", None, options, objective="grpo", device="cpu").total == grpo.total
+    assert estimate_for_options(config, "full", None, {**options, "beta": 0.0}, objective="grpo",
+                                device="cpu").weights == sft.weights
+
+    advice = advise(config, memory_bytes=64 * 2**30, device="cpu", seq_len=128, num_generations=8)
+    assert advice.options["num_generations"] == 8
+    assert advice.options["per_device_train_batch_size"] * advice.options["gradient_accumulation_steps"] == 2
+    assert any(reason.startswith("GRPO samples 8 completions per prompt") for reason in advice.reasons)
