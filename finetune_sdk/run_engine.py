@@ -16,6 +16,7 @@ from finetune_sdk.callbacks import CrashAtStep, PluginCallback, RichProgressCall
 from finetune_sdk.checkpoints import (checkpoints_dir, checkpointing_trainer_class, latest_checkpoint,
                                       remove_checkpoints)
 from finetune_sdk.chunked_loss import chunked_loss_trainer_class
+from finetune_sdk.lora_dropout import use_memory_efficient_dropout
 from finetune_sdk.cpu_threads import set_cpu_threads
 from finetune_sdk.models import ModelSource
 from finetune_sdk.objectives import ListDataset
@@ -147,6 +148,8 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
     objective.before_prepare(loaded.model, plan, tokenizer, options)
     model = run.technique.prepare(loaded.model, options, tokenizer)
     loaded.model = model
+    if use_memory_efficient_dropout(model):
+        log.info("LoRA dropout inside lora_A: the dropped copy of each adapted layer's input is never kept")
     precision = run_precision(run)
     log.info("precision: %s", precision.describe())
     if precision.activations == "float32" and precision.dtype != "float32":
