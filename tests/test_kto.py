@@ -40,7 +40,7 @@ def held_out_baseline(model_dir, technique, options):
 @pytest.mark.parametrize("technique", ["lora", "full", pytest.param("qlora", marks=pytest.mark.slow)])
 def test_kto_raises_the_held_out_margin_of_desirable_over_undesirable(tiny_models, tmp_path, technique):
     trainer = Trainer(tiny_models("llama"), technique=technique, formatter="kto", output_dir=tmp_path / "o",
-                      num_train_epochs=3, kto_beta=0.5, save_steps=0, progress=False, **SETTINGS[technique])
+                      num_train_epochs=2, kto_beta=0.5, save_steps=0, progress=False, **SETTINGS[technique])
     result = trainer.fit(TRAIN, eval_data=HELD_OUT)
     m = result.metrics
     assert result.manifest["objective"] == "kto" and result.manifest["formatter"] == "kto"
@@ -49,28 +49,23 @@ def test_kto_raises_the_held_out_margin_of_desirable_over_undesirable(tiny_model
     assert m["eval_loss"] < 0.45 and m["eval_rows_scored"] == 6 and m["eval_rows_skipped"] == 0, m
 
 
-@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.5)])
-def test_a_policy_that_never_moves_has_margin_zero_and_the_loss_at_zero_log_ratios(tiny_models, tmp_path,
-                                                                                   weights):
-    desirable_weight, undesirable_weight = weights
-    rows = TRAIN[:16] + TRAIN[16:24]  # 16 desirable, 8 undesirable
+def test_a_policy_that_never_moves_has_margin_zero_and_the_loss_at_zero_log_ratios(tiny_models, tmp_path):
+    rows = TRAIN[:16] + TRAIN[16:24]  # 16 desirable, 8 undesirable, all in one batch
     trainer = Trainer(tiny_models("llama"), technique="lora", formatter="kto", output_dir=tmp_path / "o",
-                      learning_rate=0, max_steps=3, save_steps=0, progress=False,
-                      desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+                      learning_rate=0, max_steps=2, per_device_train_batch_size=24, save_steps=0, progress=False,
+                      desirable_weight=1.0, undesirable_weight=1.5)
     result = trainer.fit(rows, eval_data=HELD_OUT)
-    # r = 0 and z0 = 0: every row's loss is weight * (1 - sigmoid(0)) = weight / 2
-    held_out = (3 * desirable_weight + 3 * undesirable_weight) / 2 / 6
+    # r = 0 and z0 = 0: every row's loss is its weight * (1 - sigmoid(0)) = weight / 2
     assert result.metrics["kto_margin"] == pytest.approx(0.0, abs=1e-5)
     assert result.metrics["kto_kl"] == pytest.approx(0.0, abs=1e-5)
-    assert result.metrics["eval_loss"] == pytest.approx(held_out, abs=1e-5)
-    if desirable_weight == undesirable_weight:  # any batch's mean is weight / 2
-        assert result.metrics["train_loss"] == pytest.approx(0.5, abs=1e-5)
+    assert result.metrics["eval_loss"] == pytest.approx((3 * 1.0 + 3 * 1.5) / 2 / 6, abs=1e-5)
+    assert result.metrics["train_loss"] == pytest.approx((16 * 1.0 + 8 * 1.5) / 2 / 24, abs=1e-5)
 
 
 def test_kto_after_sft_takes_the_sft_result_as_its_reference(tiny_models, tmp_path):
     result = Trainer(tiny_models("llama"), technique="lora", output_dir=tmp_path / "o", progress=False,
                      learning_rate=2e-2, save_steps=0, target_modules="all-linear").fit(
-        [Stage(SFT, formatter="alpaca", num_train_epochs=2),
+        [Stage(SFT, formatter="alpaca", max_steps=3),
          Stage(TRAIN, formatter="kto", eval_data=HELD_OUT, learning_rate=0, max_steps=2)])
     sft, kto = result.stages
     assert kto.manifest["objective"] == "kto" and sft.manifest["objective"] == "sft"
@@ -186,3 +181,93 @@ def test_cli_trains_lora_with_the_kto_formatter(tiny_models, tmp_path):
                                    "--formatter", "kto", "--kto-beta", "0", "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "option 'kto_beta' must be greater than 0" in bad.output
     assert "Traceback" not in bad.output
+
+
+def kto_job(model_dir, data, out, crash_at=None, resume=False):
+    """``finetune train`` on KTO rows in a child process; ``crash_at``: SIGKILLed after that step."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("FINETUNE_SDK_CRASH_AT_STEP", None)
+    if crash_at:
+        env["FINETUNE_SDK_CRASH_AT_STEP"] = str(crash_at)
+    args = ["train", "--model", str(model_dir), "--data", str(data), "--technique", "lora", "--formatter", "kto",
+            "--max-steps", "6", "--save-steps", "2", "--per-device-train-batch-size", "4", "--learning-rate",
+            "0.01", "--seed", "3", "-o", str(out)] + (["--resume"] if resume else [])
+    return subprocess.run([sys.executable, "-m", "finetune_sdk", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_a_sigkilled_kto_run_resumes_to_the_uninterrupted_weights(tiny_models, tmp_path):
+    """Same weights within 1e-6: CPU training is deterministic given the seed (shuffling and RNG states restored
+    from the checkpoint, dropout off under KTO) and the reference log-probs are recomputed on resume from the same
+    starting policy, so only float summation order could differ; a wrong reference or a replayed batch moves the
+    adapter by far more (lr 1e-2)."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from finetune_sdk.checkpoints import checkpoints_dir
+
+    data = tmp_path / "ratings.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
+    model_dir = tiny_models("llama")
+    out = tmp_path / "crashed"
+    crashed = kto_job(model_dir, data, out, crash_at=5)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    assert not out.exists() and (checkpoints_dir(out) / "checkpoint-4").is_dir()
+    resumed = kto_job(model_dir, data, out, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-4" in resumed.stderr
+    reference = kto_job(model_dir, data, tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    a = load_file(str(tmp_path / "reference" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), (key, (a[key] - b[key]).abs().max())
+
+
+def test_a_kto_run_stopped_mid_way_resumes_to_the_uninterrupted_weights(tiny_models, tmp_path, monkeypatch):
+    """In-process stand-in for the SIGKILL test above (fast): the run raises after step 5, checkpoints 2 and 4 stay
+    on disk, ``resume=True`` continues from checkpoint-4 (reference recomputed from the same starting policy) and
+    ends with the uninterrupted run's adapter and metrics, within 1e-6 (float summation order only)."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    import finetune_sdk.run_engine as run_engine
+
+    class Stop(Exception):
+        pass
+
+    class StopAtStep(TrainerCallback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.step:
+                raise Stop(self.step)
+
+    def run(out, **fit):
+        return Trainer(tiny_models("llama"), technique="lora", formatter="kto", output_dir=out, progress=False,
+                       max_steps=6, save_steps=2, per_device_train_batch_size=4, learning_rate=1e-2, seed=3,
+                       logging_steps=1).fit(TRAIN, eval_data=HELD_OUT, **fit)
+
+    reference = run(tmp_path / "reference")
+    monkeypatch.setattr(run_engine, "CrashAtStep", StopAtStep)
+    monkeypatch.setenv("FINETUNE_SDK_CRASH_AT_STEP", "5")
+    with pytest.raises(Stop):
+        run(tmp_path / "run")
+    monkeypatch.delenv("FINETUNE_SDK_CRASH_AT_STEP")
+    resumed = run(tmp_path / "run", resume=True)
+    a = load_file(str(reference.output_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.output_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), (key, (a[key] - b[key]).abs().max())
+    for key in ("train_loss", "eval_loss", "kto_margin"):
+        assert resumed.metrics[key] == pytest.approx(reference.metrics[key], rel=1e-4, abs=1e-6), key
+    assert reference.metrics["kto_margin"] > 0
