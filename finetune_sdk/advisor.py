@@ -27,8 +27,8 @@ from finetune_sdk.chunked_loss import CHUNKED_LOSS_MODEL_TYPES
 from finetune_sdk.errors import ConfigError, FinetuneError
 from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION
 from finetune_sdk.machine import available_memory, format_bytes, resolve_device
-from finetune_sdk.memory import (QUANTIZERS, MemoryEstimate, estimate_for_options, estimate_training_memory,
-                                 estimated_technique)
+from finetune_sdk.memory import (OBJECTIVE_SEQUENCES, QUANTIZERS, MemoryEstimate, estimate_for_options,
+                                 estimate_training_memory, estimated_technique)
 from finetune_sdk.model_shape import ModelShape, load_config
 from finetune_sdk.precision import cpu_bf16_native
 
@@ -98,7 +98,7 @@ class Advice:
 def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int | None = None,
            memory_bytes: int | None = None, device: str = "auto", must_keep_base: bool = False,
            private_data: bool = False, seq_len: int = 512, task: str = "causal-lm",
-           data_owners: int = 0, num_generations: int = 0) -> Advice:
+           data_owners: int = 0, num_generations: int = 0, objective: str = "sft") -> Advice:
     """Recommend how to fine-tune ``model`` (a config, model folder, cached Hub id or ``.gguf`` file).
 
     Args:
@@ -114,6 +114,8 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
         num_generations: online RL with GRPO: completions sampled per prompt (0: not GRPO). Each prompt in a batch
             then trains that many sequences of ``seq_len`` tokens (prompt + completion), and the reference keeps
             a copy of the trainable weights; the target is 16 completions per optimizer step.
+        objective: what offline causal-lm training optimises: ``sft``, ``dpo`` or ``kto`` (see
+            :func:`finetune_sdk.memory.estimate_training_memory`; its cost is among the reasons).
     """
     if task not in TECHNIQUE_TASKS:
         raise ConfigError(f"task must be one of {', '.join(TECHNIQUE_TASKS)}, got {task!r}")
@@ -143,7 +145,8 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
             gradient_checkpointing=checkpointing, lora_r=64 if technique == "qlora" else 8,
             lora_targets="all-linear" if technique == "qlora" else "attention", device=device,
             dtype="bfloat16" if bf16 else "float32", activation_dtype="float32" if bf16 and device == "cpu" else None,
-            num_generations=num_generations, reference_weights=bool(num_generations))
+            num_generations=num_generations, reference_weights=bool(num_generations),
+            objective="sft" if technique == "classifier" else objective)
 
     def largest_batch(technique: str, quantizer: str | None, checkpointing: bool,
                       budget: float) -> MemoryEstimate | None:
@@ -330,7 +333,8 @@ def preflight(model: Any, technique: Any, quantizer_name: str | None, options: M
               device: str = "auto", seq_len: int | None = None, objective: str | None = None) -> MemoryEstimate | None:
     """Estimate a run before its model is loaded and refuse one that can't fit in the memory free now.
 
-    ``technique`` is a builtin's name or a technique (a plugin's is estimated by what it declares it ``trains``).
+    ``technique`` is a builtin's name or a technique (a plugin's is estimated by what it declares it ``trains``);
+    ``objective`` is the plan's (``sft``, ``dpo``, ``kto``, ``grpo``; others are estimated as ``sft``).
     Returns the estimate (``None`` when the config can't be read locally or the technique is not known to the
     estimate), or raises :class:`ConfigError` naming settings that would fit, as ``finetune advise`` picks them.
     Set ``FINETUNE_SDK_SKIP_MEMORY_CHECK=1`` to only estimate.
@@ -351,7 +355,9 @@ def preflight(model: Any, technique: Any, quantizer_name: str | None, options: M
         return estimate
     advice = advise(config, memory_bytes=free, device=estimate.device, seq_len=estimate.seq_len,
                     task="classification" if technique_name == "classifier" else "causal-lm",
-                    num_generations=int(options.get("num_generations") or 8) if objective == "grpo" else 0)
+                    num_generations=int(options.get("num_generations") or 8) if objective == "grpo" else 0,
+                    objective=objective if objective in OBJECTIVE_SEQUENCES and technique_name != "classifier"
+                    else "sft")
     settings = ", ".join([f"technique={advice.technique!r}"] + ([f"quantizer={advice.quantizer!r}"] if advice.quantizer
                          else []) + [f"{k}={v!r}" for k, v in advice.options.items() if k != "max_length"])
     where = "RAM" if estimate.device == "cpu" else "GPU memory"
@@ -363,11 +369,16 @@ def preflight(model: Any, technique: Any, quantizer_name: str | None, options: M
 def check_run_memory(model: Any, technique: Any, quantizer: Any, options: Any, examples: list[Any],
                      objective: str | None = None) -> Any:
     """Before a run loads its model: log the training-memory estimate for the longest of ``examples`` (encoded,
-    capped at ``max_length``; GRPO: the longest prompt plus ``max_completion_length``) and stop with settings that
-    would fit when it can't (see :func:`preflight`). Returns the estimate or None."""
+    capped at ``max_length``; a DPO pair's or KTO row's longest sequence; GRPO: the longest prompt plus
+    ``max_completion_length``) and stop with settings that would fit when it can't (see :func:`preflight`).
+    Returns the estimate or None."""
     import logging
 
-    longest = max((len(ex.get("input_ids") or ex.get("prompt_ids") or ()) for ex in examples), default=0)
+    def length(example: Any) -> int:
+        nested = [len(v["input_ids"]) for v in example.values() if isinstance(v, Mapping) and "input_ids" in v]
+        return max([len(example.get("input_ids") or example.get("prompt_ids") or ()), *nested])
+
+    longest = max((length(ex) for ex in examples), default=0)
     if objective == "grpo" and longest:
         longest += options["max_completion_length"]
     seq_len = min(options["max_length"], longest) if longest else options["max_length"]

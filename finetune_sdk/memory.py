@@ -53,6 +53,19 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed 4-bit + uint8 absmax per 64 + fp32 absmax per 256 blocks
 NF4_BYTES_NO_DQ = 0.5 + 4 / 64
 LOGIT_COPIES = 3  # log-softmax output + its gradient + the gradient of the logits, all fp32, at backward start
+#: Offline objectives (finetune_sdk.objectives) the estimate knows -> sequences per example that go through the
+#: model with gradient in a step (DPO: chosen and rejected). DPO and KTO score sequences from full logits: the
+#: chunked loss is SFT's only. KTO's reference log-probs are precomputed (no second model) and its mismatched
+#: pairs run without gradient before the policy's forward pass: freed before the backward pass, never the peak.
+#: (GRPO is estimated through ``num_generations``.)
+OBJECTIVE_SEQUENCES = {"sft": 1, "dpo": 2, "kto": 1}
+OBJECTIVE_NOTES = {
+    "dpo": "DPO: chosen and rejected answers go through the model together (2 sequences per example); the "
+           "reference log-probs are computed once before training, no second model is held",
+    "kto": "KTO: the reference log-probs are computed once before training (no second model is held); each step "
+           "adds a forward pass without gradient over the batch's mismatched pairs (about 1.3x the compute of "
+           "SFT on the same rows, no more peak memory)",
+}
 
 
 @dataclass
@@ -107,7 +120,7 @@ def estimate_training_memory(
     lora_targets: str | list[str] | None = "attention", optimizer: str = "adamw", device: str = "cpu",
     lora_dropout: float = 0.05, mixed_precision: bool = False, double_quant: bool = True, num_labels: int = 2,
     attention: str | None = None, chunked_loss: bool = True, activation_dtype: str | None = None,
-    num_generations: int = 0, reference_weights: bool = False,
+    num_generations: int = 0, reference_weights: bool = False, objective: str = "sft",
 ) -> MemoryEstimate:
     """Estimate the peak memory of fine-tuning the model ``config`` describes.
 
@@ -134,6 +147,8 @@ def estimate_training_memory(
             Sampling's KV cache is freed before that forward pass, so it is not part of the peak.
         reference_weights: GRPO's reference (``beta > 0``): one more copy of the trainable weights, swapped in to
             score the samples; its forward pass runs without gradients, smaller than the training one.
+        objective: ``sft``, ``dpo`` (chosen and rejected: twice the sequences) or ``kto`` (the mismatched pairs'
+            forward pass runs without gradient: no more peak memory); DPO and KTO use full logits.
     """
     if technique not in TECHNIQUES:
         raise ConfigError(f"can't estimate technique {technique!r}; known: {', '.join(TECHNIQUES)}")
@@ -145,6 +160,8 @@ def estimate_training_memory(
         raise ConfigError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     if technique == "full" and quantizer:
         raise ConfigError("technique 'full' can't train a quantized model; drop the quantizer or use lora/qlora")
+    if objective not in OBJECTIVE_SEQUENCES:
+        raise ConfigError(f"can't estimate objective {objective!r}; known: {', '.join(OBJECTIVE_SEQUENCES)}")
     device = resolve_device(device)
     shape = ModelShape.from_config(load_config(config), attention=attention)
     classifier = technique == "classifier"
@@ -170,9 +187,10 @@ def estimate_training_memory(
         activation_dtype != "float32"
     act_bytes = 2 if compute16 else 4
     dequant_bytes = 2 if mixed_precision or dtype != "float32" else 4  # bitsandbytes' compute dtype
-    sequences = batch_size * max(num_generations, 1)  # GRPO: the group is the effective batch
+    # GRPO: the group is the effective batch; DPO: chosen and rejected
+    sequences = batch_size * max(num_generations, 1) * OBJECTIVE_SEQUENCES[objective]
     tokens = sequences * seq_len
-    if num_generations:
+    if num_generations or objective != "sft":
         chunked_loss = False
     grads_all = trainable * grad_bytes
     states = trainable * _optimizer_state_bytes(optimizer, grad_bytes)
@@ -229,7 +247,7 @@ def estimate_training_memory(
                            if i * o * dequant_bytes <= GLIBC_MMAP_THRESHOLD_MAX) * shape.layers
         slack += heap_dequant * DEQUANT_SLACK_CPU
     overhead = (CPU_FRAMEWORK_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES) + slack
-    notes = shape.notes
+    notes = shape.notes + ((OBJECTIVE_NOTES[objective],) if objective in OBJECTIVE_NOTES else ())
     if num_generations:
         reference = trainable * grad_bytes if reference_weights else 0
         weights += reference
@@ -278,7 +296,8 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
     frozen base of LoRA on a bf16 GPU or an AVX512-BF16/AMX CPU, float32 otherwise. With a quantizer the
     activations follow its ``compute_dtype`` (``auto``: bfloat16 on a CUDA GPU, else float32).
     ``chunked_loss`` (default true) is the SDK's chunked cross-entropy. ``objective="grpo"`` counts
-    ``num_generations`` sequences per prompt and, with ``beta > 0``, the reference's copy of the trainable weights.
+    ``num_generations`` sequences per prompt and, with ``beta > 0``, the reference's copy of the trainable weights;
+    ``dpo`` and ``kto`` are estimated as :func:`estimate_training_memory` says, anything else as ``sft``.
     """
     device = resolve_device(device)
     quantizer = None if quantizer_name in (None, "", "none") else quantizer_name
@@ -310,7 +329,8 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
         num_labels=len(options.get("labels") or ()) or int(options.get("num_labels") or 2),
         chunked_loss=options.get("chunked_loss", True) is not False, activation_dtype=activations,
         num_generations=int(options.get("num_generations") or 8) if objective == "grpo" else 0,
-        reference_weights=objective == "grpo" and float(options.get("beta", 0.04) or 0) > 0)
+        reference_weights=objective == "grpo" and float(options.get("beta", 0.04) or 0) > 0,
+        objective=objective if objective in OBJECTIVE_SEQUENCES else "sft")
 
 
 #: What a technique trains (``Technique.trains``) -> the builtin technique whose estimate covers it.

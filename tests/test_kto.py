@@ -271,3 +271,29 @@ def test_a_kto_run_stopped_mid_way_resumes_to_the_uninterrupted_weights(tiny_mod
     for key in ("train_loss", "eval_loss", "kto_margin"):
         assert resumed.metrics[key] == pytest.approx(reference.metrics[key], rel=1e-4, abs=1e-6), key
     assert reference.metrics["kto_margin"] > 0
+
+
+def test_memory_estimate_and_advisor_know_kto():
+    from transformers import LlamaConfig
+
+    from finetune_sdk.advisor import advise, check_run_memory
+    from finetune_sdk.memory import estimate_training_memory
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=8000)
+    shape = {"technique": "lora", "batch_size": 4, "seq_len": 256}
+    sft = estimate_training_memory(config, **shape, chunked_loss=False)
+    kto = estimate_training_memory(config, **shape, objective="kto")
+    dpo = estimate_training_memory(config, **shape, objective="dpo")
+    # no second model: the reference log-probs are precomputed; the mismatched pairs' no-grad pass is never the peak
+    assert (kto.weights, kto.activations, kto.total) == (sft.weights, sft.activations, sft.total)
+    assert kto.activations > estimate_training_memory(config, **shape).activations  # KTO uses full logits
+    assert dpo.activations > kto.activations  # chosen and rejected: twice the sequences
+    assert any("KTO" in note and "no second model" in note for note in kto.notes)
+    advice = advise(config, dataset_rows=500, memory_bytes=8 * 2**30, device="cpu", objective="kto")
+    assert any("mismatched pairs" in reason for reason in advice.reasons)
+
+    examples = [{"completion": {"input_ids": [1] * 40}, "kl": {"input_ids": [1] * 70}, "desirable": True}]
+    estimate = check_run_memory(config, "lora", None, {"max_length": 512, "per_device_train_batch_size": 4},
+                                examples, objective="kto")
+    assert estimate is not None and estimate.seq_len == 70 and any("KTO" in n for n in estimate.notes)

@@ -42,12 +42,14 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
                    "fine-tuning; --owners N says how many")
 @click.option("--owners", "owners", type=click.IntRange(min=2), help="number of data owners (implies --private-data)")
 @click.option("--task", type=click.Choice(["causal-lm", "classification"]), default="causal-lm", show_default=True)
+@click.option("--objective", type=click.Choice(["sft", "dpo", "kto"]), default="sft", show_default=True,
+              help="what offline causal-lm training optimises: sft, dpo (preference pairs) or kto (rated answers)")
 @click.option("--num-generations", type=click.IntRange(min=2), default=None,
               help="online RL with GRPO: completions sampled per prompt (then --seq-len is prompt + completion)")
 @click.option("--json", "as_json", is_flag=True, help="print the advice as JSON")
 def advise_command(model: str, rows: int | None, tokens: int | None, memory: int | None, device: str,
                    seq_len: int, keep_base: bool, private: bool, owners: int | None, task: str,
-                   num_generations: int | None, as_json: bool) -> None:
+                   objective: str, num_generations: int | None, as_json: bool) -> None:
     """Recommend a technique, quantizer, batch size and memory settings for MODEL (a folder, cached Hub id or
     .gguf file), with the memory estimate and the reasons. Only the model's config is read.
 
@@ -60,7 +62,7 @@ def advise_command(model: str, rows: int | None, tokens: int | None, memory: int
     try:
         advice = advise(model, dataset_rows=rows, dataset_tokens=tokens, memory_bytes=memory, device=device,
                         must_keep_base=keep_base, private_data=private, seq_len=seq_len, task=task,
-                        data_owners=owners or 0, num_generations=num_generations or 0)
+                        data_owners=owners or 0, num_generations=num_generations or 0, objective=objective)
     except FinetuneError as exc:
         raise UserError(str(exc)) from None
     if as_json:
