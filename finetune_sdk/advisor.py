@@ -25,7 +25,7 @@ from typing import Any
 
 from finetune_sdk.chunked_loss import CHUNKED_LOSS_MODEL_TYPES
 from finetune_sdk.errors import ConfigError, FinetuneError
-from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION
+from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, REWARD
 from finetune_sdk.machine import available_memory, format_bytes, resolve_device
 from finetune_sdk.memory import (OBJECTIVE_SEQUENCES, QUANTIZERS, MemoryEstimate, estimate_for_options,
                                  estimate_training_memory, estimated_technique)
@@ -40,7 +40,7 @@ SMALL_ROWS = 1_000
 TARGET_EFFECTIVE_BATCH = 16
 BATCHES = (16, 8, 4, 2, 1)
 #: The tasks a technique trains (a formatter may also make preference data).
-TECHNIQUE_TASKS = (CAUSAL_LM, CLASSIFICATION)
+TECHNIQUE_TASKS = (CAUSAL_LM, CLASSIFICATION, REWARD)
 
 
 @dataclass
@@ -108,7 +108,8 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
         must_keep_base: the base model must stay as it is (rules out full fine-tuning).
         private_data: the data must not leave the organisation (adds what that means for the run).
         seq_len: tokens per example after truncation (``max_length``).
-        task: ``causal-lm`` (text generation) or ``classification``.
+        task: ``causal-lm`` (text generation), ``classification`` or ``reward`` (a pairwise reward model from
+            preference pairs: technique ``reward-model``, its batch counting pairs, two sequences each).
         data_owners: the data is split among this many owners who can't share it (hospitals, banks, devices):
             2 or more recommends federated fine-tuning (``Advice.federated``), with its reasons and costs.
         num_generations: online RL with GRPO: completions sampled per prompt (0: not GRPO). Each prompt in a batch
@@ -158,11 +159,12 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
                 return est
         return None
 
-    classification = task == "classification" or shape.family == "encoder"
+    classification = task == "classification" or (shape.family == "encoder" and task != REWARD)
+    head = "reward-model" if task == REWARD else "classifier" if classification else None
     large = (rows is not None and rows > LARGE_ROWS) or (tokens is not None and tokens > LARGE_TOKENS)
     chosen: MemoryEstimate | None = None
-    if classification:
-        chosen = largest_batch("classifier", None, False, BUDGET) or largest_batch("classifier", "nf4", False, BUDGET)
+    if head:  # a frozen backbone (a reward model's batch of pairs: two sequences each)
+        chosen = largest_batch(head, None, False, BUDGET) or largest_batch(head, "nf4", False, BUDGET)
     else:
         ladder = [("lora", None, False), ("lora", None, True), ("qlora", "nf4", False), ("qlora", "nf4", True)]
         if large and not must_keep_base:
@@ -175,8 +177,8 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
             chosen = None
     fits = chosen is not None
     if chosen is None:
-        technique = "classifier" if classification else "qlora"
-        chosen = estimate(technique, "nf4", 1, not classification)
+        technique = head or "qlora"
+        chosen = estimate(technique, "nf4", 1, not head)
     gc = chosen.gradient_checkpointing
     options = _options(chosen, gc, target, seq_len)
     if num_generations and not classification:
@@ -208,12 +210,19 @@ def _options(est: MemoryEstimate, gc: bool, target: int, seq_len: int) -> dict[s
     options: dict[str, Any] = {"per_device_train_batch_size": est.batch_size,
                                "gradient_accumulation_steps": max(1, math.ceil(target / est.batch_size)),
                                "max_length": seq_len}
-    if est.technique != "classifier":
+    if est.technique == "reward-model":
+        options["backbone"] = "frozen"
+    elif est.technique != "classifier":
         options["gradient_checkpointing"] = gc
     return options
 
 
 def _task_reasons(task: str, shape: ModelShape) -> list[str]:
+    if task == REWARD:
+        return ["the task is a reward model: reward-model trains a scalar head with the pairwise Bradley-Terry loss "
+                "on a frozen backbone (its features computed once and cached), so each epoch is cheap; if its "
+                "pairwise accuracy on held-out pairs is too low, backbone='lora' also trains adapters (more memory "
+                "and time: the backbone then runs with gradients on both answers of every pair)"]
     if shape.family == "encoder" and task != "classification":
         return [f"{shape.model_type} is an encoder model: it can't generate text, so it is used as a classifier "
                 "(a small head trained on its features)"]
@@ -224,9 +233,10 @@ def _task_reasons(task: str, shape: ModelShape) -> list[str]:
 
 
 def _data_reasons(technique: str, rows: int | None, tokens: int | None, large: bool, keep: bool) -> list[str]:
-    if technique == "classifier":
-        return [f"{_size(rows, tokens)}: a classification head has few parameters, so it learns from hundreds of "
-                "labelled examples without overfitting"] if rows or tokens else []
+    if technique in ("classifier", "reward-model"):
+        what = "pairs" if technique == "reward-model" else "labelled examples"
+        return [f"{_size(rows, tokens)}: a head of a few thousand parameters learns from hundreds of {what} "
+                "without overfitting"] if rows or tokens else []
     if rows is None and tokens is None:
         return ["no dataset size given: assuming a small dataset, where adapters are the safe choice (they learn "
                 "the task without overwriting what the model knows)"]
@@ -292,7 +302,7 @@ def _speed_reasons(est: MemoryEstimate, shape: ModelShape, bf16_cpu: str | None,
         out.append(f"precision: the frozen base is loaded in bf16 ({where}: half the weight memory and faster "
                    f"matmuls), while {kept}the LoRA weights, their gradients and the optimizer state stay fp32; "
                    "dtype='float32' keeps everything in fp32")
-    if est.technique != "classifier" and shape.model_type in CHUNKED_LOSS_MODEL_TYPES and chunked:
+    if est.technique not in ("classifier", "reward-model") and shape.model_type in CHUNKED_LOSS_MODEL_TYPES and chunked:
         logits = est.batch_size * est.seq_len * shape.vocab_size * 4
         out.append(f"the loss is computed in chunks of tokens: the {format_bytes(logits)} of fp32 logits over the "
                    f"{shape.vocab_size:,}-token vocabulary never exist at once (chunked_loss=False turns it off)")
@@ -304,7 +314,7 @@ def _base_reasons(technique: str, keep: bool, est: MemoryEstimate) -> list[str]:
     if technique == "full":
         return ["full fine-tuning writes a new copy of the whole model; the original stays on disk, but the result "
                 "is as large as the base and can't be swapped in and out"]
-    if technique == "classifier":
+    if technique in ("classifier", "reward-model"):
         return [f"the base model stays untouched: only the head ({adapter}) is saved"]
     if keep:
         return [f"the base model must stay untouched: adapters never change its weights; the adapter is a separate "
@@ -354,7 +364,7 @@ def preflight(model: Any, technique: Any, quantizer_name: str | None, options: M
     if estimate.total <= free:
         return estimate
     advice = advise(config, memory_bytes=free, device=estimate.device, seq_len=estimate.seq_len,
-                    task="classification" if technique_name == "classifier" else "causal-lm",
+                    task={"classifier": CLASSIFICATION, "reward-model": REWARD}.get(technique_name, CAUSAL_LM),
                     num_generations=int(options.get("num_generations") or 8) if objective == "grpo" else 0,
                     objective=objective if objective in OBJECTIVE_SEQUENCES and technique_name != "classifier"
                     else "sft")

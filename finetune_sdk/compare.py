@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from finetune_sdk.data import Rows
-from finetune_sdk.formatter import CLASSIFICATION
+from finetune_sdk.formatter import HEAD_TASKS
 
 
 @contextmanager
@@ -43,12 +43,12 @@ def compare_models(tuned: Any, load_base: Callable[[], Any], rows: Rows, prompts
     """Evaluate (and generate with) the fine-tuned and the base model; optionally write the report files.
 
     Generative models compare ``eval_loss`` and ``perplexity``; classifiers ``eval_loss``, ``accuracy`` and
-    ``macro_f1``.
+    ``macro_f1``; reward models ``eval_loss``, ``pairwise_accuracy`` and ``reward_margin``.
     """
     from finetune_sdk.progress import activity
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
-    generative = tuned.task != CLASSIFICATION
+    generative = tuned.task not in HEAD_TASKS
     with activity("comparison: the fine-tuned model"):
         tuned_metrics = tuned.evaluate(rows)
         tuned_answers = tuned.generate(prompts, max_new_tokens=max_new_tokens) if prompts and generative else []

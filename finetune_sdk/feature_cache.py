@@ -158,3 +158,32 @@ def head_model(classifier: Any) -> Any:
             return SequenceClassifierOutput(loss=loss, logits=logits)
 
     return HeadOnly(classifier.head)
+
+
+def feature_key(run: Any, model: Any) -> dict[str, Any]:
+    """What a frozen backbone's features depend on besides the data: the base model's identity, pooling, quantizer,
+    dtype and ``max_length`` (``run`` is a :class:`~finetune_sdk.run_engine.RunSpec`)."""
+    return {"model": model_identity(run.source), "pooling": model.pooling,
+            "quantizer": run.quantizer.name if run.quantizer else None, "dtype": run.options["dtype"],
+            "max_length": run.options["max_length"]}
+
+
+def classifier_feature_datasets(run: Any, plan: Any, model: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """The classifier's (train, {name: eval}) feature datasets: the frozen backbone runs once per dataset (cached on
+    disk); each held-out set's features are kept in ``plan.eval_features`` for the final metrics."""
+    from finetune_sdk.fsutil import cache_root
+
+    base, cache_dir = feature_key(run, model), cache_root() / "features"
+    features, seconds, hit = cached_features(model, plan.train, tokenizer.pad_token_id,
+                                             {**base, "data": plan.dataset.get("fingerprint")}, cache_dir)
+    logger.info("classifier features for %d examples: %s in %.1f s", len(plan.train.examples),
+                "read from the cache" if hit else "computed once", seconds)
+    plan.extra_metrics.update({"feature_seconds": seconds, "features_cached": hit})
+    train = FeatureDataset(features, [ex["labels"] for ex in plan.train.examples])
+    evals = {}
+    for name, eval_set in plan.evals.items():
+        eval_features, _, _ = cached_features(model, eval_set.encoded, tokenizer.pad_token_id,
+                                              {**base, "data": eval_set.rows.fingerprint}, cache_dir)
+        evals[name or "eval"] = plan.eval_features[name] = FeatureDataset(
+            eval_features, [ex["labels"] for ex in eval_set.encoded.examples])
+    return train, evals

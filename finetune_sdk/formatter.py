@@ -17,6 +17,11 @@ KTO = "kto"
 #: Prompt-only rows: the policy writes the answers (online RL, GRPO).
 PROMPT = "prompt"
 TASKS = (CAUSAL_LM, CLASSIFICATION, PREFERENCE, KTO, PROMPT)
+#: The task of a pairwise reward model (the ``reward-model`` technique): a technique's task, trained on
+#: ``preference`` data; no formatter makes ``reward`` rows.
+REWARD = "reward"
+#: Technique tasks whose model is a backbone (``AutoModel``) with a trained head, not a causal LM that generates.
+HEAD_TASKS = (CLASSIFICATION, REWARD)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from finetune_sdk.chunked_loss import summed_causal_lm_loss
 from finetune_sdk.data import load_rows
 from finetune_sdk.encoding import Collator, encode_causal, encode_classification, encode_plain, encode_segments
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.formatter import CLASSIFICATION, Formatter, Segment
+from finetune_sdk.formatter import CLASSIFICATION, HEAD_TASKS, REWARD, Formatter, Segment
 from finetune_sdk.scoring import require_rows, scored_rows
 
 
@@ -98,15 +98,27 @@ class LoadedModel:
                 do_sample=do_sample, pad_token_id=tok.pad_token_id, eos_token_id=_stop_ids(tok), **generate_kwargs)
         return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, width:]]
 
-    # -- classification ------------------------------------------------------------------------------------
+    # -- classification and rewards ------------------------------------------------------------------------
     def predict(self, texts: str | Sequence[str], *, return_scores: bool = False,
                 batch_size: int = 32) -> Any:
-        """Predict a label per text; with ``return_scores`` each item is ``{"label", "score", "scores"}``."""
+        """Predict a label per text; with ``return_scores`` each item is ``{"label", "score", "scores"}``.
+
+        A reward model returns its reward (a float, higher = better) per text instead, the text scored as it is
+        (no template: give the whole exchange); ``return_scores`` does not apply. :meth:`score` renders
+        (prompt, completion) pairs as training did.
+        """
         import torch
 
         self._require(generative=False)
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
+        if self.task == REWARD:
+            from finetune_sdk.reward_model import sequence_rewards
+
+            ids = [encode_plain(t, self.tokenizer, truncation=True, max_length=self.options["max_length"])["input_ids"]
+                   for t in texts]
+            rewards = sequence_rewards(self.model, ids, self.tokenizer.pad_token_id, batch_size)
+            return rewards[0] if single else rewards
         collate = Collator(self.tokenizer.pad_token_id)
         results: list[Any] = []
         self.model.eval()
@@ -126,9 +138,46 @@ class LoadedModel:
                                 "scores": dict(zip(self.labels, map(float, p)))} if return_scores else label)
         return results[0] if single else results
 
+    def score(self, prompts: Sequence[str], completions: Sequence[str], *, batch_size: int = 32) -> list[float]:
+        """Rewards of a reward model: one float per (prompt, completion), higher = better.
+
+        Each pair is rendered as training rendered a pair's answer (the result's ``preference`` formatter: the chat
+        template or ChatML) and cut to ``max_length`` tokens. This is the reward function signature of TRL's GRPO
+        (``fn(prompts, completions) -> list[float]``), so a loaded reward model can serve as one.
+
+        Raises:
+            ConfigError: not a reward model; ``prompts`` and ``completions`` not lists of strings of one length.
+
+        Example:
+            >>> judge = finetune_sdk.load("helpfulness-rm@production")  # doctest: +SKIP
+            >>> judge.score(["2+2?", "2+2?"], ["4", "5"])  # doctest: +SKIP
+            [1.93, -0.71]
+        """
+        from finetune_sdk.reward_model import completion_ids, sequence_rewards
+
+        if self.task != REWARD:
+            raise ConfigError(f"score() is for reward models (technique 'reward-model'); this model's task is "
+                              f"{self.task}")
+        if isinstance(prompts, str) or isinstance(completions, str):
+            raise ConfigError("score: give lists, score([prompt], [completion]), not single strings")
+        prompts, completions = list(prompts), list(completions)
+        if len(prompts) != len(completions):
+            raise ConfigError(f"score: {len(prompts)} prompts but {len(completions)} completions; give one "
+                              "completion per prompt")
+        for name, items in (("prompts", prompts), ("completions", completions)):
+            bad = next((i for i, item in enumerate(items) if not isinstance(item, str)), None)
+            if bad is not None:
+                raise ConfigError(f"score: {name}[{bad}] is {type(items[bad]).__name__}, not a string")
+        if not hasattr(self.formatter, "pair_segments"):
+            raise ConfigError("score() needs the preference formatter the reward model was trained with; this "
+                              f"model has {getattr(self.formatter, 'name', None)!r}")
+        ids = [completion_ids(self.formatter, p, c, self.tokenizer, self.options) for p, c in zip(prompts, completions)]
+        return sequence_rewards(self.model, ids, self.tokenizer.pad_token_id, batch_size)
+
     # -- evaluation ----------------------------------------------------------------------------------------
     def evaluate(self, data: Any, *, batch_size: int = 8) -> dict[str, float]:
-        """Loss over ``data`` (token-weighted for generative models, with perplexity; accuracy for classifiers).
+        """Loss over ``data`` (token-weighted for generative models, with perplexity; accuracy for classifiers;
+        ``pairwise_accuracy``, ``reward_margin`` and ``mean_reward`` of the Bradley-Terry loss for reward models).
 
         The metrics include ``eval_rows_scored`` and ``eval_rows_skipped`` (rows whose answer is cut off entirely by
         ``max_length``); when no row is left to score a :class:`~finetune_sdk.errors.DataError` says so (a loss
@@ -142,6 +191,14 @@ class LoadedModel:
         formatter = self.formatter
         if formatter is None:
             raise ConfigError("evaluate() needs a formatter: pass formatter= to Trainer")
+        if self.task == REWARD:
+            from finetune_sdk.preference import encode_preference
+            from finetune_sdk.reward_model import evaluate_pairs
+
+            return evaluate_pairs(self.model, encode_preference(rows, formatter, self.tokenizer, self.options),
+                                  self.tokenizer.pad_token_id, batch_size, source=rows.source,
+                                  center_rewards_coefficient=float(self.options.get("center_rewards_coefficient")
+                                                                   or 0.0))
         if self.task == CLASSIFICATION:
             encoded = encode_classification(rows, formatter, self.tokenizer, self.options,
                                             {label: i for i, label in enumerate(self.labels or [])})
@@ -181,10 +238,13 @@ class LoadedModel:
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), **counts}
 
     def _require(self, generative: bool) -> None:
-        if generative and self.task == CLASSIFICATION:
+        if generative and self.task == REWARD:
+            raise ConfigError("generate() is for generative techniques; a reward model has score() and predict()")
+        if generative and self.task in HEAD_TASKS:
             raise ConfigError("generate() is for generative techniques; a classifier has predict()")
-        if not generative and self.task != CLASSIFICATION:
-            raise ConfigError("predict() is for the classifier technique; generative models have generate()")
+        if not generative and self.task not in HEAD_TASKS:
+            raise ConfigError("predict() is for the classifier and reward-model techniques; generative models have "
+                              "generate()")
 
 
 def classification_metrics(logits: Any, labels: Any, num_labels: int) -> dict[str, float]:

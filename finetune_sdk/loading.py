@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import FinetuneError
+from finetune_sdk.formatter import HEAD_TASKS
 from finetune_sdk.manifest import read_manifest
 from finetune_sdk.models import (ModelSource, _first_line, ensure_pad_token, load_base_model, resolve_source,
                                  with_new_head)
@@ -112,7 +113,7 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
 
 
 def load_base(ref: str | os.PathLike[str], *, registry: Any = None, trust_remote_code: bool = False) -> Any:
-    """The untrained starting point of a result: its recorded base model (for a classifier, with a fresh head
+    """The untrained starting point of a result: its recorded base model (for a classifier or a reward model, with a fresh head
     seeded as training seeded it), wrapped with the result's tokenizer and formatter."""
     import torch
 
@@ -131,8 +132,8 @@ def load_base(ref: str | os.PathLike[str], *, registry: Any = None, trust_remote
                             dtype=getattr(torch, manifest.get("dtype") or "float32"))
     tokenizer = result_tokenizer(directory, trust_remote_code)
     labels = manifest.get("labels")
-    if manifest["task"] == "classification":
-        model = with_new_head(technique, model, options, labels, tokenizer)
+    if manifest["task"] in HEAD_TASKS:
+        model = with_new_head(technique, model, options, labels or [], tokenizer)
     formatter = host.create("formatter", manifest["formatter"]) if manifest.get("formatter") else None
     return FineTunedModel(model, tokenizer, task=manifest["task"], formatter=formatter, options=options,
                           labels=labels)

@@ -32,7 +32,7 @@ __all__ = ["GiB", "MemoryEstimate", "MiB", "ModelShape", "available_memory", "es
            "estimate_training_memory", "estimated_technique", "format_bytes", "load_config", "parse_memory",
            "resolve_device"]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-TECHNIQUES = ("lora", "qlora", "full", "classifier")
+TECHNIQUES = ("lora", "qlora", "full", "classifier", "reward-model")
 QUANTIZERS = (None, "nf4", "int8")
 # The process before any model exists: Python + torch + transformers + peft + accelerate imported, then the
 # threads, kernel caches and allocator arenas of a first training step. benchmarks/bench_memory.py measures it
@@ -57,8 +57,9 @@ LOGIT_COPIES = 3  # log-softmax output + its gradient + the gradient of the logi
 #: model with gradient in a step (DPO: chosen and rejected). DPO and KTO score sequences from full logits: the
 #: chunked loss is SFT's only. KTO's reference log-probs are precomputed (no second model) and its mismatched
 #: pairs run without gradient before the policy's forward pass: freed before the backward pass, never the peak.
-#: (GRPO is estimated through ``num_generations``.)
-OBJECTIVE_SEQUENCES = {"sft": 1, "dpo": 2, "kto": 1}
+#: (GRPO is estimated through ``num_generations``.) The reward model (``reward-modeling``, technique
+#: ``reward-model``) runs both answers of each pair, on a backbone without an LM head.
+OBJECTIVE_SEQUENCES = {"sft": 1, "dpo": 2, "kto": 1, "reward-modeling": 2}
 OBJECTIVE_NOTES = {
     "dpo": "DPO: chosen and rejected answers go through the model together (2 sequences per example); the "
            "reference log-probs are computed once before training, no second model is held",
@@ -121,13 +122,16 @@ def estimate_training_memory(
     lora_dropout: float = 0.05, mixed_precision: bool = False, double_quant: bool = True, num_labels: int = 2,
     attention: str | None = None, chunked_loss: bool = True, activation_dtype: str | None = None,
     num_generations: int = 0, reference_weights: bool = False, objective: str = "sft",
+    reward_backbone: str = "frozen",
 ) -> MemoryEstimate:
     """Estimate the peak memory of fine-tuning the model ``config`` describes.
 
     Args:
         config: a transformers ``PretrainedConfig``, a loaded model, or a model folder / cached Hub id / ``.gguf``.
-        technique: ``lora``, ``qlora``, ``full`` or ``classifier`` (frozen backbone without its LM head, a linear
-            head trained).
+        technique: ``lora``, ``qlora``, ``full``, ``classifier`` (frozen backbone without its LM head, a linear
+            head trained) or ``reward-model`` (a scalar head on a backbone without its LM head: frozen as the
+            classifier's, or with LoRA adapters as ``lora``; ``batch_size`` counts pairs, always trained with the
+            ``reward-modeling`` objective: two sequences each).
         quantizer: ``None``, ``"nf4"`` or ``"int8"`` storage for the linear layers (qlora implies nf4).
         batch_size, seq_len: tokens per micro-batch are ``batch_size * seq_len``.
         gradient_checkpointing: keep only each layer's input; recompute one layer at a time in the backward pass.
@@ -149,6 +153,7 @@ def estimate_training_memory(
             score the samples; its forward pass runs without gradients, smaller than the training one.
         objective: ``sft``, ``dpo`` (chosen and rejected: twice the sequences) or ``kto`` (the mismatched pairs'
             forward pass runs without gradient: no more peak memory); DPO and KTO use full logits.
+        reward_backbone: ``reward-model`` only: ``frozen`` or ``lora``.
     """
     if technique not in TECHNIQUES:
         raise ConfigError(f"can't estimate technique {technique!r}; known: {', '.join(TECHNIQUES)}")
@@ -160,16 +165,22 @@ def estimate_training_memory(
         raise ConfigError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     if technique == "full" and quantizer:
         raise ConfigError("technique 'full' can't train a quantized model; drop the quantizer or use lora/qlora")
+    if technique == "reward-model":
+        objective = "reward-modeling"
     if objective not in OBJECTIVE_SEQUENCES:
         raise ConfigError(f"can't estimate objective {objective!r}; known: {', '.join(OBJECTIVE_SEQUENCES)}")
     device = resolve_device(device)
     shape = ModelShape.from_config(load_config(config), attention=attention)
-    classifier = technique == "classifier"
-    if shape.family == "encoder" and not classifier:
+    no_lm_head = technique in ("classifier", "reward-model")  # a backbone and a head (AutoModel)
+    reward_lora = technique == "reward-model" and reward_backbone == "lora"
+    classifier = no_lm_head and not reward_lora  # the backbone runs without gradients
+    if shape.family == "encoder" and not no_lm_head:
         raise ConfigError(f"{shape.model_type} is an encoder: it can't be trained as a causal LM; "
                           "use technique 'classifier' (task classification)")
-    adapters = technique in ("lora", "qlora")
-    counts = shape.parameter_counts(lm_head=not classifier)
+    adapters = technique in ("lora", "qlora") or reward_lora
+    if technique == "reward-model":
+        num_labels = 1
+    counts = shape.parameter_counts(lm_head=not no_lm_head)
     targets = shape.lora_targets(lora_targets) if adapters else []
     # peft's prepare_model_for_kbit_training casts every unquantized weight of a quantized model to fp32
     plain = 4 if quantizer and adapters else DTYPE_BYTES[dtype]
@@ -177,7 +188,7 @@ def estimate_training_memory(
                + (counts["total"] - counts["linear"]) * plain
                + (counts["linear_rows"] * 4 if quantizer == "int8" else 0))
     adapter_params = lora_r * sum(i + o for _, i, o in targets) * shape.layers
-    head_params = shape.hidden * num_labels + num_labels if classifier else 0
+    head_params = shape.hidden * num_labels + num_labels if no_lm_head else 0
     trainable = counts["total"] if technique == "full" else adapter_params + head_params
     grad_bytes = DTYPE_BYTES[dtype] if technique == "full" else 4  # adapters and heads are fp32 (peft's default)
     # activations are in the compute dtype: the weights' dtype, or 16 bits under autocast. A quantized model
@@ -200,7 +211,7 @@ def estimate_training_memory(
         gradients, peak = grads_all, "backward"
     else:
         saved, saved32, transient = shape.activation_elements(
-            technique, [name for name, _, _ in targets], seq_len, lora_r=lora_r, lora_dropout=lora_dropout,
+            "lora" if reward_lora else technique, [name for name, _, _ in targets], seq_len, lora_r=lora_r, lora_dropout=lora_dropout,
             checkpointing=gradient_checkpointing, device=device, compute16=compute16,
             autocast32=mixed_precision and dtype == "float32")
         mask_bytes = act_bytes if shape.math_attention(device) else 1  # the attention mask, shared by all layers
@@ -211,9 +222,9 @@ def estimate_training_memory(
             saved_bytes += max(i * o for _, i, o in linears) * dequant_bytes
         elif mixed_precision and dtype == "float32":  # autocast's 16-bit weight copies, saved by every matmul
             saved_bytes += (counts["linear"] + shape.vocab_size * shape.hidden) * 2
-        logits = tokens * shape.vocab_size * 4  # the loss works on fp32 logits
+        logits = 0 if no_lm_head else tokens * shape.vocab_size * 4  # the loss works on fp32 logits
         head_grad = shape.vocab_size * shape.hidden * grad_bytes if technique == "full" else 0
-        if chunked_loss and shape.model_type in CHUNKED_LOSS_MODEL_TYPES:
+        if chunked_loss and shape.model_type in CHUNKED_LOSS_MODEL_TYPES and not no_lm_head:
             # one chunk's logits copies, the hidden state's gradient (made in the forward pass) and, for full
             # fine-tuning, the head's fp32 weight gradient accumulated over the chunks
             loss_bytes = (LOGIT_COPIES * min(tokens, chunk_tokens(shape.vocab_size)) * shape.vocab_size * 4
@@ -302,7 +313,9 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
     device = resolve_device(device)
     quantizer = None if quantizer_name in (None, "", "none") else quantizer_name
     dtype, activations = options.get("dtype") or "auto", None
-    if quantizer and technique_name != "classifier":  # activations follow bitsandbytes' compute dtype
+    reward_lora = technique_name == "reward-model" and options.get("backbone") == "lora"
+    if quantizer and (technique_name not in ("classifier", "reward-model") or reward_lora):
+        # activations follow bitsandbytes' compute dtype
         dtype = options.get("compute_dtype") or "auto"
         if dtype == "auto":
             dtype = "bfloat16" if device == "cuda" else "float32"
@@ -330,7 +343,8 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
         chunked_loss=options.get("chunked_loss", True) is not False, activation_dtype=activations,
         num_generations=int(options.get("num_generations") or 8) if objective == "grpo" else 0,
         reference_weights=objective == "grpo" and float(options.get("beta", 0.04) or 0) > 0,
-        objective=objective if objective in OBJECTIVE_SEQUENCES else "sft")
+        objective=objective if objective in OBJECTIVE_SEQUENCES else "sft",
+        reward_backbone=str(options.get("backbone") or "frozen"))
 
 
 #: What a technique trains (``Technique.trains``) -> the builtin technique whose estimate covers it.

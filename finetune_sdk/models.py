@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import ConfigError, ModelNotFoundError
-from finetune_sdk.formatter import CLASSIFICATION
+from finetune_sdk.formatter import HEAD_TASKS
 
 logger = logging.getLogger("finetune_sdk")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -105,10 +105,11 @@ def ensure_pad_token(tokenizer: Any) -> Any:
 
 def load_model(source: ModelSource, task: str, *, dtype: Any, quantization_config: Any = None,
                trust_remote_code: bool = False) -> Any:
-    """Load the base model for ``task`` (``causal-lm``: with its LM head; ``classification``: the backbone)."""
+    """Load the base model for ``task`` (``causal-lm``: with its LM head; ``classification``, ``reward``: the
+    backbone)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    auto = AutoModel if task == CLASSIFICATION else AutoModelForCausalLM
+    auto = AutoModel if task in HEAD_TASKS else AutoModelForCausalLM
     # safetensors only: transformers refuses a pytorch_model.bin instead of unpickling it
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "revision": _rev(source),
                               "use_safetensors": True}
@@ -129,7 +130,7 @@ def load_model(source: ModelSource, task: str, *, dtype: Any, quantization_confi
         check_model_folder(Path(folder))
     with activity(f"loading {display_name(source.id)}{_quantized(quantization_config)}"), \
             library_progress_bars_off(), \
-            backbone_load_report_filtered() if task == CLASSIFICATION else nullcontext():
+            backbone_load_report_filtered() if task in HEAD_TASKS else nullcontext():
         try:
             model = auto.from_pretrained(folder, **kwargs)
         except (OSError, ValueError) as exc:
@@ -154,7 +155,7 @@ def load_base_model(source: ModelSource, task: str, quantizer: Any, options: dic
 
 
 def with_new_head(technique: Any, model: Any, options: dict[str, Any], labels: list[str], tokenizer: Any) -> Any:
-    """A classification technique's model over ``model`` with a new head for ``labels``, initialised from
+    """A head technique's model (classifier, reward model) over ``model`` with a new head for ``labels``, initialised from
     ``options["seed"]`` as training initialises it (so an untrained head is the same every time)."""
     from transformers import set_seed
 

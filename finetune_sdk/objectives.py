@@ -11,15 +11,17 @@ objective (KTO, an RL objective, a federated round's local step) is a new class 
 * ``grpo``: online RL with Group Relative Policy Optimization (Shao et al., 2024) on prompt rows, against reward
   functions and/or a reward model (see :mod:`finetune_sdk.grpo`).
 * ``classification-head``: cross-entropy of a classifier head (the ``classifier`` technique; preference pairs
-  become a reward model's chosen/rejected rows).
+  become pointwise chosen/rejected rows).
+* ``reward-modeling``: the Bradley-Terry loss of a pairwise reward model (the ``reward-model`` technique) on
+  (prompt, chosen, rejected) pairs.
 
 Example:
     >>> objective_for("preference", "causal-lm").name, objective_for("supervised", "causal-lm").name
     ('dpo', 'sft')
     >>> objective_for("preference", "classification").name, objective_for("kto", "causal-lm").name
     ('classification-head', 'kto')
-    >>> objective_for("prompt", "causal-lm").name
-    'grpo'
+    >>> objective_for("prompt", "causal-lm").name, objective_for("preference", "reward").name
+    ('grpo', 'reward-modeling')
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from finetune_sdk.encoding import Collator, Encoded, encode_causal, encode_classification
 from finetune_sdk.errors import unknown_name_error
-from finetune_sdk.formatter import CLASSIFICATION, KTO, PREFERENCE, PROMPT, Formatter
+from finetune_sdk.formatter import CLASSIFICATION, KTO, PREFERENCE, PROMPT, REWARD, Formatter
 
 if TYPE_CHECKING:
     from finetune_sdk.data import Rows
@@ -151,13 +153,8 @@ class SupervisedFineTuning(Objective):
         return Collator(tokenizer.pad_token_id)
 
 
-class DirectPreferenceOptimization(Objective):
-    """``dpo``: the DPO loss against the log-probabilities of the policy as it stands when DPO starts (after the
-    technique has prepared it, trained adapters included), computed once before the first step; dropout off while
-    training, as TRL's ``disable_dropout``."""
-
-    name = "dpo"
-    label = " + DPO"
+class PreferencePairs(Objective):
+    """Base of the objectives on (prompt, chosen, rejected) pairs: encoded, checked and batched as pairs."""
 
     def encode(self, rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
         from finetune_sdk.preference import encode_preference
@@ -168,6 +165,20 @@ class DirectPreferenceOptimization(Objective):
         from finetune_sdk.data_checks import check_pairs
 
         check_pairs(encoded.examples, source)
+
+    def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
+        from finetune_sdk.preference import PairCollator
+
+        return PairCollator(tokenizer.pad_token_id)
+
+
+class DirectPreferenceOptimization(PreferencePairs):
+    """``dpo``: the DPO loss against the log-probabilities of the policy as it stands when DPO starts (after the
+    technique has prepared it, trained adapters included), computed once before the first step; dropout off while
+    training, as TRL's ``disable_dropout``."""
+
+    name = "dpo"
+    label = " + DPO"
 
     def after_prepare(self, model: Any, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> None:
         from finetune_sdk.preference import precompute_reference
@@ -188,11 +199,6 @@ class DirectPreferenceOptimization(Objective):
         cls = dpo_trainer_class()
         cls.beta = options["dpo_beta"]
         return cls
-
-    def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
-        from finetune_sdk.preference import PairCollator
-
-        return PairCollator(tokenizer.pad_token_id)
 
     def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         from finetune_sdk.preference import evaluate_preference
@@ -312,35 +318,12 @@ class ClassificationHead(Objective):
             return super().training_inputs(run, plan, model, tokenizer, args)
         from transformers import Trainer as HFTrainer
 
-        from finetune_sdk.feature_cache import collate_features, head_model
+        from finetune_sdk.feature_cache import classifier_feature_datasets, collate_features, head_model
 
-        train, evals = self.feature_datasets(run, plan, model, tokenizer)
+        train, evals = classifier_feature_datasets(run, plan, model, tokenizer)
         args.include_num_input_tokens_seen = "no"  # feature batches have no input_ids to count
         eval_dataset = (evals if len(evals) > 1 else next(iter(evals.values()))) if evals else None
         return TrainingInputs(head_model(model), train, eval_dataset, collate_features, HFTrainer)
-
-    def feature_datasets(self, run: RunSpec, plan: TrainingPlan, model: Any, tokenizer: Any) -> tuple[Any, Any]:
-        """(train, {name: eval}) feature datasets: the frozen backbone runs once per dataset (cached on disk)."""
-        from finetune_sdk.feature_cache import FeatureDataset, cached_features, model_identity
-        from finetune_sdk.fsutil import cache_root
-
-        base = {"model": model_identity(run.source), "pooling": model.pooling,
-                "quantizer": run.quantizer.name if run.quantizer else None, "dtype": run.options["dtype"],
-                "max_length": run.options["max_length"]}
-        cache_dir = cache_root() / "features"
-        features, seconds, hit = cached_features(model, plan.train, tokenizer.pad_token_id,
-                                                 {**base, "data": plan.dataset.get("fingerprint")}, cache_dir)
-        logger.info("classifier features for %d examples: %s in %.1f s", len(plan.train.examples),
-                    "read from the cache" if hit else "computed once", seconds)
-        plan.extra_metrics.update({"feature_seconds": seconds, "features_cached": hit})
-        train = FeatureDataset(features, [ex["labels"] for ex in plan.train.examples])
-        evals = {}
-        for name, eval_set in plan.evals.items():
-            eval_features, _, _ = cached_features(model, eval_set.encoded, tokenizer.pad_token_id,
-                                                  {**base, "data": eval_set.rows.fingerprint}, cache_dir)
-            evals[name or "eval"] = plan.eval_features[name] = FeatureDataset(
-                eval_features, [ex["labels"] for ex in eval_set.encoded.examples])
-        return train, evals
 
     def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         if name in plan.eval_features:  # scored from the cached features by the trained head
@@ -355,16 +338,45 @@ class ClassificationHead(Objective):
         return super().evaluate(loaded, plan, name, options)
 
 
+class RewardModeling(PreferencePairs):
+    """``reward-modeling``: a pairwise reward model (Ouyang et al., 2022), the Bradley-Terry loss
+    ``-log sigmoid(r(prompt, chosen) - r(prompt, rejected))`` (:mod:`finetune_sdk.reward_model`). On a frozen
+    backbone with ``cache_features`` the head trains, and is scored, on cached features of both answers."""
+
+    name = "reward-modeling"
+    label = " + Bradley-Terry reward modeling"
+
+    def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
+        from finetune_sdk.reward_model import reward_trainer_class
+
+        return reward_trainer_class(float(options.get("center_rewards_coefficient") or 0.0))
+
+    def training_inputs(self, run: RunSpec, plan: TrainingPlan, model: Any, tokenizer: Any,
+                        args: Any) -> TrainingInputs:
+        if not run.options["cache_features"] or getattr(model, "train_backbone", True):
+            return super().training_inputs(run, plan, model, tokenizer, args)
+        from finetune_sdk.reward_model import head_training_inputs
+
+        return head_training_inputs(run, plan, model, tokenizer, args)
+
+    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        from finetune_sdk.reward_model import evaluate_reward_model
+
+        return evaluate_reward_model(loaded, plan, name, options)
+
+
 #: Every objective by name: the one place an objective is chosen from.
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in (SupervisedFineTuning(), DirectPreferenceOptimization(),
                                                         KahnemanTverskyOptimization(), ClassificationHead(),
-                                                        GroupRelativePolicyOptimization())}
+                                                        GroupRelativePolicyOptimization(), RewardModeling())}
 
 
 def objective_for(formatter_task: str, technique_task: str) -> Objective:
     """The objective that trains ``technique_task`` on data a ``formatter_task`` formatter makes."""
     if technique_task == CLASSIFICATION:
         return OBJECTIVES["classification-head"]
+    if technique_task == REWARD:
+        return OBJECTIVES["reward-modeling"]
     if formatter_task == PREFERENCE:
         return OBJECTIVES["dpo"]
     if formatter_task == KTO:
@@ -375,7 +387,8 @@ def objective_for(formatter_task: str, technique_task: str) -> Objective:
 
 
 def get_objective(name: str) -> Objective:
-    """The objective registered as ``name`` (``sft``, ``dpo``, ``kto``, ``grpo``, ``classification-head``)."""
+    """The objective registered as ``name`` (``sft``, ``dpo``, ``kto``, ``grpo``, ``classification-head``,
+    ``reward-modeling``)."""
     try:
         return OBJECTIVES[name]
     except KeyError:

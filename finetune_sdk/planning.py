@@ -16,7 +16,7 @@ from typing import Any
 from finetune_sdk.data import Rows, load_rows
 from finetune_sdk.encoding import Encoded
 from finetune_sdk.errors import ConfigError, DataError
-from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, KTO, PREFERENCE, PROMPT, Formatter
+from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, KTO, PREFERENCE, PROMPT, REWARD, Formatter
 from finetune_sdk.objectives import Objective, get_objective, objective_for
 from finetune_sdk.stages_and_tasks import Task, is_task_list, mix, mixing_probabilities
 
@@ -97,7 +97,13 @@ class Planner:
         eval_rows = load_rows(eval_data, name="eval_data") if eval_data is not None else None
         picked = formatter or self.pick_formatter(train_rows, tokenizer)
         used = picked
-        if self.task == CLASSIFICATION and picked.task == PREFERENCE:  # a reward model on the pairs
+        if self.task == REWARD and picked.task != PREFERENCE:
+            raise DataError(f"{train_rows.source}: a reward model trains on preference pairs (columns prompt, "
+                            f"chosen, rejected), but formatter {picked.name!r} reads {picked.task} rows; give "
+                            "pairs with formatter='preference'")
+        if self.task == CLASSIFICATION and picked.task == PREFERENCE:  # pointwise: each answer classified alone
+            logger.info("classifier on preference pairs: chosen and rejected answers are classified one by one; "
+                        "technique 'reward-model' trains a pairwise (Bradley-Terry) reward model instead")
             train_rows, used = reward_rows(train_rows, picked), self.host.create("formatter", "classification")
             eval_rows = reward_rows(eval_rows, picked) if eval_rows is not None else None
         labels = labels_for(train_rows, used, self.options) if self.task == CLASSIFICATION else None
@@ -176,14 +182,15 @@ def labels_for(rows: Rows, formatter: Formatter, options: Mapping[str, Any]) -> 
 
 def formatter_fits(formatter_task: str, technique_task: str) -> bool:
     """A formatter's data fits a technique: same task, preference pairs (DPO for generative techniques, a
-    reward model for the classifier), KTO rows (generative techniques) or prompts for a generative technique
-    (GRPO)."""
+    pairwise reward model for ``reward-model``, pointwise chosen/rejected rows for the classifier), KTO rows
+    (generative techniques) or prompts for a generative technique (GRPO)."""
     return formatter_task in (technique_task, PREFERENCE) or (formatter_task in (KTO, PROMPT) and
                                                               technique_task == CAUSAL_LM)
 
 
 def reward_rows(rows: Rows, formatter: Formatter) -> Rows:
-    """Preference pairs as classifier rows: prompt + chosen -> "chosen", prompt + rejected -> "rejected"."""
+    """Preference pairs as classifier rows: prompt + chosen -> "chosen", prompt + rejected -> "rejected" (the
+    classifier's pointwise view of pairs; the ``reward-model`` technique compares the two answers instead)."""
     out, where = [], []
     for row, place in zip(rows.rows, rows.where):
         formatter.validate(row, place)

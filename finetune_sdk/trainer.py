@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.advisor import check_run_memory
 from finetune_sdk.data import Rows, load_rows
-from finetune_sdk.formatter import CLASSIFICATION, Formatter
+from finetune_sdk.formatter import CLASSIFICATION, HEAD_TASKS, Formatter
 from finetune_sdk.log import ensure_handler
 from finetune_sdk.options import TRAINING_OPTIONS, option_table, resolve_options
 from finetune_sdk.planning import Planner, detect_formatter, formatter_fits, reward_rows, validate_task_name
@@ -35,7 +35,8 @@ class Trainer:
     Args:
         model: a local Hugging Face model folder, a Hub id, a ``.gguf`` file, or a loaded transformers model
             (pass its ``tokenizer=``, or give ``(model, tokenizer)``).
-        technique: ``"lora"``, ``"qlora"``, ``"full"``, ``"classifier"`` or a plugin's technique.
+        technique: ``"lora"``, ``"qlora"``, ``"full"``, ``"classifier"``, ``"reward-model"`` or a plugin's
+            technique.
         quantizer: ``None`` for the technique's default (qlora: ``"nf4"``), ``"none"``, ``"nf4"``, ``"int8"`` or a
             plugin's quantizer.
         formatter: how rows become text (``"llama2-chat"``, ``"alpaca"``, ``"chatml"``, ``"chat-template"``,
@@ -90,7 +91,8 @@ class Trainer:
         list of :class:`~finetune_sdk.stages_and_tasks.Stage` (sequential fine-tuning: stages train in order, continuing
         the same adapter, each saved to ``output_dir/stage-<i>``); or a list of
         :class:`~finetune_sdk.stages_and_tasks.Task` (multi-task: datasets mixed by ``task_mixing``, per-task eval
-        metrics). A ``preference`` formatter trains with DPO.
+        metrics). A ``preference`` formatter trains with DPO (lora, qlora, full) or, with the ``reward-model``
+        technique, a pairwise reward model.
 
         Every ``save_steps`` steps (500 by default; 0 turns it off) a checkpoint is written atomically to
         ``<output_dir>.checkpoints/``; ``resume=True`` continues from the newest complete one (damaged ones are
@@ -175,8 +177,14 @@ class Trainer:
         return self.current_model().generate(prompts, **kwargs)
 
     def predict(self, texts: Any, **kwargs: Any) -> Any:
-        """Predict labels with the classifier (before :meth:`fit` the head is untrained)."""
+        """Predict labels with the classifier, or rewards with a reward model (before :meth:`fit` the head is
+        untrained)."""
         return self.current_model().predict(texts, **kwargs)
+
+    def score(self, prompts: Any, completions: Any, **kwargs: Any) -> list[float]:
+        """One reward per (prompt, completion) with a reward model (see
+        :meth:`~finetune_sdk.inference.LoadedModel.score`)."""
+        return self.current_model().score(prompts, completions, **kwargs)
 
     def evaluate(self, data: Any, **kwargs: Any) -> dict[str, float]:
         """Loss (and perplexity, or accuracy and macro-F1 for the classifier) of the current model on ``data``."""
@@ -205,11 +213,11 @@ class Trainer:
                                         dtype=precision_for(self).torch_dtype())
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = tokenizer.pad_token_id
-            if self.technique.task == CLASSIFICATION:
-                labels = self.options["labels"] or [str(i) for i in range(self.options["num_labels"] or 2)]
+            if self.technique.task in HEAD_TASKS:
+                labels = self.options.get("labels") or [str(i) for i in range(self.options.get("num_labels") or 2)]
                 model = with_new_head(self.technique, model, self.options, labels, tokenizer)
             formatter = self.formatter
-            if formatter is None and self.technique.task != CLASSIFICATION and getattr(tokenizer, "chat_template", 0):
+            if formatter is None and self.technique.task not in HEAD_TASKS and getattr(tokenizer, "chat_template", 0):
                 formatter = self.host.create("formatter", "chat-template")
             self._current_model = LoadedModel(model, tokenizer, task=self.technique.task, formatter=formatter,
                                            options=self.options, labels=getattr(model, "labels", None))

@@ -7,7 +7,10 @@ from typing import Any
 
 from finetune_sdk.registry.local import AdapterVersion
 
-PIPELINE = {"causal-lm": "text-generation", "classification": "text-classification"}
+PIPELINE = {"causal-lm": "text-generation", "classification": "text-classification",
+            "reward": "text-classification"}
+#: How each task's model is used, after ``model = finetune_sdk.load(...)``.
+USAGE = {"classification": 'model.predict(["Hello!"])', "reward": 'model.score(["Hello!"], ["Hi, how can I help?"])'}
 
 
 def _yaml_list(items: list[str]) -> str:
@@ -48,7 +51,7 @@ def model_card(version: AdapterVersion, repo_id: str, artifacts: dict[str, dict[
         *[f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())], "",
         "## Use", "", "With finetune-sdk:", "", "```python", "import finetune_sdk", "",
         f'model = finetune_sdk.load("hf://{repo_id}@v{version.version}")',
-        'model.generate(["Hello!"])' if m.get("task") != "classification" else 'model.predict(["Hello!"])',
+        USAGE.get(m.get("task") or "", 'model.generate(["Hello!"])'),
         "```", "",
     ]
     if artifacts:

@@ -8,7 +8,7 @@ from finetune_sdk.plugin_manager import PluginHost
 from finetune_sdk.testing import FormatterContract, QuantizerContract, TechniqueContract
 
 _host = PluginHost(autoload=False)
-LR = {"full": 2e-3, "classifier": 2e-2}
+LR = {"full": 2e-3, "classifier": 2e-2, "reward-model": 2e-2}
 
 
 def _classes(kind: str, base: type, **extra):
@@ -16,7 +16,7 @@ def _classes(kind: str, base: type, **extra):
         attrs = {"name": name, **{k: v(name) for k, v in extra.items()}}
         cls = type(f"Test{kind.title()}Contract_{name.replace('-', '_')}", (base,), attrs)
         if kind == "technique":
-            cls = pytest.mark.slow(cls) if name not in ("lora", "classifier") else cls
+            cls = pytest.mark.slow(cls) if name not in ("lora", "classifier", "reward-model") else cls
         yield cls.__name__, cls
 
 

@@ -41,7 +41,9 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
               help="the data can't leave its owners (several hospitals, banks, devices): recommend federated "
                    "fine-tuning; --owners N says how many")
 @click.option("--owners", "owners", type=click.IntRange(min=2), help="number of data owners (implies --private-data)")
-@click.option("--task", type=click.Choice(["causal-lm", "classification"]), default="causal-lm", show_default=True)
+@click.option("--task", type=click.Choice(["causal-lm", "classification", "reward"]), default="causal-lm",
+              show_default=True,
+              help="what is trained: text generation, a classifier, or a pairwise reward model (reward-model)")
 @click.option("--objective", type=click.Choice(["sft", "dpo", "kto"]), default="sft", show_default=True,
               help="what offline causal-lm training optimises: sft, dpo (preference pairs) or kto (rated answers)")
 @click.option("--num-generations", type=click.IntRange(min=2), default=None,

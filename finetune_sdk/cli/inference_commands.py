@@ -127,11 +127,27 @@ def generate_command(ref: str, prompts: tuple[str, ...], prompt_file: str | None
 @click.argument("ref")
 @click.argument("texts", nargs=-1)
 @click.option("--file", "text_file", help="a text file with one text per line")
+@click.option("--prompt", help="reward model: score each TEXT as a completion of this prompt, rendered as in "
+              "training (without it each text is scored as it is)")
 @click.option("--trust-remote-code", is_flag=True, help=TRUST_HELP)
-def predict_command(ref: str, texts: tuple[str, ...], text_file: str | None, trust_remote_code: bool) -> None:
-    """Predict labels for TEXTS with a classifier result folder."""
+def predict_command(ref: str, texts: tuple[str, ...], text_file: str | None, prompt: str | None,
+                    trust_remote_code: bool) -> None:
+    """Predict labels for TEXTS with a classifier result, or rewards with a reward model result."""
+    from finetune_sdk.formatter import REWARD
+
     lines = read_lines(texts, text_file, "text")
     model = open_model(ref, trust_remote_code=trust_remote_code)
+    if prompt is not None and model.task != REWARD:
+        raise ConfigError("--prompt is for reward models (technique 'reward-model'); a classifier labels texts")
+    if model.task == REWARD:
+        rewards = model.score([prompt] * len(lines), lines) if prompt is not None else model.predict(lines)
+        table = titled_table(f"rewards of {short_path(ref)}" + (f" for the prompt {prompt!r}" if prompt else ""))
+        table.add_column("completion" if prompt is not None else "text")
+        table.add_column("reward", justify="right")
+        for text, reward in zip(lines, rewards):
+            table.add_row(cell(text), f"{reward:.4f}")
+        console().print(table)
+        return
     table = titled_table(f"predictions of {short_path(ref)}")
     table.add_column("text")
     table.add_column("label")

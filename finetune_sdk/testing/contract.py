@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import pytest
 
 from finetune_sdk.errors import DataError
-from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, PROMPT, TASKS, Formatter, Segment
+from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, PROMPT, REWARD, TASKS, Formatter, Segment
 from finetune_sdk.options import Option
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.quantizer import Quantizer
@@ -37,6 +37,12 @@ CLASSIFICATION_ROWS = [{"text": f"the {w} is here", "label": c}
                        for w, c in [("red", "colour"), ("cat", "animal"), ("blue", "colour"), ("dog", "animal"),
                                     ("fish", "animal"), ("green", "colour"), ("bird", "animal"),
                                     ("yellow", "colour")]]
+PREFERENCE_ROWS = [{"prompt": f"what is {w}?", "chosen": f"{w} is a {c}, thanks.", "rejected": f"{w}?"}
+                   for w, c in [("red", "colour"), ("cat", "animal"), ("blue", "colour"), ("dog", "animal"),
+                                ("fish", "animal"), ("green", "colour"), ("bird", "animal"), ("yellow", "colour")]]
+#: The rows and formatter the technique contract trains on, by the technique's task.
+ROWS_BY_TASK = {CAUSAL_LM: (CAUSAL_ROWS, "chatml"), CLASSIFICATION: (CLASSIFICATION_ROWS, "classification"),
+                REWARD: (PREFERENCE_ROWS, "preference")}
 
 
 def _check_options(options: Any) -> None:
@@ -73,16 +79,16 @@ class TechniqueContract:
         return get_plugin_host().create("technique", self.name)
 
     def rows(self) -> list[dict[str, Any]]:
-        return CLASSIFICATION_ROWS if self.technique().task == CLASSIFICATION else CAUSAL_ROWS
+        return ROWS_BY_TASK[self.technique().task][0]
 
     def formatter_name(self) -> str:
-        return "classification" if self.technique().task == CLASSIFICATION else "chatml"
+        return ROWS_BY_TASK[self.technique().task][1]
 
     def test_metadata(self) -> None:
         technique = self.technique()
         assert isinstance(technique, Technique)
         assert technique.name == self.name
-        assert technique.task in (CAUSAL_LM, CLASSIFICATION)
+        assert technique.task in ROWS_BY_TASK
         assert technique.description
         _check_options(technique.options)
         default = technique.default_quantizer
