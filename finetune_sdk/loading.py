@@ -113,8 +113,8 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
 
 
 def load_base(ref: str | os.PathLike[str], *, registry: Any = None, trust_remote_code: bool = False) -> Any:
-    """The untrained starting point of a result: its recorded base model (for a classifier or a reward model, with a fresh head
-    seeded as training seeded it), wrapped with the result's tokenizer and formatter."""
+    """The untrained starting point of a result: its recorded base model (for a classifier or a reward model, with
+    a fresh head seeded as training seeded it), wrapped with the result's tokenizer and formatter."""
     import torch
 
     from finetune_sdk.inference import FineTunedModel

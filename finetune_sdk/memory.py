@@ -211,7 +211,8 @@ def estimate_training_memory(
         gradients, peak = grads_all, "backward"
     else:
         saved, saved32, transient = shape.activation_elements(
-            "lora" if reward_lora else technique, [name for name, _, _ in targets], seq_len, lora_r=lora_r, lora_dropout=lora_dropout,
+            "lora" if reward_lora else technique, [name for name, _, _ in targets], seq_len, lora_r=lora_r,
+            lora_dropout=lora_dropout,
             checkpointing=gradient_checkpointing, device=device, compute16=compute16,
             autocast32=mixed_precision and dtype == "float32")
         mask_bytes = act_bytes if shape.math_attention(device) else 1  # the attention mask, shared by all layers

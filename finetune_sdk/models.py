@@ -155,8 +155,8 @@ def load_base_model(source: ModelSource, task: str, quantizer: Any, options: dic
 
 
 def with_new_head(technique: Any, model: Any, options: dict[str, Any], labels: list[str], tokenizer: Any) -> Any:
-    """A head technique's model (classifier, reward model) over ``model`` with a new head for ``labels``, initialised from
-    ``options["seed"]`` as training initialises it (so an untrained head is the same every time)."""
+    """A head technique's model (classifier, reward model) over ``model`` with a new head for ``labels``,
+    initialised from ``options["seed"]`` as training initialises it (so an untrained head is the same every time)."""
     from transformers import set_seed
 
     set_seed(options.get("seed", 42))

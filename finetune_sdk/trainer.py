@@ -35,8 +35,7 @@ class Trainer:
     Args:
         model: a local Hugging Face model folder, a Hub id, a ``.gguf`` file, or a loaded transformers model
             (pass its ``tokenizer=``, or give ``(model, tokenizer)``).
-        technique: ``"lora"``, ``"qlora"``, ``"full"``, ``"classifier"``, ``"reward-model"`` or a plugin's
-            technique.
+        technique: ``"lora"``, ``"qlora"``, ``"full"``, ``"classifier"``, ``"reward-model"`` or a plugin's.
         quantizer: ``None`` for the technique's default (qlora: ``"nf4"``), ``"none"``, ``"nf4"``, ``"int8"`` or a
             plugin's quantizer.
         formatter: how rows become text (``"llama2-chat"``, ``"alpaca"``, ``"chatml"``, ``"chat-template"``,
@@ -91,8 +90,7 @@ class Trainer:
         list of :class:`~finetune_sdk.stages_and_tasks.Stage` (sequential fine-tuning: stages train in order, continuing
         the same adapter, each saved to ``output_dir/stage-<i>``); or a list of
         :class:`~finetune_sdk.stages_and_tasks.Task` (multi-task: datasets mixed by ``task_mixing``, per-task eval
-        metrics). A ``preference`` formatter trains with DPO (lora, qlora, full) or, with the ``reward-model``
-        technique, a pairwise reward model.
+        metrics). A ``preference`` formatter trains with DPO (technique ``reward-model``: a pairwise reward model).
 
         Every ``save_steps`` steps (500 by default; 0 turns it off) a checkpoint is written atomically to
         ``<output_dir>.checkpoints/``; ``resume=True`` continues from the newest complete one (damaged ones are
@@ -177,14 +175,8 @@ class Trainer:
         return self.current_model().generate(prompts, **kwargs)
 
     def predict(self, texts: Any, **kwargs: Any) -> Any:
-        """Predict labels with the classifier, or rewards with a reward model (before :meth:`fit` the head is
-        untrained)."""
+        """Labels from the classifier, rewards from a reward model (before :meth:`fit` the head is untrained)."""
         return self.current_model().predict(texts, **kwargs)
-
-    def score(self, prompts: Any, completions: Any, **kwargs: Any) -> list[float]:
-        """One reward per (prompt, completion) with a reward model (see
-        :meth:`~finetune_sdk.inference.LoadedModel.score`)."""
-        return self.current_model().score(prompts, completions, **kwargs)
 
     def evaluate(self, data: Any, **kwargs: Any) -> dict[str, float]:
         """Loss (and perplexity, or accuracy and macro-F1 for the classifier) of the current model on ``data``."""

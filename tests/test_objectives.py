@@ -26,7 +26,8 @@ def test_one_place_chooses_the_objective():
     assert objective_for("classification", "classification").name == "classification-head"
     assert objective_for("kto", "causal-lm").name == "kto"
     assert objective_for("prompt", "causal-lm").name == "grpo"
-    assert {"sft", "dpo", "kto", "grpo", "classification-head"} <= set(OBJECTIVES)
+    assert objective_for("preference", "reward").name == "reward-modeling"
+    assert {"sft", "dpo", "kto", "grpo", "classification-head", "reward-modeling"} <= set(OBJECTIVES)
     assert all(isinstance(o, Objective) and get_objective(n) is o for n, o in OBJECTIVES.items())
     with pytest.raises(ConfigError, match="unknown objective 'dp0'.*did you mean 'dpo'"):
         get_objective("dp0")

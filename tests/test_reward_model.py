@@ -45,13 +45,15 @@ FAST = dict(per_device_train_batch_size=8, num_train_epochs=6, logging_steps=1, 
 def frozen(tmp_path_factory, tiny_models):
     out = tmp_path_factory.mktemp("rm") / "frozen"
     trainer = Trainer(tiny_models("llama"), technique="reward-model", formatter="preference", output_dir=out,
-                      learning_rate=3e-2, pooling="mean", **FAST)
+                      learning_rate=3e-2, **FAST)
+    trainer.untrained_metrics = trainer.evaluate(HELD_OUT)  # the untrained head on the same held-out pairs
     return trainer, trainer.fit(TRAIN, eval_data=HELD_OUT)
 
 
 def test_frozen_backbone_learns_the_preference(frozen):
     trainer, result = frozen
     m = result.metrics
+    assert trainer.untrained_metrics["pairwise_accuracy"] < 0.8
     assert m["pairwise_accuracy"] >= 0.9, m
     assert m["eval_loss"] < math.log(2) and m["reward_margin"] > 0
     assert m["eval_rows_scored"] == len(HELD_OUT) and m["eval_rows_skipped"] == 0
@@ -71,7 +73,7 @@ def test_score_ranks_marker_answers_higher_and_survives_save_and_load(frozen):
     bad = loaded.score(prompts, [p["rejected"] for p in HELD_OUT])
     assert all(isinstance(r, float) for r in good + bad)
     assert sum(g > b for g, b in zip(good, bad)) >= 0.9 * len(HELD_OUT)
-    assert trainer.score(prompts, [p["chosen"] for p in HELD_OUT]) == pytest.approx(good, abs=1e-5)
+    assert trainer.current_model().score(prompts, [p["chosen"] for p in HELD_OUT]) == pytest.approx(good, abs=1e-5)
     assert loaded.evaluate(HELD_OUT)["pairwise_accuracy"] == result.metrics["pairwise_accuracy"]
     rewards = loaded.predict(["fish indeed model.", "fish cat model."])
     assert len(rewards) == 2 and all(isinstance(r, float) for r in rewards)
@@ -91,7 +93,7 @@ def test_lora_backbone_learns_the_preference_and_reloads(tmp_path, tiny_models):
     assert (result.output_dir / "adapter_model.safetensors").is_file()
     completions = [p["chosen"] for p in HELD_OUT[:6]] + [p["rejected"] for p in HELD_OUT[:6]]
     prompts = [p["prompt"] for p in HELD_OUT[:6]] * 2
-    expected = trainer.score(prompts, completions)
+    expected = trainer.current_model().score(prompts, completions)
     assert finetune_sdk.load(result.output_dir).score(prompts, completions) == pytest.approx(expected, abs=1e-5)
 
 
@@ -112,12 +114,27 @@ def test_feature_cache_and_full_forward_train_the_same_head(tmp_path, tiny_model
     """The frozen backbone's cached features (the default) and running it every step give the same losses."""
     def losses(cache: bool) -> list[float]:
         result = Trainer(tiny_models("llama"), technique="reward-model", formatter="preference", max_steps=3,
-                         output_dir=tmp_path / f"cache-{cache}", cache_features=cache, pooling="mean",
+                         output_dir=tmp_path / f"cache-{cache}", cache_features=cache,
                          **{**FAST, "num_train_epochs": 1}).fit(TRAIN[:24])
         return [e["loss"] for e in result.log_history if "loss" in e]
 
     cached, direct = losses(True), losses(False)
     assert len(cached) == 3 and cached == pytest.approx(direct, rel=1e-4)
+
+
+def test_gradient_checkpointing_on_a_lora_backbone_changes_no_loss(tmp_path, tiny_models):
+    """The transformers Trainer recomputes the LoRA backbone's activations through the reward model: same losses."""
+    def run(checkpointing: bool):
+        trainer = Trainer(tiny_models("llama"), technique="reward-model", formatter="preference", backbone="lora",
+                          lora_dropout=0.0, learning_rate=1e-2, max_steps=3, output_dir=tmp_path / str(checkpointing),
+                          gradient_checkpointing=checkpointing, **{**FAST, "num_train_epochs": 1})
+        result = trainer.fit(TRAIN[:24])
+        backbone = trainer.current_model().model.backbone.get_base_model()
+        return [e["loss"] for e in result.log_history if "loss" in e], backbone.is_activation_checkpointing
+
+    (plain, off), (recomputed, on) = run(False), run(True)
+    assert not off and on
+    assert len(plain) == 3 and recomputed == pytest.approx(plain, rel=1e-5)
 
 
 @pytest.mark.parametrize("call,error,message", [
@@ -157,8 +174,7 @@ def test_cli_trains_and_predicts_rewards(tmp_path, tiny_models):
     out = tmp_path / "rm"
     runner = CliRunner()
     result = runner.invoke(cli, ["train", "-m", str(tiny_models("llama")), "--data", str(data), "-t", "reward-model",
-                                 "--formatter", "preference", "-o", str(out), "--num-train-epochs", "1",
-                                 "--pooling", "mean"])
+                                 "--formatter", "preference", "-o", str(out), "--num-train-epochs", "1"])
     assert result.exit_code == 0, result.output
     pred = runner.invoke(cli, ["predict", str(out), "cat indeed blue one.", "cat red blue one."])
     assert pred.exit_code == 0, pred.output
@@ -168,3 +184,28 @@ def test_cli_trains_and_predicts_rewards(tmp_path, tiny_models):
     bad = runner.invoke(cli, ["train", "-m", str(tiny_models("llama")), "--data", str(data), "-t", "reward-model",
                               "--formatter", "chatml", "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "Traceback" not in bad.output and "chatml" in bad.output
+
+
+def test_memory_estimate_and_advice_know_the_reward_model():
+    from transformers import LlamaConfig
+
+    from finetune_sdk.memory import estimate_for_options, estimated_technique
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=8000)
+    options = {"per_device_train_batch_size": 4, "max_length": 256, "dtype": "float32"}
+    frozen = estimate_for_options(config, "reward-model", None, options, device="cpu")
+    lora = estimate_for_options(config, "reward-model", None, {**options, "backbone": "lora"}, device="cpu")
+    classifier = estimate_for_options(config, "classifier", None, {**options, "per_device_train_batch_size": 8,
+                                                                   "num_labels": 1}, device="cpu")
+    assert frozen.batch_size == 8 and frozen.total == classifier.total  # both answers of 4 pairs, one output
+    assert frozen.trainable_parameters == 256 + 1
+    assert lora.trainable_parameters > frozen.trainable_parameters and lora.total > frozen.total
+    causal = estimate_for_options(config, "lora", None, {**options, "per_device_train_batch_size": 8}, device="cpu")
+    assert lora.parameters < causal.parameters  # no LM head
+    assert estimated_technique(finetune_sdk.plugin_manager.get_plugin_host().create("technique", "reward-model")) \
+        == "reward-model"
+    advice = finetune_sdk.advise(config, task="reward", dataset_rows=2000, memory_bytes=8 * 2**30, device="cpu")
+    assert advice.technique == "reward-model" and advice.options["backbone"] == "frozen"
+    assert any("Bradley-Terry" in reason for reason in advice.reasons)
+    assert "--technique reward-model" in advice.command() and "--backbone frozen" in advice.command()
