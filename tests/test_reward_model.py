@@ -198,7 +198,7 @@ def test_memory_estimate_and_advice_know_the_reward_model():
     lora = estimate_for_options(config, "reward-model", None, {**options, "backbone": "lora"}, device="cpu")
     classifier = estimate_for_options(config, "classifier", None, {**options, "per_device_train_batch_size": 8,
                                                                    "num_labels": 1}, device="cpu")
-    assert frozen.batch_size == 8 and frozen.total == classifier.total  # both answers of 4 pairs, one output
+    assert frozen.batch_size == 4 and frozen.total == classifier.total  # both answers of 4 pairs, one output
     assert frozen.trainable_parameters == 256 + 1
     assert lora.trainable_parameters > frozen.trainable_parameters and lora.total > frozen.total
     causal = estimate_for_options(config, "lora", None, {**options, "per_device_train_batch_size": 8}, device="cpu")
