@@ -65,7 +65,8 @@ def greedy_reward(trainer):
     return sum(has_cat(None, answers)) / len(answers)
 
 
-@pytest.mark.parametrize("technique, learning_rate", [("lora", 2e-2), ("full", 3e-3)])
+@pytest.mark.parametrize("technique, learning_rate", [("lora", 2e-2), ("full", 3e-3),
+                                                     pytest.param("qlora", 2e-2, marks=pytest.mark.slow)])
 def test_grpo_with_a_verifiable_reward_raises_the_greedy_reward_on_held_out_prompts(word_model, tmp_path, technique,
                                                                                       learning_rate):
     trainer = Trainer(word_model, technique=technique, formatter="prompt", output_dir=tmp_path / "run",
@@ -78,6 +79,8 @@ def test_grpo_with_a_verifiable_reward_raises_the_greedy_reward_on_held_out_prom
     assert result.manifest["options"]["reward_funcs"] == [f"{__name__}.has_cat"]
     assert result.metrics["eval_reward_start"] == pytest.approx(before)  # greedy completions of the start policy
     assert result.metrics["eval_reward"] == pytest.approx(after) and result.metrics["eval_rows_scored"] == 12
+    during = [entry["eval_reward"] for entry in result.log_history if "eval_reward" in entry]
+    assert len(during) == 4 and during[-1] == pytest.approx(after)  # evaluated at the end of each epoch too
     logged = [entry for entry in result.log_history if "loss" in entry]
     assert len(logged) == 12
     for key in ("reward", "reward_std", "kl", "completion_length", "rewards/has_cat"):
