@@ -161,6 +161,9 @@ def test_cli_trains_with_reward_names_and_refuses_an_unknown_one_in_one_line(ins
         "Error: unknown reward 'has_cats' (did you mean 'has_cat'?); available: has_cat"]
     assert not (tmp_path / "bad").exists()
 
+    listed = runner.invoke(cli, ["plugins"])
+    assert listed.exit_code == 0 and "reward functions" in listed.output and "has_cat" in listed.output
+
     advice = runner.invoke(cli, ["advise", str(word_model), "--num-generations", "8", "--seq-len", "32",
                                  "--memory", "8GiB", "--json"])
     assert advice.exit_code == 0, advice.output
