@@ -279,3 +279,39 @@ def test_memory_estimate_and_advice_know_grpo_groups_and_the_reference():
     assert advice.options["num_generations"] == 8
     assert advice.options["per_device_train_batch_size"] * advice.options["gradient_accumulation_steps"] == 2
     assert any(reason.startswith("GRPO samples 8 completions per prompt") for reason in advice.reasons)
+
+
+def test_grpo_against_a_trained_pairwise_reward_model_raises_its_preference(word_model, tiny_models, tmp_path):
+    """The reward model (issue 15's pairwise Bradley-Terry model, on another tokenizer) learnt to prefer answers
+    with "cat"; GRPO against it, scored through ``finetune_sdk.load(ref).score``, raises both its score and the
+    share of greedy held-out answers that say "cat"."""
+    import finetune_sdk
+
+    rng = random.Random(5)
+
+    def answer(cat):
+        words = [rng.choice(WORDS[:-1]) for _ in range(rng.randint(1, 4))]
+        if cat:
+            words[rng.randrange(len(words))] = "cat"
+        return " ".join(words)
+
+    pairs = [{"prompt": rng.choice(TRAIN)["prompt"], "chosen": answer(True), "rejected": answer(False)}
+             for _ in range(64)]
+    judge = Trainer(tiny_models("llama"), technique="reward-model", formatter="preference", backbone="lora", r=4,
+                    target_modules=["q_proj", "v_proj"], output_dir=tmp_path / "rm", learning_rate=1e-2,
+                    per_device_train_batch_size=8, num_train_epochs=6, save_steps=0, progress=False,
+                    seed=0).fit(pairs[:48], eval_data=pairs[48:])
+    assert judge.metrics["pairwise_accuracy"] >= 0.9
+
+    trainer = Trainer(word_model, technique="lora", formatter="prompt", output_dir=tmp_path / "run",
+                      reward_model=str(tmp_path / "rm"), max_steps=24, learning_rate=2e-2, **FAST)
+    prompts = [row["prompt"] for row in HELD_OUT]
+    scorer = finetune_sdk.load(tmp_path / "rm")
+    before = trainer.generate(prompts, max_new_tokens=4)
+    result = trainer.fit(TRAIN, eval_data=HELD_OUT)
+    after = trainer.generate(prompts, max_new_tokens=4)
+    assert sum(scorer.score(prompts, after)) > sum(scorer.score(prompts, before))
+    assert sum(has_cat(None, after)) / len(after) >= 0.75 > sum(has_cat(None, before)) / len(before)
+    assert result.metrics["eval_reward"] > result.metrics["eval_reward_start"]
+    assert result.manifest["options"]["reward_model"] == str(tmp_path / "rm")
+    assert any(key.startswith("rewards/reward_model:") for key in result.log_history[0])
