@@ -16,6 +16,7 @@ from finetune_sdk.callbacks import CrashAtStep, PluginCallback, RichProgressCall
 from finetune_sdk.checkpoints import (checkpoints_dir, checkpointing_trainer_class, latest_checkpoint,
                                       remove_checkpoints)
 from finetune_sdk.chunked_loss import chunked_loss_trainer_class
+from finetune_sdk.heap import limit_heap_fragmentation
 from finetune_sdk.lora_dropout import use_memory_efficient_dropout
 from finetune_sdk.cpu_threads import set_cpu_threads
 from finetune_sdk.models import ModelSource
@@ -194,6 +195,8 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
         trainer_class = chunked_loss_trainer_class(inputs.trainer_class) if plan.chunked_loss else \
             inputs.trainer_class
         set_cpu_threads(log)
+        if args.use_cpu:
+            limit_heap_fragmentation()  # freed activations go back to the kernel, not into heap holes
         cls = checkpointing_trainer_class(trainer_class, checkpoint_root, options=options)
         hf = cls(model=inputs.model, args=args, train_dataset=inputs.train_dataset, eval_dataset=inputs.eval_dataset,
                  data_collator=inputs.collator, callbacks=callbacks)

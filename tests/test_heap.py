@@ -1,0 +1,56 @@
+"""glibc's mmap threshold is fixed for CPU training: freed activations leave no heap holes behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from finetune_sdk.errors import ConfigError
+from finetune_sdk.heap import DEFAULT_MMAP_THRESHOLD, mmap_threshold
+
+PEAK_AFTER_CHURN = r"""
+import os, resource, sys
+if sys.argv[1] == "fixed":
+    from finetune_sdk.heap import limit_heap_fragmentation
+    assert limit_heap_fragmentation()
+import torch
+first = torch.ones(8_000_000)  # a 32 MB block, then freed: glibc's default raises its threshold to 32 MB
+del first
+pinned = []
+for step in range(30):  # activations of growing sizes, each followed by a small tensor that outlives it
+    big = torch.ones(1_250_000 + 100_000 * step)  # 5-17 MB, written so its pages are resident
+    pinned.append(torch.ones(1000))
+    del big
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_threshold_from_the_environment():
+    assert mmap_threshold({}) == DEFAULT_MMAP_THRESHOLD
+    assert mmap_threshold({"FINETUNE_SDK_MMAP_THRESHOLD": "1048576"}) == 1048576
+    assert mmap_threshold({"FINETUNE_SDK_MMAP_THRESHOLD": "0"}) is None
+    with pytest.raises(ConfigError, match="FINETUNE_SDK_MMAP_THRESHOLD='lots' is not a number of bytes"):
+        mmap_threshold({"FINETUNE_SDK_MMAP_THRESHOLD": "lots"})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_fixed_threshold_lowers_the_peak_of_alternating_tensors():
+    def peak(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", PEAK_AFTER_CHURN, mode], capture_output=True, text=True,
+                             check=True, env={"FINETUNE_SDK_MMAP_THRESHOLD": "", "PATH": ""})
+        return int(out.stdout.split()[-1])
+
+    default, fixed = peak("default"), peak("fixed")
+    assert fixed < default * 0.8, (default, fixed)
+
+
+def test_cpu_training_fixes_the_threshold(tiny_models, tmp_path, qa_rows, monkeypatch):
+    from finetune_sdk import Trainer, run_engine
+
+    calls = []
+    monkeypatch.setattr(run_engine, "limit_heap_fragmentation", lambda: calls.append(1) or True)
+    Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "a", max_steps=1,
+            progress=False).fit(qa_rows)
+    assert calls == [1]
