@@ -239,8 +239,9 @@ def group_columns(columns: Sequence[Mapping[str, Any]], repeat: int) -> dict[str
 
 
 def greedy_rewards(model: Any, examples: Sequence[Mapping[str, Any]], tokenizer: Any, rewards: Sequence[Reward],
-                   settings: GRPOSettings, batch_size: int) -> dict[str, float]:
-    """Mean reward (``eval_reward``) and completion length of ``model``'s greedy completions to ``examples``."""
+                   settings: GRPOSettings, batch_size: int, weights: Sequence[float] | None = None) -> dict[str, float]:
+    """Mean (weighted) total reward (``eval_reward``) and completion length of ``model``'s greedy completions to
+    ``examples``."""
     totals: list[float] = []
     lengths: list[int] = []
     for start in range(0, len(examples), batch_size):
@@ -248,7 +249,7 @@ def greedy_rewards(model: Any, examples: Sequence[Mapping[str, Any]], tokenizer:
         group = sample_completions(model, [ex["prompt_ids"] for ex in chunk], tokenizer, settings, greedy=True)
         scores, _ = score_completions(rewards, [ex["prompt"] for ex in chunk], group.texts,
                                       group_columns([ex["columns"] for ex in chunk], 1))
-        totals += [sum(row) for row in scores]
+        totals += [sum(w * r for w, r in zip(weights or [1.0] * len(row), row)) for row in scores]
         lengths += group.completion_mask.sum(1).tolist()
     n = max(len(totals), 1)
     return {"eval_reward": sum(totals) / n, "eval_completion_length": sum(lengths) / n}
@@ -276,8 +277,11 @@ def evaluate_prompts(model: Any, plan: TrainingPlan, name: str, tokenizer: Any,
     encoded = plan.evals[name].encoded
     require_rows(len(encoded.examples), encoded.dropped, plan.evals[name].rows.source,
                  "have prompts longer than max_length - max_completion_length")
+    from finetune_sdk.rewards import reward_weights
+
     return {**greedy_rewards(model, encoded.examples, tokenizer, run_rewards(plan, options),
-                             GRPOSettings.from_options(options), options["per_device_eval_batch_size"]),
+                             GRPOSettings.from_options(options), options["per_device_eval_batch_size"],
+                             reward_weights(options)),
             **scored_rows(len(encoded.examples), encoded.dropped)}
 
 
@@ -286,6 +290,7 @@ def grpo_training_inputs(run: RunSpec, plan: TrainingPlan, model: Any, tokenizer
     run loads its checkpoint, and the held-out prompts' greedy reward of the starting policy is recorded as
     ``eval_reward_start``."""
     from finetune_sdk.objectives import ListDataset, TrainingInputs
+    from finetune_sdk.rewards import reward_weights
 
     settings = GRPOSettings.from_options(run.options)
     rewards = run_rewards(plan, run.options)
@@ -296,11 +301,11 @@ def grpo_training_inputs(run: RunSpec, plan: TrainingPlan, model: Any, tokenizer
             evaluate_prompts(model, plan, name, tokenizer, run.options)["eval_reward"]
     evals = [ListDataset(s.encoded.examples) for s in plan.evals.values()]
     return TrainingInputs(model, ListDataset(plan.train.examples), evals[0] if evals else None, PromptCollator(),
-                          grpo_trainer_class(settings, rewards, reference, tokenizer))
+                          grpo_trainer_class(settings, rewards, reference, tokenizer, reward_weights(run.options)))
 
 
 def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], reference: ReferenceWeights | None,
-                       tokenizer: Any) -> type:
+                       tokenizer: Any, weights: Sequence[float] | None = None) -> type:
     """A transformers ``Trainer`` whose training step samples groups and takes the GRPO loss (built lazily so
     importing this module stays light)."""
     from transformers import Trainer as HFTrainer
@@ -319,7 +324,7 @@ def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], refere
             prompts = [p for p in inputs["prompts"] for _ in range(g)]
             scores, names = score_completions(rewards, prompts, group.texts, group_columns(inputs["columns"], g))
             per_source = torch.tensor(scores, dtype=torch.float32, device=group.completion_ids.device)
-            total = per_source.sum(1)
+            total = (per_source * per_source.new_tensor(weights or [1.0] * len(names))).sum(1)
             advantages, group_std = group_advantages(total, g)
             logps = completion_logps(model, group, settings.temperature)
             ref_logps = None
@@ -350,7 +355,7 @@ def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], refere
             dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
             model = self.accelerator.unwrap_model(self.model)
             result = greedy_rewards(model, dataset.examples, tokenizer, rewards, settings,
-                                    self.args.per_device_eval_batch_size)
+                                    self.args.per_device_eval_batch_size, weights)
             metrics = {f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in result.items()}
             self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

@@ -167,6 +167,8 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
            exclusive_maximum=1),
     Option("reward_funcs", list, None, "GRPO: reward functions, by name (registered by plugins) or, in Python, "
            "as callables fn(prompts, completions, **columns) -> list[float]", minimum=1),
+    Option("reward_weights", list, None, "GRPO: weight of each reward in the total (reward_funcs in order, then "
+           "reward_model); default 1 each", minimum=1),
     Option("reward_model", str, None, "GRPO: a reward model (result folder or registry ref) whose score(prompts, "
            "completions) is a reward"),
     Option("task_mixing", str, "proportional", "multi-task sampling: proportional, explicit or temperature",

@@ -11,7 +11,8 @@ columns they name.
 Plugins register named functions through the ``register_reward_functions`` hook
 (:mod:`finetune_sdk.hookspecs`); ``reward_funcs=["name", fn]`` (``--reward name`` in the CLI) mixes both.
 A reward model given as ``reward_model=REF`` (a result folder or registry ref) is scored with
-``finetune_sdk.load(REF).score(prompts, completions)``. With several rewards the total is their sum.
+``finetune_sdk.load(REF).score(prompts, completions)``. With several rewards the total is their sum, weighted by
+``reward_weights`` (TRL's name; 1.0 each by default).
 
 Example:
     >>> def contains_cat(prompts, completions, **columns):
@@ -71,13 +72,36 @@ def resolve_reward_functions(given: Sequence[Any] | None, host: Any) -> list[Rew
             for i, r in enumerate(rewards)]
 
 
+def reward_weights(options: Mapping[str, Any]) -> list[float]:
+    """``reward_weights`` as floats, one per reward (``reward_funcs`` in order, then ``reward_model``); 1.0 each when
+    unset. A wrong count or a non-number is a :class:`ConfigError`.
+
+    >>> reward_weights({"reward_funcs": ["a", "b"], "reward_model": None, "reward_weights": ["1", "0.5"]})
+    [1.0, 0.5]
+    """
+    count = len(options.get("reward_funcs") or ()) + (1 if options.get("reward_model") else 0)
+    given = options.get("reward_weights")
+    if given is None:
+        return [1.0] * count
+    try:
+        weights = [float(w) for w in given]
+    except (TypeError, ValueError):
+        raise ConfigError(f"reward_weights must be numbers, got {list(given)!r}") from None
+    if len(weights) != count or not all(math.isfinite(w) for w in weights):
+        raise ConfigError(f"reward_weights has {len(weights)} finite weight(s) for {count} reward(s) (reward_funcs "
+                          "in order, then reward_model): give one number per reward")
+    return weights
+
+
 def check_reward_sources(options: Mapping[str, Any], host: Any) -> None:
-    """Before any model loads: GRPO has at least one reward, every name is registered and the reward model exists."""
+    """Before any model loads: GRPO has at least one reward, every name is registered, the weights fit and the
+    reward model exists."""
     resolve_reward_functions(options.get("reward_funcs"), host)
     ref = options.get("reward_model")
     if not options.get("reward_funcs") and not ref:
         raise ConfigError("GRPO needs a reward: pass reward_funcs=[fn or registered name] (--reward NAME) and/or "
                           "reward_model=RESULT_OR_REF (--reward-model)")
+    reward_weights(options)
     if ref and not str(ref).startswith("hf://"):
         from finetune_sdk.loading import result_folder
         from finetune_sdk.manifest import read_manifest

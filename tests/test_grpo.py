@@ -127,10 +127,12 @@ def test_reward_functions_from_a_plugin_through_the_hook(install, word_model, tm
     contract.test_registered_as_a_function()
     contract.test_returns_one_finite_float_per_completion()
 
-    trainer = Trainer(word_model, technique="lora", output_dir=tmp_path / "run", reward_funcs=["has_cat"],
-                      max_steps=24, learning_rate=2e-2, **FAST)
+    trainer = Trainer(word_model, technique="lora", output_dir=tmp_path / "run", reward_funcs=["has_cat", "length"],
+                      reward_weights=[2.0, 0.0], max_steps=24, learning_rate=2e-2, **FAST)
     result = trainer.fit(TRAIN)
-    assert result.manifest["options"]["reward_funcs"] == ["has_cat"]
+    assert result.manifest["options"]["reward_funcs"] == ["has_cat", "length"]
+    for entry in (e for e in result.log_history if "reward" in e):  # the total is the weighted sum
+        assert entry["reward"] == pytest.approx(2 * entry["rewards/has_cat"]) and entry["rewards/length"] > 0
     assert greedy_reward(trainer) >= 0.9
     with pytest.raises(ConfigError, match="unknown reward 'has_cats'.*has_cat"):
         Trainer(word_model, output_dir=tmp_path / "typo", reward_funcs=["has_cats"], **FAST).fit(TRAIN)
@@ -198,6 +200,8 @@ def test_grpo_without_a_reward_or_with_a_missing_reward_model_is_refused_before_
         Trainer(word_model, output_dir=tmp_path / "b", reward_model=str(tmp_path / "no-such-rm"), **FAST).fit(TRAIN)
     with pytest.raises(ConfigError, match="option 'num_generations' must be at least 2"):
         Trainer(word_model, reward_funcs=[has_cat], num_generations=1)
+    with pytest.raises(ConfigError, match=r"reward_weights has 2 finite weight\(s\) for 1 reward\(s\)"):
+        Trainer(word_model, output_dir=tmp_path / "d", reward_funcs=[has_cat], reward_weights=[1, 2], **FAST).fit(TRAIN)
     with pytest.raises(ConfigError, match="max_length .* must exceed max_completion_length"):
         Trainer(word_model, output_dir=tmp_path / "c", reward_funcs=[has_cat],
                 **{**FAST, "max_completion_length": 64}).fit(TRAIN)
