@@ -121,14 +121,16 @@ class KTOCollator:
 
 
 def kto_loss(policy: Any, reference: Any, kl_policy: Any, kl_reference: Any, desirable: Any, beta: float,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[Any, Any, Any]:
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             across_processes: bool = False) -> tuple[Any, Any, Any]:
     """(mean loss, per-row log-ratios ``[B]``, KL estimate) from summed log-probs ``[B]`` of the matched rows
     (``policy``/``reference``) and of the mismatched pairs (``kl_policy``/``kl_reference``); ``desirable`` is
-    bool ``[B]``. The KL estimate is detached, clamped at 0 and averaged over processes when distributed."""
+    bool ``[B]``. The KL estimate is detached and clamped at 0; with ``across_processes`` (training) it is
+    averaged over the processes of a distributed run first, as TRL does."""
     import torch
 
     kl = (kl_policy - kl_reference).mean().detach()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if across_processes and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(kl)
         kl = kl / torch.distributed.get_world_size()
     kl = kl.clamp(min=0)
@@ -211,7 +213,9 @@ def evaluate_kto(model: Any, encoded: Encoded, pad_token_id: int, options: Mappi
 
 def kto_trainer_class() -> type:
     """A transformers ``Trainer`` whose loss is KTO's (built lazily so importing this module stays light); set
-    ``beta``, ``desirable_weight`` and ``undesirable_weight`` on the returned class."""
+    ``beta``, ``desirable_weight`` and ``undesirable_weight`` on the returned class. Each training log entry also
+    gets ``kto_margin`` (mean log-ratio of the desirable rows minus that of the undesirable ones since the last
+    log) and ``kto_kl`` (the mean KL estimate), as TRL logs ``rewards/margins`` and ``kl``."""
     from transformers import Trainer as HFTrainer
 
     class KTOTrainer(HFTrainer):
@@ -229,8 +233,29 @@ def kto_trainer_class() -> type:
             policy = _logps(model, inputs)
             loss, logratios, kl = kto_loss(policy, inputs["ref_logps"], kl_policy, inputs["ref_kl_logps"],
                                            inputs["desirable"], self.beta, self.desirable_weight,
-                                           self.undesirable_weight)
+                                           self.undesirable_weight, across_processes=True)
+            if model.training:
+                self._record(logratios.detach(), inputs["desirable"], kl)
             return (loss, {"logratios": logratios, "kl": kl}) if return_outputs else loss
+
+        def _record(self, logratios, desirable, kl):
+            sums = self.__dict__.setdefault("_kto_sums", [0.0, 0, 0.0, 0, 0.0, 0])
+            sums[0] += float(logratios[desirable].sum())
+            sums[1] += int(desirable.sum())
+            sums[2] += float(logratios[~desirable].sum())
+            sums[3] += int((~desirable).sum())
+            sums[4] += float(kl)
+            sums[5] += 1
+
+        def log(self, logs, start_time=None):
+            sums = self.__dict__.pop("_kto_sums", None)
+            if sums and "loss" in logs:
+                if sums[1] and sums[3]:
+                    logs["kto_margin"] = sums[0] / sums[1] - sums[2] / sums[3]
+                logs["kto_kl"] = sums[4] / sums[5]
+            elif sums:
+                self._kto_sums = sums  # an evaluation's log: keep collecting for the next training log
+            return super().log(logs, start_time)
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             import torch

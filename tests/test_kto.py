@@ -47,6 +47,9 @@ def test_kto_raises_the_held_out_margin_of_desirable_over_undesirable(tiny_model
     assert held_out_baseline(tiny_models("llama"), technique, trainer.options)["kto_margin"] == 0.0
     assert m["kto_margin"] > 1.0, m  # log pi/pi_ref of desirable minus undesirable, in nats, on unseen prompts
     assert m["eval_loss"] < 0.45 and m["eval_rows_scored"] == 6 and m["eval_rows_skipped"] == 0, m
+    logged = [entry for entry in result.log_history if "loss" in entry]
+    assert logged and all("kto_kl" in entry and entry["kto_kl"] >= 0 for entry in logged)
+    assert logged[-1]["kto_margin"] > 0  # training batches: desirable completions gained on undesirable ones
 
 
 def test_a_policy_that_never_moves_has_margin_zero_and_the_loss_at_zero_log_ratios(tiny_models, tmp_path):
