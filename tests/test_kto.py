@@ -100,8 +100,9 @@ def test_one_label_only_is_refused_and_imbalance_warns(tiny_models, tmp_path, ca
 
 
 @pytest.mark.parametrize("line, field", [
-    ({"prompt": "hi", "completion": "yo", "label": "yes"}, "column 'label' must be bool, got str"),
-    ({"prompt": "hi", "completion": "yo", "label": 1}, "column 'label' must be bool, got int"),
+    ({"prompt": "hi", "completion": "yo", "label": "yes"}, "column 'label' must be true (desirable) or false (undesirable), a JSON boolean, got str 'yes'"),
+    ({"prompt": "hi", "completion": "yo", "label": 1}, "got int 1"),
+    ({"prompt": "hi", "completion": "yo", "label": None}, "'label' must be true (desirable) or false (undesirable)"),
     ({"prompt": "hi", "label": True}, "needs columns (prompt, completion, label); this row has label, prompt"),
 ])
 def test_bad_rows_are_one_line_naming_file_line_and_field(tiny_models, tmp_path, line, field):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from finetune_sdk.errors import DataError
 from finetune_sdk.formatter import KTO, Formatter, Segment
 from finetune_sdk.plugins.formatters.chat import ChatMLFormatter, ChatTemplateFormatter
 
@@ -35,6 +36,13 @@ class KTOFormatter(Formatter):
         "prompt": (str,), "completion": (str,), "label": (bool,), "system": (str,)}
     example: ClassVar[Mapping[str, Any]] = {"prompt": "Is the sky blue?", "completion": "Yes, on a clear day.",
                                             "label": True}
+
+    def validate(self, row: Mapping[str, Any], where: str) -> None:
+        if "label" in row and not isinstance(row["label"], bool):  # null too: a rating left empty is no rating
+            hint = " (CSV cells are text: write KTO rows as JSONL or Parquet)" if isinstance(row["label"], str) else ""
+            raise DataError(f"{where}: column 'label' must be true (desirable) or false (undesirable), a JSON "
+                            f"boolean, got {type(row['label']).__name__} {row['label']!r}{hint}")
+        super().validate(row, where)
 
     def _chat(self, tokenizer: Any) -> Formatter:
         return ChatTemplateFormatter() if getattr(tokenizer, "chat_template", None) else ChatMLFormatter()
