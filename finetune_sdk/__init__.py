@@ -21,8 +21,8 @@ from finetune_sdk.hookspecs import hookimpl
 prefer_passive_waits()
 
 __version__ = "0.1.0"
-__all__ = ["FinetuneError", "FitResult", "Stage", "Task", "Trainer", "__version__", "advise", "export", "hookimpl",
-           "load", "merge"]
+__all__ = ["FinetuneError", "FitResult", "Stage", "Task", "Trainer", "__version__", "advise", "collect_feedback",
+           "export", "hookimpl", "load", "merge"]
 
 if TYPE_CHECKING:
     from finetune_sdk.result import FitResult
@@ -58,6 +58,14 @@ def advise(model: Any, **kwargs: Any) -> Any:
     from finetune_sdk.advisor import advise as _advise
 
     return _advise(model, **kwargs)
+
+
+def collect_feedback(model: Any, prompts: Any, out: Any, **kwargs: Any) -> Any:
+    """Rate a model's sampled answers (thumbs up/down, or the better of two) into a ratings file that trains with
+    KTO, DPO or SFT as it is; see :func:`finetune_sdk.feedback.collect_feedback`."""
+    from finetune_sdk.feedback import collect_feedback as _collect_feedback
+
+    return _collect_feedback(model, prompts, out, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

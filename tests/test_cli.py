@@ -121,7 +121,7 @@ finally:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["plugins"], ["plugins", "--json"], ["train", "--help"],
-                                  ["registry", "list"], ["registry", "--help"]])
+                                  ["registry", "list"], ["registry", "--help"], ["feedback", "--help"]])
 def test_startup_imports_no_torch(args, tmp_path):
     env = {**os.environ, "FINETUNE_SDK_REGISTRY": str(tmp_path / "registry")}
     proc = subprocess.run([sys.executable, "-c", PROBE.format(args=args)], capture_output=True, text=True,

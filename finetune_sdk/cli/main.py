@@ -11,6 +11,7 @@ from finetune_sdk.cli.advise_command import advise_command
 from finetune_sdk.cli.errors import FinetuneGroup
 from finetune_sdk.cli.export_command import export_command
 from finetune_sdk.cli.federated_commands import federated_group
+from finetune_sdk.cli.feedback_command import feedback_command
 from finetune_sdk.cli.inference_commands import eval_command, generate_command, predict_command
 from finetune_sdk.cli.merge_command import merge_command
 from finetune_sdk.cli.plugins_command import plugins_command
@@ -39,6 +40,7 @@ cli.add_command(train_command)
 cli.add_command(eval_command)
 cli.add_command(generate_command)
 cli.add_command(predict_command)
+cli.add_command(feedback_command)
 cli.add_command(plugins_command)
 cli.add_command(registry_group)
 cli.add_command(merge_command)
