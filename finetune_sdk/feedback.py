@@ -96,7 +96,8 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
         temperature: sampling temperature; ``0`` is greedy (thumbs mode only: pairwise needs two answers).
         seed: each prompt's answers are sampled with a seed made from ``seed``, the prompt and its occurrence, so
             the same prompt shows the same answers in every session; change it for new answers.
-        formatter: override the formatter recorded with a result (it wraps the prompts as in training).
+        formatter: override the formatter recorded with a result (it wraps the prompts as in training); on a loaded
+            model this sets its ``formatter``.
         trust_remote_code: let the model repository's own Python code run (only when ``model`` is a path or ref).
 
     Returns:
@@ -187,8 +188,8 @@ def sample_answers(model: Any, prompt: str, count: int, *, seed: int, max_new_to
     import torch
 
     options: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}
-    if temperature > 0:
-        options.update(temperature=temperature, top_p=1.0, top_k=0)
+    if temperature > 0:  # top_k/top_p stay as the model's generation config sets them
+        options["temperature"] = temperature
     with torch.random.fork_rng(devices=_cuda_devices(torch)):
         torch.manual_seed(seed)
         answers = model.generate([prompt] * count, **options)

@@ -1,5 +1,6 @@
 """The filesystem rules in one place: atomic writes (a file or folder appears whole or not at all), the SDK's cache
-root and file hashing. Every file the SDK writes goes through :func:`atomic_path` or :func:`staged_directory`."""
+root and file hashing. Every file the SDK writes goes through :func:`atomic_path` or :func:`staged_directory`, except
+the ratings files ``finetune feedback`` appends to one fsynced row at a time (:mod:`finetune_sdk.ratings_file`)."""
 
 from __future__ import annotations
 

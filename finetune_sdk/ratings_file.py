@@ -48,7 +48,8 @@ class RowShape:
         return f"{self.name} ({', '.join(self.columns)})"
 
 
-KTO_ROWS = RowShape("thumbs ratings", ("prompt", "completion", "label"), (str, str, bool), "kto", "use it with mode thumbs")
+KTO_ROWS = RowShape("thumbs ratings", ("prompt", "completion", "label"), (str, str, bool), "kto",
+                    "use it with mode thumbs")
 PREFERENCE_ROWS = RowShape("preference pairs", ("prompt", "chosen", "rejected"), (str, str, str), "preference",
                            "use it with mode pairwise")
 SFT_ROWS = RowShape("edited answers", ("prompt", "completion"), (str, str), "chatml",

@@ -193,6 +193,22 @@ def test_python_api_pairwise_with_edits_and_bad_answers_from_ask(base_model, tmp
     assert len(rows(out)) == 1  # nothing written for a refused answer
 
 
+class SameAnswer:
+    """A model that gives the same answer however often it is sampled."""
+
+    task = "causal-lm"
+
+    def generate(self, prompts, **options):
+        return ["four."] * len(prompts)
+
+
+def test_a_pair_of_identical_answers_is_skipped_not_asked(tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    summary = collect_feedback(SameAnswer(), PROMPTS[:2], out, mode="pairwise", ask=lambda p, a: pytest.fail(p))
+    assert (summary.skipped, summary.rated, summary.out_rows) == (2, 0, 0)
+    assert not out.exists()  # the file this session created and left empty is gone
+
+
 NOT_A_MODEL = object()  # the checks below come before any model is loaded
 
 
