@@ -68,8 +68,11 @@ def test_pairwise_session_writes_preference_rows_that_train_with_dpo_and_edits_t
     pairs, edits = rows(out), rows(sft)
     assert [list(r) for r in pairs] == [["prompt", "chosen", "rejected"]] * 2
     assert [r["prompt"] for r in pairs] == [PROMPTS[0], PROMPTS[2]]
-    assert all(r["chosen"] != r["rejected"] and r["chosen"] in result.output and r["rejected"] in result.output
-               for r in pairs)
+    shown = []  # the same model, prompts and seed from Python: the answers the terminal showed, in its order
+    collect_feedback(str(llama_dir), prompts_file, tmp_path / "unused.jsonl", mode="pairwise", formatter="chatml",
+                     max_new_tokens=6, ask=lambda prompt, answers: shown.append(answers) or SKIP)
+    assert [(r["chosen"], r["rejected"]) for r in pairs] == [(shown[0][1], shown[0][0]), (shown[2][0], shown[2][1])]
+    assert all(r["chosen"] != r["rejected"] for r in pairs)
     assert edits == [{"prompt": PROMPTS[1], "completion": "three plus one is four."}]
     assert "2 ratings appended" in result.output and "1 written answer" in result.output
     assert train(runner, llama_dir, out, "preference", tmp_path / "dpo")["objective"] == "dpo"
