@@ -112,6 +112,7 @@ def _answer(proc: subprocess.Popen, key: str) -> None:
     proc.stdin.flush()
 
 
+@pytest.mark.slow  # two sessions in subprocesses (~10 s idle)
 def test_sigkill_mid_session_loses_at_most_the_current_rating_and_a_rerun_resumes(runner, llama_dir, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
