@@ -112,12 +112,16 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
     given. A prompt is done when ``out`` or ``sft_out`` holds a row for it, so a second session on the same files
     asks only the rest (a prompt listed *n* times is asked until it has *n* rows).
 
-    Example:
-        >>> import finetune_sdk  # doctest: +SKIP
-        >>> model = finetune_sdk.load("runs/support")  # doctest: +SKIP
-        >>> finetune_sdk.collect_feedback(model, ["How do I reset my password?"], "ratings.jsonl",
-        ...                               ask=lambda prompt, answers: "password" in answers[0])  # doctest: +SKIP
-        FeedbackSummary(out=PosixPath('ratings.jsonl'), ..., rated=1, ...)
+    Example (a tiny untrained model, and an ``ask`` that likes short answers):
+        >>> import json, pathlib, tempfile
+        >>> from finetune_sdk.testing.tiny import save_tiny_model
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> model = save_tiny_model(folder / "model")
+        >>> summary = collect_feedback(model, ["Is the sky blue?", "Name a colour."], folder / "ratings.jsonl",
+        ...                            formatter="chatml", max_new_tokens=4, ask=lambda prompt, answers:
+        ...                            len(answers[0]) < 12)
+        >>> summary.rated, summary.out_rows, list(json.loads((folder / "ratings.jsonl").read_text().splitlines()[0]))
+        (2, 2, ['prompt', 'completion', 'label'])
     """
     shape = _check_options(mode, max_new_tokens, temperature, seed)
     prompt_list = read_prompts(prompts)
@@ -126,8 +130,8 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
         session = _Session(prompt_list, ratings, edits, ask, mode)
         pending = session.pending()
         session.note(f"{len(pending)} of {len(prompt_list)} prompts to rate"
-                     + (f" ({len(prompt_list) - len(pending)} already in {out_path.name})" if
-                        len(pending) < len(prompt_list) else ""))
+                     + (f" ({len(prompt_list) - len(pending)} already rated)" if len(pending) < len(prompt_list)
+                        else ""))
         if pending:
             loaded = _open_model(model, formatter, trust_remote_code)
             session.run(pending, lambda prompt, number, count: sample_answers(

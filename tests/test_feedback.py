@@ -132,7 +132,7 @@ def test_sigkill_mid_session_loses_at_most_the_current_rating_and_a_rerun_resume
     # 2: killed the moment a rating is given: that rating is whole or missing (a torn row is cut next time)
     proc = _session(llama_dir, prompts_file, out, log)
     _wait_for(lambda: "prompt 1" in log.read_text(errors="replace"), "the resumed prompt", proc)
-    assert "3 of 5 prompts to rate (2 already in ratings.jsonl)" in log.read_text()
+    assert "3 of 5 prompts to rate (2 already rated)" in log.read_text()
     _answer(proc, "u")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
