@@ -97,8 +97,10 @@ def test_lora_backbone_learns_the_preference_and_reloads(tmp_path, tiny_models):
     assert finetune_sdk.load(result.output_dir).score(prompts, completions) == pytest.approx(expected, abs=1e-5)
 
 
-def test_registry_ref_scores_like_the_folder(frozen, tmp_path):
+@pytest.mark.usefixtures("hub_online")
+def test_registry_and_hub_refs_score_like_the_folder(frozen, tmp_path, monkeypatch):
     from finetune_sdk.registry import Registry
+    from tests.hub_server import HubTestServer
 
     _, result = frozen
     registry = Registry(tmp_path / "registry")
@@ -108,6 +110,37 @@ def test_registry_ref_scores_like_the_folder(frozen, tmp_path):
     expected = finetune_sdk.load(result.output_dir).score(prompts, completions)
     for ref in ("helpful-rm@1", "helpful-rm@production"):
         assert finetune_sdk.load(ref, registry=registry).score(prompts, completions) == pytest.approx(expected)
+    with HubTestServer(tmp_path / "hub", tokens={"hf_test_rm"}) as hub:
+        monkeypatch.setenv("HF_TOKEN", "hf_test_rm")
+        registry.push("helpful-rm@1", "team/helpful-rm", endpoint=hub.url)
+        card = hub.read_file("team/helpful-rm", "README.md", "v1").decode()
+        assert "pipeline_tag: text-classification" in card and "model.score(" in card
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        fresh = Registry(tmp_path / "fresh")
+        pulled = finetune_sdk.load("hf://team/helpful-rm@v1", registry=fresh)
+        assert pulled.score(prompts, completions) == pytest.approx(expected)
+
+
+def test_compare_base_reports_the_untrained_head(frozen, tmp_path):
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in HELD_OUT))
+    out = CliRunner().invoke(cli, ["eval", str(frozen[1].output_dir), str(data), "--compare-base"])
+    assert out.exit_code == 0, out.output
+    assert "pairwise_accuracy" in out.output
+
+
+def test_a_4bit_backbone_with_lora_trains_and_reloads(tmp_path, tiny_models):
+    """QLoRA-style: the backbone loaded in NF4, LoRA adapters and the head trained; loaded again in 4-bit."""
+    out = tmp_path / "qrm"
+    trainer = Trainer(tiny_models("llama", hidden_size=96), technique="reward-model", formatter="preference",
+                      quantizer="nf4", backbone="lora", output_dir=out, learning_rate=1e-2, **FAST)
+    result = trainer.fit(TRAIN, eval_data=HELD_OUT)
+    assert result.metrics["pairwise_accuracy"] >= 0.9, result.metrics
+    prompts, completions = ["tell me about the cat"] * 2, ["cat indeed blue one.", "cat red blue one."]
+    loaded = finetune_sdk.load(out)
+    assert json.loads((out / "finetune_manifest.json").read_text())["quantizer"] == "nf4"
+    assert loaded.score(prompts, completions) == pytest.approx(trainer.current_model().score(prompts, completions),
+                                                               abs=1e-4)
 
 
 def test_feature_cache_and_full_forward_train_the_same_head(tmp_path, tiny_models):
