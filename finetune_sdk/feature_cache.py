@@ -34,7 +34,8 @@ def model_identity(source: Any) -> dict[str, Any]:
     return identity
 
 
-def compute_features(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int = 32) -> Any:
+def compute_features(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int = 32,
+                     what: str = "classifier features") -> Any:
     """Pooled backbone features ``[N, hidden]`` (float32, CPU) of every example, in order.
 
     Batches are formed from examples of similar length (sorted by length), so the backbone computes on little
@@ -51,7 +52,7 @@ def compute_features(model: Any, encoded: Encoded, pad_token_id: int, batch_size
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     model.eval()
     chunks = []
-    with torch.no_grad(), activity("classifier features: running the frozen backbone once", total=len(order),
+    with torch.no_grad(), activity(f"{what}: running the frozen backbone once", total=len(order),
                                    unit="examples") as step:
         for start in range(0, len(order), batch_size):
             batch = collate([examples[i] for i in order[start:start + batch_size]])
@@ -66,8 +67,8 @@ def compute_features(model: Any, encoded: Encoded, pad_token_id: int, batch_size
 
 
 def cached_features(model: Any, encoded: Encoded, pad_token_id: int, key: dict[str, Any],
-                    cache_dir: Path | None) -> tuple[Any, float, bool]:
-    """(features, seconds spent, whether they came from the cache)."""
+                    cache_dir: Path | None, what: str = "classifier features") -> tuple[Any, float, bool]:
+    """(features, seconds spent, whether they came from the cache); ``what`` names them in the progress line."""
     from safetensors.torch import save_file
 
     start = time.perf_counter()
@@ -76,7 +77,7 @@ def cached_features(model: Any, encoded: Encoded, pad_token_id: int, key: dict[s
         features = read_cached_features(path, len(encoded.examples))
         if features is not None:
             return features, time.perf_counter() - start, True
-    features = compute_features(model, encoded, pad_token_id)
+    features = compute_features(model, encoded, pad_token_id, what=what)
     if path is not None:
         with atomic_path(path, prefix=".features-") as tmp:
             save_file({"features": features.contiguous()}, str(tmp))

@@ -268,7 +268,8 @@ def side_features(run: Any, plan: Any, model: RewardModel, tokenizer: Any, encod
     key = {**feature_key(run, model), "formatter": plan.formatter_name, "data": fingerprint, "side": side,
            "system_prompt": run.options.get("system_prompt")}
     sequences = Encoded(examples=[ex[side] for ex in encoded.examples])
-    features, seconds, hit = cached_features(model, sequences, tokenizer.pad_token_id, key, cache_root() / "features")
+    features, seconds, hit = cached_features(model, sequences, tokenizer.pad_token_id, key, cache_root() / "features",
+                                             what=f"reward model features of the {side} answers")
     logging.getLogger("finetune_sdk").info("reward model features of %d %s answers: %s in %.1f s",
                                            len(sequences.examples), side,
                                            "read from the cache" if hit else "computed once", seconds)
