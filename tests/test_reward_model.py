@@ -242,3 +242,12 @@ def test_memory_estimate_and_advice_know_the_reward_model():
     assert advice.technique == "reward-model" and advice.options["backbone"] == "frozen"
     assert any("Bradley-Terry" in reason for reason in advice.reasons)
     assert "--technique reward-model" in advice.command() and "--backbone frozen" in advice.command()
+
+
+def test_center_rewards_coefficient_keeps_rewards_near_zero(frozen, tmp_path, tiny_models):
+    """TRL's centring term: the same run with center_rewards_coefficient has a mean reward nearer 0."""
+    plain = frozen[1].metrics
+    centred = Trainer(tiny_models("llama"), technique="reward-model", formatter="preference", learning_rate=3e-2,
+                      center_rewards_coefficient=0.5, output_dir=tmp_path / "c", **FAST).fit(TRAIN, HELD_OUT).metrics
+    assert abs(centred["mean_reward"]) < abs(plain["mean_reward"]) / 2, (centred, plain)
+    assert centred["pairwise_accuracy"] >= 0.9
