@@ -319,7 +319,7 @@ def _maybe_sft(path: Path | None) -> Any:
 
 def _open_model(model: Any, formatter: str | None, trust_remote_code: bool) -> Any:
     if isinstance(model, (str, PathLike)):
-        from finetune_sdk.cli.inference_commands import open_model
+        from finetune_sdk.loading import open_model
 
         model = open_model(str(model), formatter, trust_remote_code)
     elif formatter is not None:

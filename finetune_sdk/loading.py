@@ -9,7 +9,7 @@ from typing import Any
 
 from finetune_sdk.errors import FinetuneError
 from finetune_sdk.formatter import HEAD_TASKS
-from finetune_sdk.manifest import read_manifest
+from finetune_sdk.manifest import MANIFEST_NAME, read_manifest
 from finetune_sdk.models import (ModelSource, _first_line, ensure_pad_token, load_base_model, resolve_source,
                                  with_new_head)
 from finetune_sdk.plugin_manager import get_plugin_host
@@ -137,3 +137,32 @@ def load_base(ref: str | os.PathLike[str], *, registry: Any = None, trust_remote
     formatter = host.create("formatter", manifest["formatter"]) if manifest.get("formatter") else None
     return FineTunedModel(model, tokenizer, task=manifest["task"], formatter=formatter, options=options,
                           labels=labels)
+
+
+def is_result(ref: str) -> bool:
+    """True for a result folder or a registry reference (``name@...``, ``hf://...``, a published name)."""
+    if (Path(ref) / MANIFEST_NAME).is_file() or ref.startswith("hf://") or "@" in ref:
+        return True
+    if "/" in ref or Path(ref).exists():
+        return False
+    from finetune_sdk.registry import Registry
+    from finetune_sdk.registry.refs import NAME
+
+    return bool(NAME.match(ref)) and any(a["name"] == ref for a in Registry().list())
+
+
+def open_model(ref: str, formatter: str | None = None, trust_remote_code: bool = False) -> Any:
+    """A result folder or registry reference loads with ``finetune_sdk.load``; anything else is a base model."""
+    from finetune_sdk.log import quiet_third_party_output
+
+    quiet_third_party_output()
+    if is_result(ref):
+        model = load(ref, trust_remote_code=trust_remote_code)
+        if formatter:
+            from finetune_sdk.plugin_manager import get_plugin_host
+
+            model.formatter = get_plugin_host().create("formatter", formatter)
+        return model
+    from finetune_sdk.trainer import Trainer
+
+    return Trainer(ref, formatter=formatter, progress=False, trust_remote_code=trust_remote_code).current_model()

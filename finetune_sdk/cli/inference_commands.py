@@ -10,41 +10,10 @@ import click
 
 from finetune_sdk.cli.render import cell, console, metrics_table, short_path, titled_table
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.manifest import MANIFEST_NAME
-
-
-def is_result(ref: str) -> bool:
-    """True for a result folder or a registry reference (``name@...``, ``hf://...``, a published name)."""
-    if (Path(ref) / MANIFEST_NAME).is_file() or ref.startswith("hf://") or "@" in ref:
-        return True
-    if "/" in ref or Path(ref).exists():
-        return False
-    from finetune_sdk.registry import Registry
-    from finetune_sdk.registry.refs import NAME
-
-    return bool(NAME.match(ref)) and any(a["name"] == ref for a in Registry().list())
+from finetune_sdk.loading import is_result, open_model  # noqa: F401  (is_result: other commands import it here)
 
 
 TRUST_HELP = "let the model repository's own Python code run (never turned on by a result or a download)"
-
-
-def open_model(ref: str, formatter: str | None = None, trust_remote_code: bool = False) -> Any:
-    """A result folder or registry reference loads with ``finetune_sdk.load``; anything else is a base model."""
-    from finetune_sdk.log import quiet_third_party_output
-
-    quiet_third_party_output()
-    if is_result(ref):
-        from finetune_sdk.loading import load
-
-        model = load(ref, trust_remote_code=trust_remote_code)
-        if formatter:
-            from finetune_sdk.plugin_manager import get_plugin_host
-
-            model.formatter = get_plugin_host().create("formatter", formatter)
-        return model
-    from finetune_sdk.trainer import Trainer
-
-    return Trainer(ref, formatter=formatter, progress=False, trust_remote_code=trust_remote_code).current_model()
 
 
 def read_lines(items: tuple[str, ...], file: str | None, what: str) -> list[str]:
