@@ -8,6 +8,7 @@ of the training steps alone (the kernel's high-water mark is reset when training
 Loss: the training loss of the first step and the mean over the run (the same data, seed and precision).
 
     python benchmarks/bench_chunked_loss.py [--steps 4] [--rounds 3] [--dtype auto] [--batch 8] [--seq 512]
+                                            [--gradient-checkpointing]
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ trainer = Trainer(spec["model"], technique="lora", formatter="text", output_dir=
                   r=16, lora_alpha=32, target_modules="all-linear", max_length=spec["seq"],
                   per_device_train_batch_size=spec["batch"], max_steps=spec["steps"], logging_steps=1, save_steps=0,
                   learning_rate=2e-4, seed=0, chunked_loss=spec["chunked"],
+                  gradient_checkpointing=spec["gradient_checkpointing"],
                   **({} if spec["dtype"] == "auto" else {"dtype": spec["dtype"]}))
 get_plugin_host().pm.register(ResetPeakAtTrainBegin())
 result = trainer.fit(rows)
@@ -79,6 +81,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--dtype", default="auto", help="auto (the default precision) or float32/bfloat16")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass (then the logits are most of the peak)")
     parser.add_argument("--model", help="a model folder (default: SmolLM2-135M-Instruct from the GGUF)")
     args = parser.parse_args()
     here = Path(__file__).parent
@@ -92,7 +96,8 @@ def main() -> None:
     for i in range(args.rounds):
         for chunked in (False, True) if i % 2 == 0 else (True, False):
             spec = {"model": model, "out": str(work / f"{chunked}-{i}"), "steps": args.steps, "batch": args.batch,
-                    "seq": args.seq, "dtype": args.dtype, "chunked": chunked, "benchmarks": str(here)}
+                    "seq": args.seq, "dtype": args.dtype, "chunked": chunked, "benchmarks": str(here),
+                    "gradient_checkpointing": args.gradient_checkpointing}
             r = run(spec)
             results[chunked].append(r)
             print(f"round {i + 1} {'chunked' if chunked else 'plain':8} peak {r['peak'] / 2**20:7,.0f} MiB  "
@@ -106,7 +111,9 @@ def main() -> None:
     import torch
 
     print(f"\nLoRA r=16 all-linear on {Path(model).name}, batch {args.batch} x {args.seq} tokens packed, {args.steps} "
-          f"steps, dtype {args.dtype}, {args.rounds} rounds; CPU ({os.cpu_count()} cores), torch {torch.__version__}")
+          f"steps, dtype {args.dtype}, gradient checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}, {args.rounds} rounds; CPU ({os.cpu_count()} cores), "
+          f"torch {torch.__version__}")
     print("load averages (1/5/15 min) at start and after each round: "
           + "; ".join("/".join(f"{x:.2f}" for x in avg) for avg in load))
     print(f"{'':22}{'plain':>12}{'chunked':>12}{'chunked/plain':>15}")
