@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+
 def write_tls_files(folder: Path) -> dict[str, str]:
     """``{"ca": ca.pem, "cert": server.pem, "key": server.key}`` written in ``folder`` (EC P-256, valid a day)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -35,3 +36,19 @@ def write_tls_files(folder: Path) -> dict[str, str]:
     files["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                serialization.NoEncryption()))
     return {k: str(v) for k, v in files.items()}
+
+
+def write_supernode_keys(folder: Path, names: list[str]) -> dict[str, dict[str, str]]:
+    """``{name: {"private": name.key, "public": name.pub}}``: OpenSSH P-384 key pairs, as Flower's SuperNode
+    authentication takes them (``ssh-keygen -t ecdsa -b 384`` writes the same)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = {}
+    for name in names:
+        key = ec.generate_private_key(ec.SECP384R1())
+        private, public = folder / f"{name}.key", folder / f"{name}.pub"
+        private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption()))
+        public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                         serialization.PublicFormat.OpenSSH))
+        keys[name] = {"private": str(private), "public": str(public)}
+    return keys

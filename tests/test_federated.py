@@ -39,6 +39,12 @@ def as_pairs(clients):
     ({"dp": "server"}, "needs clipping_norm > 0"),
     ({"dp": "local", "clipping_norm": 1.0}, "dp must be None, 'server' or 'client'"),
     ({"local_epochs": 0}, "local_epochs must be > 0"),
+    ({"secure_aggregation": True, "dp": "server", "clipping_norm": 1.0}, "only sees the sum of the updates"),
+    ({"secure_aggregation": True, "dp": "client", "clipping_norm": 1.0}, "can't be combined with dp='client'"),
+    ({"secure_aggregation": True, "strategy": "fedavgm"}, "works with strategies fedavg, fedprox"),
+    ({"secure_aggregation": True, "min_fit_clients": 1}, "needs at least 2 clients in every round"),
+    ({"secure_aggregation": True, "secagg_num_shares": 2}, "secagg_num_shares as a count must be > 2"),
+    ({"secure_aggregation": True, "secagg_quantization_range": 2**40}, "secagg_quantization_range must be"),
 ])
 def test_bad_settings_are_one_line_errors(settings, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -278,3 +284,69 @@ def test_checkpoint_is_replaced_every_round_and_foreign_files_are_refused(tmp_pa
     with pytest.raises(ConfigError, match="holds files a federated checkpoint doesn't"):
         save_checkpoint(tmp_path, arrays, {"round": 3, "array_names": ["w"]})
     assert (tmp_path / "checkpoint" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_secure_aggregation_equals_weighted_fedavg_within_the_quantization_bound(llama_dir, tmp_path):
+    """SecAgg+ (Flower's SecAggPlusWorkflow + secaggplus_mod): the new global adapter is FedAvg's example-weighted
+    mean within the stated quantization bound, and the server never receives a client's parameters, only masked
+    integer vectors."""
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from finetune_sdk.federated.rounds import FederatedServer
+    from finetune_sdk.federated.secure_aggregation import quantization_error_bound
+    from finetune_sdk.testing.federated import InProcessGrid
+
+    clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
+    with open(clients["clinic-b"]["train"], encoding="utf-8") as handle:
+        rows = handle.read()
+    with open(clients["clinic-b"]["train"], "a", encoding="utf-8") as handle:
+        handle.write(rows)  # clinic-b has twice clinic-a's examples: weighting matters
+    clients = as_pairs(clients)
+
+    def run(name, **settings):
+        job = make_job(llama_dir, tmp_path / name, clients, local_steps=2, fraction_evaluate=0, **settings)
+        grid = InProcessGrid(clients, job.to_run_config())
+        server = FederatedServer(job, grid)
+        manifest = server.run()
+        return server.arrays, grid, manifest
+
+    plain, plain_grid, _ = run("plain")
+    secure, secure_grid, manifest = run("secure", secure_aggregation=True)
+
+    local = [reply.content["arrays"] for reply in plain_grid.replies if "arrays" in reply.content]
+    examples = [int(reply.content["metrics"]["num-examples"]) for reply in plain_grid.replies
+                if "arrays" in reply.content]
+    assert sorted(examples) == [4, 8]
+    entry = manifest["federated"]["history"][0]
+    settings = FederatedSettings(secure_aggregation=True)
+    bound = quantization_error_bound(examples, settings)
+    assert entry["secure_aggregation"]["max_quantization_error"] == pytest.approx(bound)
+    assert 0 < bound < 1e-3
+    worst_weighted = worst_unweighted = 0.0
+    for name in plain.keys():
+        unweighted = (local[0][name].numpy() + local[1][name].numpy()) / 2
+        worst_weighted = max(worst_weighted, float(np.abs(secure[name].numpy() - plain[name].numpy()).max()))
+        worst_unweighted = max(worst_unweighted, float(np.abs(secure[name].numpy() - unweighted).max()))
+    assert worst_weighted <= bound + 1e-6  # FedAvg's weighted mean, within the quantization bound
+    assert worst_unweighted > 10 * bound  # and not the unweighted one: the example weights went through SecAgg+
+
+    masked_vectors = 0
+    for reply in secure_grid.replies:
+        assert all(len(record) == 0 for record in reply.content.array_records.values()), "parameters in clear"
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS, {})
+        if Key.MASKED_PARAMETERS in configs:
+            vector = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
+            assert all(v.dtype.kind in "iu" for v in vector)  # integers, not float parameters
+            assert max(int(v.max()) for v in vector if v.size) > settings.secagg_quantization_range  # masked
+            masked_vectors += 1
+    assert masked_vectors == 2
+    record = manifest["federated"]["secure_aggregation"]
+    assert record["quantization_range"] == 2**22 and record["clipping_range"] == 1.0
+    for client in entry["clients"].values():
+        assert "update_norm" not in client and client["bytes_sent"] > 0 and client["train_steps"] == 2
+
+    # a weighted update beyond the clipping range is refused by the client, never clipped silently
+    with pytest.raises(FinetuneError, match="secure aggregation halted.*ValueError: raise secagg_clipping_range"):
+        run("too-small-range", secure_aggregation=True, secagg_clipping_range=1e-9)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -19,6 +21,20 @@ from tests.federated_data import write_clients
     (["federated", "server", "-m", "x", "-o", "out"], "needs TLS"),
     (["federated", "client", "--server", "127.0.0.1:1", "--data", "{data}"], "needs --root-certificates"),
     (["federated", "client", "--server", "127.0.0.1:1", "--data", "{bad}", "--insecure"], "line 1"),
+    (["federated", "client", "--server", "127.0.0.1:1", "--data", "{data}", "--insecure", "--auth-key", "{data}"],
+     "--auth-key needs TLS"),
+    (["federated", "client", "--server", "127.0.0.1:1", "--data", "{data}", "--root-certificates", "{data}",
+      "--auth-key", "{data}"], "not an unencrypted OpenSSH private key"),
+    (["federated", "server", "-m", "x", "-o", "out", "--insecure", "--enable-supernode-auth"],
+     "SuperNode authentication needs TLS"),
+    (["federated", "server", "-m", "x", "-o", "out", "--insecure", "--supernode-public-key", "{data}"],
+     "SuperNode authentication needs TLS"),
+    (["federated", "server", "-m", "x", "-o", "out", "--ssl-certfile", "{data}", "--ssl-keyfile", "{data}",
+      "--ssl-ca-certfile", "{data}", "--supernode-public-key", "{data}"], "not an OpenSSH public key"),
+    (["federated", "server", "-m", "x", "-o", "out", "--insecure", "--secure-aggregation", "--dp", "server",
+      "--clipping-norm", "1"], "only sees the sum of the updates"),
+    (["federated", "server", "-m", "x", "-o", "out", "--insecure", "--secure-aggregation", "--secagg-num-shares",
+      "many"], "--secagg-num-shares must be a count"),
 ])
 def test_bad_federated_input_is_one_line_exit_2(args, message, tmp_path):
     (tmp_path / "ok.jsonl").write_text('{"text": "hi"}\n')
@@ -54,38 +70,109 @@ def test_advise_recommends_federated_when_data_cannot_leave_its_owners(llama_dir
     assert result.exit_code == 0 and json.loads(result.output)["federated"] is True
 
 
+FINETUNE = [sys.executable, "-m", "finetune_sdk"]
+
+
+def _wait_for_text(path, text, process, timeout=300.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and text in path.read_text(errors="replace"):
+            return
+        assert process.poll() is None, path.read_text(errors="replace")[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
 @pytest.mark.slow
-def test_server_and_clients_as_separate_commands_over_tls(llama_dir, tmp_path):
-    """The deployment path: `finetune federated server` and two `finetune federated client` processes, with the
-    TLS settings passed through to Flower's SuperLink and SuperNodes."""
+def test_server_and_clients_as_separate_commands_over_tls_with_supernode_auth(llama_dir, tmp_path):
+    """The deployment path: `finetune federated server` and `finetune federated client` processes, with the TLS
+    settings and Flower's SuperNode authentication passed through: the server registers the clients' public keys
+    with Flower; a client whose key was not registered is refused, the registered ones join."""
     pytest.importorskip("flwr")
     from finetune_sdk.federated.runtime import free_port
-    from tests.federated_tls import write_tls_files
+    from tests.federated_tls import write_supernode_keys, write_tls_files
 
     tls = write_tls_files(tmp_path / "tls")
+    keys = write_supernode_keys(tmp_path / "keys", ["clinic-a", "clinic-b", "intruder"])
     clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
     port = free_port()
     env = {**os.environ, "FINETUNE_SDK_REGISTRY": str(tmp_path / "registry")}
-    finetune = [sys.executable, "-m", "finetune_sdk"]
-    server = subprocess.Popen(finetune + ["federated", "server", "-m", str(llama_dir), "-f", "chatml", "-o",
-                                          str(tmp_path / "fed"), "--address", f"127.0.0.1:{port}",
-                                          "--ssl-certfile", tls["cert"], "--ssl-keyfile", tls["key"],
-                                          "--ssl-ca-certfile", tls["ca"], "--fraction-evaluate", "0",
-                                          "--rounds", "1", "--local-steps", "2", "--min-clients", "2",
-                                          "--learning-rate", "0.03", "--publish", "clinics"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    workers = [subprocess.Popen(finetune + ["federated", "client", "--server", f"127.0.0.1:{port}",
-                                            "--root-certificates", tls["ca"],
-                                            "--data", spec["train"], "--eval-data", spec["eval"], "--name", name],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-               for name, spec in clients.items()]
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(FINETUNE + [
+            "federated", "server", "-m", str(llama_dir), "-f", "chatml", "-o", str(tmp_path / "fed"),
+            "--address", f"127.0.0.1:{port}", "--ssl-certfile", tls["cert"], "--ssl-keyfile", tls["key"],
+            "--ssl-ca-certfile", tls["ca"], "--supernode-public-key", keys["clinic-a"]["public"],
+            "--supernode-public-key", keys["clinic-b"]["public"], "--fraction-evaluate", "0", "--rounds", "1",
+            "--local-steps", "2", "--min-clients", "2", "--learning-rate", "0.03", "--publish", "clinics"],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+
+    def client(name, key):
+        return FINETUNE + ["federated", "client", "--server", f"127.0.0.1:{port}", "--root-certificates", tls["ca"],
+                           "--data", clients["clinic-a"]["train"], "--name", name, "--auth-key", key]
+
+    workers = []
     try:
-        output, _ = server.communicate(timeout=900)
+        _wait_for_text(log, "federated run:", server)  # keys registered, run submitted
+        intruder = subprocess.run(client("intruder", keys["intruder"]["private"]), capture_output=True, text=True,
+                                  env=env, timeout=300)
+        refusal = intruder.stdout + intruder.stderr
+        assert intruder.returncode == 1 and "Exit Code: 305" in refusal and "SuperNode stopped" in refusal, refusal
+        for name, spec in clients.items():
+            args = client(name, keys[name]["private"])
+            args[args.index("--data") + 1] = spec["train"]
+            workers.append(subprocess.Popen(args + ["--eval-data", spec["eval"]], stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL, env=env))
+        server.wait(timeout=900)
+    finally:
+        for process in [server, *workers]:
+            process.terminate()
+            process.wait(60)
+    output = log.read_text()
+    assert server.returncode == 0, output[-3000:]
+    manifest = json.loads((tmp_path / "fed" / "finetune_manifest.json").read_text())
+    assert sorted(manifest["federated"]["history"][0]["clients"]) == ["clinic-a", "clinic-b"]
+    assert output.count("registered SuperNode public key") == 2
+    assert manifest["federated"]["history"][0]["version"] == "clinics@1"
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_resumes_through_the_cli(llama_dir, tmp_path):
+    """`finetune federated server` is killed (with its SuperLink and ServerApp) after round 1; the same command
+    with --resume continues at round 2 with the clients that stayed up, and round 1 is not run again."""
+    pytest.importorskip("flwr")
+    from finetune_sdk.federated.runtime import _signal_tree, free_port
+
+    clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
+    port = free_port()
+    server_args = FINETUNE + ["federated", "server", "-m", str(llama_dir), "-f", "chatml", "-o", str(tmp_path / "fed"),
+                              "--address", f"127.0.0.1:{port}", "--insecure", "--rounds", "2", "--local-steps", "1",
+                              "--min-clients", "2", "--fraction-evaluate", "0", "--round-timeout", "120",
+                              "--learning-rate", "0.03"]
+    workers = [subprocess.Popen(FINETUNE + ["federated", "client", "--server", f"127.0.0.1:{port}", "--insecure",
+                                            "--data", spec["train"], "--name", name],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for name, spec in clients.items()]
+    state = tmp_path / "fed.federated" / "checkpoint" / "state.json"
+    try:
+        with open(tmp_path / "first.log", "wb") as out:
+            first = subprocess.Popen(server_args, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while not state.is_file() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        _signal_tree(first.pid, signal.SIGKILL)  # the server machine dies: CLI, SuperLink and ServerApp
+        first.wait(60)
+        saved = json.loads(state.read_text())
+        assert saved["round"] == 1 and not (tmp_path / "fed").exists()
+
+        resumed = subprocess.run(server_args + ["--resume"], capture_output=True, text=True, timeout=900)
     finally:
         for worker in workers:
             worker.terminate()
             worker.wait(60)
-    assert server.returncode == 0, output
-    manifest = json.loads((tmp_path / "fed" / "finetune_manifest.json").read_text())
-    assert sorted(manifest["federated"]["history"][0]["clients"]) == ["clinic-a", "clinic-b"]
-    assert "clinics@1" in output or manifest["federated"]["history"][0]["version"] == "clinics@1"
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    history = json.loads((tmp_path / "fed" / "finetune_manifest.json").read_text())["federated"]["history"]
+    assert [entry["round"] for entry in history] == [1, 2]
+    assert history[0] == saved["history"][0]  # round 1 as checkpointed, not run again
+    assert sorted(history[1]["clients"]) == ["clinic-a", "clinic-b"]
+    assert not state.exists()

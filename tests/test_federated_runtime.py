@@ -184,3 +184,46 @@ def test_server_killed_after_a_round_resumes_from_its_checkpoint(llama_dir, tmp_
     assert versions[1].parent == versions[0].ref and versions[2].parent == versions[1].ref
     assert not state.exists()
     assert _processes_under(tmp_path) == []
+
+
+def test_qlora_federation_sends_only_the_adapter(llama_dir, tmp_path):
+    """QLoRA end to end on real processes: every client loads the base in 4-bit (bitsandbytes on CPU), trains the
+    LoRA adapter; only the adapter's float32 values travel, never the 4-bit base; the result loads as an
+    ordinary QLoRA adapter."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors import safe_open
+
+    clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
+    trainer = trainer_for(llama_dir, tmp_path / "fed", technique="qlora")
+    result = trainer.fit_federated(clients, rounds=1, local_steps=1, fraction_evaluate=0, round_timeout=300)
+
+    assert result.manifest["technique"] == "qlora" and result.manifest["quantizer"] is not None
+    adapter = result.metrics["trainable_parameters"] * 4
+    assert 0 < result.metrics["trainable_parameters"] < result.metrics["total_parameters"]
+    with safe_open(str(result.output_dir / "adapter_model.safetensors"), "np") as saved:
+        names = list(saved.keys())
+    assert names and all("lora_" in name for name in names)
+    for name, entry in result.manifest["federated"]["history"][0]["clients"].items():
+        assert adapter <= entry["bytes_sent"] <= adapter + NPY_HEADER_BYTES * len(names), name
+        assert entry["bytes_received"] == entry["bytes_sent"]
+    loaded = finetune_sdk.load(result.output_dir)
+    assert loaded.generate("What colour is the Quillmere flag?", max_new_tokens=2) is not None
+
+
+def test_secure_aggregation_over_real_processes(llama_dir, tmp_path):
+    """SecAgg+ on Flower's deployment runtime: the protocol's four stages reach each client's ClientApp processes
+    (its keys and shares kept in the SuperNode's context between them) and the run completes; the server records
+    the protocol's settings and the quantization bound, and no per-client update."""
+    clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
+    result = trainer_for(llama_dir, tmp_path / "fed").fit_federated(
+        clients, rounds=1, local_steps=1, fraction_evaluate=0, round_timeout=300, secure_aggregation=True)
+    federated = result.manifest["federated"]
+    assert federated["secure_aggregation"]["protocol"].startswith("SecAgg+")
+    entry = federated["history"][0]
+    assert sorted(entry["clients"]) == ["clinic-a", "clinic-b"] and entry["dropped"] == []
+    assert 0 < entry["secure_aggregation"]["max_quantization_error"] < 1e-3
+    assert entry["global_update_norm"] > 0  # the sum was unmasked and applied
+    adapter = result.metrics["trainable_parameters"] * 4
+    for client in entry["clients"].values():
+        assert "update_norm" not in client
+        assert client["bytes_sent"] > 2 * adapter  # masked int64 vectors: 8 bytes a value, plus keys and shares

@@ -55,6 +55,18 @@ def federated_group() -> None:
 @click.option("--noise-multiplier", type=float, default=0.0, help="DP Gaussian noise, in units of the clipping norm")
 @click.option("--clipping-norm", type=float, default=0.0, help="DP L2 bound on each client's update")
 @click.option("--target-delta", type=float, default=1e-5, show_default=True, help="delta epsilon is reported at")
+@click.option("--secure-aggregation", is_flag=True,
+              help="SecAgg+ (Flower): clients send masked, quantized updates; the server learns only their sum")
+@click.option("--secagg-num-shares", type=str, default="1.0", show_default=True,
+              help="SecAgg+ shares per client secret: a count > 2 or a fraction of the sampled clients")
+@click.option("--secagg-reconstruction-threshold", type=str, default="0.67", show_default=True,
+              help="SecAgg+ shares needed to unmask: a count or a fraction of the shares")
+@click.option("--secagg-clipping-range", type=float, default=1.0, show_default=True,
+              help="SecAgg+ bound on each weighted update coordinate (a client beyond it is refused)")
+@click.option("--secagg-quantization-range", type=int, default=2**22, show_default=True,
+              help="SecAgg+ integer levels over the clipping range (precision)")
+@click.option("--secagg-max-weight", type=float, default=1000.0, show_default=True,
+              help="SecAgg+ example count whose weight is 1")
 @click.option("--publish", "publish_as", help="publish every round's global adapter to the registry")
 @click.option("--resume", is_flag=True, help="continue after the last completed round of an interrupted run")
 @click.option("--insecure", is_flag=True, help="no TLS (loopback tests, trusted networks only)")
@@ -62,15 +74,21 @@ def federated_group() -> None:
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), help=TLS_HELP)
 @click.option("--ssl-ca-certfile", type=click.Path(exists=True, dir_okay=False), help=TLS_HELP)
 @click.option("--enable-supernode-auth", is_flag=True,
-              help="accept only SuperNodes whose public keys were registered (`flwr supernode register`)")
+              help="Flower's SuperNode authentication: admit only clients whose public key is registered (needs TLS)")
+@click.option("--supernode-public-key", "supernode_keys", multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="a client's OpenSSH EC public key, registered with Flower before the run (repeatable; implies "
+                   "--enable-supernode-auth)")
 @option_flags
 def server_command(model: str, technique: str, quantizer: str | None, formatter: str | None, output_dir: str,
                    address: str, rounds: int, strategy: str, min_clients: int, min_fit_clients: int | None,
                    fraction_fit: float, fraction_evaluate: float, local_epochs: float, local_steps: int, proximal_mu: float,
                    round_timeout: float, dp: str | None, noise_multiplier: float, clipping_norm: float,
-                   target_delta: float, publish_as: str | None, resume: bool, insecure: bool,
+                   target_delta: float, secure_aggregation: bool, secagg_num_shares: str,
+                   secagg_reconstruction_threshold: str, secagg_clipping_range: float, secagg_quantization_range: int,
+                   secagg_max_weight: float, publish_as: str | None, resume: bool, insecure: bool,
                    ssl_certfile: str | None, ssl_keyfile: str | None, ssl_ca_certfile: str | None,
-                   enable_supernode_auth: bool, **flags: Any) -> None:
+                   enable_supernode_auth: bool, supernode_keys: tuple[str, ...], **flags: Any) -> None:
     """Run the federated server: SuperLink on --address, the job submitted, the result saved to -o."""
     from finetune_sdk.federated.api import run_server
     from finetune_sdk.federated.settings import FederatedSettings
@@ -80,16 +98,27 @@ def server_command(model: str, technique: str, quantizer: str | None, formatter:
     tls = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile, "ssl_ca_certfile": ssl_ca_certfile}
     if not insecure and not all(tls.values()):
         raise ConfigError("the server needs TLS (--ssl-certfile, --ssl-keyfile and --ssl-ca-certfile) or --insecure")
+    from finetune_sdk.federated.node_auth import check_server_auth
+
+    check_server_auth(enable_supernode_auth, supernode_keys, insecure, tls)
     settings = FederatedSettings(rounds=rounds, strategy=strategy, fraction_fit=fraction_fit,
                                  fraction_evaluate=fraction_evaluate,
                                  min_fit_clients=min_fit_clients, min_available_clients=min_clients,
                                  local_epochs=local_epochs, local_steps=local_steps, proximal_mu=proximal_mu,
                                  round_timeout=round_timeout, dp=dp, noise_multiplier=noise_multiplier,
-                                 clipping_norm=clipping_norm, target_delta=target_delta).validate()
+                                 clipping_norm=clipping_norm, target_delta=target_delta,
+                                 secure_aggregation=secure_aggregation,
+                                 secagg_num_shares=count_or_fraction(secagg_num_shares, "--secagg-num-shares"),
+                                 secagg_reconstruction_threshold=count_or_fraction(
+                                     secagg_reconstruction_threshold, "--secagg-reconstruction-threshold"),
+                                 secagg_clipping_range=secagg_clipping_range,
+                                 secagg_quantization_range=secagg_quantization_range,
+                                 secagg_max_weight=secagg_max_weight).validate()
     trainer = Trainer(model, technique=technique, quantizer=quantizer, formatter=formatter, output_dir=output_dir,
                       publish_as=publish_as, progress=False, **{k: v for k, v in flags.items() if v is not None})
     result = run_server(trainer, settings, host=host, port=port, resume=resume, insecure=insecure,
-                        tls=None if insecure else tls, supernode_auth=enable_supernode_auth)
+                        tls=None if insecure else tls, supernode_auth=enable_supernode_auth,
+                        supernode_keys=list(supernode_keys))
     console().print(metrics_table(result.metrics, title="federated result"))
     console().print(f"saved to [bold]{result.output_dir}[/bold]")
 
@@ -103,7 +132,7 @@ def server_command(model: str, technique: str, quantizer: str | None, formatter:
 @click.option("--root-certificates", type=click.Path(exists=True, dir_okay=False),
               help="CA certificate that signed the server's TLS certificate")
 @click.option("--auth-key", type=click.Path(exists=True, dir_okay=False),
-              help="this SuperNode's private key, when the server runs with --enable-supernode-auth")
+              help="this client's OpenSSH EC private key, when the server admits only registered keys (needs TLS)")
 def client_command(server: str, data: str, eval_data: str | None, name: str | None, insecure: bool,
                    root_certificates: str | None, auth_key: str | None) -> None:
     """Run a federated client (a Flower SuperNode) until Ctrl-C; it serves the server's runs as they come."""
@@ -116,6 +145,13 @@ def client_command(server: str, data: str, eval_data: str | None, name: str | No
     split_address(server)
     if not insecure and not root_certificates:
         raise ConfigError("the client needs --root-certificates (the CA of the server's certificate) or --insecure")
+    if auth_key:
+        from finetune_sdk.federated.node_auth import check_private_key
+
+        if insecure:
+            raise ConfigError("--auth-key needs TLS (--root-certificates): Flower refuses SuperNode authentication "
+                              "over an insecure connection")
+        check_private_key(auth_key)
     load_rows(data, name="--data")  # a malformed file is reported here, before connecting
     if eval_data:
         load_rows(eval_data, name="--eval-data")
@@ -126,11 +162,15 @@ def client_command(server: str, data: str, eval_data: str | None, name: str | No
     console().print(f"client [bold]{client_name}[/bold] serving {server}; Ctrl-C to leave")
     signal.signal(signal.SIGTERM, _interrupt)  # stop the SuperNode in `finally`, not inside the handler
     try:
-        node.wait()
+        code = node.wait()
     except KeyboardInterrupt:
-        pass
+        code = 0
     finally:
         processes.stop()
+    if code:
+        raise click.ClickException(f"the Flower SuperNode stopped (exit status {code}); see Flower's message above "
+                                   "(its Exit Code 305: the server refused this client or could not be reached, e.g. "
+                                   "an --auth-key whose public key the server did not register)")
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -143,3 +183,11 @@ def split_address(address: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"address {address!r} is not HOST:PORT (e.g. 127.0.0.1:9092)")
     return host.strip("[]"), int(port)
+
+
+def count_or_fraction(text: str, flag: str) -> int | float:
+    """``"3"`` as the count 3, ``"0.5"`` as the fraction 0.5 (SecAgg+ takes either)."""
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise ConfigError(f"{flag} must be a count (e.g. 3) or a fraction (e.g. 0.5), got {text!r}") from None

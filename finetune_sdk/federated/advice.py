@@ -26,7 +26,8 @@ def federated_reasons(owners: int, est: Any, shape: Any) -> list[str]:
         "whole model; every round is logged with the bytes each owner sent and received",
         "model updates can still leak training examples to the server or other owners: add differential privacy "
         "(--dp client/server with --noise-multiplier and --clipping-norm; epsilon is recorded in the manifest) at "
-        "some cost in accuracy",
+        "some cost in accuracy, or secure aggregation (--secure-aggregation: Flower's SecAgg+, the server sees "
+        "only the sum of the updates) at some cost in traffic",
         "costs: several rounds of local training and traffic, and owners with very different data (non-IID) "
         "converge slower than pooled data would - FedProx (--strategy fedprox --proximal-mu 0.01) keeps local "
         "models close to the global one; if the data could be pooled legally, centralised training is simpler "

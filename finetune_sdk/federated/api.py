@@ -16,6 +16,8 @@ from finetune_sdk.federated.settings import FederatedSettings, require_flower
 from finetune_sdk.result import FitResult
 
 SETTING_NAMES = {f.name for f in fields(FederatedSettings)}
+#: The SuperLink's SQLite state beside a server's checkpoint (``finetune federated server`` only).
+SUPERLINK_DATABASE = "superlink.db"
 
 
 def normalise_clients(clients: Any, work_dir: Path) -> dict[str, tuple[str, str | None]]:
@@ -114,33 +116,50 @@ def fit_federated(trainer: Any, clients: Any, *, resume: bool = False, timeout: 
 
 def run_server(trainer: Any, config: FederatedSettings, *, host: str, port: int, resume: bool = False,
                insecure: bool = False, tls: dict[str, str | None] | None = None,
-               supernode_auth: bool = False) -> FitResult:
-    """``finetune federated server``: a SuperLink on ``host:port`` for clients on other machines, the job run."""
+               supernode_auth: bool = False, supernode_keys: list[str] | None = None) -> FitResult:
+    """``finetune federated server``: a SuperLink on ``host:port`` for clients on other machines, the job run.
+
+    ``supernode_auth`` starts the SuperLink with Flower's SuperNode authentication (TLS required) and
+    ``supernode_keys`` are the clients' public keys registered with it before the run (they imply it); see
+    :mod:`finetune_sdk.federated.node_auth`."""
+    from finetune_sdk.federated.node_auth import check_server_auth
     from finetune_sdk.federated.runtime import new_work_dir
 
     require_flower()
+    supernode_auth = check_server_auth(supernode_auth, supernode_keys or [], insecure, tls)
     _check_trainer(trainer, config)
     return run_federation(trainer, config, new_work_dir(), port=port, host=host, resume=resume, insecure=insecure,
-                          tls=tls, supernode_auth=supernode_auth)
+                          tls=tls, supernode_auth=supernode_auth, supernode_keys=supernode_keys,
+                          keep_superlink_state=True)
 
 
 def run_federation(trainer: Any, config: FederatedSettings, work_dir: Path, *, port: int, host: str = "127.0.0.1",
                    clients: dict[str, tuple[str, str | None]] | None = None, resume: bool = False,
                    insecure: bool = True, tls: dict[str, str | None] | None = None, supernode_auth: bool = False,
-                   timeout: float | None = None) -> FitResult:
-    """Start a SuperLink (and a SuperNode per local client), submit the job, wait for it, stop what was started."""
+                   supernode_keys: list[str] | None = None, timeout: float | None = None,
+                   keep_superlink_state: bool = False) -> FitResult:
+    """Start a SuperLink (and a SuperNode per local client), submit the job, wait for it, stop what was started.
+
+    ``keep_superlink_state`` keeps the SuperLink's state in ``<output_dir>.federated/superlink.db`` until the run
+    completes: remote clients outlive a server crash and reconnect to the restarted (``--resume``) server."""
     from finetune_sdk.federated.runtime import FlowerProcesses, node_config, wait_for_run, write_app
 
     job = _job(trainer, config, sorted(clients or {}), resume)
     processes = FlowerProcesses(work_dir)
     local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     address = f"{local}:{port}"
+    database = job.state_dir / SUPERLINK_DATABASE if keep_superlink_state else None
     try:
-        processes.superlink(port, host=host, insecure=insecure, tls=tls, supernode_auth=supernode_auth)
+        if database is not None:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        processes.superlink(port, host=host, insecure=insecure, tls=tls, supernode_auth=supernode_auth,
+                            database=database)
         for name, (train, evaluation) in (clients or {}).items():
             processes.supernode(name, address, node_config(name, train, evaluation))
-        processes.submit(write_app(work_dir / "app", job), address, insecure=insecure,
-                         root_certificates=(tls or {}).get("ssl_ca_certfile"))
+        processes.connect(address, insecure=insecure, root_certificates=(tls or {}).get("ssl_ca_certfile"))
+        for key in supernode_keys or []:
+            trainer.logger.info("registered SuperNode public key %s (node %s)", key, processes.register_supernode(key))
+        processes.submit(write_app(work_dir / "app", job))
         trainer.logger.info("federated run: %s, %d rounds, strategy %s (Flower SuperLink on %s:%d; logs in %s)",
                             f"{len(clients)} local clients" if clients else
                             f"waiting for {config.min_available_clients} clients", config.rounds, config.strategy,
@@ -152,6 +171,9 @@ def run_federation(trainer: Any, config: FederatedSettings, work_dir: Path, *, p
         raise
     processes.stop()
     shutil.rmtree(work_dir, ignore_errors=True)
+    if database is not None:  # the run completed: nothing left to resume (SQLite's -wal/-shm files included)
+        for path in database.parent.glob(SUPERLINK_DATABASE + "*"):
+            path.unlink(missing_ok=True)
     return _result(trainer, job)
 
 

@@ -15,12 +15,15 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.client.mod import secaggplus_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from finetune_sdk.federated.audit import install_open_audit
 from finetune_sdk.federated.client_training import ClientData, evaluate_global, train_round
 from finetune_sdk.federated.job import NODE_DATA, NODE_EVAL_DATA, NODE_NAME, FederatedJob
 from finetune_sdk.federated.privacy import UNIT_WEIGHT
+from finetune_sdk.federated.secure_aggregation import is_secure_round, secure_reply
 
 REPORT_KEY = "report"
 
@@ -44,15 +47,26 @@ def clip_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[clip_when_asked])
+def secure_aggregation_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's ``secaggplus_mod`` (SecAgg+ masking) for the messages of ``SecAggPlusWorkflow``."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[secure_aggregation_when_asked, clip_when_asked])
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train on this client's data from the global parameters; reply with the new trainable parameters."""
+    """Train on this client's data from the global parameters; reply with the new trainable parameters (or, in a
+    SecAgg+ round, with the update, which ``secaggplus_mod`` masks)."""
     client = client_data(context)
     install_open_audit(f"client-{client.name}")
     job = FederatedJob.from_run_config(context.run_config)
+    if is_secure_round(msg):
+        return secure_reply(msg, context, client.name, lambda arrays, config: train_round(
+            job, client, arrays, int(config["server-round"]), float(config.get("proximal-mu", 0.0))))
     config = msg.content["config"]
     update = train_round(job, client, msg.content["arrays"], int(config["server-round"]),
                          float(config.get("proximal-mu", 0.0)))

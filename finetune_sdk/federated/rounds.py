@@ -17,6 +17,7 @@ from finetune_sdk.errors import FinetuneError
 from finetune_sdk.federated.job import FederatedJob
 from finetune_sdk.federated.params import load_arrays, payload_bytes, trainable_arrays
 from finetune_sdk.federated.privacy import accountant_state, privacy_report, wrap_with_dp
+from finetune_sdk.federated.secure_aggregation import secure_aggregation_record
 from finetune_sdk.federated.server_state import (
     clear_checkpoint,
     load_checkpoint,
@@ -68,35 +69,67 @@ class FederatedServer:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from flwr.app import ConfigRecord
-
         self._wait_for_clients()
         for server_round in range(self.start_round, self.settings.rounds + 1):
             started = time.time()
-            messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
-            sent = {m.metadata.dst_node_id: payload_bytes(m.content["arrays"]) for m in messages}
-            replies = list(self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
-            valid = [r for r in replies if not r.has_error()]
-            for reply in valid:
-                self.names[reply.metadata.src_node_id] = str(reply.content[REPORT_KEY]["client"])
-            dropped = self._dropped(sent, valid, replies)
-            if len(valid) < (self.settings.min_fit_clients or 1):
-                raise FinetuneError(
-                    f"round {server_round}: only {len(valid)} of {len(sent)} sampled clients reported (dropped: "
-                    f"{', '.join(dropped) or 'none'}); min_fit_clients is {self.settings.min_fit_clients}")
-            norms = {r.metadata.src_node_id: update_norm(r.content["arrays"], self.arrays) for r in valid}
-            arrays, _ = self.strategy.aggregate_train(server_round, valid)
-            if arrays is None:
-                raise FinetuneError(f"round {server_round}: the strategy could not aggregate the updates")
+            train_round = self._secure_round if self.settings.secure_aggregation else self._plain_round
+            arrays, reports, dropped, extra = train_round(server_round)
             global_norm = update_norm(arrays, self.arrays)
             self.arrays = arrays
-            entry = self._round_entry(server_round, sent, valid, dropped, norms, time.time() - started)
-            entry["global_update_norm"] = global_norm
+            entry = self._round_entry(server_round, reports, dropped, time.time() - started)
+            entry.update(extra, global_update_norm=global_norm)
             self.history.append(entry)
             self._log_round(entry)
             self._save_round(entry)
         final_eval = self._final_evaluation()
         return self._finish(final_eval)
+
+    def _plain_round(self, server_round: int) -> tuple[Any, list[dict[str, Any]], list[str], dict[str, Any]]:
+        """Send the global parameters, receive each client's new ones, aggregate them with the strategy."""
+        from flwr.app import ConfigRecord
+
+        messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
+        sent = {m.metadata.dst_node_id: payload_bytes(m.content["arrays"]) for m in messages}
+        replies = list(self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+        valid = [r for r in replies if not r.has_error()]
+        for reply in valid:
+            self.names[reply.metadata.src_node_id] = str(reply.content[REPORT_KEY]["client"])
+        errors = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
+        dropped = self._dropped(list(sent), {r.metadata.src_node_id for r in valid}, errors)
+        self._require_enough(server_round, len(valid), len(sent), dropped)
+        reports = [{"node": r.metadata.src_node_id, "metrics": dict(r.content["metrics"]),
+                    "examples": int(r.content["metrics"]["num-examples"]),
+                    "formatter": str(r.content[REPORT_KEY].get("formatter") or ""),
+                    "bytes_received": sent[r.metadata.src_node_id], "bytes_sent": payload_bytes(r.content["arrays"]),
+                    "update_norm": update_norm(r.content["arrays"], self.arrays)} for r in valid]
+        arrays, _ = self.strategy.aggregate_train(server_round, valid)
+        if arrays is None:
+            raise FinetuneError(f"round {server_round}: the strategy could not aggregate the updates")
+        return arrays, reports, dropped, {"sampled": len(sent)}
+
+    def _secure_round(self, server_round: int) -> tuple[Any, list[dict[str, Any]], list[str], dict[str, Any]]:
+        """The same round through Flower's SecAgg+: the server receives only the weighted sum of the updates."""
+        from finetune_sdk.federated.secure_aggregation import secure_train_round
+
+        outcome = secure_train_round(self.grid, self.settings, server_round, self.arrays)
+        reports = []
+        for report in outcome.reports:
+            node, metrics = report["node"], report["metrics"]
+            self.names[node] = str(metrics.pop("client"))
+            reports.append({"node": node, "metrics": metrics, "examples": report["examples"],
+                            "formatter": str(metrics.pop("formatter", "")),
+                            "bytes_received": outcome.bytes_to.get(node, 0),
+                            "bytes_sent": outcome.bytes_from.get(node, 0)})
+        dropped = self._dropped(outcome.sampled, {r["node"] for r in reports}, outcome.errors)
+        self._require_enough(server_round, len(reports), len(outcome.sampled), dropped)
+        return outcome.arrays, reports, dropped, {
+            "sampled": len(outcome.sampled), "secure_aggregation": {"max_quantization_error": outcome.error_bound}}
+
+    def _require_enough(self, server_round: int, replied: int, sampled: int, dropped: list[str]) -> None:
+        if replied < (self.settings.min_fit_clients or 1):
+            raise FinetuneError(
+                f"round {server_round}: only {replied} of {sampled} sampled clients reported (dropped: "
+                f"{', '.join(dropped) or 'none'}); min_fit_clients is {self.settings.min_fit_clients}")
 
     def _wait_for_clients(self) -> None:
         wanted = self.settings.min_available_clients or 1
@@ -104,31 +137,23 @@ class FederatedServer:
             logger.info("waiting for clients: %d connected, %d wanted", len(list(self.grid.get_node_ids())), wanted)
             time.sleep(1)
 
-    def _dropped(self, sent: dict[int, int], valid: list[Any], replies: list[Any]) -> list[str]:
-        answered = {r.metadata.src_node_id for r in valid}
-        dropped = []
-        for node in sent:
-            if node not in answered:
-                error = next((r.error.reason for r in replies if r.metadata.src_node_id == node and r.has_error()),
-                             "no reply before round_timeout")
-                dropped.append(f"{self.names.get(node, f'node-{node}')} ({error.splitlines()[0][:120]})")
-        return dropped
+    def _dropped(self, sampled: list[int], answered: set[int], errors: dict[int, str]) -> list[str]:
+        """``"<client> (<reason>)"`` for every sampled client whose reply did not arrive or was an error."""
+        return [f"{self.names.get(node, f'node-{node}')} "
+                f"({errors.get(node, 'no reply before round_timeout').splitlines()[0][:120]})"
+                for node in sampled if node not in answered]
 
-    def _round_entry(self, server_round: int, sent: dict[int, int], valid: list[Any], dropped: list[str],
-                     norms: dict[int, float], seconds: float) -> dict[str, Any]:
+    def _round_entry(self, server_round: int, reports: list[dict[str, Any]], dropped: list[str],
+                     seconds: float) -> dict[str, Any]:
         clients: dict[str, Any] = {}
-        for reply in valid:
-            node = reply.metadata.src_node_id
-            name = self.names[node]
-            metrics = dict(reply.content["metrics"])
-            examples = int(metrics["num-examples"])
+        for report in reports:
+            name, metrics, examples = self.names[report["node"]], report["metrics"], report["examples"]
             self.examples[name] = examples
-            self.formatter = self.formatter or str(reply.content[REPORT_KEY].get("formatter") or "") or None
+            self.formatter = self.formatter or report["formatter"] or None
             clients[name] = {
-                "examples": examples, "bytes_received": sent[node],
-                "bytes_sent": payload_bytes(reply.content["arrays"]),
+                "examples": examples, "bytes_received": report["bytes_received"], "bytes_sent": report["bytes_sent"],
                 "train_loss": metrics["train_loss"], "train_steps": int(metrics["train_steps"]),
-                "update_norm": norms[node],
+                **({"update_norm": report["update_norm"]} if "update_norm" in report else {}),
                 **({"eval_loss": metrics["eval_loss"], "global_eval_loss_before": metrics["global_eval_loss"],
                     "eval_examples": int(metrics["eval_examples"])} if metrics["eval_examples"] else {}),
             }
@@ -138,7 +163,7 @@ class FederatedServer:
         traffic_up = sum(c["bytes_sent"] for c in clients.values())
         return {"round": server_round, "clients": clients, "dropped": dropped, "seconds": round(seconds, 3),
                 "bytes_to_clients": traffic_down, "bytes_from_clients": traffic_up,
-                "bytes_total": traffic_down + traffic_up, "sampled": len(sent)}
+                "bytes_total": traffic_down + traffic_up}
 
     def _log_round(self, entry: dict[str, Any]) -> None:
         line = round_summary(entry, self.settings.rounds)
@@ -214,7 +239,7 @@ class FederatedServer:
             "settings": {k: v for k, v in vars(self.settings).items() if k != "strategy_options"},
             "clients": {name: {"examples": n} for name, n in sorted(self.examples.items())},
             "privacy": privacy_report(self.strategy, self.settings),
-            "secure_aggregation": False, "runtime": f"flower {_flower_version()}",
+            "secure_aggregation": secure_aggregation_record(self.settings), "runtime": f"flower {_flower_version()}",
             "history": self.history,
         }
 
@@ -222,6 +247,7 @@ class FederatedServer:
         privacy = self.settings.privacy()
         clients = ",".join(f"{n}:{c['examples']}" for n, c in sorted(entry["clients"].items()))
         return ["federated", f"round={entry['round']}", f"strategy={self.settings.strategy}", f"clients={clients}",
+                f"secure_aggregation={'secagg+' if self.settings.secure_aggregation else 'off'}",
                 "dp=off" if privacy is None else
                 f"dp={privacy['mode']},noise_multiplier={privacy['noise_multiplier']},"
                 f"clipping_norm={privacy['clipping_norm']}"]

@@ -110,9 +110,14 @@ class FlowerProcesses:
         return process
 
     def superlink(self, port: int, *, insecure: bool = True, tls: dict[str, str | None] | None = None,
-                  host: str = LOOPBACK, supernode_auth: bool = False) -> subprocess.Popen[bytes]:
+                  host: str = LOOPBACK, supernode_auth: bool = False,
+                  database: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start the SuperLink; with ``database`` its state (the connected SuperNodes, their keys) is kept in that
+        SQLite file, so that a SuperLink restarted after a crash still knows the clients, which reconnect."""
         args = [_script("flower-superlink"), "--host", host, "--port", str(port),
                 "--disable-runtime-dependency-installation"]
+        if database is not None:
+            args += ["--database", str(database)]
         args += ["--insecure"] if insecure else _flags(tls or {})
         if supernode_auth:
             args.append("--enable-supernode-auth")
@@ -129,24 +134,40 @@ class FlowerProcesses:
             args += ["--auth-supernode-private-key", auth_key]
         return self.start(f"supernode-{name}", args, log_to_console=log_to_console)
 
-    def submit(self, app_dir: Path, superlink: str, *, insecure: bool = True,
-               root_certificates: str | None = None) -> str:
-        """``flwr run`` the app on the SuperLink; returns the run id."""
+    def connect(self, superlink: str, *, insecure: bool = True, root_certificates: str | None = None) -> None:
+        """Point the ``flwr`` CLI of these processes at the SuperLink (connection ``finetune`` in config.toml)."""
         connection = {"address": superlink, "insecure": insecure}
         if root_certificates:
             connection["root-certificates"] = str(Path(root_certificates).resolve())
         lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in connection.items())
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "finetune"\n\n[superlink.finetune]\n{lines}\n', encoding="utf-8")
+
+    def register_supernode(self, public_key: str) -> str:
+        """``flwr supernode register`` a client's public key on the SuperLink (after :meth:`connect`); returns the
+        node id Flower gives it."""
+        answer = self._flwr(["supernode", "register", str(Path(public_key).resolve()), "finetune"], "registration",
+                            already="already in use")  # kept in the SuperLink's database from before a crash
+        return str(answer.get("node-id", "registered before"))
+
+    def submit(self, app_dir: Path) -> str:
+        """``flwr run`` the app on the SuperLink (after :meth:`connect`); returns the run id."""
+        return str(self._flwr(["run", str(app_dir), "finetune"], "run")["run-id"])
+
+    def _flwr(self, args: list[str], what: str, already: str | None = None) -> dict[str, Any]:
+        """Run a ``flwr`` command with JSON output, retrying for 2 minutes while the SuperLink starts; an answer
+        containing ``already`` counts as done (``{}``)."""
         deadline = time.time() + 120
         while True:
-            done = subprocess.run([_script("flwr"), "run", str(app_dir), "finetune", "--format", "json"],
-                                  capture_output=True, text=True, env=self.env, cwd=self.work_dir, timeout=300)
+            done = subprocess.run([_script("flwr"), *args, "--format", "json"], capture_output=True, text=True,
+                                  env=self.env, cwd=self.work_dir, timeout=300)
             answer = _json_tail(done.stdout)
             if done.returncode == 0 and answer.get("success"):
-                return str(answer["run-id"])
-            if time.time() > deadline:  # the SuperLink may still be starting: retry for a while
-                raise FinetuneError(f"Flower refused the run: {(done.stdout + done.stderr).strip()[-500:]}")
+                return answer
+            if already and already in done.stdout + done.stderr:
+                return {}
+            if time.time() > deadline:
+                raise FinetuneError(f"Flower refused the {what}: {(done.stdout + done.stderr).strip()[-500:]}")
             time.sleep(1)
 
     def alive(self, name: str) -> bool:

@@ -12,6 +12,8 @@ from finetune_sdk.errors import ConfigError
 
 FLOWER_EXTRA_HINT = "pip install 'finetune-sdk[federated]'"
 DP_MODES = ("server", "client")
+#: Strategies whose aggregation SecAgg+'s weighted mean is (FedProx differs from FedAvg only on the clients).
+SECURE_STRATEGIES = ("fedavg", "fedprox")
 
 
 def require_flower() -> None:
@@ -50,6 +52,22 @@ class FederatedSettings:
         target_delta: the delta at which epsilon is reported (Flower's RDP accountant, client-level DP,
             no amplification by sampling).
         seed: seed of the server's initial adapter (``None``: the Trainer's ``seed``).
+        secure_aggregation: run every training round through Flower's SecAgg+ (``SecAggPlusWorkflow`` and
+            ``secaggplus_mod``): clients send masked, quantized updates and the server learns only their
+            example-weighted sum. Needs at least 2 clients per round; works with ``fedavg`` and ``fedprox``, not
+            with ``dp`` (see docs/federated.md).
+        secagg_num_shares: SecAgg+'s ``num_shares``: shares each client's secrets are split into; an int > 2, or a
+            fraction of the sampled clients (1.0: all of them).
+        secagg_reconstruction_threshold: SecAgg+'s ``reconstruction_threshold``: shares needed to unmask; an int,
+            or a fraction of ``num_shares`` (at least 2). Higher resists more colluding clients, tolerates fewer drops.
+        secagg_clipping_range: each client's example-weighted update (update * examples / ``secagg_max_weight``)
+            must lie in ``[-secagg_clipping_range, secagg_clipping_range]`` per coordinate (a client whose
+            update does not is refused, not clipped).
+        secagg_quantization_range: integer levels over that range (quantization step ``2 * clipping_range /
+            quantization_range``); at most 2**31, and clients x range must stay below 2**32.
+        secagg_max_weight: SecAgg+'s ``max_weight``: the example count at which a client's weight is 1; larger
+            counts risk the clipping range (the precision bound grows with it, see
+            :func:`~finetune_sdk.federated.secure_aggregation.quantization_error_bound`).
     """
 
     rounds: int = 3
@@ -67,6 +85,12 @@ class FederatedSettings:
     clipping_norm: float = 0.0
     target_delta: float = 1e-5
     seed: int | None = None
+    secure_aggregation: bool = False
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.67
+    secagg_clipping_range: float = 1.0
+    secagg_quantization_range: int = 2**22
+    secagg_max_weight: float = 1000.0
     strategy_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self, num_clients: int | None = None) -> FederatedSettings:
@@ -86,7 +110,7 @@ class FederatedSettings:
             if not 0 < value <= 1 and not (name == "fraction_evaluate" and value == 0):
                 raise ConfigError(f"{name} must be in (0, 1], got {value}")
         if self.min_fit_clients is None:
-            self.min_fit_clients = 1
+            self.min_fit_clients = 2 if self.secure_aggregation else 1
         if self.min_fit_clients < 1:
             raise ConfigError(f"min_fit_clients must be >= 1, got {self.min_fit_clients}")
         if self.min_available_clients is None:
@@ -111,7 +135,37 @@ class FederatedSettings:
                 raise ConfigError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
             if not 0 < self.target_delta < 1:
                 raise ConfigError(f"target_delta must be in (0, 1), got {self.target_delta}")
+        if self.secure_aggregation:
+            self._validate_secure_aggregation(num_clients)
         return self
+
+    def _validate_secure_aggregation(self, num_clients: int | None) -> None:
+        """SecAgg+ sums updates the server never sees one by one: what needs a single update is refused."""
+        if self.dp == "server":
+            raise ConfigError("secure_aggregation can't be combined with dp='server': the server only sees the sum "
+                              "of the updates, so it can't clip each one")
+        if self.dp == "client":
+            raise ConfigError("secure_aggregation can't be combined with dp='client' here: Flower 1.42's DP wrappers "
+                              "and accountant run on its message API, SecAgg+ only on its legacy workflow")
+        if self.strategy not in SECURE_STRATEGIES:
+            raise ConfigError(f"secure_aggregation works with strategies {', '.join(SECURE_STRATEGIES)} (SecAgg+ "
+                              f"computes the example-weighted mean itself), not {self.strategy!r}")
+        if (self.min_fit_clients or 0) < 2 or (num_clients is not None and num_clients < 2):
+            raise ConfigError("secure_aggregation needs at least 2 clients in every round (min_fit_clients >= 2): "
+                              "the sum of one client's update is that update")
+        for name in ("secagg_num_shares", "secagg_reconstruction_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or \
+                    (isinstance(value, float) and value > 1):
+                raise ConfigError(f"{name} must be an int (a count) or a float in (0, 1] (a fraction), got {value!r}")
+        if isinstance(self.secagg_num_shares, int) and self.secagg_num_shares <= 2:
+            raise ConfigError(f"secagg_num_shares as a count must be > 2, got {self.secagg_num_shares} (or give a "
+                              "fraction of the sampled clients, e.g. 1.0)")
+        if self.secagg_clipping_range <= 0 or self.secagg_max_weight <= 0:
+            raise ConfigError("secagg_clipping_range and secagg_max_weight must be > 0")
+        if not isinstance(self.secagg_quantization_range, int) or not 1 < self.secagg_quantization_range <= 2**31:
+            raise ConfigError(f"secagg_quantization_range must be an int in (1, 2**31], got "
+                              f"{self.secagg_quantization_range!r}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,7 +25,10 @@ from finetune_sdk.federated.job import NODE_DATA, NODE_EVAL_DATA, NODE_NAME, Fed
 class InProcessGrid(Grid):
     """Flower's ``Grid`` over ClientApp calls in this process; node ``i`` (from 1) is the i-th client.
 
-    ``failing`` names clients whose replies are errors (as a crashed or disconnected client's are).
+    ``failing`` names clients whose replies are errors (as a crashed or disconnected client's are); a ClientApp
+    that raises replies with the error, as in Flower's runtime. Each node's
+    ``Context.state`` persists across messages, as a SuperNode keeps it within a run (SecAgg+ relies on it);
+    ``messages_sent`` and ``replies`` record the traffic.
     """
 
     def __init__(self, clients: dict[str, tuple[str, str | None]], run_config: dict[str, Any],
@@ -41,6 +45,8 @@ class InProcessGrid(Grid):
         self.run_config = run_config
         self.failing = set(failing)
         self.messages_sent: list[Message] = []
+        self.replies: list[Message] = []
+        self.states = {node_id: RecordDict() for node_id in self.nodes}  # each node's Context.state, kept per run
         self._run: Any = None
         self._pending: dict[str, Message] = {}
 
@@ -81,9 +87,14 @@ class InProcessGrid(Grid):
         if config[NODE_NAME] in self.failing:
             reply = Message(Error(code=0, reason=f"client {config[NODE_NAME]} disconnected"), reply_to=message)
         else:
-            context = Context(run_id=1, node_id=node_id, node_config=dict(config), state=RecordDict(),
+            context = Context(run_id=1, node_id=node_id, node_config=dict(config), state=self.states[node_id],
                               run_config=self.run_config)
-            reply = app(message, context)
+            try:
+                reply = app(copy.deepcopy(message), context)  # a copy, as if it had travelled: apps may change it
+            except Exception as exc:  # noqa: BLE001 - Flower's ClientApp process replies with the error too
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            self.states[node_id] = context.state
+        self.replies.append(reply)
         return reply
 
 
