@@ -77,7 +77,8 @@ def fit_federated(trainer: Any, clients: Any, *, resume: bool = False, timeout: 
         resume: continue after the last completed round of an interrupted run with the same ``output_dir``.
         **settings: :class:`~finetune_sdk.federated.FederatedSettings` fields: ``fraction_fit``,
             ``min_fit_clients``, ``local_epochs``, ``local_steps``, ``proximal_mu``, ``round_timeout``, ``dp``,
-            ``noise_multiplier``, ``clipping_norm``, ``target_delta``...
+            ``noise_multiplier``, ``clipping_norm``, ``target_delta``, ``secure_aggregation`` (Flower's SecAgg+)
+            and its ``secagg_*`` parameters...
 
     Raises:
         ConfigError: an unknown setting, strategy or client name, or Flower not installed.
