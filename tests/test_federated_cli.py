@@ -176,3 +176,29 @@ def test_server_killed_mid_run_resumes_through_the_cli(llama_dir, tmp_path):
     assert history[0] == saved["history"][0]  # round 1 as checkpointed, not run again
     assert sorted(history[1]["clients"]) == ["clinic-a", "clinic-b"]
     assert not state.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_server_and_the_flower_processes_it_started(llama_dir, tmp_path):
+    pytest.importorskip("flwr")
+    import psutil
+
+    from finetune_sdk.federated.runtime import free_port
+
+    server = subprocess.Popen(FINETUNE + ["federated", "server", "-m", str(llama_dir), "-f", "chatml", "-o",
+                                          str(tmp_path / "fed"), "--address", f"127.0.0.1:{free_port()}",
+                                          "--insecure", "--min-clients", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    children: list = []
+    while time.time() < deadline and not any("flwr-serverapp" in " ".join(c.cmdline()) for c in children):
+        time.sleep(0.5)  # until the run is submitted: the SuperLink has started its ServerApp
+        children = [c for c in psutil.Process(server.pid).children(recursive=True) if c.is_running()]
+    assert children, "the server never started its SuperLink"
+    server.terminate()
+    server.wait(60)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    left = [" ".join(p.cmdline())[:100] for p in alive]
+    for process in alive:  # don't leave them running when the test fails
+        process.kill()
+    assert left == []

@@ -116,6 +116,7 @@ def server_command(model: str, technique: str, quantizer: str | None, formatter:
                                  secagg_max_weight=secagg_max_weight).validate()
     trainer = Trainer(model, technique=technique, quantizer=quantizer, formatter=formatter, output_dir=output_dir,
                       publish_as=publish_as, progress=False, **{k: v for k, v in flags.items() if v is not None})
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the SuperLink and ServerApp it started, too
     result = run_server(trainer, settings, host=host, port=port, resume=resume, insecure=insecure,
                         tls=None if insecure else tls, supernode_auth=enable_supernode_auth,
                         supernode_keys=list(supernode_keys))
