@@ -19,7 +19,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -43,6 +44,8 @@ class Precision:
     #: model (residual stream, norms, attention, the adapters' sums: :func:`keep_activations_fp32`); else the
     #: weights' (or autocast's) dtype.
     activations: str = ""
+    #: ``bfloat16`` when fp32 activations are kept for the backward pass in bf16 (:func:`bf16_saved_activations`).
+    saved_activations: str = ""
 
     def torch_dtype(self) -> Any:
         import torch
@@ -54,6 +57,8 @@ class Precision:
         frozen = self.trainable_dtype == "float32" and self.dtype != "float32"
         base = f"{self.dtype} {'frozen base' if frozen else 'weights'}"
         activations = f", {self.activations} activations" if self.activations == "float32" and frozen else ""
+        if activations and self.saved_activations:
+            activations += f" (saved for the backward pass in {self.saved_activations})"
         trained = f", {self.trainable_dtype} trainable parameters and optimizer state" if frozen else ""
         autocast = f", {self.autocast} autocast" if self.autocast else ""
         return f"{base}{activations}{trained}{autocast} ({self.reason})"
@@ -115,7 +120,8 @@ def resolve_precision(options: Mapping[str, Any], *, adapter: bool, full: bool =
     if native is None:
         return Precision("float32", None, "float32", False, "auto: this CPU has no AVX512-BF16 or AMX")
     return Precision("bfloat16", None, "float32", True,
-                     f"auto: this CPU has {native}; dtype='float32' keeps the base in fp32", activations="float32")
+                     f"auto: this CPU has {native}; dtype='float32' keeps the base in fp32", activations="float32",
+                     saved_activations="bfloat16")
 
 
 def precision_for(trainer: Any) -> Precision:
@@ -186,3 +192,67 @@ def _output_to_fp32(module: Any, args: Any, output: Any) -> Any:
 #: The forward (pre-)hooks :func:`keep_activations_fp32` registers; a layer with only these computes
 #: ``linear(x.to(weight.dtype)).float()`` (the chunked loss recognises them on the LM head).
 PRECISION_HOOKS = frozenset({_input_to_weight_dtype, _output_to_fp32})
+
+
+def saved_activations(precision: Precision, model: Any) -> Any:
+    """The context a run trains in: :func:`bf16_saved_activations` when ``precision`` asks for it, else none."""
+    import contextlib
+
+    if precision.saved_activations == "bfloat16":
+        return bf16_saved_activations(model)
+    return contextlib.nullcontext()
+
+
+@contextmanager
+def bf16_saved_activations(model: Any) -> Iterator[None]:
+    """Within the block, fp32 activations that autograd keeps for the backward pass are kept in bf16.
+
+    The forward pass still computes in fp32 (the LoRA updates are not rounded away, see
+    :func:`keep_activations_fp32`); only the copies the backward pass reads are rounded to bf16 (relative error
+    2^-9, as autocast's saved activations), which halves the activation memory of ``dtype="auto"`` on a bf16 CPU.
+    Parameters (and views of them) and tensors under 4,096 values are kept as they are; a tensor saved by several
+    operations (a layer input read by q, k and v) is packed once. Unpacking returns fp32.
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> x = torch.linspace(0, 1, 8192, requires_grad=True)
+        >>> with bf16_saved_activations(torch.nn.Linear(1, 1)):
+        ...     y = (x.exp() * 2).sum()
+        >>> y.backward()
+        >>> bool(torch.allclose(x.grad, 2 * x.detach().exp(), rtol=2**-8))
+        True
+    """
+    import weakref
+
+    import torch
+
+    kept = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    packed: dict[int, tuple[Any, Any]] = {}  # id(original) -> (weakref to it, its bf16 copy)
+
+    def pack(tensor: Any) -> Any:
+        if (tensor.dtype != torch.float32 or tensor.numel() < 4096 or tensor.device.type != "cpu"
+                or tensor.untyped_storage().data_ptr() in kept):
+            return tensor
+        key = id(tensor)
+        seen = packed.get(key)
+        if seen is not None and seen[0]() is tensor:
+            return seen[1]
+        copy = _Packed(tensor.to(torch.bfloat16))
+        packed[key] = (weakref.ref(tensor, lambda _, key=key: packed.pop(key, None)), copy)
+        return copy
+
+    def unpack(saved: Any) -> Any:
+        return saved.tensor.float() if isinstance(saved, _Packed) else saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+class _Packed:
+    """A bf16 copy of a saved fp32 activation (a distinct type, so unpack knows what to widen)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Any) -> None:
+        self.tensor = tensor

@@ -23,7 +23,7 @@ from finetune_sdk.models import ModelSource
 from finetune_sdk.objectives import ListDataset
 from finetune_sdk.plugin_api import TrainingContext
 from finetune_sdk.planning import EvalSet, TrainingPlan
-from finetune_sdk.precision import keep_activations_fp32, run_precision
+from finetune_sdk.precision import keep_activations_fp32, run_precision, saved_activations
 from finetune_sdk.result import FitResult
 from finetune_sdk.saving import build_manifest, is_main_process, save_result, unwrap, work_dir_beside
 
@@ -207,7 +207,7 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
                 "no complete checkpoint in %s: starting from the beginning", checkpoint_root)
         previous_attention = varlen_attention.use(model, varlen_attention.ATTENTION_NAME) if plan.varlen else None
         try:
-            with objective.while_training(model):
+            with objective.while_training(model), saved_activations(precision, model):
                 output = hf.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         finally:
             if previous_attention is not None:

@@ -70,9 +70,9 @@ def test_auto_trains_a_bf16_base_with_fp32_adapters_and_records_it(bf16_cpu, tin
     assert manifest["dtype"] == "bfloat16"
     assert manifest["precision"] == {"dtype": "bfloat16", "autocast": None, "trainable_dtype": "float32",
                                      "auto": True, "reason": manifest["precision"]["reason"],
-                                     "activations": "float32"}
-    assert ("precision: bfloat16 frozen base, float32 activations, float32 trainable parameters and optimizer "
-            "state") in caplog.text
+                                     "activations": "float32", "saved_activations": "bfloat16"}
+    assert ("precision: bfloat16 frozen base, float32 activations (saved for the backward pass in bfloat16), "
+            "float32 trainable parameters and optimizer state") in caplog.text
     loaded = finetune_sdk.load(result.output_dir)
     assert next(loaded.model.get_base_model().parameters()).dtype == torch.bfloat16  # reloaded as trained
 
@@ -93,3 +93,48 @@ def test_bf16_base_loss_stays_within_one_percent_of_fp32(bf16_cpu, tiny_models, 
         losses[dtype] = (result.metrics["train_loss"], result.metrics["eval_loss"])
     assert losses["auto"][0] == pytest.approx(losses["float32"][0], rel=0.01)
     assert losses["auto"][1] == pytest.approx(losses["float32"][1], rel=0.01)
+
+
+def test_bf16_saved_activations_halve_what_backward_keeps_and_barely_move_the_gradients():
+    from finetune_sdk import precision
+    from peft import LoraConfig, get_peft_model
+
+    from finetune_sdk.precision import bf16_saved_activations, keep_activations_fp32
+    from finetune_sdk.testing.tiny import tiny_model
+
+    def run(packed: bool):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_model("llama").to(torch.bfloat16), LoraConfig(r=4, target_modules="all-linear"))
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(1))
+        keep_activations_fp32(model)
+        ids = torch.randint(0, 64, (4, 64), generator=torch.Generator().manual_seed(0))
+        import contextlib
+
+        with (bf16_saved_activations(model) if packed else contextlib.nullcontext()):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad])
+        return loss.item(), grads
+
+    packed_bytes = []
+    original_init = precision._Packed.__init__
+
+    def counting_init(self, tensor):
+        packed_bytes.append(tensor.untyped_storage().nbytes())
+        original_init(self, tensor)
+
+    precision._Packed.__init__ = counting_init
+    try:
+        plain_loss, plain_grads = run(False)
+        assert packed_bytes == []
+        packed_loss, packed_grads = run(True)
+    finally:
+        precision._Packed.__init__ = original_init
+    assert sum(packed_bytes) > 100_000  # the layers' fp32 activations went to the backward pass as bf16
+    assert packed_loss == plain_loss  # the forward pass is untouched
+    cosine = torch.nn.functional.cosine_similarity(plain_grads, packed_grads, dim=0)
+    assert cosine > 0.999 and not torch.equal(plain_grads, packed_grads)
