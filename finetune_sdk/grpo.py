@@ -10,10 +10,11 @@ within the group, ``A_i = (r_i - mean(r)) / (std(r) + 1e-4)``, and the policy mi
     rho = pi(o_t) / pi_old(o_t),   KL_t = pi_ref(o_t) / pi(o_t) - log(pi_ref(o_t) / pi(o_t)) - 1
 
 (the unbiased k3 estimator of KL(pi || pi_ref)), averaged over each completion's tokens, then over completions.
-Log-probabilities are those of the sampling distribution (logits divided by ``temperature``), as in TRL. One
-optimisation step is taken per generation batch, so ``pi_old`` is the policy that sampled and ``rho`` is 1 at the
-step (the clip bounds later steps on the same samples, which this implementation doesn't take, as TRL with
-``num_iterations=1``).
+Log-probabilities are those of the sampling distribution (logits divided by ``temperature``), as in TRL.
+``num_iterations`` optimizer steps (PPO's mu, TRL's name; default 1) are taken on each sampled group: the sampler
+repeats each step's prompts that many times and the groups are kept between them. ``pi_old`` is the policy that
+sampled, so at the first step ``rho`` is 1 and the clip does nothing; at the later ones ``rho`` measures how far the
+policy has moved since it sampled and the clip bounds it (the ``clip_ratio`` log: the share of tokens it holds).
 
 The reference ``pi_ref`` is the policy as it stands when GRPO starts, for every technique: the trainable weights
 (a LoRA adapter, trained adapters of an earlier stage included, or every weight for ``full``) are copied once
@@ -30,19 +31,22 @@ generations in a buffer that a resumed run loses (its code regenerates when ``_b
 resume after SIGKILL would not continue the same run; and it needs its own ``GRPOConfig`` in place of the run
 engine's ``TrainingArguments``. Written on transformers' ``Trainer`` (as the SDK's DPO), GRPO gets the SDK's
 checkpoints (sampling RNG state included: the torch RNG the sampler draws from is saved with every checkpoint and
-restored on resume), atomic results, registry and one-line errors unchanged.
+restored on resume; with ``num_iterations`` > 1, a ``save_steps`` that is a multiple of it keeps every checkpoint at
+the start of a sampled group), atomic results, registry and one-line errors unchanged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.data import Rows
 from finetune_sdk.encoding import Encoded, encode_segments
 from finetune_sdk.errors import ConfigError, DataError
+from finetune_sdk.grpo_loss import (ADVANTAGE_EPS, ReferenceWeights, RepeatedStepSampler, completion_logps,
+                                    group_advantages, grpo_loss)
 from finetune_sdk.rewards import Reward, score_completions
 
 if TYPE_CHECKING:
@@ -50,7 +54,9 @@ if TYPE_CHECKING:
     from finetune_sdk.planning import TrainingPlan
     from finetune_sdk.run_engine import RunSpec
 
-ADVANTAGE_EPS = 1e-4
+__all__ = ["ADVANTAGE_EPS", "GRPOSettings", "PromptCollator", "ReferenceWeights", "SampledGroup", "ScoredGroup",
+           "completion_logps", "encode_prompts", "group_advantages", "grpo_loss", "sample_completions"]
+logger = logging.getLogger("finetune_sdk")
 
 
 @dataclass(frozen=True)
@@ -62,11 +68,12 @@ class GRPOSettings:
     beta: float = 0.04
     temperature: float = 1.0
     epsilon: float = 0.2
+    num_iterations: int = 1
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> GRPOSettings:
         return cls(int(options["num_generations"]), int(options["max_completion_length"]), float(options["beta"]),
-                   float(options["temperature"]), float(options["epsilon"]))
+                   float(options["temperature"]), float(options["epsilon"]), int(options.get("num_iterations") or 1))
 
 
 def encode_prompts(rows: Rows, formatter: Any, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
@@ -90,6 +97,11 @@ def encode_prompts(rows: Rows, formatter: Any, tokenizer: Any, options: Mapping[
     if out.dropped * 2 > len(rows):
         raise DataError(f"{rows.source}: {out.dropped} of {len(rows)} prompts are longer than max_length - "
                         f"max_completion_length = {budget} tokens; raise max_length or lower max_completion_length")
+    step = options["per_device_train_batch_size"] * options["gradient_accumulation_steps"]
+    if options.get("num_iterations", 1) > 1 and len(out.examples) < step:
+        raise DataError(f"{rows.source}: {len(out.examples)} prompts, fewer than one optimizer step's "
+                        f"per_device_train_batch_size x gradient_accumulation_steps = {step}: with num_iterations > 1 "
+                        "an incomplete step is dropped; give more prompts or a smaller batch")
     return out
 
 
@@ -157,79 +169,41 @@ def sample_completions(model: Any, prompt_ids: Sequence[Sequence[int]], tokenize
     return SampledGroup(ids, mask, completion, completion_mask, texts)
 
 
-def completion_logps(model: Any, group: SampledGroup, temperature: float) -> Any:
-    """``[N, C]`` log-probabilities of the completion tokens under ``model`` (logits divided by ``temperature``:
-    the distribution they were sampled from); positions follow the attention mask, as in generation."""
+@dataclass
+class ScoredGroup:
+    """A micro-batch's sampled group with its rewards (``per_source`` ``[N, R]``, weighted ``total`` ``[N]``),
+    advantages, each group's reward std, and the log-probs of the reference and of the policy that sampled it
+    (``old_logps``: set by the first optimisation step on it)."""
+
+    group: SampledGroup
+    per_source: Any
+    total: Any
+    advantages: Any
+    group_std: Any
+    names: list[str]
+    ref_logps: Any = None
+    old_logps: Any = None
+
+
+def score_group(policy: Any, inputs: Mapping[str, Any], tokenizer: Any, settings: GRPOSettings,
+                rewards: Sequence[Reward], weights: Sequence[float] | None,
+                reference: ReferenceWeights | None) -> ScoredGroup:
+    """Sample ``num_generations`` completions per prompt of a collated micro-batch, score them and normalise the
+    rewards within each group; the reference's log-probs too (without gradients) when ``beta`` > 0."""
     import torch
 
-    input_ids = torch.cat([group.prompt_ids, group.completion_ids], dim=1)
-    attention = torch.cat([group.prompt_mask, group.completion_mask], dim=1)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    width = group.completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
-    logits = logits[:, -width - 1:-1].float() / temperature
-    targets = group.completion_ids.unsqueeze(-1)
-    return torch.gather(logits, 2, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def group_advantages(rewards: Any, group_size: int) -> tuple[Any, Any]:
-    """Advantages normalised within each group of ``group_size`` consecutive completions, and each group's
-    reward std: ``(r - mean) / (std + 1e-4)`` (std with Bessel's correction, as TRL).
-
-    >>> import torch
-    >>> advantages, std = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2)
-    >>> [round(a, 3) for a in advantages.tolist()], [round(s, 3) for s in std.tolist()]
-    ([0.707, -0.707, 0.0, 0.0], [0.707, 0.0])
-    """
-    grouped = rewards.view(-1, group_size)
-    mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
-    return ((grouped - mean) / (std + ADVANTAGE_EPS)).view(-1), std.view(-1)
-
-
-def grpo_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mask: Any, beta: float,
-              epsilon: float) -> tuple[Any, Any]:
-    """GRPO's clipped surrogate with its KL penalty (the module docstring's formula) and the mean token KL.
-
-    ``logps``, ``old_logps``, ``ref_logps`` (None when ``beta`` is 0) and ``mask`` are ``[N, C]``, ``advantages``
-    ``[N]``; the loss is a scalar tensor: a masked mean over each completion's tokens, then a mean over completions.
-    """
-    import torch
-
-    ratio = torch.exp(logps - old_logps)
-    adv = advantages.unsqueeze(1)
-    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv)
-    mask = mask.to(per_token.dtype)
-    kl = torch.zeros_like(per_token)
-    if ref_logps is not None:
-        delta = ref_logps - logps
-        kl = torch.exp(delta) - delta - 1
-        per_token = per_token + beta * kl
-    lengths = mask.sum(1).clamp(min=1)
-    loss = ((per_token * mask).sum(1) / lengths).mean()
-    return loss, ((kl * mask).sum() / mask.sum().clamp(min=1)).detach()
-
-
-class ReferenceWeights:
-    """The trainable weights of ``model`` as they stand now (the policy when GRPO starts), swapped in by
-    :meth:`active` to compute the reference's log-probabilities; memory: one copy of the trainable weights."""
-
-    def __init__(self, model: Any) -> None:
-        self.saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    @contextmanager
-    def active(self, model: Any) -> Iterator[None]:
-        import torch
-
-        params = dict(model.named_parameters())
-        current = {}
-        with torch.no_grad():
-            for name, weight in self.saved.items():
-                current[name], params[name].data = params[name].data, weight
-            try:
-                yield
-            finally:
-                for name, data in current.items():
-                    params[name].data = data
+    g = settings.num_generations
+    group = sample_completions(policy, [ids for ids in inputs["prompt_ids"] for _ in range(g)], tokenizer, settings)
+    prompts = [p for p in inputs["prompts"] for _ in range(g)]
+    scores, names = score_completions(rewards, prompts, group.texts, group_columns(inputs["columns"], g))
+    per_source = torch.tensor(scores, dtype=torch.float32, device=group.completion_ids.device)
+    total = (per_source * per_source.new_tensor(weights or [1.0] * len(names))).sum(1)
+    advantages, group_std = group_advantages(total, g)
+    scored = ScoredGroup(group, per_source, total, advantages, group_std, names)
+    if reference is not None and settings.beta:
+        with reference.active(policy), torch.no_grad():
+            scored.ref_logps = completion_logps(policy, group, settings.temperature)
+    return scored
 
 
 def group_columns(columns: Sequence[Mapping[str, Any]], repeat: int) -> dict[str, list[Any]]:
@@ -295,6 +269,10 @@ def grpo_training_inputs(run: RunSpec, plan: TrainingPlan, model: Any, tokenizer
     settings = GRPOSettings.from_options(run.options)
     rewards = run_rewards(plan, run.options)
     reference = ReferenceWeights(model) if settings.beta else None
+    if settings.num_iterations > 1 and run.options["save_steps"] % settings.num_iterations:
+        logger.warning("save_steps=%d is not a multiple of num_iterations=%d: a run resumed from a checkpoint "
+                       "between the iterations of one sampled group samples that group afresh",
+                       run.options["save_steps"], settings.num_iterations)
     args.include_num_input_tokens_seen = "no"  # prompt batches have no input_ids to count
     for name in plan.evals:
         plan.extra_metrics[f"eval{'_' + name if name else ''}_reward_start"] = \
@@ -315,32 +293,46 @@ def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], refere
         loss_is_scaled_for_ga = False
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            import torch
+            scored = self._scored_group(self.accelerator.unwrap_model(model), inputs)
+            logps = completion_logps(model, scored.group, settings.temperature)
+            if scored.old_logps is None:  # the first step on these samples: the policy is the one that sampled
+                scored.old_logps = logps.detach()
+            loss, kl, held = grpo_loss(logps, scored.old_logps, scored.ref_logps, scored.advantages,
+                                       scored.group.completion_mask, settings.beta, settings.epsilon)
+            self._record(scored, kl, held)
+            return (loss, {"advantages": scored.advantages}) if return_outputs else loss
 
-            policy = self.accelerator.unwrap_model(model)
-            g = settings.num_generations
-            prompt_ids = [ids for ids in inputs["prompt_ids"] for _ in range(g)]
-            group = sample_completions(policy, prompt_ids, tokenizer, settings)
-            prompts = [p for p in inputs["prompts"] for _ in range(g)]
-            scores, names = score_completions(rewards, prompts, group.texts, group_columns(inputs["columns"], g))
-            per_source = torch.tensor(scores, dtype=torch.float32, device=group.completion_ids.device)
-            total = (per_source * per_source.new_tensor(weights or [1.0] * len(names))).sum(1)
-            advantages, group_std = group_advantages(total, g)
-            logps = completion_logps(model, group, settings.temperature)
-            ref_logps = None
-            if reference is not None and settings.beta:
-                with reference.active(policy), torch.no_grad():
-                    ref_logps = completion_logps(policy, group, settings.temperature)
-            loss, kl = grpo_loss(logps, logps.detach(), ref_logps, advantages, group.completion_mask,
-                                 settings.beta, settings.epsilon)
-            self._record(total, group_std, kl, group.completion_mask, per_source, names)
-            return (loss, {"advantages": advantages}) if return_outputs else loss
+        def _scored_group(self, policy: Any, inputs: Mapping[str, Any]) -> ScoredGroup:
+            """This micro-batch's group: sampled at the first of ``num_iterations`` optimizer steps, reused on the
+            others (the sampler repeats the step's prompts)."""
+            if settings.num_iterations == 1:
+                return score_group(policy, inputs, tokenizer, settings, rewards, weights, reference)
+            state = self.__dict__.setdefault("_grpo_cache", {"step": None, "micro": 0, "groups": {}})
+            if state["step"] != self.state.global_step:
+                state["step"], state["micro"] = self.state.global_step, 0
+            micro, state["micro"] = state["micro"], state["micro"] + 1
+            iteration = self.state.global_step % settings.num_iterations
+            if iteration and micro in state["groups"]:
+                return state["groups"][micro]
+            if iteration:
+                logger.warning("step %d: no samples kept for iteration %d of num_iterations=%d (resumed between "
+                               "them): sampling afresh", self.state.global_step + 1, iteration + 1,
+                               settings.num_iterations)
+            state["groups"][micro] = score_group(policy, inputs, tokenizer, settings, rewards, weights, reference)
+            return state["groups"][micro]
 
-        def _record(self, total, group_std, kl, mask, per_source, names) -> None:
+        def _get_train_sampler(self, train_dataset=None):
+            base = super()._get_train_sampler(train_dataset)
+            if settings.num_iterations == 1 or base is None:
+                return base
+            step = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return RepeatedStepSampler(base, step, settings.num_iterations)
+
+        def _record(self, scored: ScoredGroup, kl: Any, held: Any) -> None:
             metrics = self.__dict__.setdefault("_grpo_metrics", {})
-            values = {"reward": total.mean(), "reward_std": group_std.mean(), "kl": kl,
-                      "completion_length": mask.sum(1).float().mean(),
-                      **{f"rewards/{name}": per_source[:, i].mean() for i, name in enumerate(names)}}
+            values = {"reward": scored.total.mean(), "reward_std": scored.group_std.mean(), "kl": kl,
+                      "clip_ratio": held, "completion_length": scored.group.completion_mask.sum(1).float().mean(),
+                      **{f"rewards/{name}": scored.per_source[:, i].mean() for i, name in enumerate(scored.names)}}
             for key, value in values.items():
                 metrics.setdefault(key, []).append(float(value))
 

@@ -165,6 +165,8 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
     Option("temperature", float, 1.0, "GRPO: sampling temperature of the completions", exclusive_minimum=0),
     Option("epsilon", float, 0.2, "GRPO: clip range of the probability ratio (PPO's epsilon)", exclusive_minimum=0,
            exclusive_maximum=1),
+    Option("num_iterations", int, 1, "GRPO: optimizer steps on each sampled group (PPO's mu); > 1 reuses the "
+           "samples, the clip bounding how far the policy moves from the one that sampled them", minimum=1),
     Option("reward_funcs", list, None, "GRPO: reward functions, by name (registered by plugins) or, in Python, "
            "as callables fn(prompts, completions, **columns) -> list[float]", minimum=1),
     Option("reward_weights", list, None, "GRPO: weight of each reward in the total (reward_funcs in order, then "

@@ -87,6 +87,24 @@ def test_grpo_with_a_verifiable_reward_raises_the_greedy_reward_on_held_out_prom
         assert all(math.isfinite(entry[key]) for entry in logged), key
     assert logged[-1]["reward"] > logged[0]["reward"]  # the sampled completions earn more as the policy learns
     assert 0 < logged[-1]["completion_length"] <= 4 and logged[-1]["kl"] > 0
+    assert all(entry["clip_ratio"] == 0 for entry in logged)  # one step per sampled group: the ratio stays 1
+
+
+def test_num_iterations_optimises_each_sampled_group_several_times_within_the_clip(word_model, tmp_path):
+    sampled = []
+
+    def counting_has_cat(prompts, completions, **columns):
+        sampled.append(len(completions))
+        return has_cat(prompts, completions)
+
+    trainer = Trainer(word_model, technique="lora", formatter="prompt", output_dir=tmp_path / "run",
+                      reward_funcs=[counting_has_cat], num_iterations=2, max_steps=24, learning_rate=2e-2,
+                      **{**FAST, "gradient_accumulation_steps": 2, "per_device_train_batch_size": 2})
+    result = trainer.fit(TRAIN)
+    assert sampled == [2 * 8] * 24  # 24 steps x 2 micro-batches, each group sampled once and used on 2 steps
+    logged = [entry for entry in result.log_history if "loss" in entry]
+    assert any(entry["clip_ratio"] > 0 for entry in logged)  # the second step on a group moved past the clip
+    assert greedy_reward(trainer) >= 0.9
 
 
 def test_the_reference_is_the_policy_when_grpo_starts_even_after_an_sft_stage(word_model, tmp_path):
@@ -215,22 +233,26 @@ def has_cat(prompts, completions, **columns):
     return [1.0 if "cat" in c.split() else 0.0 for c in completions]
 
 rows = {rows!r}
-Trainer({model!r}, technique="lora", output_dir=sys.argv[1], reward_funcs=[has_cat], max_steps=12, save_steps=5,
-        learning_rate=2e-2, seed=3, num_generations=8, max_completion_length=4, per_device_train_batch_size=4,
-        max_length=32, logging_steps=2, lora_dropout=0.1, progress=False).fit(rows, resume=sys.argv[2] == "resume")
+Trainer({model!r}, technique="lora", output_dir=sys.argv[1], reward_funcs=[has_cat], max_steps=12,
+        save_steps={save_steps}, num_iterations={num_iterations}, learning_rate=2e-2, seed=3, num_generations=8,
+        max_completion_length=4, per_device_train_batch_size=4, max_length=32, logging_steps=2, lora_dropout=0.1,
+        progress=False).fit(rows, resume=sys.argv[2] == "resume")
 """
 
 
 @pytest.mark.slow
-def test_a_killed_grpo_run_resumes_to_the_uninterrupted_weights(word_model, tmp_path):
+@pytest.mark.parametrize("num_iterations, save_steps", [(1, 5), (2, 4)])
+def test_a_killed_grpo_run_resumes_to_the_uninterrupted_weights(word_model, tmp_path, num_iterations, save_steps):
     """Same weights within 1e-6: the seed fixes the data order and the first samples, and every checkpoint holds
     the torch RNG state the completions are sampled from (and LoRA dropout, off while GRPO trains, draws nothing),
-    so the resumed run samples exactly the completions the uninterrupted one did."""
+    so the resumed run samples exactly the completions the uninterrupted one did. With num_iterations=2 and
+    save_steps a multiple of it, every checkpoint falls at the start of a sampled group."""
     import torch
     from safetensors.torch import load_file
 
     script = tmp_path / "grpo_run.py"
-    script.write_text(textwrap.dedent(RESUME_SCRIPT.format(rows=TRAIN, model=str(word_model))))
+    script.write_text(textwrap.dedent(RESUME_SCRIPT.format(rows=TRAIN, model=str(word_model), save_steps=save_steps,
+                                                           num_iterations=num_iterations)))
 
     def run(out, crash_at=None, resume=False):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -247,7 +269,7 @@ def test_a_killed_grpo_run_resumes_to_the_uninterrupted_weights(word_model, tmp_
     assert not out.exists()
     resumed = run(out, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "checkpoint-5" in resumed.stderr
+    assert f"checkpoint-{save_steps}" in resumed.stderr and "sampling afresh" not in resumed.stderr
     expected, actual = (load_file(str(p / "adapter_model.safetensors")) for p in (tmp_path / "reference", out))
     assert expected.keys() == actual.keys()
     for key in expected:

@@ -1,0 +1,116 @@
+"""GRPO's arithmetic (Shao et al., 2024): completion log-probabilities, group-normalised advantages, the clipped
+surrogate with its KL penalty, and the reference's weights. See :mod:`finetune_sdk.grpo` for the training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+ADVANTAGE_EPS = 1e-4
+
+
+def completion_logps(model: Any, group: Any, temperature: float) -> Any:
+    """``[N, C]`` log-probabilities of the completion tokens of ``group`` (a :class:`~finetune_sdk.grpo.SampledGroup`)
+    under ``model`` (logits divided by ``temperature``:
+    the distribution they were sampled from); positions follow the attention mask, as in generation."""
+    import torch
+
+    input_ids = torch.cat([group.prompt_ids, group.completion_ids], dim=1)
+    attention = torch.cat([group.prompt_mask, group.completion_mask], dim=1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    width = group.completion_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
+    logits = logits[:, -width - 1:-1].float() / temperature
+    targets = group.completion_ids.unsqueeze(-1)
+    return torch.gather(logits, 2, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def group_advantages(rewards: Any, group_size: int) -> tuple[Any, Any]:
+    """Advantages normalised within each group of ``group_size`` consecutive completions, and each group's
+    reward std: ``(r - mean) / (std + 1e-4)`` (std with Bessel's correction, as TRL).
+
+    >>> import torch
+    >>> advantages, std = group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 2)
+    >>> [round(a, 3) for a in advantages.tolist()], [round(s, 3) for s in std.tolist()]
+    ([0.707, -0.707, 0.0, 0.0], [0.707, 0.0])
+    """
+    grouped = rewards.view(-1, group_size)
+    mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
+    return ((grouped - mean) / (std + ADVANTAGE_EPS)).view(-1), std.view(-1)
+
+
+def grpo_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mask: Any, beta: float,
+              epsilon: float) -> tuple[Any, Any, Any]:
+    """GRPO's clipped surrogate with its KL penalty (:mod:`finetune_sdk.grpo`'s formula), the mean token KL and the
+    share of completion tokens whose ratio the clip holds (0 while ``old_logps`` is the current policy's).
+
+    ``logps``, ``old_logps``, ``ref_logps`` (None when ``beta`` is 0) and ``mask`` are ``[N, C]``, ``advantages``
+    ``[N]``; the loss is a scalar tensor: a masked mean over each completion's tokens, then a mean over completions.
+
+    >>> import torch
+    >>> logps = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    >>> old = torch.log(torch.tensor([[0.25, 0.5], [0.5, 0.5]]))  # the first token doubled its probability
+    >>> loss, kl, held = grpo_loss(logps, old, None, torch.tensor([1.0, -1.0]), torch.ones(2, 2), 0.0, 0.2)
+    >>> round(float(loss), 4), float(held)  # ratio 2 clipped to 1.2 for the positive advantage
+    (-0.05, 0.25)
+    """
+    import torch
+
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.unsqueeze(1)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv
+    per_token = -torch.min(ratio * adv, clipped)
+    mask = mask.to(per_token.dtype)
+    held = ((clipped < ratio * adv) * mask).sum() / mask.sum().clamp(min=1)  # tokens where the clip is the min
+    kl = torch.zeros_like(per_token)
+    if ref_logps is not None:
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1
+        per_token = per_token + beta * kl
+    lengths = mask.sum(1).clamp(min=1)
+    loss = ((per_token * mask).sum(1) / lengths).mean()
+    return loss, ((kl * mask).sum() / mask.sum().clamp(min=1)).detach(), held.detach()
+
+
+class ReferenceWeights:
+    """The trainable weights of ``model`` as they stand now (the policy when GRPO starts), swapped in by
+    :meth:`active` to compute the reference's log-probabilities; memory: one copy of the trainable weights."""
+
+    def __init__(self, model: Any) -> None:
+        self.saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @contextmanager
+    def active(self, model: Any) -> Iterator[None]:
+        import torch
+
+        params = dict(model.named_parameters())
+        current = {}
+        with torch.no_grad():
+            for name, weight in self.saved.items():
+                current[name], params[name].data = params[name].data, weight
+            try:
+                yield
+            finally:
+                for name, data in current.items():
+                    params[name].data = data
+
+
+
+
+class RepeatedStepSampler:
+    """GRPO with ``num_iterations`` > 1: the prompts of each optimizer step (``step_size`` indices of ``base`` in its
+    order) come ``repeats`` times in a row, so the same sampled groups are optimised on ``repeats`` consecutive
+    steps (TRL's ``RepeatSampler``). An incomplete last step of an epoch is dropped, so steps and repeats align."""
+
+    def __init__(self, base: Any, step_size: int, repeats: int) -> None:
+        self.base, self.step_size, self.repeats = base, step_size, repeats
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.base)
+        for start in range(0, len(order) - self.step_size + 1, self.step_size):
+            for _ in range(self.repeats):
+                yield from order[start:start + self.step_size]
+
+    def __len__(self) -> int:
+        return len(self.base) // self.step_size * self.step_size * self.repeats
