@@ -3,8 +3,9 @@ arXiv:2402.03300, section 4.1).
 
 Each training step takes ``per_device_train_batch_size`` prompts and, for each, samples a group of
 ``num_generations`` completions from the current policy (``temperature``, at most ``max_completion_length`` tokens,
-no top-k/top-p truncation). The rewards (:mod:`finetune_sdk.rewards`) are summed per completion and normalised
-within the group, ``A_i = (r_i - mean(r)) / (std(r) + 1e-4)``, and the policy minimises, per completion token,
+no top-k/top-p truncation). The rewards (:mod:`finetune_sdk.rewards`) are summed per completion (weighted by
+``reward_weights``) and normalised within the group, ``A_i = (r_i - mean(r)) / (std(r) + 1e-4)``, and the policy
+minimises, per completion token,
 
     -min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon) * A_i) + beta * KL_t,
     rho = pi(o_t) / pi_old(o_t),   KL_t = pi_ref(o_t) / pi(o_t) - log(pi_ref(o_t) / pi(o_t)) - 1

@@ -341,3 +341,13 @@ def test_grpo_against_a_trained_pairwise_reward_model_raises_its_preference(word
     assert result.metrics["eval_reward"] > result.metrics["eval_reward_start"]
     assert result.manifest["options"]["reward_model"] == str(tmp_path / "rm")
     assert any(key.startswith("rewards/reward_model:") for key in result.log_history[0])
+
+
+def test_the_progress_line_shows_the_mean_reward():
+    from types import SimpleNamespace
+
+    from finetune_sdk.callbacks import RichProgressCallback
+
+    progress = RichProgressCallback(tokens_per_step=100)
+    progress.on_log(None, SimpleNamespace(global_step=3, max_steps=10), None, logs={"loss": 0.01, "reward": 0.625})
+    assert "loss 0.0100  reward 0.625" in progress.stats(3, 10)
