@@ -41,6 +41,8 @@ def test_classifier_with_gradient_checkpointing_trains_as_without(tiny_models, t
     ("classifier", CLS, {"learning_rate": 2e-2}),
     ("classifier", CLS, {"learning_rate": 2e-2, "cache_features": False}),
     ("lora", PAIRS, {"formatter": "preference", "learning_rate": 1e-2}),
+    ("reward-model", PAIRS, {"formatter": "preference", "learning_rate": 2e-2}),
+    ("reward-model", PAIRS, {"formatter": "preference", "backbone": "lora", "lora_dropout": 0.0}),
 ])
 def test_gradient_accumulation_means_the_same_as_a_bigger_batch(tiny_models, tmp_path, technique, rows, options):
     """Found while checking kind 6: the classifier's head and the DPO loss were not divided by the accumulation

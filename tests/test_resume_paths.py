@@ -112,12 +112,15 @@ def test_dpo_stage_after_sft_resumes_with_the_sft_reference(tiny_models, tmp_pat
         assert resumed.metrics[key] == pytest.approx(reference.metrics[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("path", ["multi-task", "classifier", "dpo"])
+@pytest.mark.parametrize("path", ["multi-task", "classifier", "dpo", "reward-model", "reward-model-lora"])
 def test_every_path_resumes_to_the_uninterrupted_weights(tiny_models, tmp_path, crash_at, path):
     data = {"multi-task": [Task("a", CHAT, formatter="chatml"), Task("b", SFT, formatter="alpaca")],
-            "classifier": CLS, "dpo": PAIRS}[path]
+            "classifier": CLS}.get(path, PAIRS)
     options = {"classifier": {"technique": "classifier", "learning_rate": 2e-2},
-               "dpo": {"formatter": "preference"}}.get(path, {})
+               "dpo": {"formatter": "preference"},
+               "reward-model": {"technique": "reward-model", "formatter": "preference"},
+               "reward-model-lora": {"technique": "reward-model", "formatter": "preference", "backbone": "lora"},
+               }.get(path, {})
     reference = trainer(tiny_models("llama"), tmp_path / "ref", **options).fit(data)
     out = tmp_path / "run"
     crash_at(3)
