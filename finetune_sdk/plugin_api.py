@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import ConfigError, DataError, PluginError
-from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, Formatter, Segment
+from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, REWARD, Formatter, Segment
 from finetune_sdk.hookspecs import hookimpl
 from finetune_sdk.options import Option
 from finetune_sdk.quantizer import Quantizer
 from finetune_sdk.technique import Technique
 
-__all__ = ["CAUSAL_LM", "CLASSIFICATION", "ConfigError", "DataError", "Formatter", "Option", "PluginError",
-           "PluginWarning", "Quantizer", "Segment", "Technique", "TrainingContext", "hookimpl"]
+__all__ = ["CAUSAL_LM", "CLASSIFICATION", "REWARD", "ConfigError", "DataError", "Formatter", "Option",
+           "PluginError", "PluginWarning", "Quantizer", "Segment", "Technique", "TrainingContext", "hookimpl"]
 
 
 class PluginWarning(UserWarning):
