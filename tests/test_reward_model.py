@@ -251,3 +251,29 @@ def test_center_rewards_coefficient_keeps_rewards_near_zero(frozen, tmp_path, ti
                       center_rewards_coefficient=0.5, output_dir=tmp_path / "c", **FAST).fit(TRAIN, HELD_OUT).metrics
     assert abs(centred["mean_reward"]) < abs(plain["mean_reward"]) / 2, (centred, plain)
     assert centred["pairwise_accuracy"] >= 0.9
+
+
+@pytest.mark.slow  # Flower's import and two rounds: tens of seconds on a loaded CPU
+def test_federated_rounds_train_a_reward_model(tmp_path, tiny_models):
+    """Two data owners, Flower rounds on an in-process grid: only the head travels; the result is a reward model."""
+    pytest.importorskip("flwr")
+    from finetune_sdk.federated.job import FederatedJob
+    from finetune_sdk.federated.settings import FederatedSettings
+    from finetune_sdk.testing.federated import run_in_process
+
+    clients = {}
+    for i, name in enumerate(["clinic-a", "clinic-b"]):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in TRAIN[i * 24:(i + 1) * 24]))
+        clients[name] = (str(path), None)
+    job = FederatedJob(str(tiny_models("llama")), "reward-model", None, "preference",
+                       {"learning_rate": 3e-2, "seed": 7, "per_device_train_batch_size": 8},
+                       FederatedSettings(rounds=2, local_epochs=3).validate(2), str(tmp_path / "fed"),
+                       expected_clients=sorted(clients), run_token="test")
+    manifest = run_in_process(job, clients)
+    assert manifest["technique"] == "reward-model" and manifest["task"] == "reward"
+    from finetune_sdk.federated.params import NPY_HEADER_BYTES
+
+    head_bytes = (64 + 1) * 4 + 2 * NPY_HEADER_BYTES  # the head's weight [1, 64] and bias [1], float32
+    assert manifest["federated"]["history"][0]["clients"]["clinic-a"]["bytes_sent"] == head_bytes
+    assert finetune_sdk.load(tmp_path / "fed").evaluate(HELD_OUT)["pairwise_accuracy"] >= 0.9
