@@ -40,10 +40,12 @@ QUANTIZERS = (None, "nf4", "int8")
 CPU_FRAMEWORK_BYTES = 620 * MiB
 # CUDA context + cuBLAS workspaces, which torch.cuda.max_memory_reserved does not count.
 CUDA_CONTEXT_BYTES = 600 * MiB
-# Memory the allocator holds beyond live tensors, as a fraction of the largest activations of a step: glibc's heap
-# keeps freed activation buffers between live ones (measured 0.2-0.4 of the activations on CPU); CUDA's caching
-# allocator rounds blocks up and keeps them cached.
-ALLOCATOR_SLACK = {"cpu": 0.35, "cuda": 0.10}
+# Memory the allocator holds beyond live tensors, as a fraction of the largest activations of a step. On CPU,
+# training fixes glibc's mmap threshold (finetune_sdk.heap), so tensors of 4 MiB or more are unmapped when freed and
+# only smaller ones leave holes in the heap (SmolLM2-135M, LoRA all-linear, 8 x 512 tokens: 0.05-0.1 of the
+# activations; it was 0.2-0.4 with glibc's rising threshold). CUDA's caching allocator rounds blocks up and keeps
+# them cached.
+ALLOCATOR_SLACK = {"cpu": 0.10, "cuda": 0.10}
 # On CPU bitsandbytes dequantizes each 4/8-bit weight to the compute dtype in every forward and backward matmul;
 # the heap keeps about this many times the dequantized weights of all quantized layers (measured 1.2-1.8 for
 # 7M-250M parameter models). Buffers above glibc's largest mmap threshold (32 MiB) are mapped and unmapped
@@ -121,6 +123,7 @@ def estimate_training_memory(
     lora_targets: str | list[str] | None = "attention", optimizer: str = "adamw", device: str = "cpu",
     lora_dropout: float = 0.05, mixed_precision: bool = False, double_quant: bool = True, num_labels: int = 2,
     attention: str | None = None, chunked_loss: bool = True, activation_dtype: str | None = None,
+    saved_activation_dtype: str | None = None,
     num_generations: int = 0, reference_weights: bool = False, objective: str = "sft",
     reward_backbone: str = "frozen",
 ) -> MemoryEstimate:
@@ -143,6 +146,8 @@ def estimate_training_memory(
         mixed_precision: ``bf16=True``/``fp16=True`` autocast over ``dtype`` weights.
         activation_dtype: ``float32`` for 16-bit frozen weights whose matmuls hand fp32 to the rest of the model
             (``dtype="auto"`` on a bf16 CPU); ``None``: the weights' dtype, or 16 bits under autocast.
+        saved_activation_dtype: ``bfloat16`` when those fp32 activations are kept for the backward pass in bf16
+            (:func:`finetune_sdk.precision.bf16_saved_activations`, also ``dtype="auto"`` on a bf16 CPU).
         chunked_loss: the SDK's chunked cross-entropy (its default, for the model types it supports): the loss
             holds one chunk's logits and the hidden state's gradient instead of every token's fp32 logits.
         num_generations: GRPO's group size (0: not GRPO): each of the ``batch_size`` prompts is sampled that many
@@ -218,6 +223,8 @@ def estimate_training_memory(
         mask_bytes = act_bytes if shape.math_attention(device) else 1  # the attention mask, shared by all layers
         saved_bytes = (tokens * ((saved - saved32) * act_bytes + saved32 * 4)
                        + sequences * seq_len * seq_len * mask_bytes)
+        if saved_activation_dtype == "bfloat16":  # fp32 activations kept for the backward pass in bf16
+            saved_bytes = tokens * saved * 2 + sequences * seq_len * seq_len * mask_bytes
         linears = shape.layer_linears()
         if quantizer:  # a 4/8-bit weight is dequantized to the compute dtype for its matmul
             saved_bytes += max(i * o for _, i, o in linears) * dequant_bytes
@@ -313,7 +320,7 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
     """
     device = resolve_device(device)
     quantizer = None if quantizer_name in (None, "", "none") else quantizer_name
-    dtype, activations = options.get("dtype") or "auto", None
+    dtype, activations, saved_as = options.get("dtype") or "auto", None, None
     reward_lora = technique_name == "reward-model" and options.get("backbone") == "lora"
     if quantizer and (technique_name not in ("classifier", "reward-model") or reward_lora):
         # activations follow bitsandbytes' compute dtype
@@ -326,6 +333,7 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
         precision = resolve_precision(options, adapter=technique_name in ("lora", "qlora"),
                                       full=technique_name == "full", quantized=quantizer is not None, device=device)
         dtype, activations = precision.dtype, precision.activations or None
+        saved_as = precision.saved_activations or None
     targets = options.get("target_modules")
     if targets is None:
         targets = "all-linear" if technique_name == "qlora" else "attention"
@@ -342,7 +350,7 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
         double_quant=bool(options.get("double_quant", True)),
         num_labels=len(options.get("labels") or ()) or int(options.get("num_labels") or 2),
         chunked_loss=options.get("chunked_loss", True) is not False, activation_dtype=activations,
-        num_generations=int(options.get("num_generations") or 8) if objective == "grpo" else 0,
+        saved_activation_dtype=saved_as, num_generations=int(options.get("num_generations") or 8) if objective == "grpo" else 0,
         reference_weights=objective == "grpo" and float(options.get("beta", 0.04) or 0) > 0,
         objective=objective if objective in OBJECTIVE_SEQUENCES else "sft",
         reward_backbone=str(options.get("backbone") or "frozen"))
