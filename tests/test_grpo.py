@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 
+import finetune_sdk
 from finetune_sdk import Stage, Trainer
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.rewards import RewardError
@@ -88,6 +89,9 @@ def test_grpo_with_a_verifiable_reward_raises_the_greedy_reward_on_held_out_prom
     assert logged[-1]["reward"] > logged[0]["reward"]  # the sampled completions earn more as the policy learns
     assert 0 < logged[-1]["completion_length"] <= 4 and logged[-1]["kl"] > 0
     assert all(entry["clip_ratio"] == 0 for entry in logged)  # one step per sampled group: the ratio stays 1
+    prompts = [row["prompt"] for row in HELD_OUT]  # the saved result answers as the trained model did
+    assert finetune_sdk.load(result.output_dir).generate(prompts, max_new_tokens=4) == \
+        trainer.generate(prompts, max_new_tokens=4)
 
 
 def test_num_iterations_optimises_each_sampled_group_several_times_within_the_clip(word_model, tmp_path):
@@ -311,8 +315,6 @@ def test_grpo_against_a_trained_pairwise_reward_model_raises_its_preference(word
     """The reward model (issue 15's pairwise Bradley-Terry model, on another tokenizer) learnt to prefer answers
     with "cat"; GRPO against it, scored through ``finetune_sdk.load(ref).score``, raises both its score and the
     share of greedy held-out answers that say "cat"."""
-    import finetune_sdk
-
     rng = random.Random(5)
 
     def answer(cat):
