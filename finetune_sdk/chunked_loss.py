@@ -111,14 +111,17 @@ def _make_linear_cross_entropy() -> Any:
                     grad_hidden[start:start + chunk] = grad_logits @ weight.to(compute_dtype)
                 if needs_weight:
                     grad_weight += (grad_logits.t() @ h.to(compute_dtype)).float()
-            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+            # kept on ctx, not saved as activations: the gradients stay as computed (no saved-tensor hooks, e.g.
+            # precision auto's bf16 storage of saved activations, see finetune_sdk.precision)
+            ctx.grads = (grad_hidden, grad_weight, grad_bias)
             ctx.weight_dtype = weight.dtype
             ctx.bias_dtype = bias.dtype if bias is not None else None
             return total
 
         @staticmethod
         def backward(ctx: Any, grad_output: Any) -> Any:
-            grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+            grad_hidden, grad_weight, grad_bias = ctx.grads
+            del ctx.grads
             if grad_hidden is not None:
                 grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
             if grad_weight is not None:

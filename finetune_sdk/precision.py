@@ -210,8 +210,9 @@ def bf16_saved_activations(model: Any) -> Iterator[None]:
     The forward pass still computes in fp32 (the LoRA updates are not rounded away, see
     :func:`keep_activations_fp32`); only the copies the backward pass reads are rounded to bf16 (relative error
     2^-9, as autocast's saved activations), which halves the activation memory of ``dtype="auto"`` on a bf16 CPU.
-    Parameters (and views of them) and tensors under 4,096 values are kept as they are; a tensor saved by several
-    operations (a layer input read by q, k and v) is packed once. Unpacking returns fp32.
+    Parameters (and views of them), tensors under 4,096 values and vocabulary-sized ones (the logits and their
+    log-softmax: the loss keeps its fp32 precision) are kept as they are; a tensor saved by several operations (a
+    layer input read by q, k and v) is packed once. Unpacking returns fp32.
 
     Example:
         >>> import torch
@@ -228,11 +229,12 @@ def bf16_saved_activations(model: Any) -> Iterator[None]:
     import torch
 
     kept = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)  # logits and log-softmax: the loss's
     packed: dict[int, tuple[Any, Any]] = {}  # id(original) -> (weakref to it, its bf16 copy)
 
     def pack(tensor: Any) -> Any:
         if (tensor.dtype != torch.float32 or tensor.numel() < 4096 or tensor.device.type != "cpu"
-                or tensor.untyped_storage().data_ptr() in kept):
+                or tensor.untyped_storage().data_ptr() in kept or (vocab and tensor.shape[-1] == vocab)):
             return tensor
         key = id(tensor)
         seen = packed.get(key)

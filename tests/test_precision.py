@@ -138,3 +138,25 @@ def test_bf16_saved_activations_halve_what_backward_keeps_and_barely_move_the_gr
     assert packed_loss == plain_loss  # the forward pass is untouched
     cosine = torch.nn.functional.cosine_similarity(plain_grads, packed_grads, dim=0)
     assert cosine > 0.999 and not torch.equal(plain_grads, packed_grads)
+
+
+def test_the_loss_keeps_fp32_under_bf16_saved_activations():
+    """Logit-sized tensors (the plain loss's log-softmax) and the chunked loss's gradients are not rounded."""
+    from finetune_sdk import precision
+    from finetune_sdk.chunked_loss import linear_cross_entropy
+    from finetune_sdk.testing.tiny import tiny_model
+
+    model = tiny_model("llama")
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(512, model.config.hidden_size, generator=g, requires_grad=True)
+    targets = torch.randint(0, vocab, (512,), generator=g)
+    grads = []
+    for packed in (False, True):
+        hidden.grad = None
+        with precision.bf16_saved_activations(model) if packed else torch.enable_grad():
+            loss = linear_cross_entropy(hidden, model.lm_head.weight, targets, chunk_size=64)
+            plain = torch.nn.functional.cross_entropy(hidden @ model.lm_head.weight.t(), targets, reduction="sum")
+        (loss + plain).backward()
+        grads.append(hidden.grad.clone())
+    assert torch.equal(grads[0], grads[1])
