@@ -11,7 +11,7 @@ from finetune_sdk.errors import ConfigError
 from finetune_sdk.heap import DEFAULT_MMAP_THRESHOLD, mmap_threshold
 
 PEAK_AFTER_CHURN = r"""
-import os, resource, sys
+import os, sys
 if sys.argv[1] == "fixed":
     from finetune_sdk.heap import limit_heap_fragmentation
     assert limit_heap_fragmentation()
@@ -23,7 +23,8 @@ for step in range(40):  # activations of growing sizes, each followed by a small
     big = torch.ones(2_000_000 + 100_000 * step)  # 8-24 MB, written so its pages are resident
     pinned.append(torch.ones(1000))
     del big
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: Linux carries the parent's (pytest's) peak RSS into a forked child's ru_maxrss
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 

@@ -138,8 +138,9 @@ def test_packed_training_matches_padded_training(tiny_models, tmp_path, qa_rows,
     from safetensors.torch import load_file
 
     caplog.set_level("INFO", logger="finetune_sdk")
+    # float32: precision auto's bf16 saved activations round differently when the batch's shape differs
     options = dict(formatter="chatml", max_steps=3, seed=0, progress=False, group_by_length=False,
-                   learning_rate=1e-3)
+                   learning_rate=1e-3, dtype="float32")
     packed = Trainer(tiny_models("llama"), output_dir=tmp_path / "packed", **options).fit(qa_rows)
     assert "each batch in one row, attention per example" in caplog.text
     padded = Trainer(tiny_models("llama"), output_dir=tmp_path / "padded", packing=False, **options).fit(qa_rows)
