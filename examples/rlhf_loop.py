@@ -21,8 +21,9 @@ The loop, one stage per function below:
 
 Every stage's time is printed at the end (and saved with the figures in ``loop_report.json``). Seeded: a run
 with the same settings on the same machine gives the same ratings, the same training and the same answers.
-Ratings are appended to files in the output folder; a second run with the same ``--output-dir`` finds them rated
-and asks the rater only about prompts it hasn't rated (as a person resuming a session would).
+Ratings are appended to files in the output folder; a second run with the same ``--output-dir`` keeps them and
+asks the rater only about prompts without a rating (pairs it skipped are asked again), as a person resuming a
+session would be.
 
     python examples/rlhf_loop.py [--output-dir DIR] [--grpo-steps N] [--kto-epochs N] [--model PATH]
 
@@ -141,7 +142,7 @@ def train_grpo(base: Path, reward_model: Path, out: Path, steps: int) -> Trainer
     ``num_generations`` answers, the reward model scores them, and the answers better than their group's mean
     gain probability (a KL penalty, ``beta``, keeps the policy near the base). No person in this loop."""
     trainer = Trainer(base, technique="lora", reward_model=str(reward_model), output_dir=out / "grpo",
-                      max_steps=steps, learning_rate=5e-4, per_device_train_batch_size=2, num_generations=4,
+                      max_steps=steps, learning_rate=1e-3, per_device_train_batch_size=2, num_generations=4,
                       max_completion_length=ANSWER_TOKENS, temperature=1.0, beta=0.04, lora_dropout=0.0,
                       logging_steps=2, seed=SEED)
     result = trainer.fit(TRAIN_PROMPTS)  # prompt-only rows: the `prompt` formatter and the GRPO objective
@@ -160,7 +161,7 @@ def train_kto(base: Path, ratings: dict[str, Path], out: Path, epochs: float) ->
     labels = [json.loads(line)["label"] for line in ratings["thumbs"].read_text().splitlines()]
     desirable_weight = max(1.0, labels.count(False) / max(1, labels.count(True)))
     trainer = Trainer(base, technique="lora", formatter="kto", output_dir=out / "kto", num_train_epochs=epochs,
-                      learning_rate=5e-4, per_device_train_batch_size=8, lora_dropout=0.0, logging_steps=3,
+                      learning_rate=1e-3, per_device_train_batch_size=8, lora_dropout=0.0, logging_steps=3,
                       desirable_weight=desirable_weight, seed=SEED)
     result = trainer.fit(ratings["thumbs"])
     console.print(f"KTO: training loss {result.metrics['train_loss']:.3f} averaged over the run")
@@ -177,8 +178,8 @@ def judge(answers: list[str], prompts: list[str], rater: ShortAnswerFan, reward_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="finetune-runs/rlhf-loop")
-    parser.add_argument("--grpo-steps", type=int, default=20)
-    parser.add_argument("--kto-epochs", type=float, default=3)
+    parser.add_argument("--grpo-steps", type=int, default=30)
+    parser.add_argument("--kto-epochs", type=float, default=5)
     parser.add_argument("--model", help="another model (default: SmolLM2-135M-Instruct from its GGUF file)")
     args = parser.parse_args()
     quiet_third_party_output()
