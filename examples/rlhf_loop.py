@@ -19,6 +19,11 @@ The loop, one stage per function below:
 5. the base, GRPO and KTO models answer the held-out prompts (greedy): the rater's own judgement, the reward
    model's score and the answers' length, side by side, and sample answers.
 
+What to expect: the base model rambles to the token limit; after one turn of the loop both tuned models answer in a
+sentence. Some answers will be short and empty (``1. 1. 1. ...``): the rater checks length only, and the policy
+learns exactly what is rewarded. That is the lesson of every RLHF run: a rating (or a reward model trained on
+ratings) is all the policy sees.
+
 Every stage's time is printed at the end (and saved with the figures in ``loop_report.json``). Seeded: a run
 with the same settings on the same machine gives the same ratings, the same training and the same answers.
 Ratings are appended to files in the output folder; a second run with the same ``--output-dir`` keeps them and
@@ -27,7 +32,7 @@ session would be.
 
     python examples/rlhf_loop.py [--output-dir DIR] [--grpo-steps N] [--kto-epochs N] [--model PATH]
 
-About 10 minutes on a 2-core CPU (docs/benchmarks.md has the measured figures). Not run in CI.
+Under 10 minutes on a 2-core CPU (docs/benchmarks.md has the measured figures). Not run in CI.
 """
 
 from __future__ import annotations
