@@ -218,6 +218,8 @@ def kto_trainer_class() -> type:
     log) and ``kto_kl`` (the mean KL estimate), as TRL logs ``rewards/margins`` and ``kl``."""
     from transformers import Trainer as HFTrainer
 
+    from finetune_sdk.preference import loss_only_prediction_step
+
     class KTOTrainer(HFTrainer):
         beta = 0.1
         desirable_weight = 1.0
@@ -257,12 +259,6 @@ def kto_trainer_class() -> type:
                 self._kto_sums = sums  # an evaluation's log: keep collecting for the next training log
             return super().log(logs, start_time)
 
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            import torch
-
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
+        prediction_step = loss_only_prediction_step
 
     return KTOTrainer

@@ -173,13 +173,19 @@ def dpo_trainer_class() -> type:
             loss, margin = dpo_loss(policy, inputs["ref_logps"], self.beta)
             return (loss, {"margin": margin}) if return_outputs else loss
 
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            import torch
-
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
+        prediction_step = loss_only_prediction_step
 
     return DPOTrainer
+
+
+def loss_only_prediction_step(self: Any, model: Any, inputs: Any, prediction_loss_only: bool,
+                              ignore_keys: Any = None) -> tuple[Any, None, None]:
+    """A transformers ``Trainer.prediction_step`` for objectives whose batches have no logits to return (DPO, KTO,
+    the reward model): the batch's loss without gradients, and nothing else."""
+    import torch
+
+    inputs = self._prepare_inputs(inputs)
+    with torch.no_grad():
+        loss = self.compute_loss(model, inputs)
+    return loss.detach(), None, None
 

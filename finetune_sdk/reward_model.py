@@ -123,6 +123,8 @@ def reward_trainer_class(center_rewards_coefficient: float = 0.0) -> type:
     rows (token ids, or cached ``features``), built when a run needs it."""
     from transformers import Trainer as HFTrainer
 
+    from finetune_sdk.preference import loss_only_prediction_step
+
     coefficient = center_rewards_coefficient
 
     class RewardTrainer(HFTrainer):
@@ -136,11 +138,7 @@ def reward_trainer_class(center_rewards_coefficient: float = 0.0) -> type:
             loss = bradley_terry_loss(rewards[:half], rewards[half:], self.center_rewards_coefficient)
             return (loss, {"rewards": rewards}) if return_outputs else loss
 
-        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            inputs = self._prepare_inputs(inputs)
-            with torch.no_grad():
-                loss = self.compute_loss(model, inputs)
-            return loss.detach(), None, None
+        prediction_step = loss_only_prediction_step
 
     return RewardTrainer
 
