@@ -150,20 +150,12 @@ def _logps(model: Any, batch: Mapping[str, Any], prefix: str = "") -> Any:
 def precompute_kto_reference(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int) -> None:
     """Store ``model``'s summed log-probs of each example's matched and mismatched rows (``ref_logp``,
     ``ref_kl_logp``): call it with the policy as it stands when KTO starts (adapters stay on)."""
-    import torch
+    from finetune_sdk.preference import reference_batches
 
-    collate = KTOCollator(pad_token_id)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(encoded.examples), batch_size):
-            chunk = encoded.examples[start:start + batch_size]
-            batch = {k: v.to(device) for k, v in collate(chunk).items()}
-            logps, kl_logps = _logps(model, batch).cpu(), _logps(model, batch, "kl_").cpu()
-            for i, example in enumerate(chunk):
-                example["ref_logp"], example["ref_kl_logp"] = float(logps[i]), float(kl_logps[i])
-    model.train(was_training)
+    for chunk, batch in reference_batches(model, encoded, KTOCollator(pad_token_id), batch_size):
+        logps, kl_logps = _logps(model, batch).cpu(), _logps(model, batch, "kl_").cpu()
+        for i, example in enumerate(chunk):
+            example["ref_logp"], example["ref_kl_logp"] = float(logps[i]), float(kl_logps[i])
 
 
 def evaluate_kto(model: Any, encoded: Encoded, pad_token_id: int, options: Mapping[str, Any],

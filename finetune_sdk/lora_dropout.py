@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -56,6 +57,7 @@ def use_memory_efficient_dropout(model: Any) -> int:
     return changed
 
 
+@functools.cache
 def _dropout_linear_function() -> Any:
     import torch
     from torch.nn import functional as F
@@ -86,26 +88,10 @@ def _dropout_linear_function() -> Any:
     return DropoutLinearFunction
 
 
-_FUNCTION: list[Any] = []
-
-
-def _dropout_linear(x: Any, weight: Any, p: float) -> Any:
-    if not _FUNCTION:
-        _FUNCTION.append(_dropout_linear_function())
-    return _FUNCTION[0].apply(x, weight, p)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "DropoutLinear":
-        return dropout_linear_class()
-    raise AttributeError(name)
-
-
+@functools.cache
 def dropout_linear_class() -> type:
     """The ``torch.nn.Linear`` subclass ``lora_A`` layers become (built on first use: no torch import at import)."""
-    if "DropoutLinear" not in globals():
-        globals()["DropoutLinear"] = _make_dropout_linear()
-    return globals()["DropoutLinear"]
+    return _make_dropout_linear()
 
 
 def _make_dropout_linear() -> type:
@@ -118,7 +104,7 @@ def _make_dropout_linear() -> type:
 
         def forward(self, x: Any) -> Any:
             if self.training and self.dropout_p > 0 and torch.is_grad_enabled():
-                return _dropout_linear(x, self.weight, self.dropout_p)
+                return _dropout_linear_function().apply(x, self.weight, self.dropout_p)
             if self.training and self.dropout_p > 0:  # no graph: plain dropout
                 return super().forward(torch.nn.functional.dropout(x, self.dropout_p, True))
             return super().forward(x)

@@ -82,25 +82,31 @@ def dpo_loss(policy: Any, reference: Any, beta: float) -> tuple[Any, Any]:
     return -torch.nn.functional.logsigmoid(margin).mean(), margin
 
 
-def precompute_reference(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int) -> None:
-    """Store ``model``'s summed log-probs in each pair (``ref_chosen``/``ref_rejected``): call it with the policy as
-    it stands when DPO starts (adapters stay on: a trained adapter is part of the starting point)."""
+def reference_batches(model: Any, encoded: Encoded, collate: Any, batch_size: int) -> Iterator[tuple[list, dict]]:
+    """``(examples, batch on the model's device)`` over ``encoded`` in eval mode and without gradients (training
+    mode restored afterwards): the loop that stores a reference policy's log-probs (DPO, KTO)."""
     import torch
 
-    collate = PairCollator(pad_token_id)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for start in range(0, len(encoded.examples), batch_size):
-            chunk = encoded.examples[start:start + batch_size]
-            batch = collate(chunk)
-            logps = sequence_logps(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                   batch["labels"].to(device)).cpu()
-            for i, example in enumerate(chunk):
-                example["ref_chosen"] = float(logps[i])
-                example["ref_rejected"] = float(logps[len(chunk) + i])
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(encoded.examples), batch_size):
+                chunk = encoded.examples[start:start + batch_size]
+                yield chunk, {k: v.to(device) for k, v in collate(chunk).items()}
+    finally:
+        model.train(was_training)
+
+
+def precompute_reference(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int) -> None:
+    """Store ``model``'s summed log-probs in each pair (``ref_chosen``/``ref_rejected``): call it with the policy as
+    it stands when DPO starts (adapters stay on: a trained adapter is part of the starting point)."""
+    for chunk, batch in reference_batches(model, encoded, PairCollator(pad_token_id), batch_size):
+        logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).cpu()
+        for i, example in enumerate(chunk):
+            example["ref_chosen"] = float(logps[i])
+            example["ref_rejected"] = float(logps[len(chunk) + i])
 
 
 def evaluate_preference(model: Any, encoded: Encoded, pad_token_id: int, beta: float,

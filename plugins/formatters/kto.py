@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 
 from finetune_sdk.errors import DataError
 from finetune_sdk.formatter import KTO, Formatter, Segment
-from finetune_sdk.plugins.formatters.chat import ChatMLFormatter, ChatTemplateFormatter
+from finetune_sdk.plugins.formatters.preference import ChatAnswers
 
 
-class KTOFormatter(Formatter):
+class KTOFormatter(ChatAnswers, Formatter):
     """A prompt with one completion rated desirable (``label: true``) or undesirable (``label: false``); rendered
     with the tokenizer's chat template (or ChatML when it has none), the completion and its end marker learnt.
 
@@ -44,26 +44,14 @@ class KTOFormatter(Formatter):
                             f"boolean, got {type(row['label']).__name__} {row['label']!r}{hint}")
         super().validate(row, where)
 
-    def _chat(self, tokenizer: Any) -> Formatter:
-        return ChatTemplateFormatter() if getattr(tokenizer, "chat_template", None) else ChatMLFormatter()
-
-    def _render(self, row: Mapping[str, Any], completion: str, tokenizer: Any, options: Any) -> list[Segment]:
-        chat_row = {"prompt": row["prompt"], "completion": completion}
-        if row.get("system"):
-            chat_row["system"] = row["system"]
-        return self._chat(tokenizer).segments(chat_row, tokenizer, options)
-
     def desirable(self, row: Mapping[str, Any]) -> bool:
         """True when the row's completion was rated desirable (thumbs up)."""
         return bool(row["label"])
 
     def segments(self, row, tokenizer, options):
-        return self._render(row, row["completion"], tokenizer, options)
+        return self._answer(row, row["completion"], tokenizer, options)
 
     def mismatched_segments(self, row: Mapping[str, Any], other: Mapping[str, Any], tokenizer: Any,
                             options: Mapping[str, Any]) -> list[Segment]:
         """``row``'s prompt (and system message) answered with ``other``'s completion."""
-        return self._render(row, other["completion"], tokenizer, options)
-
-    def prompt_segments(self, prompt, tokenizer, options):
-        return self._chat(tokenizer).prompt_segments(prompt, tokenizer, options)
+        return self._answer(row, other["completion"], tokenizer, options)

@@ -9,7 +9,24 @@ from finetune_sdk.formatter import Formatter, Segment
 from finetune_sdk.plugins.formatters.chat import ChatMLFormatter, ChatTemplateFormatter
 
 
-class PreferenceFormatter(Formatter):
+class ChatAnswers:
+    """Renders a row's ``prompt`` (+ ``system``) with one answer through the tokenizer's chat template, or ChatML when
+    it has none (the preference and KTO formatters)."""
+
+    def _chat(self, tokenizer: Any) -> Formatter:
+        return ChatTemplateFormatter() if getattr(tokenizer, "chat_template", None) else ChatMLFormatter()
+
+    def _answer(self, row: Mapping[str, Any], answer: str, tokenizer: Any, options: Any) -> list[Segment]:
+        chat_row = {"prompt": row["prompt"], "completion": answer}
+        if row.get("system"):
+            chat_row["system"] = row["system"]
+        return self._chat(tokenizer).segments(chat_row, tokenizer, options)
+
+    def prompt_segments(self, prompt, tokenizer, options):
+        return self._chat(tokenizer).prompt_segments(prompt, tokenizer, options)
+
+
+class PreferenceFormatter(ChatAnswers, Formatter):
     """A prompt with a preferred and a dispreferred answer; rendered with the tokenizer's chat template (or ChatML
     when it has none), the answers and their end markers learnt."""
 
@@ -22,14 +39,6 @@ class PreferenceFormatter(Formatter):
     example: ClassVar[Mapping[str, Any]] = {"prompt": "Is the sky blue?", "chosen": "Yes, on a clear day.",
                                             "rejected": "No."}
 
-    def _chat(self, tokenizer: Any) -> Formatter:
-        return ChatTemplateFormatter() if getattr(tokenizer, "chat_template", None) else ChatMLFormatter()
-
-    def _answer(self, row: Mapping[str, Any], answer: str, tokenizer: Any, options: Any) -> list[Segment]:
-        chat_row = {"prompt": row["prompt"], "completion": answer}
-        if row.get("system"):
-            chat_row["system"] = row["system"]
-        return self._chat(tokenizer).segments(chat_row, tokenizer, options)
 
     def pair_segments(self, row: Mapping[str, Any], tokenizer: Any,
                       options: Mapping[str, Any]) -> tuple[list[Segment], list[Segment]]:
@@ -39,9 +48,6 @@ class PreferenceFormatter(Formatter):
 
     def segments(self, row, tokenizer, options):
         return self.pair_segments(row, tokenizer, options)[0]
-
-    def prompt_segments(self, prompt, tokenizer, options):
-        return self._chat(tokenizer).prompt_segments(prompt, tokenizer, options)
 
     def text_and_label(self, row):
         """Not used directly: the classifier technique expands each pair into a chosen and a rejected row."""
