@@ -7,7 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from finetune_sdk import Trainer
-from finetune_sdk.lora_dropout import use_memory_efficient_dropout
+from finetune_sdk import lora_dropout
+from finetune_sdk.lora_dropout import keep_mask, use_memory_efficient_dropout
 from finetune_sdk.testing.tiny import tiny_model
 
 
@@ -32,7 +33,7 @@ def _saved_bytes(model, ids) -> tuple[int, torch.Tensor]:
     return sum(storages.values()), loss
 
 
-def test_same_loss_and_gradients_as_peft_with_the_same_mask():
+def test_same_loss_and_gradients_as_peft_with_the_same_mask(monkeypatch):
     """With the masks that nn.Dropout drew, the fused layer gives PEFT's loss and every gradient."""
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     reference, fused = _lora(0.3), _lora(0.3)
@@ -47,12 +48,8 @@ def test_same_loss_and_gradients_as_peft_with_the_same_mask():
     reference(input_ids=ids, labels=ids).loss.backward()
     assert use_memory_efficient_dropout(fused) == len(masks) > 0
     replay = iter(masks)
-    original = torch.bernoulli
-    torch.bernoulli = lambda probs, *a, **k: next(replay).to(probs.dtype)  # replay the same masks, in order
-    try:
-        loss = fused(input_ids=ids, labels=ids).loss
-    finally:
-        torch.bernoulli = original
+    monkeypatch.setattr(lora_dropout, "keep_mask", lambda shape, p, device: next(replay))  # the same masks, in order
+    loss = fused(input_ids=ids, labels=ids).loss
     loss.backward()
     ref_loss = reference(input_ids=ids, labels=ids).loss  # eval-free second forward only for the dtype check
     assert loss.dtype == ref_loss.dtype
@@ -81,6 +78,36 @@ def test_less_saved_memory_and_plain_linear_in_eval_and_saved_names_unchanged(tm
     from safetensors.torch import load_file
 
     assert all("lora_A.weight" in k or "lora_B.weight" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_keep_mask_keeps_one_minus_p_of_the_elements_independently(p):
+    """The CPU mask's 16-bit lanes: the kept share is 1 - p in every lane, neighbours are independent."""
+    torch.manual_seed(0)
+    mask = keep_mask((1000, 1001), p, "cpu")  # an odd size: the last 64-bit draw is only partly used
+    assert mask.dtype == torch.bool and mask.shape == (1000, 1001)
+    flat = mask.view(-1)[: 1000 * 1000].view(-1, 4).double()
+    tolerance = 5 * (p * (1 - p) / flat.shape[0]) ** 0.5  # five standard errors of a lane's share
+    for lane in range(4):
+        assert abs(flat[:, lane].mean().item() - (1 - p)) < tolerance, lane
+    both = (flat[:, 0] * flat[:, 1]).mean().item()  # independence of neighbouring lanes of one draw
+    assert abs(both - (1 - p) ** 2) < tolerance * 2
+    with pytest.raises(ValueError, match="dropout probability"):
+        keep_mask((2, 2), 1.0, "cpu")
+
+
+def test_dropout_keeps_the_expected_value():
+    """E[linear(dropout(x))] = linear(x): the 1 / (1 - p) scale, now on the rank-r output, is still applied."""
+    model = _lora(0.5)
+    use_memory_efficient_dropout(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
+    x = 1 + 0.1 * torch.randn(20000, layer.in_features, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    mean = layer(x).mean(0).detach()
+    with torch.no_grad():
+        exact = torch.nn.functional.linear(x, layer.weight).mean(0)
+    assert exact.abs().min() > 0.05  # without the scale the mean would be half of this
+    torch.testing.assert_close(mean, exact, atol=0.01, rtol=0.02)
 
 
 def test_dropout_is_drawn_from_the_seeded_generator():
