@@ -157,8 +157,8 @@ class ModelShape:
         """``(elements, fp32_elements)`` per token that one block saves for the backward pass.
 
         A frozen linear saves nothing (its weight suffices for the input gradient); a trained one saves its
-        input (once for targets that share it), with dropout also a one-byte mask (the run engine moves the
-        dropout inside ``lora_A``: finetune_sdk.lora_dropout), plus its rank-r intermediate. ``fp32_elements`` are those kept in fp32 even when the model computes in 16 bits
+        input (once for targets that share it), with dropout also a one-byte mask (the run engine's fused LoRA
+        layers: finetune_sdk.fused_lora), plus its rank-r intermediate. ``fp32_elements`` are those kept in fp32 even when the model computes in 16 bits
         (``compute16``): RMSNorm's upcast input and the inputs of the fp32 LoRA adapters, which peft casts for
         each target. Under autocast over fp32 weights (``autocast32``) each trained linear saves its own 16-bit
         copy of its input, and the norms' outputs stay fp32.
@@ -174,7 +174,7 @@ class ModelShape:
             count = len(hit.intersection(names))
             if not count or full:
                 return 0
-            if lora_dropout > 0:  # dropout inside lora_A (finetune_sdk.lora_dropout): the input + a 1-byte mask
+            if lora_dropout > 0:  # fused LoRA layers (finetune_sdk.fused_lora): the input + a 1-byte mask
                 mask = 0.5 if compute16 else 0.25  # elements of the activations' dtype
                 return mask * size * count + (size if compute16 or not saved_anyway else 0)
             return size * count if compute16 else (0 if saved_anyway else size)

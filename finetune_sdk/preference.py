@@ -150,19 +150,15 @@ def dropout_disabled(model: Any) -> Iterator[None]:
     loss of exactly log 2."""
     import torch
 
-    from finetune_sdk.lora_dropout import dropout_linear_class
-
-    fused = dropout_linear_class()  # LoRA layers whose dropout moved inside lora_A (finetune_sdk.lora_dropout)
-    dropouts = [(m, "p") if isinstance(m, torch.nn.Dropout) else (m, "dropout_p") for m in model.modules()
-                if isinstance(m, (torch.nn.Dropout, fused))]
-    saved = [getattr(m, attr) for m, attr in dropouts]
-    for module, attr in dropouts:
-        setattr(module, attr, 0.0)
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]  # fused LoRA layers read theirs
+    saved = [m.p for m in dropouts]
+    for module in dropouts:
+        module.p = 0.0
     try:
         yield
     finally:
-        for (module, attr), p in zip(dropouts, saved):
-            setattr(module, attr, p)
+        for module, p in zip(dropouts, saved):
+            module.p = p
 
 
 def dpo_trainer_class() -> type:

@@ -17,7 +17,7 @@ from finetune_sdk.checkpoints import (checkpoints_dir, checkpointing_trainer_cla
                                       remove_checkpoints)
 from finetune_sdk.chunked_loss import chunked_loss_trainer_class
 from finetune_sdk.heap import limit_heap_fragmentation
-from finetune_sdk.lora_dropout import use_memory_efficient_dropout
+from finetune_sdk.fused_lora import use_fused_lora
 from finetune_sdk.cpu_threads import set_cpu_threads
 from finetune_sdk.models import ModelSource
 from finetune_sdk.objectives import ListDataset
@@ -149,8 +149,10 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
     objective.before_prepare(loaded.model, plan, tokenizer, options)
     model = run.technique.prepare(loaded.model, options, tokenizer)
     loaded.model = model
-    if use_memory_efficient_dropout(model):
-        log.info("LoRA dropout inside lora_A: the dropped copy of each adapted layer's input is never kept")
+    if os.environ.get("FINETUNE_SDK_FUSED_LORA", "1") == "0":
+        log.info("fused LoRA layers off (FINETUNE_SDK_FUSED_LORA=0): PEFT's own LoRA forward")
+    elif use_fused_lora(model):
+        log.info("fused LoRA layers: dropout, lora_A, lora_B, scaling and the sum in one step; no dropped copy kept")
     precision = run_precision(run)
     log.info("precision: %s", precision.describe())
     if precision.activations == "float32" and precision.dtype != "float32":

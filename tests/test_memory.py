@@ -145,9 +145,9 @@ def test_saved_activations_match_what_autograd_saves(family, technique, targets,
         with known_dependency_warnings():
             model = get_peft_model(model, LoraConfig(r=8, lora_dropout=dropout, task_type="CAUSAL_LM",
                                                      target_modules=None if targets == "attention" else targets))
-        from finetune_sdk.lora_dropout import use_memory_efficient_dropout
+        from finetune_sdk.fused_lora import use_fused_lora
 
-        use_memory_efficient_dropout(model)  # as the run engine does
+        use_fused_lora(model)  # as the run engine does
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}

@@ -1,0 +1,214 @@
+"""Fused LoRA layers: the same values and gradients as PEFT's, less saved memory, PEFT's path where not covered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from finetune_sdk import Trainer
+from finetune_sdk import fused_lora
+from finetune_sdk.fused_lora import keep_mask, use_fused_lora
+from finetune_sdk.testing.tiny import tiny_model
+
+
+def _lora(dropout: float, seed: int = 0):
+    torch.manual_seed(seed)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_dropout=dropout, target_modules="all-linear"))
+    for name, param in model.named_parameters():  # LoRA B starts at zero: give it values so A gets gradients
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(1))
+    return model.train()
+
+
+def _saved_bytes(model, ids) -> tuple[int, torch.Tensor]:
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    return sum(storages.values()), loss
+
+
+def test_same_loss_and_gradients_as_peft_with_the_same_mask(monkeypatch):
+    """With the masks that nn.Dropout drew, the fused layer gives PEFT's loss and every gradient."""
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference, fused = _lora(0.3), _lora(0.3)
+    masks: list[torch.Tensor] = []
+
+    def record(module, args, output):  # the mask nn.Dropout used: where the output is not zero
+        masks.append(output != 0)
+
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(record)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    assert use_fused_lora(fused) == len(masks) > 0
+    replay = iter(masks)
+    monkeypatch.setattr(fused_lora, "keep_mask", lambda shape, p, device: next(replay))  # the same masks, in order
+    loss = fused(input_ids=ids, labels=ids).loss
+    loss.backward()
+    ref_loss = reference(input_ids=ids, labels=ids).loss  # eval-free second forward only for the dtype check
+    assert loss.dtype == ref_loss.dtype
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    for name, param in fused.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_less_saved_memory_and_plain_linear_in_eval_and_saved_names_unchanged(tmp_path):
+    ids = torch.randint(0, 64, (4, 64), generator=torch.Generator().manual_seed(0))
+    plain, fused = _lora(0.1), _lora(0.1)
+    use_fused_lora(fused)
+    assert use_fused_lora(fused) == 0  # a second call changes nothing
+    plain_bytes, _ = _saved_bytes(plain, ids)
+    fused_bytes, _ = _saved_bytes(fused, ids)
+    no_dropout_bytes, _ = _saved_bytes(_lora(0.0), ids)
+    assert fused_bytes < plain_bytes * 0.85
+    assert fused_bytes < no_dropout_bytes * 1.2  # one byte per element more than no dropout at all
+    fused.eval()
+    plain.load_state_dict(fused.state_dict())
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+    fused.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert all("lora_A.weight" in k or "lora_B.weight" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_keep_mask_keeps_one_minus_p_of_the_elements_independently(p):
+    """The CPU mask's 16-bit lanes: the kept share is 1 - p in every lane, neighbours are independent."""
+    torch.manual_seed(0)
+    mask = keep_mask((1000, 1001), p, "cpu")  # an odd size: the last 64-bit draw is only partly used
+    assert mask.dtype == torch.bool and mask.shape == (1000, 1001)
+    flat = mask.view(-1)[: 1000 * 1000].view(-1, 4).double()
+    tolerance = 5 * (p * (1 - p) / flat.shape[0]) ** 0.5  # five standard errors of a lane's share
+    for lane in range(4):
+        assert abs(flat[:, lane].mean().item() - (1 - p)) < tolerance, lane
+    both = (flat[:, 0] * flat[:, 1]).mean().item()  # independence of neighbouring lanes of one draw
+    assert abs(both - (1 - p) ** 2) < tolerance * 2
+    with pytest.raises(ValueError, match="dropout probability"):
+        keep_mask((2, 2), 1.0, "cpu")
+
+
+def test_dropout_keeps_the_expected_value():
+    """E[layer(x)] with dropout = layer(x) without: the 1 / (1 - p) scale, now on the rank-r side, is applied."""
+    model = _lora(0.5)
+    use_fused_lora(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = 1 + 0.1 * torch.randn(20000, layer.in_features, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        mean = layer(x).mean(0)
+        layer.eval()
+        exact, base = layer(x).mean(0), layer.base_layer(x).mean(0)
+    update = exact - base
+    assert update.abs().max() > 0.3  # without the scale the mean update would be half: 0.15 off
+    torch.testing.assert_close(mean - base, update, atol=0.02, rtol=0)
+
+
+def _peft_pair(seed: int = 0, **config):
+    """Two identical LoRA models (lora_B non-zero), the second fused."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(seed)
+        model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", **config))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(1))
+        models.append(model.train())
+    assert use_fused_lora(models[1]) > 0
+    return models
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_without_dropout_equal_to_peft_in_fp32_and_under_a_bf16_base(base_dtype):
+    """No dropout: PEFT's loss and gradients; with a bf16 base under fp32 adapters (result and lora_B dtypes
+    differ) the update is cast and added as PEFT does."""
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference, fused = _peft_pair(lora_alpha=16, lora_dropout=0.0)
+    for model in (reference, fused):
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(base_dtype)
+    ref_loss, ref_grads = _loss_and_grads(reference, ids)
+    loss, grads = _loss_and_grads(fused, ids)
+    tolerance = {} if base_dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
+    torch.testing.assert_close(loss, ref_loss, **tolerance)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], msg=name, **tolerance)
+
+
+def test_peft_paths_it_does_not_cover_still_work():
+    """Disabled adapters, merged weights, two active adapters and DoRA take PEFT's own forward."""
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference, fused = _peft_pair(lora_dropout=0.0)
+    reference.eval(), fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
+        with fused.disable_adapter(), reference.disable_adapter():
+            torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
+        before = fused(input_ids=ids).logits
+        fused.merge_adapter()
+        torch.testing.assert_close(fused(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+        fused.unmerge_adapter()
+        for model in (reference, fused):
+            torch.manual_seed(2)  # the same random "second" adapter in both
+            model.add_adapter("second", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+            model.base_model.set_adapter(["default", "second"])
+        use_fused_lora(fused)
+        torch.testing.assert_close(fused(input_ids=ids).logits, reference(input_ids=ids).logits)
+    dora = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_dropout=0.1, use_dora=True,
+                                                         target_modules=["q_proj"]))
+    assert use_fused_lora(dora) == 0
+
+
+def test_dropout_off_in_eval_and_under_dropout_disabled():
+    """The fused layer reads PEFT's nn.Dropout at each call: eval mode and dropout_disabled give p = 0."""
+    from finetune_sdk.preference import dropout_disabled
+
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = _lora(0.5)
+    use_fused_lora(model)
+    torch.manual_seed(0)
+    dropped = model(input_ids=ids, labels=ids).loss
+    with dropout_disabled(model):
+        kept = [model(input_ids=ids, labels=ids).loss for _ in range(2)]
+    assert kept[0] == kept[1] != dropped
+    with torch.no_grad():
+        assert model.eval()(input_ids=ids, labels=ids).loss == kept[0]
+
+
+def test_dropout_is_drawn_from_the_seeded_generator():
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(2):
+        model = _lora(0.5)
+        use_fused_lora(model)
+        torch.manual_seed(123)
+        losses.append(model(input_ids=ids, labels=ids).loss)
+    model = _lora(0.5)
+    use_fused_lora(model)
+    torch.manual_seed(124)
+    assert losses[0] == losses[1] != model(input_ids=ids, labels=ids).loss
+
+
+def test_training_runs_use_it(tiny_models, tmp_path, qa_rows, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="finetune_sdk")
+    Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "a", max_steps=1, progress=False,
+            lora_dropout=0.1).fit(qa_rows)
+    assert "fused LoRA layers" in caplog.text
