@@ -12,7 +12,12 @@ AVX512-BF16/AMX CPU or a bf16 GPU, else ``dtype="bfloat16"``):
 
 MFU = achieved / peak of the same dtype. Medians over rounds.
 
-    python benchmarks/bench_mfu.py [--steps 10] [--rounds 3] [--max-length 256] [--technique lora]
+Where the time goes (``--profile``, LoRA only): one more run per dtype whose second step runs under
+``torch.profiler``; it prints the step's busiest operations and the share of the step spent in matmuls
+(``aten::mm``/``addmm``/``bmm``), and the MFU the step would reach if everything else took no time (its FLOPs over
+its matmul time, against the same peak): the ceiling that faster matmuls alone can't lift.
+
+    python benchmarks/bench_mfu.py [--steps 10] [--rounds 3] [--max-length 256] [--technique lora] [--profile]
 """
 
 from __future__ import annotations
@@ -36,12 +41,13 @@ def peak_matmul_flops(dtype: str, n: int, reps: int) -> float:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
     b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+    out = torch.empty_like(a)  # written in place: a fresh output each time would time the allocator's page faults
     best = float("inf")
     for i in range(reps + 2):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        a @ b
+        torch.mm(a, b, out=out)
         if device == "cuda":
             torch.cuda.synchronize()
         if i >= 2:
@@ -62,6 +68,45 @@ def flops_per_token(model_folder: str, technique: str, lora_r: int) -> tuple[flo
     return 4.0 * matmul + 6.0 * adapter, matmul, adapter
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def profile_step(model: str, dtype: str, train: list, evaluation: list, args: argparse.Namespace, out: Path,
+                 per_token: float) -> dict:
+    """Run two LoRA steps through ``bench_precision.run``, the second under ``torch.profiler``; the step's figures:
+    wall and operation seconds, matmul seconds, the busiest operations, and its FLOPs (``per_token`` x tokens)."""
+    import bench_precision
+    import transformers
+    from torch.profiler import ProfilerActivity, profile
+
+    profiled: dict = {}
+    original = transformers.Trainer.training_step
+
+    def training_step(self, *a, **k):
+        if profiled or self.state.global_step < 1:
+            return original(self, *a, **k)
+        profiled["flops"] = per_token * a[1]["input_ids"].numel()  # packed: one row, no padding
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            loss = original(self, *a, **k)
+            profiled["seconds"] = time.perf_counter() - start
+        events = prof.key_averages()
+        profiled["total"] = sum(e.self_cpu_time_total for e in events) / 1e6
+        profiled["matmul"] = sum(e.self_cpu_time_total for e in events if e.key in MATMULS) / 1e6
+        profiled["top"] = [(e.key, e.self_cpu_time_total / 1e6, e.count)
+                           for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]]
+        return loss
+
+    transformers.Trainer.training_step = training_step
+    try:
+        steps, args.steps = args.steps, 2
+        bench_precision.run(model, dtype, train[: 2 * args.batch], evaluation[:1], args, out)
+    finally:
+        transformers.Trainer.training_step = original
+        args.steps = steps
+    return profiled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -73,6 +118,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--technique", default="lora", choices=("lora", "full"))
     parser.add_argument("--model", help="a model folder (default: SmolLM2-135M-Instruct from the GGUF)")
+    parser.add_argument("--profile", action="store_true", help="profile one LoRA step per dtype: where the time goes")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_precision
@@ -125,6 +171,15 @@ def main() -> None:
         peak, got = statistics.median(peaks[dtype]), statistics.median(achieved[dtype])
         mfu = statistics.median(a / p for a, p in zip(achieved[dtype], peaks[dtype]))
         print(f"{dtype:10}{peak / 1e9:>14.1f}{got / 1e9:>18.1f}{mfu:>8.1%}")
+    if args.profile and args.technique == "lora":
+        print("\none profiled step per dtype (self CPU seconds of the step's operations)")
+        for dtype in sides:
+            step = profile_step(model, dtype, train, evaluation, args, work / f"{dtype}-profile", per_token)
+            print(f"{dtype}: {step['seconds']:.2f} s wall, {step['total']:.2f} s in operations, "
+                  f"{step['matmul']:.2f} s ({step['matmul'] / step['total']:.0%}) in matmuls; busiest: "
+                  + ", ".join(f"{k} {t:.2f} s x{c}" for k, t, c in step["top"]))
+            ceiling = step["flops"] / step["matmul"] / statistics.median(peaks[dtype])
+            print(f"  MFU if everything but the matmuls took no time: {ceiling:.1%}")
 
 
 if __name__ == "__main__":

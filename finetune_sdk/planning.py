@@ -56,6 +56,8 @@ class TrainingPlan:
     trainable_dtypes: list[str] = field(default_factory=list)
     #: Set by run_training: True when the causal-LM loss is computed in chunks (finetune_sdk.chunked_loss).
     chunked_loss: bool = False
+    #: Set by the Trainer before the model loads: the training-memory estimate in bytes (None: not estimated).
+    estimated_memory: int | None = None
     #: Set for the classifier on cached features: each held-out set's features, so that the final metrics come
     #: from the trained head without running the backbone again.
     eval_features: dict[str, Any] = field(default_factory=dict)

@@ -128,8 +128,9 @@ class Trainer:
         if self._current_model is not None and plan.current_model_formatter is not None:
             self._current_model.formatter = plan.current_model_formatter
         if self._current_model is None and self._given_model is None:  # stop before the model loads if it can't fit
-            check_run_memory(self.source.path or self.source.id, self.technique, self.quantizer, self.options,
-                             plan.train.examples, objective=plan.objective)
+            estimate = check_run_memory(self.source.path or self.source.id, self.technique, self.quantizer,
+                                        self.options, plan.train.examples, objective=plan.objective)
+            plan.estimated_memory = getattr(estimate, "total", None)
         run = RunSpec(self.technique, self.quantizer, self.options, self.output_dir, self.source, self.host,
                       self.progress, self.logger, precision_for(self))
         result = run_training(run, plan, self.current_model(), tokenizer)

@@ -1,4 +1,4 @@
-"""glibc's mmap threshold is fixed for CPU training: freed activations leave no heap holes behind."""
+"""glibc's mmap threshold is fixed for CPU training when memory is tight: freed activations leave no heap holes."""
 
 from __future__ import annotations
 
@@ -36,6 +36,19 @@ def test_threshold_from_the_environment():
         mmap_threshold({"FINETUNE_SDK_MMAP_THRESHOLD": "lots"})
 
 
+def test_the_fixed_threshold_only_when_memory_is_tight():
+    """Room to spare keeps glibc's faster heap; a tight fit or an unknown estimate fixes the threshold; the
+    environment variable decides whatever the estimate."""
+    gib = 2**30
+    assert mmap_threshold({}, estimated_bytes=4 * gib, available_bytes=20 * gib) is None  # 6.8 <= 16
+    assert mmap_threshold({}, estimated_bytes=10 * gib, available_bytes=20 * gib) == DEFAULT_MMAP_THRESHOLD  # 17 > 16
+    assert mmap_threshold({}, estimated_bytes=None, available_bytes=20 * gib) == DEFAULT_MMAP_THRESHOLD
+    assert mmap_threshold({}, estimated_bytes=4 * gib, available_bytes=None) == DEFAULT_MMAP_THRESHOLD
+    env = {"FINETUNE_SDK_MMAP_THRESHOLD": "8388608"}
+    assert mmap_threshold(env, estimated_bytes=gib, available_bytes=20 * gib) == 8388608
+    assert mmap_threshold({"FINETUNE_SDK_MMAP_THRESHOLD": "0"}, estimated_bytes=10 * gib, available_bytes=gib) is None
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_a_fixed_threshold_lowers_the_peak_of_alternating_tensors():
     def peak(mode: str) -> int:
@@ -49,11 +62,11 @@ def test_a_fixed_threshold_lowers_the_peak_of_alternating_tensors():
     assert default - fixed > 300_000, f"peak RSS {default} KiB with glibc default, {fixed} KiB fixed"
 
 
-def test_cpu_training_fixes_the_threshold(tiny_models, tmp_path, qa_rows, monkeypatch):
+def test_cpu_training_asks_with_its_memory_estimate(tiny_models, tmp_path, qa_rows, monkeypatch):
     from finetune_sdk import Trainer, run_engine
 
     calls = []
-    monkeypatch.setattr(run_engine, "limit_heap_fragmentation", lambda: calls.append(1) or True)
+    monkeypatch.setattr(run_engine, "limit_heap_fragmentation", lambda estimated: calls.append(estimated) or True)
     Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "a", max_steps=1,
             progress=False).fit(qa_rows)
-    assert calls == [1]
+    assert len(calls) == 1 and isinstance(calls[0], int) and 0 < calls[0] < 2**30  # a tiny model's estimate
