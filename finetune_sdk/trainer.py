@@ -16,8 +16,7 @@ from finetune_sdk.options import TRAINING_OPTIONS, option_table, resolve_options
 from finetune_sdk.planning import Planner, detect_formatter, formatter_fits, reward_rows, validate_task_name
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.precision import precision_for
-from finetune_sdk.request import (check_output_dir, check_precision, default_output_dir, model_source,
-                                  resolve_plugins)
+from finetune_sdk.request import check_output_dir, check_precision, default_output_dir, model_source, resolve_plugins
 from finetune_sdk.result import FitResult
 from finetune_sdk.stages_and_tasks import fit_stages, is_stage_list, is_task_list
 
