@@ -212,3 +212,26 @@ def test_training_runs_use_it(tiny_models, tmp_path, qa_rows, caplog):
     Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "a", max_steps=1, progress=False,
             lora_dropout=0.1).fit(qa_rows)
     assert "fused LoRA layers" in caplog.text
+
+
+def test_activation_checkpointing_replays_the_same_dropout_masks(monkeypatch):
+    """Recomputing a checkpointed block draws the same masks (torch.utils.checkpoint restores the RNG state), so
+    loss and gradients equal those of the same seeded step without checkpointing."""
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    results, draws = [], []
+    original = fused_lora.keep_mask
+    monkeypatch.setattr(fused_lora, "keep_mask", lambda *a: draws.append(1) or original(*a))
+    for checkpointing in (False, True):
+        draws.clear()
+        model = _lora(0.3)
+        use_fused_lora(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(7)
+        results.append(_loss_and_grads(model, ids))
+        results[-1] += (len(draws),)
+    (loss, grads, plain_draws), (checkpointed_loss, checkpointed_grads, recomputed_draws) = results
+    assert recomputed_draws == 2 * plain_draws > 0  # the blocks really were recomputed
+    torch.testing.assert_close(checkpointed_loss, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
