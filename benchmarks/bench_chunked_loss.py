@@ -27,24 +27,11 @@ import json, resource, sys
 from pathlib import Path
 spec = json.loads(sys.argv[1])
 sys.path.insert(0, spec["benchmarks"])
-from finetune_sdk import Trainer, hookimpl
+from finetune_sdk import Trainer
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.precision import precision_for
 from bench_precision import documentation_rows
-
-def hwm():
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-class ResetPeakAtTrainBegin:
-    @hookimpl
-    def on_train_begin(self, context):
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the training steps' own peak from here
-        except OSError:
-            pass
+from peak_memory import ResetPeakAtTrainBegin, peak_rss
 
 paragraphs = documentation_rows(600)
 text = " ".join(p["text"] for p in paragraphs)
@@ -59,7 +46,7 @@ get_plugin_host().pm.register(ResetPeakAtTrainBegin())
 result = trainer.fit(rows)
 losses = [h["loss"] for h in result.log_history if "loss" in h]
 print("RESULT " + json.dumps({
-    "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "train_peak": hwm(),
+    "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "train_peak": peak_rss(),
     "tok/s": result.metrics["train_tokens_per_second"], "first_loss": losses[0], "train_loss": result.metrics["train_loss"],
     "tokens": result.metrics["train_tokens"], "precision": precision_for(trainer).describe()}))
 """

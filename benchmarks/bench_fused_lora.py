@@ -27,20 +27,10 @@ import json, sys
 from pathlib import Path
 spec = json.loads(sys.argv[1])
 sys.path.insert(0, spec["benchmarks"])
-from finetune_sdk import Trainer, hookimpl
+from finetune_sdk import Trainer
 from finetune_sdk.plugin_manager import get_plugin_host
 from bench_precision import LORA, documentation_rows
-
-def hwm():
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-class ResetPeakAtTrainBegin:
-    @hookimpl
-    def on_train_begin(self, context):
-        Path("/proc/self/clear_refs").write_text("5")
+from peak_memory import ResetPeakAtTrainBegin, peak_rss
 
 trainer = Trainer(spec["model"], technique="lora", formatter="text", output_dir=spec["out"], progress=False, **LORA,
                   per_device_train_batch_size=8, max_steps=spec["steps"], max_length=spec["max_length"],
@@ -48,7 +38,7 @@ trainer = Trainer(spec["model"], technique="lora", formatter="text", output_dir=
                   **({} if spec["dtype"] == "auto" else {"dtype": spec["dtype"]}))
 get_plugin_host().pm.register(ResetPeakAtTrainBegin())
 metrics = trainer.fit(documentation_rows(8 * spec["steps"])).metrics
-print(json.dumps({"tok/s": metrics["train_tokens_per_second"], "loss": metrics["train_loss"], "peak": hwm()}))
+print(json.dumps({"tok/s": metrics["train_tokens_per_second"], "loss": metrics["train_loss"], "peak": peak_rss()}))
 """
 
 

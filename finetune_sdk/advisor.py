@@ -377,11 +377,12 @@ def preflight(model: Any, technique: Any, quantizer_name: str | None, options: M
 
 
 def check_run_memory(model: Any, technique: Any, quantizer: Any, options: Any, examples: list[Any],
-                     objective: str | None = None) -> Any:
+                     objective: str | None = None, refuse: bool = True) -> Any:
     """Before a run loads its model: log the training-memory estimate for the longest of ``examples`` (encoded,
     capped at ``max_length``; a DPO pair's or KTO row's longest sequence; GRPO: the longest prompt plus
     ``max_completion_length``) and stop with settings that would fit when it can't (see :func:`preflight`).
-    Returns the estimate or None."""
+    With ``refuse=False`` (the model is already loaded: its weights are no longer free memory) a run that looks
+    too big returns None instead of raising. Returns the estimate or None."""
     import logging
 
     def length(example: Any) -> int:
@@ -392,8 +393,13 @@ def check_run_memory(model: Any, technique: Any, quantizer: Any, options: Any, e
     if objective == "grpo" and longest:
         longest += options["max_completion_length"]
     seq_len = min(options["max_length"], longest) if longest else options["max_length"]
-    estimate = preflight(model, technique, quantizer.name if quantizer else None, options, seq_len=seq_len,
-                         objective=objective)
+    try:
+        estimate = preflight(model, technique, quantizer.name if quantizer else None, options, seq_len=seq_len,
+                             objective=objective)
+    except ConfigError:
+        if refuse:
+            raise
+        return None
     if estimate is not None:
         logging.getLogger("finetune_sdk").info("estimated training memory: %s", estimate)
     return estimate

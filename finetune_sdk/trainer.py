@@ -126,9 +126,9 @@ class Trainer:
             self.options["labels"] = plan.labels
         if self._current_model is not None and plan.current_model_formatter is not None:
             self._current_model.formatter = plan.current_model_formatter
-        if self._current_model is None and self._given_model is None:  # stop before the model loads if it can't fit
+        if self._given_model is None:  # stop before the model loads if it can't fit; once loaded: only estimate
             estimate = check_run_memory(self.source.path or self.source.id, self.technique, self.quantizer,
-                                        self.options, plan.train.examples, objective=plan.objective)
+                                        self.options, plan.train.examples, plan.objective, self._current_model is None)
             plan.estimated_memory = getattr(estimate, "total", None)
         run = RunSpec(self.technique, self.quantizer, self.options, self.output_dir, self.source, self.host,
                       self.progress, self.logger, precision_for(self))

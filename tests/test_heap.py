@@ -69,4 +69,21 @@ def test_cpu_training_asks_with_its_memory_estimate(tiny_models, tmp_path, qa_ro
     monkeypatch.setattr(run_engine, "limit_heap_fragmentation", lambda estimated: calls.append(estimated) or True)
     Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "a", max_steps=1,
             progress=False).fit(qa_rows)
-    assert len(calls) == 1 and isinstance(calls[0], int) and 0 < calls[0] < 2**30  # a tiny model's estimate
+    trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "b", max_steps=1,
+                      progress=False)
+    trainer.evaluate(qa_rows)  # the model is loaded before fit: the run still gets its estimate
+    trainer.fit(qa_rows)
+    assert len(calls) == 2 and all(isinstance(c, int) and 0 < c < 2**30 for c in calls), calls  # tiny estimates
+
+
+def test_a_loaded_model_that_looks_too_big_gets_no_estimate_instead_of_an_error(monkeypatch):
+    from finetune_sdk import advisor
+
+    def too_big(*args, **kwargs):
+        raise ConfigError("training needs about 99 GiB")
+
+    monkeypatch.setattr(advisor, "preflight", too_big)
+    args = ("model", "lora", None, {"max_length": 16}, [{"input_ids": [1, 2, 3]}])
+    with pytest.raises(ConfigError, match="99 GiB"):
+        advisor.check_run_memory(*args)  # before the model loads: refused
+    assert advisor.check_run_memory(*args, refuse=False) is None  # already loaded: no estimate, no error
