@@ -107,7 +107,8 @@ def _lane_thresholds(keep: float) -> Any:
 @functools.cache
 def _fused_class(peft_class: type) -> type:
     """``peft_class`` with :func:`_fused_forward` as its forward (one subclass per PEFT layer class)."""
-    return type(f"Fused{peft_class.__name__}", (peft_class,), {"forward": _fused_forward, "_finetune_sdk_fused": True})
+    return type(f"Fused{peft_class.__name__}", (peft_class,),
+                {"forward": _fused_forward, "_finetune_sdk_fused": True, "_finetune_sdk_peft_class": peft_class})
 
 
 def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -119,7 +120,7 @@ def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     if (name is None or name not in self.lora_A or self.disable_adapters or self.merged
             or kwargs.get("adapter_names") is not None or name in getattr(self, "lora_variant", {})
             or torch.is_autocast_enabled(x.device.type)):  # autocast: PEFT's forward, autocast's casts
-        return super(type(self), self).forward(x, *args, **kwargs)
+        return self._finetune_sdk_peft_class.forward(self, x, *args, **kwargs)
     self._check_forward_args(x, *args, **kwargs)
     kwargs.pop("adapter_names", None)
     for key in _variant_kwarg_keys():  # PEFT's forward keeps these from the base layer too
