@@ -119,6 +119,7 @@ def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     name = active[0] if len(active) == 1 else None
     if (name is None or name not in self.lora_A or self.disable_adapters or self.merged
             or kwargs.get("adapter_names") is not None or name in getattr(self, "lora_variant", {})
+            or self.lora_B[name].bias is not None  # an adapter added later with lora_bias
             or torch.is_autocast_enabled(x.device.type)):  # autocast: PEFT's forward, autocast's casts
         return self._finetune_sdk_peft_class.forward(self, x, *args, **kwargs)
     self._check_forward_args(x, *args, **kwargs)
