@@ -198,7 +198,7 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
             inputs.trainer_class
         set_cpu_threads(log)
         if args.use_cpu:
-            # when memory is tight, or under a quantized base (its dequantised copies ran slower on glibc's heap)
+            # when memory is tight, or under a quantized base (glibc's heap not measured side by side there)
             limit_heap_fragmentation(None if run.quantizer else plan.estimated_memory)
         cls = checkpointing_trainer_class(trainer_class, checkpoint_root, options=options)
         hf = cls(model=inputs.model, args=args, train_dataset=inputs.train_dataset, eval_dataset=inputs.eval_dataset,

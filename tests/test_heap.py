@@ -76,7 +76,7 @@ def test_cpu_training_asks_with_its_memory_estimate(tiny_models, tmp_path, qa_ro
     assert len(calls) == 2 and all(isinstance(c, int) and 0 < c < 2**30 for c in calls), calls  # tiny estimates
     Trainer(tiny_models("llama"), technique="qlora", formatter="chatml", output_dir=tmp_path / "c", max_steps=1,
             progress=False).fit(qa_rows)
-    assert calls[2] is None  # a quantized base keeps the fixed threshold (its dequantised copies: docs/speed.md)
+    assert calls[2] is None  # a quantized base keeps the fixed threshold (docs/speed.md)
 
 
 def test_a_loaded_model_that_looks_too_big_gets_no_estimate_instead_of_an_error(monkeypatch):
