@@ -167,7 +167,6 @@ def _lora_update_class() -> type:
             ctx.scale = scaling / (1.0 - p)
             h = F.linear(dropped, weight_a) * ctx.scale  # [..., r]
             ctx.save_for_backward(x, keep, weight_a, weight_b, h)
-            ctx.result_dtype = result.dtype
             if result.dtype == weight_b.dtype:
                 return torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
                                    weight_b.t()).view(result.shape)

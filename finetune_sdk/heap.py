@@ -11,8 +11,8 @@ SmolLM2-135M-Instruct with LoRA on all linear layers, 8 x 512 tokens, that was 5
 :func:`limit_heap_fragmentation` fixes the threshold (which also stops glibc raising it) at
 :data:`DEFAULT_MMAP_THRESHOLD`, so every tensor of 4 MiB or more is mapped and unmapped on its own. The cost is
 speed: the kernel zero-fills those pages on each allocation, and bf16 matmuls whose outputs and buffers are mapped
-afresh each time slow down most (SmolLM2-135M LoRA, batch 8 x 256, precision auto: 166 vs 207 tokens/s, peak 3.3 vs
-4.3 GB; docs/benchmarks.md). So a CPU run fixes the threshold only when memory is tight: when its training-memory
+afresh each time slow down most (SmolLM2-135M LoRA, batch 8 x 256, precision auto: 184 vs 296 tokens/s, peak 3.2 vs
+4.0 GiB; docs/benchmarks.md). So a CPU run fixes the threshold only when memory is tight: when its training-memory
 estimate times :data:`HEAP_FRAGMENTATION` would exceed :data:`MEMORY_HEADROOM` of the memory available, or when
 there is no estimate. ``FINETUNE_SDK_MMAP_THRESHOLD`` sets a threshold in bytes for every run; ``0`` always leaves
 glibc's default. Nothing happens on other C libraries (musl, macOS, Windows).
@@ -86,8 +86,10 @@ def limit_heap_fragmentation(estimated_bytes: int | None = None) -> bool:
     threshold = mmap_threshold(estimated_bytes=estimated_bytes,
                                available_bytes=available_memory("cpu") if estimated_bytes else None)
     if threshold is None and not _applied:
-        logger.info("CPU memory: glibc's heap as it is (faster; the run's estimate leaves room to spare); "
-                    "FINETUNE_SDK_MMAP_THRESHOLD=4194304 trades speed for a lower peak")
+        why = ("FINETUNE_SDK_MMAP_THRESHOLD=0" if os.environ.get("FINETUNE_SDK_MMAP_THRESHOLD", "").strip()
+               else "faster; the run's estimate leaves room to spare")
+        logger.info("CPU memory: glibc's heap as it is (%s); FINETUNE_SDK_MMAP_THRESHOLD=4194304 trades speed for "
+                    "a lower peak", why)
     if threshold is None or _applied == [threshold]:
         return bool(_applied) and threshold is not None
     import ctypes
