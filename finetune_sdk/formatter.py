@@ -135,3 +135,20 @@ class Formatter:
     def text_and_label(self, row: Mapping[str, Any]) -> tuple[str, Any]:
         """Return (text, label) for classification formatters."""
         raise NotImplementedError
+
+    def chat_format(self, tokenizer: Any, options: Mapping[str, Any]) -> Any:
+        """The chat format :meth:`prompt_segments` renders in with ``tokenizer`` and ``options``, for exporters.
+
+        One of: a format name of ``finetune_sdk.exporting.chat_formats.FORMATS`` (``"chatml"``, ``"llama2-chat"``,
+        ``"llama3"``, ``"alpaca"``), ``"tokenizer"`` (the tokenizer's own chat template), ``"raw"`` (plain text, no
+        template), a ``ChatFormat`` instance (a format of the plugin's own, with its Jinja and Go templates), or
+        None (the formatter renders no prompts to chat with, or doesn't say: the export keeps the tokenizer's own
+        template). The export writes that format as the GGUF file's chat template and the Modelfile's
+        ``TEMPLATE``; ``FormatterContract`` checks both render exactly what training rendered.
+
+        Example:
+            >>> from finetune_sdk.plugins.formatters.chat import ChatMLFormatter
+            >>> ChatMLFormatter().chat_format(None, {})
+            'chatml'
+        """
+        return None

@@ -24,10 +24,12 @@ def modelfile(gguf_name: str, chat_format: ChatFormat | None, *, eos_token: str 
 
     Args:
         gguf_name: the GGUF file's name, in the same folder as the Modelfile (``FROM ./name``).
-        chat_format: the format the model was trained in (its Go template becomes ``TEMPLATE``, its end markers
-            ``stop`` parameters); None leaves the template to Ollama, which reads the GGUF's chat template.
+        chat_format: the format the model was trained in, specialised to its tokenizer and default system prompt
+            (its Go template becomes ``TEMPLATE``, its end markers ``stop`` parameters); None leaves the template to
+            Ollama, which reads the GGUF's chat template.
         eos_token: always a stop token.
-        system_prompt: the ``system_prompt`` the training used, written as ``SYSTEM``.
+        system_prompt: the ``system_prompt`` the training used, written as ``SYSTEM`` (Ollama adds it as the first
+            message when a request has no system message; the Go template also holds it as its default).
         raw_prompt: the model was trained on plain text: ``TEMPLATE {{ .Prompt }}``.
 
     Example:
@@ -35,6 +37,7 @@ def modelfile(gguf_name: str, chat_format: ChatFormat | None, *, eos_token: str 
         >>> print(modelfile("bot-q8_0.gguf", CHATML, eos_token="</s>"))  # doctest: +ELLIPSIS
         FROM ./bot-q8_0.gguf
         TEMPLATE \"\"\"{{- range .Messages }}<|im_start|>{{ .Role }}
+        {{ .Content }}<|im_end|>{{ if eq .Role "assistant" }}</s>{{ end }}
         ...
         PARAMETER stop "<|im_end|>"
         PARAMETER stop "<|im_start|>"
@@ -45,10 +48,10 @@ def modelfile(gguf_name: str, chat_format: ChatFormat | None, *, eos_token: str 
     if raw_prompt:
         lines.append('TEMPLATE "{{ .Prompt }}"')
     elif chat_format is not None:
-        lines.append(f"TEMPLATE {_block(chat_format.ollama)}")
+        lines.append(f"TEMPLATE {_block(chat_format.ollama())}")
     if system_prompt:
         lines.append(f"SYSTEM {_block(system_prompt)}")
-    stops: list[str] = list(chat_format.stops) if chat_format is not None and not raw_prompt else []
+    stops: list[str] = list(chat_format.stop_strings()) if chat_format is not None and not raw_prompt else []
     if eos_token and eos_token not in stops:
         stops.append(eos_token)
     lines += [f"PARAMETER stop {_quoted(stop)}" for stop in stops]

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finetune_sdk.errors import ConfigError
+from finetune_sdk.errors import ConfigError, FinetuneError
 from finetune_sdk.fsutil import staged_directory, write_json_atomic, write_text_atomic
 from finetune_sdk.manifest import MANIFEST_NAME, library_versions, read_manifest
 from finetune_sdk.progress import activity
@@ -63,21 +63,32 @@ def merged_causal_lm(folder: Path, manifest: dict[str, Any], registry: Any) -> t
 
 
 def chat_setup(manifest: dict[str, Any], tokenizer: Any) -> tuple[str | None, Any, bool]:
-    """``(jinja template for the file, ChatFormat for Ollama or None, raw_prompt)`` for the trained formatter."""
-    from finetune_sdk.exporting.chat_formats import FORMATTER_FORMATS, detect_format
+    """``(jinja template for the file, ChatFormat for Ollama or None, raw_prompt)`` for the format trained in.
 
-    formatter = manifest.get("formatter")
-    if formatter in FORMATTER_FORMATS:
-        chosen = FORMATTER_FORMATS[formatter]
-        return chosen.jinja, chosen, False
-    own = getattr(tokenizer, "chat_template", None) or None
-    if formatter == "text":
-        return own, None, True
-    detected = detect_format(own, tokenizer)
-    if own and detected is None:
+    The trained formatter says which chat format it rendered prompts in (``Formatter.chat_format`` with the
+    result's tokenizer and the manifest's options), whatever the objective: DPO's ``preference``, KTO's ``kto`` and
+    GRPO's ``prompt`` formatters name the format they delegate to. The training ``system_prompt`` becomes the
+    templates' default system prompt. A formatter that is not installed, or doesn't say, leaves the tokenizer's own
+    template.
+    """
+    from finetune_sdk.exporting.chat_formats import export_chat
+    from finetune_sdk.plugin_manager import get_plugin_host
+
+    options = manifest.get("options") or {}
+    trained = None
+    name = manifest.get("formatter")
+    try:
+        formatter = get_plugin_host().create("formatter", name) if name else None
+    except FinetuneError as exc:  # an uninstalled formatter: fall back to the tokenizer's template, and say so
+        formatter = None
+        logger.warning("%s; the export uses the tokenizer's own chat template", exc)
+    if formatter is not None:
+        trained = formatter.chat_format(tokenizer, options)
+    chat = export_chat(trained, tokenizer, system_prompt=options.get("system_prompt"))
+    if chat.jinja and chat.ollama is None and not chat.raw_prompt:
         logger.warning("the chat template is not one finetune-sdk can write as an Ollama TEMPLATE; the Modelfile "
                        "leaves it out and Ollama falls back to the template stored in the GGUF file")
-    return own, detected, False
+    return chat.jinja, chat.ollama, chat.raw_prompt
 
 
 def run_export(ref: Any, out: Path, *, quantization: str, name: str | None, registry: Any) -> Any:

@@ -25,6 +25,7 @@ from finetune_sdk.options import Option
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.quantizer import Quantizer
 from finetune_sdk.technique import Technique
+from finetune_sdk.testing.chat_contract import check_chat_round_trip
 from finetune_sdk.testing.light import heavy_imports
 from finetune_sdk.testing.special_tokens import (TOKENIZER_VARIANTS, content_with_specials, ends_with_one_eos,
                                                  inject_special_tokens, variant_tokenizer)
@@ -326,3 +327,16 @@ class FormatterContract:
         plain = encode_segments(formatter.prompt_segments("hello", tokenizer, {}), tokenizer, None)["input_ids"]
         assert counts(prompt) == counts(plain), "a generation prompt became special tokens"
 
+    @pytest.mark.parametrize("own_template", [True, False], ids=["tokenizer-template", "no-template"])
+    def test_exported_chat_format_renders_what_training_rendered(self, own_template: bool) -> None:
+        """The export's GGUF chat template (and, with Go installed, its Modelfile TEMPLATE) renders one turn, one
+        turn under a system prompt and a two-turn history token for token as training did."""
+        formatter = self.formatter()
+        if formatter.task == CLASSIFICATION:
+            pytest.skip("a classification formatter renders no chat prompts")
+        tokenizer = tiny_tokenizer(chat_template=own_template)
+        try:
+            formatter.prompt_segments("hello", tokenizer, {})
+        except DataError:
+            pytest.skip(f"{self.name} does not take a tokenizer {'with' if own_template else 'without'} a template")
+        assert check_chat_round_trip(formatter, tokenizer) >= 2

@@ -45,3 +45,6 @@ class AlpacaFormatter(Formatter):
 
     def prompt_segments(self, prompt, tokenizer, options):
         return self._prompt(prompt, None, tokenizer)
+
+    def chat_format(self, tokenizer, options):
+        return "alpaca"

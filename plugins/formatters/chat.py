@@ -84,6 +84,9 @@ class Llama2ChatFormatter(ChatFormatter):
     def segments(self, row, tokenizer, options):
         return self._render(conversation(row, options), tokenizer)
 
+    def chat_format(self, tokenizer, options):
+        return "llama2-chat"
+
     def prompt_segments(self, prompt, tokenizer, options):
         return self._render(prompt_conversation(prompt, options), tokenizer)
 
@@ -119,6 +122,9 @@ class ChatMLFormatter(ChatFormatter):
     def prompt_segments(self, prompt, tokenizer, options):
         turns = [s for m in prompt_conversation(prompt, options) for s in chatml_turn(m["role"], m["content"])]
         return [*turns, Segment("<|im_start|>assistant\n")]
+
+    def chat_format(self, tokenizer, options):
+        return "chatml"
 
 
 class ChatTemplateFormatter(ChatFormatter):
@@ -166,3 +172,6 @@ class ChatTemplateFormatter(ChatFormatter):
         messages = prompt_conversation(prompt, options)
         rendering = TemplateRendering(self, tokenizer, messages)
         return rendering.segments(0, len(rendering.render(len(messages), generation_prompt=True)))
+
+    def chat_format(self, tokenizer, options):
+        return "tokenizer"

@@ -25,6 +25,10 @@ class ChatAnswers:
     def prompt_segments(self, prompt, tokenizer, options):
         return self._chat(tokenizer).prompt_segments(prompt, tokenizer, options)
 
+    def chat_format(self, tokenizer, options):
+        """The format of the chat formatter the prompts are rendered with (the template's, or ChatML)."""
+        return self._chat(tokenizer).chat_format(tokenizer, options)
+
 
 class PreferenceFormatter(ChatAnswers, Formatter):
     """A prompt with a preferred and a dispreferred answer; rendered with the tokenizer's chat template (or ChatML

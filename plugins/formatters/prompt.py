@@ -32,3 +32,7 @@ class PromptFormatter(Formatter):
 
     def prompt_segments(self, prompt: str, tokenizer: Any, options: Mapping[str, Any]) -> list[Segment]:
         return self._chat(tokenizer).prompt_segments(prompt, tokenizer, options)
+
+    def chat_format(self, tokenizer: Any, options: Mapping[str, Any]) -> Any:
+        """The format of the chat formatter the prompts are rendered with (the template's, or ChatML)."""
+        return self._chat(tokenizer).chat_format(tokenizer, options)

@@ -27,3 +27,6 @@ class TextFormatter(Formatter):
 
     def prompt_segments(self, prompt, tokenizer, options):
         return [Segment(leading_bos(tokenizer)), Segment(prompt, literal=True)]
+
+    def chat_format(self, tokenizer, options):
+        return "raw"
