@@ -142,7 +142,8 @@ def test_modelfile_has_template_stops_and_the_training_system_prompt(tmp_path):
     export = finetune_sdk.export(result, tmp_path / "gguf", name="Sum Bot")
     text = export.modelfile_path.read_text()
     assert text.startswith(f"FROM ./{export.gguf_path.name}\n") and export.gguf_path.name == "sum-bot-q8_0.gguf"
-    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in text
+    assert ('TEMPLATE """{{- if not (and .Messages (eq (index .Messages 0).Role "system")) }}<|im_start|>system\n'
+            'You answer sums.<|im_end|>\n{{ end }}{{- range .Messages }}<|im_start|>{{ .Role }}') in text
     assert 'SYSTEM """You answer sums."""' in text
     assert 'PARAMETER stop "<|im_end|>"' in text and 'PARAMETER stop "</s>"' in text
     assert export.ollama_command == f"ollama create sum-bot -f {export.directory}/Modelfile && ollama run sum-bot"

@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,46 +100,57 @@ def llama_cpp_prompt_ids(text: str, tokenizer: Any, adds_bos: bool | None = None
     return [tokenizer.bos_token_id, *ids] if adds_bos else ids
 
 
-def training_prompt_ids(formatter: Any, tokenizer: Any, options: dict[str, Any],
-                        messages: list[dict[str, str]]) -> list[int]:
+def training_prompt_ids(formatter: Any, tokenizer: Any, options: dict[str, Any], messages: list[dict[str, str]],
+                        history_row: Callable[[list[dict[str, str]]], Any] | None = None) -> list[int]:
     """The ids training put before the last answer of ``messages``: ``prompt_segments`` for one user turn, else the
-    formatter's rendering of a ``messages`` row cut where its last learnt run (the last answer) starts."""
+    formatter's rendering of ``history_row(messages)`` (default: a ``messages`` row) cut where its last learnt run
+    (the last answer) starts."""
     from finetune_sdk.encoding import encode_segments
 
     if len(messages) == 1:
         return encode_segments(formatter.prompt_segments(messages[0]["content"], tokenizer, options), tokenizer,
                                None)["input_ids"]
-    segments = formatter.segments({"messages": messages}, tokenizer, options)
+    row = history_row(messages) if history_row is not None else {"messages": messages}
+    segments = formatter.segments(row, tokenizer, options)
     last = max(i for i, s in enumerate(segments) if s.train and s.text)
     while last > 0 and segments[last - 1].train:
         last -= 1
     return encode_segments(segments[:last], tokenizer, None)["input_ids"]
 
 
-def round_trip_cases(formatter: Any) -> list[tuple[str, dict[str, Any], list[dict[str, str]]]]:
-    """``(case, options, messages)``: one turn, one turn under a training system prompt, and (for a formatter
-    whose rows carry a ``messages`` history) two turns with and without it. ``messages`` ends with the user turn
-    to answer, the last answer is what training learns next."""
+def round_trip_cases(formatter: Any, history: bool) -> list[tuple[str, dict[str, Any], list[dict[str, str]]]]:
+    """``(case, options, messages)``: one turn, one turn under a training system prompt, and (when the formatter's
+    rows carry a history) two turns with and without it. A single turn is the user turn to answer; a history ends
+    with the answer training learns next, after the user turn to answer."""
     single = [{"role": "user", "content": "what is blue?"}]
     cases = [("single turn", {}, single), ("system prompt", {"system_prompt": SYSTEM_PROMPT}, single)]
-    if formatter.accepts(["messages"]):
+    if history:
         cases += [("two turns", {}, HISTORY), ("two turns, system prompt", {"system_prompt": SYSTEM_PROMPT}, HISTORY)]
     return cases
 
 
-def check_chat_round_trip(formatter: Any, tokenizer: Any, use_go: bool | None = None) -> int:
+def check_chat_round_trip(formatter: Any, tokenizer: Any, use_go: bool | None = None,
+                          history_row: Callable[[list[dict[str, str]]], Any] | None = None) -> int:
     """Assert the exported templates render every :func:`round_trip_cases` case as training did; return the
-    number of renderings compared. ``use_go``: None runs the Go side when Go is installed."""
+    number of renderings compared.
+
+    Args:
+        use_go: None runs the Go side when Go is installed.
+        history_row: builds a row of the formatter from a role/content message list, for the two-turn cases;
+            None: a ``messages`` row when the formatter takes one, else no two-turn case.
+    """
     from finetune_sdk.exporting.chat_formats import export_chat, render_jinja
 
     use_go = go_available() if use_go is None else use_go
+    if history_row is None and formatter.accepts(["messages"]):
+        history_row = lambda messages: {"messages": messages}  # noqa: E731
     compared = 0
-    for case, options, messages in round_trip_cases(formatter):
+    for case, options, messages in round_trip_cases(formatter, history=history_row is not None):
         trained_in = formatter.chat_format(tokenizer, options)
         assert trained_in is not None, f"{formatter.name}: chat_format() must say which chat format it renders in"
         chat = export_chat(trained_in, tokenizer, system_prompt=options.get("system_prompt"))
         history = messages if len(messages) == 1 else messages[:-1]
-        trained = training_prompt_ids(formatter, tokenizer, options, messages)
+        trained = training_prompt_ids(formatter, tokenizer, options, messages, history_row)
         if chat.raw_prompt:
             raw = llama_cpp_prompt_ids(history[-1]["content"], tokenizer)
             assert raw == trained, f"{formatter.name} ({case}): a raw prompt differs from training's"

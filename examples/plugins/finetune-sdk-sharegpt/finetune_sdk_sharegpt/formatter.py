@@ -101,6 +101,12 @@ class ShareGPTFormatter(Formatter):
             prompt = [Segment("\n")]  # the newline that closes the answer's turn starts the next prompt
         return segments
 
+    def chat_format(self, tokenizer: Any, options: Mapping[str, Any]) -> Any:
+        """ChatML for the export's templates: EOS follows only the last answer, so none inside a history."""
+        from finetune_sdk.exporting.chat_formats import ChatML
+
+        return ChatML.for_tokenizer(tokenizer, answer_end="")
+
     def prompt_segments(self, prompt: str, tokenizer: Any, options: Mapping[str, Any]) -> list[Segment]:
         messages = self._messages([{"from": "human", "value": prompt}], options)
         return [*(s for role, text in messages for s in _turn(role, text)), Segment(f"{IM_START}assistant\n")]

@@ -14,6 +14,11 @@ from finetune_sdk.testing.tiny import tiny_tokenizer
 class TestShareGPT(FormatterContract):
     name = "sharegpt"
 
+    def history_row(self):
+        speaker = {"system": "system", "user": "human", "assistant": "gpt"}
+        return lambda messages: {"conversations": [{"from": speaker[m["role"]], "value": m["content"]}
+                                                   for m in messages]}
+
 
 @pytest.fixture(scope="module")
 def tok():
