@@ -82,6 +82,25 @@ def modelfile_value(text: str, key: str) -> str | None:
     return json.loads(match.group(1)) if match else None
 
 
+@pytest.mark.parametrize("formatter_name", [*ROWS, "chatml", "chat-template", "llama2-chat", "alpaca", "text"])
+def test_the_export_asks_the_trained_formatter_for_its_chat_format(formatter_name):
+    """``chat_setup`` (what ``export`` writes) from a manifest: the formatter's format, the system prompt baked in."""
+    from finetune_sdk.exporting.pipeline import chat_setup
+
+    tokenizer = tiny_tokenizer(chat_template=formatter_name == "chat-template")
+    jinja, chat_format, raw = chat_setup({"formatter": formatter_name, "options": {"system_prompt": SYSTEM}},
+                                         tokenizer)
+    expected = {"chat-template": "chatml", "llama2-chat": "llama2-chat", "alpaca": "alpaca", "text": None}
+    assert (chat_format.name if chat_format else None) == expected.get(formatter_name, "chatml")
+    assert raw == (formatter_name == "text")
+    if formatter_name not in ("text", "alpaca"):  # alpaca has no system message; text no template
+        assert chat_format.default_system == SYSTEM
+        assert SYSTEM in render_jinja(jinja, [{"role": "user", "content": "hi"}], tokenizer)
+    if formatter_name in ROWS or formatter_name == "chatml":
+        assert chat_format.answer_end == "</s>" and jinja == ChatML.for_tokenizer(tokenizer, SYSTEM).jinja()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("formatter_name", list(ROWS))
 def test_dpo_kto_grpo_results_export_the_chatml_they_trained_in(exports, formatter_name):
     export = exports[formatter_name]
@@ -107,6 +126,7 @@ def test_dpo_kto_grpo_results_export_the_chatml_they_trained_in(exports, formatt
             assert llama_cpp_prompt_ids(go_render(go_template, messages), tokenizer) == trained
 
 
+@pytest.mark.slow
 def test_the_system_prompt_is_the_gguf_templates_default(exports):
     """What llama.cpp and LM Studio render without a system message starts with the training system prompt."""
     template = gguf_chat_template(exports["preference"].gguf_path)
@@ -114,6 +134,7 @@ def test_the_system_prompt_is_the_gguf_templates_default(exports):
     assert rendered == f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.mark.slow
 def test_a_two_turn_history_renders_the_trained_eos_after_each_answer(exports):
     """ChatML trained on a tokenizer whose EOS is ``</s>`` learns ``<|im_end|></s>`` after every answer: the
     exported templates render the history the same way, token for token."""
@@ -190,3 +211,20 @@ def test_smollm2_template_gets_an_ollama_template_and_llama_cpps_pre_tokenizer_n
             assert llama_cpp_prompt_ids(go_render(chat.ollama.ollama(), history), tokenizer) == trained
     plain = render_jinja(tokenizer.chat_template, [{"role": "user", "content": "hi"}], tokenizer)
     assert plain.startswith(f"<|im_start|>system\n{SMOLLM2_DEFAULT_SYSTEM}<|im_end|>\n")
+
+
+def test_an_unknown_format_name_is_a_one_line_error():
+    from finetune_sdk.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"chat format 'vicuna'; known formats: chatml, llama3, llama2-chat"):
+        export_chat("vicuna", tiny_tokenizer())
+
+
+def test_a_formatter_not_installed_falls_back_to_the_tokenizers_template_and_says_so(caplog):
+    from finetune_sdk.exporting.pipeline import chat_setup
+
+    tokenizer = tiny_tokenizer()
+    with caplog.at_level("WARNING", logger="finetune_sdk"):
+        jinja, chat_format, raw = chat_setup({"formatter": "sharegpt-not-here", "options": {}}, tokenizer)
+    assert jinja == tokenizer.chat_template and chat_format.name == "chatml" and not raw
+    assert "unknown formatter 'sharegpt-not-here'" in caplog.text and "tokenizer's own chat template" in caplog.text

@@ -352,7 +352,7 @@ def export_chat(trained: str | ChatFormat | None, tokenizer: Any, system_prompt:
     ``system_prompt`` becomes the default system prompt of both templates.
 
     Raises:
-        KeyError: ``trained`` is a name no format has.
+        ConfigError: ``trained`` is a name no format has.
 
     Example:
         >>> from finetune_sdk.testing.tiny import tiny_tokenizer
@@ -364,6 +364,11 @@ def export_chat(trained: str | ChatFormat | None, tokenizer: Any, system_prompt:
     if trained == RAW_TEXT:
         return ExportChat(own, None, raw_prompt=True)
     if isinstance(trained, str) and trained != TOKENIZER_TEMPLATE:
+        if trained not in FORMATS:
+            from finetune_sdk.errors import ConfigError
+
+            raise ConfigError(f"the formatter says it trains in chat format {trained!r}; known formats: "
+                              f"{', '.join([*FORMATS, TOKENIZER_TEMPLATE, RAW_TEXT])}")
         trained = FORMATS[trained].for_tokenizer(tokenizer)
     if isinstance(trained, ChatFormat):
         if system_prompt and trained.supports_system:
