@@ -24,7 +24,8 @@ CONVERSATIONS = [
     [{"role": "user", "content": "what is 1 plus 2?"}, {"role": "assistant", "content": "3."},
      {"role": "user", "content": "and 2 plus 2?"}],
 ]
-FORMATS = [CHATML, LLAMA3, LLAMA2, ALPACA, ChatML(), CHATML.replace(default_system="Say {{ .Content }} \"\"\" ok."),
+HOSTILE_SYSTEM = "Say {{ .Content }} {% raw %} %} 'q' \"\"\" \\ back\nnew line \U0001f999 ok."
+FORMATS = [CHATML, LLAMA3, LLAMA2, ALPACA, ChatML(), CHATML.replace(default_system=HOSTILE_SYSTEM),
            LLAMA3.replace(default_system="Be kind."), LLAMA2.replace(default_system="Be kind.", adds_bos=False)]
 
 

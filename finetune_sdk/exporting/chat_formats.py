@@ -44,7 +44,7 @@ def with_default_system(template: str, system: str | None) -> str:
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """One prompt format for one tokenizer: its Jinja template, Ollama Go template, stops and reference rendering.
+    r"""One prompt format for one tokenizer: its Jinja template, Ollama Go template, stops and reference rendering.
 
     Attributes:
         bos, eos: the tokenizer's BOS and EOS strings ("" when it has none), written as text into the templates.
@@ -53,6 +53,12 @@ class ChatFormat:
         answer_end: text after each assistant turn's end marker (ChatML trained by finetune-sdk on a tokenizer whose
             EOS is not ``<|im_end|>`` learns ``<|im_end|>`` + EOS).
         default_system: the system prompt used when the messages have none (None: no system message).
+
+    Example:
+        >>> chatml = ChatML(eos="</s>", answer_end="</s>", default_system="Be brief.")
+        >>> chatml.render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+        ...                {"role": "user", "content": "Bye"}])
+        '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|></s>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n'
     """
 
     name: ClassVar[str] = ""
