@@ -7,9 +7,14 @@ Modes (the rows are those of :mod:`finetune_sdk.ratings_file`):
 * ``thumbs``: one sampled answer, thumbs up or down -> ``{"prompt", "completion", "label"}`` rows for KTO
   (Ethayarajh et al., 2024; TRL's unpaired preference format), ``formatter="kto"``.
 * ``pairwise``: two sampled answers, the better one -> ``{"prompt", "chosen", "rejected"}`` rows for DPO or a
-  reward model, ``formatter="preference"``.
+  reward model, ``formatter="preference"``. Neither better (a tie) or both bad -> the same row with
+  ``"preference": "tie"`` or ``"both_bad"`` (``chosen``/``rejected`` = answer 1/answer 2): recorded, so the prompt
+  counts as rated, and skipped by the preference formatter, never trained on.
 * In either mode, with ``sft_out``: an answer the person wrote or corrected -> ``{"prompt", "completion"}`` rows in
   that separate file, for supervised fine-tuning with a chat formatter (``chatml``, ``chat-template``).
+
+Every row also records ``rated_at``, the ``model`` that answered and its ``sampling`` settings, and ``rater`` when one
+is named (:mod:`finetune_sdk.rating_record`); the formatters ignore these fields.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ MODES: dict[str, RowShape] = {THUMBS: KTO_ROWS, PAIRWISE: PREFERENCE_ROWS}
 #: What ``ask`` returns to skip a prompt (nothing is written; the next session asks again) or to end the session.
 SKIP = "skip"
 QUIT = "quit"
+#: What ``ask`` returns in pairwise mode when neither answer is better, or both are bad (the row's ``preference``).
+TIE = "tie"
+BOTH_BAD = "both_bad"
 #: Sampling tries for two different answers in pairwise mode before the prompt is skipped.
 PAIR_TRIES = 3
 
@@ -53,7 +61,8 @@ class FeedbackSummary:
     ``skipped``: prompts skipped (asked again next time); ``already_rated``: prompts passed over because a row for
     them was already in ``out``/``sft_out``; ``remaining``: prompts not reached (the person quit);
     ``torn_bytes_cut``: bytes of an unfinished last row an earlier, interrupted session left and this one cut;
-    ``out_rows``: the rows ``out`` holds now, from every session."""
+    ``out_rows``: the rows ``out`` holds now, from every session; ``unranked``: of the ``rated`` rows, the tie and
+    both-bad ones (pairwise mode; recorded, not trained on)."""
 
     out: Path
     sft_out: Path | None
@@ -65,6 +74,7 @@ class FeedbackSummary:
     remaining: int
     torn_bytes_cut: int
     out_rows: int
+    unranked: int = 0
 
 
 Ask = Callable[[str, list[str]], Any]
@@ -73,7 +83,8 @@ Ask = Callable[[str, list[str]], Any]
 def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], out: str | PathLike[str], *,
                      mode: str = THUMBS, ask: Ask | None = None, sft_out: str | PathLike[str] | None = None,
                      max_new_tokens: int = 128, temperature: float = 0.8, seed: int = 0, formatter: str | None = None,
-                     trust_remote_code: bool = False) -> FeedbackSummary:
+                     trust_remote_code: bool = False, rater: str | None = None,
+                     model_ref: str | None = None) -> FeedbackSummary:
     """Show ``model``'s sampled answer(s) to each prompt, ask for a rating, and append it to ``out`` at once.
 
     Args:
@@ -87,7 +98,8 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
             preference rows).
         ask: ``ask(prompt, answers) -> rating``, called once per prompt with the prompt and its sampled answers
             (one in thumbs mode, two in pairwise mode). Returns ``True``/``False`` (thumbs up/down) or ``0``/``1``
-            (the index of the better answer in pairwise mode), :class:`Edited` (a written answer, needs
+            (the index of the better answer in pairwise mode), ``"tie"`` or ``"both_bad"`` (pairwise mode: neither
+            answer better; recorded, never trained on), :class:`Edited` (a written answer, needs
             ``sft_out``), ``"skip"`` or ``None`` (no row), ``"quit"`` (end the session). Default: a terminal
             prompt (:class:`finetune_sdk.rating_prompt.TerminalRater`), which works in Jupyter too. An ``ask`` with a
             ``note(text)`` method is also told the session's progress.
@@ -99,12 +111,14 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
         formatter: override the formatter recorded with a result (it wraps the prompts as in training); on a loaded
             model this sets its ``formatter``.
         trust_remote_code: let the model repository's own Python code run (only when ``model`` is a path or ref).
+        rater: the name recorded as each row's ``rater`` (default ``$FINETUNE_RATER``; none: no ``rater`` field).
+        model_ref: the name recorded as the ``model`` field's ``ref`` (default: ``model`` when it is a path or ref).
 
     Returns:
         A :class:`FeedbackSummary`.
 
     Raises:
-        ConfigError: a bad option, no prompts, ``out`` in a folder that doesn't exist, ``out`` holding rows that
+        ConfigError: a bad option or rater name, no prompts, ``out`` in a folder that doesn't exist, ``out`` holding rows that
             aren't this mode's, ``sft_out`` equal to ``out``, or ``ask`` returning something else than the above.
             Checked before the model loads.
 
@@ -121,9 +135,12 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
         ...                            formatter="chatml", max_new_tokens=4, ask=lambda prompt, answers:
         ...                            len(answers[0]) < 12)
         >>> summary.rated, summary.out_rows, list(json.loads((folder / "ratings.jsonl").read_text().splitlines()[0]))
-        (2, 2, ['prompt', 'completion', 'label'])
+        (2, 2, ['prompt', 'completion', 'label', 'rated_at', 'model', 'sampling'])
     """
+    from finetune_sdk.rating_record import check_rater
+
     shape = _check_options(mode, max_new_tokens, temperature, seed)
+    rater = check_rater(rater)
     prompt_list = read_prompts(prompts)
     out_path, sft_path = _check_paths(out, sft_out)
     with RatingsAppender(out_path, shape, "output file") as ratings, _maybe_sft(sft_path) as edits:
@@ -134,12 +151,13 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
                         else ""))
         if pending:
             loaded = _open_model(model, formatter, trust_remote_code)
+            session.record = _record_fields(model, model_ref, rater, max_new_tokens, temperature, seed)
             session.run(pending, lambda prompt, number, count: sample_answers(
                 loaded, prompt, count, seed=prompt_seed(seed, prompt, number), max_new_tokens=max_new_tokens,
                 temperature=temperature))
     return FeedbackSummary(out_path, sft_path, mode, ratings.appended, edits.appended if edits else 0,
                            session.skipped, len(prompt_list) - len(pending), session.remaining,
-                           session.torn_bytes, ratings.contents.rows + ratings.appended)
+                           session.torn_bytes, ratings.contents.rows + ratings.appended, session.unranked)
 
 
 def read_prompts(prompts: str | PathLike[str] | Sequence[str]) -> list[str]:
@@ -203,6 +221,18 @@ def sample_answers(model: Any, prompt: str, count: int, *, seed: int, max_new_to
     return answers
 
 
+def _record_fields(model: Any, model_ref: str | None, rater: str | None, max_new_tokens: int, temperature: float,
+                   seed: int) -> dict[str, Any]:
+    """The fields every row of the session carries besides ``rated_at`` (:mod:`finetune_sdk.rating_record`)."""
+    from finetune_sdk.rating_record import model_reference
+
+    fields: dict[str, Any] = {"rater": rater} if rater is not None else {}
+    fields["model"] = model_reference(model, model_ref)
+    fields["sampling"] = {"do_sample": temperature > 0, "temperature": float(temperature),
+                          "max_new_tokens": max_new_tokens, "seed": seed}
+    return fields
+
+
 def _cuda_devices(torch: Any) -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
@@ -222,7 +252,14 @@ class _Session:
         if edits is not None:
             self.done += edits.contents.prompts
             self.torn_bytes += edits.contents.torn_bytes
-        self.skipped = self.remaining = 0
+        self.skipped = self.remaining = self.unranked = 0
+        self.record: dict[str, Any] = {}
+
+    def _row(self, row: dict[str, Any]) -> dict[str, Any]:
+        from finetune_sdk.rating_record import rated_at
+
+        return {**row, **({"rater": self.record["rater"]} if "rater" in self.record else {}), "rated_at": rated_at(),
+                **{k: v for k, v in self.record.items() if k != "rater"}}
 
     def note(self, text: str) -> None:
         (getattr(self.ask, "note", None) or logger.info)(text)
@@ -260,13 +297,19 @@ class _Session:
                 raise ConfigError("ask returned an edited answer but no sft_out file was given for edited answers")
             if not isinstance(rating.completion, str) or not rating.completion.strip():
                 raise ConfigError(f"ask returned an empty edited answer for prompt {prompt[:60]!r}")
-            self.edits.append({"prompt": prompt, "completion": rating.completion})
+            self.edits.append(self._row({"prompt": prompt, "completion": rating.completion}))
         elif self.mode == THUMBS and isinstance(rating, bool):
-            self.ratings.append({"prompt": prompt, "completion": answers[0], "label": rating})
+            self.ratings.append(self._row({"prompt": prompt, "completion": answers[0], "label": rating}))
         elif self.mode == PAIRWISE and not isinstance(rating, bool) and rating in (0, 1):
-            self.ratings.append({"prompt": prompt, "chosen": answers[rating], "rejected": answers[1 - rating]})
+            self.ratings.append(self._row({"prompt": prompt, "chosen": answers[rating],
+                                           "rejected": answers[1 - rating]}))
+        elif self.mode == PAIRWISE and rating in (TIE, BOTH_BAD):
+            self.ratings.append(self._row({"prompt": prompt, "chosen": answers[0], "rejected": answers[1],
+                                           "preference": rating}))
+            self.unranked += 1
         else:
-            expected = "True or False" if self.mode == THUMBS else "0 or 1 (the better answer's index)"
+            expected = "True or False" if self.mode == THUMBS else \
+                "0 or 1 (the better answer's index), 'tie', 'both_bad'"
             raise ConfigError(f"ask returned {rating!r} for prompt {prompt[:60]!r}; in {self.mode} mode return "
                               f"{expected}, Edited(text), 'skip' or 'quit'")
 

@@ -185,8 +185,8 @@ class DirectPreferenceOptimization(PreferencePairs):
 
         batch = options["per_device_eval_batch_size"]
         precompute_reference(model, plan.train, tokenizer.pad_token_id, batch)
-        for eval_set in plan.evals.values():
-            precompute_reference(model, eval_set.encoded, tokenizer.pad_token_id, batch)
+        for eval_set in plan.evals.values():  # alone per answer, as the final evaluation computes the policy's
+            precompute_reference(model, eval_set.encoded, tokenizer.pad_token_id, batch, batch_invariant=True)
 
     def while_training(self, model: Any) -> Any:
         from finetune_sdk.preference import dropout_disabled

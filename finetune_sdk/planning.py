@@ -192,7 +192,11 @@ def formatter_fits(formatter_task: str, technique_task: str) -> bool:
 
 def reward_rows(rows: Rows, formatter: Formatter) -> Rows:
     """Preference pairs as classifier rows: prompt + chosen -> "chosen", prompt + rejected -> "rejected" (the
-    classifier's pointwise view of pairs; the ``reward-model`` technique compares the two answers instead)."""
+    classifier's pointwise view of pairs; the ``reward-model`` technique compares the two answers instead). Tie and
+    both-bad pairs are skipped (:func:`finetune_sdk.preference.ranked_pairs`)."""
+    from finetune_sdk.preference import ranked_pairs
+
+    rows = ranked_pairs(rows)
     out, where = [], []
     for row, place in zip(rows.rows, rows.where):
         formatter.validate(row, place)

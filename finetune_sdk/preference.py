@@ -19,11 +19,44 @@ from finetune_sdk.encoding import IGNORE_INDEX, Collator, Encoded, encode_segmen
 from finetune_sdk.formatter import PREFERENCE
 
 __all__ = ["PREFERENCE", "PairCollator", "dpo_loss", "encode_preference", "evaluate_preference",
-           "precompute_reference", "sequence_logps"]
+           "precompute_reference", "ranked_pairs", "sequence_logps"]
+
+
+def ranked_pairs(rows: Rows) -> Rows:
+    """``rows`` without the pairs a rater ranked neither way (``"preference": "tie"`` or ``"both_bad"``, as
+    ``finetune feedback`` records them): they are counted in an info line, never trained on.
+
+    Raises:
+        DataError: every row is such a pair.
+
+    Example:
+        >>> rows = Rows([{"prompt": "a", "chosen": "x", "rejected": "y"},
+        ...              {"prompt": "b", "chosen": "x", "rejected": "y", "preference": "tie"}], ["r1", "r2"], "pairs")
+        >>> ranked_pairs(rows).where
+        ['r1']
+    """
+    import logging
+
+    from finetune_sdk.ratings_file import UNRANKED
+
+    keep = [i for i, row in enumerate(rows.rows) if row.get("preference") not in UNRANKED]
+    if len(keep) == len(rows.rows):
+        return rows
+    skipped = len(rows.rows) - len(keep)
+    if not keep:
+        from finetune_sdk.errors import DataError
+
+        raise DataError(f"{rows.source}: all {skipped} pairs are ties or both bad (column preference); nothing to "
+                        "learn a preference from: rate pairs with a better answer")
+    logging.getLogger("finetune_sdk").info("%s: %d of %d pairs are ties or both bad (column preference): skipped, "
+                                           "not trained on", rows.source, skipped, len(rows.rows))
+    return Rows([rows.rows[i] for i in keep], [rows.where[i] for i in keep], rows.source)
 
 
 def encode_preference(rows: Rows, formatter: Any, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
-    """Encode (prompt, chosen, rejected) rows; a pair where either answer is cut off entirely is dropped."""
+    """Encode (prompt, chosen, rejected) rows; a pair where either answer is cut off entirely is dropped, a tie or
+    both-bad pair (:func:`ranked_pairs`) skipped."""
+    rows = ranked_pairs(rows)
     out = Encoded()
     for row, where in zip(rows.rows, rows.where):
         formatter.validate(row, where)
@@ -99,9 +132,42 @@ def reference_batches(model: Any, encoded: Encoded, collate: Any, batch_size: in
         model.train(was_training)
 
 
-def precompute_reference(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int) -> None:
+def each_sequence_logps(model: Any, sequences: list[Mapping[str, Any]]) -> list[float]:
+    """Summed response log-probs of encoded sequences (``input_ids``, ``labels``), batch-invariant: each distinct
+    sequence runs alone (one row, no padding; :func:`finetune_sdk.pairwise.each_distinct`), so the same answer gets
+    bit-for-bit the same log-prob as chosen or as rejected, whatever else is evaluated with it. Eval mode, no
+    gradients (training mode restored afterwards)."""
+    import torch
+
+    from finetune_sdk.pairwise import each_distinct
+
+    device = next(model.parameters()).device
+    was_training = model.training
+
+    def logp(sequence: Mapping[str, Any]) -> float:
+        input_ids = torch.tensor([sequence["input_ids"]], dtype=torch.long, device=device)
+        labels = torch.tensor([sequence["labels"]], dtype=torch.long, device=device)
+        return float(sequence_logps(model, input_ids, torch.ones_like(input_ids), labels)[0])
+
+    model.eval()
+    try:
+        with torch.no_grad():
+            return each_distinct(sequences, logp, key=lambda s: (tuple(s["input_ids"]), tuple(s["labels"])))
+    finally:
+        model.train(was_training)
+
+
+def precompute_reference(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int, *,
+                         batch_invariant: bool = False) -> None:
     """Store ``model``'s summed log-probs in each pair (``ref_chosen``/``ref_rejected``): call it with the policy as
-    it stands when DPO starts (adapters stay on: a trained adapter is part of the starting point)."""
+    it stands when DPO starts (adapters stay on: a trained adapter is part of the starting point). With
+    ``batch_invariant`` (held-out pairs) each answer is computed alone, as :func:`evaluate_preference` computes the
+    policy's (:func:`each_sequence_logps`)."""
+    if batch_invariant:
+        logps = each_sequence_logps(model, [ex[side] for side in ("chosen", "rejected") for ex in encoded.examples])
+        for i, example in enumerate(encoded.examples):
+            example["ref_chosen"], example["ref_rejected"] = logps[i], logps[len(encoded.examples) + i]
+        return
     for chunk, batch in reference_batches(model, encoded, PairCollator(pad_token_id), batch_size):
         logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).cpu()
         for i, example in enumerate(chunk):
@@ -113,33 +179,34 @@ def evaluate_preference(model: Any, encoded: Encoded, pad_token_id: int, beta: f
                         batch_size: int = 8, source: str = "eval_data") -> dict[str, float]:
     """DPO loss, reward accuracy and the chosen-over-rejected log-probability margin on held-out pairs.
 
+    ``reward_accuracy`` is the share of pairs whose implicit reward margin ``beta * ((pi_c - ref_c) - (pi_r -
+    ref_r))`` is above float tolerance; ``reward_ties`` counts the pairs within it (:func:`finetune_sdk.pairwise.
+    is_tie` against the log-probs' magnitude), never correct. Every answer is computed alone
+    (:func:`each_sequence_logps`), so a pair of identical answers has a margin of exactly 0.
+
     References stored by :func:`precompute_reference` at the start of DPO are used; pairs without them get
     ``model`` itself as the reference (so the margin is 0: call this on a model before training to get a baseline).
+    ``batch_size`` is accepted and not used.
     """
     import torch
 
+    from finetune_sdk.pairwise import pairwise_counts
     from finetune_sdk.scoring import require_rows, scored_rows
 
     require_rows(len(encoded.examples), encoded.dropped, source,
                  "have a chosen or rejected answer cut off entirely by max_length")
     if "ref_chosen" not in encoded.examples[0]:
-        precompute_reference(model, encoded, pad_token_id, batch_size)
-    collate = PairCollator(pad_token_id)
-    device = next(model.parameters()).device
-    losses, margins, logp_margins = [], [], []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(encoded.examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(encoded.examples[start:start + batch_size]).items()}
-            policy = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-            loss, margin = dpo_loss(policy, batch["ref_logps"], beta)
-            half = policy.shape[0] // 2
-            losses.append(float(loss) * half)
-            margins += margin.tolist()
-            logp_margins += (policy[:half] - policy[half:]).tolist()
-    n = len(margins)
-    return {"eval_loss": sum(losses) / n, "reward_accuracy": sum(m > 0 for m in margins) / n,
-            "reward_margin": sum(margins) / n, "logp_margin": sum(logp_margins) / n,
+        precompute_reference(model, encoded, pad_token_id, batch_size, batch_invariant=True)
+    n = len(encoded.examples)
+    policy = torch.tensor(each_sequence_logps(model, [ex[side] for side in ("chosen", "rejected")
+                                                      for ex in encoded.examples]), dtype=torch.float64)
+    reference = torch.tensor([ex["ref_chosen"] for ex in encoded.examples] +
+                             [ex["ref_rejected"] for ex in encoded.examples], dtype=torch.float64)
+    loss, margin = dpo_loss(policy, reference, beta)
+    scales = [[beta * v for v in (policy[i], policy[n + i], reference[i], reference[n + i])] for i in range(n)]
+    correct, ties, _ = pairwise_counts(margin.tolist(), scales)
+    return {"eval_loss": float(loss), "reward_accuracy": correct / n, "reward_ties": ties,
+            "reward_margin": float(margin.mean()), "logp_margin": float((policy[:n] - policy[n:]).mean()),
             **scored_rows(n, encoded.dropped)}
 
 

@@ -1,5 +1,9 @@
 """The terminal side of collecting feedback: shows a prompt and the model's answer(s) with rich, reads one key per
-rating (typed, then Enter) with click, so it works in a terminal, in Jupyter and on scripted input alike."""
+rating (typed, then Enter) with click, so it works in a terminal, in Jupyter and on scripted input alike.
+
+What the model wrote is shown literally: control characters and escape sequences in an answer (a screen clear, cursor
+moves, a window title, ``\r``, bidi overrides) appear escaped (``\x1b[2J``) and rich markup stays text
+(:mod:`finetune_sdk.screen_text`), so an answer can't hide or rewrite what the rater sees."""
 
 from __future__ import annotations
 
@@ -8,17 +12,19 @@ from typing import Any
 
 import click
 
-from finetune_sdk.feedback import QUIT, SKIP, Edited
+from finetune_sdk.feedback import BOTH_BAD, QUIT, SKIP, TIE, Edited
+from finetune_sdk.screen_text import literal_text
 
 THUMBS_KEYS = {"u": True, "d": False}
-PAIR_KEYS = {"1": 0, "2": 1}
+PAIR_KEYS = {"1": 0, "2": 1, "t": TIE, "b": BOTH_BAD}
 
 
 class TerminalRater:
     """The default ``ask`` of :func:`finetune_sdk.collect_feedback` and ``finetune feedback``.
 
-    Keys (case-insensitive, then Enter): ``u``/``d`` thumbs up/down (thumbs mode), ``1``/``2`` the better answer
-    (pairwise mode), ``e`` write a better answer (when edits are on: opens ``$EDITOR`` with the answer on a
+    Keys (case-insensitive, then Enter): ``u``/``d`` thumbs up/down (thumbs mode), ``1``/``2`` the better answer,
+    ``t`` a tie (both as good), ``b`` both bad (pairwise mode; a tie or both-bad row is recorded, never trained
+    on), ``e`` write a better answer (when edits are on: opens ``$EDITOR`` with the answer on a
     terminal, otherwise reads one line), ``s`` skip, ``q`` quit. End of input (Ctrl-D) or Ctrl-C at the question
     quits too; every rating given so far is already on disk.
 
@@ -45,9 +51,7 @@ class TerminalRater:
         return self._console
 
     def note(self, text: str) -> None:
-        from rich.text import Text
-
-        self.console.print(Text(text, style="dim"), soft_wrap=True)  # paths and commands stay copyable
+        self.console.print(literal_text(text, style="dim"), soft_wrap=True)  # paths and commands stay copyable
 
     def __call__(self, prompt: str, answers: list[str]) -> Any:
         from rich.panel import Panel
@@ -56,13 +60,14 @@ class TerminalRater:
 
         self.asked += 1
         self.console.print(Rule(f"prompt {self.asked}", style="dim"))
-        self.console.print(Panel(Text(prompt), title="prompt", title_align="left", border_style="cyan"))
+        self.console.print(Panel(literal_text(prompt), title="prompt", title_align="left", border_style="cyan"))
         pairwise = len(answers) == 2
         for number, answer in enumerate(answers, start=1):
             title = f"answer {number}" if pairwise else "answer"
-            self.console.print(Panel(Text(answer or "(empty answer)"), title=title, title_align="left"))
+            shown = literal_text(answer) if answer else Text("(empty answer)", style="dim")
+            self.console.print(Panel(shown, title=title, title_align="left"))
         keys: dict[str, Any] = dict(PAIR_KEYS if pairwise else THUMBS_KEYS)
-        hint = "1 or 2 = the better answer" if pairwise else "u = thumbs up, d = thumbs down"
+        hint = "1 or 2 = the better answer, t = tie, b = both bad" if pairwise else "u = thumbs up, d = thumbs down"
         if self.edits:
             hint += ", e = write a better answer"
             keys["e"] = None

@@ -1,7 +1,7 @@
 """The ratings files ``finetune feedback`` writes: JSON Lines appended one whole row at a time, each row flushed and
 fsynced as soon as the person answers, recognised again (and resumed) on the next session.
 
-Three row shapes, exactly the columns the formatters read (no conversion before training):
+Three row shapes, the columns the formatters read (no conversion before training):
 
 ========================  =======================================  ==========================
 rows                      columns                                  trains with
@@ -10,6 +10,12 @@ rows                      columns                                  trains with
 :data:`PREFERENCE_ROWS`   ``prompt``, ``chosen``, ``rejected``      ``formatter="preference"``
 :data:`SFT_ROWS`          ``prompt``, ``completion``                ``formatter="chatml"``...
 ========================  =======================================  ==========================
+
+Every row may also carry the optional fields of :data:`RECORD_FIELDS` that trace a rating (who, when, which model,
+how it sampled: :mod:`finetune_sdk.rating_record`); the formatters ignore them. A preference row may carry
+``"preference": "tie"`` or ``"both_bad"``: the rater saw both answers and preferred neither; ``chosen``/``rejected``
+then hold answer 1 and answer 2 as shown, and the preference formatter skips the row (with a counted note) instead
+of training on it.
 
 Why our own writer rather than a library's: the guarantees are about single appends (one ``write`` of one line,
 then ``fsync``) and about what may be cut from a file after a crash, which no JSON Lines library promises.
@@ -30,19 +36,38 @@ from finetune_sdk.errors import ConfigError, FinetuneError
 logger = logging.getLogger("finetune_sdk")
 
 
+#: Optional fields any row may carry, and their JSON types: who rated, when (ISO-8601 UTC), the model that answered
+#: (``ref``, ``version``, ``manifest_sha256``) and its sampling settings.
+RECORD_FIELDS: dict[str, type] = {"rater": str, "rated_at": str, "model": dict, "sampling": dict}
+#: ``preference`` values of a pair the rater ranked neither way: both answers as good, or both bad.
+UNRANKED = ("tie", "both_bad")
+
+
 @dataclass(frozen=True)
 class RowShape:
-    """One kind of ratings row: its exact columns (``prompt`` first, as written) and the type of each."""
+    """One kind of ratings row: its required columns (``prompt`` first, as written) and the type of each, plus the
+    optional ``extra`` columns it may carry beside :data:`RECORD_FIELDS` (column -> allowed values)."""
 
     name: str
     columns: tuple[str, ...]
     types: tuple[type, ...]
     formatter: str
     use_hint: str
+    extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def matches(self, row: Any) -> bool:
-        return (isinstance(row, dict) and set(row) == set(self.columns)
-                and all(type(row[c]) is t for c, t in zip(self.columns, self.types)))
+        if not isinstance(row, dict) or not set(self.columns) <= set(row):
+            return False
+        if not all(type(row[c]) is t for c, t in zip(self.columns, self.types)):
+            return False
+        allowed = dict(self.extra)
+        for column in set(row) - set(self.columns):
+            if column in RECORD_FIELDS:
+                if type(row[column]) is not RECORD_FIELDS[column]:
+                    return False
+            elif column not in allowed or row[column] not in allowed[column]:
+                return False
+        return True
 
     def describe(self) -> str:
         return f"{self.name} ({', '.join(self.columns)})"
@@ -51,7 +76,7 @@ class RowShape:
 KTO_ROWS = RowShape("thumbs ratings", ("prompt", "completion", "label"), (str, str, bool), "kto",
                     "use it with mode thumbs")
 PREFERENCE_ROWS = RowShape("preference pairs", ("prompt", "chosen", "rejected"), (str, str, str), "preference",
-                           "use it with mode pairwise")
+                           "use it with mode pairwise", (("preference", UNRANKED),))
 SFT_ROWS = RowShape("edited answers", ("prompt", "completion"), (str, str), "chatml",
                     "use it as the edited-answers file (sft_out)")
 SHAPES = (KTO_ROWS, PREFERENCE_ROWS, SFT_ROWS)

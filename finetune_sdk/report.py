@@ -49,13 +49,15 @@ from rich.text import Text
 
 from finetune_sdk.fsutil import write_json_atomic, write_text_atomic
 from finetune_sdk.models import display_name
+from finetune_sdk.screen_text import literal_text
 
 JSON_NAME = "comparison.json"
 HTML_NAME = "comparison.html"
 #: A metric whose name contains one of these is better when it goes down; every other metric when it goes up.
 LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error")
-#: Bookkeeping numbers (timings, throughput, epoch) shown in the table but never judged better or worse.
-NO_DIRECTION = ("runtime", "per_second", "epoch")
+#: Bookkeeping numbers (timings, throughput, epoch) and counts of ties (``pairwise_ties``, ``reward_ties``: a tie is
+#: neither a right nor a wrong decision) shown in the table but never judged better or worse.
+NO_DIRECTION = ("runtime", "per_second", "epoch", "ties")
 CAPTION = "✓ better: lower loss/perplexity, higher accuracy/F1"
 TRAIN_COLOR = "#2563eb"
 EVAL_COLOR = "#ea580c"
@@ -154,8 +156,8 @@ def _generations(report: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 def _text(value: Any, style: str = "") -> Text:
-    """A cell shown literally: no rich markup, since prompts hold brackets like ``[INST]``."""
-    return Text(_fmt(value), style=style)
+    """A cell shown literally: no rich markup (prompts hold brackets like ``[INST]``), controls escaped."""
+    return literal_text(_fmt(value), style=style)
 
 
 def metric_comparison_table(base: Mapping[str, Any] | None, tuned: Mapping[str, Any] | None,
@@ -179,7 +181,8 @@ def metric_comparison_table(base: Mapping[str, Any] | None, tuned: Mapping[str, 
 
 
 def generations_table(generations: Sequence[Mapping[str, Any]], title: str = "generations") -> Table:
-    """Prompt, base answer and fine-tuned answer, one row per prompt, all shown literally.
+    """Prompt, base answer and fine-tuned answer, one row per prompt, all shown literally (no rich markup, control
+    characters escaped: :func:`finetune_sdk.screen_text.literal_text`).
 
     Example:
         >>> generations_table([{"prompt": "[INST] 2+2? [/INST]", "base": "5", "tuned": "4"}]).row_count
@@ -190,7 +193,7 @@ def generations_table(generations: Sequence[Mapping[str, Any]], title: str = "ge
     table.add_column("base", overflow="fold", ratio=1)
     table.add_column("fine-tuned", overflow="fold", ratio=1)
     for row in _generations({"generations": generations}):
-        table.add_row(Text(row["prompt"]), Text(row["base"]), Text(row["tuned"]))
+        table.add_row(literal_text(row["prompt"]), literal_text(row["base"]), literal_text(row["tuned"]))
     return table
 
 

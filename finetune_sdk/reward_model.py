@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from finetune_sdk.classifier_model import ClassifierModel
-from finetune_sdk.encoding import Collator, Encoded, encode_segments
+from finetune_sdk.encoding import Encoded, encode_segments
 
 #: The label a reward model's (single) output is known by in a manifest's ``labels`` and ``predict``.
 REWARD_LABEL = "reward"
@@ -104,16 +104,20 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor,
 def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor,
                      center_rewards_coefficient: float = 0.0) -> dict[str, float]:
     """Held-out metrics of ``[pairs]`` rewards: ``eval_loss`` (the training loss), ``pairwise_accuracy`` (share of
-    pairs whose chosen answer gets the strictly higher reward), ``reward_margin`` (mean chosen - rejected) and
-    ``mean_reward`` (over every answer).
+    pairs whose chosen answer gets the higher reward by more than float tolerance), ``pairwise_ties`` (the number of
+    pairs whose margin is within it: :func:`finetune_sdk.pairwise.is_tie`; a tie is never correct),
+    ``reward_margin`` (mean chosen - rejected) and ``mean_reward`` (over every answer).
 
-    >>> m = pairwise_metrics(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
-    >>> m["pairwise_accuracy"], m["reward_margin"], m["mean_reward"]
-    (0.5, 0.0, 1.0)
+    >>> m = pairwise_metrics(torch.tensor([2.0, 0.0, 0.5]), torch.tensor([1.0, 1.0, 0.5 + 6e-8]))
+    >>> m["pairwise_accuracy"], m["pairwise_ties"], round(m["mean_reward"], 4)
+    (0.3333333333333333, 1, 0.8333)
     """
+    from finetune_sdk.pairwise import pairwise_counts
+
     margin = chosen.float() - rejected.float()
+    correct, ties, _ = pairwise_counts(margin.tolist(), zip(chosen.tolist(), rejected.tolist()))
     return {"eval_loss": float(bradley_terry_loss(chosen, rejected, center_rewards_coefficient)),
-            "pairwise_accuracy": float((margin > 0).float().mean()),
+            "pairwise_accuracy": correct / len(margin), "pairwise_ties": ties,
             "reward_margin": float(margin.mean()),
             "mean_reward": float(torch.cat([chosen, rejected]).float().mean())}
 
@@ -143,53 +147,46 @@ def reward_trainer_class(center_rewards_coefficient: float = 0.0) -> type:
     return RewardTrainer
 
 
-def pair_rewards(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int) -> tuple[Any, Any]:
-    """(chosen, rejected) rewards ``[pairs]`` of encoded pairs (``{"chosen": ..., "rejected": ...}`` examples)."""
-    from finetune_sdk.preference import PairCollator
-
-    collate = PairCollator(pad_token_id)
-    device = next(model.parameters()).device
-    chosen, rejected = [], []
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(encoded.examples), batch_size):
-            batch = collate(encoded.examples[start:start + batch_size])
-            rewards = model.rewards(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu()
-            half = rewards.shape[0] // 2
-            chosen.append(rewards[:half])
-            rejected.append(rewards[half:])
-    return torch.cat(chosen), torch.cat(rejected)
+def pair_rewards(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int = 1) -> tuple[Any, Any]:
+    """(chosen, rejected) rewards ``[pairs]`` float32 of encoded pairs (``{"chosen": ..., "rejected": ...}``
+    examples), batch-invariant (:func:`sequence_rewards`: the same answer text gets the same reward in either
+    column)."""
+    sequences = [ex[side]["input_ids"] for side in ("chosen", "rejected") for ex in encoded.examples]
+    rewards = torch.tensor(sequence_rewards(model, sequences, pad_token_id, batch_size), dtype=torch.float32)
+    return rewards[:len(encoded.examples)], rewards[len(encoded.examples):]
 
 
 def evaluate_pairs(model: Any, encoded: Encoded, pad_token_id: int, batch_size: int = 8, *,
                    source: str = "eval_data", center_rewards_coefficient: float = 0.0) -> dict[str, float]:
     """:func:`pairwise_metrics` of ``model`` on held-out pairs, with ``eval_rows_scored``/``eval_rows_skipped``;
-    :class:`~finetune_sdk.errors.DataError` naming ``source`` when no pair is left to score."""
+    :class:`~finetune_sdk.errors.DataError` naming ``source`` when no pair is left to score. Every answer is
+    scored on its own (batch-invariant: :func:`sequence_rewards`); ``batch_size`` is accepted and not used."""
     from finetune_sdk.scoring import require_rows, scored_rows
 
     require_rows(len(encoded.examples), encoded.dropped, source,
                  "have a chosen or rejected answer cut off entirely by max_length")
-    chosen, rejected = pair_rewards(model, encoded, pad_token_id, batch_size)
+    chosen, rejected = pair_rewards(model, encoded, pad_token_id)
     return {**pairwise_metrics(chosen, rejected, center_rewards_coefficient),
             **scored_rows(len(encoded.examples), encoded.dropped)}
 
 
 def sequence_rewards(model: Any, sequences: Sequence[list[int]], pad_token_id: int,
-                     batch_size: int = 32) -> list[float]:
-    """One reward per token-id list, in order (batches are formed from sequences of similar length)."""
-    collate = Collator(pad_token_id)
+                     batch_size: int = 1) -> list[float]:
+    """One reward per token-id list, in order, batch-invariant: each distinct sequence runs alone (one row, no
+    padding; :func:`finetune_sdk.pairwise.each_distinct`), so a text's reward is bit-for-bit the same whichever
+    texts are scored with it and in whichever row. ``batch_size`` (and ``pad_token_id``: nothing is padded) are
+    accepted for callers and not used: batching changed rewards by up to ~6e-8 with the batch's composition."""
+    from finetune_sdk.pairwise import each_distinct
+
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    rewards = [0.0] * len(sequences)
     model.eval()
+
+    def reward(ids: Sequence[int]) -> float:
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
+        return float(model.rewards(input_ids, torch.ones_like(input_ids))[0])
+
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = collate([{"input_ids": list(sequences[i]), "labels": 0} for i in chunk])
-            values = model.rewards(batch["input_ids"].to(device), batch["attention_mask"].to(device)).tolist()
-            for i, value in zip(chunk, values):
-                rewards[i] = float(value)
-    return rewards
+        return each_distinct(list(sequences), reward, key=tuple)
 
 
 def completion_ids(formatter: Any, prompt: str, completion: str, tokenizer: Any,
@@ -238,7 +235,8 @@ class RewardHead(nn.Module):
 def head_training_inputs(run: Any, plan: Any, model: RewardModel, tokenizer: Any, args: Any) -> Any:
     """The ``reward-modeling`` objective's :class:`~finetune_sdk.objectives.TrainingInputs` on a frozen backbone:
     the head trained on cached features of both answers of every pair (the backbone runs once per dataset); each
-    held-out set's features are kept in ``plan.eval_features`` for the final metrics."""
+    held-out set's features are kept in ``plan.eval_features`` for the evaluations during training (the final
+    metrics run the model: :func:`evaluate_reward_model`)."""
     from finetune_sdk.objectives import TrainingInputs
 
     def pair_features(encoded: Encoded, fingerprint: Any) -> PairFeatures:
@@ -275,20 +273,10 @@ def side_features(run: Any, plan: Any, model: RewardModel, tokenizer: Any, encod
 
 
 def evaluate_reward_model(loaded: Any, plan: Any, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Final metrics of a trained reward model (a LoadedModel) on the held-out set ``plan.evals[name]``: from the
-    cached features when the head trained on them, else by running the model."""
-    from finetune_sdk.scoring import require_rows, scored_rows
-
+    """Final metrics of a trained reward model (a LoadedModel) on the held-out set ``plan.evals[name]``, by running
+    the model on every answer alone (:func:`evaluate_pairs`; the same numbers ``load(result).evaluate`` gives). The
+    cached features a frozen backbone's head trained on serve the evaluations during training only: they were
+    computed in batches, and a text's features changed in the last bits with its batch."""
     eval_set, center = plan.evals[name], float(options.get("center_rewards_coefficient") or 0.0)
-    encoded, model = eval_set.encoded, getattr(loaded.model, "module", loaded.model)
-    if name not in plan.eval_features:
-        return evaluate_pairs(model, encoded, loaded.tokenizer.pad_token_id, options["per_device_eval_batch_size"],
-                              source=eval_set.rows.source, center_rewards_coefficient=center)
-    require_rows(len(encoded.examples), encoded.dropped, eval_set.rows.source,
-                 "have a chosen or rejected answer cut off entirely by max_length")
-    features = plan.eval_features[name]
-    model.head.eval()
-    with torch.no_grad():
-        chosen, rejected = (model.head(f.to(model.head.weight)).squeeze(-1).cpu()
-                            for f in (features.chosen, features.rejected))
-    return {**pairwise_metrics(chosen, rejected, center), **scored_rows(len(encoded.examples), encoded.dropped)}
+    return evaluate_pairs(getattr(loaded.model, "module", loaded.model), eval_set.encoded,
+                          loaded.tokenizer.pad_token_id, source=eval_set.rows.source, center_rewards_coefficient=center)

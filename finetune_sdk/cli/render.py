@@ -10,10 +10,19 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from finetune_sdk.screen_text import literal_text
+
 
 def cell(value: Any) -> Text:
-    """Table cell text shown literally (no rich markup: prompts and descriptions contain brackets)."""
-    return Text(fmt(value))
+    """Table cell text shown literally: no rich markup (prompts and descriptions contain brackets), control
+    characters and escape sequences (model output can hold them) shown escaped
+    (:func:`finetune_sdk.screen_text.literal_text`).
+
+    Example:
+        >>> cell("[b]ok\\x1b[2J").plain
+        '[b]ok\\\\x1b[2J'
+    """
+    return literal_text(fmt(value))
 
 
 @lru_cache(maxsize=1)

@@ -46,6 +46,26 @@ class RewardFunctionContract:
         assert len(scores) == len(completions)
         assert all(len(row) == 1 and math.isfinite(row[0]) for row in scores)
 
+    def test_a_score_does_not_depend_on_the_batch_or_row(self) -> None:
+        """A completion scores the same alone as in a batch with longer completions and in another row, and the same
+        completion twice in one batch gets one score: equal within :func:`finetune_sdk.pairwise.is_tie` (a
+        reward model scoring pairs would otherwise see a preference between identical answers)."""
+        from finetune_sdk.pairwise import is_tie
+        from finetune_sdk.rewards import Reward, score_completions
+
+        reward = [Reward(self.name, self.function())]
+        for index, prompt in enumerate(PROMPTS):
+            columns = {k: [values[index]] for k, values in self.columns.items()}
+            for completion in COMPLETIONS:
+                alone = score_completions(reward, [prompt], [completion], columns)[0][0][0]
+                batch = [completion, *reversed(COMPLETIONS), completion]
+                many = {k: v * len(batch) for k, v in columns.items()}
+                scores = [row[0] for row in score_completions(reward, [prompt] * len(batch), batch, many)[0]]
+                for where, score in (("first row", scores[0]), ("last row", scores[-1]),
+                                     ("its own row", scores[len(COMPLETIONS) - COMPLETIONS.index(completion)])):
+                    assert is_tie(score - alone, score, alone), \
+                        f"{self.name}: {completion[:20]!r} scores {alone!r} alone but {score!r} in a batch ({where})"
+
     def test_plugin_module_imports_nothing_heavy(self) -> None:
         """``finetune --help`` imports every plugin module: torch, transformers... only inside functions."""
         from finetune_sdk.testing.contract import assert_light
