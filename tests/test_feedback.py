@@ -46,6 +46,13 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def bare(items: list[dict]) -> list[dict]:
+    """The rows without the fields that trace them (rated_at, model, sampling, rater: test_rating_record.py)."""
+    from finetune_sdk.ratings_file import RECORD_FIELDS
+
+    return [{k: v for k, v in row.items() if k not in RECORD_FIELDS} for row in items]
+
+
 def feedback(runner, model, *args: str, input: str):
     result = runner.invoke(cli, ["feedback", str(model), "--formatter", "chatml", "--max-new-tokens", "6", *args],
                            input=input)
@@ -66,14 +73,14 @@ def test_pairwise_session_writes_preference_rows_that_train_with_dpo_and_edits_t
     result = feedback(runner, llama_dir, "--prompts", str(prompts_file), "--out", str(out), "--mode", "pairwise",
                       "--sft-out", str(sft), input="2\nx\ne\nthree plus one is four.\n1\n")
     pairs, edits = rows(out), rows(sft)
-    assert [list(r) for r in pairs] == [["prompt", "chosen", "rejected"]] * 2
+    assert [list(r) for r in pairs] == [["prompt", "chosen", "rejected", "rated_at", "model", "sampling"]] * 2
     assert [r["prompt"] for r in pairs] == [PROMPTS[0], PROMPTS[2]]
     shown = []  # the same model, prompts and seed from Python: the answers the terminal showed, in its order
     collect_feedback(str(llama_dir), prompts_file, tmp_path / "unused.jsonl", mode="pairwise", formatter="chatml",
                      max_new_tokens=6, ask=lambda prompt, answers: shown.append(answers) or SKIP)
     assert [(r["chosen"], r["rejected"]) for r in pairs] == [(shown[0][1], shown[0][0]), (shown[2][0], shown[2][1])]
     assert all(r["chosen"] != r["rejected"] for r in pairs)
-    assert edits == [{"prompt": PROMPTS[1], "completion": "three plus one is four."}]
+    assert bare(edits) == [{"prompt": PROMPTS[1], "completion": "three plus one is four."}]
     assert "2 ratings appended" in result.output and "1 written answer" in result.output
     assert train(runner, llama_dir, out, "preference", tmp_path / "dpo")["objective"] == "dpo"
     assert train(runner, llama_dir, sft, "chatml", tmp_path / "sft-run")["objective"] == "sft"
@@ -189,8 +196,8 @@ def test_python_api_pairwise_with_edits_and_bad_answers_from_ask(base_model, tmp
     summary = collect_feedback(base_model, PROMPTS[:2], out, mode="pairwise", ask=ask, sft_out=sft,
                                max_new_tokens=6)
     assert (summary.rated, summary.edited) == (1, 1)
-    assert rows(out) == [{"prompt": PROMPTS[0], "chosen": seen[0][1], "rejected": seen[0][0]}]
-    assert rows(sft) == [{"prompt": PROMPTS[1], "completion": "two plus two is four."}]
+    assert bare(rows(out)) == [{"prompt": PROMPTS[0], "chosen": seen[0][1], "rejected": seen[0][0]}]
+    assert bare(rows(sft)) == [{"prompt": PROMPTS[1], "completion": "two plus two is four."}]
     for reply, message in ((True, "in pairwise mode return 0 or 1"), (Edited("x"), "no sft_out file")):
         with pytest.raises(ConfigError, match=message):
             collect_feedback(base_model, [PROMPTS[2]], out, mode="pairwise", ask=lambda p, a, r=reply: r)
