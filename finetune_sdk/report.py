@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
-from rich.text import Text
 
 from finetune_sdk.fsutil import write_json_atomic, write_text_atomic
 from finetune_sdk.models import display_name
@@ -55,8 +54,7 @@ JSON_NAME = "comparison.json"
 HTML_NAME = "comparison.html"
 #: A metric whose name contains one of these is better when it goes down; every other metric when it goes up.
 LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error")
-#: Bookkeeping numbers (timings, throughput, epoch) and counts of ties (``pairwise_ties``, ``reward_ties``: a tie is
-#: neither a right nor a wrong decision) shown in the table but never judged better or worse.
+#: Bookkeeping numbers (timings, throughput, epoch) and tie counts, shown in the table but never judged either way.
 NO_DIRECTION = ("runtime", "per_second", "epoch", "ties")
 CAPTION = "✓ better: lower loss/perplexity, higher accuracy/F1"
 TRAIN_COLOR = "#2563eb"
@@ -155,7 +153,7 @@ def _generations(report: Mapping[str, Any]) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------------------------------- rich
 
 
-def _text(value: Any, style: str = "") -> Text:
+def _text(value: Any, style: str = "") -> Any:
     """A cell shown literally: no rich markup (prompts hold brackets like ``[INST]``), controls escaped."""
     return literal_text(_fmt(value), style=style)
 
@@ -181,8 +179,7 @@ def metric_comparison_table(base: Mapping[str, Any] | None, tuned: Mapping[str, 
 
 
 def generations_table(generations: Sequence[Mapping[str, Any]], title: str = "generations") -> Table:
-    """Prompt, base answer and fine-tuned answer, one row per prompt, all shown literally (no rich markup, control
-    characters escaped: :func:`finetune_sdk.screen_text.literal_text`).
+    """Prompt, base answer and fine-tuned answer, one row per prompt, all shown literally (controls escaped).
 
     Example:
         >>> generations_table([{"prompt": "[INST] 2+2? [/INST]", "base": "5", "tuned": "4"}]).row_count

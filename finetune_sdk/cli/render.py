@@ -85,7 +85,7 @@ def titled_table(title: str, **options: Any) -> Table:
         >>> titled_table("generations of …/runs/customer-support").min_width  # 38 characters and the borders
         42
     """
-    return Table(title=title, min_width=min(len(title) + 4, 80), **options)
+    return Table(title=literal_text(title), min_width=min(len(title) + 4, 80), **options)  # paths hold brackets too
 
 
 def metrics_table(metrics: Mapping[str, Any], title: str = "metrics") -> Table:
