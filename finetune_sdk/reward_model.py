@@ -175,7 +175,7 @@ def sequence_rewards(model: Any, sequences: Sequence[list[int]], pad_token_id: i
     """One reward per token-id list, in order, batch-invariant: each distinct sequence runs alone (one row, no
     padding; :func:`finetune_sdk.pairwise.each_distinct`), so a text's reward is bit-for-bit the same whichever
     texts are scored with it and in whichever row. ``batch_size`` (and ``pad_token_id``: nothing is padded) are
-    accepted for callers and not used: batching changed rewards by up to ~6e-8 with the batch's composition."""
+    accepted for callers and not used: in padded batches a reward changed in its last bits with the batch."""
     from finetune_sdk.pairwise import each_distinct
 
     device = next(model.parameters()).device
