@@ -111,7 +111,7 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
         formatter: override the formatter recorded with a result (it wraps the prompts as in training); on a loaded
             model this sets its ``formatter``.
         trust_remote_code: let the model repository's own Python code run (only when ``model`` is a path or ref).
-        rater: the name recorded as each row's ``rater`` (default ``$FINETUNE_RATER``; none: no ``rater`` field).
+        rater: the name recorded as each row's ``rater`` (default ``$FINETUNE_SDK_RATER``; none: no ``rater`` field).
         model_ref: the name recorded as the ``model`` field's ``ref`` (default: ``model`` when it is a path or ref).
 
     Returns:

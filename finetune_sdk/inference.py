@@ -145,6 +145,10 @@ class LoadedModel:
         template or ChatML) and cut to ``max_length`` tokens. This is the reward function signature of TRL's GRPO
         (``fn(prompts, completions) -> list[float]``), so a loaded reward model can serve as one.
 
+        Batch-invariant: each distinct (prompt, completion) runs alone (one row, no padding), so its reward is
+        bit-for-bit the same whatever else is scored with it (``score([p], [x])[0] == score([p, q], [x, y])[0]``);
+        ``batch_size`` is accepted and not used (:mod:`finetune_sdk.pairwise`).
+
         Raises:
             ConfigError: not a reward model; ``prompts`` and ``completions`` not lists of strings of one length.
 

@@ -21,8 +21,8 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, TypeVar
 
 #: Relative tolerance of a tie: ``|margin| <= TIE_RTOL * max(1, |scores|...)``. 1e-5 is ~84 float32 ulps of the
-#: larger score: above the float noise of computing one text in different batches (6e-8 on rewards near 0.4 in the
-#: issue's report; 8.5e-7 relative on a tiny Llama on CPU), far below any preference a model expresses on purpose.
+#: larger score: above the float noise of computing one text in different batches (margins of 6e-8 in the issue's
+#: report; 8.5e-7 relative on a tiny Llama on CPU), far below any preference a model expresses on purpose.
 TIE_RTOL = 1e-5
 T = TypeVar("T")
 __all__ = ["TIE_RTOL", "each_distinct", "is_tie", "pairwise_counts"]

@@ -3,7 +3,7 @@ ratings from several rounds of the feedback loop can be told apart and filtered 
 
 The fields (all optional; the ``kto``, ``preference`` and chat formatters ignore them):
 
-* ``rater``: the name given with ``--rater`` / ``rater=`` (or the ``FINETUNE_RATER`` environment variable). Nothing
+* ``rater``: the name given with ``--rater`` / ``rater=`` (or the ``FINETUNE_SDK_RATER`` environment variable). Nothing
   is recorded without one: a ratings file is often shared with the data, and the login name of whoever ran the
   session is personal data the SDK does not write on its own.
 * ``rated_at``: when the rating was given, ISO-8601 UTC to the second (``2026-12-07T01:30:00Z``).
@@ -29,14 +29,14 @@ from typing import Any
 from finetune_sdk.errors import ConfigError
 
 #: The environment variable naming the rater when no ``--rater`` is given.
-RATER_ENV = "FINETUNE_RATER"
+RATER_ENV = "FINETUNE_SDK_RATER"
 #: The longest rater name accepted.
 MAX_RATER = 100
 __all__ = ["RATER_ENV", "check_rater", "model_reference", "rated_at", "select_ratings"]
 
 
 def check_rater(rater: Any) -> str | None:
-    """The rater name to record: ``rater``, else ``$FINETUNE_RATER``, else None (nothing recorded).
+    """The rater name to record: ``rater``, else ``$FINETUNE_SDK_RATER``, else None (nothing recorded).
 
     Raises:
         ConfigError: a name that is not text, is blank, longer than :data:`MAX_RATER` characters or holds control

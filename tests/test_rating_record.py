@@ -64,12 +64,12 @@ def test_pairwise_rows_carry_the_fields_and_ties_are_recorded(tiny_models, tmp_p
 
 def test_no_rater_field_without_a_name_and_the_env_variable_names_one(tiny_models, tmp_path, monkeypatch,
                                                                       distinct_answers):
-    monkeypatch.delenv("FINETUNE_RATER", raising=False)
+    monkeypatch.delenv("FINETUNE_SDK_RATER", raising=False)
     out = tmp_path / "thumbs.jsonl"
     collect_feedback(str(tiny_models("llama")), PROMPTS[:1], out, formatter="chatml", max_new_tokens=6,
                      ask=lambda prompt, answers: True)
     assert list(rows(out)[0]) == ["prompt", "completion", "label", "rated_at", "model", "sampling"]
-    monkeypatch.setenv("FINETUNE_RATER", "bo")
+    monkeypatch.setenv("FINETUNE_SDK_RATER", "bo")
     collect_feedback(str(tiny_models("llama")), PROMPTS[:2], out, formatter="chatml", max_new_tokens=6,
                      ask=lambda prompt, answers: False)
     assert [row.get("rater") for row in rows(out)] == [None, "bo"]

@@ -9,7 +9,7 @@ from finetune_sdk.cli.inference_commands import TRUST_HELP
 MODE_HELP = ("thumbs: one answer, thumbs up/down -> KTO rows (prompt, completion, label); pairwise: two answers, "
              "the better one -> preference rows (prompt, chosen, rejected), or a tie / both bad (recorded, not "
              "trained on)")
-RATER_HELP = ("your name, recorded in each row (default: $FINETUNE_RATER; without either no name is recorded: "
+RATER_HELP = ("your name, recorded in each row (default: $FINETUNE_SDK_RATER; without either no name is recorded: "
               "ratings files get shared)")
 
 
