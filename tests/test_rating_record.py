@@ -134,6 +134,7 @@ META = {"rater": "ana", "rated_at": "2026-12-07T01:30:05Z", "model": {"ref": "bo
         "sampling": SAMPLING}
 
 
+@pytest.mark.slow
 def test_dpo_trains_on_traced_rows_with_ties_exactly_as_on_the_bare_pairs(tiny_models, tmp_path, caplog):
     from finetune_sdk.trainer import Trainer
 

@@ -168,3 +168,21 @@ def test_the_reward_contract_refuses_a_function_whose_score_depends_on_the_batch
     Steady().test_a_score_does_not_depend_on_the_batch_or_row()
     with pytest.raises(AssertionError, match="batch_dependent: .* alone but .* in a batch"):
         BatchDependent().test_a_score_does_not_depend_on_the_batch_or_row()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["frozen", "lora"])
+def test_a_trained_reward_model_reports_ties_in_its_final_metrics_and_after_loading(tiny_models, tmp_path, backbone):
+    import finetune_sdk
+    from finetune_sdk import Trainer
+
+    train = [{"prompt": f"q{i}", "chosen": f"yes indeed {i}", "rejected": f"no {i}"} for i in range(8)]
+    held = identical_pairs()[:4] + [{"prompt": "q9", "chosen": "yes indeed 9", "rejected": "no 9"}]
+    options = {"r": 4} if backbone == "lora" else {}
+    result = Trainer(tiny_models("llama"), technique="reward-model", formatter="preference", backbone=backbone,
+                     max_steps=2, per_device_train_batch_size=4, save_steps=0, progress=False,
+                     output_dir=tmp_path / backbone, **options).fit(train, eval_data=held)
+    assert result.metrics["pairwise_ties"] == 4 and result.metrics["pairwise_accuracy"] <= 1 / 5
+    again = finetune_sdk.load(tmp_path / backbone).evaluate(held)
+    assert {k: again[k] for k in ("pairwise_ties", "pairwise_accuracy", "reward_margin")} == \
+        {k: result.metrics[k] for k in ("pairwise_ties", "pairwise_accuracy", "reward_margin")}
