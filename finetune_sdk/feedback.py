@@ -112,15 +112,16 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
             model this sets its ``formatter``.
         trust_remote_code: let the model repository's own Python code run (only when ``model`` is a path or ref).
         rater: the name recorded as each row's ``rater`` (default ``$FINETUNE_SDK_RATER``; none: no ``rater`` field).
-        model_ref: the name recorded as the ``model`` field's ``ref`` (default: ``model`` when it is a path or ref).
+        model_ref: the name recorded as the ``model`` field's ``ref`` (default: ``model`` when it is a path or ref;
+            for a model object without it, ``"<LoadedModel object>"``: give it to tell rounds apart).
 
     Returns:
         A :class:`FeedbackSummary`.
 
     Raises:
-        ConfigError: a bad option or rater name, no prompts, ``out`` in a folder that doesn't exist, ``out`` holding rows that
-            aren't this mode's, ``sft_out`` equal to ``out``, or ``ask`` returning something else than the above.
-            Checked before the model loads.
+        ConfigError: a bad option or rater name, no prompts, ``out`` in a folder that doesn't exist, ``out`` holding
+            rows that aren't this mode's, ``sft_out`` equal to ``out``, or ``ask`` returning something else than the
+            above. Checked before the model loads.
 
     Each row is appended as one line and fsynced the moment ``ask`` returns: a crash loses at most the rating being
     given. A prompt is done when ``out`` or ``sft_out`` holds a row for it, so a second session on the same files

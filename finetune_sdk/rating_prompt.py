@@ -2,7 +2,7 @@
 rating (typed, then Enter) with click, so it works in a terminal, in Jupyter and on scripted input alike.
 
 What the model wrote is shown literally: control characters and escape sequences in an answer (a screen clear, cursor
-moves, a window title, ``\r``, bidi overrides) appear escaped (``\x1b[2J``) and rich markup stays text
+moves, a window title, ``\\r``, bidi overrides) appear escaped (``\\x1b[2J``) and rich markup stays text
 (:mod:`finetune_sdk.screen_text`), so an answer can't hide or rewrite what the rater sees."""
 
 from __future__ import annotations

@@ -65,6 +65,7 @@ def feedback_command(ref: str, prompt_file: str, out: str, mode: str, sft_out: s
         parts.append(f"an unfinished row ({summary.torn_bytes_cut} bytes) of an interrupted session cut")
     terminal.note("; ".join(parts))
     if summary.out_rows:
-        terminal.note(f"train on the ratings: finetune train --data {summary.out} --formatter {MODES[mode].formatter} ...")
+        terminal.note(f"train on the ratings: finetune train --data {summary.out} --formatter "
+                      f"{MODES[mode].formatter} ...")
     if summary.edited:
         terminal.note(f"train on the written answers: finetune train --data {summary.sft_out} --formatter chatml ...")
