@@ -62,7 +62,9 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
     Args:
         ref: a result folder written by ``Trainer.fit``, or a registry reference: ``name``, ``name@3``,
             ``name@production``, ``hf://org/repo`` or ``hf://org/repo@v3`` (pulled and verified first).
-        quantized: ``None`` (as trained), ``False`` to load the base in full precision even after qlora.
+        quantized: ``None`` (as trained: a 4-bit base after qlora, the training dtype, e.g. a bfloat16 base
+            under ``dtype="auto"``), ``False`` for full precision: the base's weights as stored on disk, read in
+            float32 (exact for float32, bfloat16 and float16 checkpoints), even after qlora or a bfloat16 run.
         base_model: a path or Hub id to use instead of the recorded base model.
         registry: the :class:`~finetune_sdk.registry.Registry` to resolve names in (default: ``Registry()``).
         trust_remote_code: let the model repository's own Python code run. Only this argument turns it on: a
@@ -98,12 +100,12 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
         source = resolve_source(base_model) if base_model else ModelSource.from_manifest(manifest["base_model"])
         if manifest.get("quantizer") and quantized is not False:
             quantizer = host.create("quantizer", manifest["quantizer"])
-    model = load_base_model(source, manifest["task"], quantizer, options,
-                            dtype=getattr(torch, manifest.get("dtype") or "float32"),
+    # quantized=False: full precision, the weights as stored (read in float32), not the training copy's dtype
+    dtype = "float32" if quantized is False else manifest.get("dtype") or "float32"
+    model = load_base_model(source, manifest["task"], quantizer, options, dtype=getattr(torch, dtype),
                             pad_token_id=tokenizer.pad_token_id)
     model = technique.load(model, directory, {**options, "pad_token_id": tokenizer.pad_token_id})
-    if (manifest.get("precision") or {}).get("activations") == "float32" and \
-            manifest.get("dtype") not in (None, "float32"):
+    if (manifest.get("precision") or {}).get("activations") == "float32" and dtype != "float32":
         from finetune_sdk.precision import keep_activations_fp32
 
         keep_activations_fp32(model)  # computes as it trained: bf16 matmuls, fp32 in between

@@ -44,22 +44,15 @@ def is_export_folder(path: Path) -> bool:
     return isinstance(manifest, dict) and isinstance(manifest.get("export"), dict)
 
 
-def merged_causal_lm(folder: Path, manifest: dict[str, Any], registry: Any) -> tuple[Any, Any]:
-    """The result as one float32 model (adapter merged into a full-precision base) and its tokenizer."""
-    import torch
-
-    from finetune_sdk.loading import load
+def merged_causal_lm(folder: Path, manifest: dict[str, Any], registry: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """``(model, tokenizer, record)``: the result as one float32 model, its adapter merged into the base read from
+    disk in float32 (never the training copy), and what :func:`~finetune_sdk.base_precision.base_precision_record`
+    says about it; the GGUF writer rounds it once to the export's type."""
+    from finetune_sdk.base_precision import merged_float32
     from finetune_sdk.plugin_manager import get_plugin_host
 
     technique = get_plugin_host().create("technique", manifest["technique"])
-    loaded = load(folder, quantized=False, registry=registry)
-    model = loaded.model
-    if getattr(technique, "saves_adapter", False):
-        with activity("merging the adapter into the float32 base"):
-            model.get_base_model().to(torch.float32)
-            model = technique.merge(model)
-    model = model.to(torch.float32).eval()
-    return model, loaded.tokenizer
+    return merged_float32(folder, manifest, technique, registry=registry)
 
 
 def chat_setup(manifest: dict[str, Any], tokenizer: Any) -> tuple[str | None, Any, bool]:
@@ -105,7 +98,7 @@ def run_export(ref: Any, out: Path, *, quantization: str, name: str | None, regi
     check_export_folder(out, [("result", folder), ("base model", Path(base["path"]) if base.get("path") else None)])
     _check_family_early(folder, manifest)
     name = name or (Path(os.fspath(ref)).name if Path(ref).is_dir() else os.fspath(ref).split("@")[0].split("/")[-1])
-    model, tokenizer = merged_causal_lm(folder, manifest, registry)
+    model, tokenizer, base_precision = merged_causal_lm(folder, manifest, registry)
     template, chat_format, raw_prompt = chat_setup(manifest, tokenizer)
     options = manifest.get("options") or {}
     gguf_name = f"{ollama_name(name)}-{quantization}.gguf"
@@ -123,7 +116,7 @@ def run_export(ref: Any, out: Path, *, quantization: str, name: str | None, regi
                        "chat_format": chat_format.name if chat_format else None, **summary},
             "exported_from": {"ref": os.fspath(ref), "technique": manifest.get("technique"),
                               "quantizer": manifest.get("quantizer"), "formatter": manifest.get("formatter"),
-                              "base_model": base or None},
+                              "base_model": base or None, **base_precision},
             "libraries": {**library_versions(), "gguf": _version("gguf")},
         })
     return GGUFExport(directory=out, gguf_path=out / gguf_name, modelfile_path=out / "Modelfile",
