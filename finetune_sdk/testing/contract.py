@@ -130,6 +130,45 @@ class TechniqueContract:
             actual = loaded.model(**batch).logits
         assert torch.allclose(expected, actual, atol=1e-5), (expected - actual).abs().max()
 
+    def test_merge_starts_from_the_stored_base(self, model_dir: Any, tmp_path: Any) -> None:
+        """A merge (and an export, which merges the same way) reads the base from disk in float32, never the
+        training copy (a bfloat16 base here, or 4-bit weights), and folds the trained weights in in float32: the
+        input embeddings (which no adapter trains) are bit-identical to the stored ones and the merged model
+        computes what the unmerged float32 one does. A technique whose result is the model itself loads, with
+        ``quantized=False``, exactly the weights it saved."""
+        from pathlib import Path
+
+        import torch
+        from safetensors.torch import load_file
+
+        import finetune_sdk
+
+        technique = self.technique()
+        if technique.task != CAUSAL_LM or not (technique.saves_adapter or technique.result_is_model):
+            return  # merge() and export() refuse it: nothing of this kind to check
+        options = {} if technique.default_quantizer else {"dtype": "bfloat16"}  # a copy unlike the stored base
+        result = self._short_run(model_dir, tmp_path / "out", **options).output_dir
+        unmerged = finetune_sdk.load(result, quantized=False)
+        if technique.result_is_model:
+            saved = load_file(str(result / "model.safetensors"))
+            for name, param in unmerged.model.state_dict().items():
+                assert name not in saved or torch.equal(param, saved[name].float()), f"{name} is not as saved"
+            return
+        merged_dir = finetune_sdk.merge(result, tmp_path / "merged", dtype="float32")
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+        assert all(p.dtype == torch.float32 for p in merged.parameters())
+        stored = load_file(str(next(Path(model_dir).glob("*.safetensors"))))
+        embedding = merged.get_input_embeddings().weight
+        name = next(n for n, p in merged.named_parameters() if p is embedding)
+        assert torch.equal(embedding.detach(), stored[name]), "the embeddings carry the training copy's rounding"
+        batch = unmerged.tokenizer(["what is red?", "the cat is here"], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            expected = unmerged.model(**batch).logits
+            actual = merged(**batch).logits
+        assert torch.allclose(expected, actual, atol=1e-5), (expected - actual).abs().max()
+
 
     def _short_run(self, model_dir: Any, output_dir: Any, **options: Any) -> Any:
         from finetune_sdk import Trainer
