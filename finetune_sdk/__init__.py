@@ -33,24 +33,33 @@ def load(ref: Any, **kwargs: Any) -> Any:
     """Load a fine-tuned result ready to ``generate``/``predict``/``evaluate``: a result folder or a registry
     reference (``"support-bot@production"``, ``"hf://org/repo@v3"``). See :func:`finetune_sdk.loading.load`.
     """
-    from finetune_sdk.loading import load as _load
+    from finetune_sdk.log import known_dependency_messages
 
-    return _load(ref, **kwargs)
+    with known_dependency_messages():  # bitsandbytes' import chatter (see finetune_sdk.log)
+        from finetune_sdk.loading import load as _load
+
+        return _load(ref, **kwargs)
 
 
 def merge(ref: Any, out: Any, **kwargs: Any) -> Any:
     """Merge an adapter into its base and save a standalone model folder; see :func:`finetune_sdk.merging.merge`."""
-    from finetune_sdk.merging import merge as _merge
+    from finetune_sdk.log import known_dependency_messages
 
-    return _merge(ref, out, **kwargs)
+    with known_dependency_messages():  # bitsandbytes' import chatter (see finetune_sdk.log)
+        from finetune_sdk.merging import merge as _merge
+
+        return _merge(ref, out, **kwargs)
 
 
 def export(ref: Any, out: Any, **kwargs: Any) -> Any:
     """Merge a result and write it as a GGUF file with an Ollama Modelfile; see
     :func:`finetune_sdk.exporting.export`."""
-    from finetune_sdk.exporting import export as _export
+    from finetune_sdk.log import known_dependency_messages
 
-    return _export(ref, out, **kwargs)
+    with known_dependency_messages():  # bitsandbytes' import chatter (see finetune_sdk.log)
+        from finetune_sdk.exporting import export as _export
+
+        return _export(ref, out, **kwargs)
 
 
 def advise(model: Any, **kwargs: Any) -> Any:

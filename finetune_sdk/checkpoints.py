@@ -244,7 +244,8 @@ def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2
             return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            from finetune_sdk.fsutil import sha256_file
+            from finetune_sdk.fsutil import sha256_file, shareable_tree
+            from finetune_sdk.output_paths import folder_bytes, user_os_error
 
             if not self.args.should_save:
                 return
@@ -270,7 +271,13 @@ def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2
                         os.fsync(handle.fileno())
                 if final.exists():
                     shutil.rmtree(final)
+                shareable_tree(staging)  # mkdtemp's 0700 and safetensors' 0600: the umask's modes instead
                 os.rename(staging, final)
+            except Exception as exc:  # a full disk (also inside safetensors' writer): one line, no partial checkpoint
+                error = user_os_error(exc, final, folder_bytes(staging))
+                if error is exc:
+                    raise
+                raise error from None
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             for old in sorted((int(m.group(1)), p) for p in checkpoint_root.iterdir()

@@ -45,8 +45,11 @@ def compare_models(tuned: Any, load_base: Callable[[], Any], rows: Rows, prompts
     Generative models compare ``eval_loss`` and ``perplexity``; classifiers ``eval_loss``, ``accuracy`` and
     ``macro_f1``; reward models ``eval_loss``, ``pairwise_accuracy`` and ``reward_margin``.
     """
+    from finetune_sdk.output_paths import check_report_dir
     from finetune_sdk.progress import activity
 
+    if report_dir is not None:  # before any model runs: the report folder must be writable without loss
+        check_report_dir(report_dir)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
     generative = tuned.task not in HEAD_TASKS
     with activity("comparison: the fine-tuned model"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune_sdk.errors import DataError
+from finetune_sdk.errors import DataError, json_problem
 from finetune_sdk.textfiles import read_text
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -118,7 +118,7 @@ def _read_jsonl(path: Path) -> Rows:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path} line {number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            raise DataError(f"{path} line {number}: malformed JSON ({json_problem(exc)})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
@@ -130,7 +130,7 @@ def _read_json(path: Path) -> Rows:
     try:
         data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg})") from None
+        raise DataError(f"{path} line {exc.lineno}: malformed JSON ({json_problem(exc)})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):

@@ -7,6 +7,7 @@ where (file, line, field) and what to do. The CLI prints it without a traceback 
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Iterable
 
 
@@ -42,6 +43,24 @@ def closest(name: str, choices: Iterable[str]) -> str:
     if not matches:
         return ""
     return " (did you mean " + " or ".join(repr(m) for m in matches) + "?)"
+
+
+def json_problem(exc: json.JSONDecodeError, *, line: bool = False) -> str:
+    """What is wrong in a JSON text and where, for a one-line message: ``Unterminated string starting at column 5``.
+
+    Python's messages end in a dangling ``at`` when they mean a position (``Unterminated string starting at``,
+    ``Invalid control character at``); the position is added once, with the line when ``line`` is set.
+
+    >>> import json
+    >>> try:
+    ...     json.loads('{"prompt": "cut')
+    ... except json.JSONDecodeError as exc:
+    ...     json_problem(exc)
+    'Unterminated string starting at column 12'
+    """
+    message = exc.msg[:-3] if exc.msg.endswith(" at") else exc.msg
+    where = f"line {exc.lineno} column {exc.colno}" if line else f"column {exc.colno}"
+    return f"{message} at {where}"
 
 
 def unknown_name_error(kind: str, name: str, available: Iterable[str]) -> ConfigError:

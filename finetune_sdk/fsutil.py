@@ -31,6 +31,30 @@ def shareable(path: Path, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
 
 
+def shareable_tree(root: Path) -> None:
+    """Give ``root`` and every folder and file under it the permissions of a normal ``mkdir``/``open`` (0777/0666
+    less the umask; a file its owner may execute keeps execute bits).
+
+    Writers that stage through temporary files create them 0600 and keep that mode: safetensors 0.8's
+    ``save_file`` (so PEFT's and transformers' ``save_pretrained``) and ``tempfile``. A result, export, merge,
+    checkpoint or registry checkout is for sharing, so every entry gets the umask's permissions before it is
+    renamed into place.
+    """
+    mask = current_umask()
+    root = Path(root)
+    os.chmod(root, 0o777 & ~mask)
+    for folder, folders, files in os.walk(root):
+        for name in folders:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o100
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 CHUNK = 1 << 20
 
 
@@ -55,7 +79,8 @@ def atomic_path(path: Path, prefix: str | None = None, suffix: str = "") -> Iter
     shareable permissions and renamed onto ``path`` (readers see the old file or the new one, never half of it).
 
     On an error, or when the block removed the temporary file itself (``path`` already holds what it would have
-    written), nothing is renamed and the temporary file is gone.
+    written), nothing is renamed and the temporary file is gone. A full disk or a permission error (also one
+    reported by safetensors' writer) is a one-line :class:`~finetune_sdk.errors.FinetuneError`.
 
     Example:
         >>> import tempfile, pathlib
@@ -65,9 +90,14 @@ def atomic_path(path: Path, prefix: str | None = None, suffix: str = "") -> Iter
         >>> target.read_text(), [p.name for p in target.parent.iterdir()]
         ('whole', ['a.txt'])
     """
+    from finetune_sdk.output_paths import user_os_error
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise user_os_error(exc, path) from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -77,6 +107,13 @@ def atomic_path(path: Path, prefix: str | None = None, suffix: str = "") -> Iter
                 os.fsync(handle.fileno())
             shareable(tmp)
             os.replace(tmp, path)
+    except Exception as exc:  # a full disk (also inside safetensors' writer) is one line; nothing is left
+        written = tmp.stat().st_size if tmp.is_file() else None
+        tmp.unlink(missing_ok=True)
+        error = user_os_error(exc, path, written)
+        if error is exc:
+            raise
+        raise error from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -101,9 +138,12 @@ def staged_directory(final: Path, *, replace_only_results: bool = True) -> Itera
     aside first and deleted only after the new one is in place; with ``replace_only_results`` (the default) it must
     be an earlier result of this SDK or an empty folder (see :mod:`finetune_sdk.output_paths`), else a
     :class:`~finetune_sdk.errors.ConfigError` is raised and nothing is touched. Disk-full and permission errors
-    become one-line :class:`~finetune_sdk.errors.FinetuneError` s.
+    (``OSError``, or safetensors' ``SafetensorError`` wrapping one) become one-line
+    :class:`~finetune_sdk.errors.FinetuneError` s naming the folder, the space free there and what the save had
+    written (:func:`finetune_sdk.output_paths.user_os_error`).
     """
-    from finetune_sdk.output_paths import check_output_path, log_replacement, scratch_dir, user_os_error
+    from finetune_sdk.output_paths import (check_output_path, folder_bytes, log_replacement, scratch_dir,
+                                           user_os_error)
 
     final = Path(final)
     if replace_only_results:
@@ -111,7 +151,7 @@ def staged_directory(final: Path, *, replace_only_results: bool = True) -> Itera
     staging = scratch_dir(final, "staging")
     try:
         yield staging
-        shareable(staging, folder=True)
+        shareable_tree(staging)
         old = None
         if final.exists():
             if replace_only_results and check_output_path(final):
@@ -121,8 +161,11 @@ def staged_directory(final: Path, *, replace_only_results: bool = True) -> Itera
         os.rename(staging, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        raise user_os_error(exc, final) from None
+    except Exception as exc:  # a full disk (also inside safetensors' writer), permissions: one line
+        error = user_os_error(exc, final, folder_bytes(staging))
+        if error is exc:
+            raise
+        raise error from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

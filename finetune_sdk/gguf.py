@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from finetune_sdk.errors import ModelNotFoundError
-from finetune_sdk.fsutil import cache_root
+from finetune_sdk.fsutil import cache_root, shareable_tree
 
 
 def converted_folder(gguf_path: Path) -> Path:
@@ -34,11 +34,19 @@ def converted_folder(gguf_path: Path) -> Path:
     try:
         with activity(f"converting {gguf_path.name} to a Hugging Face folder once (cached in {cache})"):
             _convert(gguf_path, staging)
+        shareable_tree(staging)
         try:
             os.rename(staging, target)
         except OSError:  # another process converted it meanwhile
             if not (target / "config.json").is_file():
                 raise
+    except Exception as exc:  # a full disk while converting: one line naming the cache folder
+        from finetune_sdk.output_paths import folder_bytes, user_os_error
+
+        error = user_os_error(exc, target, folder_bytes(staging))
+        if error is exc:
+            raise
+        raise error from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -29,7 +29,7 @@ class _DropMessage(logging.Filter):
         self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
+        return not record.getMessage().startswith(self.prefix)
 
 
 def quiet_known_noise() -> None:
@@ -54,16 +54,53 @@ KNOWN_DEPENDENCY_WARNINGS = (
 )
 
 
+#: Harmless log messages of dependencies, as (logger, start of the message), dropped only inside
+#: :func:`known_dependency_messages`: importing bitsandbytes 0.50 (through transformers' Trainer or PEFT) asks the
+#: ``kernels`` package for an optional CPU kernel, which under ``HF_HUB_OFFLINE=1`` logs that it skips the
+#: publisher trust check (once per process, before any error of the SDK's).
+KNOWN_DEPENDENCY_MESSAGES = (
+    ("kernels._internals.hf_hub",
+     "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face Hub is in "
+     "offline mode"),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+)
+
+
+@contextmanager
+def known_dependency_messages() -> Iterator[None]:
+    """Drop :data:`KNOWN_DEPENDENCY_MESSAGES` logged inside the block (a filter on each of those loggers, removed
+    afterwards); every other record of those loggers, and every other logger, is untouched.
+
+    Example:
+        >>> import logging
+        >>> with known_dependency_messages():
+        ...     logging.getLogger("kernels._internals.hf_hub").warning(
+        ...         "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because "
+        ...         "Hugging Face Hub is in offline mode.")
+    """
+    added = []
+    for name, prefix in KNOWN_DEPENDENCY_MESSAGES:
+        dropper = _DropMessage(prefix)
+        logging.getLogger(name).addFilter(dropper)
+        added.append((name, dropper))
+    try:
+        yield
+    finally:
+        for name, dropper in added:
+            logging.getLogger(name).removeFilter(dropper)
+
+
 @contextmanager
 def known_dependency_warnings() -> Iterator[None]:
-    """Hide :data:`KNOWN_DEPENDENCY_WARNINGS` inside the block; every other warning, the SDK's own included, shows.
+    """Hide :data:`KNOWN_DEPENDENCY_WARNINGS` and :data:`KNOWN_DEPENDENCY_MESSAGES` inside the block; every other
+    warning and log record, the SDK's own included, shows.
 
     Example:
         >>> import warnings
         >>> with known_dependency_warnings():
         ...     warnings.warn("`is_gradient_checkpointing` is deprecated", FutureWarning)
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), known_dependency_messages():
         for category, message in KNOWN_DEPENDENCY_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
         yield

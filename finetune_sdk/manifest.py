@@ -8,7 +8,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from finetune_sdk.errors import FinetuneError
+from finetune_sdk.errors import FinetuneError, json_problem
 
 MANIFEST_NAME = "finetune_manifest.json"
 FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(read_text(path, error=FinetuneError))
     except json.JSONDecodeError as exc:
-        raise FinetuneError(f"{path} line {exc.lineno}: malformed manifest ({exc.msg})") from None
+        raise FinetuneError(f"{path} line {exc.lineno}: malformed manifest ({json_problem(exc)})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("options", {}), dict):
         raise FinetuneError(f"{path}: malformed manifest (expected a JSON object with an 'options' object)")
     version = manifest.get("format_version")

@@ -423,18 +423,25 @@ def render_html(report: Mapping[str, Any]) -> str:
 def write_report(directory: str | os.PathLike[str], report: Mapping[str, Any]) -> dict[str, Path]:
     """Write ``comparison.json`` and ``comparison.html`` into ``directory``, each atomically; return their paths.
 
-    A missing ``created`` is set to the current UTC time in both files.
+    A missing ``created`` is set to the current UTC time in both files. The folder goes through
+    :func:`finetune_sdk.output_paths.check_report_dir` (a file there, or a ``comparison.*`` the SDK did not write,
+    is a :class:`~finetune_sdk.errors.ConfigError`); a full disk is a one-line :class:`FinetuneError`.
 
     Example:
         >>> paths = write_report("runs/llama-qlora", report)  # doctest: +SKIP
         >>> paths["html"].name  # doctest: +SKIP
         'comparison.html'
     """
-    directory = Path(directory)
+    from finetune_sdk.output_paths import check_report_dir, user_os_error
+
+    directory = check_report_dir(directory)
     data = dict(report)
     if not data.get("created"):
         data["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     paths = {"json": directory / JSON_NAME, "html": directory / HTML_NAME}
-    write_json_atomic(paths["json"], data)
-    write_text_atomic(paths["html"], render_html(data))
+    try:
+        write_json_atomic(paths["json"], data)
+        write_text_atomic(paths["html"], render_html(data))
+    except OSError as exc:  # disk full, permissions: one line
+        raise user_os_error(exc, directory) from None
     return paths

@@ -233,10 +233,13 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
         }
         metrics.update(evaluate_plan(run, plan, loaded))
         log_history = list(hf.state.log_history)
-    except OSError as exc:  # disk full, permissions: one line (checkpoints already written stay for --resume)
+    except Exception as exc:  # disk full, permissions: one line (checkpoints already written stay for --resume)
         from finetune_sdk.output_paths import user_os_error
 
-        raise user_os_error(exc, run.output_dir) from None
+        error = user_os_error(exc, run.output_dir)
+        if error is exc:
+            raise
+        raise error from None
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 

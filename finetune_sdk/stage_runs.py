@@ -35,17 +35,13 @@ def stage_state_path(output_dir: Path, index: int) -> Path:
 
 def save_trainable_state(model: Any, path: Path) -> None:
     """Write ``model``'s trainable parameters (by ``named_parameters`` name) to ``path`` atomically."""
-    import os
-
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from finetune_sdk.fsutil import atomic_path
+
     tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial))
-    with open(partial, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    with atomic_path(path, suffix=".partial") as tmp:  # a full disk: one line, no partial file
+        save_file(tensors, str(tmp))
 
 
 def completed_stages(trainer: Trainer, stages: list[Stage], output_dir: Path) -> int:

@@ -64,14 +64,20 @@ def artifacts(registry: Any, ref: str) -> dict[str, dict[str, Any]]:
 
 
 def artifact_path(registry: Any, ref: str, file: str) -> Path:
-    """A checked copy of one artifact, under the registry's ``checkouts/NAME/N.artifacts/`` folder."""
+    """A checked copy of one artifact, under the registry's ``checkouts/NAME/N.artifacts/`` folder.
+
+    Every call re-hashes the stored artifact and the copy it serves (see :meth:`Registry.path`): a changed byte in
+    either is an :class:`~finetune_sdk.errors.IntegrityError` or a fresh copy.
+    """
     version = registry.resolve(ref)
     found = artifacts(registry, version.ref)
     if file not in found:
         raise RegistryError(f"{version.ref} has no artifact {file!r}; artifacts: {', '.join(found) or 'none'}")
     target = registry.home / "checkouts" / version.name / f"{version.version}.artifacts" / file
-    if not (target.is_file() and target.stat().st_size == found[file]["size"]):
-        registry.blobs.copy_to(found[file]["sha256"], target, f"{version.ref}: {file}")
+    sha, label = found[file]["sha256"], f"{version.ref}: {file}"
+    registry.blobs.verify(sha, label)  # a corrupt stored artifact is refused even while its copy is intact
+    if not registry.blobs.holds(target, sha, found[file]["size"]):
+        registry.blobs.copy_to(sha, target, label)
     return target
 
 

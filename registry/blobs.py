@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 from finetune_sdk.errors import IntegrityError
@@ -52,7 +51,24 @@ class BlobStore:
             raise IntegrityError(f"{label}: stored file is corrupt (sha256 {actual[:12]}..., expected {sha256[:12]}...)")
 
     def copy_to(self, sha256: str, target: Path, label: str) -> None:
-        """Copy a blob to ``target``, checking its hash on the way."""
-        self.verify(sha256, label)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.path(sha256), target)
+        """Copy a blob to ``target`` atomically, hashing the bytes as they are copied (one read): a blob that is
+        missing or whose bytes changed is an :class:`IntegrityError` naming ``label``, and nothing is left."""
+        path = self.path(sha256)
+        if not path.is_file():
+            raise IntegrityError(f"{label}: stored file is missing ({path})")
+        digest = hashlib.sha256()
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as out, open(path, "rb") as src:
+                for block in iter(lambda: src.read(CHUNK), b""):
+                    digest.update(block)
+                    out.write(block)
+            if digest.hexdigest() != sha256:
+                raise IntegrityError(f"{label}: stored file is corrupt (sha256 {digest.hexdigest()[:12]}..., "
+                                     f"expected {sha256[:12]}...)")
+
+    @staticmethod
+    def holds(path: Path, sha256: str, size: int) -> bool:
+        """True when the file at ``path`` is exactly the blob ``sha256`` of ``size`` bytes (re-hashed: a size or
+        time check would miss a changed byte)."""
+        return path.is_file() and not path.is_symlink() and path.stat().st_size == size \
+            and sha256_file(path) == sha256

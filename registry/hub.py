@@ -86,11 +86,36 @@ def _status(exc: Exception) -> str:
     return f"{code} {message}".strip()
 
 
-def _api(endpoint: str, token: str | None) -> Any:
+def _api(endpoint: str, token: str | None, what: str) -> Any:
     from huggingface_hub import HfApi
 
+    _check_online(what)
     bounded_hub_client()
     return HfApi(endpoint=endpoint, token=token)
+
+
+def _check_online(what: str) -> None:
+    """Refuse a Hub call under ``HF_HUB_OFFLINE`` in one line, before any request (huggingface_hub would refuse
+    each request, which reads as a failing endpoint after the retries)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise RegistryError(f"{what}: Hugging Face Hub offline mode is on (HF_HUB_OFFLINE=1), so nothing can be "
+                            "downloaded or uploaded; unset HF_HUB_OFFLINE (a version pulled before, hf://org/repo@vN, "
+                            "loads offline)")
+
+
+def _no_progress_bars() -> type:
+    """A tqdm class for huggingface_hub calls that draws nothing: a pull reports itself in one line (its own
+    activity, or its one-line error), without "Fetching N files" bars."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class NoBars(hub_tqdm):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return NoBars
 
 
 def push(registry: Registry, ref: str, repo_id: str, *, endpoint: str | None = None, token: str | None = None,
@@ -100,12 +125,13 @@ def push(registry: Registry, ref: str, repo_id: str, *, endpoint: str | None = N
     The token comes from the argument, else from where huggingface_hub reads it (``HF_TOKEN``, saved login).
     """
     validate_repo_id(repo_id)
-    version = registry.verify(ref)
+    _check_online(f"pushing {ref} to {repo_id}")
+    version = registry.resolve(ref)
+    source = registry.path(version.ref)  # every stored file and the checkout re-hashed before any network call
     endpoint = resolve_endpoint(endpoint)
-    api = _api(endpoint, token)
+    api = _api(endpoint, token, f"pushing {version.ref} to {repo_id}")
     _call(endpoint, f"creating {repo_id}", lambda: api.create_repo(repo_id, private=private, exist_ok=True))
     with scratch(registry.home, "push") as folder:
-        source = registry.path(version.ref)
         for rel in version.files:
             target = inside(folder, rel)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +185,7 @@ def pull(registry: Registry, ref: str, *, endpoint: str | None = None, token: st
         return cached
     from huggingface_hub import snapshot_download
 
-    api = _api(endpoint, token)
+    api = _api(endpoint, token, f"pulling {parsed}")
     info = _call(endpoint, f"resolving {parsed}", lambda: api.model_info(parsed.repo_id, revision=revision))
     sha = info.sha
     if cached is not None and _remote_commit(registry, endpoint, parsed.repo_id, revision) == sha:
@@ -167,7 +193,7 @@ def pull(registry: Registry, ref: str, *, endpoint: str | None = None, token: st
     with scratch(registry.home, "pull") as download, scratch(registry.home, "pulled") as stage:
         _call(endpoint, f"downloading {parsed}", lambda: snapshot_download(
             parsed.repo_id, revision=sha, endpoint=endpoint, token=token, local_dir=download,
-            etag_timeout=hub_timeout()))
+            etag_timeout=hub_timeout(), tqdm_class=_no_progress_bars()))
         record = read_record(download / REGISTRY_FILE, f"{parsed} (commit {sha[:12]})")
         for rel, meta in record["files"].items():
             path = inside(download, rel)

@@ -29,18 +29,26 @@ CREATE TABLE IF NOT EXISTS remotes (
 
 
 class Index:
-    """A thin wrapper over one SQLite file; every write is one ``BEGIN IMMEDIATE`` transaction."""
+    """A thin wrapper over one SQLite file; every write is one ``BEGIN IMMEDIATE`` transaction.
+
+    Reading never creates anything: while the file does not exist, reads see an empty index (in memory) and only
+    the first write creates the file (and its folder).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_dir():
             raise RegistryError(f"registry index {self.path} is a folder; move it aside")
+        if self.path.exists():
+            self._open_schema(self.connect)
+
+    def _open_schema(self, connect) -> None:  # type: ignore[no-untyped-def]
         db = None
         try:
-            db = self.connect()
-            db.executescript(SCHEMA)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            db = connect()
+            if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'versions'").fetchone():
+                db.executescript(SCHEMA)
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             db.execute("SELECT name, version, files FROM versions LIMIT 1").fetchall()
         except sqlite3.DatabaseError as exc:
             raise RegistryError(f"registry index {self.path} is damaged ({exc}); move it aside (the blobs stay) or "
@@ -48,6 +56,17 @@ class Index:
         finally:
             if db is not None:
                 db.close()
+
+    def create(self) -> None:
+        """Create the index file (and the registry home) when missing: the first write does this."""
+        if self.path.is_file():
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(f"can't create the registry home {self.path.parent} ({exc.strerror or exc}); point "
+                                "FINETUNE_SDK_REGISTRY (or --home) at a writable folder") from None
+        self._open_schema(self.connect)
 
     def connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
@@ -60,6 +79,7 @@ class Index:
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A serialised write transaction: committed whole on success, rolled back on any error or crash."""
+        self.create()
         db = self.connect()
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -74,7 +94,13 @@ class Index:
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
-        db = self.connect()
+        """A connection to read with; an empty in-memory index while the file does not exist (nothing is created)."""
+        if self.path.exists():
+            db = self.connect()
+        else:
+            db = sqlite3.connect(":memory:", isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.executescript(SCHEMA)
         try:
             yield db
         finally:

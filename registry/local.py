@@ -15,7 +15,6 @@ from typing import Any
 from finetune_sdk.errors import FinetuneError, IntegrityError, RegistryError
 from finetune_sdk.fsutil import staged_directory
 from finetune_sdk.manifest import read_manifest
-from finetune_sdk.fsutil import sha256_file
 from finetune_sdk.registry import artifacts as artifact_rows
 from finetune_sdk.registry.blobs import BlobStore
 from finetune_sdk.registry.index import Index
@@ -96,11 +95,8 @@ class Registry:
         if self.home.exists() and not self.home.is_dir():
             raise RegistryError(f"registry home {self.home} is a file, not a folder; point {HOME_ENV} (or --home) "
                                 "at a folder")
-        try:
-            self.home.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RegistryError(f"can't create the registry home {self.home} ({exc.strerror or exc}); point "
-                                f"{HOME_ENV} (or --home) at a writable folder") from None
+        # nothing is created here: reads (list, show, resolve, load of an unknown name) leave no trace; the first
+        # write (publish, pull, alias...) creates the home and its index
         self.blobs = BlobStore(self.home / "blobs")
         self.index = Index(self.home / "index.db")
 
@@ -273,8 +269,15 @@ class Registry:
         return version
 
     def path(self, ref: str) -> Path:
-        """A folder holding the version's files, checked against their hashes (what ``load`` reads)."""
-        version = self.resolve(ref)
+        """A folder holding the version's files, checked against their hashes (what ``load`` reads).
+
+        Every call verifies the version as :meth:`verify` does (each stored file re-hashed) and the checkout it
+        serves (each file re-hashed; a size or modification-time check would miss a changed byte): a version whose
+        stored files changed is refused with an :class:`IntegrityError` even while an earlier checkout is intact,
+        and a changed checkout is rebuilt from the store. The cost is two sha256 passes over the version's files
+        (docs/registry.md gives the figures).
+        """
+        version = self.verify(ref)
         folder = self.home / "checkouts" / version.name / str(version.version)
         if folder.is_dir() and self._checkout_ok(folder, version):
             return folder
@@ -284,11 +287,7 @@ class Registry:
         return folder
 
     def _checkout_ok(self, folder: Path, version: AdapterVersion) -> bool:
-        for rel, info in version.files.items():
-            path = folder / rel
-            if not path.is_file() or path.stat().st_size != info["size"] or sha256_file(path) != info["sha256"]:
-                return False
-        return True
+        return all(self.blobs.holds(folder / rel, info["sha256"], info["size"]) for rel, info in version.files.items())
 
     # -- changing aliases, tags, versions -------------------------------------------------------------------
     def alias(self, ref: str, alias: str) -> AdapterVersion:
@@ -337,6 +336,8 @@ class Registry:
 
     def collect_garbage(self) -> int:
         """Remove blobs no version refers to (left by deletes or interrupted publishes); return how many."""
+        if not self.home.is_dir():
+            return 0
         with collecting(self.home):  # no publish is between storing its blobs and recording its version
             with self.index.read() as db:
                 used = {info["sha256"] for (files,) in db.execute("SELECT files FROM versions")

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from finetune_sdk.errors import RegistryError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock; the registry's concurrency guarantee is POSIX-only
@@ -28,7 +30,12 @@ def _flock(home: Path, mode: int) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    fd = os.open(Path(home) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        Path(home).mkdir(parents=True, exist_ok=True)  # only writes take locks: they create the home
+        fd = os.open(Path(home) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RegistryError(f"can't create the registry home {home} ({exc.strerror or exc}); point "
+                            "FINETUNE_SDK_REGISTRY (or --home) at a writable folder") from None
     try:
         fcntl.flock(fd, mode)
         yield

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from finetune_sdk.errors import RegistryError
+from finetune_sdk.errors import RegistryError, json_problem
 from finetune_sdk.registry.refs import parse_ref, validate_name, validate_relative_path
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -33,7 +33,7 @@ def read_record(path: Path, source: str) -> dict[str, Any]:
     try:
         record = json.loads(read_text(path, error=RegistryError))
     except json.JSONDecodeError as exc:
-        raise RegistryError(f"{source}: malformed {path.name} ({exc.msg} at line {exc.lineno})") from None
+        raise RegistryError(f"{source}: malformed {path.name} ({json_problem(exc, line=True)})") from None
 
     def bad(what: str) -> RegistryError:
         return RegistryError(f"{source}: {path.name} {what}; refusing to pull it")

@@ -37,7 +37,8 @@ def short_usage_error(exc: click.UsageError) -> ShortUsageError:
 
 class FinetuneGroup(click.Group):
     """A click group whose commands report :class:`FinetuneError` as exit code 2 without a traceback, and usage
-    errors as one ``Error:`` line plus a hint."""
+    errors as one ``Error:`` line plus a hint. Dependency messages known to be harmless
+    (:data:`finetune_sdk.log.KNOWN_DEPENDENCY_MESSAGES`) are dropped while a command runs, online or offline."""
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
                      **extra: Any) -> click.Context:
@@ -47,8 +48,11 @@ class FinetuneGroup(click.Group):
             raise short_usage_error(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
+        from finetune_sdk.log import known_dependency_messages
+
         try:
-            return super().invoke(ctx)
+            with known_dependency_messages():  # a dependency's harmless import chatter never joins the one line
+                return super().invoke(ctx)
         except FinetuneError as exc:
             raise UserError(str(exc)) from None
         except click.UsageError as exc:

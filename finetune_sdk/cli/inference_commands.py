@@ -42,6 +42,12 @@ def read_lines(items: tuple[str, ...], file: str | None, what: str) -> list[str]
 def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool, prompt_file: str | None,
                  report_dir: str | None, max_new_tokens: int, trust_remote_code: bool) -> None:
     """Evaluate a result (or a base model) on DATA: loss and perplexity, or accuracy and macro-F1."""
+    if report_dir is not None:
+        if not compare_base:
+            raise ConfigError("--report-dir writes the comparison report: add --compare-base")
+        from finetune_sdk.output_paths import check_report_dir
+
+        check_report_dir(report_dir, "--report-dir")
     model = open_model(ref, formatter, trust_remote_code)
     if model.formatter is None:
         raise ConfigError("this model has no formatter recorded; pass --formatter")
