@@ -147,11 +147,11 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
     with RatingsAppender(out_path, shape, "output file") as ratings, _maybe_sft(sft_path) as edits:
         session = _Session(prompt_list, ratings, edits, ask, mode)
         pending = session.pending()
+        loaded = _open_model(model, formatter, trust_remote_code) if pending else None  # a bad ref: its one line
         session.note(f"{len(pending)} of {len(prompt_list)} prompts to rate"
                      + (f" ({len(prompt_list) - len(pending)} already rated)" if len(pending) < len(prompt_list)
                         else ""))
         if pending:
-            loaded = _open_model(model, formatter, trust_remote_code)
             session.record = _record_fields(model, model_ref, rater, max_new_tokens, temperature, seed)
             session.run(pending, lambda prompt, number, count: sample_answers(
                 loaded, prompt, count, seed=prompt_seed(seed, prompt, number), max_new_tokens=max_new_tokens,
