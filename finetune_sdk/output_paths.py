@@ -262,13 +262,26 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+class WriteError(FinetuneError):
+    """A save that failed for a reason the user can fix (disk full, permissions), as one line; keeps the OS error
+    so that an enclosing save (a result folder around one of its files) can name its own folder instead."""
+
+    def __init__(self, message: str, os_error: OSError) -> None:
+        super().__init__(message)
+        self.os_error = os_error
+
+
 def os_error_of(exc: BaseException) -> OSError | None:
     """The operating-system error behind ``exc``: ``exc`` itself, one it was raised ``from``, or the one a writer in
     another language reports as text (safetensors' ``SafetensorError: ... No space left on device (os error 28)``).
     A :class:`FinetuneError` is already the user's message: None."""
     seen: set[int] = set()
     current: BaseException | None = exc
-    while current is not None and id(current) not in seen and not isinstance(current, FinetuneError):
+    while current is not None and id(current) not in seen:
+        if isinstance(current, WriteError):  # a file's error, named again for the folder being saved
+            return current.os_error
+        if isinstance(current, FinetuneError):
+            return None
         seen.add(id(current))
         if isinstance(current, OSError):
             return current
@@ -281,17 +294,17 @@ def os_error_of(exc: BaseException) -> OSError | None:
 
 
 def user_os_error(exc: BaseException, target: Path, written: int | None = None) -> BaseException:
-    """An OS error the user can fix (disk full, permission...) as a one-line :class:`FinetuneError`; other errors
-    are returned unchanged. ``exc`` may also be a writer's error wrapping one (see :func:`os_error_of`).
+    """An OS error the user can fix (disk full, permission...) as a one-line :class:`WriteError` (a
+    :class:`FinetuneError`); other errors are returned unchanged. ``exc`` may also be a writer's error wrapping one
+    (see :func:`os_error_of`), or the :class:`WriteError` of a file inside ``target``, then named for ``target``.
 
     A full disk (``ENOSPC``, ``EDQUOT``) names the folder, the space free there and, when ``written`` bytes are
     given, how much the save had written when it failed (the least it needs).
 
     Example:
         >>> import errno
-        >>> user_os_error(OSError(errno.EACCES, "Permission denied"), Path("runs/x"))
-        FinetuneError("can't write runs/x: Permission denied (runs/x); nothing was saved: free space or pick a \
-writable location")
+        >>> print(user_os_error(OSError(errno.EACCES, "Permission denied"), Path("runs/x")))
+        can't write runs/x: Permission denied (runs/x); nothing was saved: free space or pick a writable location
     """
     os_exc = os_error_of(exc)
     if os_exc is None or os_exc.errno not in USER_OS_ERRORS:
@@ -306,11 +319,11 @@ writable location")
             free = "free space unknown"
         needed = f"; the save had written {format_bytes(written)} and needed more" if written else ""
         quota = "the disk quota is used up" if os_exc.errno == errno.EDQUOT else "no space left on the disk"
-        return FinetuneError(f"can't write {target}: {quota} holding {folder} ({free}{needed}); nothing was saved: "
-                             "free space or pick another location")
+        return WriteError(f"can't write {target}: {quota} holding {folder} ({free}{needed}); nothing was saved: "
+                          "free space or pick another location", os_exc)
     where = os_exc.filename or target
-    return FinetuneError(f"can't write {target}: {os_exc.strerror or type(os_exc).__name__} ({where}); nothing was "
-                         "saved: free space or pick a writable location")
+    return WriteError(f"can't write {target}: {os_exc.strerror or type(os_exc).__name__} ({where}); nothing was "
+                      "saved: free space or pick a writable location", os_exc)
 
 
 def folder_bytes(folder: Path) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune_sdk.errors import FinetuneError
 from finetune_sdk import varlen_attention
 from finetune_sdk.callbacks import CrashAtStep, PluginCallback, RichProgressCallback
 from finetune_sdk.checkpoints import (checkpoints_dir, checkpointing_trainer_class, latest_checkpoint,
@@ -237,7 +238,7 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
         from finetune_sdk.output_paths import user_os_error
 
         error = user_os_error(exc, run.output_dir)
-        if error is exc:
+        if error is exc or isinstance(exc, FinetuneError):  # a checkpoint's own line names its folder: keep it
             raise
         raise error from None
     finally:
