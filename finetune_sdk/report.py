@@ -48,6 +48,7 @@ from rich.table import Table
 
 from finetune_sdk.fsutil import write_json_atomic, write_text_atomic
 from finetune_sdk.models import display_name
+from finetune_sdk.output_paths import check_report_dir
 from finetune_sdk.screen_text import literal_text
 
 JSON_NAME = "comparison.json"
@@ -423,25 +424,16 @@ def render_html(report: Mapping[str, Any]) -> str:
 def write_report(directory: str | os.PathLike[str], report: Mapping[str, Any]) -> dict[str, Path]:
     """Write ``comparison.json`` and ``comparison.html`` into ``directory``, each atomically; return their paths.
 
-    A missing ``created`` is set to the current UTC time in both files. The folder goes through
-    :func:`finetune_sdk.output_paths.check_report_dir` (a file there, or a ``comparison.*`` the SDK did not write,
-    is a :class:`~finetune_sdk.errors.ConfigError`); a full disk is a one-line :class:`FinetuneError`.
+    A missing ``created`` is set to the current UTC time; a bad folder is a ConfigError (see ``check_report_dir``).
 
     Example:
         >>> paths = write_report("runs/llama-qlora", report)  # doctest: +SKIP
         >>> paths["html"].name  # doctest: +SKIP
         'comparison.html'
     """
-    from finetune_sdk.output_paths import check_report_dir, user_os_error
-
-    directory = check_report_dir(directory)
-    data = dict(report)
-    if not data.get("created"):
-        data["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    directory = check_report_dir(directory)  # a file there, or a comparison.* the SDK did not write: refused
+    data = {**report, "created": report.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds")}
     paths = {"json": directory / JSON_NAME, "html": directory / HTML_NAME}
-    try:
-        write_json_atomic(paths["json"], data)
-        write_text_atomic(paths["html"], render_html(data))
-    except OSError as exc:  # disk full, permissions: one line
-        raise user_os_error(exc, directory) from None
+    write_json_atomic(paths["json"], data)  # a full disk: one line (fsutil.atomic_path)
+    write_text_atomic(paths["html"], render_html(data))
     return paths

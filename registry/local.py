@@ -95,8 +95,7 @@ class Registry:
         if self.home.exists() and not self.home.is_dir():
             raise RegistryError(f"registry home {self.home} is a file, not a folder; point {HOME_ENV} (or --home) "
                                 "at a folder")
-        # nothing is created here: reads (list, show, resolve, load of an unknown name) leave no trace; the first
-        # write (publish, pull, alias...) creates the home and its index
+        # nothing is created here (reads leave no trace): the first write creates the home and its index
         self.blobs = BlobStore(self.home / "blobs")
         self.index = Index(self.home / "index.db")
 
@@ -271,11 +270,9 @@ class Registry:
     def path(self, ref: str) -> Path:
         """A folder holding the version's files, checked against their hashes (what ``load`` reads).
 
-        Every call verifies the version as :meth:`verify` does (each stored file re-hashed) and the checkout it
-        serves (each file re-hashed; a size or modification-time check would miss a changed byte): a version whose
-        stored files changed is refused with an :class:`IntegrityError` even while an earlier checkout is intact,
-        and a changed checkout is rebuilt from the store. The cost is two sha256 passes over the version's files
-        (docs/registry.md gives the figures).
+        Every call re-hashes the stored files (as :meth:`verify`) and the checkout it serves (a size or time check
+        would miss a changed byte): changed stored files are an :class:`IntegrityError` even while an earlier
+        checkout is intact; a changed checkout is rebuilt. Two sha256 passes (figures in docs/registry.md).
         """
         version = self.verify(ref)
         folder = self.home / "checkouts" / version.name / str(version.version)
