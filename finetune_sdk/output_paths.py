@@ -314,12 +314,12 @@ def user_os_error(exc: BaseException, target: Path, written: int | None = None) 
 
         folder = _existing_folder(Path(target).absolute())
         try:
-            free = f"{format_bytes(shutil.disk_usage(folder).free)} free there"
+            free = f"the disk holding {folder} has {format_bytes(shutil.disk_usage(folder).free)} free"
         except OSError:
-            free = "free space unknown"
-        needed = f"; the save had written {format_bytes(written)} and needed more" if written else ""
-        quota = "the disk quota is used up" if os_exc.errno == errno.EDQUOT else "no space left on the disk"
-        return WriteError(f"can't write {target}: {quota} holding {folder} ({free}{needed}); nothing was saved: "
+            free = f"free space on the disk holding {folder} unknown"
+        size = f"{written} bytes" if written and written < 1024 else format_bytes(written or 0)
+        needed = f"; the save had written {size} and needed more" if written else ""
+        return WriteError(f"can't write {target}: {os.strerror(os_exc.errno)} ({free}{needed}); nothing was saved: "
                           "free space or pick another location", os_exc)
     where = os_exc.filename or target
     return WriteError(f"can't write {target}: {os_exc.strerror or type(os_exc).__name__} ({where}); nothing was "

@@ -59,8 +59,9 @@ def test_a_full_disk_while_the_result_is_saved_is_one_line_and_leaves_nothing(ti
     out = tmp_path / "runs" / "qa"
     result = invoke(["train", "-m", base, "--data", data, "-f", "chatml", "--max-steps", "1",
                      "-o", out])
-    line = assert_refused(result, f"can't write {out}: no space left on the disk holding ", " free there; the save "
-                          "had written ", "nothing was saved: free space or pick another location")
+    line = assert_refused(result, f"can't write {out}: No space left on device (the disk holding {out.parent} has ",
+                          " free; the save had written ", " KiB and needed more); nothing was saved: free space or "
+                          "pick another location")
     assert len(result.output.strip().splitlines()) == 1 and "os error" not in line
     assert asked and asked[0].endswith("adapter_model.safetensors")
     # no result, no staging or work folder; the checkpoints stay for --resume once there is space
@@ -86,8 +87,8 @@ def test_a_full_disk_in_every_save_path_is_a_finetune_error_naming_the_folder(ti
         with pytest.raises(FinetuneError) as caught:
             save()
         message = str(caught.value)
-        assert message.startswith(f"can't write {folder}: no space left on the disk holding "), (what, message)
-        assert "\n" not in message and "free there" in message, (what, message)
+        assert message.startswith(f"can't write {folder}: No space left on device (the disk holding "), (what, message)
+        assert "\n" not in message and " free; the save had written " in message, (what, message)
         assert not folder.exists(), what
         assert scratch_left(folder.parent) == [] if folder.parent.exists() else True
     monkeypatch.undo()
@@ -95,7 +96,7 @@ def test_a_full_disk_in_every_save_path_is_a_finetune_error_naming_the_folder(ti
     with pytest.raises(FinetuneError) as caught:
         lora_result(base, tmp_path / "ckpt", save_steps=1)
     checkpoint = tmp_path / "ckpt.checkpoints" / "checkpoint-1"
-    assert str(caught.value).startswith(f"can't write {checkpoint}: no space left on the disk holding ")
+    assert str(caught.value).startswith(f"can't write {checkpoint}: No space left on device (the disk holding ")
     assert not checkpoint.exists() and not list(checkpoint.parent.glob(".staging-*"))
     assert not (tmp_path / "ckpt").exists()
 
@@ -112,7 +113,7 @@ def test_a_full_disk_during_export_and_registry_checkout_leaves_nothing(tiny_mod
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
-    with pytest.raises(FinetuneError, match=f"can't write {tmp_path / 'gguf'}.*no space left on the disk holding"):
+    with pytest.raises(FinetuneError, match=f"can't write {tmp_path / 'gguf'}: No space left on device \\(the disk"):
         finetune_sdk.export(good.output_dir, tmp_path / "gguf", quantization="f16")
     assert not (tmp_path / "gguf").exists() and scratch_left(tmp_path) == []
 
@@ -128,7 +129,7 @@ def test_a_full_disk_during_export_and_registry_checkout_leaves_nothing(tiny_mod
 
     monkeypatch.setattr(blobs, "open", opening, raising=False)
     checkout = registry.home / "checkouts" / "bot" / "1"
-    with pytest.raises(FinetuneError, match=f"can't write {checkout}: the disk quota is used up holding"):
+    with pytest.raises(FinetuneError, match=f"can't write {checkout}: Disk quota exceeded \\(the disk holding"):
         registry.path(version.ref)
     assert not checkout.exists() and scratch_left(checkout.parent) == []
 
@@ -141,8 +142,10 @@ def test_user_os_error_reads_safetensors_errors_and_names_free_space(tmp_path):
     wrapped = SafetensorError(DISK_FULL)
     assert os_error_of(wrapped).errno == errno.ENOSPC
     message = str(user_os_error(wrapped, tmp_path / "out", written=3 * 2**20))
-    assert message.startswith(f"can't write {tmp_path / 'out'}: no space left on the disk holding {tmp_path} (")
-    assert "free there; the save had written 3.0 MiB and needed more); nothing was saved" in message
+    assert message.startswith(f"can't write {tmp_path / 'out'}: No space left on device (the disk holding {tmp_path} "
+                              "has ")
+    assert " free; the save had written 3.0 MiB and needed more); nothing was saved" in message
+    assert "the save had written 7 bytes" in str(user_os_error(wrapped, tmp_path, written=7))
     other = SafetensorError("Error while serializing: tensor is not contiguous")
     assert user_os_error(other, tmp_path) is other  # not a disk error: unchanged
     chained = RuntimeError("while saving")
