@@ -144,9 +144,12 @@ def load_base_model(source: ModelSource, task: str, quantizer: Any, options: dic
                     pad_token_id: int | None = None) -> Any:
     """The base model as training, loading and comparison start from it: loaded for ``task`` in ``dtype``,
     quantized by ``quantizer`` (None: full precision) with its ``after_load`` fix-ups, with a pad token id."""
-    model = load_model(source, task, dtype=dtype,
-                       quantization_config=quantizer.quantization_config(options) if quantizer else None,
-                       trust_remote_code=bool(options.get("trust_remote_code")))
+    from finetune_sdk.log import known_dependency_messages
+
+    with known_dependency_messages():  # a quantizer's first use imports bitsandbytes: its import chatter is dropped
+        model = load_model(source, task, dtype=dtype,
+                           quantization_config=quantizer.quantization_config(options) if quantizer else None,
+                           trust_remote_code=bool(options.get("trust_remote_code")))
     if quantizer is not None:
         quantizer.after_load(model)
     if model.config.pad_token_id is None and pad_token_id is not None:

@@ -137,3 +137,24 @@ def test_every_error_path_in_a_fresh_offline_process_is_one_line(inputs, tmp_pat
         exit_code, output = json.loads(done.stdout.strip().splitlines()[-1])
         lines = (output + done.stderr).strip().splitlines()
         assert exit_code == 2 and len(lines) == 1 and fragment in lines[0], (args, lines)
+
+
+@pytest.mark.slow
+def test_the_python_api_offline_prints_no_dependency_chatter(inputs, tmp_path):
+    """As ``make demo`` runs: a QLoRA Trainer generates before it trains (the first model load imports
+    bitsandbytes), then a result loads: stderr holds the SDK's own lines only."""
+    folder, model = inputs
+    code = "\n".join([
+        "import sys, finetune_sdk",
+        "from finetune_sdk import Trainer",
+        "t = Trainer(sys.argv[1], technique='qlora', formatter='chatml', output_dir=sys.argv[2], max_steps=1,",
+        "            progress=False)",
+        "t.generate(['hi'], max_new_tokens=2)",
+        "t.fit([{'prompt': 'a', 'completion': 'b'}] * 4)",
+        "finetune_sdk.load(sys.argv[2]).generate('hi', max_new_tokens=2)"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code, str(model), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Skipping publisher trust check" not in done.stderr + done.stdout
+    assert "Failed to load CPU gemm_4bit_forward" not in done.stderr
