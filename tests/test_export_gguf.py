@@ -171,11 +171,13 @@ def test_bad_requests_are_one_line_errors_before_loading(tmp_path):
 
     from finetune_sdk.exporting.architectures import family_of
 
-    with pytest.raises(ConfigError, match="supported: gpt2, llama, mistral, qwen2"):
+    with pytest.raises(ConfigError, match="supported: gemma2, gemma3_text, gpt2, llama, mistral, phi3, qwen2, qwen3"):
         family_of(PhiConfig())
     result = _train(_base(tmp_path, "llama", "bpe"), tmp_path / "run")
     with pytest.raises(ConfigError, match="unknown GGUF quantization 'q4_k'"):
         finetune_sdk.export(result, tmp_path / "x", quantization="q4_k")
+    with pytest.raises(ConfigError, match="unknown GGUF quantization 'q3_k_l'"):
+        finetune_sdk.export(result, tmp_path / "x", quantization=["q4_k_m", "q3_k_l"])
     with pytest.raises(ConfigError, match="format 'onnx'"):
         finetune_sdk.export(result, tmp_path / "x", format="onnx")
     user_folder = tmp_path / "mine"
@@ -187,16 +189,18 @@ def test_bad_requests_are_one_line_errors_before_loading(tmp_path):
         user_folder / "notes.txt"]
     out = CliRunner().invoke(cli, ["export", str(result), "--out", str(result / "inside")])
     assert out.exit_code == 2 and "overlaps the result" in out.output
-    other = tmp_path / "phi-base"  # a base of a family llama.cpp's converter has but this exporter doesn't
+    other = tmp_path / "falcon-base"  # a base of a family llama.cpp's converter has but this exporter doesn't
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "phi3"}))
+    (other / "config.json").write_text(json.dumps({"model_type": "falcon"}))
     manifest = json.loads((result / "finetune_manifest.json").read_text())
     manifest["base_model"] = {"kind": "local", "id": str(other), "path": str(other), "revision": None}
     (result / "finetune_manifest.json").write_text(json.dumps(manifest))
-    out = CliRunner().invoke(cli, ["export", str(result), "--out", str(tmp_path / "phi")])
-    assert out.exit_code == 2 and not (tmp_path / "phi").exists()
+    out = CliRunner().invoke(cli, ["export", str(result), "--out", str(tmp_path / "falcon")])
+    assert out.exit_code == 2 and not (tmp_path / "falcon").exists()
     assert out.output.strip().splitlines() == [
-        "Error: GGUF export doesn't support model type 'phi3'; supported: gpt2, llama, mistral, qwen2"]
+        "Error: GGUF export doesn't support model type 'falcon'; supported: gemma2, gemma3_text, gpt2, llama, "
+        "mistral, phi3, qwen2, qwen3. Convert the merged model (finetune merge) with llama.cpp's convert_hf_to_gguf.py "
+        "instead"]
 
 
 def test_cli_exports_and_replaces_its_own_earlier_export(tmp_path):

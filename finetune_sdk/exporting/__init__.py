@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.exporting.quantization import check_quantization
+from finetune_sdk.exporting.quantization import check_quantizations
 
 FORMATS = ("gguf",)
 EXPORT_KIND = "gguf-export"
@@ -31,6 +31,9 @@ class GGUFExport:
     ollama_name: str
     chat_format: str | None
     summary: dict[str, Any] = field(default_factory=dict)
+    #: every file written, by quantization (several with ``quantization=[...]``); for an adapter-only export
+    #: ``{"adapter": path}``
+    files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def ollama_command(self) -> str:
@@ -41,8 +44,8 @@ class GGUFExport:
 
 
 def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: str = "gguf",
-           quantization: str = "q8_0", name: str | None = None, attach: bool = False,
-           registry: Any = None) -> GGUFExport:
+           quantization: str | list[str] = "q8_0", name: str | None = None, attach: bool = False,
+           registry: Any = None, adapter_only: bool = False) -> GGUFExport:
     """Merge the result ``ref`` and write it to the folder ``out`` as a GGUF file plus an Ollama ``Modelfile``.
 
     Args:
@@ -51,23 +54,29 @@ def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: 
         out: the folder to write: ``<name>-<quantization>.gguf``, ``Modelfile`` and ``finetune_manifest.json``.
             It must not exist, be empty, or hold an earlier export (which is replaced); anything else is refused.
         format: ``"gguf"``, the only format so far.
-        quantization: ``f16``, ``bf16``, ``f32``, ``q8_0`` (default), or the 4/5-bit ``q4_0``, ``q4_1``, ``q5_0``,
-            ``q5_1`` (block quantizations from ggml; the output matrix stays at q8_0 with them).
+        quantization: ``f16``, ``bf16``, ``f32``, ``q8_0`` (default), the 4/5-bit ``q4_0``, ``q4_1``, ``q5_0``,
+            ``q5_1`` (ggml's block-32 types; the output matrix stays at q8_0 with them), or llama.cpp's K-quant
+            mixes ``q4_k_m``, ``q4_k_s``, ``q5_k_m``, ``q5_k_s``, ``q6_k`` (see ``docs/export.md``). A list
+            (``["q4_k_m", "q8_0"]``) writes one file per entry from one merge; the first gets ``Modelfile``, the
+            others ``<name>-<q>.Modelfile``.
         name: the model's name in the file and for Ollama (default: the registry name or the folder's name).
         attach: also store the GGUF file and its Modelfile as artifacts of the registry version ``ref`` names
             (pushed to the Hub with it and listed in its model card); ``ref`` must then be a registry reference.
         registry: the :class:`~finetune_sdk.registry.Registry` to resolve names in.
+        adapter_only: write the LoRA adapter alone as a GGUF adapter (llama.cpp's ``convert_lora_to_gguf.py``
+            format: ``--lora`` in llama.cpp, ``ADAPTER`` in an Ollama Modelfile), plus the base model as a GGUF
+            file for the Modelfile's ``FROM``; ``quantization`` is then the base file's.
 
     Returns:
         A :class:`GGUFExport` with the paths, the quantization, the chat format and ``ollama_command``.
 
     Raises:
-        ConfigError: an unknown format or quantization, an output path that holds something else, a model family
-            other than Llama, Mistral, Qwen2 and GPT-2, or a classifier result; all before the model loads
-            where possible.
+        ConfigError: an unknown format or quantization, an output path that holds something else, an unsupported
+            model family or RoPE scaling, ``adapter_only`` for a result that isn't a LoRA adapter, or a classifier
+            result; all before the model loads where possible.
 
-    Supported families: Llama (also SmolLM2, TinyLlama), Mistral (written as ``llama``, as llama.cpp does), Qwen2,
-    GPT-2. The chat template in the file is the format the model was trained in (the tokenizer's own template with
+    Supported families: Llama (also SmolLM2, TinyLlama, Llama 3.x with ``llama3``/``linear``/``yarn`` RoPE scaling),
+    Mistral (written as ``llama``, as llama.cpp does), Qwen2, Qwen3, Gemma 2, Gemma 3 (text), Phi-3, GPT-2. The chat template in the file is the format the model was trained in (the tokenizer's own template with
     the ``chat-template`` formatter; ChatML, Llama 2 or Alpaca with those formatters).
 
     Example:
@@ -80,11 +89,14 @@ def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: 
 
     if format != "gguf":
         raise ConfigError(f"export format {format!r} is not supported; use one of {', '.join(FORMATS)}")
-    quantization = check_quantization(quantization)
+    quantizations = check_quantizations(quantization)
     if attach and Path(ref).is_dir():
         raise ConfigError(f"attach: {ref} is a result folder; publish it first and export the registry version "
                           "(e.g. name@1) to attach the GGUF file to it")
-    done = run_export(ref, Path(out), quantization=quantization, name=name, registry=registry)
+    if adapter_only and len(quantizations) > 1:
+        raise ConfigError("adapter_only writes one base file; give one quantization for it")
+    done = run_export(ref, Path(out), quantization=quantizations if len(quantizations) > 1 else quantizations[0],
+                      name=name, registry=registry, adapter_only=adapter_only)
     if attach:
         from finetune_sdk.exporting.pipeline import attach_to_registry
 

@@ -7,25 +7,29 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.exporting.architectures import family_of, gguf_tensors
-from finetune_sdk.exporting.quantization import check_quantization, encode, file_type, tensor_type
+from finetune_sdk.exporting.quantization import check_quantization, encode, file_type, tensor_types
 from finetune_sdk.exporting.vocab import add_tokenizer
 from finetune_sdk.fsutil import atomic_path
 
 
 def write_gguf(model: Any, tokenizer: Any, path: str | os.PathLike[str], *, quantization: str = "q8_0",
                chat_template: str | None = None, name: str | None = None,
-               description: str | None = None) -> dict[str, Any]:
+               description: str | None = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``model`` (a float transformers causal LM of a supported family) and ``tokenizer`` to ``path``.
 
     Args:
-        model: a ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or ``GPT2LMHeadModel`` whose
-            weights are float (merge adapters and dequantize first).
+        model: a causal LM of a supported family (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3,
+            GPT-2; see :mod:`~finetune_sdk.exporting.architectures`) whose weights are float (merge adapters and
+            dequantize first).
         tokenizer: its fast tokenizer (byte-level BPE or SentencePiece-style BPE with byte fallback).
         path: the ``.gguf`` file to write; it appears atomically (a temporary file beside it, then a rename).
-        quantization: ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q5_1``, ``q5_0``, ``q4_1`` or ``q4_0``.
+        quantization: ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q5_1``, ``q5_0``, ``q4_1``, ``q4_0`` or a K-quant mix
+            ``q6_k``, ``q5_k_m``, ``q5_k_s``, ``q4_k_m``, ``q4_k_s`` (types per tensor as llama-quantize picks them).
         chat_template: the Jinja chat template stored as ``tokenizer.chat_template`` (None: none).
         name: ``general.name``.
         description: ``general.description``.
+        metadata: more ``general.*`` keys (basename, size_label, finetune, license, base_models), as
+            :func:`~finetune_sdk.exporting.model_settings.export_metadata` returns them.
 
     Returns:
         A summary: architecture, quantization, tensor count per GGML type, tokenizer kind and special ids.
@@ -57,16 +61,19 @@ def write_gguf(model: Any, tokenizer: Any, path: str | os.PathLike[str], *, quan
         writer.add_name(name if name and name != "mistral" else f"{family.model_type}-finetune")
         if description:
             writer.add_description(description)
+        if metadata:
+            from finetune_sdk.exporting.model_settings import add_metadata
+
+            add_metadata(writer, metadata)
         family.write_hparams(model.config, writer)
         writer.add_file_type(file_type(quantization))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         summary = add_tokenizer(writer, tokenizer, model.config.vocab_size, chat_template)
         counts: dict[str, int] = {}
         tensors = list(gguf_tensors(model, family))
-        names = {n for n, _ in tensors}
-        output_name = "output.weight" if "output.weight" in names else "token_embd.weight"
+        chosen = tensor_types([(n, tuple(data.shape)) for n, data in tensors], quantization)
         for gguf_name, data in tensors:
-            qtype = tensor_type(gguf_name, data, quantization, output_name)
+            qtype = chosen[gguf_name]
             encoded = encode(data, qtype)
             writer.add_tensor(gguf_name, encoded, raw_dtype=qtype if encoded.dtype == np.uint8 else None)
             counts[qtype.name] = counts.get(qtype.name, 0) + 1

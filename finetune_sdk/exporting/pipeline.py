@@ -84,12 +84,16 @@ def chat_setup(manifest: dict[str, Any], tokenizer: Any) -> tuple[str | None, An
     return chat.jinja, chat.ollama, chat.raw_prompt
 
 
-def run_export(ref: Any, out: Path, *, quantization: str, name: str | None, registry: Any) -> Any:
+def run_export(ref: Any, out: Path, *, quantization: str | list[str], name: str | None, registry: Any,
+               adapter_only: bool = False) -> Any:
+    """Check, merge once, and write one GGUF file per quantization (the first one gets ``Modelfile``)."""
     from finetune_sdk.exporting import GGUFExport, ollama_name
     from finetune_sdk.exporting.gguf_file import write_gguf
+    from finetune_sdk.exporting.model_settings import export_metadata, modelfile_parameters
     from finetune_sdk.exporting.modelfile import modelfile
     from finetune_sdk.loading import result_folder
 
+    quantizations = [quantization] if isinstance(quantization, str) else list(quantization)
     folder = result_folder(ref, registry)
     manifest = read_manifest(folder)
     if manifest.get("task", "causal-lm") != "causal-lm":
@@ -98,35 +102,51 @@ def run_export(ref: Any, out: Path, *, quantization: str, name: str | None, regi
     check_export_folder(out, [("result", folder), ("base model", Path(base["path"]) if base.get("path") else None)])
     _check_family_early(folder, manifest)
     name = name or (Path(os.fspath(ref)).name if Path(ref).is_dir() else os.fspath(ref).split("@")[0].split("/")[-1])
+    if adapter_only:
+        from finetune_sdk.exporting.adapter_gguf import run_adapter_export
+
+        return run_adapter_export(folder, manifest, out, name=name, registry=registry, ref=ref,
+                                  quantization=quantizations[0])
     model, tokenizer, base_precision = merged_causal_lm(folder, manifest, registry)
     template, chat_format, raw_prompt = chat_setup(manifest, tokenizer)
     options = manifest.get("options") or {}
-    gguf_name = f"{ollama_name(name)}-{quantization}.gguf"
+    metadata = export_metadata(model, manifest, name)
+    files: dict[str, Path] = {}
+    summaries: dict[str, dict[str, Any]] = {}
     with staged_directory(out) as staging:
-        with activity(f"writing {gguf_name}"):
-            summary = write_gguf(model, tokenizer, staging / gguf_name, quantization=quantization,
-                                 chat_template=template, name=name,
-                                 description=f"{name}: {manifest.get('technique')} fine-tune exported by finetune-sdk")
-        write_text_atomic(staging / "Modelfile", modelfile(
-            gguf_name, chat_format, eos_token=tokenizer.eos_token, system_prompt=options.get("system_prompt"),
-            raw_prompt=raw_prompt))
+        for position, quant in enumerate(quantizations):
+            gguf_name = f"{ollama_name(name)}-{quant}.gguf"
+            with activity(f"writing {gguf_name}"):
+                summaries[quant] = write_gguf(
+                    model, tokenizer, staging / gguf_name, quantization=quant, chat_template=template, name=name,
+                    description=f"{name}: {manifest.get('technique')} fine-tune exported by finetune-sdk",
+                    metadata=metadata)
+            text = modelfile(gguf_name, chat_format, eos_token=tokenizer.eos_token,
+                             system_prompt=options.get("system_prompt"), raw_prompt=raw_prompt)
+            text += modelfile_parameters(folder, model.config, manifest)
+            write_text_atomic(staging / ("Modelfile" if position == 0 else f"{Path(gguf_name).stem}.Modelfile"), text)
+            files[quant] = out / gguf_name
+        first = quantizations[0]
         write_json_atomic(staging / MANIFEST_NAME, {
             "format_version": 1, "technique": "gguf-export", "task": "causal-lm",
-            "export": {"format": "gguf", "file": gguf_name, "quantization": quantization,
-                       "chat_format": chat_format.name if chat_format else None, **summary},
+            "export": {"format": "gguf", "file": files[first].name, "quantization": first,
+                       "chat_format": chat_format.name if chat_format else None, **summaries[first],
+                       "files": {quant: {"file": path.name, "tensor_types": summaries[quant]["tensor_types"]}
+                                 for quant, path in files.items()}},
             "exported_from": {"ref": os.fspath(ref), "technique": manifest.get("technique"),
                               "quantizer": manifest.get("quantizer"), "formatter": manifest.get("formatter"),
                               "base_model": base or None, **base_precision},
             "libraries": {**library_versions(), "gguf": _version("gguf")},
         })
-    return GGUFExport(directory=out, gguf_path=out / gguf_name, modelfile_path=out / "Modelfile",
-                      quantization=quantization, ollama_name=ollama_name(name),
-                      chat_format=chat_format.name if chat_format else None, summary=summary)
+    return GGUFExport(directory=out, gguf_path=files[first], modelfile_path=out / "Modelfile",
+                      quantization=first, ollama_name=ollama_name(name),
+                      chat_format=chat_format.name if chat_format else None, summary=summaries[first], files=files)
 
 
 def _check_family_early(folder: Path, manifest: dict[str, Any]) -> None:
     """Refuse an unsupported family from its config.json, before any weights load (when the config is local)."""
-    from finetune_sdk.exporting.architectures import FAMILIES
+    from finetune_sdk.exporting.architectures import FAMILIES, unsupported_family
+    from finetune_sdk.exporting.rope import check_rope
 
     base = manifest.get("base_model") or {}
     candidates = [folder / "config.json"]
@@ -136,8 +156,10 @@ def _check_family_early(folder: Path, manifest: dict[str, Any]) -> None:
         if path.is_file():
             model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
             if model_type not in FAMILIES:
-                raise ConfigError(f"GGUF export doesn't support model type {model_type!r}; supported: "
-                                  f"{', '.join(sorted(FAMILIES))}")
+                raise unsupported_family(model_type)
+            from transformers import AutoConfig
+
+            check_rope(AutoConfig.from_pretrained(path.parent), llama_arch=FAMILIES[model_type].gguf_arch == "llama")
             return
 
 

@@ -1,12 +1,19 @@
 """GGUF tensor types: which type each tensor gets for a requested quantization, and the conversion itself.
 
-The conversion is the ``gguf`` package's (``gguf.quants.quantize``, a port of ggml's reference quantizers). The
-choice of type per tensor follows llama.cpp's ``convert_hf_to_gguf.py`` and ``llama-quantize``:
+The conversion is the ``gguf`` package's (``gguf.quants.quantize``, a port of ggml's reference quantizers) for the
+block-32 types, and :mod:`finetune_sdk.exporting.kquants` (a port of ggml's K-quant reference quantizers) for
+Q4_K/Q5_K/Q6_K. The choice of type per tensor follows llama.cpp's ``convert_hf_to_gguf.py`` and ``llama-quantize``
+(``llama_tensor_get_type`` in ``src/llama-quant.cpp``):
 
-* 1-D tensors (norms, biases) and position embeddings stay float32;
+* 1-D tensors (norms, biases, ``rope_freqs``) and position embeddings stay float32;
 * a matrix whose rows don't split into whole blocks (32 values) falls back to float16;
-* with a 4- or 5-bit type, the output matrix (or the embedding when it doubles as the output) is kept at q8_0,
-  as llama-quantize keeps it at a higher precision (q6_k there, which the ``gguf`` package can't write).
+* with a 4- or 5-bit block-32 type, the output matrix (or the embedding when it doubles as the output) is kept at
+  q8_0;
+* the K mixes: the output matrix (or the tied embedding) at Q6_K (Q8_0 when its rows aren't a multiple of 256);
+  with ``q4_k_m`` and ``q5_k_m`` the value projections (``attn_v``, or the fused ``attn_qkv``) and ``ffn_down`` of
+  the first and last eighth of the layers and every third layer between get Q6_K (llama.cpp's ``use_more_bits``);
+  with ``q4_k_s`` the first 4 value projections and the first eighth of ``ffn_down`` get Q5_K. A row that isn't a
+  multiple of 256 falls back as llama.cpp does: Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0 (F16 below 32).
 """
 
 from __future__ import annotations
@@ -25,8 +32,16 @@ QUANTIZATIONS: dict[str, tuple[str, str]] = {
     "q5_0": ("Q5_0", "MOSTLY_Q5_0"),
     "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
     "q4_0": ("Q4_0", "MOSTLY_Q4_0"),
+    "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
+    "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"),
+    "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"),
+    "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"),
+    "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"),
 }
 LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")
+K_MIXES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s")
+#: llama.cpp's ``tensor_type_fallback`` for a row that isn't a multiple of 256
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def check_quantization(quantization: str) -> str:
@@ -47,20 +62,64 @@ def file_type(quantization: str) -> int:
     return int(getattr(gguf.LlamaFileType, QUANTIZATIONS[quantization][1]))
 
 
-def tensor_type(name: str, data: Any, quantization: str, output_name: str) -> Any:
-    """The ``GGMLQuantizationType`` tensor ``name`` is stored in (see the module docstring for the rules)."""
+def check_quantizations(quantization: str | list[str] | tuple[str, ...]) -> list[str]:
+    """One name or a list of names, checked and in lower case, without repeats (order kept)."""
+    names = [quantization] if isinstance(quantization, str) else list(quantization)
+    if not names:
+        raise ConfigError(f"no GGUF quantization given; use one or more of {', '.join(QUANTIZATIONS)}")
+    return list(dict.fromkeys(check_quantization(name) for name in names))
+
+
+def _use_more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's ``use_more_bits``: the first and last eighth of the layers and every third one between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def tensor_types(shapes: list[tuple[str, tuple[int, ...]]], quantization: str) -> dict[str, Any]:
+    """The ``GGMLQuantizationType`` of every tensor, given ``(gguf name, shape)`` in file order.
+
+    See the module docstring for the rules; the counters of value projections and ``ffn_down`` run in file order,
+    as in ``llama_tensor_get_type``.
+    """
     import gguf
 
     types = gguf.GGMLQuantizationType
-    if data.ndim <= 1 or name.endswith("_norm.weight") or name.startswith("position_embd") or quantization == "f32":
-        return types.F32
-    wanted = getattr(types, QUANTIZATIONS[quantization][0])
-    if quantization in LOW_BIT and name == output_name:
-        wanted = types.Q8_0
-    block_size = gguf.GGML_QUANT_SIZES[wanted][0]
-    if data.shape[-1] % block_size:
-        return types.F16
-    return wanted
+    names = [name for name, _ in shapes]
+    tied = "output.weight" not in names
+    output_name = "token_embd.weight" if tied else "output.weight"
+    value_total = sum(("attn_v.weight" in n or "attn_qkv.weight" in n) for n in names)
+    down_total = sum("ffn_down" in n for n in names)
+    value_index = down_index = 0
+    chosen: dict[str, Any] = {}
+    for name, shape in shapes:
+        if (len(shape) <= 1 or name.endswith("_norm.weight") or name.startswith("position_embd")
+                or quantization == "f32"):
+            chosen[name] = types.F32
+            continue
+        wanted = getattr(types, QUANTIZATIONS[quantization][0])
+        if quantization in LOW_BIT and name == output_name:
+            wanted = types.Q8_0
+        elif quantization in K_MIXES:
+            if name == output_name:
+                wanted = types.Q8_0 if shape[-1] % 256 else types.Q6_K
+            elif "attn_v.weight" in name or "attn_qkv.weight" in name:
+                if quantization in ("q4_k_m", "q5_k_m") and _use_more_bits(value_index, value_total):
+                    wanted = types.Q6_K
+                elif quantization == "q4_k_s" and value_index < 4:
+                    wanted = types.Q5_K
+                value_index += 1
+            elif "ffn_down" in name:
+                if quantization in ("q4_k_m", "q5_k_m") and _use_more_bits(down_index, down_total):
+                    wanted = types.Q6_K
+                elif quantization == "q4_k_s" and down_index < down_total // 8:
+                    wanted = types.Q5_K
+                down_index += 1
+            if shape[-1] % gguf.GGML_QUANT_SIZES[wanted][0] and wanted.name in K_FALLBACK:
+                wanted = getattr(types, K_FALLBACK[wanted.name])
+        if shape[-1] % gguf.GGML_QUANT_SIZES[wanted][0]:
+            wanted = types.F16
+        chosen[name] = wanted
+    return chosen
 
 
 def encode(data: Any, qtype: Any) -> Any:
@@ -73,4 +132,8 @@ def encode(data: Any, qtype: Any) -> Any:
         return np.ascontiguousarray(data, dtype=np.float32)
     if qtype == types.F16:
         return np.ascontiguousarray(data, dtype=np.float16)
+    if qtype.name in ("Q4_K", "Q5_K", "Q6_K"):
+        from finetune_sdk.exporting.kquants import quantize_k
+
+        return quantize_k(data, qtype.name)
     return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
