@@ -6,7 +6,8 @@ import click
 
 from finetune_sdk.cli.render import console
 
-QUANTIZATION_NAMES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+QUANTIZATION_NAMES = ("f16", "bf16", "f32", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
+                      "q4_1", "q4_0")
 
 
 @click.command("export")
@@ -14,27 +15,39 @@ QUANTIZATION_NAMES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_
 @click.option("--out", "-o", required=True, help="folder for the GGUF file, its Modelfile and a manifest")
 @click.option("--format", "export_format", type=click.Choice(["gguf"]), default="gguf", show_default=True,
               help="file format (GGUF for llama.cpp, Ollama, LM Studio)")
-@click.option("--quantization", "-q", type=click.Choice(QUANTIZATION_NAMES, case_sensitive=False), default="q8_0",
-              show_default=True, help="tensor type of the weight matrices (q4_0/q4_1/q5_0/q5_1 are ggml's block "
-              "4/5-bit types)")
+@click.option("--quantization", "-q", type=click.Choice(QUANTIZATION_NAMES, case_sensitive=False), multiple=True,
+              default=("q8_0",), show_default=True, help="tensor type of the weight matrices; repeat it for one file "
+              "per type from one merge (-q q4_k_m -q q8_0). q4_0/q4_1/q5_0/q5_1: ggml's block-32 types; "
+              "q4_k_m/q4_k_s/q5_k_m/q5_k_s/q6_k: llama.cpp's K-quant mixes")
+@click.option("--adapter-only", is_flag=True, help="write the LoRA adapter as a GGUF adapter (llama.cpp --lora, "
+              "Ollama ADAPTER) plus the unmerged base as GGUF, instead of one merged file")
 @click.option("--name", default=None, help="model name in the file and for Ollama (default: from REF)")
 @click.option("--attach", is_flag=True, help="store the GGUF file and Modelfile as artifacts of the registry version "
               "REF (pushed to the Hub with it)")
-def export_command(ref: str, out: str, export_format: str, quantization: str, name: str | None,
-                   attach: bool) -> None:
+def export_command(ref: str, out: str, export_format: str, quantization: tuple[str, ...], adapter_only: bool,
+                   name: str | None, attach: bool) -> None:
     """Merge REF (a result folder or registry ref) and write it as GGUF with an Ollama Modelfile.
+
+    Architectures: Llama (also with Llama 3.x llama3, linear or yarn RoPE scaling), Mistral, Qwen2, Qwen3,
+    Gemma 2, Gemma 3 (text), Phi-3, GPT-2.
 
     \b
     Example:
       finetune export support-bot@production --quantization q8_0 --out exports/bot
+      finetune export support-bot@production -q q4_k_m -q q8_0 --out exports/bot
+      finetune export support-bot@production --adapter-only --out exports/bot-lora
     """
     from finetune_sdk.exporting import export
     from finetune_sdk.log import quiet_third_party_output
 
     quiet_third_party_output()
-    done = export(ref, out, format=export_format, quantization=quantization.lower(), name=name, attach=attach)
+    quantizations = [q.lower() for q in quantization]
+    done = export(ref, out, format=export_format, quantization=quantizations if len(quantizations) > 1
+                  else quantizations[0], name=name, attach=attach, adapter_only=adapter_only)
     from rich.markup import escape
 
     out_console = console()
-    out_console.print(f"GGUF ({done.quantization}) saved to [bold]{escape(str(done.gguf_path))}[/bold]", soft_wrap=True)
+    for kind, path in (done.files or {done.quantization: done.gguf_path}).items():
+        label = "GGUF LoRA adapter" if kind == "adapter" else f"GGUF ({done.quantization if kind == 'base' else kind})"
+        out_console.print(f"{label} saved to [bold]{escape(str(path))}[/bold]", soft_wrap=True)
     out_console.print(f"run it with Ollama: [bold]{escape(done.ollama_command)}[/bold]", soft_wrap=True)

@@ -181,9 +181,20 @@ def attach_to_registry(done: Any, ref: Any, registry: Any) -> None:
 
     registry = registry if registry is not None else Registry()
     version = registry.pull(os.fspath(ref)) if os.fspath(ref).startswith("hf://") else registry.resolve(os.fspath(ref))
+    for kind, path in (done.files or {done.quantization: done.gguf_path}).items():
+        if path == done.gguf_path:
+            continue  # attached below, with the Modelfile
+        quant = done.quantization if kind in ("adapter", "base") else kind
+        registry.attach(version.ref, path, kind="gguf-lora" if kind == "adapter" else "gguf",
+                        metadata={"quantization": quant, "format": "gguf", "chat_format": done.chat_format,
+                                  "architecture": done.summary.get("architecture")})
+        if (done.directory / f"{path.stem}.Modelfile").is_file():
+            registry.attach(version.ref, done.directory / f"{path.stem}.Modelfile", kind="ollama-modelfile",
+                            metadata={"gguf": path.name})
+    adapter = done.files.get("adapter") == done.gguf_path
     metadata = {"quantization": done.quantization, "format": "gguf", "chat_format": done.chat_format,
                 "architecture": done.summary.get("architecture")}
-    registry.attach(version.ref, done.gguf_path, kind="gguf", metadata=metadata)
+    registry.attach(version.ref, done.gguf_path, kind="gguf-lora" if adapter else "gguf", metadata=metadata)
     with tempfile.TemporaryDirectory(prefix="finetune-modelfile-") as folder:
         named = Path(folder) / f"{done.gguf_path.stem}.Modelfile"
         shutil.copyfile(done.modelfile_path, named)
