@@ -248,3 +248,23 @@ def test_llama3_factors_match_the_formula_at_the_band_edges():
         else:
             smooth = (8192 / wavelength - 1.0) / (4.0 - 1.0)
             assert factor == pytest.approx(1 / ((1 - smooth) / 8.0 + smooth), rel=1e-5)
+
+
+def test_cli_refuses_an_unsupported_rope_before_loading_the_model(tmp_path):
+    """From the base's config.json, before any weights load: one line, exit 2, nothing written."""
+    from click.testing import CliRunner
+
+    from finetune_sdk import Trainer
+    from finetune_sdk.cli import cli
+
+    tokenizer = tiny_tokenizer()
+    base = tmp_path / "base"
+    _model("llama", tokenizer, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+           ).save_pretrained(base, safe_serialization=True)
+    tokenizer.save_pretrained(base)
+    result = Trainer(base, technique="lora", output_dir=tmp_path / "run", num_train_epochs=1, progress=False,
+                     max_steps=1).fit([{"prompt": "a", "completion": "b"}] * 4).output_dir
+    out = CliRunner().invoke(cli, ["export", str(result), "--out", str(tmp_path / "gguf")])
+    assert out.exit_code == 2 and not (tmp_path / "gguf").exists()
+    lines = out.output.strip().splitlines()
+    assert len(lines) == 1 and "RoPE scaling 'dynamic'" in lines[0] and "convert_hf_to_gguf.py" in lines[0]

@@ -27,17 +27,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np  # this module is imported only when a K-quant is written (quantization.encode)
+
 QK_K = 256
-F32: Any = None  # numpy.float32, set on first use (numpy is imported lazily)
+F32 = np.float32
 CHUNK_BLOCKS = 8192  # super-blocks quantized at once (2M values): bounds the temporary arrays
-
-
-def _np() -> Any:
-    global F32
-    import numpy as np
-
-    F32 = np.float32
-    return np
 
 
 def _make_qkx2_quants(x: Any, w: Any, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[Any, Any, Any]:
@@ -46,7 +40,6 @@ def _make_qkx2_quants(x: Any, w: Any, nmax: int, rmin: float, rdelta: float, nst
     Returns ``(scale, the_min, L)``: float32 ``(blocks,)``, float32 ``(blocks,)`` and levels ``(n, blocks)`` in
     ``0..nmax`` with ``x ~ scale * L - the_min``.
     """
-    np = _np()
     mn = np.minimum(x.min(axis=0), F32(0))
     mx = x.max(axis=0)
     sum_w = w.sum(axis=0, dtype=F32)
@@ -89,7 +82,6 @@ def _make_qx_quants(x: Any, nmax: int) -> tuple[Any, Any]:
 
     Returns ``(scale (blocks,), L (n, blocks))`` with levels in ``0..2*nmax-1`` (``l + nmax``).
     """
-    np = _np()
     columns = np.arange(x.shape[1])
     first_max = np.abs(x).argmax(axis=0)
     mx = x[first_max, columns]
@@ -120,13 +112,12 @@ def _make_qx_quants(x: Any, nmax: int) -> tuple[Any, Any]:
 
 def _half(values: Any) -> tuple[Any, Any]:
     """GGML_FP32_TO_FP16 (round to nearest even) and the float32 it reads back as."""
-    half = values.astype(_np().float16)
+    half = values.astype(np.float16)
     return half, half.astype(F32)
 
 
 def _scales_min_k4(ls: Any, lm: Any) -> Any:
     """The 12 bytes holding 8 six-bit scales and mins (``quantize_row_q4_K_ref``'s packing). Inputs: (8, blocks)."""
-    np = _np()
     packed = np.zeros((12, ls.shape[1]), dtype=np.uint8)
     packed[0:4] = ls[0:4]
     packed[4:8] = lm[0:4]
@@ -138,7 +129,6 @@ def _scales_min_k4(ls: Any, lm: Any) -> Any:
 
 def _q4_q5_blocks(blocks: Any, nmax: int, rmin: float, nstep: int) -> tuple[Any, Any, Any, Any]:
     """Shared part of Q4_K/Q5_K: ``(d f16, dmin f16, 12 scale bytes, levels (256, n))`` for ``blocks`` (n, 256)."""
-    np = _np()
     count = blocks.shape[0]
     x = np.ascontiguousarray(blocks.reshape(count * 8, 32).T)  # (32, sub-blocks)
     av_x = np.sqrt((x * x).sum(axis=0, dtype=F32) / F32(32))
@@ -164,7 +154,6 @@ def _q4_q5_blocks(blocks: Any, nmax: int, rmin: float, nstep: int) -> tuple[Any,
 
 
 def _q4_k(blocks: Any) -> Any:
-    np = _np()
     d, dmin, scales, levels = _q4_q5_blocks(blocks, 15, -1.0, 20)
     groups = levels.reshape(4, 2, 32, -1)  # (64-value group, low/high half, 32, blocks)
     qs = (groups[:, 0] | (groups[:, 1] << 4)).reshape(128, -1)
@@ -173,7 +162,6 @@ def _q4_k(blocks: Any) -> Any:
 
 
 def _q5_k(blocks: Any) -> Any:
-    np = _np()
     d, dmin, scales, levels = _q4_q5_blocks(blocks, 31, -0.5, 15)
     groups = levels.reshape(4, 2, 32, -1)
     low = groups & 0xF
@@ -186,7 +174,6 @@ def _q5_k(blocks: Any) -> Any:
 
 
 def _q6_k(blocks: Any) -> Any:
-    np = _np()
     count = blocks.shape[0]
     x = np.ascontiguousarray(blocks.reshape(count * 16, 16).T)  # (16, sub-blocks)
     scales, levels = _make_qx_quants(x, 32)
@@ -221,7 +208,6 @@ def quantize_k(data: Any, type_name: str) -> Any:
     Returns a uint8 array of shape ``(*data.shape[:-1], data.shape[-1] // 256 * type_size)``, what
     ``gguf.GGUFWriter.add_tensor(..., raw_dtype=...)`` takes. Raises ``ValueError`` for another row size.
     """
-    np = _np()
     quantize, type_size = QUANTIZERS[type_name]
     data = np.ascontiguousarray(data, dtype=np.float32)
     if data.shape[-1] % QK_K:
