@@ -268,3 +268,48 @@ def test_cli_refuses_an_unsupported_rope_before_loading_the_model(tmp_path):
     assert out.exit_code == 2 and not (tmp_path / "gguf").exists()
     lines = out.output.strip().splitlines()
     assert len(lines) == 1 and "RoPE scaling 'dynamic'" in lines[0] and "convert_hf_to_gguf.py" in lines[0]
+
+
+@pytest.mark.parametrize("family,tokenizer_kind,targets", [
+    ("qwen3", "bpe", ["q_proj", "k_proj", "v_proj", "down_proj"]),
+    pytest.param("phi3", "phi3", ["qkv_proj", "gate_up_proj", "o_proj"], marks=pytest.mark.slow),
+    pytest.param("gemma2", "gemma", ["q_proj", "v_proj", "down_proj"], marks=pytest.mark.slow),
+])
+def test_lora_on_a_new_architecture_exports_merged_and_adapter_only(tmp_path, family, tokenizer_kind, targets):
+    """Trained with LoRA through the SDK: the merged f32 export reloads with the merged model's logits, and the
+    adapter-only files (base + alpha / r * B @ A, fused Phi-3 matrices included) equal the merged export."""
+    import numpy as np
+
+    import finetune_sdk
+    from finetune_sdk import Trainer
+
+    tokenizer = TOKENIZERS[tokenizer_kind]()
+    base = tmp_path / "base"
+    _model(family, tokenizer).save_pretrained(base, safe_serialization=True)
+    tokenizer.save_pretrained(base)
+    rows = [{"prompt": f"what is {a} plus {b}?", "completion": f"{a} plus {b} is {a + b}."} for a in range(3)
+            for b in range(3)]
+    result = Trainer(base, technique="lora", output_dir=tmp_path / "run", num_train_epochs=1, learning_rate=5e-2,
+                     progress=False, dtype="float32", target_modules=targets, formatter="chatml").fit(rows).output_dir
+    merged = finetune_sdk.export(result, tmp_path / "merged", quantization="f32")
+    from transformers import AutoModelForCausalLM
+
+    expected = finetune_sdk.load(result, quantized=False).model.merge_and_unload().eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(merged.directory, gguf_file=merged.gguf_path.name,
+                                                    dtype=torch.float32, attn_implementation="eager").eval()
+    ids = tokenizer(PROMPT)["input_ids"]
+    assert _logits(expected, ids).sub(_logits(reloaded, ids)).abs().max().item() <= F32_LOGIT_BOUND
+    done = finetune_sdk.export(result, tmp_path / "adapter", quantization="f32", adapter_only=True)
+
+    def tensors(path):
+        return {t.name: np.asarray(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
+
+    lora, base_tensors, merged_tensors = tensors(done.files["adapter"]), tensors(done.files["base"]), tensors(
+        merged.gguf_path)
+    alpha = gguf.GGUFReader(done.files["adapter"]).fields["adapter.lora.alpha"].contents()
+    adapted = [name.removesuffix(".lora_a") for name in lora if name.endswith(".lora_a")]
+    assert len(adapted) == 2 * len(targets)
+    for name in adapted:
+        a, b = lora[name + ".lora_a"], lora[name + ".lora_b"]
+        applied = base_tensors[name] + alpha / a.shape[0] * (b @ a)
+        assert np.abs(applied - merged_tensors[name]).max() <= 1e-5, name
