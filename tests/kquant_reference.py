@@ -1,4 +1,4 @@
-"""A line-by-line scalar port of llama.cpp's ``quantize_row_q{4,5,6}_K_ref`` (ggml-quants.c), float32 throughout.
+"""A line-by-line scalar port of llama.cpp's ``quantize_row_q{2,3,4,5,6}_K_ref`` (ggml-quants.c), float32 throughout.
 
 A test oracle only: slow (pure Python, one value at a time), so it runs on a few blocks. It follows the C loops
 literally (no vectorisation, sequential sums) so that ``finetune_sdk.exporting.kquants`` can be checked against
@@ -16,7 +16,7 @@ def nearest_int(value: np.float32) -> int:
     return int(np.rint(f32(value)))
 
 
-def make_qkx2_quants(n, nmax, x, weights, rmin, rdelta, nstep):
+def make_qkx2_quants(n, nmax, x, weights, rmin, rdelta, nstep, use_mad=False):
     mn, mx = x[0], x[0]
     sum_w = weights[0]
     sum_x = f32(sum_w * x[0])
@@ -36,7 +36,7 @@ def make_qkx2_quants(n, nmax, x, weights, rmin, rdelta, nstep):
         level = max(0, min(nmax, nearest_int(f32(iscale * f32(x[i] - mn)))))
         levels.append(level)
         diff = f32(f32(f32(scale * f32(level)) + mn) - x[i])
-        best = f32(best + f32(weights[i] * f32(diff * diff)))
+        best = f32(best + f32(weights[i] * (abs(diff) if use_mad else f32(diff * diff))))
     for step in range(nstep + 1):
         iscale = f32(f32(f32(f32(rmin) + f32(f32(rdelta) * f32(step))) + f32(nmax)) / f32(mx - mn))
         aux, sum_l, sum_l2, sum_xl = [], f32(0), f32(0), f32(0)
@@ -57,7 +57,7 @@ def make_qkx2_quants(n, nmax, x, weights, rmin, rdelta, nstep):
             error = f32(0)
             for i in range(n):
                 diff = f32(f32(f32(this_scale * f32(aux[i])) + this_min) - x[i])
-                error = f32(error + f32(weights[i] * f32(diff * diff)))
+                error = f32(error + f32(weights[i] * (abs(diff) if use_mad else f32(diff * diff))))
             if error < best:
                 levels, best, scale, mn = aux, error, this_scale, this_min
     return scale, f32(-mn), levels
@@ -186,3 +186,114 @@ def quantize_q6_k(x: np.ndarray) -> bytes:
         qh += bytes((levels[half + i] >> 4) | ((levels[half + i + 32] >> 4) << 2) | ((levels[half + i + 64] >> 4) << 4)
                     | ((levels[half + i + 96] >> 4) << 6) for i in range(32))
     return bytes(ql) + bytes(qh) + np.asarray(small, dtype=np.int8).tobytes() + d.tobytes()
+
+
+def pack_2bit(levels) -> bytes:
+    return bytes(levels[j + i] | (levels[j + i + 32] << 2) | (levels[j + i + 64] << 4) | (levels[j + i + 96] << 6)
+                 for j in (0, 128) for i in range(32))
+
+
+def quantize_q2_k(x: np.ndarray) -> bytes:
+    """One super-block as Q2_K bytes (``quantize_row_q2_K_ref``)."""
+    scales, mins, levels = [], [], []
+    for j in range(16):
+        sub = x[16 * j:16 * j + 16]
+        scale, the_min, sub_levels = make_qkx2_quants(16, 3, sub, [f32(abs(v)) for v in sub], -0.5, 0.1, 15, True)
+        scales.append(scale)
+        mins.append(the_min)
+        levels += sub_levels
+    max_scale, max_min = max([f32(0), *scales]), max([f32(0), *mins])
+    packed = [0] * 16
+    if max_scale > 0:
+        iscale = f32(f32(15) / max_scale)
+        packed = [nearest_int(f32(iscale * s)) for s in scales]
+        d = np.float16(f32(max_scale / f32(15)))
+    else:
+        d = np.float16(0)
+    if max_min > 0:
+        iscale = f32(f32(15) / max_min)
+        packed = [(p | (nearest_int(f32(iscale * m)) << 4)) & 0xFF for p, m in zip(packed, mins)]
+        dmin = np.float16(f32(max_min / f32(15)))
+    else:
+        dmin = np.float16(0)
+    for j in range(16):
+        sub_d = f32(f32(d) * f32(packed[j] & 0xF))
+        if not sub_d:
+            continue
+        sub_m = f32(f32(dmin) * f32(packed[j] >> 4))
+        for i in range(16):
+            levels[16 * j + i] = max(0, min(3, nearest_int(f32(f32(x[16 * j + i] + sub_m) / sub_d))))
+    return bytes(packed) + pack_2bit(levels) + d.tobytes() + dmin.tobytes()
+
+
+def make_q3_quants(n, nmax, x):
+    mx, amax = f32(0), f32(0)
+    for value in x:
+        if abs(value) > amax:
+            amax, mx = abs(value), value
+    if amax < f32(1e-15):
+        return f32(0), [0] * n
+    iscale = f32(f32(-nmax) / mx)
+    levels, sumlx, suml2 = [], f32(0), f32(0)
+    for value in x:
+        level = max(-nmax, min(nmax - 1, nearest_int(f32(iscale * value))))
+        levels.append(level)
+        w = f32(value * value)
+        sumlx = f32(sumlx + f32(f32(w * value) * f32(level)))
+        suml2 = f32(suml2 + f32(f32(w * f32(level)) * f32(level)))
+    for _ in range(5):
+        changed = 0
+        for i, value in enumerate(x):
+            w = f32(value * value)
+            slx = f32(sumlx - f32(f32(w * value) * f32(levels[i])))
+            if slx > 0:
+                sl2 = f32(suml2 - f32(f32(w * f32(levels[i])) * f32(levels[i])))
+                new = max(-nmax, min(nmax - 1, nearest_int(f32(f32(value * sl2) / slx))))
+                if new != levels[i]:
+                    slx = f32(slx + f32(f32(w * value) * f32(new)))
+                    sl2 = f32(sl2 + f32(f32(w * f32(new)) * f32(new)))
+                    if sl2 > 0 and f32(f32(slx * slx) * suml2) > f32(f32(sumlx * sumlx) * sl2):
+                        levels[i], sumlx, suml2 = new, slx, sl2
+                        changed += 1
+        if not changed:
+            break
+    return (f32(sumlx / suml2) if suml2 > 0 else f32(0)), [level + nmax for level in levels]
+
+
+def quantize_q3_k(x: np.ndarray) -> bytes:
+    """One super-block as Q3_K bytes (``quantize_row_q3_K_ref``)."""
+    scales, levels = [], []
+    max_scale, amax = f32(0), f32(0)
+    for j in range(16):
+        scale, sub_levels = make_q3_quants(16, 4, x[16 * j:16 * j + 16])
+        scales.append(scale)
+        levels += sub_levels
+        if abs(scale) > amax:
+            amax, max_scale = abs(scale), scale
+    packed = bytearray(12)
+    if max_scale:
+        iscale = f32(f32(-32) / max_scale)
+        for j in range(16):
+            level = max(-32, min(31, nearest_int(f32(iscale * scales[j])))) + 32
+            if j < 8:
+                packed[j] = level & 0xF
+            else:
+                packed[j - 8] |= (level & 0xF) << 4
+            packed[8 + j % 4] |= (level >> 4) << (2 * (j // 4))
+        d = np.float16(f32(f32(1) / iscale))
+    else:
+        d = np.float16(0)
+    for j in range(16):
+        sc = (packed[j] & 0xF) if j < 8 else (packed[j - 8] >> 4)
+        sc = (sc | (((packed[8 + j % 4] >> (2 * (j // 4))) & 3) << 4)) - 32
+        sub_d = f32(f32(d) * f32(sc))
+        if not sub_d:
+            continue
+        for i in range(16):
+            levels[16 * j + i] = max(-4, min(3, nearest_int(f32(x[16 * j + i] / sub_d)))) + 4
+    hmask = bytearray(32)
+    for j in range(256):
+        if levels[j] > 3:
+            hmask[j % 32] |= 1 << (j // 32)
+            levels[j] -= 4
+    return bytes(hmask) + pack_2bit(levels) + bytes(packed) + d.tobytes()

@@ -27,6 +27,8 @@ def _blocks() -> np.ndarray:
 
 
 @pytest.mark.parametrize("type_name,scalar", [
+    ("Q2_K", reference.quantize_q2_k),
+    ("Q3_K", reference.quantize_q3_k),
     ("Q4_K", lambda block: reference.quantize_q4_or_q5_k(block, 15)),
     ("Q5_K", lambda block: reference.quantize_q4_or_q5_k(block, 31)),
     ("Q6_K", reference.quantize_q6_k),
@@ -49,11 +51,13 @@ def test_k_quants_read_back_through_gguf_within_the_reference_error():
         assert back.shape == weights.shape
         return float(np.sqrt(((back - weights) ** 2).mean() / (weights ** 2).mean()))
 
-    k = {name: error(quantize_k(weights, name), getattr(TYPES, name)) for name in ("Q4_K", "Q5_K", "Q6_K")}
+    k = {name: error(quantize_k(weights, name), getattr(TYPES, name))
+         for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
     block32 = {name: error(gguf.quants.quantize(weights, getattr(TYPES, name)), getattr(TYPES, name))
                for name in ("Q4_0", "Q5_0", "Q8_0")}
     assert k["Q4_K"] < block32["Q4_0"] and k["Q5_K"] < block32["Q5_0"]
     assert block32["Q8_0"] < k["Q6_K"] < k["Q5_K"] < k["Q4_K"] < 0.075  # measured 0.0178, 0.0363, 0.0715
+    assert k["Q4_K"] < k["Q3_K"] < 0.16 and k["Q3_K"] < k["Q2_K"] < 0.31  # measured 0.151, 0.296
     with pytest.raises(ValueError, match="multiple of 256"):
         quantize_k(weights[:, :96], "Q4_K")
 
@@ -99,6 +103,26 @@ def test_k_mixes_choose_types_per_tensor_as_llama_quantize():
     assert five_narrow["blk.0.attn_q.weight"] == "Q5_1"
     odd = {n: t.name for n, t in tensor_types(_shapes(2, hidden=40), "q4_k_m").items()}
     assert odd["blk.0.attn_q.weight"] == "F16"
+
+
+def test_low_bit_k_mixes_choose_types_as_llama_quantize():
+    """q3_k_m: the first 2 value projections Q5_K, ffn_down Q5_K in the first 16th of 16 layers; q2_k: Q3_K for
+    attn_v (Q4_K with 4+ query heads per KV head), ffn_down and attn_output."""
+    from finetune_sdk.exporting.quantization import tensor_types
+
+    three = {n: t.name for n, t in tensor_types(_shapes(16), "q3_k_m").items()}
+    assert [three[f"blk.{i}.attn_v.weight"] for i in range(4)] == ["Q5_K", "Q5_K", "Q4_K", "Q4_K"]
+    assert [three[f"blk.{i}.ffn_down.weight"] for i in range(3)] == ["Q5_K", "Q4_K", "Q4_K"]
+    assert three["blk.5.attn_output.weight"] == "Q4_K" and three["blk.5.attn_q.weight"] == "Q3_K"
+    assert three["output.weight"] == "Q6_K" and three["token_embd.weight"] == "Q3_K"
+    large = {n: t.name for n, t in tensor_types(_shapes(4), "q3_k_l").items()}
+    assert large["blk.2.attn_v.weight"] == large["blk.2.ffn_down.weight"] == large["blk.2.attn_output.weight"] == "Q5_K"
+    assert {n: t.name for n, t in tensor_types(_shapes(4), "q3_k_s").items()}["blk.0.attn_v.weight"] == "Q3_K"
+    two = {n: t.name for n, t in tensor_types(_shapes(4), "q2_k").items()}  # attn_q 256 rows, attn_k 64: 4 per KV
+    assert two["blk.0.attn_v.weight"] == "Q4_K" and two["blk.0.ffn_down.weight"] == "Q3_K"
+    assert two["blk.0.attn_output.weight"] == "Q3_K" and two["blk.0.ffn_up.weight"] == "Q2_K"
+    narrow = {n: t.name for n, t in tensor_types(_shapes(4, hidden=96), "q2_k").items()}
+    assert narrow["blk.0.ffn_up.weight"] == "Q4_0"  # llama.cpp's fallback for Q2_K/Q3_K
 
 
 #: relative RMSE per tensor type on normally initialised weights (Gaussian: 0.0715, 0.0363, 0.0178 measured)

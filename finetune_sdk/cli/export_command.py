@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from finetune_sdk.cli.render import console
+from finetune_sdk.exporting.quantization import QUANTIZATIONS  # no heavy imports: names and types only
 
-QUANTIZATION_NAMES = ("f16", "bf16", "f32", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
-                      "q4_1", "q4_0")
+QUANTIZATION_NAMES = tuple(QUANTIZATIONS)
 
 
 @click.command("export")
@@ -18,7 +18,7 @@ QUANTIZATION_NAMES = ("f16", "bf16", "f32", "q8_0", "q6_k", "q5_k_m", "q5_k_s", 
 @click.option("--quantization", "-q", type=click.Choice(QUANTIZATION_NAMES, case_sensitive=False), multiple=True,
               default=("q8_0",), show_default=True, help="tensor type of the weight matrices; repeat it for one file "
               "per type from one merge (-q q4_k_m -q q8_0). q4_0/q4_1/q5_0/q5_1: ggml's block-32 types; "
-              "q4_k_m/q4_k_s/q5_k_m/q5_k_s/q6_k: llama.cpp's K-quant mixes")
+              "q2_k...q6_k: llama.cpp's K-quant mixes")
 @click.option("--adapter-only", is_flag=True, help="write the LoRA adapter as a GGUF adapter (llama.cpp --lora, "
               "Ollama ADAPTER) plus the unmerged base as GGUF, instead of one merged file")
 @click.option("--name", default=None, help="model name in the file and for Ollama (default: from REF)")

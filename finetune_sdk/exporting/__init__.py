@@ -56,7 +56,8 @@ def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: 
         format: ``"gguf"``, the only format so far.
         quantization: ``f16``, ``bf16``, ``f32``, ``q8_0`` (default), the 4/5-bit ``q4_0``, ``q4_1``, ``q5_0``,
             ``q5_1`` (ggml's block-32 types; the output matrix stays at q8_0 with them), or llama.cpp's K-quant
-            mixes ``q4_k_m``, ``q4_k_s``, ``q5_k_m``, ``q5_k_s``, ``q6_k`` (see ``docs/export.md``). A list
+            mixes ``q6_k``, ``q5_k_m``, ``q5_k_s``, ``q4_k_m``, ``q4_k_s``, ``q3_k_l``, ``q3_k_m``, ``q3_k_s``, ``q2_k``
+            (see ``docs/export.md``). A list
             (``["q4_k_m", "q8_0"]``) writes one file per entry from one merge; the first gets ``Modelfile``, the
             others ``<name>-<q>.Modelfile``.
         name: the model's name in the file and for Ollama (default: the registry name or the folder's name).

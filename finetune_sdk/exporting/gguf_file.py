@@ -24,7 +24,8 @@ def write_gguf(model: Any, tokenizer: Any, path: str | os.PathLike[str], *, quan
         tokenizer: its fast tokenizer (byte-level BPE or SentencePiece-style BPE with byte fallback).
         path: the ``.gguf`` file to write; it appears atomically (a temporary file beside it, then a rename).
         quantization: ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q5_1``, ``q5_0``, ``q4_1``, ``q4_0`` or a K-quant mix
-            ``q6_k``, ``q5_k_m``, ``q5_k_s``, ``q4_k_m``, ``q4_k_s`` (types per tensor as llama-quantize picks them).
+            ``q6_k``, ``q5_k_m``, ``q5_k_s``, ``q4_k_m``, ``q4_k_s``, ``q3_k_l``, ``q3_k_m``, ``q3_k_s``, ``q2_k`` (types per
+            tensor as llama-quantize picks them).
         chat_template: the Jinja chat template stored as ``tokenizer.chat_template`` (None: none).
         name: ``general.name``.
         description: ``general.description``.

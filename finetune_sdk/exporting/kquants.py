@@ -1,15 +1,15 @@
-"""ggml's K-quants (Q4_K, Q5_K, Q6_K) written in numpy: the reference quantizers of llama.cpp's ``ggml-quants.c``.
+"""ggml's K-quants (Q2_K...Q6_K) written in numpy: the reference quantizers of llama.cpp's ``ggml-quants.c``.
 
 The ``gguf`` package reads K-quants (``gguf.quants.dequantize``) but can't write them, so this module ports
-``quantize_row_q4_K_ref``, ``quantize_row_q5_K_ref`` and ``quantize_row_q6_K_ref`` with their helpers
-``make_qkx2_quants`` and ``make_qx_quants``: the functions ``llama-quantize`` runs when no importance matrix is
-given. Every step is the C code's, in float32, vectorised over all sub-blocks of a tensor at once: values of a
+``quantize_row_q{2,3,4,5,6}_K_ref`` with their helpers ``make_qkx2_quants``, ``make_q3_quants`` and
+``make_qx_quants``: the functions ``llama-quantize`` runs when no importance matrix is given. Every step is the C code's, in float32, vectorised over all sub-blocks of a tensor at once: values of a
 sub-block are laid out along axis 0 so that numpy's reductions add them one after the other, in the C loop's
 order. ``nearest_int`` (the ``+ 12582912.f`` trick) rounds half to even, which is ``np.rint``.
 
 Super-blocks are 256 values (``QK_K``); a row must be a multiple of 256 (``quantization.tensor_types`` falls back to
 llama.cpp's block-32 types otherwise). Block layouts (bytes, as ``ggml-common.h`` and ``gguf.quants`` read them):
-Q4_K ``d, dmin (f16), scales[12], qs[128]`` = 144; Q5_K ``d, dmin, scales[12], qh[32], qs[128]`` = 176;
+Q2_K ``scales[16], qs[64], d, dmin (f16)`` = 84; Q3_K ``hmask[32], qs[64], scales[12], d`` = 110;
+Q4_K ``d, dmin, scales[12], qs[128]`` = 144; Q5_K ``d, dmin, scales[12], qh[32], qs[128]`` = 176;
 Q6_K ``ql[128], qh[64], scales[16] (int8), d`` = 210.
 
 Example:
@@ -34,8 +34,10 @@ F32 = np.float32
 CHUNK_BLOCKS = 8192  # super-blocks quantized at once (2M values): bounds the temporary arrays
 
 
-def _make_qkx2_quants(x: Any, w: Any, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[Any, Any, Any]:
-    """``make_qkx2_quants`` (squared error) over columns: ``x``, ``w`` of shape ``(n, blocks)``.
+def _make_qkx2_quants(x: Any, w: Any, nmax: int, rmin: float, rdelta: float, nstep: int,
+                      use_mad: bool = False) -> tuple[Any, Any, Any]:
+    """``make_qkx2_quants`` over columns: ``x``, ``w`` of shape ``(n, blocks)``; squared error, or absolute with
+    ``use_mad``.
 
     Returns ``(scale, the_min, L)``: float32 ``(blocks,)``, float32 ``(blocks,)`` and levels ``(n, blocks)`` in
     ``0..nmax`` with ``x ~ scale * L - the_min``.
@@ -50,7 +52,7 @@ def _make_qkx2_quants(x: Any, w: Any, nmax: int, rmin: float, rdelta: float, nst
         scale = F32(1) / iscale
         levels = np.clip(np.rint(iscale * (x - mn)), 0, nmax).astype(F32)
         diff = scale * levels + mn - x
-        best = (w * (diff * diff)).sum(axis=0, dtype=F32)
+        best = (w * (np.abs(diff) if use_mad else diff * diff)).sum(axis=0, dtype=F32)
         for step in range(nstep + 1):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / (mx - mn)
             aux = np.rint(iscale * (x - mn))
@@ -66,7 +68,7 @@ def _make_qkx2_quants(x: Any, w: Any, nmax: int, rmin: float, rdelta: float, nst
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale).astype(F32)
             this_min = np.where(positive, F32(0), this_min).astype(F32)
             diff = this_scale * aux + this_min - x
-            error = (w * (diff * diff)).sum(axis=0, dtype=F32)
+            error = (w * (np.abs(diff) if use_mad else diff * diff)).sum(axis=0, dtype=F32)
             better = (det > 0) & (error < best) & ~flat
             levels = np.where(better, aux, levels)
             best = np.where(better, error, best)
@@ -108,6 +110,47 @@ def _make_qx_quants(x: Any, nmax: int) -> tuple[Any, Any]:
     scale = np.where(zero, F32(0), scale)
     levels = np.where(zero, F32(-nmax), levels)
     return scale, (levels + nmax).astype(np.uint8)
+
+
+def _make_q3_quants(x: Any, nmax: int) -> tuple[Any, Any]:
+    """``make_q3_quants`` with ``do_rmse`` over columns of ``x`` ``(n, blocks)``: ``(scale, L in 0..2*nmax-1)``.
+
+    The refinement visits the values of a sub-block one after the other, each step seeing the sums the previous
+    one left (as the C loop does), for all sub-blocks at once; a pass that changes nothing leaves the next pass
+    nothing to change, so running all 5 passes equals the C code's early ``break``.
+    """
+    columns = np.arange(x.shape[1])
+    mx = x[np.abs(x).argmax(axis=0), columns]
+    zero = np.abs(mx) < F32(1e-15)
+    mx = np.where(zero, F32(1), mx)
+    weights = x * x
+    with np.errstate(all="ignore"):
+        levels = np.clip(np.rint((F32(-nmax) / mx) * x), -nmax, nmax - 1).astype(F32)
+        sumlx = (weights * x * levels).sum(axis=0, dtype=F32)
+        suml2 = (weights * levels * levels).sum(axis=0, dtype=F32)
+        for _ in range(5):
+            for i in range(x.shape[0]):
+                w, xi, li = weights[i], x[i], levels[i]
+                slx = sumlx - w * xi * li
+                sl2 = suml2 - w * li * li
+                new = np.clip(np.nan_to_num(np.rint(xi * sl2 / slx)), -nmax, nmax - 1).astype(F32)
+                slx_new = slx + w * xi * new
+                sl2_new = sl2 + w * new * new
+                take = ((slx > 0) & (new != li) & (sl2_new > 0)
+                        & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new))
+                levels[i] = np.where(take, new, li)
+                sumlx = np.where(take, slx_new, sumlx).astype(F32)
+                suml2 = np.where(take, sl2_new, suml2).astype(F32)
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0)).astype(F32)
+    scale = np.where(zero, F32(0), scale)
+    levels = np.where(zero, F32(-nmax), levels)
+    return scale, (levels + nmax).astype(np.uint8)
+
+
+def _pack_2bit(levels: Any) -> Any:
+    """``qs[j/4 + l] = L[j+l] | L[j+l+32] << 2 | L[j+l+64] << 4 | L[j+l+96] << 6`` for levels ``(256, blocks)``."""
+    groups = levels.reshape(2, 4, 32, -1)
+    return (groups[:, 0] | (groups[:, 1] << 2) | (groups[:, 2] << 4) | (groups[:, 3] << 6)).reshape(64, -1)
 
 
 def _half(values: Any) -> tuple[Any, Any]:
@@ -199,11 +242,66 @@ def _q6_k(blocks: Any) -> Any:
     return out
 
 
-QUANTIZERS = {"Q4_K": (_q4_k, 144), "Q5_K": (_q5_k, 176), "Q6_K": (_q6_k, 210)}
+def _q2_k(blocks: Any) -> Any:
+    """``quantize_row_q2_K_ref``: 16 sub-blocks of 16, 4-bit scales and mins, 2-bit levels (84 bytes)."""
+    count = blocks.shape[0]
+    x = np.ascontiguousarray(blocks.reshape(count * 16, 16).T)
+    scales, mins, levels = _make_qkx2_quants(x, np.abs(x), 3, -0.5, 0.1, 15, use_mad=True)
+    scales, mins = scales.reshape(count, 16).T, mins.reshape(count, 16).T
+    max_scale = np.maximum(scales.max(axis=0), F32(0))
+    max_min = np.maximum(mins.max(axis=0), F32(0))
+    with np.errstate(all="ignore"):
+        ls = np.where(max_scale > 0, np.rint((F32(15) / max_scale) * scales), 0).astype(np.int32)
+        lm = np.where(max_min > 0, np.rint((F32(15) / max_min) * mins), 0).astype(np.int32)
+    packed = (ls.astype(np.uint8) | (lm << 4).astype(np.uint8))
+    d_half, d = _half(np.where(max_scale > 0, max_scale / F32(15), F32(0)).astype(F32))
+    dmin_half, dmin = _half(np.where(max_min > 0, max_min / F32(15), F32(0)).astype(F32))
+    sub_d = (d * (packed & 0xF).astype(F32)).T.reshape(-1)
+    sub_m = (dmin * (packed >> 4).astype(F32)).T.reshape(-1)
+    with np.errstate(all="ignore"):
+        fresh = np.clip(np.rint((x + sub_m) / sub_d), 0, 3)
+    levels = np.where(sub_d != 0, np.nan_to_num(fresh), levels).astype(np.uint8)
+    levels = levels.T.reshape(count, QK_K).T
+    return np.concatenate([packed, _pack_2bit(levels), d_half.view(np.uint8).reshape(-1, 2).T,
+                           dmin_half.view(np.uint8).reshape(-1, 2).T]).T
+
+
+def _q3_k(blocks: Any) -> Any:
+    """``quantize_row_q3_K_ref``: 16 sub-blocks of 16, signed 6-bit scales, 3-bit levels (110 bytes)."""
+    count = blocks.shape[0]
+    x = np.ascontiguousarray(blocks.reshape(count * 16, 16).T)
+    scales, levels = _make_q3_quants(x, 4)
+    scales = scales.reshape(count, 16).T
+    max_scale = scales[np.abs(scales).argmax(axis=0), np.arange(count)]
+    some = max_scale != 0
+    with np.errstate(all="ignore"):
+        iscale = np.where(some, F32(-32) / np.where(some, max_scale, F32(1)), F32(0)).astype(F32)
+        small = np.clip(np.rint(iscale * scales), -32, 31).astype(np.int32) + 32  # (16, blocks), 0..63
+        d_half, d = _half(np.where(some, F32(1) / iscale, F32(0)).astype(F32))
+    small = np.where(some, small, 0).astype(np.uint8)
+    packed = np.zeros((12, count), dtype=np.uint8)
+    packed[0:8] = (small[0:8] & 0xF) | ((small[8:16] & 0xF) << 4)
+    high = small >> 4  # (16, blocks): 2 bits each, byte 8 + j % 4, shift 2 * (j // 4)
+    for j in range(16):
+        packed[8 + j % 4] |= (high[j] << (2 * (j // 4))).astype(np.uint8)
+    sub_d = (d * (small.astype(np.int32) - 32).astype(F32)).T.reshape(-1)
+    with np.errstate(all="ignore"):
+        fresh = np.clip(np.rint(x / sub_d), -4, 3) + 4
+    levels = np.where(sub_d != 0, np.nan_to_num(fresh), levels).astype(np.uint8)
+    levels = levels.T.reshape(count, QK_K).T  # (256, blocks)
+    upper = levels > 3
+    hmask = (upper.reshape(8, 32, count).astype(np.uint8) << np.arange(8, dtype=np.uint8)[:, None, None]).sum(
+        axis=0, dtype=np.uint8)
+    levels = np.where(upper, levels - 4, levels).astype(np.uint8)
+    return np.concatenate([hmask, _pack_2bit(levels), packed, d_half.view(np.uint8).reshape(-1, 2).T]).T
+
+
+QUANTIZERS = {"Q2_K": (_q2_k, 84), "Q3_K": (_q3_k, 110), "Q4_K": (_q4_k, 144), "Q5_K": (_q5_k, 176),
+              "Q6_K": (_q6_k, 210)}
 
 
 def quantize_k(data: Any, type_name: str) -> Any:
-    """``data`` (float32, last dimension a multiple of 256) as packed ``Q4_K``/``Q5_K``/``Q6_K`` bytes.
+    """``data`` (float32, last dimension a multiple of 256) as packed ``Q2_K``...``Q6_K`` bytes.
 
     Returns a uint8 array of shape ``(*data.shape[:-1], data.shape[-1] // 256 * type_size)``, what
     ``gguf.GGUFWriter.add_tensor(..., raw_dtype=...)`` takes. Raises ``ValueError`` for another row size.

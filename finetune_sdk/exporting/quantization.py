@@ -12,8 +12,12 @@ Q4_K/Q5_K/Q6_K. The choice of type per tensor follows llama.cpp's ``convert_hf_t
 * the K mixes: the output matrix (or the tied embedding) at Q6_K (Q8_0 when its rows aren't a multiple of 256);
   with ``q4_k_m`` and ``q5_k_m`` the value projections (``attn_v``, or the fused ``attn_qkv``) and ``ffn_down`` of
   the first and last eighth of the layers and every third layer between get Q6_K (llama.cpp's ``use_more_bits``);
-  with ``q4_k_s`` the first 4 value projections and the first eighth of ``ffn_down`` get Q5_K. A row that isn't a
-  multiple of 256 falls back as llama.cpp does: Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0 (F16 below 32).
+  with ``q4_k_s`` the first 4 value projections and the first eighth of ``ffn_down`` get Q5_K; with ``q3_k_m``
+  the first 2 value projections Q5_K and the others Q4_K, ``ffn_down`` Q5_K in the first sixteenth of the layers
+  and Q4_K elsewhere, ``attn_output`` Q4_K; ``q3_k_l`` Q5_K for all three; ``q2_k`` Q3_K for ``ffn_down`` and
+  ``attn_output`` and for the value projections (Q4_K with 4 or more query heads per key head). A row that isn't a
+  multiple of 256 falls back as llama.cpp does: Q2_K/Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0 (F16
+  below 32).
 """
 
 from __future__ import annotations
@@ -37,11 +41,15 @@ QUANTIZATIONS: dict[str, tuple[str, str]] = {
     "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"),
     "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"),
     "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"),
+    "q3_k_l": ("Q3_K", "MOSTLY_Q3_K_L"),
+    "q3_k_m": ("Q3_K", "MOSTLY_Q3_K_M"),
+    "q3_k_s": ("Q3_K", "MOSTLY_Q3_K_S"),
+    "q2_k": ("Q2_K", "MOSTLY_Q2_K"),
 }
 LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")
-K_MIXES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s")
+K_MIXES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
 #: llama.cpp's ``tensor_type_fallback`` for a row that isn't a multiple of 256
-K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def check_quantization(quantization: str) -> str:
@@ -75,11 +83,41 @@ def _use_more_bits(layer: int, layers: int) -> bool:
     return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
+def _k_mix_type(name: str, quantization: str, wanted: str, *, value_index: int, value_total: int,
+                down_index: int, down_total: int, gqa: int) -> str:
+    """``llama_tensor_get_type_impl`` for a value projection, ``ffn_down`` or ``attn_output`` (no experts, no Falcon)."""
+    if "attn_v.weight" in name or "attn_qkv.weight" in name:
+        if quantization == "q2_k":
+            return "Q4_K" if gqa >= 4 else "Q3_K"
+        if quantization == "q3_k_m":
+            return "Q5_K" if value_index < 2 else "Q4_K"
+        if quantization == "q3_k_l":
+            return "Q5_K"
+        if quantization in ("q4_k_m", "q5_k_m") and _use_more_bits(value_index, value_total):
+            return "Q6_K"
+        if quantization == "q4_k_s" and value_index < 4:
+            return "Q5_K"
+    elif "ffn_down" in name:
+        if quantization == "q2_k":
+            return "Q3_K"
+        if quantization == "q3_k_m":
+            return "Q5_K" if down_index < down_total // 16 else "Q4_K"
+        if quantization == "q3_k_l":
+            return "Q5_K"
+        if quantization in ("q4_k_m", "q5_k_m") and _use_more_bits(down_index, down_total):
+            return "Q6_K"
+        if quantization == "q4_k_s" and down_index < down_total // 8:
+            return "Q5_K"
+    elif "attn_output.weight" in name:
+        return {"q2_k": "Q3_K", "q3_k_m": "Q4_K", "q3_k_l": "Q5_K"}.get(quantization, wanted)
+    return wanted
+
+
 def tensor_types(shapes: list[tuple[str, tuple[int, ...]]], quantization: str) -> dict[str, Any]:
     """The ``GGMLQuantizationType`` of every tensor, given ``(gguf name, shape)`` in file order.
 
     See the module docstring for the rules; the counters of value projections and ``ffn_down`` run in file order,
-    as in ``llama_tensor_get_type``.
+    as in ``llama_tensor_get_type``; query heads per key head come from the first ``attn_q``/``attn_k`` shapes.
     """
     import gguf
 
@@ -89,6 +127,8 @@ def tensor_types(shapes: list[tuple[str, tuple[int, ...]]], quantization: str) -
     output_name = "token_embd.weight" if tied else "output.weight"
     value_total = sum(("attn_v.weight" in n or "attn_qkv.weight" in n) for n in names)
     down_total = sum("ffn_down" in n for n in names)
+    rows = {part: shape[0] for name, shape in shapes for part in ("attn_q.", "attn_k.") if f".{part}weight" in name}
+    gqa = rows["attn_q."] // rows["attn_k."] if len(rows) == 2 and rows["attn_k."] else 1
     value_index = down_index = 0
     chosen: dict[str, Any] = {}
     for name, shape in shapes:
@@ -102,18 +142,12 @@ def tensor_types(shapes: list[tuple[str, tuple[int, ...]]], quantization: str) -
         elif quantization in K_MIXES:
             if name == output_name:
                 wanted = types.Q8_0 if shape[-1] % 256 else types.Q6_K
-            elif "attn_v.weight" in name or "attn_qkv.weight" in name:
-                if quantization in ("q4_k_m", "q5_k_m") and _use_more_bits(value_index, value_total):
-                    wanted = types.Q6_K
-                elif quantization == "q4_k_s" and value_index < 4:
-                    wanted = types.Q5_K
-                value_index += 1
-            elif "ffn_down" in name:
-                if quantization in ("q4_k_m", "q5_k_m") and _use_more_bits(down_index, down_total):
-                    wanted = types.Q6_K
-                elif quantization == "q4_k_s" and down_index < down_total // 8:
-                    wanted = types.Q5_K
-                down_index += 1
+            else:
+                wanted = getattr(types, _k_mix_type(name, quantization, wanted.name, value_index=value_index,
+                                                    value_total=value_total, down_index=down_index,
+                                                    down_total=down_total, gqa=gqa))
+                value_index += "attn_v.weight" in name or "attn_qkv.weight" in name
+                down_index += "ffn_down" in name
             if shape[-1] % gguf.GGML_QUANT_SIZES[wanted][0] and wanted.name in K_FALLBACK:
                 wanted = getattr(types, K_FALLBACK[wanted.name])
         if shape[-1] % gguf.GGML_QUANT_SIZES[wanted][0]:
@@ -132,7 +166,7 @@ def encode(data: Any, qtype: Any) -> Any:
         return np.ascontiguousarray(data, dtype=np.float32)
     if qtype == types.F16:
         return np.ascontiguousarray(data, dtype=np.float16)
-    if qtype.name in ("Q4_K", "Q5_K", "Q6_K"):
+    if qtype.name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
         from finetune_sdk.exporting.kquants import quantize_k
 
         return quantize_k(data, qtype.name)
