@@ -81,3 +81,46 @@ def test_llama_cpp_generates_the_same_greedy_tokens(tmp_path, family, tokenizer_
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok(text, add_special_tokens=False)[
             "input_ids"], text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization,ftype", [("q4_k_m", "LLAMA_FTYPE_MOSTLY_Q4_K_M"),
+                                                ("q6_k", "LLAMA_FTYPE_MOSTLY_Q6_K")])
+def test_k_quants_equal_llama_model_quantize(tmp_path, quantization, ftype):
+    """llama.cpp's own quantizer on the f16 export against this SDK's K-quants of the same f16-rounded weights.
+
+    Not run on the build machine (llama-cpp-python isn't installed there). Tensor types must be the same; bytes may
+    differ in a few blocks where the compiled C code contracts ``a * b + c`` into one rounding (FMA) and a level
+    lands on the other side of a rounding boundary.
+    """
+    import ctypes
+
+    import gguf
+    import numpy as np
+
+    from finetune_sdk.exporting.gguf_file import write_gguf
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer, hidden_size=256).eval()
+    with torch.no_grad():  # what llama-quantize reads from an f16 file: f16 values
+        for parameter in model.parameters():
+            parameter.copy_(parameter.half().float())
+    write_gguf(model, tokenizer, tmp_path / "model-f16.gguf", quantization="f16")
+    write_gguf(model, tokenizer, tmp_path / "ours.gguf", quantization=quantization)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype)
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(tmp_path / "model-f16.gguf").encode(),
+                                          str(tmp_path / "theirs.gguf").encode(), ctypes.byref(params)) == 0
+    ours = {t.name: t for t in gguf.GGUFReader(tmp_path / "ours.gguf").tensors}
+    theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / "theirs.gguf").tensors}
+    assert {n: t.tensor_type.name for n, t in ours.items()} == {n: t.tensor_type.name for n, t in theirs.items()}
+    equal = total = 0
+    for name, tensor in ours.items():
+        if tensor.tensor_type.name.endswith("_K"):
+            block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type][1]
+            a = np.asarray(tensor.data).reshape(-1, block_bytes)
+            b = np.asarray(theirs[name].data).reshape(-1, block_bytes)
+            equal += int((a == b).all(axis=1).sum())
+            total += len(a)
+    assert total > 0 and equal / total >= 0.99, (equal, total)
