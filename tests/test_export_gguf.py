@@ -176,8 +176,9 @@ def test_bad_requests_are_one_line_errors_before_loading(tmp_path):
     result = _train(_base(tmp_path, "llama", "bpe"), tmp_path / "run")
     with pytest.raises(ConfigError, match="unknown GGUF quantization 'q4_k'"):
         finetune_sdk.export(result, tmp_path / "x", quantization="q4_k")
-    with pytest.raises(ConfigError, match="unknown GGUF quantization 'q3_k_l'"):
-        finetune_sdk.export(result, tmp_path / "x", quantization=["q4_k_m", "q3_k_l"])
+    with pytest.raises(ConfigError, match="unknown GGUF quantization 'iq4_xs'"):
+        finetune_sdk.export(result, tmp_path / "x", quantization=["q4_k_m", "iq4_xs"])
+    assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="format 'onnx'"):
         finetune_sdk.export(result, tmp_path / "x", format="onnx")
     user_folder = tmp_path / "mine"
