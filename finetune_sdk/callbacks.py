@@ -144,3 +144,72 @@ class CrashAtStep(TrainerCallback):
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class EventLogCallback(TrainerCallback):
+    """Appends the run's events to ``<output_dir>.run/events.jsonl`` (:mod:`finetune_sdk.run_events`): ``start``,
+    one ``log`` per logging step (with ``tokens_per_second`` over the steps since the previous line) and one
+    ``eval`` per evaluation. ``tokens_per_step`` is the estimate used when transformers counts no tokens (packing)."""
+
+    def __init__(self, log: Any, start: dict[str, Any], tokens_per_step: float) -> None:
+        self.log = log
+        self.start = start
+        self.tokens_per_step = tokens_per_step
+        self.last = (0.0, 0, 0)  # (time, step, tokens seen) at the previous log line
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.log.append({"event": "start", **self.start, "max_steps": state.max_steps, "step": state.global_step})
+        self.last = (time.perf_counter(), state.global_step, state.num_input_tokens_seen or 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if not logs or "train_runtime" in logs:  # the final summary: the ``end`` event carries the metrics
+            return
+        kind = "eval" if any(key.startswith("eval_") for key in logs) else "log"
+        event = {"event": kind, "step": state.global_step, "epoch": float(state.epoch or 0.0), **logs}
+        if kind == "log":
+            now, seen = time.perf_counter(), state.num_input_tokens_seen or 0
+            then, step, seen_then = self.last
+            tokens = seen - seen_then if seen > seen_then else (state.global_step - step) * self.tokens_per_step
+            event["tokens_per_second"] = tokens / max(now - then, 1e-9)
+            self.last = (now, state.global_step, seen)
+        self.log.append(event)
+
+
+class StopOnSignal(TrainerCallback):
+    """A clean stop on SIGTERM (the studio's Stop button, ``kill <pid>``): the step in progress ends, a checkpoint
+    is written (resumable with ``resume=True`` / ``--resume``) and training stops; the run engine then raises
+    :class:`~finetune_sdk.errors.RunStopped` instead of saving a result. The previous handler is restored at the end.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped_at: int | None = None
+        self.previous: Any = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        logger.warning("SIGTERM: stopping after this step and writing a checkpoint to resume from")
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None

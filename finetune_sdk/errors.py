@@ -71,6 +71,13 @@ def unknown_name_error(kind: str, name: str, available: Iterable[str]) -> Config
     )
 
 
+class RunStopped(FinetuneError):
+    """A run stopped on request (SIGTERM, the studio's Stop) after writing a resumable checkpoint; the CLI exits
+    with 143 (128 + SIGTERM), the status of a process ended by that signal."""
+
+    exit_code = 143
+
+
 class RegistryError(FinetuneError):
     """A registry operation that can't be done: unknown name or version, invalid name, remote failure."""
 

@@ -29,7 +29,7 @@ from finetune_sdk.errors import ConfigError, FinetuneError
 from finetune_sdk.manifest import MANIFEST_NAME
 
 #: The checkpoints of an interrupted stage of a sequential run (``output_dir/stage-<i>.checkpoints``).
-STAGE_CHECKPOINTS = re.compile(r"stage-\d+\.checkpoints")
+STAGE_CHECKPOINTS = re.compile(r"stage-\d+\.(checkpoints|run)")  # .run: its event log (finetune_sdk.run_events)
 
 logger = logging.getLogger("finetune_sdk")
 #: The kinds of scratch folders the SDK creates beside an output path (see :func:`scratch_dir`).

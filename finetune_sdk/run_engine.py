@@ -13,7 +13,7 @@ from typing import Any
 
 from finetune_sdk.errors import FinetuneError
 from finetune_sdk import varlen_attention
-from finetune_sdk.callbacks import CrashAtStep, PluginCallback, RichProgressCallback
+from finetune_sdk.callbacks import CrashAtStep, EventLogCallback, PluginCallback, RichProgressCallback, StopOnSignal
 from finetune_sdk.checkpoints import (checkpoints_dir, checkpointing_trainer_class, latest_checkpoint,
                                       remove_checkpoints)
 from finetune_sdk.chunked_loss import chunked_loss_trainer_class
@@ -209,13 +209,26 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
         if plan.resume:
             log.info("resuming from %s", resume_from) if resume_from else log.info(
                 "no complete checkpoint in %s: starting from the beginning", checkpoint_root)
+        events, facts = open_event_log(run, plan, precision, resume_from)
+        stop = StopOnSignal()
+        hf.add_callback(stop)
+        if events is not None:
+            hf.add_callback(EventLogCallback(events, facts, steps_tokens))
         previous_attention = varlen_attention.use(model, varlen_attention.ATTENTION_NAME) if plan.varlen else None
         try:
             with objective.while_training(model), saved_activations(precision, model):
                 output = hf.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except Exception as exc:
+            if events is not None:
+                events.append({"event": "failed", "step": hf.state.global_step, "error": str(exc).splitlines()[0]
+                               if str(exc) else type(exc).__name__})
+            raise
         finally:
+            stop.restore()
             if previous_attention is not None:
                 varlen_attention.use(model, previous_attention)
+        if stop.stopped_at is not None:
+            stopped_run(run, events, stop.stopped_at, checkpoint_root)
         whole = hf.whole_run_metrics(output)  # a resumed run: loss and seconds of every part, not the last only
         runtime = whole["train_runtime"]
         tokens_seen = hf.state.num_input_tokens_seen or round(encoded.tokens * (hf.state.epoch or 0.0))
@@ -252,10 +265,46 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
             save_trainable_state(unwrap(model), plan.state_path)
         save_result(run.output_dir, run.technique, unwrap(model), tokenizer, log_history, manifest)
         remove_checkpoints(checkpoint_root)  # the result is complete: nothing left to resume
+        if events is not None:
+            from finetune_sdk.run_events import peak_memory
+
+            events.append({"event": "end", "step": metrics["train_steps"], "metrics": metrics,
+                           "peak_memory": peak_memory()})
+            events.close()
     context.step = metrics["train_steps"]
     run.host.notify("on_train_end", context=context, metrics=metrics)
     log.info("saved %s result to %s", run.technique.name, run.output_dir)
     return FitResult(output_dir=run.output_dir, metrics=metrics, manifest=manifest, log_history=log_history)
+
+
+def open_event_log(run: RunSpec, plan: TrainingPlan, precision: Any,
+                   resume_from: Path | None) -> tuple[Any, dict[str, Any]]:
+    """The run's :class:`~finetune_sdk.run_events.EventLog` (main process only, else ``None``; a resumed run
+    appends to its log) and its ``start`` facts: model, plugins, device, precision, memory estimate, options."""
+    from finetune_sdk.manifest import scrub
+    from finetune_sdk.run_events import EventLog, describe_device
+
+    if not is_main_process():
+        return None, {}
+    log = EventLog(run.output_dir, fresh=resume_from is None).open()
+    return log, {
+        "resumed_from": str(resume_from) if resume_from else None,
+        "pid": os.getpid(), "model": run.source.id, "technique": run.technique.name,
+        "quantizer": run.quantizer.name if run.quantizer else None, "formatter": plan.formatter_name,
+        "objective": plan.objective, "device": describe_device(), "precision": precision.describe(),
+        "estimated_memory": plan.estimated_memory, "options": scrub(dict(run.options))}
+
+
+def stopped_run(run: RunSpec, events: Any, step: int, checkpoint_root: Path) -> None:
+    """After a SIGTERM stop: record it and raise :class:`~finetune_sdk.errors.RunStopped` (no result is saved)."""
+    from finetune_sdk.errors import RunStopped
+
+    checkpoint = latest_checkpoint(checkpoint_root)
+    if events is not None:
+        events.append({"event": "stopped", "step": step, "checkpoint": str(checkpoint) if checkpoint else None})
+        events.close()
+    raise RunStopped(f"stopped at step {step} on request (SIGTERM); checkpoint {checkpoint}: continue with "
+                     f"resume=True (finetune train ... --output-dir {run.output_dir} --resume)")
 
 
 def evaluate_plan(run: RunSpec, plan: TrainingPlan, loaded: Any) -> dict[str, Any]:

@@ -54,6 +54,8 @@ class FinetuneGroup(click.Group):
             with known_dependency_messages():  # a dependency's harmless import chatter never joins the one line
                 return super().invoke(ctx)
         except FinetuneError as exc:
-            raise UserError(str(exc)) from None
+            error = UserError(str(exc))
+            error.exit_code = getattr(exc, "exit_code", UserError.exit_code)  # RunStopped: 143
+            raise error from None
         except click.UsageError as exc:
             raise short_usage_error(exc) from None
