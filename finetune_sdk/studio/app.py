@@ -214,13 +214,14 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
     async def advise(request: Request) -> Any:
         body = await request.json()
         model = confine.check(body.get("model") or "")
-        rows = None
+        rows, data = None, "train.jsonl"
         if body.get("data"):
             from finetune_sdk.data import load_rows
 
-            rows = len(load_rows(str(confine.check(body["data"]))))
+            data = str(confine.check(body["data"]))
+            rows = len(load_rows(data))
         return await asyncio.to_thread(forms.advice_for, model, body.get("technique") or "lora",
-                                       body.get("quantizer") or None, body.get("options") or {}, rows)
+                                       body.get("quantizer") or None, body.get("options") or {}, rows, data)
 
     # -- the registry -------------------------------------------------------------------------------------------
     from finetune_sdk.studio import registry_view

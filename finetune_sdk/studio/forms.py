@@ -145,7 +145,7 @@ def preview_rows(model: Path, data: Path, formatter: str | None, technique: str 
 
 
 def advice_for(model: Path, technique: str, quantizer: str | None, options: dict[str, Any],
-               rows: int | None) -> dict[str, Any]:
+               rows: int | None, data: str = "train.jsonl") -> dict[str, Any]:
     """The advisor's recommendation for ``model`` and the memory estimate of the chosen settings (bytes)."""
     from finetune_sdk.advisor import advise
     from finetune_sdk.memory import estimate_for_options, estimated_technique
@@ -167,5 +167,5 @@ def advice_for(model: Path, technique: str, quantizer: str | None, options: dict
     return {"recommended": {"technique": advice.technique, "quantizer": advice.quantizer,
                             "options": advice.options, "fits": advice.fits,
                             "memory": format_bytes(advice.estimate.total), "reasons": advice.reasons,
-                            "command": advice.command(str(model))},
+                            "command": advice.command(str(model), data)},
             "chosen": chosen}

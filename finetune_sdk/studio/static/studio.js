@@ -154,6 +154,7 @@ function fieldRow(label, input, name, help) {
   const lab = el("label", {for: "f-" + name}, label);
   input.id = "f-" + name; input.name = name;
   row.append(lab, input, el("span", {class: "field-error", "data-for": name}));
+  input.addEventListener("input", () => showFieldError(name, ""));  // a stale message goes once the value changes
   if (help) row.append(el("small", {class: "help"}, help));
   return row;
 }
@@ -175,7 +176,8 @@ function formValues() {
   const form = document.getElementById("run-form");
   const get = (n) => (form.elements[n] ? form.elements[n].value.trim() : "");
   const options = {};
-  for (const input of form.querySelectorAll("[data-option]")) {
+  for (const input of form.querySelectorAll("[data-option]")) {  // only what the user set: the rest stays default
+    if (input.dataset.changed !== "1") continue;
     const v = input.type === "checkbox" ? (input.indeterminate ? "" : String(input.checked)) : input.value.trim();
     if (v !== "") options[input.name] = v;
   }
@@ -197,25 +199,37 @@ async function newRunPage() {
     fieldRow("technique", select(schema.data.techniques, "lora"), "technique"),
     fieldRow("quantizer", select(schema.data.quantizers, "", "(the technique's)"), "quantizer"),
     fieldRow("formatter", select(schema.data.formatters, "", "(detect from the columns)"), "formatter"));
-  const more = el("details"); more.append(el("summary", {}, "more options"));
+  const shown = el("div", {id: "options-shown"}), more = el("details");
+  more.append(el("summary", {}, "more options"));
+  const rows = [];
   for (const f of schema.data.fields) {
     let input;
     if (f.type === "bool") { input = el("input", {type: "checkbox"}); input.indeterminate = f.default === null; input.checked = !!f.default;
       input.addEventListener("change", () => { input.indeterminate = false; }); }
-    else if (f.choices) input = select(f.choices.map(String), String(f.default));
+    else if (f.choices) input = select(f.choices.map(String), "", `(default: ${f.default})`);
     else input = el("input", {type: "text", placeholder: f.default === null ? "" : String(f.default)});
     input.setAttribute("data-option", f.type);
-    const scope = f.group === "training" ? "" : ` (${f.group})`;
+    const scope = f.group === "training" ? "" : ` (${f.plugins.join(", ")})`;
     const row = fieldRow(f.name, input, f.name, f.help + (f.range ? ` [${f.range}]` : "") + scope);
+    input.addEventListener("input", () => { input.dataset.changed = "1"; });
     input.addEventListener("change", async () => {
+      input.dataset.changed = "1";
       const value = input.type === "checkbox" ? String(input.checked) : input.value.trim();
       if (value === "") { showFieldError(f.name, ""); return; }
       const r = await api("POST", "/api/validate", {name: f.name, value});
       showFieldError(f.name, r.data.error);
     });
-    (f.common ? box : more).append(row);
+    rows.push([f, row]);
   }
-  box.append(more);
+  // the common training options and those of the chosen technique and quantizer first, the rest folded away
+  const place = () => {
+    const chosen = [box.querySelector("#f-technique").value, box.querySelector("#f-quantizer").value];
+    for (const [f, row] of rows) (f.common || f.plugins.some((p) => chosen.includes(p)) ? shown : more).append(row);
+  };
+  box.append(shown, more);
+  place();
+  box.querySelector("#f-technique").addEventListener("change", place);
+  box.querySelector("#f-quantizer").addEventListener("change", place);
   const message = document.getElementById("form-message");
   document.getElementById("run-form").addEventListener("submit", async (e) => {
     e.preventDefault();
