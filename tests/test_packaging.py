@@ -54,3 +54,15 @@ def test_plugins_refuse_a_top_level_import(monkeypatch):
     module = importlib.util.module_from_spec(spec)
     with pytest.raises(ImportError, match="finetune_sdk.plugins"):
         spec.loader.exec_module(module)
+
+
+def test_the_studios_static_files_ship_in_the_wheel():
+    import fnmatch
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    patterns = data["finetune_sdk.studio"]
+    static = [p.relative_to(ROOT / "finetune_sdk" / "studio").as_posix()
+              for p in (ROOT / "finetune_sdk" / "studio" / "static").iterdir()]
+    assert {"static/studio.js", "static/studio.css"} <= set(static)
+    missing = [f for f in static if not any(fnmatch.fnmatch(f, pattern) for pattern in patterns)]
+    assert not missing, f"add these to [tool.setuptools.package-data] finetune_sdk.studio: {missing}"
