@@ -136,3 +136,25 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_continues_the_same_log(run_c
     steps = [e["step"] for e in events if e["event"] == "log"]
     assert steps[-1] == 12 and sorted(set(steps)) == list(range(1, 13))
     assert (out / "adapter_model.safetensors").is_file() and not checkpoints_dir(out).exists()
+
+
+def test_the_objectives_own_metrics_and_evaluations_become_events(tmp_path):
+    from types import SimpleNamespace
+
+    from finetune_sdk.callbacks import EventLogCallback
+
+    out = tmp_path / "dpo"
+    state = SimpleNamespace(global_step=0, max_steps=4, epoch=0.0, num_input_tokens_seen=0)
+    with EventLog(out, fresh=True) as log:
+        callback = EventLogCallback(log, {"objective": "dpo"}, tokens_per_step=100.0)
+        callback.on_train_begin(None, state, None)
+        state.global_step, state.epoch = 2, 0.5
+        callback.on_log(None, state, None, logs={"loss": 0.69, "rewards/margins": 0.25, "rewards/accuracies": 0.5,
+                                                 "learning_rate": 1e-4, "grad_norm": 0.3})
+        callback.on_log(None, state, None, logs={"eval_loss": 0.6, "eval_reward_margin": 0.4})
+        callback.on_log(None, state, None, logs={"train_runtime": 1.0, "train_loss": 0.7})  # the summary: skipped
+    start, step, evaluation = read_events(events_path(out))
+    assert start["event"] == "start" and start["objective"] == "dpo" and start["max_steps"] == 4
+    assert step["event"] == "log" and step["rewards/margins"] == 0.25 and step["rewards/accuracies"] == 0.5
+    assert step["tokens_per_second"] > 0 and step["epoch"] == 0.5  # 2 steps x 100 tokens over the elapsed time
+    assert evaluation == {**evaluation, "event": "eval", "step": 2, "eval_loss": 0.6, "eval_reward_margin": 0.4}

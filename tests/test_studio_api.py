@@ -185,13 +185,16 @@ def test_preview_marks_learnt_and_masked_tokens_and_advice_estimates_memory(clie
     assert bad.status_code == 400 and "instruction" in bad.json()["error"]
 
 
-def test_registry_overview_alias_and_verify_use_the_registry(client, tmp_path):
+def test_registry_overview_alias_and_verify_use_the_registry(client, tmp_path, work):
     from finetune_sdk.registry import Registry
 
     result = tmp_path / "result"
     result.mkdir()
+    metrics = {"train_loss": 1.25, "train_runtime": 3.5, "train_steps": 7}
     (result / "finetune_manifest.json").write_text(json.dumps({"format_version": 1, "technique": "lora",
-                                                               "metrics": {"train_loss": 1.25}}))
+                                                               "metrics": metrics}))
+    with EventLog(tmp_path / "runs" / "behind", fresh=True) as log:  # the run this result came from
+        log.append({"event": "end", "step": 7, "metrics": metrics})
     (result / "adapter_model.safetensors").write_bytes(b"weights")
     registry = Registry(tmp_path / "registry")
     registry.publish(result, "adder", aliases=["staging"])
@@ -201,6 +204,10 @@ def test_registry_overview_alias_and_verify_use_the_registry(client, tmp_path):
     assert [v["ref"] for v in adapter["versions"]] == ["adder@1", "adder@2"]
     assert data["edges"] == [["adder@1", "adder@2"]] and adapter["versions"][0]["aliases"] == ["staging"]
     assert adapter["versions"][1]["train_loss"] == 1.25
+    assert adapter["versions"][0]["run"] is None  # the studio's runs folder doesn't hold it
+    other = TestClient(create_app(tmp_path / "runs", work, token=TOKEN, registry_home=tmp_path / "registry"))
+    assert [v["run"] for v in other.get("/api/registry", headers=H).json()["adapters"][0]["versions"]] == \
+        ["behind", "behind"]
     moved = client.post("/api/registry/alias", headers=H, json={"ref": "adder@2", "alias": "production"}).json()
     assert moved["ref"] == "adder@2" and registry.resolve("adder@production").version == 2
     bad = client.post("/api/registry/alias", headers=H, json={"ref": "adder@2", "alias": "v3"})

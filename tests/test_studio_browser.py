@@ -186,6 +186,7 @@ def test_studio_in_a_browser(tmp_path):
             page.goto(base + "/registry")
             page.wait_for_selector('svg.lineage line[data-edge="adder@1->adder@2"]', state="attached")
             row = page.locator('tr[data-ref="adder@2"]')
+            assert row.locator("a.run-link").text_content() == "from-page"  # the run behind the version
             row.locator("input.alias").fill("production")
             row.locator("button.set-alias").click()
             page.wait_for_selector('tr[data-ref="adder@2"] >> text=production')

@@ -228,7 +228,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
 
     @app.get("/api/registry")
     def registry() -> dict[str, Any]:
-        return registry_view.overview(home)
+        return registry_view.overview(home, folder)
 
     @app.post("/api/registry/alias")
     async def set_alias(request: Request) -> dict[str, Any]:

@@ -28,14 +28,34 @@ def _version(v: Any) -> dict[str, Any]:
             "files": len(v.files)}
 
 
-def overview(home: Path) -> dict[str, Any]:
-    """Every adapter with its versions (oldest first) and the lineage edges ``[parent ref, child ref]``."""
+def _run_key(metrics: Any) -> tuple[Any, ...] | None:
+    if not isinstance(metrics, dict) or metrics.get("train_runtime") is None:
+        return None
+    return (metrics.get("train_runtime"), metrics.get("train_loss"), metrics.get("train_steps"))
+
+
+def runs_by_result(runs: Any) -> dict[tuple[Any, ...], str]:
+    """Finished runs of a :class:`~finetune_sdk.studio.runs.RunsFolder` by their result's (runtime, loss, steps):
+    a published version whose manifest has the same metrics came from that run."""
+    found = {}
+    for name in runs.names() if runs is not None else []:
+        events = runs.events(name)
+        if events and events[-1].get("event") == "end" and (key := _run_key(events[-1].get("metrics"))):
+            found[key] = name
+    return found
+
+
+def overview(home: Path, runs: Any = None) -> dict[str, Any]:
+    """Every adapter with its versions (oldest first) and the lineage edges ``[parent ref, child ref]``; with
+    ``runs`` (a RunsFolder), each version names the run it came from (``run``) when that run is in the folder."""
     from finetune_sdk.registry import Registry
 
     registry = Registry(home)
     adapters, edges = [], []
+    behind = runs_by_result(runs)
     for entry in registry.list():
-        versions = [_version(v) for v in registry.versions(entry["name"])]
+        versions = [{**_version(v), "run": behind.get(_run_key((v.manifest or {}).get("metrics")) or ())}
+                    for v in registry.versions(entry["name"])]
         adapters.append({**entry, "versions": versions})
         edges += [[v["parent"], v["ref"]] for v in versions if v["parent"]]
     return {"home": str(registry.home), "adapters": adapters, "edges": edges}

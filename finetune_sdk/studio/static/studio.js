@@ -284,11 +284,15 @@ async function registryPage() {
     section.append(el("h3", {}, a.name));
     const table = el("table", {class: "versions"});
     table.append(el("tr", {}, ""));
-    table.firstChild.append(...["ref", "created", "aliases", "tags", "parent", "technique", "train loss", "source", ""].map((h) => el("th", {}, h)));
+    table.firstChild.append(...["ref", "created", "aliases", "tags", "parent", "technique", "train loss", "run", ""].map((h) => el("th", {}, h)));
     for (const v of a.versions) {
       const tr = el("tr", {"data-ref": v.ref});
       for (const value of [v.ref, v.created, v.aliases.join(", "), v.tags.join(", "), v.parent || "", v.technique,
-        typeof v.train_loss === "number" ? v.train_loss.toFixed(4) : "", v.source || ""]) tr.append(el("td", {}, value));
+        typeof v.train_loss === "number" ? v.train_loss.toFixed(4) : ""]) tr.append(el("td", {}, value));
+      const run = el("td");
+      if (v.run) run.append(el("a", {href: "/runs/" + encodeURIComponent(v.run), class: "run-link"}, v.run));
+      else run.textContent = v.source || "";
+      tr.append(run);
       const actions = el("td"), verify = el("button", {class: "verify"}, "verify hashes"), result = el("span", {class: "verify-result"});
       verify.addEventListener("click", async () => {
         const res = await api("POST", "/api/registry/verify", {ref: v.ref});
@@ -325,7 +329,7 @@ function drawLineage(box, data) {
     const sub = document.createElementNS(SVG, "text"); sub.setAttribute("x", n.x); sub.setAttribute("y", n.y + 12);
     sub.setAttribute("text-anchor", "middle"); sub.setAttribute("class", "sub");
     const extra = n.v.federated ? "federated" : n.v.stage !== null && n.v.stage !== undefined ? `stage ${n.v.stage}` : n.v.technique || "";
-    sub.textContent = [extra, ...n.v.aliases].filter(Boolean).join(" · ");
+    sub.textContent = [extra, n.v.run ? "run " + n.v.run : "", ...n.v.aliases].filter(Boolean).join(" · ");
     g.append(rect, label, sub); svg.append(g);
   }
   box.replaceChildren(svg);
