@@ -85,11 +85,13 @@ def test_studio_in_a_browser(tmp_path):
     (root / "data").mkdir()
     rows = [*ROWS, {"prompt": "Show <b>bold</b> & <img src=x onerror=alert(1)>", "completion": "<i>text</i>"}]
     (root / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))
+    (root / "data" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[::9]))
     SHOTS.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cli_run = subprocess.Popen([sys.executable, "-m", "finetune_sdk", "train", "--model", "model", "--data",
-                                "data/train.jsonl", "--formatter", "chatml", "--max-steps", "40", "--logging-steps",
-                                "2", "--learning-rate", "0.02", "-o", "runs/from-cli"], cwd=root, env=env,
+                                "data/train.jsonl", "--eval-data", "data/eval.jsonl", "--eval-steps", "10",
+                                "--formatter", "chatml", "--max-steps", "40", "--logging-steps", "2",
+                                "--learning-rate", "0.02", "-o", "runs/from-cli"], cwd=root, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     studio, url = start_studio(root, registry)
     base = url.split("/?")[0]
@@ -180,6 +182,7 @@ def test_studio_in_a_browser(tmp_path):
             page.goto(base + "/")
             page.wait_for_selector('figure.chart[data-metric="loss"] polyline[data-run="from-cli"]')
             page.wait_for_selector('figure.chart[data-metric="loss"] polyline[data-run="from-page"]')
+            page.wait_for_selector('figure.chart[data-metric="eval_loss"][data-points="4"]')  # steps 10..40
             assert page.locator("td.status.finished").count() == 2
             page.screenshot(path=str(SHOTS / "runs.png"), full_page=True)
 

@@ -311,19 +311,20 @@ async function registryPage() {
 
 function drawLineage(box, data) {
   const nodes = {}, rowOf = {};
-  data.adapters.forEach((a, row) => a.versions.forEach((v, col) => { nodes[v.ref] = {x: 90 + col * 150, y: 40 + row * 80, v}; rowOf[v.ref] = row; }));
-  const W = Math.max(400, ...Object.values(nodes).map((n) => n.x + 90)), H = 40 + data.adapters.length * 80;
+  data.adapters.forEach((a, row) => a.versions.forEach((v, col) => { nodes[v.ref] = {x: 100 + col * 200, y: 40 + row * 80, v}; rowOf[v.ref] = row; }));
+  const W = Math.max(400, ...Object.values(nodes).map((n) => n.x + 100)), H = 40 + data.adapters.length * 80;
   const svg = document.createElementNS(SVG, "svg"); svg.setAttribute("viewBox", `0 0 ${W} ${H}`); svg.setAttribute("class", "lineage");
+  svg.setAttribute("width", W); svg.setAttribute("height", H);  // drawn at its own size: text stays 11px
   for (const [parent, child] of data.edges) {
     if (!nodes[parent] || !nodes[child]) continue;
     const line = document.createElementNS(SVG, "line");
-    for (const [k, v] of Object.entries({x1: nodes[parent].x + 55, y1: nodes[parent].y, x2: nodes[child].x - 55, y2: nodes[child].y})) line.setAttribute(k, v);
+    for (const [k, v] of Object.entries({x1: nodes[parent].x + 80, y1: nodes[parent].y, x2: nodes[child].x - 80, y2: nodes[child].y})) line.setAttribute(k, v);
     line.setAttribute("class", "edge"); line.setAttribute("data-edge", `${parent}->${child}`); svg.append(line);
   }
   for (const [ref, n] of Object.entries(nodes)) {
     const g = document.createElementNS(SVG, "g"); g.setAttribute("data-node", ref);
     const rect = document.createElementNS(SVG, "rect");
-    for (const [k, v] of Object.entries({x: n.x - 55, y: n.y - 20, width: 110, height: 40, rx: 6})) rect.setAttribute(k, v);
+    for (const [k, v] of Object.entries({x: n.x - 80, y: n.y - 20, width: 160, height: 40, rx: 6})) rect.setAttribute(k, v);
     const label = document.createElementNS(SVG, "text"); label.setAttribute("x", n.x); label.setAttribute("y", n.y - 3);
     label.setAttribute("text-anchor", "middle"); label.textContent = ref;
     const sub = document.createElementNS(SVG, "text"); sub.setAttribute("x", n.x); sub.setAttribute("y", n.y + 12);
