@@ -303,3 +303,20 @@ def test_a_run_started_here_is_its_own_process_stops_cleanly_and_resumes(client,
     assert events[[e["event"] for e in events].index("start", 1)]["resumed_from"] == stopped["checkpoint"]
     assert (work / "runs" / "api-run" / "adapter_model.safetensors").is_file()
     assert client.post("/api/runs/api-run/stop", headers=H).status_code == 400  # finished: nothing to stop
+
+
+def test_a_run_of_a_live_python_process_is_running_and_a_reused_pid_is_not(tmp_path, work):
+    import os
+
+    from finetune_sdk.studio.runs import RunsFolder
+
+    runs = RunsFolder(tmp_path / "runs")
+    with EventLog(tmp_path / "runs" / "from-python", fresh=True) as log:  # this pytest process: no "finetune" in argv
+        log.append({"event": "start", "pid": os.getpid(), "max_steps": 9})
+        log.append({"event": "log", "step": 1, "loss": 2.0})
+    with EventLog(tmp_path / "runs" / "reused", fresh=True) as log:  # an id now held by a process started later
+        log.append({"event": "start", "pid": os.getpid(), "max_steps": 9, "time": 1_000_000.0})
+    summaries = {s["name"]: s for s in runs.list()}
+    assert summaries["from-python"]["status"] == "running" and summaries["from-python"]["can_stop"]
+    assert summaries["reused"]["status"] == "interrupted" and not summaries["reused"]["can_stop"]
+    assert not summaries["reused"]["can_resume"]  # not started here: the CLI's --resume, as the message says

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -86,31 +87,29 @@ def check_options(values: dict[str, Any]) -> dict[str, str]:
     return errors
 
 
-def data_files(root: Path, limit: int = 200) -> list[str]:
-    """Data files (.jsonl, .json, .csv, .parquet) under ``root``, relative, hidden folders skipped."""
-    found = []
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or ".run" in path.parent.name:
-            continue
-        if path.suffix in DATA_SUFFIXES and path.is_file():
-            found.append(str(rel))
-            if len(found) >= limit:
-                break
+def _files(root: Path, visit: int = 20_000) -> list[Path]:
+    """Files under ``root`` (hidden folders and run areas skipped), at most ``visit`` looked at: a studio
+    started in a home folder stays quick."""
+    found: list[Path] = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not d.endswith((".run", ".checkpoints")))
+        found += [Path(folder) / n for n in sorted(names) if not n.startswith(".")]
+        if len(found) >= visit:
+            break
     return found
 
 
+def data_files(root: Path, limit: int = 200) -> list[str]:
+    """Data files (.jsonl, .json, .csv, .parquet) under ``root``, relative, hidden folders skipped."""
+    return [str(p.relative_to(root)) for p in _files(root) if p.suffix in DATA_SUFFIXES][:limit]
+
+
 def model_folders(root: Path, limit: int = 50) -> list[str]:
-    """Model folders under ``root`` (a ``config.json`` beside weights or a tokenizer), and ``.gguf`` files."""
-    found = []
-    for path in sorted(root.rglob("config.json")):
-        rel = path.parent.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if (path.parent / "tokenizer.json").is_file() or (path.parent / "tokenizer_config.json").is_file():
-            found.append(str(rel) if str(rel) != "." else ".")
-    found += [str(p.relative_to(root)) for p in sorted(root.rglob("*.gguf"))
-              if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    """Model folders under ``root`` (a ``config.json`` beside a tokenizer), and ``.gguf`` files."""
+    files = _files(root)
+    found = [str(p.parent.relative_to(root)) for p in files if p.name == "config.json" and
+             ((p.parent / "tokenizer.json").is_file() or (p.parent / "tokenizer_config.json").is_file())]
+    found += [str(p.relative_to(root)) for p in files if p.suffix == ".gguf"]
     return found[:limit]
 
 

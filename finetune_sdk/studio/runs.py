@@ -42,20 +42,32 @@ def check_name(name: str) -> str:
     return name
 
 
-def _alive(pid: int | None) -> bool:
-    """True when ``pid`` runs a finetune-sdk process (not a zombie, not a reused id of another program)."""
+def _started_at(pid: int) -> float | None:
+    """When process ``pid`` started (Unix seconds), from ``/proc``; ``None`` when it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    if stat[0] == "Z":
+        return None
+    return boot + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def _alive(pid: int | None, since: float | None = None) -> bool:
+    """True when ``pid`` runs and is the process that wrote at ``since`` (it started no later: a reused id of a
+    newer process is not the run). A run started by a Python script is found the same way as one of the CLI."""
     if not pid:
         return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+    if not Path("/proc/self/stat").exists():  # no /proc: the id alone
         try:
             os.kill(pid, 0)
         except (ProcessLookupError, PermissionError):
             return False
         return True
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z" and b"finetune" in cmdline
+    started = _started_at(pid)
+    return started is not None and (since is None or started <= since + 2.0)
 
 
 class RunsFolder:
@@ -95,11 +107,11 @@ class RunsFolder:
         launch = self.launch_record(name)
         starts = [e for e in events if e.get("event") == "start"]
         last = events[-1] if events else {}
-        if launch.get("started", 0) > last.get("time", 0) and _alive(launch.get("pid")):
+        if launch.get("started", 0) > last.get("time", 0) and _alive(launch.get("pid"), launch.get("started")):
             status, running = "starting", True  # launched (or resumed) here; loading before its start event
         elif last.get("event") in FINAL:
             status, running = FINAL[last["event"]], False
-        elif starts and _alive(starts[-1].get("pid")):
+        elif starts and _alive(starts[-1].get("pid"), starts[-1].get("time")):
             status, running = "running", True
         else:  # killed, or a launch that died before training (its Error: line is in output.log)
             status, running = ("interrupted" if starts else "failed" if launch else "interrupted"), False
@@ -161,8 +173,10 @@ class RunsFolder:
         if not summary["can_stop"]:
             raise ConfigError(f"run {name!r} is {summary['status']}, not running: nothing to stop")
         starts = [e for e in self.events(name) if e.get("event") == "start"]
-        pids = [starts[-1].get("pid") if starts else None, self.launch_record(name).get("pid")]
-        os.kill(int(next(p for p in pids if _alive(p))), signal.SIGTERM)
+        launch = self.launch_record(name)
+        candidates = [(starts[-1].get("pid"), starts[-1].get("time")) if starts else (None, None),
+                      (launch.get("pid"), launch.get("started"))]
+        os.kill(int(next(pid for pid, since in candidates if _alive(pid, since))), signal.SIGTERM)
         return {**summary, "status": "stopping"}
 
     def resume(self, name: str, cwd: Path) -> dict[str, Any]:
