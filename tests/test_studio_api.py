@@ -148,6 +148,11 @@ def test_start_refuses_bad_fields_with_messages_beside_each(client, work):
     assert fields["r"] == "option 'r' must be at least 1, got 0; LoRA rank"
     assert "did you mean 'lora'" not in fields["technique"] and "unknown technique 'lorra'" in fields["technique"]
     assert not (work / "runs" / "..").joinpath("escape.run").exists()
+    taken = client.post("/api/runs", headers=H, json={"name": "cli-run", "model": "model",
+                                                       "data": "data/train.jsonl"})
+    assert taken.status_code == 400 and "a run named 'cli-run' exists" in taken.json()["fields"]["name"]
+    assert client.post("/api/runs", headers=H, content=b"[1, 2").json() == \
+        {"error": "the request body must be a JSON object"}
 
 
 def test_paths_outside_the_folders_are_refused_symlinks_too(client, work, tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from urllib.parse import urlencode
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
         if given is not None and request.method == "GET":  # from the printed URL: cookie, then a clean URL
             if not token_matches(given, token):
                 return PlainTextResponse(REFUSED, status_code=401)
-            query = "&".join(f"{k}={v}" for k, v in request.query_params.multi_items() if k != "token")
+            query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
             response = RedirectResponse(request.url.path + (f"?{query}" if query else ""), status_code=303)
             response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
             return response
@@ -72,6 +73,15 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         return response
+
+    async def _body(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise FinetuneError("the request body must be a JSON object")
+        return body
 
     @app.exception_handler(FinetuneError)
     async def one_line(request: Request, exc: FinetuneError) -> Any:
@@ -112,11 +122,14 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
 
     @app.post("/api/runs")
     async def start_run(request: Request) -> Any:
-        body = await request.json()
+        body = await _body(request)
         args, errors = _train_args(body)
-        if errors:
-            return JSONResponse({"error": "some values can't be used", "fields": errors}, status_code=400)
-        return folder.start(str(body.get("name") or ""), args, root)
+        if not errors:
+            try:
+                return folder.start(str(body.get("name") or ""), args, root)
+            except FinetuneError as exc:  # the name is taken
+                errors["name"] = str(exc)
+        return JSONResponse({"error": "some values can't be used", "fields": errors}, status_code=400)
 
     def _train_args(body: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
         errors = forms.check_options(dict(body.get("options") or {}))
@@ -195,7 +208,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
 
     @app.post("/api/validate")
     async def validate(request: Request) -> dict[str, Any]:
-        body = await request.json()
+        body = await _body(request)
         return {"error": forms.check_field(str(body.get("name")), body.get("value"))}
 
     @app.get("/api/files")
@@ -204,7 +217,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
 
     @app.post("/api/preview")
     async def preview(request: Request) -> Any:
-        body = await request.json()
+        body = await _body(request)
         model, data = confine.check(body.get("model") or ""), confine.check(body.get("data") or "")
         result = await asyncio.to_thread(forms.preview_rows, model, data, body.get("formatter") or None,
                                          body.get("technique") or "lora", body.get("options") or {})
@@ -212,7 +225,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
 
     @app.post("/api/advise")
     async def advise(request: Request) -> Any:
-        body = await request.json()
+        body = await _body(request)
         model = confine.check(body.get("model") or "")
         rows, data = None, "train.jsonl"
         if body.get("data"):
@@ -232,12 +245,12 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
 
     @app.post("/api/registry/alias")
     async def set_alias(request: Request) -> dict[str, Any]:
-        body = await request.json()
+        body = await _body(request)
         return registry_view.set_alias(home, str(body.get("ref") or ""), str(body.get("alias") or ""))
 
     @app.post("/api/registry/verify")
     async def verify(request: Request) -> dict[str, Any]:
-        body = await request.json()
+        body = await _body(request)
         return await asyncio.to_thread(registry_view.verify, home, str(body.get("ref") or ""))
 
     return app
