@@ -210,9 +210,7 @@ def sample_answers(model: Any, prompt: str, count: int, *, seed: int, max_new_to
     with the torch generator seeded by ``seed``; the caller's random state is put back afterwards."""
     import torch
 
-    options: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}
-    if temperature > 0:  # top_k/top_p stay as the model's generation config sets them
-        options["temperature"] = temperature
+    options = answer_options(max_new_tokens=max_new_tokens, temperature=temperature)
     with torch.random.fork_rng(devices=_cuda_devices(torch)):
         torch.manual_seed(seed)
         answers = model.generate([prompt] * count, **options)
@@ -232,6 +230,28 @@ def _record_fields(model: Any, model_ref: str | None, rater: str | None, max_new
     fields["sampling"] = {"do_sample": temperature > 0, "temperature": float(temperature),
                           "max_new_tokens": max_new_tokens, "seed": seed}
     return fields
+
+
+def answer_options(*, max_new_tokens: int, temperature: float) -> dict[str, Any]:
+    """The ``generate`` arguments a rating session samples its answers with: ``temperature`` (greedy at 0); the
+    rest (``top_k``, ``top_p``, a ``repetition_penalty``) is the model's own generation config, as when chatting.
+
+    >>> answer_options(max_new_tokens=16, temperature=0.8)
+    {'do_sample': True, 'max_new_tokens': 16, 'temperature': 0.8}
+    """
+    options: dict[str, Any] = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens}
+    if temperature > 0:
+        options["temperature"] = temperature
+    return options
+
+
+def answer_settings(model: Any, *, max_new_tokens: int, temperature: float) -> dict[str, Any]:
+    """The settings the answers of a rating session are actually drawn with (the model's generation config under
+    :func:`answer_options`, the SDK's stop ids; :meth:`~finetune_sdk.inference.LoadedModel.generation_settings`), as
+    a JSON-ready dict to record with the ratings; a model without ``generation_settings`` gives the options alone."""
+    options = answer_options(max_new_tokens=max_new_tokens, temperature=temperature)
+    settings = getattr(model, "generation_settings", None)
+    return settings(**options) if callable(settings) else options
 
 
 def _cuda_devices(torch: Any) -> list[int]:

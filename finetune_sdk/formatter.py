@@ -152,3 +152,17 @@ class Formatter:
             'chatml'
         """
         return None
+
+    def end_of_turn(self, tokenizer: Any) -> list[str]:
+        """The token strings that end the model's answer in this format: generation stops at them (besides EOS
+        and the model's ``generation_config.eos_token_id``; see :func:`finetune_sdk.stop_tokens.stop_token_ids`).
+
+        Default: the tokenizer's EOS, which is what a format that ends its answer with EOS needs. A format that
+        ends a turn with its own marker declares it (ChatML: ``["<|im_end|>"]``; the chat template: the marker its
+        template puts after an answer). A string that is not one token of the vocabulary is ignored.
+
+        >>> tok = type("Tok", (), {"eos_token": "</s>"})()
+        >>> Formatter().end_of_turn(tok)
+        ['</s>']
+        """
+        return [tokenizer.eos_token] if getattr(tokenizer, "eos_token", None) else []

@@ -2,8 +2,10 @@
 arXiv:2402.03300, section 4.1).
 
 Each training step takes ``per_device_train_batch_size`` prompts and, for each, samples a group of
-``num_generations`` completions from the current policy (``temperature``, at most ``max_completion_length`` tokens,
-no top-k/top-p truncation). The rewards (:mod:`finetune_sdk.rewards`) are summed per completion (weighted by
+``num_generations`` completions from the current policy (at most ``max_completion_length`` tokens, ending at the
+model's end of turn: :func:`~finetune_sdk.stop_tokens.stop_token_ids`), from the distribution the run's sampling
+options state and nothing else (TRL's ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``; all
+off by default; the base's ``generation_config.json`` is not merged in: :mod:`finetune_sdk.sampling`). The rewards (:mod:`finetune_sdk.rewards`) are summed per completion (weighted by
 ``reward_weights``) and normalised within the group, ``A_i = (r_i - mean(r)) / (std(r) + 1e-4)``, and the policy
 minimises, per completion token,
 
@@ -11,7 +13,8 @@ minimises, per completion token,
     rho = pi(o_t) / pi_old(o_t),   KL_t = pi_ref(o_t) / pi(o_t) - log(pi_ref(o_t) / pi(o_t)) - 1
 
 (the unbiased k3 estimator of KL(pi || pi_ref)), averaged over each completion's tokens, then over completions.
-Log-probabilities are those of the sampling distribution (logits divided by ``temperature``), as in TRL.
+Log-probabilities are those of the sampling distribution: logits divided by ``temperature``, as in TRL, and, when
+stated, the repetition penalty and the top-k/top-p/min-p truncation replayed (TRL leaves the truncation out).
 ``num_iterations`` optimizer steps (PPO's mu, TRL's name; default 1) are taken on each sampled group: the sampler
 repeats each step's prompts that many times and the groups are kept between them. ``pi_old`` is the policy that
 sampled, so at the first step ``rho`` is 1 and the clip does nothing; at the later ones ``rho`` measures how far the
@@ -49,6 +52,8 @@ from finetune_sdk.errors import ConfigError, DataError
 from finetune_sdk.grpo_loss import (ADVANTAGE_EPS, ReferenceWeights, RepeatedStepSampler, completion_logps,
                                     group_advantages, grpo_loss)
 from finetune_sdk.rewards import Reward, score_completions
+from finetune_sdk.sampling import SamplingSettings, only_these_settings
+from finetune_sdk.stop_tokens import stop_token_ids
 
 if TYPE_CHECKING:
     from finetune_sdk.objectives import TrainingInputs
@@ -62,19 +67,28 @@ logger = logging.getLogger("finetune_sdk")
 
 @dataclass(frozen=True)
 class GRPOSettings:
-    """GRPO's options (TRL's ``GRPOConfig`` names)."""
+    """GRPO's options (TRL's ``GRPOConfig`` names); ``sampling`` holds the sampling options (temperature, top_p,
+    top_k, min_p, repetition_penalty) and ``stop_ids`` the ids a completion ends at (empty: the tokenizer's and
+    model's, :func:`~finetune_sdk.stop_tokens.stop_token_ids`)."""
 
     num_generations: int = 8
     max_completion_length: int = 256
     beta: float = 0.04
-    temperature: float = 1.0
     epsilon: float = 0.2
     num_iterations: int = 1
+    sampling: SamplingSettings = SamplingSettings()
+    stop_ids: tuple[int, ...] = ()
+
+    @property
+    def temperature(self) -> float:
+        return self.sampling.temperature
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> GRPOSettings:
-        return cls(int(options["num_generations"]), int(options["max_completion_length"]), float(options["beta"]),
-                   float(options["temperature"]), float(options["epsilon"]), int(options.get("num_iterations") or 1))
+    def from_options(cls, options: Mapping[str, Any], stop_ids: Sequence[int] = ()) -> GRPOSettings:
+        return cls(num_generations=int(options["num_generations"]),
+                   max_completion_length=int(options["max_completion_length"]), beta=float(options["beta"]),
+                   epsilon=float(options["epsilon"]), num_iterations=int(options.get("num_iterations") or 1),
+                   sampling=SamplingSettings.from_options(options), stop_ids=tuple(stop_ids))
 
 
 def encode_prompts(rows: Rows, formatter: Any, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
@@ -141,23 +155,22 @@ def left_padded(sequences: Sequence[Sequence[int]], pad_token_id: int, device: A
 
 def sample_completions(model: Any, prompt_ids: Sequence[Sequence[int]], tokenizer: Any, settings: GRPOSettings,
                        *, greedy: bool = False) -> SampledGroup:
-    """One completion per prompt in ``prompt_ids`` (repeat a prompt to get a group): sampled at ``temperature``
-    from the full distribution, or greedy. Draws from torch's global RNG (saved in every checkpoint)."""
+    """One completion per prompt in ``prompt_ids`` (repeat a prompt to get a group): sampled from the distribution
+    ``settings.sampling`` states and nothing else (the model's ``generation_config.json`` is not merged in:
+    :func:`~finetune_sdk.sampling.only_these_settings`), or greedy; each ends at the first of ``settings.stop_ids``.
+    Draws from torch's global RNG (saved in every checkpoint)."""
     import torch
-
-    from finetune_sdk.inference import _stop_ids
 
     device = next(model.parameters()).device
     ids, mask = left_padded(prompt_ids, tokenizer.pad_token_id, device)
-    stop = _stop_ids(tokenizer)
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": settings.temperature,
-                                                     "top_k": 0, "top_p": 1.0}
+    stop = list(settings.stop_ids) or stop_token_ids(tokenizer, model)
+    config = settings.sampling.generation_config(max_new_tokens=settings.max_completion_length, stop_ids=stop,
+                                                 pad_token_id=tokenizer.pad_token_id, greedy=greedy)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_completion_length,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop, **sampling)
+        with torch.no_grad(), only_these_settings(model, config):
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     finally:
         model.train(was_training)
     completion = out[:, ids.shape[1]:]
@@ -203,7 +216,7 @@ def score_group(policy: Any, inputs: Mapping[str, Any], tokenizer: Any, settings
     scored = ScoredGroup(group, per_source, total, advantages, group_std, names)
     if reference is not None and settings.beta:
         with reference.active(policy), torch.no_grad():
-            scored.ref_logps = completion_logps(policy, group, settings.temperature)
+            scored.ref_logps = completion_logps(policy, group, settings.sampling)
     return scored
 
 
@@ -255,7 +268,8 @@ def evaluate_prompts(model: Any, plan: TrainingPlan, name: str, tokenizer: Any,
     from finetune_sdk.rewards import reward_weights
 
     return {**greedy_rewards(model, encoded.examples, tokenizer, run_rewards(plan, options),
-                             GRPOSettings.from_options(options), options["per_device_eval_batch_size"],
+                             GRPOSettings.from_options(options, stop_token_ids(tokenizer, model, plan.formatter)),
+                             options["per_device_eval_batch_size"],
                              reward_weights(options)),
             **scored_rows(len(encoded.examples), encoded.dropped)}
 
@@ -267,7 +281,7 @@ def grpo_training_inputs(run: RunSpec, plan: TrainingPlan, model: Any, tokenizer
     from finetune_sdk.objectives import ListDataset, TrainingInputs
     from finetune_sdk.rewards import reward_weights
 
-    settings = GRPOSettings.from_options(run.options)
+    settings = GRPOSettings.from_options(run.options, stop_token_ids(tokenizer, model, plan.formatter))
     rewards = run_rewards(plan, run.options)
     reference = ReferenceWeights(model) if settings.beta else None
     if settings.num_iterations > 1 and run.options["save_steps"] % settings.num_iterations:
@@ -295,7 +309,7 @@ def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], refere
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             scored = self._scored_group(self.accelerator.unwrap_model(model), inputs)
-            logps = completion_logps(model, scored.group, settings.temperature)
+            logps = completion_logps(model, scored.group, settings.sampling)
             if scored.old_logps is None:  # the first step on these samples: the policy is the one that sampled
                 scored.old_logps = logps.detach()
             loss, kl, held = grpo_loss(logps, scored.old_logps, scored.ref_logps, scored.advantages,

@@ -7,23 +7,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from finetune_sdk.sampling import SamplingSettings
+
 ADVANTAGE_EPS = 1e-4
 
 
-def completion_logps(model: Any, group: Any, temperature: float) -> Any:
+def completion_logps(model: Any, group: Any, sampling: SamplingSettings | float) -> Any:
     """``[N, C]`` log-probabilities of the completion tokens of ``group`` (a :class:`~finetune_sdk.grpo.SampledGroup`)
-    under ``model`` (logits divided by ``temperature``:
-    the distribution they were sampled from); positions follow the attention mask, as in generation."""
+    under ``model``, in the distribution they were sampled from: ``sampling``'s processors replayed on the logits
+    (:meth:`~finetune_sdk.sampling.SamplingSettings.logps`; a float is a temperature alone); positions follow the
+    attention mask, as in generation."""
     import torch
 
+    if not isinstance(sampling, SamplingSettings):
+        sampling = SamplingSettings(temperature=float(sampling))
     input_ids = torch.cat([group.prompt_ids, group.completion_ids], dim=1)
     attention = torch.cat([group.prompt_mask, group.completion_mask], dim=1)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     width = group.completion_ids.shape[1]
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions).logits
-    logits = logits[:, -width - 1:-1].float() / temperature
-    targets = group.completion_ids.unsqueeze(-1)
-    return torch.gather(logits, 2, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return sampling.logps(logits[:, -width - 1:-1], group.prompt_ids, group.prompt_mask, group.completion_ids)
 
 
 def group_advantages(rewards: Any, group_size: int) -> tuple[Any, Any]:

@@ -11,7 +11,9 @@ from finetune_sdk.data import load_rows
 from finetune_sdk.encoding import Collator, encode_causal, encode_classification, encode_plain, encode_segments
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.formatter import CLASSIFICATION, HEAD_TASKS, REWARD, Formatter, Segment
+from finetune_sdk.sampling import chat_generation_config, only_these_settings, settings_summary
 from finetune_sdk.scoring import require_rows, scored_rows
+from finetune_sdk.stop_tokens import stop_token_ids
 
 
 class LoadedModel:
@@ -50,12 +52,42 @@ class LoadedModel:
             segments = self.formatter.prompt_segments(prompt, self.tokenizer, self.options)
         return encode_segments(segments, self.tokenizer, None)["input_ids"]
 
+    def stop_ids(self) -> list[int]:
+        """The token ids :meth:`generate` stops at: the model's ``generation_config.eos_token_id`` (an int or a list),
+        the tokenizer's EOS and the formatter's end of turn (:func:`finetune_sdk.stop_tokens.stop_token_ids`)."""
+        return stop_token_ids(self.tokenizer, self.model, self.formatter)
+
+    def generation_config(self, *, max_new_tokens: int = 64, do_sample: bool = False,
+                          **generate_kwargs: Any) -> Any:
+        """The complete ``transformers.GenerationConfig`` :meth:`generate` uses with these arguments: the model's own
+        generation config (its chat defaults) under the call's settings, the SDK's stop ids and ``max_new_tokens``
+        winning (:func:`finetune_sdk.sampling.chat_generation_config`)."""
+        return chat_generation_config(self.model, stop_ids=self.stop_ids(), pad_token_id=self.tokenizer.pad_token_id,
+                                      max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)[0]
+
+    def generation_settings(self, *, max_new_tokens: int = 64, do_sample: bool = False,
+                            **generate_kwargs: Any) -> dict[str, Any]:
+        """The settings that shape the answers :meth:`generate` gives with these arguments, as a JSON-ready dict
+        (``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``..., ``stop_token_ids``; the
+        sampling ones only when sampling): what a rating session records with its ratings.
+
+        Example:
+            >>> model.generation_settings(do_sample=True, temperature=0.8)["top_k"]  # doctest: +SKIP
+            50
+        """
+        return settings_summary(self.generation_config(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                                       **generate_kwargs))
+
     def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 64, raw: bool = False,
                  do_sample: bool = False, batch_size: int = 8, **generate_kwargs: Any) -> Any:
         """Generate an answer per prompt; returns a list (or one string when given one string).
 
-        Greedy by default (deterministic); pass ``do_sample=True, temperature=...`` to sample. Progress (new
-        tokens of each batch) is reported through :func:`finetune_sdk.progress.activity`.
+        Greedy by default (deterministic); pass ``do_sample=True, temperature=...`` to sample. The model's own
+        ``generation_config`` (its authors' chat defaults, e.g. a ``repetition_penalty``; ``top_k``/``top_p`` when
+        sampling) applies under the call's keyword arguments, as in transformers; the answer stops at the model's end
+        of turn (:meth:`stop_ids`) and after ``max_new_tokens`` whatever the model's file says
+        (:meth:`generation_config`, :meth:`generation_settings`). Progress (new tokens of each batch) is reported
+        through :func:`finetune_sdk.progress.activity`.
         """
         from finetune_sdk.progress import activity
 
@@ -92,10 +124,11 @@ class LoadedModel:
             input_ids[i, width - len(ids):] = torch.tensor(ids)
             attention[i, width - len(ids):] = 1
         device = _device_of(self.model)
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-                do_sample=do_sample, pad_token_id=tok.pad_token_id, eos_token_id=_stop_ids(tok), **generate_kwargs)
+        config, other = chat_generation_config(self.model, stop_ids=self.stop_ids(), pad_token_id=tok.pad_token_id,
+                                               max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
+        with torch.no_grad(), only_these_settings(self.model, config):
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                      generation_config=config, **other)
         return [tok.decode(row, skip_special_tokens=True).strip() for row in out[:, width:]]
 
     # -- classification and rewards ------------------------------------------------------------------------
@@ -305,12 +338,3 @@ class _StepCounter:
 
 def _device_of(model: Any) -> Any:
     return next(model.parameters()).device
-
-
-def _stop_ids(tokenizer: Any) -> list[int]:
-    """EOS plus ChatML's end-of-turn marker when it is a single token."""
-    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in stop:
-        stop.append(im_end)
-    return stop

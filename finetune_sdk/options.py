@@ -163,6 +163,14 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
     Option("beta", float, 0.04, "GRPO: weight of the KL penalty to the reference (the policy when GRPO starts; "
            "0: no reference)", minimum=0),
     Option("temperature", float, 1.0, "GRPO: sampling temperature of the completions", exclusive_minimum=0),
+    Option("top_p", float, 1.0, "GRPO: nucleus sampling, keep the most likely tokens up to this probability "
+           "(1: off; the loss scores the truncated distribution)", exclusive_minimum=0, maximum=1),
+    Option("top_k", int, 0, "GRPO: sample from the k most likely tokens only (0: off; the loss scores the "
+           "truncated distribution)", minimum=0),
+    Option("min_p", float, None, "GRPO: drop tokens below min_p times the top token's probability (off unless "
+           "set; the loss scores the truncated distribution)", minimum=0, maximum=1),
+    Option("repetition_penalty", float, 1.0, "GRPO: penalty on tokens of the prompt and the completion so far (1: "
+           "off; > 1 repeats less; the loss scores the penalised distribution)", exclusive_minimum=0),
     Option("epsilon", float, 0.2, "GRPO: clip range of the probability ratio (PPO's epsilon)", exclusive_minimum=0,
            exclusive_maximum=1),
     Option("num_iterations", int, 1, "GRPO: optimizer steps on each sampled group (PPO's mu); > 1 reuses the "

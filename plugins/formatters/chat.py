@@ -9,6 +9,7 @@ from finetune_sdk.errors import DataError
 from finetune_sdk.encoding import encode_run
 from finetune_sdk.formatter import Formatter, Segment, literal_format
 from finetune_sdk.plugins.formatters.template_rendering import TemplateRendering
+from finetune_sdk.stop_tokens import template_end_of_turn
 
 ROLES = ("system", "user", "assistant")
 
@@ -106,6 +107,10 @@ class ChatMLFormatter(ChatFormatter):
         eos = tokenizer.eos_token or ""
         return "<|im_end|>" if eos == "<|im_end|>" else "<|im_end|>" + eos
 
+    def end_of_turn(self, tokenizer: Any) -> list[str]:
+        """``<|im_end|>`` ends an answer (the EOS trained after it stops generation too)."""
+        return ["<|im_end|>"]
+
     def segments(self, row, tokenizer, options):
         segments: list[Segment] = []
         prompt: list[Segment] = []
@@ -138,6 +143,11 @@ class ChatTemplateFormatter(ChatFormatter):
 
     name: ClassVar[str] = "chat-template"
     description: ClassVar[str] = "the tokenizer's own chat template over a messages list"
+
+    def end_of_turn(self, tokenizer: Any) -> list[str]:
+        """The marker the template puts after an answer (Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``...;
+        :func:`~finetune_sdk.stop_tokens.template_end_of_turn`), else EOS."""
+        return template_end_of_turn(tokenizer) or super().end_of_turn(tokenizer)
 
     def _template(self, tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         if not getattr(tokenizer, "chat_template", None):

@@ -29,6 +29,10 @@ class ChatAnswers:
         """The format of the chat formatter the prompts are rendered with (the template's, or ChatML)."""
         return self._chat(tokenizer).chat_format(tokenizer, options)
 
+    def end_of_turn(self, tokenizer: Any) -> list[str]:
+        """The end of turn of the chat format the answers are rendered in (chat template or ChatML)."""
+        return self._chat(tokenizer).end_of_turn(tokenizer)
+
 
 class PreferenceFormatter(ChatAnswers, Formatter):
     """A prompt with a preferred and a dispreferred answer; rendered with the tokenizer's chat template (or ChatML

@@ -36,3 +36,7 @@ class PromptFormatter(Formatter):
     def chat_format(self, tokenizer: Any, options: Mapping[str, Any]) -> Any:
         """The format of the chat formatter the prompts are rendered with (the template's, or ChatML)."""
         return self._chat(tokenizer).chat_format(tokenizer, options)
+
+    def end_of_turn(self, tokenizer: Any) -> list[str]:
+        """Where the policy's answer ends: the chat format's end of turn (chat template or ChatML)."""
+        return self._chat(tokenizer).end_of_turn(tokenizer)
