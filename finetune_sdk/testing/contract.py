@@ -30,6 +30,7 @@ from finetune_sdk.testing.light import heavy_imports
 from finetune_sdk.testing.special_tokens import (TOKENIZER_VARIANTS, content_with_specials, ends_with_one_eos,
                                                  inject_special_tokens, variant_tokenizer)
 from finetune_sdk.testing.tiny import save_tiny_model, tiny_tokenizer
+from finetune_sdk.testing.turns import TURN_FORMATS, trained_end_of_turn, turn_tokenizer
 
 CAUSAL_ROWS = [{"prompt": f"what is {w}?", "completion": f"{w} is a {c}."}
                for w, c in [("red", "colour"), ("cat", "animal"), ("blue", "colour"), ("dog", "animal"),
@@ -384,3 +385,31 @@ class FormatterContract:
         """A function making a row of this formatter from a role/content message list (two answers), for the
         two-turn round trip; None: a ``messages`` row when the formatter takes one. Override it for other columns."""
         return None
+
+    @pytest.mark.parametrize("chat_format", list(TURN_FORMATS))
+    def test_generation_stops_at_the_end_of_turn(self, chat_format: str) -> None:
+        """The token the formatter trains to end an answer (else its declared :meth:`Formatter.end_of_turn`) is a stop
+        id, and ``generate()`` stops there: a model scripted to say two words and that token, over and over, answers
+        the two words. Run with tokenizers whose turn ends with ``<|eot_id|>`` (Llama 3), ``<end_of_turn>`` (Gemma),
+        ``<|end|>`` (Phi-3) and ``<|im_end|>`` (ChatML), EOS being another token."""
+        from finetune_sdk.inference import LoadedModel
+        from finetune_sdk.stop_tokens import single_token_id
+        from finetune_sdk.testing.turns import plain_token_ids, scripted_model
+
+        formatter = self.formatter()
+        if formatter.task in (CLASSIFICATION, REWARD):
+            return
+        tokenizer = turn_tokenizer(chat_format)
+        try:
+            end = trained_end_of_turn(formatter, tokenizer)
+        except DataError:
+            pytest.skip(f"{self.name} does not take this tokenizer ({chat_format})")
+        declared = [i for i in (single_token_id(tokenizer, t) for t in formatter.end_of_turn(tokenizer)) if i is not None]
+        end = end if end is not None else (declared or [tokenizer.eos_token_id])[0]
+        first, second = plain_token_ids(tokenizer, 2)
+        model = scripted_model(tokenizer, {first: second, second: end}, default=first)
+        loaded = LoadedModel(model, tokenizer, task=formatter.task, formatter=formatter, options={"max_length": 256})
+        assert end in loaded.stop_ids(), \
+            f"{tokenizer.convert_ids_to_tokens(end)} ends the answer but is no stop id: declare it in end_of_turn()"
+        expected = tokenizer.decode([first, second, end], skip_special_tokens=True).strip()
+        assert loaded.generate("hello there", max_new_tokens=9) == expected, "generation ran past the end of turn"

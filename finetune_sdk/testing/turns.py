@@ -104,3 +104,13 @@ def scripted_model(tokenizer: Any, script: Mapping[int, int], default: int) -> A
             embed[token, direction] = 1.0
             head[script[token], direction] = 10.0
     return model.eval()
+
+
+def trained_end_of_turn(formatter: Any, tokenizer: Any) -> int | None:
+    """The id of the first special token the formatter trains after its example's answer begins (the end of turn
+    the model learns to say), or ``None`` when the example trains no special token (prompt-only formatters)."""
+    from finetune_sdk.encoding import IGNORE_INDEX, encode_segments
+
+    encoded = encode_segments(formatter.segments(formatter.example, tokenizer, {"max_length": 512}), tokenizer, None)
+    special = set(tokenizer.all_special_ids)
+    return next((label for label in encoded["labels"] if label != IGNORE_INDEX and label in special), None)
