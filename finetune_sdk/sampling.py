@@ -176,9 +176,12 @@ def chat_generation_config(model: Any, *, stop_ids: Sequence[int], pad_token_id:
               "pad_token_id": pad_token_id, "min_length": 0, "min_new_tokens": None}
     settings = {k: v for k, v in generate_kwargs.items() if hasattr(config, k)}
     config.update(**{**chosen, **settings})
-    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
-    if defaults is not None:
-        config.update(**defaults(), defaults_only=True)
+    if not config.do_sample:  # greedy: the sampling-only settings don't apply (and would be warned about)
+        for name in DISTRIBUTION_FIELDS[:7]:
+            setattr(config, name, None)
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", lambda: {})()
+    config.update(**{k: defaults[k] for k in ("do_sample", *DISTRIBUTION_FIELDS) if k in defaults},
+                  defaults_only=True)
     return config, {k: v for k, v in generate_kwargs.items() if k not in settings}
 
 

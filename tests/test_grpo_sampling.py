@@ -147,8 +147,10 @@ def test_sampling_options_are_checked_before_the_model_loads(tmp_path, option, v
 
 def test_the_manifest_records_the_sampling_options(twin_models, tmp_path):
     plain, _ = twin_models
-    result = Trainer(plain, technique="lora", formatter="prompt", output_dir=tmp_path / "run",
-                     reward_funcs=["length"] if False else [lambda prompts, completions, **c: [0.0] * len(completions)],
+    def nothing(prompts, completions, **columns):
+        return [0.0] * len(completions)
+
+    result = Trainer(plain, technique="lora", formatter="prompt", output_dir=tmp_path / "run", reward_funcs=[nothing],
                      top_k=5, repetition_penalty=1.1, **{**FAST, "max_steps": 1}).fit(TRAIN[:4])
     options = result.manifest["options"]
     assert (options["top_k"], options["top_p"], options["min_p"], options["repetition_penalty"]) == (5, 1.0, None, 1.1)
