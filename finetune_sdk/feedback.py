@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -152,7 +152,9 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
                      + (f" ({len(prompt_list) - len(pending)} already rated)" if len(pending) < len(prompt_list)
                         else ""))
         if pending:
-            session.record = _record_fields(model, model_ref, rater, max_new_tokens, temperature, seed)
+            session.record = _record_fields(model, model_ref, rater, max_new_tokens, temperature, seed,
+                                            answer_settings(loaded, max_new_tokens=max_new_tokens,
+                                                            temperature=temperature))
             session.run(pending, lambda prompt, number, count: sample_answers(
                 loaded, prompt, count, seed=prompt_seed(seed, prompt, number), max_new_tokens=max_new_tokens,
                 temperature=temperature))
@@ -221,14 +223,15 @@ def sample_answers(model: Any, prompt: str, count: int, *, seed: int, max_new_to
 
 
 def _record_fields(model: Any, model_ref: str | None, rater: str | None, max_new_tokens: int, temperature: float,
-                   seed: int) -> dict[str, Any]:
-    """The fields every row of the session carries besides ``rated_at`` (:mod:`finetune_sdk.rating_record`)."""
+                   seed: int, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The fields every row of the session carries besides ``rated_at`` (:mod:`finetune_sdk.rating_record`);
+    ``sampling`` holds the settings the answers are actually drawn with (:func:`answer_settings`)."""
     from finetune_sdk.rating_record import model_reference
 
     fields: dict[str, Any] = {"rater": rater} if rater is not None else {}
     fields["model"] = model_reference(model, model_ref)
     fields["sampling"] = {"do_sample": temperature > 0, "temperature": float(temperature),
-                          "max_new_tokens": max_new_tokens, "seed": seed}
+                          "max_new_tokens": max_new_tokens, **(settings or {}), "seed": seed}
     return fields
 
 

@@ -11,9 +11,10 @@ The fields (all optional; the ``kto``, ``preference`` and chat formatters ignore
   registry reference (an alias such as ``@production`` resolved to the version it pointed at), ``manifest_sha256``
   (the hash of the result's ``finetune_manifest.json``, which differs for every training run) for a result folder or
   registry version; only ``ref`` for a base model. A model passed as an object records the ``model_ref`` given.
-* ``sampling``: the generation settings of the answers: ``do_sample``, ``temperature``, ``max_new_tokens`` and the
-  session ``seed`` (with the prompt and its occurrence it gives the answers again: :func:`~finetune_sdk.feedback.
-  prompt_seed`).
+* ``sampling``: the generation settings of the answers: ``do_sample``, ``temperature``, ``max_new_tokens``, the
+  settings of the model's own generation config that were on (``top_k``, ``top_p``, ``repetition_penalty``...) and
+  the ``stop_token_ids`` (:func:`~finetune_sdk.feedback.answer_settings`), and the session ``seed`` (with the prompt
+  and its occurrence it gives the answers again: :func:`~finetune_sdk.feedback.prompt_seed`).
 """
 
 from __future__ import annotations

@@ -186,19 +186,32 @@ def chat_generation_config(model: Any, *, stop_ids: Sequence[int], pad_token_id:
 
 
 def settings_summary(config: Any) -> dict[str, Any]:
-    """The settings of ``config`` that shape the answers (:data:`DISTRIBUTION_FIELDS` that are set; the sampling
-    ones only when it samples), with ``do_sample`` and the ``stop_token_ids``, as a JSON-ready dict: what a rating
-    session records beside the ratings it collects.
+    """The settings of ``config`` that shape the answers, as a JSON-ready dict: ``do_sample``, ``temperature`` (when
+    sampling), ``max_new_tokens``, each other :data:`DISTRIBUTION_FIELDS` setting that is on (not unset, not at its
+    "off" value: ``top_p`` 1, ``top_k`` 0, ``repetition_penalty`` 1...; the sampling ones only when it samples),
+    and the ``stop_token_ids``: what a rating session records beside the ratings it collects.
 
     >>> from transformers import GenerationConfig
-    >>> settings_summary(GenerationConfig(do_sample=False, temperature=0.7, repetition_penalty=1.05, eos_token_id=2))
-    {'do_sample': False, 'repetition_penalty': 1.05, 'stop_token_ids': [2]}
+    >>> settings_summary(GenerationConfig(do_sample=False, temperature=0.7, repetition_penalty=1.05, top_p=1.0,
+    ...                                   max_new_tokens=64, eos_token_id=2))
+    {'do_sample': False, 'max_new_tokens': 64, 'repetition_penalty': 1.05, 'stop_token_ids': [2]}
     """
-    fields = DISTRIBUTION_FIELDS if config.do_sample else DISTRIBUTION_FIELDS[7:]
     summary: dict[str, Any] = {"do_sample": bool(config.do_sample)}
-    summary.update({name: getattr(config, name) for name in fields if getattr(config, name, None) is not None})
+    if config.do_sample and config.temperature is not None:
+        summary["temperature"] = config.temperature
+    if config.max_new_tokens is not None:
+        summary["max_new_tokens"] = config.max_new_tokens
+    for name in DISTRIBUTION_FIELDS if config.do_sample else DISTRIBUTION_FIELDS[7:]:
+        value = getattr(config, name, None)
+        if name not in summary and value is not None and value != _OFF.get(name) and value != []:
+            summary[name] = value
     summary["stop_token_ids"] = _as_list(config.eos_token_id)
     return summary
+
+
+#: The value of each setting at which it changes nothing.
+_OFF: dict[str, Any] = {"top_k": 0, "top_p": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                        "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "num_beams": 1, "min_new_tokens": 0}
 
 
 def _as_list(value: Any) -> list[int]:

@@ -160,7 +160,7 @@ def test_user_facing_generate_keeps_the_models_chat_defaults_but_the_sdks_stop_a
     """A rating session or a chat gets the model's own repetition_penalty (and top_k when sampling) under the
     call's settings; the model's min_new_tokens/min_length and max_length never hold back the end of turn or cut
     max_new_tokens; generation_settings reports what generate used."""
-    from finetune_sdk.feedback import answer_settings
+    from finetune_sdk.feedback import answer_settings, collect_feedback
     from finetune_sdk.inference import LoadedModel
     from finetune_sdk.plugin_manager import get_plugin_host
     from finetune_sdk.testing.turns import plain_token_ids, scripted_model
@@ -180,8 +180,11 @@ def test_user_facing_generate_keeps_the_models_chat_defaults_but_the_sdks_stop_a
     assert greedy["do_sample"] is False and greedy["repetition_penalty"] == 1.05 and "top_k" not in greedy
     assert greedy["max_new_tokens"] == 10 and greedy["stop_token_ids"] == [tok.eos_token_id, end]
     sampled = answer_settings(loaded, max_new_tokens=16, temperature=0.8)
-    assert (sampled["do_sample"], sampled["temperature"], sampled["top_k"], sampled["repetition_penalty"]) == \
-        (True, 0.8, 7, 1.05)
+    out = tmp_path / "ratings.jsonl"  # the rows of a rating session record them
+    collect_feedback(loaded, ["hello"], out, max_new_tokens=16, ask=lambda prompt, answers: True)
+    assert sampled == {"do_sample": True, "temperature": 0.8, "max_new_tokens": 16, "top_k": 7,
+                       "repetition_penalty": 1.05, "stop_token_ids": [tok.eos_token_id, end]}
+    assert json.loads(out.read_text())["sampling"] == {**sampled, "seed": 0}
     model.generation_config.top_k = None  # no top_k of its own: transformers' default, 50, is what samples
     assert answer_settings(loaded, max_new_tokens=16, temperature=0.8)["top_k"] == 50
     assert model.generation_config.min_new_tokens == 6  # the model's own file is left as it was

@@ -21,7 +21,8 @@ from finetune_sdk.ratings_file import KTO_ROWS, PREFERENCE_ROWS, SFT_ROWS
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 PROMPTS = ["what is 1 plus 2?", "what is 2 plus 2?", "what is 3 plus 1?", "what is 0 plus 3?"]
-SAMPLING = {"do_sample": True, "temperature": 0.8, "max_new_tokens": 6, "seed": 0}
+SAMPLING = {"do_sample": True, "temperature": 0.8, "max_new_tokens": 6, "top_k": 50, "stop_token_ids": [2, 5],
+            "seed": 0}  # the tiny model sets no top_k: transformers samples with its default, 50
 
 
 def rows(path: Path) -> list[dict]:
