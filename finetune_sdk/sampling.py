@@ -16,6 +16,10 @@ top-p, min-p) replayed on every position of one forward pass. TRL divides the lo
 the truncation (its ratio then carries the kept mass; TRL issue 6789); here the truncation is replayed, as
 NeMo RL and prime-rl do. A sampled token the replay would drop (a float tie at the top-p/top-k boundary, or a policy
 or reference that no longer keeps it) keeps its logit, so log-probabilities stay finite (prime-rl's rule).
+
+User-facing generation (chat, comparisons, rating sessions) is the other case: :func:`chat_generation_config` keeps
+the model's own generation config, its authors' chat defaults, under the call's settings, the SDK's stop ids and
+length winning; :func:`settings_summary` says what that config samples with, for the rows of a rating session.
 """
 
 from __future__ import annotations
