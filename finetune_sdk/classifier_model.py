@@ -20,9 +20,9 @@ class ClassifierModel(nn.Module):
         torch.Size([1, 3])
     """
 
-    #: The loss is a mean over the batch (``num_items_in_batch`` isn't used): transformers then divides it by the
-    #: gradient accumulation steps itself.
-    accepts_loss_kwargs = False
+    #: transformers passes ``num_items_in_batch`` (the labelled examples of the whole optimizer step): the loss is
+    #: the micro-batch's summed cross-entropy divided by it, so gradient accumulation trains as the bigger batch.
+    accepts_loss_kwargs = True
 
     def __init__(self, backbone: Any, num_labels: int, pooling: str, pad_token_id: int | None) -> None:
         super().__init__()
@@ -59,9 +59,27 @@ class ClassifierModel(nn.Module):
         return self.pool(out.last_hidden_state, attention_mask).float()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                **_: Any) -> Any:
+                num_items_in_batch: Any = None, **_: Any) -> Any:
         from transformers.modeling_outputs import SequenceClassifierOutput
 
         logits = self.head(self.features(input_ids, attention_mask).to(self.head.weight.dtype))
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=classification_loss(logits, labels, num_items_in_batch), logits=logits)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor | None, num_items_in_batch: Any = None) -> Any:
+    """Cross-entropy of ``[batch, classes]`` logits against ``[batch]`` class ids: the mean over the batch, or the sum
+    divided by ``num_items_in_batch`` (the optimizer step's labelled examples, under gradient accumulation) when
+    given, as transformers' causal-LM loss does with tokens; None without labels.
+
+    >>> import torch
+    >>> float(classification_loss(torch.zeros(2, 2), torch.tensor([0, 1]), num_items_in_batch=4))  # 2 log 2 / 4
+    0.3465735912322998
+    """
+    if labels is None:
+        return None
+    if num_items_in_batch is None:
+        return nn.functional.cross_entropy(logits, labels)
+    total = nn.functional.cross_entropy(logits, labels, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch

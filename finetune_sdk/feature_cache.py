@@ -146,17 +146,20 @@ def head_model(classifier: Any) -> Any:
     from torch import nn
     from transformers.modeling_outputs import SequenceClassifierOutput
 
+    from finetune_sdk.classifier_model import classification_loss
+
     class HeadOnly(nn.Module):
-        accepts_loss_kwargs = False  # a mean loss: transformers divides it by the accumulation steps
+        accepts_loss_kwargs = True  # the loss is normalised by the step's num_items_in_batch (accumulation)
 
         def __init__(self, head: nn.Linear) -> None:
             super().__init__()
             self.head = head
 
-        def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None, **_: Any) -> Any:
+        def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None, num_items_in_batch: Any = None,
+                    **_: Any) -> Any:
             logits = self.head(features.to(self.head.weight.dtype))
-            loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-            return SequenceClassifierOutput(loss=loss, logits=logits)
+            return SequenceClassifierOutput(loss=classification_loss(logits, labels, num_items_in_batch),
+                                            logits=logits)
 
     return HeadOnly(classifier.head)
 

@@ -50,7 +50,7 @@ from finetune_sdk.data import Rows
 from finetune_sdk.encoding import Encoded, encode_segments
 from finetune_sdk.errors import ConfigError, DataError
 from finetune_sdk.grpo_loss import (ADVANTAGE_EPS, ReferenceWeights, RepeatedStepSampler, completion_logps,
-                                    group_advantages, grpo_loss)
+                                    group_advantages, grpo_loss, grpo_loss_terms)
 from finetune_sdk.rewards import Reward, score_completions
 from finetune_sdk.sampling import SamplingSettings, only_these_settings
 from finetune_sdk.stop_tokens import stop_token_ids
@@ -220,6 +220,30 @@ def score_group(policy: Any, inputs: Mapping[str, Any], tokenizer: Any, settings
     return scored
 
 
+def score_step(policy: Any, micro_batches: Sequence[Mapping[str, Any]], tokenizer: Any, settings: GRPOSettings,
+               rewards: Sequence[Reward], weights: Sequence[float] | None,
+               reference: ReferenceWeights | None) -> list[ScoredGroup]:
+    """The groups of one optimizer step: its prompts (every collated micro-batch) sampled in one call (TRL's
+    generation batch: ``per_device_train_batch_size x gradient_accumulation_steps`` prompts), scored and normalised
+    within each group, then cut back into one :class:`ScoredGroup` per micro-batch (a group never straddles two);
+    the reference's log-probs are computed a micro-batch at a time. Batch ``b`` with ``k`` accumulation steps thus
+    samples, scores and trains exactly as batch ``k*b``."""
+    import torch
+
+    from finetune_sdk.grpo_loss import split_rows
+
+    prompts = {key: [value for batch in micro_batches for value in batch[key]]
+               for key in ("prompt_ids", "prompts", "columns")}
+    sizes = [len(batch["prompt_ids"]) * settings.num_generations for batch in micro_batches]
+    parts = split_rows(score_group(policy, prompts, tokenizer, settings, rewards, weights, None), sizes,
+                       settings.num_generations)
+    if reference is not None and settings.beta:
+        with reference.active(policy), torch.no_grad():
+            for part in parts:
+                part.ref_logps = completion_logps(policy, part.group, settings.sampling)
+    return parts
+
+
 def group_columns(columns: Sequence[Mapping[str, Any]], repeat: int) -> dict[str, list[Any]]:
     """Per-row columns as ``{column: [value per completion]}``, each row's values repeated ``repeat`` times."""
     names = sorted({k for row in columns for k in row})
@@ -303,38 +327,62 @@ def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], refere
     importing this module stays light)."""
     from transformers import Trainer as HFTrainer
 
-    class GRPOTrainer(HFTrainer):
-        # the loss is a mean over the micro-batch's completions: transformers divides it by the accumulation steps
-        loss_is_scaled_for_ga = False
+    from finetune_sdk.accumulation import StepBatch, step_batch_trainer_class
+
+    class GRPOTrainer(step_batch_trainer_class(HFTrainer)):  # type: ignore[misc]
+        def examples_in(self, batch):
+            return len(batch["prompt_ids"]) * settings.num_generations  # completions: the loss's unit
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            scored = self._scored_group(self.accelerator.unwrap_model(model), inputs)
+            step = self.current_step(model) or StepBatch([inputs], self.examples_in(inputs))
+            scored = self._scored_step(self.accelerator.unwrap_model(model), step)[step.current]
             logps = completion_logps(model, scored.group, settings.sampling)
             if scored.old_logps is None:  # the first step on these samples: the policy is the one that sampled
                 scored.old_logps = logps.detach()
-            loss, kl, held = grpo_loss(logps, scored.old_logps, scored.ref_logps, scored.advantages,
-                                       scored.group.completion_mask, settings.beta, settings.epsilon)
-            self._record(scored, kl, held)
+            terms = grpo_loss_terms(logps, scored.old_logps, scored.ref_logps, scored.advantages,
+                                    scored.group.completion_mask, settings.beta, settings.epsilon)
+            loss = self.step_mean(terms.per_completion.sum(), len(terms.per_completion), num_items_in_batch)
+            sums = step.once("grpo_token_sums", lambda: self._pending_step_sums())
+            for i, value in enumerate((terms.kl_sum, terms.held_sum, terms.tokens)):
+                sums[i] += float(value)
             return (loss, {"advantages": scored.advantages}) if return_outputs else loss
 
-        def _scored_group(self, policy: Any, inputs: Mapping[str, Any]) -> ScoredGroup:
-            """This micro-batch's group: sampled at the first of ``num_iterations`` optimizer steps, reused on the
-            others (the sampler repeats the step's prompts)."""
-            if settings.num_iterations == 1:
-                return score_group(policy, inputs, tokenizer, settings, rewards, weights, reference)
-            state = self.__dict__.setdefault("_grpo_cache", {"step": None, "micro": 0, "groups": {}})
-            if state["step"] != self.state.global_step:
-                state["step"], state["micro"] = self.state.global_step, 0
-            micro, state["micro"] = state["micro"], state["micro"] + 1
+        def _scored_step(self, policy: Any, step: StepBatch) -> list[ScoredGroup]:
+            """The step's groups, one per micro-batch: sampled at the first of ``num_iterations`` optimizer steps,
+            kept for the others (the sampler repeats the step's prompts)."""
             iteration = self.state.global_step % settings.num_iterations
-            if iteration and micro in state["groups"]:
-                return state["groups"][micro]
-            if iteration:
-                logger.warning("step %d: no samples kept for iteration %d of num_iterations=%d (resumed between "
-                               "them): sampling afresh", self.state.global_step + 1, iteration + 1,
-                               settings.num_iterations)
-            state["groups"][micro] = score_group(policy, inputs, tokenizer, settings, rewards, weights, reference)
-            return state["groups"][micro]
+
+            def sample() -> list[ScoredGroup]:
+                if iteration:
+                    logger.warning("step %d: no samples kept for iteration %d of num_iterations=%d (resumed between "
+                                   "them): sampling afresh", self.state.global_step + 1, iteration + 1,
+                                   settings.num_iterations)
+                return score_step(policy, step.micro_batches, tokenizer, settings, rewards, weights, reference)
+
+            if iteration == 0 or self.__dict__.get("_grpo_kept") is None:
+                self._grpo_kept = step.once("grpo", sample)
+            groups = self._grpo_kept
+            step.once("grpo_logged", lambda: self._record(groups))
+            return groups
+
+        def _pending_step_sums(self) -> list[float]:
+            """This step's [summed token KL, clipped tokens, tokens], added up over its micro-batches."""
+            sums = [0.0, 0.0, 0.0]
+            self.__dict__.setdefault("_grpo_step_sums", []).append(sums)
+            return sums
+
+        def _record(self, groups: list[ScoredGroup]) -> None:
+            """The step's sampling statistics (over all its micro-batches' completions, as one batch)."""
+            import torch
+
+            per_source = torch.cat([g.per_source for g in groups])
+            metrics = self.__dict__.setdefault("_grpo_metrics", {})
+            values = {"reward": torch.cat([g.total for g in groups]).mean(),
+                      "reward_std": torch.cat([g.group_std for g in groups]).mean(),
+                      "completion_length": torch.cat([g.group.completion_mask.sum(1) for g in groups]).float().mean(),
+                      **{f"rewards/{name}": per_source[:, i].mean() for i, name in enumerate(groups[0].names)}}
+            for key, value in values.items():
+                metrics.setdefault(key, []).append(float(value))
 
         def _get_train_sampler(self, train_dataset=None):
             base = super()._get_train_sampler(train_dataset)
@@ -353,8 +401,11 @@ def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], refere
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             metrics = self.__dict__.get("_grpo_metrics")
-            if metrics and "loss" in logs:  # means over the micro-batches since the last log
-                logs.update({key: sum(values) / len(values) for key, values in metrics.items()})
+            if metrics and "loss" in logs:  # means over the optimizer steps since the last log
+                step_sums = self.__dict__.pop("_grpo_step_sums", [])
+                metrics["kl"] = [kl / max(tokens, 1) for kl, _, tokens in step_sums]
+                metrics["clip_ratio"] = [held / max(tokens, 1) for _, held, tokens in step_sums]
+                logs.update({key: sum(values) / len(values) for key, values in metrics.items() if values})
                 metrics.clear()
             super().log(logs, *args, **kwargs)
 

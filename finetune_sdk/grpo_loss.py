@@ -1,10 +1,12 @@
 """GRPO's arithmetic (Shao et al., 2024): completion log-probabilities, group-normalised advantages, the clipped
-surrogate with its KL penalty, and the reference's weights. See :mod:`finetune_sdk.grpo` for the training loop."""
+surrogate with its KL penalty (and the sums a step of several micro-batches adds), the split of a step's sampled
+groups into micro-batches, and the reference's weights. See :mod:`finetune_sdk.grpo` for the training loop."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 from finetune_sdk.sampling import SamplingSettings
@@ -49,7 +51,8 @@ def grpo_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mask:
     share of completion tokens whose ratio the clip holds (0 while ``old_logps`` is the current policy's).
 
     ``logps``, ``old_logps``, ``ref_logps`` (None when ``beta`` is 0) and ``mask`` are ``[N, C]``, ``advantages``
-    ``[N]``; the loss is a scalar tensor: a masked mean over each completion's tokens, then a mean over completions.
+    ``[N]``; the loss is a scalar tensor: a masked mean over each completion's tokens, then a mean over completions
+    (TRL's ``loss_type="grpo"``). See :func:`grpo_loss_terms` for the sums a step of several micro-batches adds.
 
     >>> import torch
     >>> logps = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
@@ -58,6 +61,27 @@ def grpo_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mask:
     >>> round(float(loss), 4), float(held)  # ratio 2 clipped to 1.2 for the positive advantage
     (-0.05, 0.25)
     """
+    terms = grpo_loss_terms(logps, old_logps, ref_logps, advantages, mask, beta, epsilon)
+    tokens = terms.tokens.clamp(min=1)
+    return terms.per_completion.mean(), terms.kl_sum / tokens, terms.held_sum / tokens
+
+
+@dataclass
+class LossTerms:
+    """GRPO's loss per completion ``[N]`` (its tokens' mean) and, over the completion tokens, the summed k3 KL, the
+    number of tokens the clip holds and the number of tokens (detached scalars): the parts that add up over the
+    micro-batches of an optimizer step to the bigger batch's loss (sum / completions), ``kl`` and ``clip_ratio``
+    (sum / tokens)."""
+
+    per_completion: Any
+    kl_sum: Any
+    held_sum: Any
+    tokens: Any
+
+
+def grpo_loss_terms(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mask: Any, beta: float,
+                    epsilon: float) -> LossTerms:
+    """:class:`LossTerms` of :func:`grpo_loss`'s formula (same arguments and shapes)."""
     import torch
 
     ratio = torch.exp(logps - old_logps)
@@ -65,15 +89,34 @@ def grpo_loss(logps: Any, old_logps: Any, ref_logps: Any, advantages: Any, mask:
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv
     per_token = -torch.min(ratio * adv, clipped)
     mask = mask.to(per_token.dtype)
-    held = ((clipped < ratio * adv) * mask).sum() / mask.sum().clamp(min=1)  # tokens where the clip is the min
+    held = ((clipped < ratio * adv) * mask).sum()  # tokens where the clip is the min
     kl = torch.zeros_like(per_token)
     if ref_logps is not None:
         delta = ref_logps - logps
         kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * kl
     lengths = mask.sum(1).clamp(min=1)
-    loss = ((per_token * mask).sum(1) / lengths).mean()
-    return loss, ((kl * mask).sum() / mask.sum().clamp(min=1)).detach(), held.detach()
+    return LossTerms((per_token * mask).sum(1) / lengths, (kl * mask).sum().detach(), held.detach(),
+                     mask.sum().detach())
+
+
+def split_rows(scored: Any, sizes: Sequence[int], group_size: int) -> list[Any]:
+    """A step's scored completions (a :class:`~finetune_sdk.grpo.ScoredGroup` over all its prompts, each prompt's
+    ``group_size`` completions next to each other) cut into consecutive micro-batches of ``sizes`` completions
+    (multiples of ``group_size``: a group never straddles two micro-batches). Tensors keep the step's widths, so
+    each completion is scored exactly as in one big batch."""
+    parts, start = [], 0
+    for n in sizes:
+        rows, groups = slice(start, start + n), slice(start // group_size, (start + n) // group_size)
+        group = replace(scored.group, prompt_ids=scored.group.prompt_ids[rows],
+                        prompt_mask=scored.group.prompt_mask[rows], completion_ids=scored.group.completion_ids[rows],
+                        completion_mask=scored.group.completion_mask[rows], texts=scored.group.texts[rows])
+        parts.append(replace(scored, group=group, per_source=scored.per_source[rows], total=scored.total[rows],
+                             advantages=scored.advantages[rows], group_std=scored.group_std[groups],
+                             ref_logps=None if scored.ref_logps is None else scored.ref_logps[rows],
+                             old_logps=None))
+        start += n
+    return parts
 
 
 class ReferenceWeights:
@@ -97,9 +140,6 @@ class ReferenceWeights:
             finally:
                 for name, data in current.items():
                     params[name].data = data
-
-
-
 
 class RepeatedStepSampler:
     """GRPO with ``num_iterations`` > 1: the prompts of each optimizer step (``step_size`` indices of ``base`` in its

@@ -40,8 +40,8 @@ from finetune_sdk.data import Rows
 from finetune_sdk.encoding import IGNORE_INDEX, Collator, Encoded, encode_segments
 from finetune_sdk.errors import DataError
 
-__all__ = ["KTOCollator", "check_label_balance", "encode_kto", "evaluate_kto", "kto_loss", "kto_trainer_class",
-           "precompute_kto_reference"]
+__all__ = ["KTOCollator", "check_label_balance", "encode_kto", "evaluate_kto", "kl_reference_point", "kto_loss",
+           "kto_losses", "kto_trainer_class", "precompute_kto_reference"]
 logger = logging.getLogger("finetune_sdk")
 #: The paper's recommended range of desirable_weight * n_desirable / (undesirable_weight * n_undesirable) (Eq. 8).
 RECOMMENDED_RATIO = (1.0, 4 / 3)
@@ -125,19 +125,40 @@ def kto_loss(policy: Any, reference: Any, kl_policy: Any, kl_reference: Any, des
              across_processes: bool = False) -> tuple[Any, Any, Any]:
     """(mean loss, per-row log-ratios ``[B]``, KL estimate) from summed log-probs ``[B]`` of the matched rows
     (``policy``/``reference``) and of the mismatched pairs (``kl_policy``/``kl_reference``); ``desirable`` is
-    bool ``[B]``. The KL estimate is detached and clamped at 0; with ``across_processes`` (training) it is
-    averaged over the processes of a distributed run first, as TRL does."""
+    bool ``[B]``. The KL estimate is :func:`kl_reference_point` of the mismatched pairs."""
+    kl = kl_reference_point(kl_policy - kl_reference, across_processes)
+    logratios = policy - reference
+    losses = kto_losses(logratios, kl, desirable, beta, desirable_weight, undesirable_weight)
+    return losses.mean(), logratios, kl
+
+
+def kl_reference_point(kl_logratios: Any, across_processes: bool = False) -> Any:
+    """KTO's ``z0 = max(0, mean(log pi(y'|x) - log pi_ref(y'|x)))`` from the mismatched pairs' log-ratios ``[N]``,
+    detached (TRL computes it without gradient); with ``across_processes`` the mean is over the rows of every
+    process of a distributed run (TRL averages the processes' means: the same when they hold equal counts).
+
+    >>> import torch
+    >>> float(kl_reference_point(torch.tensor([1.0, 2.0]))), float(kl_reference_point(torch.tensor([-1.0])))
+    (1.5, 0.0)
+    """
     import torch
 
-    kl = (kl_policy - kl_reference).mean().detach()
+    total = torch.stack([kl_logratios.detach().float().sum(),
+                         torch.tensor(float(kl_logratios.numel()), device=kl_logratios.device)])
     if across_processes and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(kl)
-        kl = kl / torch.distributed.get_world_size()
-    kl = kl.clamp(min=0)
-    logratios = policy - reference
+        torch.distributed.all_reduce(total)
+    return (total[0] / total[1].clamp(min=1)).clamp(min=0)
+
+
+def kto_losses(logratios: Any, kl: Any, desirable: Any, beta: float, desirable_weight: float = 1.0,
+               undesirable_weight: float = 1.0) -> Any:
+    """Per-row KTO losses ``[B]`` from the log-ratios ``[B]``, the reference point ``kl`` (a scalar) and the bool
+    ``desirable`` ``[B]`` (the paper's Eq. 7-8 with TRL's weights)."""
+    import torch
+
     desirable_losses = desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl)))
     undesirable_losses = undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios)))
-    return torch.where(desirable, desirable_losses, undesirable_losses).mean(), logratios, kl
+    return torch.where(desirable, desirable_losses, undesirable_losses)
 
 
 def _logps(model: Any, batch: Mapping[str, Any], prefix: str = "") -> Any:
@@ -205,32 +226,52 @@ def evaluate_kto(model: Any, encoded: Encoded, pad_token_id: int, options: Mappi
 
 def kto_trainer_class() -> type:
     """A transformers ``Trainer`` whose loss is KTO's (built lazily so importing this module stays light); set
-    ``beta``, ``desirable_weight`` and ``undesirable_weight`` on the returned class. Each training log entry also
-    gets ``kto_margin`` (mean log-ratio of the desirable rows minus that of the undesirable ones since the last
-    log) and ``kto_kl`` (the mean KL estimate), as TRL logs ``rewards/margins`` and ``kl``."""
+    ``beta``, ``desirable_weight`` and ``undesirable_weight`` on the returned class.
+
+    Under gradient accumulation every statistic is the optimizer step's (:mod:`finetune_sdk.accumulation`): the
+    KL reference point ``z0`` is estimated once per step over the mismatched pairs of all its micro-batches (a
+    first pass without gradient, as TRL computes it for one batch), and the loss is the mean over the step's rows,
+    so batch ``b`` with ``gradient_accumulation_steps=k`` trains as batch ``k*b``. Each training log entry also gets
+    ``kto_margin`` (mean log-ratio of the desirable rows minus that of the undesirable ones since the last log) and
+    ``kto_kl`` (the mean of the steps' KL estimates), as TRL logs ``rewards/margins`` and ``kl``."""
     from transformers import Trainer as HFTrainer
 
+    from finetune_sdk.accumulation import step_batch_trainer_class
     from finetune_sdk.preference import loss_only_prediction_step
 
-    class KTOTrainer(HFTrainer):
+    class KTOTrainer(step_batch_trainer_class(HFTrainer)):  # type: ignore[misc]
         beta = 0.1
         desirable_weight = 1.0
         undesirable_weight = 1.0
-        # the KTO loss is a mean over the micro-batch's rows: transformers divides it by the accumulation steps
-        loss_is_scaled_for_ga = False
+
+        def examples_in(self, batch):
+            return len(batch["desirable"])
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             import torch
 
-            with torch.no_grad():  # the KL reference point carries no gradient (TRL computes it the same way)
-                kl_policy = _logps(model, inputs, "kl_")
-            policy = _logps(model, inputs)
-            loss, logratios, kl = kto_loss(policy, inputs["ref_logps"], kl_policy, inputs["ref_kl_logps"],
-                                           inputs["desirable"], self.beta, self.desirable_weight,
-                                           self.undesirable_weight, across_processes=True)
-            if model.training:
-                self._record(logratios.detach(), inputs["desirable"], kl)
+            step = self.current_step(model)
+            if step is None:  # an evaluation batch: its own reference point
+                with torch.no_grad():
+                    kl = kl_reference_point(_logps(model, inputs, "kl_") - inputs["ref_kl_logps"], True)
+            else:
+                kl = step.once("kto_kl", lambda: self._step_reference_point(model, step))
+            logratios = _logps(model, inputs) - inputs["ref_logps"]
+            losses = kto_losses(logratios, kl, inputs["desirable"], self.beta, self.desirable_weight,
+                                self.undesirable_weight)
+            loss = self.step_mean(losses.sum(), len(losses), num_items_in_batch if step else None)
+            if step is not None:
+                self._record(logratios.detach(), inputs["desirable"], kl if step.current == 0 else None)
             return (loss, {"logratios": logratios, "kl": kl}) if return_outputs else loss
+
+        def _step_reference_point(self, model, step):
+            """z0 over the mismatched pairs of every micro-batch of the step (and every process), no gradient."""
+            import torch
+
+            with torch.no_grad():
+                logratios = [_logps(model, batch, "kl_") - batch["ref_kl_logps"]
+                             for batch in map(self._prepare_inputs, step.micro_batches)]
+            return kl_reference_point(torch.cat(logratios), across_processes=True)
 
         def _record(self, logratios, desirable, kl):
             sums = self.__dict__.setdefault("_kto_sums", [0.0, 0, 0.0, 0, 0.0, 0])
@@ -238,15 +279,17 @@ def kto_trainer_class() -> type:
             sums[1] += int(desirable.sum())
             sums[2] += float(logratios[~desirable].sum())
             sums[3] += int((~desirable).sum())
-            sums[4] += float(kl)
-            sums[5] += 1
+            if kl is not None:  # one reference point per optimizer step
+                sums[4] += float(kl)
+                sums[5] += 1
 
         def log(self, logs, start_time=None):
             sums = self.__dict__.pop("_kto_sums", None)
             if sums and "loss" in logs:
                 if sums[1] and sums[3]:
                     logs["kto_margin"] = sums[0] / sums[1] - sums[2] / sums[3]
-                logs["kto_kl"] = sums[4] / sums[5]
+                if sums[5]:
+                    logs["kto_kl"] = sums[4] / sums[5]
             elif sums:
                 self._kto_sums = sums  # an evaluation's log: keep collecting for the next training log
             return super().log(logs, start_time)

@@ -229,17 +229,25 @@ def dropout_disabled(model: Any) -> Iterator[None]:
 
 
 def dpo_trainer_class() -> type:
-    """A transformers ``Trainer`` whose loss is DPO's (built lazily so importing this module stays light)."""
+    """A transformers ``Trainer`` whose loss is DPO's (built lazily so importing this module stays light): the mean
+    over the optimizer step's pairs, so gradient accumulation trains as the bigger batch
+    (:mod:`finetune_sdk.accumulation`), a shorter last micro-batch included."""
     from transformers import Trainer as HFTrainer
 
-    class DPOTrainer(HFTrainer):
+    from finetune_sdk.accumulation import step_batch_trainer_class
+
+    class DPOTrainer(step_batch_trainer_class(HFTrainer)):  # type: ignore[misc]
         beta = 0.1
-        # the DPO loss is a mean over the micro-batch's pairs: transformers divides it by the accumulation steps
-        loss_is_scaled_for_ga = False
+
+        def examples_in(self, batch):
+            return batch["input_ids"].shape[0] // 2
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            import torch
+
             policy = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-            loss, margin = dpo_loss(policy, inputs["ref_logps"], self.beta)
+            _, margin = dpo_loss(policy, inputs["ref_logps"], self.beta)
+            loss = self.step_mean(-torch.nn.functional.logsigmoid(margin).sum(), len(margin), num_items_in_batch)
             return (loss, {"margin": margin}) if return_outputs else loss
 
         prediction_step = loss_only_prediction_step

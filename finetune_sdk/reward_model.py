@@ -88,17 +88,18 @@ class RewardModel(ClassifierModel):
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor,
-                       center_rewards_coefficient: float = 0.0) -> torch.Tensor:
+                       center_rewards_coefficient: float = 0.0, reduction: str = "mean") -> torch.Tensor:
     """Mean ``-log sigmoid(chosen - rejected)`` over ``[pairs]`` rewards, plus
-    ``center_rewards_coefficient * mean((chosen + rejected)^2)`` when the coefficient is not 0.
+    ``center_rewards_coefficient * mean((chosen + rejected)^2)`` when the coefficient is not 0; with
+    ``reduction="sum"`` the sum over the pairs of the same per-pair terms (a step's share under accumulation).
 
     >>> round(float(bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0]))), 4)  # log 2
     0.6931
     """
-    loss = -nn.functional.logsigmoid(chosen.float() - rejected.float()).mean()
+    per_pair = -nn.functional.logsigmoid(chosen.float() - rejected.float())
     if center_rewards_coefficient:
-        loss = loss + center_rewards_coefficient * ((chosen.float() + rejected.float()) ** 2).mean()
-    return loss
+        per_pair = per_pair + center_rewards_coefficient * (chosen.float() + rejected.float()) ** 2
+    return per_pair.sum() if reduction == "sum" else per_pair.mean()
 
 
 def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor,
@@ -127,19 +128,24 @@ def reward_trainer_class(center_rewards_coefficient: float = 0.0) -> type:
     rows (token ids, or cached ``features``), built when a run needs it."""
     from transformers import Trainer as HFTrainer
 
+    from finetune_sdk.accumulation import step_batch_trainer_class
     from finetune_sdk.preference import loss_only_prediction_step
 
     coefficient = center_rewards_coefficient
 
-    class RewardTrainer(HFTrainer):
+    class RewardTrainer(step_batch_trainer_class(HFTrainer)):  # type: ignore[misc]
         center_rewards_coefficient = coefficient
-        # a mean over the micro-batch's pairs: transformers divides it by the accumulation steps itself
-        loss_is_scaled_for_ga = False
+
+        def examples_in(self, batch):
+            rows = batch["input_ids"] if "input_ids" in batch else batch["features"]
+            return rows.shape[0] // 2
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             rewards = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits.squeeze(-1)
             half = rewards.shape[0] // 2
-            loss = bradley_terry_loss(rewards[:half], rewards[half:], self.center_rewards_coefficient)
+            total = bradley_terry_loss(rewards[:half], rewards[half:], self.center_rewards_coefficient,
+                                       reduction="sum")
+            loss = self.step_mean(total, half, num_items_in_batch)  # the mean over the step's pairs
             return (loss, {"rewards": rewards}) if return_outputs else loss
 
         prediction_step = loss_only_prediction_step

@@ -1,0 +1,165 @@
+"""The contract every training objective passes, builtin or (once objectives are a plugin type) a plugin's.
+
+An objective's statistics of a batch (a mean's normaliser, KTO's KL reference point, GRPO's sampled groups and
+their advantages) must be those of the optimizer step's whole batch, so that ``per_device_train_batch_size=b``
+with ``gradient_accumulation_steps=k`` trains exactly as ``per_device_train_batch_size=k*b`` on the same rows:
+
+    from finetune_sdk.testing import ObjectiveContract
+
+    class TestMyObjective(ObjectiveContract):
+        name = "my-objective"
+        case = AccumulationCase("lora", "my-formatter", ROWS, {"learning_rate": 1e-2})
+
+(``case`` defaults to :data:`BUILTIN_CASES` ``[name]``.) Each run builds a tiny float32 model in code and trains a
+few steps on a CPU, offline; the row counts leave a shorter last step in each epoch, where a per-micro-batch mean
+and the step's mean differ.
+
+Tolerance: both runs are float32 and differ only in how the same sums are grouped (matmuls over batches of other
+shapes, partial sums added in another order), so every logged value and every trained weight agrees to float32
+rounding carried through a few optimizer steps: :attr:`ObjectiveContract.rtol` 1e-4 relative (float32's epsilon is
+1.2e-7; Adam divides each update by the root of its second moment, which passes a relative gradient error through
+unchanged, and a few steps on a tiny model grow it about tenfold) and :attr:`ObjectiveContract.atol` 1e-6 absolute
+for values near 0. A batch-level statistic computed per micro-batch is off by percents (KTO's reference point,
+before the fix: adapters 24% apart), far outside it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from finetune_sdk.testing.tiny import save_tiny_model
+
+WORDS = [("red", "colour"), ("cat", "animal"), ("blue", "colour"), ("dog", "animal"), ("fish", "animal"),
+         ("green", "colour"), ("bird", "animal")]
+#: Seven rows of uneven lengths: batch 4 gives steps of 4 and 3 rows, batch 2 x 2 micro-batches of 2, 2 | 2, 1.
+CAUSAL_ROWS = [{"prompt": f"what is {w}?", "completion": f"{w} is a {c}" + "." * (i % 3 * 4)}
+               for i, (w, c) in enumerate(WORDS)]
+PREFERENCE_ROWS = [{"prompt": f"what is {w}?", "chosen": f"{w} is a {c}, thanks" + "!" * (i % 3), "rejected": f"{w}?"}
+                   for i, (w, c) in enumerate(WORDS)]
+KTO_ROWS = [{"prompt": f"what is {w}?", "completion": f"{w} is a {c}." if i % 2 else f"no idea about {w}",
+             "label": bool(i % 2)} for i, (w, c) in enumerate(WORDS)]
+CLASSIFICATION_ROWS = [{"text": f"the {w} is here" + " now" * (i % 3), "label": c} for i, (w, c) in enumerate(WORDS)]
+PROMPT_ROWS = [{"prompt": f"name a {c} like {w}"} for w, c in WORDS]
+
+
+def completion_length(prompts: list[str], completions: list[str], **columns: Any) -> list[float]:
+    """A reward that varies within every group of a tiny random model's completions: the completion's length / 10."""
+    return [len(completion) / 10 for completion in completions]
+
+
+@dataclass(frozen=True)
+class AccumulationCase:
+    """What an objective trains on in the contract: the technique and formatter that select it, the rows and the
+    options (added to the contract's float32, dropout-free, seeded defaults)."""
+
+    technique: str
+    formatter: str
+    rows: list[dict[str, Any]]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+LORA = {"learning_rate": 1e-2, "lora_dropout": 0.0, "target_modules": "all-linear"}
+#: The contract's case for each builtin objective, and variants (``name/variant``) for options that change how
+#: batches are formed (packing, cached features, a trained backbone).
+BUILTIN_CASES: dict[str, AccumulationCase] = {
+    "sft": AccumulationCase("lora", "chatml", CAUSAL_ROWS, LORA),
+    "sft/no-packing": AccumulationCase("lora", "chatml", CAUSAL_ROWS, {**LORA, "packing": False}),
+    "dpo": AccumulationCase("lora", "preference", PREFERENCE_ROWS, {**LORA, "dpo_beta": 0.5}),
+    "kto": AccumulationCase("lora", "kto", KTO_ROWS, {**LORA, "kto_beta": 0.5}),
+    "grpo": AccumulationCase("lora", "prompt", PROMPT_ROWS,
+                             {**LORA, "reward_funcs": [completion_length], "num_generations": 4,
+                              "max_completion_length": 6, "max_length": 64}),
+    "classification-head": AccumulationCase("classifier", "classification", CLASSIFICATION_ROWS,
+                                            {"learning_rate": 5e-2}),
+    "classification-head/no-cache": AccumulationCase("classifier", "classification", CLASSIFICATION_ROWS,
+                                                     {"learning_rate": 5e-2, "cache_features": False}),
+    "reward-modeling": AccumulationCase("reward-model", "preference", PREFERENCE_ROWS,
+                                        {"learning_rate": 5e-2, "center_rewards_coefficient": 0.01}),
+    "reward-modeling/lora": AccumulationCase("reward-model", "preference", PREFERENCE_ROWS,
+                                             {**LORA, "backbone": "lora"}),
+}
+#: Log keys that are not a statistic of the batch (time, memory).
+UNCOMPARED_LOG_KEYS = frozenset({"train_runtime", "train_samples_per_second", "train_steps_per_second",
+                                 "total_flos"})
+
+
+class ObjectiveContract:
+    """Tests every objective passes. Set ``name`` (the objective); ``case`` when it is not a builtin one."""
+
+    name: ClassVar[str]
+    case: ClassVar[AccumulationCase | None] = None
+    #: Micro-batch size ``b`` and accumulation steps ``k`` (the bigger batch is ``k*b``).
+    batch_size: ClassVar[int] = 2
+    accumulation_steps: ClassVar[int] = 2
+    #: Float tolerance (see the module docstring for why these values).
+    rtol: ClassVar[float] = 1e-4
+    atol: ClassVar[float] = 1e-6
+
+    def accumulation_case(self) -> AccumulationCase:
+        return self.case or BUILTIN_CASES[self.name]
+
+    @pytest.fixture(scope="class")
+    def objective_model_dir(self, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return save_tiny_model(tmp_path_factory.mktemp("objective-model") / "llama", "llama")
+
+    def fit(self, model_dir: Path, output_dir: Path, batch_size: int, accumulation_steps: int) -> Any:
+        """One run of the case: float32, dropout off, seeded, two epochs, a log entry per optimizer step."""
+        from finetune_sdk import Trainer
+
+        case = self.accumulation_case()
+        options = {"dtype": "float32", "bf16": False, "seed": 0, "num_train_epochs": 2, "logging_steps": 1,
+                   "save_steps": 0, **case.options}
+        trainer = Trainer(model_dir, technique=case.technique, formatter=case.formatter, output_dir=output_dir,
+                          progress=False, per_device_train_batch_size=batch_size,
+                          gradient_accumulation_steps=accumulation_steps, **options)
+        return trainer.fit([dict(row) for row in case.rows])
+
+    def test_accumulation_equals_bigger_batch(self, objective_model_dir: Path, tmp_path: Path) -> None:
+        """Batch ``k*b`` and batch ``b`` with ``k`` accumulation steps: the same logged values at every optimizer
+        step (loss, gradient norm, the objective's statistics) and the same trained weights."""
+        b, k = self.batch_size, self.accumulation_steps
+        bigger = self.fit(objective_model_dir, tmp_path / "bigger", k * b, 1)
+        accumulated = self.fit(objective_model_dir, tmp_path / "accumulated", b, k)
+        assert bigger.manifest["objective"] == accumulated.manifest["objective"] == self.name.split("/")[0]
+        assert_same_training(bigger, accumulated, self.rtol, self.atol)
+
+
+def assert_same_training(bigger: Any, accumulated: Any, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """Two :class:`~finetune_sdk.FitResult` trained alike: the same logged values at every optimizer step (loss,
+    gradient norm, learning rate, the objective's statistics), the same ``train_loss`` and the same weights in every
+    ``.safetensors`` file of their folders, each within ``rtol`` relative (of the tensor's largest magnitude, for
+    weights) plus ``atol``."""
+    big_logs, acc_logs = step_logs(bigger), step_logs(accumulated)
+    assert [e["step"] for e in acc_logs] == [e["step"] for e in big_logs] and len(big_logs) >= 2
+    for big, acc in zip(big_logs, acc_logs):
+        keys = (big.keys() & acc.keys()) - UNCOMPARED_LOG_KEYS
+        assert keys == big.keys() - UNCOMPARED_LOG_KEYS, (big, acc)
+        for key in sorted(keys):
+            assert math.isclose(acc[key], big[key], rel_tol=rtol, abs_tol=atol), \
+                f"step {big['step']:.0f}: {key} {acc[key]!r} with accumulation, {big[key]!r} in one batch"
+    assert accumulated.metrics["train_loss"] == pytest.approx(bigger.metrics["train_loss"], rel=rtol, abs=atol)
+    big_weights, acc_weights = result_weights(bigger.output_dir), result_weights(accumulated.output_dir)
+    assert big_weights and big_weights.keys() == acc_weights.keys()
+    for name, weight in big_weights.items():
+        difference = (acc_weights[name] - weight).abs().max().item()
+        allowed = atol + rtol * weight.abs().max().item()
+        assert difference <= allowed, f"{name}: max difference {difference:.3g} > {allowed:.3g}"
+
+
+def step_logs(result: Any) -> list[dict[str, float]]:
+    """The numeric values of each training log entry (one per optimizer step with ``logging_steps=1``)."""
+    return [{k: float(v) for k, v in entry.items() if isinstance(v, (int, float))}
+            for entry in result.log_history if "loss" in entry]
+
+
+def result_weights(folder: Path) -> dict[str, Any]:
+    """Every tensor of every ``.safetensors`` file in a result folder, as ``{"file:tensor": float32 tensor}``."""
+    from safetensors.torch import load_file
+
+    return {f"{path.name}:{name}": tensor.float() for path in sorted(Path(folder).rglob("*.safetensors"))
+            for name, tensor in load_file(str(path)).items()}
