@@ -391,14 +391,6 @@ def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], refere
             step = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return RepeatedStepSampler(base, step, settings.num_iterations)
 
-        def _record(self, scored: ScoredGroup, kl: Any, held: Any) -> None:
-            metrics = self.__dict__.setdefault("_grpo_metrics", {})
-            values = {"reward": scored.total.mean(), "reward_std": scored.group_std.mean(), "kl": kl,
-                      "clip_ratio": held, "completion_length": scored.group.completion_mask.sum(1).float().mean(),
-                      **{f"rewards/{name}": scored.per_source[:, i].mean() for i, name in enumerate(scored.names)}}
-            for key, value in values.items():
-                metrics.setdefault(key, []).append(float(value))
-
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             metrics = self.__dict__.get("_grpo_metrics")
             if metrics and "loss" in logs:  # means over the optimizer steps since the last log
