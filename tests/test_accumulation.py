@@ -43,8 +43,12 @@ def test_kto_reference_point_is_the_steps_not_the_micro_batchs(tiny_models, tmp_
                      max_steps=8, **KTO_SETTINGS).fit(KTO_TRAIN)
     accumulated = Trainer(tiny_models("llama"), output_dir=tmp_path / "acc", per_device_train_batch_size=batch,
                           gradient_accumulation_steps=accumulation, max_steps=8, **KTO_SETTINGS).fit(KTO_TRAIN)
-    assert any(entry["kto_kl"] > 0.1 for entry in bigger.log_history if "kto_kl" in entry)  # z0 left 0
-    assert_same_training(bigger, accumulated)
+    assert sum(entry["kto_kl"] > 0.01 for entry in bigger.log_history if "kto_kl" in entry) >= 2  # z0 left 0
+    # AdamW (the default) and z0 a small difference of large summed log-probs (~ -40 nats): float32 rounding
+    # reaches 1e-4 relative after a few steps; the fault this catches was 15-20% (adapters) and 30% (losses)
+    seen = assert_same_training(bigger, accumulated, rtol=2e-3, atol=1e-5)
+    print(f"KTO {batch} x {accumulation}: largest relative difference {seen['logs']:.2e} in the logs, "
+          f"{seen['weights']:.2e} in the weights")
 
 
 def test_kto_reference_point_clamps_the_mean_over_the_step():
