@@ -105,7 +105,8 @@ def test_num_iterations_optimises_each_sampled_group_several_times_within_the_cl
                       reward_funcs=[counting_has_cat], num_iterations=2, max_steps=24, learning_rate=2e-2,
                       **{**FAST, "gradient_accumulation_steps": 2, "per_device_train_batch_size": 2})
     result = trainer.fit(TRAIN)
-    assert sampled == [2 * 8] * 24  # 24 steps x 2 micro-batches, each group sampled once and used on 2 steps
+    # 24 steps, each step's 2 x 2 prompts sampled at once (TRL's generation batch), each used on 2 steps
+    assert sampled == [2 * 2 * 8] * 12
     logged = [entry for entry in result.log_history if "loss" in entry]
     assert any(entry["clip_ratio"] > 0 for entry in logged)  # the second step on a group moved past the clip
     assert greedy_reward(trainer) >= 0.9
