@@ -1,20 +1,22 @@
 """Online reinforcement learning with GRPO, Group Relative Policy Optimization (Shao et al., 2024, "DeepSeekMath",
 arXiv:2402.03300, section 4.1).
 
-Each training step takes ``per_device_train_batch_size`` prompts and, for each, samples a group of
-``num_generations`` completions from the current policy (at most ``max_completion_length`` tokens, ending at the
-model's end of turn: :func:`~finetune_sdk.stop_tokens.stop_token_ids`), from the distribution the run's sampling
-options state and nothing else (TRL's ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repetition_penalty``; all
-off by default; the base's ``generation_config.json`` is not merged in: :mod:`finetune_sdk.sampling`). The rewards (:mod:`finetune_sdk.rewards`) are summed per completion (weighted by
+Each optimizer step takes ``per_device_train_batch_size x gradient_accumulation_steps`` prompts (TRL's generation
+batch, sampled in one call and cut back into micro-batches, so accumulation trains as the bigger batch) and, for
+each, samples a group of ``num_generations`` completions from the current policy (at most
+``max_completion_length`` tokens, ending at the model's end of turn: :func:`~finetune_sdk.stop_tokens.stop_token_ids`),
+from the distribution the run's sampling options state and nothing else (TRL's ``temperature``, ``top_p``,
+``top_k``, ``min_p``, ``repetition_penalty``; all off by default; the base's ``generation_config.json`` is not merged
+in: :mod:`finetune_sdk.sampling`). The rewards (:mod:`finetune_sdk.rewards`) are summed per completion (weighted by
 ``reward_weights``) and normalised within the group, ``A_i = (r_i - mean(r)) / (std(r) + 1e-4)``, and the policy
 minimises, per completion token,
 
     -min(rho * A_i, clip(rho, 1 - epsilon, 1 + epsilon) * A_i) + beta * KL_t,
     rho = pi(o_t) / pi_old(o_t),   KL_t = pi_ref(o_t) / pi(o_t) - log(pi_ref(o_t) / pi(o_t)) - 1
 
-(the unbiased k3 estimator of KL(pi || pi_ref)), averaged over each completion's tokens, then over completions.
-Log-probabilities are those of the sampling distribution: logits divided by ``temperature``, as in TRL, and, when
-stated, the repetition penalty and the top-k/top-p/min-p truncation replayed (TRL leaves the truncation out).
+(the unbiased k3 estimator of KL(pi || pi_ref)), averaged over each completion's tokens, then over the step's
+completions. Log-probabilities are those of the sampling distribution: logits divided by ``temperature``, as in TRL,
+and, when stated, the repetition penalty and the top-k/top-p/min-p truncation replayed (TRL leaves the truncation out).
 ``num_iterations`` optimizer steps (PPO's mu, TRL's name; default 1) are taken on each sampled group: the sampler
 repeats each step's prompts that many times and the groups are kept between them. ``pi_old`` is the policy that
 sampled, so at the first step ``rho`` is 1 and the clip does nothing; at the later ones ``rho`` measures how far the
@@ -50,7 +52,7 @@ from finetune_sdk.data import Rows
 from finetune_sdk.encoding import Encoded, encode_segments
 from finetune_sdk.errors import ConfigError, DataError
 from finetune_sdk.grpo_loss import (ADVANTAGE_EPS, ReferenceWeights, RepeatedStepSampler, completion_logps,
-                                    group_advantages, grpo_loss, grpo_loss_terms)
+                                    group_advantages, grpo_loss, grpo_loss_terms, score_step)
 from finetune_sdk.rewards import Reward, score_completions
 from finetune_sdk.sampling import SamplingSettings, only_these_settings
 from finetune_sdk.stop_tokens import stop_token_ids
@@ -220,30 +222,6 @@ def score_group(policy: Any, inputs: Mapping[str, Any], tokenizer: Any, settings
     return scored
 
 
-def score_step(policy: Any, micro_batches: Sequence[Mapping[str, Any]], tokenizer: Any, settings: GRPOSettings,
-               rewards: Sequence[Reward], weights: Sequence[float] | None,
-               reference: ReferenceWeights | None) -> list[ScoredGroup]:
-    """The groups of one optimizer step: its prompts (every collated micro-batch) sampled in one call (TRL's
-    generation batch: ``per_device_train_batch_size x gradient_accumulation_steps`` prompts), scored and normalised
-    within each group, then cut back into one :class:`ScoredGroup` per micro-batch (a group never straddles two);
-    the reference's log-probs are computed a micro-batch at a time. Batch ``b`` with ``k`` accumulation steps thus
-    samples, scores and trains exactly as batch ``k*b``."""
-    import torch
-
-    from finetune_sdk.grpo_loss import split_rows
-
-    prompts = {key: [value for batch in micro_batches for value in batch[key]]
-               for key in ("prompt_ids", "prompts", "columns")}
-    sizes = [len(batch["prompt_ids"]) * settings.num_generations for batch in micro_batches]
-    parts = split_rows(score_group(policy, prompts, tokenizer, settings, rewards, weights, None), sizes,
-                       settings.num_generations)
-    if reference is not None and settings.beta:
-        with reference.active(policy), torch.no_grad():
-            for part in parts:
-                part.ref_logps = completion_logps(policy, part.group, settings.sampling)
-    return parts
-
-
 def group_columns(columns: Sequence[Mapping[str, Any]], repeat: int) -> dict[str, list[Any]]:
     """Per-row columns as ``{column: [value per completion]}``, each row's values repeated ``repeat`` times."""
     names = sorted({k for row in columns for k in row})
@@ -357,7 +335,8 @@ def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], refere
                     logger.warning("step %d: no samples kept for iteration %d of num_iterations=%d (resumed between "
                                    "them): sampling afresh", self.state.global_step + 1, iteration + 1,
                                    settings.num_iterations)
-                return score_step(policy, step.micro_batches, tokenizer, settings, rewards, weights, reference)
+                return score_step(policy, step.micro_batches, settings, reference, lambda prompts: score_group(
+                    policy, prompts, tokenizer, settings, rewards, weights, None))
 
             if iteration == 0 or self.__dict__.get("_grpo_kept") is None:
                 self._grpo_kept = step.once("grpo", sample)

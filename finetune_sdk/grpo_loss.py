@@ -4,7 +4,7 @@ groups into micro-batches, and the reference's weights. See :mod:`finetune_sdk.g
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -116,6 +116,27 @@ def split_rows(scored: Any, sizes: Sequence[int], group_size: int) -> list[Any]:
                              ref_logps=None if scored.ref_logps is None else scored.ref_logps[rows],
                              old_logps=None))
         start += n
+    return parts
+
+
+def score_step(policy: Any, micro_batches: Sequence[Any], settings: Any, reference: Any,
+               score_prompts: Callable[[dict[str, list[Any]]], Any]) -> list[Any]:
+    """The groups of one optimizer step, one :class:`~finetune_sdk.grpo.ScoredGroup` per micro-batch: the prompts of
+    every collated micro-batch (``prompt_ids``, ``prompts``, ``columns`` lists) are sampled and scored in one call
+    of ``score_prompts`` (TRL's generation batch: ``per_device_train_batch_size x gradient_accumulation_steps``
+    prompts; it normalises within each group), then cut back into the micro-batches by :func:`split_rows`; with a
+    ``reference`` and ``settings.beta`` > 0 the reference's log-probs are computed a micro-batch at a time. Batch
+    ``b`` with ``k`` accumulation steps thus samples, scores and trains exactly as batch ``k*b``."""
+    import torch
+
+    prompts = {key: [value for batch in micro_batches for value in batch[key]]
+               for key in ("prompt_ids", "prompts", "columns")}
+    sizes = [len(batch["prompt_ids"]) * settings.num_generations for batch in micro_batches]
+    parts = split_rows(score_prompts(prompts), sizes, settings.num_generations)
+    if reference is not None and settings.beta:
+        with reference.active(policy), torch.no_grad():
+            for part in parts:
+                part.ref_logps = completion_logps(policy, part.group, settings.sampling)
     return parts
 
 

@@ -7,12 +7,14 @@ a desirable row's loss is ``desirable_weight * (1 - sigmoid(beta * (r - z0)))`` 
 ``desirable_weight``/``undesirable_weight``); a batch's loss is the mean over its rows. ``z0`` is estimated as in the
 paper and TRL: ``max(0, mean(log pi(y'|x) - log pi_ref(y'|x)))`` over mismatched pairs, each prompt with the next
 row's completion (in file order, wrapping around; TRL pairs within chunks of the batch size instead), computed
-without gradient, averaged over the processes of a distributed run.
+without gradient over the optimizer step's whole batch: every accumulated micro-batch and every process of a
+distributed run (TRL estimates it per micro-batch, so its accumulation is not the bigger batch; here batch ``b``
+with ``gradient_accumulation_steps=k`` trains as batch ``k*b``, :mod:`finetune_sdk.accumulation`).
 
 The reference is handled as for DPO (:mod:`finetune_sdk.preference`): ``pi_ref`` is the policy as it stands when
 KTO starts (after the technique prepared it; a trained adapter of an earlier stage included), its log-probs of the
 matched and the mismatched pairs computed once before the first step, for the held-out rows too. No second model
-is held; each step runs one more forward pass, without gradient, over the batch's mismatched pairs.
+is held; each optimizer step runs one more forward pass, without gradient, over its mismatched pairs.
 
 Why not TRL's ``KTOTrainer``: in TRL 1.16 it lives in ``trl.experimental`` (no stable API), tokenizes rows itself
 with the chat template applied to raw strings (row content could become control tokens, which the SDK's
