@@ -4,11 +4,12 @@ transformers' ``Trainer`` collects the micro-batches of one optimizer step befor
 (``get_batch_samples``) and hands each ``training_step`` the step's ``num_items_in_batch`` (the labelled tokens of
 all of them), so a causal-LM loss normalised by it is the bigger batch's (``sft``; the classifier's head counts its
 labels the same way). An objective whose loss is a mean over *examples* (pairs, rated rows, sampled completions), or
-that needs a statistic of the whole batch (KTO's KL reference point, GRPO's sampled groups), mixes in
-the ``StepBatchTrainer`` of :func:`step_batch_trainer_class`: ``num_items_in_batch`` becomes the number of examples in the step (summed over the
-processes of a distributed run), each micro-batch's loss is its examples' summed loss divided by it (so the Trainer
-adds, never averages, the micro-batches), and :class:`StepBatch` holds the step's micro-batches so that a
-statistic is computed once over all of them, on first use (after a resumed run has restored its RNG state).
+that needs a statistic of the whole batch (KTO's KL reference point, GRPO's sampled groups), subclasses the
+``StepBatchTrainer`` of :func:`step_batch_trainer_class`: ``num_items_in_batch`` becomes the number of examples in
+the step (summed over the processes of a distributed run), each micro-batch's loss is its examples' summed loss
+divided by it (so the Trainer adds, never averages, the micro-batches), and :class:`StepBatch` holds the step's
+micro-batches so that a statistic is computed once over all of them, on first use (after a resumed run has
+restored its RNG state: transformers restores it after collecting the first resumed step's micro-batches).
 
 With batch ``b`` and ``gradient_accumulation_steps=k`` the gradient and the logged loss of every step are then
 those of batch ``k*b`` on the same rows (up to float rounding of the different matmul shapes), the last, shorter
