@@ -188,13 +188,48 @@ def test_fedprox_term_adds_mu_times_distance_to_the_gradient():
     from finetune_sdk.federated.client_training import _add_proximal_term
 
     layer = torch.nn.Linear(3, 1, bias=False)
-    handles = _add_proximal_term(layer, mu=0.5, accumulation_steps=1)
+    handles = _add_proximal_term(layer, mu=0.5)
     with torch.no_grad():
         layer.weight += 2.0  # w - w_global = 2 everywhere
     layer(torch.zeros(1, 3)).sum().backward()  # the data gradient is 0 for a zero input
     assert torch.allclose(layer.weight.grad, torch.full((1, 3), 1.0))
     for handle in handles:
         handle.remove()
+
+
+def test_fedprox_term_is_added_once_per_optimizer_step_whatever_its_micro_batches(llama_dir, tmp_path):
+    """Batch 4 and batch 1 x 4 micro-batches on 7 rows (steps of 4 and 3 micro-batches) train the same weights
+    under FedProx: the proximal term is the bigger batch's in the shorter last step too (it was 3/4 of it: weights
+    7.9e-3 apart, 1.9e-8 now)."""
+    import torch
+
+    from finetune_sdk.federated.client_training import _add_proximal_term
+
+    rows = [{"messages": [{"role": "user", "content": f"what is {w}?"},
+                          {"role": "assistant", "content": f"{w} is a word" + "." * (i % 3)}]}
+            for i, w in enumerate(["red", "cat", "blue", "dog", "fish", "green", "bird"])]
+    trained = {}
+    for batch, accumulation in ((4, 1), (1, 4)):
+        trainer = Trainer(llama_dir, technique="lora", formatter="chatml", output_dir=tmp_path / f"out-{batch}",
+                          progress=False, seed=3, dtype="float32", optim="sgd", learning_rate=0.5,
+                          lora_dropout=0.0, num_train_epochs=1, max_grad_norm=0.0,
+                          per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        session = trainer.current_model()
+        torch.manual_seed(0)  # the same LoRA initialisation in both runs
+        session.model = trainer.technique.prepare(session.model, trainer.options, session.tokenizer)
+        handles = _add_proximal_term(session.model, mu=2.0)
+        with torch.no_grad():  # start away from the global weights, so the term is large from the first step
+            for param in session.model.parameters():
+                if param.requires_grad:
+                    param += 0.05
+        try:
+            trainer.fit(rows)
+        finally:
+            for handle in handles:
+                handle.remove()
+        trained[batch] = {n: p.detach().clone() for n, p in session.model.named_parameters() if p.requires_grad}
+    for name, weight in trained[4].items():
+        assert torch.allclose(weight, trained[1][name], rtol=1e-4, atol=1e-6), name
 
 
 @pytest.mark.slow

@@ -83,8 +83,7 @@ def train_round(job: FederatedJob, client: ClientData, arrays: Any, server_round
         metrics: dict[str, float] = {"global_eval_loss": 0.0, "eval_loss": 0.0, "eval_examples": 0.0}
         if eval_rows is not None:
             metrics["global_eval_loss"] = float(trainer.evaluate(eval_rows)["eval_loss"])
-        handles = _add_proximal_term(model, proximal_mu, trainer.options["gradient_accumulation_steps"]) \
-            if proximal_mu > 0 else []
+        handles = _add_proximal_term(model, proximal_mu) if proximal_mu > 0 else []
         try:
             result = trainer.fit(rows)
         finally:
@@ -111,15 +110,23 @@ def _prepare_with(trainer: Any, arrays: Any) -> Any:
     return session.model
 
 
-def _add_proximal_term(model: Any, mu: float, accumulation_steps: int) -> list[Any]:
-    """Gradient hooks adding FedProx's ``mu * (w - w_global)`` to each trainable parameter's gradient.
+def _add_proximal_term(model: Any, mu: float) -> list[Any]:
+    """Gradient hooks adding FedProx's ``mu * (w - w_global)`` to each trainable parameter's gradient, once per
+    optimizer step (Li et al., 2020, "Federated Optimization in Heterogeneous Networks": the gradient of
+    ``mu/2 * ||w - w_global||^2``).
 
-    Backward runs once per micro-batch and the micro-batch gradients are summed, so each adds
-    ``1/accumulation_steps`` of the term."""
-    scale = mu / max(accumulation_steps, 1)
+    Backward runs once per micro-batch and the micro-batch gradients are summed, so the whole term is added on the
+    step's last micro-batch (accelerate's ``GradientState.sync_gradients``, which transformers' Trainer sets there)
+    and nothing on the others: a step of fewer micro-batches (the last of an epoch) gets the whole term too, as the
+    bigger batch does, before gradient clipping. Outside a Trainer (``sync_gradients`` is then True) every backward
+    adds it."""
+    from accelerate.state import GradientState
+
+    state = GradientState()
     handles = []
     for param in model.parameters():
         if param.requires_grad:
             anchor = param.detach().clone()
-            handles.append(param.register_hook(lambda grad, p=param, a=anchor: grad + scale * (p.detach() - a)))
+            handles.append(param.register_hook(
+                lambda grad, p=param, a=anchor: grad + mu * (p.detach() - a) if state.sync_gradients else grad))
     return handles
