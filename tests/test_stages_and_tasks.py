@@ -198,12 +198,21 @@ def lora_state(folder):
     return load_file(str(folder / "adapter_model.safetensors"))
 
 
+def kto_row(a, b):
+    good = (a + b) % 2 == 0
+    return {"prompt": f"what is {a} plus {b}?", "completion": f"{a} plus {b} is {a + b if good else a - b}.",
+            "label": good}
+
+
 @pytest.mark.slow
-def test_two_process_torchrun_reaches_the_weights_of_one_process(tiny_models, tmp_path):
-    rows = [qa(a, b) for a in range(4) for b in range(2)]  # 8 rows of equal length
+@pytest.mark.parametrize("formatter, make_row", [("chatml", qa), ("kto", kto_row)], ids=["sft", "kto"])
+def test_two_process_torchrun_reaches_the_weights_of_one_process(tiny_models, tmp_path, formatter, make_row):
+    """Data parallel = the bigger batch: for SFT (token-count normaliser) and for KTO, whose example count and KL
+    reference point are gathered over both processes (finetune_sdk.accumulation, kto)."""
+    rows = [make_row(a, b) for a in range(4) for b in range(2)]  # 8 rows
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["train", "--model", str(tiny_models("llama")), "--data", str(data), "--formatter", "chatml",
+    common = ["train", "--model", str(tiny_models("llama")), "--data", str(data), "--formatter", formatter,
               "--num-train-epochs", "3", "--learning-rate", "0.01", "--lora-dropout", "0", "--seed", "0",
               "--dtype", "float32"]  # equal to 1e-5 in fp32; a bf16 base rounds differently for batches of 8 and 4
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
