@@ -144,7 +144,8 @@ def push(registry: Registry, ref: str, repo_id: str, *, endpoint: str | None = N
             "name": version.name, "version": version.version, "parent": version.parent,
             "description": version.description, "created": version.created, "tags": version.tags,
             "files": version.files, "artifacts": extra})
-        (folder / "README.md").write_text(model_card(version, repo_id, artifacts=extra), encoding="utf-8")
+        card = model_card(version, repo_id, artifacts=extra, scores=registry.scores(version.ref))
+        (folder / "README.md").write_text(card, encoding="utf-8")
         commit = _call(endpoint, f"pushing {version.ref} to {repo_id}", lambda: api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), commit_message=f"{version.name} v{version.version}",
             delete_patterns=["*"]))

@@ -16,6 +16,7 @@ from finetune_sdk.errors import FinetuneError, IntegrityError, RegistryError
 from finetune_sdk.fsutil import staged_directory
 from finetune_sdk.manifest import read_manifest
 from finetune_sdk.registry import artifacts as artifact_rows
+from finetune_sdk.registry import scores as score_rows
 from finetune_sdk.registry.blobs import BlobStore
 from finetune_sdk.registry.index import Index
 from finetune_sdk.registry.locks import collecting, publishing
@@ -237,6 +238,7 @@ class Registry:
             except RegistryError:
                 break
         info["lineage"] = lineage
+        info["scores"] = score_rows.scores(self, version.ref)
         return info
 
     def diff(self, ref_a: str, ref_b: str) -> dict[str, Any]:
@@ -327,6 +329,7 @@ class Registry:
             db.execute("DELETE FROM remotes WHERE name = ? AND version = ?", (version.name, version.version))
             db.execute("DELETE FROM versions WHERE name = ? AND version = ?", (version.name, version.version))
             artifact_rows.forget(db, version.name, version.version)
+            score_rows.forget(db, version.name, version.version)
         shutil.rmtree(self.home / "checkouts" / version.name / str(version.version), ignore_errors=True)
         self.collect_garbage()
         return version
@@ -363,6 +366,17 @@ class Registry:
     def artifact_path(self, ref: str, file: str) -> Path:
         """A hash-checked copy of one artifact of version ``ref``."""
         return artifact_rows.artifact_path(self, ref, file)
+
+    # -- benchmark scores (finetune bench) -------------------------------------------------------------------
+    def scores(self, ref: str) -> list[dict[str, Any]]:
+        """The benchmark scores stored for version ``ref`` (task, metric, value, stderr...; see ``registry.scores``)."""
+        return score_rows.scores(self, ref)
+
+    def score_table(self, name: str) -> list[dict[str, Any]]:
+        """Every version's scores and the base's per task, with the difference to the base and whether it exceeds
+        twice the combined standard error (what ``finetune registry scores NAME`` prints); see
+        :func:`finetune_sdk.registry.scores.comparison`."""
+        return score_rows.comparison(self, name)
 
     # -- Hub -------------------------------------------------------------------------------------------------
     def push(self, ref: str, repo_id: str, **kwargs: Any) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from finetune_sdk.registry.local import AdapterVersion
+from finetune_sdk.registry.scores import model_index
 
 PIPELINE = {"causal-lm": "text-generation", "classification": "text-classification",
             "reward": "text-classification"}
@@ -17,10 +18,11 @@ def _yaml_list(items: list[str]) -> str:
     return "".join(f"\n- {json.dumps(item)}" for item in items)
 
 
-def model_card(version: AdapterVersion, repo_id: str, artifacts: dict[str, dict[str, Any]] | None = None) -> str:
-    """YAML metadata (``library_name: peft``, ``base_model``, tags, pipeline tag) and a body that says how it was
-    trained and how to load it, and a table of the version's artifacts (GGUF exports with their quantization).
-    Credentials never appear: manifests hold none."""
+def model_card(version: AdapterVersion, repo_id: str, artifacts: dict[str, dict[str, Any]] | None = None,
+               scores: list[dict[str, Any]] | None = None) -> str:
+    """YAML metadata (``library_name: peft``, ``base_model``, tags, pipeline tag, ``model-index`` with the version's
+    benchmark scores) and a body that says how it was trained and how to load it, its scores, and a table of the
+    version's artifacts (GGUF exports with their quantization). Credentials never appear: manifests hold none."""
     m = version.manifest
     base = m.get("base_model") or {}
     technique = m.get("technique") or "unknown"
@@ -32,7 +34,11 @@ def model_card(version: AdapterVersion, repo_id: str, artifacts: dict[str, dict[
     header = ["---", "library_name: peft" if technique in ("lora", "qlora") else "library_name: transformers"]
     if base.get("kind") == "hub":
         header.append(f"base_model: {json.dumps(base['id'])}")
-    header += [f"tags:{_yaml_list(tags)}", f"pipeline_tag: {PIPELINE.get(m.get('task'), 'text-generation')}", "---"]
+    header += [f"tags:{_yaml_list(tags)}", f"pipeline_tag: {PIPELINE.get(m.get('task'), 'text-generation')}"]
+    index = model_index(version.name, scores or [])
+    if index:  # JSON is YAML: the Hub reads this block as the card's evaluation results
+        header.append(f"model-index: {json.dumps(index, sort_keys=True)}")
+    header.append("---")
     options = m.get("options") or {}
     metrics = m.get("metrics") or {}
     dataset = m.get("dataset") or {}
@@ -54,6 +60,12 @@ def model_card(version: AdapterVersion, repo_id: str, artifacts: dict[str, dict[
         USAGE.get(m.get("task") or "", 'model.generate(["Hello!"])'),
         "```", "",
     ]
+    if scores:
+        lines += ["## Benchmark scores", "", "| task | metric | shots | limit | value | stderr | lm-eval |",
+                  "| --- | --- | --- | --- | --- | --- | --- |",
+                  *[f"| {r['task']} | {r['metric']} | {r['num_fewshot']} | {r['limit']} | {r['value']:.4g} | "
+                    f"{r['stderr'] if r.get('stderr') is None else format(r['stderr'], '.4g')} | "
+                    f"{r['lm_eval_version']} |" for r in scores], ""]
     if artifacts:
         lines += ["## Exported files", "", "| file | kind | quantization | size |", "| --- | --- | --- | --- |",
                   *[f"| `artifacts/{name}` | {a.get('kind')} | `{(a.get('metadata') or {}).get('quantization')}` | "

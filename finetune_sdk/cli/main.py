@@ -8,6 +8,7 @@ import click
 
 from finetune_sdk import __version__
 from finetune_sdk.cli.advise_command import advise_command
+from finetune_sdk.cli.bench_command import bench_command
 from finetune_sdk.cli.errors import FinetuneGroup
 from finetune_sdk.cli.export_command import export_command
 from finetune_sdk.cli.federated_commands import federated_group
@@ -47,6 +48,7 @@ cli.add_command(registry_group)
 cli.add_command(merge_command)
 cli.add_command(export_command)
 cli.add_command(advise_command)
+cli.add_command(bench_command)
 cli.add_command(federated_group)
 cli.add_command(studio_command)
 

@@ -1,4 +1,4 @@
-"""``finetune registry ...``: list, versions, show, diff, alias, tag, verify, rm, push, pull."""
+"""``finetune registry ...``: list, versions, show, scores, diff, alias, tag, verify, rm, push, pull."""
 
 from __future__ import annotations
 
@@ -99,6 +99,36 @@ def show_command(ctx: click.Context, ref: str, as_json: bool) -> None:
             table.add_row(f"{section}.{key}", cell(value))
     for rel, meta in sorted(info["files"].items()):
         table.add_row(f"file {rel}", cell(f"{meta['size']:,} bytes sha256:{meta['sha256'][:16]}"))
+    for row in info.get("scores") or []:
+        stderr = "" if row["stderr"] is None else f" ± {row['stderr']:.4f}"
+        table.add_row(f"score {row['task']} {row['metric']}",
+                      cell(f"{row['value']:.4f}{stderr} ({row['num_fewshot']}-shot, limit {row['limit']}, "
+                           f"lm-eval {row['lm_eval_version']}, seed {row['seed']}, {short_time(row['date'])})"))
+    console().print(table)
+
+
+@registry_group.command("scores")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def scores_command(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Benchmark scores of every version of NAME and of its base, per task: the difference to the base and whether
+    it exceeds twice their combined standard error (finetune bench stores them)."""
+    rows = _registry(ctx).score_table(name)
+    if as_json:
+        return _echo_json(rows)
+    if not rows:
+        console().print(f"no scores for {name} yet: finetune bench {name}@VERSION --task-file TASK.yaml")
+        return
+    table = titled_table(f"scores of {name}", show_edge=False)
+    for column in ("task", "metric", "shots", "limit", "model", "value", "stderr", "vs base", "> 2 SE"):
+        table.add_column(column, justify="left" if column in ("task", "metric", "model") else "right")
+    for row in rows:
+        table.add_row(cell(row["task"]), cell(row["metric"]), cell(row["num_fewshot"]),
+                      cell("all" if row["limit"] is None else row["limit"]), cell(row["model"]), cell(row["value"]),
+                      cell("" if row["stderr"] is None else row["stderr"]),
+                      cell("" if row["vs_base"] is None else f"{row['vs_base']:+.4f}"),
+                      cell("" if row["significant"] is None else row["significant"]))
     console().print(table)
 
 

@@ -1,0 +1,190 @@
+"""The ``finetune-sdk`` model backend of lm-evaluation-harness: a loaded result (or base) scored through lm-eval's
+own Hugging Face backend (``HFLM``), prompts wrapped in the chat format the result was trained with.
+
+Importing this module registers the backend with lm-eval (``lm_eval.api.registry.register_model``). lm-eval 0.4.13
+discovers no third-party backends by itself, so the stock ``lm_eval`` command can't see it; ``finetune-lm-eval``
+(this module's :func:`main`, also ``python -m finetune_sdk.eval_backend``) is lm-eval's own command line with the
+backend registered::
+
+    finetune-lm-eval run --model finetune-sdk --model_args ref=bot@2 --tasks quillfeather_qa \\
+        --include_path examples/tasks
+
+Model arguments: ``ref`` (a result folder, ``name@N``, ``hf://...`` or a base model), ``base`` (``true``: score
+the result's base model instead), ``chat`` (``true``/``false``; default: when the result has a formatter),
+``check`` (``false`` skips the adapter-applied probe), ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from finetune_sdk.errors import ConfigError
+
+#: Loggers of lm-eval whose INFO lines (and the warning about an in-memory model) are not the SDK user's business.
+LM_EVAL_LOGGERS = ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.models.huggingface", "lm_eval.api.task",
+                   "lm_eval.tasks", "lm_eval.evaluator_utils", "lm_eval.api.model")
+
+#: lm-eval modules that draw tqdm bars while scoring.
+TQDM_MODULES = ("lm_eval.api.model", "lm_eval.api.task", "lm_eval.api.metrics", "lm_eval.models.huggingface",
+                "lm_eval.evaluator")
+
+
+def _flag(value: Any, default: bool | None) -> bool | None:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"model argument {value!r} is not true or false")
+
+
+@register_model("finetune-sdk")
+class FinetuneSDKLM(HFLM):
+    """lm-eval's ``HFLM`` over a model opened by :func:`finetune_sdk.load` (4-bit after QLoRA, its dtype, its
+    adapter applied and checked), with :meth:`apply_chat_template` rendering prompts in the result's formatter.
+
+    Example:
+        >>> lm = FinetuneSDKLM(ref="bot@2")  # doctest: +SKIP
+        >>> lm_eval.simple_evaluate(model=lm, tasks=["quillfeather_choice"])  # doctest: +SKIP
+    """
+
+    def __init__(self, ref: str | None = None, *, loaded: Any = None, base: Any = False, chat: Any = None,
+                 check: Any = True, trust_remote_code: Any = False, batch_size: int | str | None = 1,
+                 max_batch_size: int | None = 64, **kwargs: Any) -> None:
+        if loaded is None:
+            if not ref:
+                raise ConfigError("the finetune-sdk backend needs a model: --model_args ref=NAME@VERSION (or a "
+                                  "result folder or base model)")
+            loaded = open_for_lm_eval(str(ref), base=bool(_flag(base, False)), check=bool(_flag(check, True)),
+                                      trust_remote_code=bool(_flag(trust_remote_code, False)))
+        self.loaded = loaded
+        self.formatter = loaded.formatter
+        self.chat = bool(_flag(chat, self.formatter is not None))
+        kwargs.pop("device", None)  # the model is already placed by finetune_sdk.load
+        kwargs.pop("pretrained", None)
+        with quiet_lm_eval():
+            super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, backend="causal",
+                             batch_size=batch_size if batch_size is not None else 1, max_batch_size=max_batch_size,
+                             **kwargs)
+
+    @classmethod
+    def from_loaded(cls, loaded: Any, *, batch_size: int | str = "auto", chat: bool | None = None) -> FinetuneSDKLM:
+        """The backend over an already loaded ``LoadedModel`` (what :func:`finetune_sdk.benchmark` uses)."""
+        return cls(loaded=loaded, batch_size=batch_size, chat=chat)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "") or "finetune-sdk").replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the result's formatter renders a training prompt: few-shot turns become plain text
+        ahead of the last question, which is wrapped in the chat format (the tokenizer's template with no
+        formatter)."""
+        if self.formatter is None:
+            return super().apply_chat_template(chat_history, add_generation_prompt)
+        parts, pending = [], []
+        for message in chat_history:
+            pending.append(message["content"])
+            if message["role"] in ("assistant", "system"):
+                parts.append(" ".join(pending))
+                pending = []
+        question = "\n\n".join([*parts, " ".join(pending)]).strip()
+        ids = self.loaded.prompt_ids(question)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def open_for_lm_eval(ref: str, *, base: bool, check: bool, trust_remote_code: bool) -> Any:
+    """The ``LoadedModel`` the command-line route scores: the result (checked against its base) or its base."""
+    from finetune_sdk.benchmark import open_models
+    from finetune_sdk.loading import is_result, load_base
+    from finetune_sdk.log import known_dependency_messages
+
+    with known_dependency_messages():
+        if base and is_result(ref):
+            return load_base(ref, trust_remote_code=trust_remote_code)
+        tuned, _, _ = open_models(ref, with_base=False, check=check, trust_remote_code=trust_remote_code)
+        return tuned
+
+
+@contextlib.contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """lm-eval's INFO and WARNING lines, its tqdm bars and git's ``fatal: not a git repository`` (lm-eval runs
+    ``git describe`` for its results' ``git_hash``) kept off the terminal inside the block; errors still show."""
+    from lm_eval import evaluator
+
+    saved = []
+    for name in LM_EVAL_LOGGERS:
+        log = logging.getLogger(name)
+        saved.append((log, log.level))
+        log.setLevel(logging.ERROR)
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating test split" of local data files
+    patched = [(evaluator, "get_git_commit_hash", _quiet_git_hash)]
+    for name in TQDM_MODULES:  # lm-eval's bars: each module's own ``tqdm`` name, made silent
+        module = sys.modules.get(name) or importlib.import_module(name)
+        if hasattr(module, "tqdm"):
+            patched.append((module, "tqdm", _silent(module.tqdm)))
+    originals = [(module, attr, getattr(module, attr)) for module, attr, _ in patched]
+    for module, attr, value in patched:
+        setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        for module, attr, value in originals:
+            setattr(module, attr, value)
+        for log, level in saved:
+            log.setLevel(level)
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _silent(bar: Any) -> Any:
+    """``tqdm`` that never draws, whatever ``disable=`` its caller passes."""
+    @functools.wraps(bar)
+    def make(*args: Any, **kwargs: Any) -> Any:
+        return bar(*args, **{**kwargs, "disable": True})
+
+    return make
+
+
+def _quiet_git_hash() -> str | None:
+    """lm-eval's ``get_git_commit_hash`` with git's complaints sent to /dev/null and a timeout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.decode().strip() or None if out.returncode == 0 else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``finetune-lm-eval``: lm-eval's command line with the ``finetune-sdk`` backend registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["finetune-lm-eval", *(argv if argv is not None else sys.argv[1:])]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+
+
+if __name__ == "__main__":
+    main()
