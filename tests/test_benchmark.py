@@ -243,3 +243,19 @@ def test_score_table_marks_differences_beyond_twice_the_combined_standard_error(
     assert table[2]["vs_base"] == pytest.approx(0.3)
     registry.delete("toy@2")
     assert [t["model"] for t in registry.score_table("toy")] == ["base", "toy@1"]
+
+
+@pytest.mark.slow
+def test_shipped_tasks_score_a_base_model_offline(llama_dir, tmp_path, monkeypatch):
+    from finetune_sdk.benchmark import benchmark
+
+    monkeypatch.chdir(tmp_path)  # data files are found relative to the task files, not the working folder
+    tasks = Path(__file__).parents[1] / "examples" / "tasks"
+    result = benchmark(str(llama_dir), task_files=[tasks / "quillfeather_qa.yaml",
+                                                   tasks / "quillfeather_choice.yaml"], limit=8, batch_size=4)
+    got = {(r["task"], r["metric"]): r for r in result.scores}
+    assert set(got) == {("quillfeather_qa", "exact_match"), ("quillfeather_choice", "acc"),
+                        ("quillfeather_choice", "acc_norm")}
+    assert got[("quillfeather_qa", "exact_match")]["value"] == 0.0  # a random tiny model answers nothing right
+    assert all(r["limit"] == 8 and r["adapter_sha256"] is None for r in result.scores)
+    assert result.base_scores == [] and result.stored_as is None
