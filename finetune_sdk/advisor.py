@@ -70,13 +70,16 @@ class Advice:
     considered: list[Candidate] = field(default_factory=list)
     #: True when the data can't leave its owners: train with ``fit_federated`` / ``finetune federated``.
     federated: bool = False
+    #: With ``eval_data``: the base model's zero- and few-shot scores and the verdict (``PromptingScores``).
+    prompting: Any = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"technique": self.technique, "quantizer": self.quantizer, "options": dict(self.options),
                 "federated": self.federated,
                 "fits": self.fits, "memory_bytes": self.memory_bytes, "device": self.device,
                 "estimate": self.estimate.as_dict(), "reasons": list(self.reasons),
-                "considered": [vars(c) for c in self.considered]}
+                "considered": [vars(c) for c in self.considered],
+                "prompting": self.prompting.as_dict() if self.prompting is not None else None}
 
     def command(self, model: str = "MODEL", data: str = "train.jsonl") -> str:
         """The ``finetune train`` command line that applies this advice."""
@@ -98,7 +101,8 @@ class Advice:
 def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int | None = None,
            memory_bytes: int | None = None, device: str = "auto", must_keep_base: bool = False,
            private_data: bool = False, seq_len: int = 512, task: str = "causal-lm",
-           data_owners: int = 0, num_generations: int = 0, objective: str = "sft") -> Advice:
+           data_owners: int = 0, num_generations: int = 0, objective: str = "sft", eval_data: Any = None,
+           data: Any = None, shots: int = 3, eval_budget_s: float = 60.0) -> Advice:
     """Recommend how to fine-tune ``model`` (a config, model folder, cached Hub id or ``.gguf`` file).
 
     Args:
@@ -117,6 +121,11 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
             a copy of the trainable weights; the target is 16 completions per optimizer step.
         objective: what offline causal-lm training optimises: ``sft``, ``dpo`` or ``kto`` (see
             :func:`finetune_sdk.memory.estimate_training_memory`; its cost is among the reasons).
+        eval_data, data, shots, eval_budget_s: held-out prompt/completion rows: the base model is loaded and
+            scored on them zero-shot and with ``shots`` rows of ``data`` (the training rows; else other held-out
+            rows) in the prompt, within ``eval_budget_s`` seconds; ``Advice.prompting`` holds the scores and its
+            verdict (prompt it / too little data / fine-tune) leads the reasons
+            (:mod:`finetune_sdk.prompting_advice`).
     """
     if task not in TECHNIQUE_TASKS:
         raise ConfigError(f"task must be one of {', '.join(TECHNIQUE_TASKS)}, got {task!r}")
@@ -201,9 +210,17 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
     else:
         reasons += _privacy_reasons(private_data, chosen)
     reasons += [f"note: {note}" for note in chosen.notes]
+    prompting = None
+    if eval_data is not None:  # when not to fine-tune: the base scored zero- and few-shot on held-out rows
+        from finetune_sdk.loading import open_model
+        from finetune_sdk.prompting_advice import check_rows, score_prompting
+
+        check_rows(eval_data, data)  # a bad row is one line before the model loads
+        prompting = score_prompting(open_model(str(model)), eval_data, data, shots=shots, budget_s=eval_budget_s)
+        reasons = prompting.advice + reasons
     return Advice(technique=chosen.technique, quantizer=chosen.quantizer, options=options, estimate=chosen,
                   reasons=reasons, memory_bytes=memory, device=device, fits=fits, considered=considered,
-                  federated=federated)
+                  federated=federated, prompting=prompting)
 
 
 def _options(est: MemoryEstimate, gc: bool, target: int, seq_len: int) -> dict[str, Any]:

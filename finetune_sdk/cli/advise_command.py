@@ -48,10 +48,20 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
               help="what offline causal-lm training optimises: sft, dpo (preference pairs) or kto (rated answers)")
 @click.option("--num-generations", type=click.IntRange(min=2), default=None,
               help="online RL with GRPO: completions sampled per prompt (then --seq-len is prompt + completion)")
+@click.option("--eval", "eval_data", type=click.Path(dir_okay=False),
+              help="held-out prompt/completion rows: score the base zero-shot and few-shot on them and say when "
+                   "prompting already does the job (loads the model)")
+@click.option("--data", type=click.Path(dir_okay=False),
+              help="the training rows (with --eval: the few-shot examples, and their number decides 'too little')")
+@click.option("--shots", type=click.IntRange(min=1), default=3, show_default=True,
+              help="with --eval: examples in each few-shot prompt")
+@click.option("--eval-budget", type=click.FloatRange(min=1), default=60.0, show_default=True, metavar="SECONDS",
+              help="with --eval: time to spend scoring; rows past it are left out (and said so)")
 @click.option("--json", "as_json", is_flag=True, help="print the advice as JSON")
 def advise_command(model: str, rows: int | None, tokens: int | None, memory: int | None, device: str,
                    seq_len: int, keep_base: bool, private: bool, owners: int | None, task: str,
-                   objective: str, num_generations: int | None, as_json: bool) -> None:
+                   objective: str, num_generations: int | None, eval_data: str | None, data: str | None,
+                   shots: int, eval_budget: float, as_json: bool) -> None:
     """Recommend a technique, quantizer, batch size and memory settings for MODEL (a folder, cached Hub id or
     .gguf file), with the memory estimate and the reasons. Only the model's config is read.
 
@@ -64,7 +74,8 @@ def advise_command(model: str, rows: int | None, tokens: int | None, memory: int
     try:
         advice = advise(model, dataset_rows=rows, dataset_tokens=tokens, memory_bytes=memory, device=device,
                         must_keep_base=keep_base, private_data=private, seq_len=seq_len, task=task,
-                        data_owners=owners or 0, num_generations=num_generations or 0, objective=objective)
+                        data_owners=owners or 0, num_generations=num_generations or 0, objective=objective,
+                        eval_data=eval_data, data=data, shots=shots, eval_budget_s=eval_budget)
     except FinetuneError as exc:
         raise UserError(str(exc)) from None
     if as_json:
@@ -95,4 +106,6 @@ def render(advice: Any, model: str) -> None:
     out.print("[bold]why[/bold]")
     for reason in advice.reasons:
         out.print(cell(f"- {reason}"))
+    if advice.prompting is not None and advice.prompting.verdict != "fine-tune":
+        return  # the advice is not to fine-tune: no training command
     out.print(cell(advice.command(model)))
