@@ -8,7 +8,9 @@ results into score rows stored with the registry version (:mod:`finetune_sdk.reg
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import random
@@ -208,13 +210,18 @@ def score(loaded: Any, task_manager: Any, task_dict: dict[str, Any], *, model_na
 
     random.seed(seed)
     lm = FinetuneSDKLM.from_loaded(loaded, batch_size=batch_size, chat=chat)
-    with quiet_lm_eval(), activity(f"benchmarking {model_name} on {', '.join(task_dict)}"):
+    printed = io.StringIO()  # lm-eval print()s the batch size it found: said once below, in the SDK's log
+    with quiet_lm_eval(), activity(f"benchmarking {model_name} on {', '.join(task_dict)}"), \
+            contextlib.redirect_stdout(printed):
         from lm_eval import simple_evaluate
 
         results = simple_evaluate(model=lm, tasks=list(task_dict.values()), num_fewshot=num_fewshot, limit=limit,
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                   fewshot_random_seed=seed, task_manager=task_manager, log_samples=False,
                                   apply_chat_template=lm.chat, bootstrap_iters=1000)
+    found = [line for line in printed.getvalue().splitlines() if "largest batch size" in line.lower()]
+    if found:
+        logger.info("%s: batch size %s, found automatically", model_name, found[-1].rsplit(":", 1)[-1].strip())
     return score_rows(results, model_name=model_name, adapter=adapter, limit=limit, seed=seed,
                       lm_eval_version=lm_eval_version)
 
