@@ -197,6 +197,11 @@ def test_hub_round_trip_by_version_and_alias(registry, trained, hub, tmp_path, m
     first, second = trained
     registry.publish(first, "adder", aliases=["production"])
     registry.publish(second, "adder", parent="adder@1")
+    from finetune_sdk.registry.scores import store
+
+    store(registry, "adder@1", [{"task": "arith_choice", "task_version": 1.0, "num_fewshot": 0, "limit": None,
+                                 "metric": "acc", "filter": "none", "value": 0.75, "stderr": 0.11,
+                                 "lm_eval_version": "0.4.13", "seed": 0, "date": "2026-12-07T00:00:00+00:00"}])
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # where huggingface_hub reads tokens
     info = registry.push("adder@1", "team/adder", endpoint=hub.url, private=True)
     assert info["tag"] == "v1"
@@ -206,6 +211,8 @@ def test_hub_round_trip_by_version_and_alias(registry, trained, hub, tmp_path, m
     card = hub.read_file("team/adder", "README.md", "v1").decode()
     assert "library_name: peft" in card and "pipeline_tag: text-generation" in card
     assert 'finetune_sdk.load("hf://team/adder@v1")' in card and "AutoPeftModelForCausalLM" in card
+    assert 'model-index: [{"name": "adder", "results": [{"dataset": {"name": "arith_choice"' in card  # its scores
+    assert "model-index" not in hub.read_file("team/adder", "README.md", "v2").decode()  # v2 has none
     for name in ("README.md", "registry.json", "finetune_manifest.json"):
         assert TOKEN not in hub.read_file("team/adder", name, "v1").decode()
 
