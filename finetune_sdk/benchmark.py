@@ -211,14 +211,19 @@ def score(loaded: Any, task_manager: Any, task_dict: dict[str, Any], *, model_na
     random.seed(seed)
     lm = FinetuneSDKLM.from_loaded(loaded, batch_size=batch_size, chat=chat)
     printed = io.StringIO()  # lm-eval print()s the batch size it found: said once below, in the SDK's log
-    with quiet_lm_eval(), activity(f"benchmarking {model_name} on {', '.join(task_dict)}"), \
-            contextlib.redirect_stdout(printed):
+    results: dict[str, dict[str, Any]] = {"results": {}, "versions": {}, "n-shot": {}}
+    with quiet_lm_eval(), activity(f"benchmarking {model_name} on {', '.join(task_dict)}", total=len(task_dict),
+                                   unit="tasks") as step, contextlib.redirect_stdout(printed):
         from lm_eval import simple_evaluate
 
-        results = simple_evaluate(model=lm, tasks=list(task_dict.values()), num_fewshot=num_fewshot, limit=limit,
-                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed, task_manager=task_manager, log_samples=False,
-                                  apply_chat_template=lm.chat, bootstrap_iters=1000)
+        for task in task_dict.values():  # one task at a time: the bar (and its time left) moves per task
+            one = simple_evaluate(model=lm, tasks=[task], num_fewshot=num_fewshot, limit=limit, random_seed=seed,
+                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                  task_manager=task_manager, log_samples=False, apply_chat_template=lm.chat,
+                                  bootstrap_iters=1000)
+            for key in results:
+                results[key].update(one.get(key) or {})
+            step.advance()
     found = [line for line in printed.getvalue().splitlines() if "largest batch size" in line.lower()]
     if found:
         logger.info("%s: batch size %s, found automatically", model_name, found[-1].rsplit(":", 1)[-1].strip())
