@@ -161,11 +161,17 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
         for name, value in (body.get("options") or {}).items():
             if value in (None, "") or name in errors:
                 continue
-            flag = "--" + name.replace("_", "-")
+            flag, coerced = "--" + name.replace("_", "-"), specs[name].coerce(value)
             if specs[name].type is bool:
-                args.append(flag if specs[name].coerce(value) else f"--no-{name.replace('_', '-')}")
-            else:
-                args += [flag, str(value)]
+                args.append(flag if coerced else f"--no-{name.replace('_', '-')}")
+                continue
+            if name in forms.PATH_OPTIONS:  # a config file or a result folder: confined like model and data
+                try:
+                    coerced = confine.check(str(value))
+                except FinetuneError as exc:
+                    errors[name] = str(exc)
+                    continue
+            args += [flag, ",".join(map(str, coerced)) if isinstance(coerced, list) else str(coerced)]
         return args, errors
 
     @app.post("/api/runs/{name}/stop")

@@ -23,6 +23,8 @@ from finetune_sdk.errors import ConfigError, FinetuneError
 from finetune_sdk.options import TRAINING_OPTIONS, Option
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+#: Options whose value is a file or folder the run reads: confined to the studio's folders like model and data.
+PATH_OPTIONS = frozenset({"deepspeed", "fsdp_config", "reward_model"})
 #: The options shown first on the form; the others sit under "more options".
 COMMON = ("num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size", "max_length",
           "logging_steps", "save_steps", "eval_steps", "seed")

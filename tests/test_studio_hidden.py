@@ -1,0 +1,55 @@
+"""Faults a tester found in the studio's server: path-valued options, list values, endpoints that crash."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from finetune_sdk.studio.app import create_app  # noqa: E402
+
+TOKEN = "hidden-token-0123456789"
+H = {"X-Studio-Token": TOKEN}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("work")
+    (root / "model").mkdir()
+    (root / "data.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    (root / "runs").mkdir()
+    return root
+
+
+@pytest.fixture
+def client(work, tmp_path):
+    app = create_app(work / "runs", work, token=TOKEN, registry_home=tmp_path / "registry")
+    return TestClient(app, base_url="http://127.0.0.1:8765")
+
+
+@pytest.mark.parametrize("option", ["deepspeed", "fsdp_config", "reward_model"])
+def test_path_valued_options_are_confined_like_model_and_data(client, work, tmp_path, option):
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    body = {"name": f"run-{option}", "model": "model", "data": "data.jsonl", "options": {option: str(outside)}}
+    response = client.post("/api/runs", headers=H, json=body)
+    assert response.status_code == 400, response.text
+    assert "outside the folders" in response.json()["fields"][option]
+    assert not (work / "runs" / f"run-{option}.run").exists()
+
+
+def test_list_and_number_options_reach_the_cli_as_the_cli_spells_them(client, work, monkeypatch):
+    started = {}
+    monkeypatch.setattr(client.app.state.runs, "start",
+                        lambda name, args, cwd: started.setdefault("args", args) and {"name": name})
+    body = {"name": "lists", "model": "model", "data": "data.jsonl",
+            "options": {"target_modules": ["q_proj", "v_proj"], "learning_rate": "1e-3", "packing": False}}
+    assert client.post("/api/runs", headers=H, json=body).status_code == 200
+    args = started["args"]
+    assert args[args.index("--target-modules") + 1] == "q_proj,v_proj"
+    assert args[args.index("--learning-rate") + 1] == "0.001" and "--no-packing" in args
