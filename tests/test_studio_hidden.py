@@ -53,3 +53,26 @@ def test_list_and_number_options_reach_the_cli_as_the_cli_spells_them(client, wo
     args = started["args"]
     assert args[args.index("--target-modules") + 1] == "q_proj,v_proj"
     assert args[args.index("--learning-rate") + 1] == "0.001" and "--no-packing" in args
+
+
+def test_a_taken_port_is_one_line_before_any_url_is_printed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from finetune_sdk.errors import ConfigError
+    from finetune_sdk.studio import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        announced: list[str] = []
+        with pytest.raises(ConfigError, match=f"can't listen on 127.0.0.1:{port}"):
+            serve(tmp_path / "runs", port=port, root=tmp_path, registry_home=tmp_path / "reg",
+                  announce=announced.append)
+        assert announced == []
+        done = subprocess.run([sys.executable, "-m", "finetune_sdk", "studio", "--runs", str(tmp_path / "runs"),
+                               "--port", str(port)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2 and "token=" not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and f"can't listen on 127.0.0.1:{port}" in done.stderr

@@ -43,6 +43,22 @@ def free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (``port`` 0: one the OS picks), handed to uvicorn as is, so the URL
+    printed is the one served. Raises :class:`ConfigError` (one line) when the port is taken or the host can't be
+    bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    bound = socket.socket(family, socket.SOCK_STREAM)
+    bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        bound.bind((host, port))
+    except OSError as exc:
+        bound.close()
+        raise ConfigError(f"can't listen on {host}:{port} ({exc.strerror or exc}); pick another --port "
+                          "(0: any free port) or --host") from None
+    return bound
+
+
 def serve(runs: str | os.PathLike[str] = "finetune-runs", *, host: str = "127.0.0.1", port: int = 8765,
           root: str | os.PathLike[str] | None = None, registry_home: str | os.PathLike[str] | None = None,
           token: str | None = None, announce: Callable[[str], None] | None = None) -> None:
@@ -58,7 +74,8 @@ def serve(runs: str | os.PathLike[str] = "finetune-runs", *, host: str = "127.0.
         announce: called once with the URL to open (default: printed to stdout).
 
     Raises:
-        ConfigError: the ``studio`` extra is not installed, or ``runs`` is a file.
+        ConfigError: the ``studio`` extra is not installed, ``runs`` is a file, or ``host:port`` can't be bound
+            (in use): nothing is printed then.
     """
     check_installed()
     import uvicorn
@@ -74,12 +91,13 @@ def serve(runs: str | os.PathLike[str] = "finetune-runs", *, host: str = "127.0.
     if not is_loopback(host):
         logger.warning("finetune studio listens on %s: other machines can reach it; the token still guards every "
                        "request, but anyone who sees the URL can start runs (use 127.0.0.1 and an SSH tunnel)", host)
-    port = port or free_port(host)
+    listening = bind_socket(host, port)  # before the URL is printed: a taken port is one line, not a dead URL
+    port = int(listening.getsockname()[1])
     app = create_app(runs_path, Path(root or Path.cwd()), token=token, registry_home=registry_home)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/?token={token}"
     (announce or (lambda text: print(f"finetune studio: {text}", flush=True)))(url)
     config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning",
                             timeout_graceful_shutdown=2)
-    uvicorn.Server(config).run()
+    uvicorn.Server(config).run(sockets=[listening])
     print("finetune studio stopped; runs started from it keep going", file=sys.stderr)
