@@ -7,7 +7,9 @@
 * Modelfile: ``PARAMETER num_ctx`` = the context training used (``max_length``), capped by the model's
   ``max_position_embeddings``; and the sampling defaults of ``generation_config.json`` (result folder first, then
   the base model's): ``temperature``, ``top_p``, ``top_k``, and ``repetition_penalty`` as Ollama's
-  ``repeat_penalty``.
+  ``repeat_penalty``. Unless it says ``do_sample: true`` transformers decodes greedily and ignores the first three,
+  so a config that sets ``do_sample: false`` (or sampling values without ``do_sample``) gives ``temperature 0``
+  (Ollama's greedy) instead; ``repeat_penalty`` applies either way.
 """
 
 from __future__ import annotations
@@ -103,6 +105,13 @@ def modelfile_parameters(folder: Path, config: Any, manifest: dict[str, Any]) ->
     if context:
         lines.append(f"PARAMETER num_ctx {context}")
     generation = _generation_config(folder, manifest)
+    sampling_only = ("temperature", "top_p", "top_k")
+    if generation.get("do_sample") is not True and ("do_sample" in generation or
+                                                    any(key in generation for key in sampling_only)):
+        # transformers decodes greedily unless do_sample is true (its temperature/top_p/top_k are then ignored):
+        # Ollama's greedy is temperature 0, and its own 0.8 default would sample instead
+        lines.append("PARAMETER temperature 0")
+        generation = {k: v for k, v in generation.items() if k not in sampling_only}
     for key, parameter in SAMPLING_PARAMETERS.items():
         value = generation.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
