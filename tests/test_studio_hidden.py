@@ -76,3 +76,18 @@ def test_a_taken_port_is_one_line_before_any_url_is_printed(tmp_path):
                                "--port", str(port)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 2 and "token=" not in done.stdout + done.stderr
     assert "Traceback" not in done.stderr and f"can't listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_stopping_a_run_that_ends_meanwhile_is_one_line_not_a_server_error(client, monkeypatch):
+    """The run's process exits between the status check and the signal: a 400 with one line, not a 500."""
+    from finetune_sdk.studio import runs as runs_module
+    from finetune_sdk.run_events import EventLog
+
+    with EventLog(client.app.state.runs.folder / "ending", fresh=True) as log:
+        log.append({"event": "start", "pid": 424242, "max_steps": 2, "step": 0})
+    folder = client.app.state.runs
+    monkeypatch.setattr(folder, "summary", lambda name: {"name": name, "status": "running", "can_stop": True})
+    monkeypatch.setattr(runs_module, "_alive", lambda pid, since=None: False)
+    response = client.post("/api/runs/ending/stop", headers=H)
+    assert response.status_code == 400
+    assert response.json() == {"error": "run 'ending' is no longer running: nothing to stop"}

@@ -176,7 +176,13 @@ class RunsFolder:
         launch = self.launch_record(name)
         candidates = [(starts[-1].get("pid"), starts[-1].get("time")) if starts else (None, None),
                       (launch.get("pid"), launch.get("started"))]
-        os.kill(int(next(pid for pid, since in candidates if _alive(pid, since))), signal.SIGTERM)
+        alive = [int(pid) for pid, since in candidates if _alive(pid, since)]
+        if not alive:  # it ended between the summary and now
+            raise ConfigError(f"run {name!r} is no longer running: nothing to stop")
+        try:
+            os.kill(alive[0], signal.SIGTERM)
+        except ProcessLookupError:
+            raise ConfigError(f"run {name!r} is no longer running: nothing to stop") from None
         return {**summary, "status": "stopping"}
 
     def resume(self, name: str, cwd: Path) -> dict[str, Any]:
