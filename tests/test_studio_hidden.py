@@ -91,3 +91,12 @@ def test_stopping_a_run_that_ends_meanwhile_is_one_line_not_a_server_error(clien
     response = client.post("/api/runs/ending/stop", headers=H)
     assert response.status_code == 400
     assert response.json() == {"error": "run 'ending' is no longer running: nothing to stop"}
+
+
+@pytest.mark.parametrize("path", ["/api/runs", "/api/preview", "/api/advise"])
+@pytest.mark.parametrize("options", ["r=1", [["r", 1]], 3])
+def test_options_that_are_not_an_object_are_one_line_not_a_server_error(client, path, options):
+    body = {"name": "bad-options", "model": "model", "data": "data.jsonl", "options": options}
+    response = client.post(path, headers=H, json=body)
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": "'options' must be a JSON object of option name -> value, e.g. {\"r\": 16}"}

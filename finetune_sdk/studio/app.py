@@ -83,6 +83,12 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
             raise FinetuneError("the request body must be a JSON object")
         return body
 
+    def _options(body: dict[str, Any]) -> dict[str, Any]:
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise FinetuneError("'options' must be a JSON object of option name -> value, e.g. {\"r\": 16}")
+        return options
+
     @app.exception_handler(FinetuneError)
     async def one_line(request: Request, exc: FinetuneError) -> Any:
         return JSONResponse({"error": str(exc)}, status_code=400)
@@ -132,7 +138,8 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
         return JSONResponse({"error": "some values can't be used", "fields": errors}, status_code=400)
 
     def _train_args(body: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
-        errors = forms.check_options(dict(body.get("options") or {}))
+        options = _options(body)
+        errors = forms.check_options(options)
         args: list[str] = []
         for key in ("model", "data", "eval_data"):
             if not body.get(key):
@@ -158,7 +165,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
         except FinetuneError as exc:
             errors["name"] = str(exc)
         specs = forms.all_specs()
-        for name, value in (body.get("options") or {}).items():
+        for name, value in options.items():
             if value in (None, "") or name in errors:
                 continue
             flag, coerced = "--" + name.replace("_", "-"), specs[name].coerce(value)
@@ -226,7 +233,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
         body = await _body(request)
         model, data = confine.check(body.get("model") or ""), confine.check(body.get("data") or "")
         result = await asyncio.to_thread(forms.preview_rows, model, data, body.get("formatter") or None,
-                                         body.get("technique") or "lora", body.get("options") or {})
+                                         body.get("technique") or "lora", _options(body))
         return result
 
     @app.post("/api/advise")
@@ -240,7 +247,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
             data = str(confine.check(body["data"]))
             rows = len(load_rows(data))
         return await asyncio.to_thread(forms.advice_for, model, body.get("technique") or "lora",
-                                       body.get("quantizer") or None, body.get("options") or {}, rows, data)
+                                       body.get("quantizer") or None, _options(body), rows, data)
 
     # -- the registry -------------------------------------------------------------------------------------------
     from finetune_sdk.studio import registry_view
