@@ -100,3 +100,64 @@ def test_options_that_are_not_an_object_are_one_line_not_a_server_error(client, 
     response = client.post(path, headers=H, json=body)
     assert response.status_code == 400, response.text
     assert response.json() == {"error": "'options' must be a JSON object of option name -> value, e.g. {\"r\": 16}"}
+
+
+HOSTILE = "<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script>\x1b[31mred\x1b[0m"
+
+
+@pytest.mark.slow
+def test_hostile_text_in_a_runs_events_is_shown_as_text_in_a_real_browser(tmp_path):
+    """Event values written by any process (model name, device, error, an objective's metric name) are drawn as text:
+    no markup runs; the token leaves the address bar after the redirect."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium (scripts/setup.sh installs it)")
+    from finetune_sdk.run_events import EventLog
+
+    with EventLog(tmp_path / "runs" / "hostile", fresh=True) as log:
+        log.append({"event": "start", "pid": 1, "model": HOSTILE, "technique": HOSTILE, "max_steps": 2, "step": 0,
+                    "device": HOSTILE, "precision": HOSTILE})
+        log.append({"event": "log", "step": 1, "loss": 2.0, HOSTILE: 1.0})
+        log.append({"event": "failed", "step": 1, "error": HOSTILE})
+    process = subprocess.Popen([sys.executable, "-m", "finetune_sdk", "studio", "--runs", "runs", "--port", "0",
+                                "--registry-home", str(tmp_path / "reg")], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        url = process.stdout.readline().split(": ", 1)[1].strip()
+        base = url.split("/?")[0]
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(base + "/", timeout=1)
+            except urllib.error.HTTPError:
+                break
+            except OSError:
+                import time
+
+                time.sleep(0.1)
+        with playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.goto(url)
+            assert "token" not in page.url
+            page.goto(base + "/runs/hostile")
+            page.wait_for_timeout(1500)  # the stream draws the charts
+            assert page.evaluate("window.__pwned") is None
+            assert page.locator("img").count() == 0
+            text = page.inner_text("main")
+            assert "<img src=x" in text and "<script>" in text
+            page.goto(base + "/")
+            page.wait_for_timeout(1000)
+            assert page.evaluate("window.__pwned") is None and page.locator("img").count() == 0
+            browser.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    assert url.split("token=")[1] not in err
