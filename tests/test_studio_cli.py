@@ -27,8 +27,19 @@ def served(monkeypatch, tmp_path):
     pytest.importorskip("uvicorn")
     import uvicorn
 
+    import finetune_sdk.studio as studio
+
     configs = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self: configs.append(self.config))
+    real_bind = studio.bind_socket
+    # the default port may be taken on a shared machine: bind a free one (the URL still names the port asked for)
+    monkeypatch.setattr(studio, "bind_socket", lambda host, port: real_bind(host, 0))
+
+    def run(self, sockets=None):
+        configs.append(self.config)
+        for bound in sockets or []:
+            bound.close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     monkeypatch.chdir(tmp_path)
     return configs
 

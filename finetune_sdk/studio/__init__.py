@@ -92,7 +92,7 @@ def serve(runs: str | os.PathLike[str] = "finetune-runs", *, host: str = "127.0.
         logger.warning("finetune studio listens on %s: other machines can reach it; the token still guards every "
                        "request, but anyone who sees the URL can start runs (use 127.0.0.1 and an SSH tunnel)", host)
     listening = bind_socket(host, port)  # before the URL is printed: a taken port is one line, not a dead URL
-    port = int(listening.getsockname()[1])
+    port = port or int(listening.getsockname()[1])
     app = create_app(runs_path, Path(root or Path.cwd()), token=token, registry_home=registry_home)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/?token={token}"
