@@ -100,7 +100,44 @@ def merged_float32(folder: Path, manifest: dict[str, Any], technique: Any, *, re
     loaded = load(folder, quantized=False, registry=registry, trust_remote_code=trust_remote_code)
     model = loaded.model
     if getattr(technique, "saves_adapter", False):
+        untied = _untie_embeddings(model)
         with activity("merging the adapter into the float32 base"):
             model = technique.merge(model)
+        if untied:
+            _retie_unless_the_merge_split_them(model)
     model = model.to(torch.float32).eval()
     return model, loaded.tokenizer, base_precision_record(manifest, folder, technique)
+
+
+def _untie_embeddings(model: Any) -> bool:
+    """Give the output matrix a copy of its own when it is the input embedding's (``tie_word_embeddings``).
+
+    Training with an adapter on ``lm_head`` (or on the embedding) of a tied model changes only that side: the other
+    still reads the shared base matrix. Merging into the shared tensor would change both (a LoRA on GPT-2's tied
+    ``lm_head`` moved the exported logits by 12.6 on logits up to 6.2). True when it untied them."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inputs, outputs = base.get_input_embeddings(), base.get_output_embeddings()
+    if inputs is None or outputs is None:
+        return False
+    inputs, outputs = getattr(inputs, "base_layer", inputs), getattr(outputs, "base_layer", outputs)
+    if getattr(outputs, "weight", None) is None or outputs.weight is not inputs.weight:
+        return False
+    outputs.weight = torch.nn.Parameter(outputs.weight.detach().clone(), requires_grad=False)
+    return True
+
+
+def _retie_unless_the_merge_split_them(model: Any) -> None:
+    """After the merge: tie the output matrix back to the embedding when neither was adapted (the model stays as
+    it was); otherwise mark the config untied, so the two are saved and exported as two matrices."""
+    import torch
+
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if torch.equal(inputs.weight, outputs.weight):
+        outputs.weight = inputs.weight
+        return
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for each in {id(model.config): model.config, id(config): config}.values():
+        each.tie_word_embeddings = False
+    logger.info("the adapter changed one side of the tied embeddings: the merged model has its own output matrix")

@@ -29,3 +29,56 @@ def test_a_sampling_generation_config_exports_its_values(tmp_path):
     assert lines == ["PARAMETER num_ctx 512", "PARAMETER temperature 0.6", "PARAMETER top_p 0.9",
                      "PARAMETER top_k 40"]
     assert _parameters(tmp_path, {"bos_token_id": 1}) == ["PARAMETER num_ctx 512"]
+
+
+ROWS = [{"prompt": f"what is {a} plus {b}?", "completion": f"{a} plus {b} is {a + b}."} for a in range(4) for b in range(4)]
+
+
+def _tied_lora(root, family):
+    from finetune_sdk import Trainer
+    from finetune_sdk.testing.tiny import tiny_config, tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(family, tokenizer)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    targets = ["c_attn", "lm_head"] if family == "gpt2" else ["q_proj", "lm_head"]
+    return Trainer(root / "base", technique="lora", output_dir=root / "run", num_train_epochs=1, learning_rate=5e-2,
+                   progress=False, dtype="float32", max_length=64, target_modules=targets).fit(ROWS).output_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_lora_on_a_tied_lm_head_exports_what_was_trained(tmp_path, family):
+    """Training a LoRA on the lm_head of a tied model leaves the input embedding alone; merging into the shared
+    matrix changed both (GPT-2: logits 12.6 off the trained model's, greedy tokens changed). The merge, the merged
+    GGUF file and ``finetune_sdk.merge`` keep the embedding and give the output matrix its own copy; adapter-only is
+    refused (the base file has no output matrix of its own), except for GPT-2, whose base file has one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import finetune_sdk
+    from finetune_sdk.errors import ConfigError
+
+    pytest.importorskip("gguf")
+    result = _tied_lora(tmp_path, family)
+    loaded = finetune_sdk.load(result, quantized=False)
+    ids = torch.tensor([loaded.tokenizer("what is 2 plus 3?")["input_ids"]])
+    with torch.no_grad():
+        trained = loaded.model.eval()(ids).logits.float()
+        done = finetune_sdk.export(result, tmp_path / "gguf", quantization="f32")
+        back = AutoModelForCausalLM.from_pretrained(done.directory, gguf_file=done.gguf_path.name,
+                                                    dtype=torch.float32).eval()
+        assert (back(ids).logits - trained).abs().max().item() <= 1e-4
+        merged = AutoModelForCausalLM.from_pretrained(finetune_sdk.merge(result, tmp_path / "merged")).eval()
+        assert (merged(ids).logits - trained).abs().max().item() <= 1e-4
+    if family == "gpt2":
+        finetune_sdk.export(result, tmp_path / "adapter", quantization="f32", adapter_only=True)
+    else:
+        with pytest.raises(ConfigError, match="adapts lm_head, which this model ties"):
+            finetune_sdk.export(result, tmp_path / "adapter", quantization="f32", adapter_only=True)
+        assert not (tmp_path / "adapter").exists()

@@ -11,7 +11,8 @@ query/key rows are permuted, which for ``B @ A`` means permuting the rows of ``B
 Differences from ``convert_lora_to_gguf.py``: with rsLoRA (scale ``alpha / sqrt(r)``) the written alpha is
 ``alpha * sqrt(r)`` so llama.cpp's ``alpha / r`` gives PEFT's scale (the converter writes ``alpha`` as is).
 Refused, one line each: a result that isn't a LoRA adapter (full fine-tunes, DoRA, IA3...), trained biases,
-``modules_to_save`` (e.g. resized embeddings), per-module ranks or alphas, LoRA on embeddings.
+``modules_to_save`` (e.g. resized embeddings), per-module ranks or alphas, LoRA on embeddings, LoRA on an
+``lm_head`` tied to the embedding (but GPT-2's).
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ def write_lora_gguf(config: Any, adapter_config: dict[str, Any], pairs: dict[str
     family = family_of(config)
     arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == family.gguf_arch)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False)) and family.model_type != "gpt2"
+    if tied and "lm_head.weight" in pairs:  # the base file has no output matrix for the adapter to change
+        raise ConfigError("--adapter-only: this LoRA adapts lm_head, which this model ties to its token embedding "
+                          "(llama.cpp reads one matrix for both); export the merged model instead")
     rank, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
     if adapter_config.get("use_rslora"):
         alpha *= math.sqrt(rank)  # llama.cpp scales by alpha / r; rsLoRA by lora_alpha / sqrt(r)

@@ -237,6 +237,10 @@ def gguf_tensors(model: Any, family: Family) -> Iterator[tuple[str, Tensor]]:
         data = tensor.detach().to(torch.float32).cpu().numpy()
         for name, array in family.transform(hf_name, data, model.config):
             gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None and name == "lm_head.weight":
+                raise ConfigError(f"GGUF export: llama.cpp's {family.gguf_arch} reads its output matrix from the "
+                                  "token embedding, but this model's lm_head differs from it (an adapter on lm_head "
+                                  "of a tied model); train without lm_head in target_modules")
             if gguf_name is None:
                 raise ConfigError(f"GGUF export: no llama.cpp name for weight {name!r} of a {family.model_type} "
                                   "model; this model variant is not supported")
