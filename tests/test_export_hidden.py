@@ -82,3 +82,22 @@ def test_lora_on_a_tied_lm_head_exports_what_was_trained(tmp_path, family):
         with pytest.raises(ConfigError, match="adapts lm_head, which this model ties"):
             finetune_sdk.export(result, tmp_path / "adapter", quantization="f32", adapter_only=True)
         assert not (tmp_path / "adapter").exists()
+
+
+def test_an_untied_gemma2_output_is_refused_in_one_line(tmp_path):
+    """llama.cpp's gemma2 graph reads the output matrix from token_embd: an lm_head of its own can't be written."""
+    import transformers
+
+    from finetune_sdk.errors import ConfigError
+    from finetune_sdk.exporting.gguf_file import write_gguf
+    from finetune_sdk.testing.tiny import tiny_tokenizer
+
+    pytest.importorskip("gguf")
+    tokenizer = tiny_tokenizer()
+    config = transformers.Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                                       tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ConfigError, match="llama.cpp's gemma2 reads its output matrix from the token embedding"):
+        write_gguf(model, tokenizer, tmp_path / "m.gguf", quantization="f32", name="t")
+    assert list(tmp_path.iterdir()) == []
