@@ -134,10 +134,13 @@ def _retie_unless_the_merge_split_them(model: Any) -> None:
     import torch
 
     inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if torch.equal(inputs.weight, outputs.weight):
-        outputs.weight = inputs.weight
-        return
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    for each in {id(model.config): model.config, id(config): config}.values():
-        each.tie_word_embeddings = False
+    configs = {id(model.config): model.config, id(config): config}.values()
+    tied = torch.equal(inputs.weight, outputs.weight)
+    if tied:
+        outputs.weight = inputs.weight
+    for each in configs:  # PEFT's merge_and_unload marks the config untied when it finds two matrices
+        each.tie_word_embeddings = tied
+    if tied:
+        return
     logger.info("the adapter changed one side of the tied embeddings: the merged model has its own output matrix")

@@ -101,3 +101,28 @@ def test_an_untied_gemma2_output_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="llama.cpp's gemma2 reads its output matrix from the token embedding"):
         write_gguf(model, tokenizer, tmp_path / "m.gguf", quantization="f32", name="t")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("targets,tied_after", [(["q_proj"], True), (["q_proj", "lm_head"], False)])
+def test_the_merge_keeps_a_tied_model_tied_unless_the_adapter_split_it(targets, tied_after):
+    """Untying for the merge must not leave an untouched tied model untied (a duplicate output matrix in every
+    export, and a refused Gemma 2)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune_sdk.base_precision import _retie_unless_the_merge_split_them, _untie_embeddings
+    from finetune_sdk.testing.tiny import tiny_config, tiny_tokenizer
+
+    config = tiny_config("qwen2", tiny_tokenizer())
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    embedding = base.get_input_embeddings().weight.detach().clone()
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    assert _untie_embeddings(model)
+    merged = model.merge_and_unload()
+    _retie_unless_the_merge_split_them(merged)
+    assert merged.config.tie_word_embeddings is tied_after
+    assert (merged.get_input_embeddings().weight is merged.get_output_embeddings().weight) is tied_after
+    assert torch.equal(merged.get_input_embeddings().weight, embedding)  # the embedding is never changed
