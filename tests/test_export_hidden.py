@@ -126,3 +126,24 @@ def test_the_merge_keeps_a_tied_model_tied_unless_the_adapter_split_it(targets, 
     assert merged.config.tie_word_embeddings is tied_after
     assert (merged.get_input_embeddings().weight is merged.get_output_embeddings().weight) is tied_after
     assert torch.equal(merged.get_input_embeddings().weight, embedding)  # the embedding is never changed
+
+
+@pytest.mark.parametrize("system_prompt", ['You are "Bob"', 'Say "yes" or "no".\nThen stop.', 'Answer in JSON: {"a": 1}',
+                                           'back\\slash "quoted" \\n literal'])
+def test_the_modelfile_system_prompt_reads_back_exactly_in_ollamas_parser(system_prompt):
+    """Ollama's Modelfile parser (parser/parser.go) has no escapes: JSON-escaped quotes came back with their
+    backslashes (``You are \\"Bob\\"``) or cut short at the first quote followed by a space."""
+    from finetune_sdk.exporting.modelfile import modelfile, ollama_reads
+
+    text = modelfile("m.gguf", None, eos_token="</s>", system_prompt=system_prompt)
+    value = text.split("SYSTEM ", 1)[1].rsplit("\nPARAMETER stop", 1)[0]
+    assert ollama_reads(value) == system_prompt
+    assert text.endswith('PARAMETER stop "</s>"\n')
+
+
+def test_a_system_prompt_ollama_cannot_read_back_is_left_out_with_a_warning(caplog):
+    from finetune_sdk.exporting.modelfile import modelfile
+
+    with caplog.at_level("WARNING", logger="finetune_sdk"):
+        text = modelfile("m.gguf", None, eos_token="</s>", system_prompt='x""" y "z" w')
+    assert "SYSTEM" not in text and "leaves out the system prompt" in caplog.text

@@ -2,20 +2,61 @@
 
 from __future__ import annotations
 
-import json
+import logging
 from typing import Any
 
 from finetune_sdk.exporting.chat_formats import ChatFormat
 
-
-def _quoted(text: str) -> str:
-    """A Modelfile string in JSON-style double quotes (backslashes and quotes escaped)."""
-    return json.dumps(text, ensure_ascii=False)
+logger = logging.getLogger("finetune_sdk")
 
 
-def _block(text: str) -> str:
-    """A multi-line Modelfile value in triple quotes; text holding triple quotes falls back to one quoted line."""
-    return f'"""{text}"""' if '"""' not in text and not text.endswith('"') else _quoted(text)
+def _ollama_unquote(text: str) -> str | None:
+    """``unquote`` of Ollama's ``parser/parser.go``: a ``\"\"\"`` block or a ``"`` string, else the text as is;
+    None when a quote is still open."""
+    if text.startswith('"""'):
+        return text[3:-3] if len(text) >= 6 and text.endswith('"""') else None
+    if text.startswith('"'):
+        return text[1:-1] if len(text) >= 2 and text.endswith('"') else None
+    return text
+
+
+def ollama_reads(quoted: str) -> str | None:
+    """The value Ollama's Modelfile parser reads from ``quoted`` at the end of a line, or None when it would stop
+    earlier. Its parser has no escapes: a value ends at the first space, tab or newline after which the text read so
+    far (trimmed) is a whole quoted string, and it drops characters that aren't printable.
+
+    >>> ollama_reads('"say hi"')
+    'say hi'
+    >>> print(ollama_reads('"say "hi" now"'))  # stops after `"hi"`: the rest is a parse error
+    None
+    """
+    for index, char in enumerate(quoted + "\n"):
+        if char in " \t\r\n":
+            value = _ollama_unquote(quoted[:index].strip())
+            if value is not None:
+                return value if index == len(quoted) else None
+    return None
+
+
+def _faithful(text: str, quotes: tuple[str, ...]) -> str | None:
+    """``text`` in the first of ``quotes`` that Ollama reads back exactly, or None when none does."""
+    if not all(char.isprintable() or char in "\t\r\n" for char in text):
+        return None
+    for quote in quotes:
+        if ollama_reads(f"{quote}{text}{quote}") == text:
+            return f"{quote}{text}{quote}"
+    return None
+
+
+def _quoted(text: str) -> str | None:
+    """A one-line Modelfile string (``"..."``, or a ``\"\"\"`` block when that reads back and this doesn't)."""
+    return _faithful(text, ('"', '"""'))
+
+
+def _block(text: str) -> str | None:
+    """A multi-line Modelfile value in triple quotes (or ``"..."`` when only that reads back); None when Ollama's
+    parser, which has no escapes, can't read ``text`` back exactly either way."""
+    return _faithful(text, ('"""', '"'))
 
 
 def modelfile(gguf_name: str, chat_format: ChatFormat | None, *, eos_token: str | None,
@@ -45,16 +86,25 @@ def modelfile(gguf_name: str, chat_format: ChatFormat | None, *, eos_token: str 
         <BLANKLINE>
     """
     lines = [f"FROM ./{gguf_name}"]
+
+    def add(command: str, value: str | None, what: str) -> None:
+        if value is None:  # Ollama's parser has no escapes: better left out than read back wrong
+            logger.warning("the Modelfile leaves out the %s: Ollama's Modelfile parser can't read it back exactly "
+                           "(it has no escapes for quotes followed by a space); the GGUF file carries it", what)
+        else:
+            lines.append(f"{command} {value}")
+
     if raw_prompt:
         lines.append('TEMPLATE "{{ .Prompt }}"')
     elif chat_format is not None:
-        lines.append(f"TEMPLATE {_block(chat_format.ollama())}")
+        add("TEMPLATE", _block(chat_format.ollama()), "chat template")
     if system_prompt:
-        lines.append(f"SYSTEM {_block(system_prompt)}")
+        add("SYSTEM", _block(system_prompt), "system prompt")
     stops: list[str] = list(chat_format.stop_strings()) if chat_format is not None and not raw_prompt else []
     if eos_token and eos_token not in stops:
         stops.append(eos_token)
-    lines += [f"PARAMETER stop {_quoted(stop)}" for stop in stops]
+    for stop in stops:
+        add("PARAMETER stop", _quoted(stop), f"stop string {stop!r}")
     return "\n".join(lines) + "\n"
 
 
