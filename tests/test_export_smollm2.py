@@ -12,8 +12,8 @@ import torch
 from tests.test_real_models import smollm2_gguf
 
 pytestmark = pytest.mark.slow
-QUANTIZATIONS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q4_k_m", "q4_k_s", "q4_0",
-                 "q3_k_m", "q2_k")
+QUANTIZATIONS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
+                 "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
 
 
 def test_smollm2_at_every_quantization(tmp_path):
