@@ -275,13 +275,23 @@ class LoadedModel:
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), **counts}
 
     def _require(self, generative: bool) -> None:
-        if generative and self.task == REWARD:
-            raise ConfigError("generate() is for generative techniques; a reward model has score() and predict()")
-        if generative and self.task in HEAD_TASKS:
-            raise ConfigError("generate() is for generative techniques; a classifier has predict()")
-        if not generative and self.task not in HEAD_TASKS:
-            raise ConfigError("predict() is for the classifier and reward-model techniques; generative models have "
-                              "generate()")
+        require_task(self.task, generative)
+
+
+def require_task(task: str | None, generative: bool) -> None:
+    """A :class:`ConfigError` when ``task`` (a manifest's) can't ``generate()`` (``generative``) or ``predict()``.
+
+    The CLI checks a result's manifest with it before its model loads.
+
+    >>> require_task("causal-lm", generative=True)
+    """
+    if generative and task == REWARD:
+        raise ConfigError("generate() is for generative techniques; a reward model has score() and predict()")
+    if generative and task in HEAD_TASKS:
+        raise ConfigError("generate() is for generative techniques; a classifier has predict()")
+    if not generative and task not in HEAD_TASKS:
+        raise ConfigError("predict() is for the classifier and reward-model techniques; generative models have "
+                          "generate()")
 
 
 def classification_metrics(logits: Any, labels: Any, num_labels: int) -> dict[str, float]:

@@ -159,11 +159,14 @@ def open_model(ref: str, formatter: str | None = None, trust_remote_code: bool =
 
     quiet_third_party_output()
     if is_result(ref):
-        model = load(ref, trust_remote_code=trust_remote_code)
-        if formatter:
+        chosen = None
+        if formatter:  # an unknown name is refused before the model loads
             from finetune_sdk.plugin_manager import get_plugin_host
 
-            model.formatter = get_plugin_host().create("formatter", formatter)
+            chosen = get_plugin_host().create("formatter", formatter)
+        model = load(ref, trust_remote_code=trust_remote_code)
+        if chosen is not None:
+            model.formatter = chosen
         return model
     from finetune_sdk.trainer import Trainer
 

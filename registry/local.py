@@ -274,7 +274,8 @@ class Registry:
 
         Every call re-hashes the stored files (as :meth:`verify`) and the checkout it serves (a size or time check
         would miss a changed byte): changed stored files are an :class:`IntegrityError` even while an earlier
-        checkout is intact; a changed checkout is rebuilt. Two sha256 passes (figures in docs/registry.md).
+        checkout is intact; a changed checkout (or one holding any other file) is rebuilt. Two sha256 passes
+        (figures in docs/registry.md).
         """
         version = self.verify(ref)
         folder = self.home / "checkouts" / version.name / str(version.version)
@@ -286,7 +287,12 @@ class Registry:
         return folder
 
     def _checkout_ok(self, folder: Path, version: AdapterVersion) -> bool:
-        return all(self.blobs.holds(folder / rel, info["sha256"], info["size"]) for rel, info in version.files.items())
+        # exactly the version's files: a file added beside them (a special_tokens_map.json, an added_tokens.json)
+        # would change what loads, so a checkout holding anything else is rebuilt
+        present = {item.relative_to(folder).as_posix() for item in folder.rglob("*")
+                   if item.is_symlink() or not item.is_dir()}
+        return present == set(version.files) and all(
+            self.blobs.holds(folder / rel, info["sha256"], info["size"]) for rel, info in version.files.items())
 
     # -- changing aliases, tags, versions -------------------------------------------------------------------
     def alias(self, ref: str, alias: str) -> AdapterVersion:

@@ -16,6 +16,35 @@ from finetune_sdk.loading import is_result, open_model  # noqa: F401  (is_result
 TRUST_HELP = "let the model repository's own Python code run (never turned on by a result or a download)"
 
 
+def check_task(ref: str, generative: bool) -> None:
+    """Refuse a result whose technique can't generate (``generative``) or predict, before its model loads."""
+    if not is_result(ref):
+        return
+    from finetune_sdk.inference import require_task
+    from finetune_sdk.loading import result_folder
+    from finetune_sdk.manifest import read_manifest
+
+    require_task(read_manifest(result_folder(ref)).get("task"), generative)
+
+
+def check_rows(ref: str, formatter: str | None, rows: Any) -> None:
+    """Refuse rows the result's formatter (or ``--formatter``) can't format, before the model loads."""
+    if not formatter and not is_result(ref):
+        return  # a base model's formatter is picked from the data's columns
+    from finetune_sdk.plugin_manager import get_plugin_host
+
+    if not formatter:
+        from finetune_sdk.loading import result_folder
+        from finetune_sdk.manifest import read_manifest
+
+        formatter = read_manifest(result_folder(ref)).get("formatter")
+        if not formatter:
+            return
+    chosen = get_plugin_host().create("formatter", formatter)
+    for row, where in zip(rows.rows, rows.where):
+        chosen.validate(row, where)
+
+
 def read_lines(items: tuple[str, ...], file: str | None, what: str) -> list[str]:
     lines = list(items)
     if file:
@@ -48,16 +77,20 @@ def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool,
         from finetune_sdk.output_paths import check_report_dir
 
         check_report_dir(report_dir, "--report-dir")
+    from finetune_sdk.data import load_rows
+
+    rows = load_rows(data, name="eval_data")  # a missing or malformed file is refused before a model loads
+    prompts = read_lines((), prompt_file, "prompt") if prompt_file else []
+    check_rows(ref, formatter, rows)
     model = open_model(ref, formatter, trust_remote_code)
     if model.formatter is None:
         raise ConfigError("this model has no formatter recorded; pass --formatter")
     if not compare_base:
-        console().print(metrics_table(model.evaluate(data), title=f"eval of {short_path(ref)} on {short_path(data)}"))
+        console().print(metrics_table(model.evaluate(rows), title=f"eval of {short_path(ref)} on {short_path(data)}"))
         return
     if not is_result(ref):
         raise ConfigError(f"--compare-base needs a fine-tuned result, and {ref} is a base model")
     from finetune_sdk.compare import compare_models
-    from finetune_sdk.data import load_rows
     from finetune_sdk.loading import load_base, result_folder
     from finetune_sdk.manifest import read_manifest
     from finetune_sdk.report import comparison_table
@@ -66,10 +99,9 @@ def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool,
     manifest = read_manifest(folder)
     history_file = folder / "training_log.json"
     history = json.loads(history_file.read_text()) if history_file.is_file() else []
-    prompts = read_lines((), prompt_file, "prompt") if prompt_file else []
     info = {"technique": manifest["technique"], "base_model": manifest["base_model"]["id"], "output_dir": str(folder)}
     base = lambda: load_base(folder, trust_remote_code=trust_remote_code)  # noqa: E731
-    report = compare_models(model, base, load_rows(data, name="eval_data"), prompts,
+    report = compare_models(model, base, rows, prompts,
                             max_new_tokens=max_new_tokens, log_history=history, info=info, report_dir=report_dir)
     console().print(comparison_table(report))
     if report_dir:
@@ -88,6 +120,7 @@ def generate_command(ref: str, prompts: tuple[str, ...], prompt_file: str | None
                      formatter: str | None, trust_remote_code: bool) -> None:
     """Generate answers to PROMPTS with a result folder (or a base model)."""
     lines = read_lines(prompts, prompt_file, "prompt")
+    check_task(ref, generative=True)
     model = open_model(ref, formatter, trust_remote_code)
     answers = model.generate(lines, max_new_tokens=max_new_tokens, raw=raw)
     table = titled_table(f"generations of {short_path(ref)}", show_lines=True)
@@ -111,6 +144,7 @@ def predict_command(ref: str, texts: tuple[str, ...], text_file: str | None, pro
     from finetune_sdk.formatter import REWARD
 
     lines = read_lines(texts, text_file, "text")
+    check_task(ref, generative=False)
     model = open_model(ref, trust_remote_code=trust_remote_code)
     if prompt is not None and model.task != REWARD:
         raise ConfigError("--prompt is for reward models (technique 'reward-model'); a classifier labels texts")

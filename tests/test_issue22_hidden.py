@@ -1,0 +1,113 @@
+"""Issue 22, other inputs of the same kinds: bad input refused before a model loads in one line (kind 8), a registry
+checkout holding files the version doesn't have is never served (kind 11)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune_sdk.registry import Registry
+from tests.safety_helpers import assert_refused, forbid_model_loading, invoke, write_jsonl
+
+
+def fake_result(folder: Path, formatter: str = "alpaca", task: str = "causal-lm") -> Path:
+    """A result folder with a manifest (enough for every refusal that comes before loading)."""
+    folder.mkdir(parents=True)
+    (folder / "finetune_manifest.json").write_text(json.dumps(
+        {"format_version": 1, "technique": "lora", "task": task, "formatter": formatter, "options": {},
+         "base_model": {"id": "nowhere", "kind": "local", "path": "nowhere"}}))
+    (folder / "adapter_model.safetensors").write_bytes(b"weights" * 10)
+    return folder
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    result = fake_result(tmp_path / "run")
+    write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "a", "output": "b"}])
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    (tmp_path / "torn.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "cut\n')
+    return tmp_path, result
+
+
+def bad_inputs(folder: Path, result: Path) -> list[tuple[list[object], str]]:
+    return [
+        (["eval", result, folder / "missing.jsonl"], "missing.jsonl: no such file"),
+        (["eval", result, folder / "torn.jsonl"], "torn.jsonl line 2: malformed JSON"),
+        (["eval", result, folder / "pairs.jsonl"], "pairs.jsonl line 1: formatter 'alpaca' needs columns"),
+        (["eval", result, folder / "qa.jsonl", "--formatter", "chatml"], "formatter 'chatml' needs columns"),
+        (["eval", result, folder / "qa.jsonl", "--formatter", "nosuch"], "unknown formatter 'nosuch'"),
+        (["eval", result, folder / "qa.jsonl", "--compare-base", "--prompts", folder / "missing.txt"],
+         "prompt file"),
+        (["generate", result, "hi", "--formatter", "nosuch"], "unknown formatter 'nosuch'"),
+        (["predict", result, "hi"], "predict() is for the classifier and reward-model techniques"),
+    ]
+
+
+def test_bad_input_to_eval_generate_predict_is_refused_before_a_model_loads(inputs, monkeypatch):
+    folder, result = inputs
+    forbid_model_loading(monkeypatch)
+    for args, fragment in bad_inputs(folder, result):
+        assert_refused(invoke(args), fragment)
+
+
+def test_generate_on_a_classifier_result_is_refused_before_a_model_loads(tmp_path, monkeypatch):
+    forbid_model_loading(monkeypatch)
+    result = fake_result(tmp_path / "clf", formatter="classification", task="classification")
+    assert_refused(invoke(["generate", result, "hi"]), "generate() is for generative techniques")
+
+
+@pytest.mark.slow
+def test_those_refusals_print_exactly_one_line_in_a_real_offline_process(inputs, tiny_models, tmp_path):
+    """Loading a model logs 'loading base ...' lines: a refusal that comes after it is three lines, not one."""
+    folder, _ = inputs
+    from finetune_sdk import Trainer
+
+    real = Trainer(tiny_models("llama"), technique="lora", formatter="alpaca", output_dir=tmp_path / "real",
+                   max_steps=1, progress=False).fit(str(folder / "qa.jsonl")).output_dir
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args, fragment in bad_inputs(folder, Path(real))[:3] + bad_inputs(folder, Path(real))[-2:]:
+        run = subprocess.run([sys.executable, "-m", "finetune_sdk", *map(str, args)], capture_output=True,
+                             text=True, env=env, timeout=120)
+        lines = (run.stdout + run.stderr).splitlines()
+        assert run.returncode == 2 and len(lines) == 1 and fragment in lines[0], (args, lines)
+
+
+def test_a_file_planted_in_a_checkout_is_never_served(tmp_path):
+    """A special_tokens_map.json (or any file) added beside a version's files would change what loads: the
+    checkout is rebuilt with exactly the version's files."""
+    registry = Registry(tmp_path / "registry")
+    version = registry.publish(fake_result(tmp_path / "result"), "bot")
+    checkout = registry.path("bot@1")
+    (checkout / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<s>"}))
+    (checkout / "sub").mkdir()
+    (checkout / "sub" / "added_tokens.json").write_text("{}")
+    served = registry.path("bot@1")
+    assert sorted(p.relative_to(served).as_posix() for p in served.rglob("*")) == sorted(version.files)
+
+
+def test_a_checkout_missing_a_file_is_rebuilt(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    version = registry.publish(fake_result(tmp_path / "result"), "bot")
+    (registry.path("bot@1") / "finetune_manifest.json").unlink()
+    assert sorted(p.name for p in registry.path("bot@1").iterdir()) == sorted(version.files)
+
+
+def test_a_planted_special_tokens_map_does_not_change_the_loaded_tokenizer(tiny_models, tmp_path):
+    import finetune_sdk
+    from finetune_sdk import Trainer
+
+    write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "a", "output": "b"}] * 2)
+    result = Trainer(tiny_models("llama"), technique="lora", formatter="alpaca", output_dir=tmp_path / "run",
+                     max_steps=1, progress=False).fit(str(tmp_path / "qa.jsonl"))
+    registry = Registry(tmp_path / "registry")
+    registry.publish(result.output_dir, "bot")
+    checkout = registry.path("bot@1")
+    (checkout / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<s>"}))
+    (checkout / "added_tokens.json").write_text(json.dumps({"zzzq": 400}))
+    bot = finetune_sdk.load("bot@1", registry=registry)
+    assert bot.tokenizer.eos_token == "</s>" and len(bot.tokenizer) == 400
