@@ -49,6 +49,7 @@ from rich.table import Table
 from finetune_sdk.fsutil import write_json_atomic, write_text_atomic
 from finetune_sdk.models import display_name
 from finetune_sdk.output_paths import check_report_dir
+from finetune_sdk.pairwise import is_tie
 from finetune_sdk.screen_text import literal_text
 
 JSON_NAME = "comparison.json"
@@ -79,14 +80,17 @@ def lower_is_better(metric: str) -> bool:
 
 
 def better(metric: str, base: Any, tuned: Any) -> bool:
-    """Whether ``tuned`` is strictly better than ``base`` for ``metric``; False for ties, missing or NaN values and
-    bookkeeping numbers (:data:`NO_DIRECTION`: runtimes, throughput, epoch).
+    """Whether ``tuned`` is strictly better than ``base`` for ``metric``; False for ties (values within float
+    tolerance, :func:`finetune_sdk.pairwise.is_tie`), missing or NaN values and bookkeeping numbers
+    (:data:`NO_DIRECTION`: runtimes, throughput, epoch).
 
     Example:
         >>> better("eval_loss", 2.0, 1.5), better("accuracy", 0.8, 0.7), better("accuracy", 0.8, 0.8)
         (True, False, False)
     """
     if not (_is_number(base) and _is_number(tuned)) or any(word in metric.lower() for word in NO_DIRECTION):
+        return False
+    if is_tie(tuned - base, base, tuned):
         return False
     return tuned < base if lower_is_better(metric) else tuned > base
 
@@ -120,7 +124,7 @@ def _change(metric: str, base: Any, tuned: Any) -> tuple[str, bool | None]:
     text = f"{delta:+,.4f}" if abs(delta) < 1000 else f"{delta:+,.0f}"
     if base and math.isfinite(base):
         text += f" ({delta / abs(base):+.1%})"
-    if delta == 0 or any(word in metric.lower() for word in NO_DIRECTION):
+    if is_tie(delta, base, tuned) or any(word in metric.lower() for word in NO_DIRECTION):
         return text, None
     improved = better(metric, base, tuned)
     return f"{text} {'✓' if improved else '✗'}", improved

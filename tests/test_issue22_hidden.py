@@ -111,3 +111,21 @@ def test_a_planted_special_tokens_map_does_not_change_the_loaded_tokenizer(tiny_
     (checkout / "added_tokens.json").write_text(json.dumps({"zzzq": 400}))
     bot = finetune_sdk.load("bot@1", registry=registry)
     assert bot.tokenizer.eos_token == "</s>" and len(bot.tokenizer) == 400
+
+
+def test_a_comparison_within_float_tolerance_is_a_tie_not_better_or_worse():
+    """Kind 5 in comparison reports: base and fine-tuned losses 1 float32 ulp apart (an adapter whose B is still 0,
+    run through PEFT's path) get no ✓/✗ and no better/worse colour; a real change still does."""
+    import numpy as np
+
+    from finetune_sdk.report import _change, _metrics_html, better
+
+    base = 5.977672958374024
+    noisy = float(np.nextafter(np.float32(base), np.float32(10)))
+    for metric in ("eval_loss", "perplexity", "accuracy"):
+        assert better(metric, base, noisy) is False and better(metric, noisy, base) is False
+        text, improved = _change(metric, base, noisy)
+        assert improved is None and "✓" not in text and "✗" not in text, text
+    assert _change("eval_loss", 5.9777, 5.5)[1] is True and _change("accuracy", 0.5, 0.4)[1] is False
+    html = _metrics_html({"eval_loss": base}, {"eval_loss": noisy})
+    assert 'class="num better"' not in html and 'class="num worse"' not in html, html
