@@ -41,6 +41,8 @@ USER_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPER
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: How writers outside Python (safetensors, in Rust) report an OS error in their message: ``(os error 28)``.
 OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
+#: numpy's ``ndarray.tofile`` (the GGUF writer's) reports a short write, in practice a full disk, without an errno.
+SHORT_WRITE_TEXT = re.compile(r"^\d+ requested and \d+ written$")
 
 
 def is_sdk_result(path: Path) -> bool:
@@ -273,7 +275,8 @@ class WriteError(FinetuneError):
 
 def os_error_of(exc: BaseException) -> OSError | None:
     """The operating-system error behind ``exc``: ``exc`` itself, one it was raised ``from``, or the one a writer in
-    another language reports as text (safetensors' ``SafetensorError: ... No space left on device (os error 28)``).
+    another language reports as text (safetensors' ``SafetensorError: ... No space left on device (os error 28)``;
+    numpy's ``N requested and M written``, a short write without an errno, counts as a full disk).
     A :class:`FinetuneError` is already the user's message: None."""
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -284,6 +287,8 @@ def os_error_of(exc: BaseException) -> OSError | None:
             return None
         seen.add(id(current))
         if isinstance(current, OSError):
+            if current.errno is None and SHORT_WRITE_TEXT.match(str(current)):
+                return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             return current
         match = OS_ERROR_TEXT.search(str(current))
         if match:

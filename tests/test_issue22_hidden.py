@@ -97,15 +97,11 @@ def test_a_checkout_missing_a_file_is_rebuilt(tmp_path):
     assert sorted(p.name for p in registry.path("bot@1").iterdir()) == sorted(version.files)
 
 
-def test_a_planted_special_tokens_map_does_not_change_the_loaded_tokenizer(tiny_models, tmp_path):
+def test_a_planted_special_tokens_map_does_not_change_the_loaded_tokenizer(lora_run, tmp_path):
     import finetune_sdk
-    from finetune_sdk import Trainer
 
-    write_jsonl(tmp_path / "qa.jsonl", [{"instruction": "a", "output": "b"}] * 2)
-    result = Trainer(tiny_models("llama"), technique="lora", formatter="alpaca", output_dir=tmp_path / "run",
-                     max_steps=1, progress=False).fit(str(tmp_path / "qa.jsonl"))
     registry = Registry(tmp_path / "registry")
-    registry.publish(result.output_dir, "bot")
+    registry.publish(lora_run, "bot")
     checkout = registry.path("bot@1")
     (checkout / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<s>"}))
     (checkout / "added_tokens.json").write_text(json.dumps({"zzzq": 400}))
@@ -129,3 +125,37 @@ def test_a_comparison_within_float_tolerance_is_a_tie_not_better_or_worse():
     assert _change("eval_loss", 5.9777, 5.5)[1] is True and _change("accuracy", 0.5, 0.4)[1] is False
     html = _metrics_html({"eval_loss": base}, {"eval_loss": noisy})
     assert 'class="num better"' not in html and 'class="num worse"' not in html, html
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_models, tmp_path_factory):
+    from finetune_sdk import Trainer
+
+    folder = tmp_path_factory.mktemp("lora-run")
+    write_jsonl(folder / "qa.jsonl", [{"instruction": "a", "output": "b"}] * 2)
+    return Trainer(tiny_models("llama"), technique="lora", formatter="alpaca", output_dir=folder / "run",
+                   max_steps=1, progress=False).fit(str(folder / "qa.jsonl")).output_dir
+
+
+def test_numpys_short_write_is_a_full_disk():
+    """numpy's ``ndarray.tofile`` (the GGUF writer's) reports a full disk as ``OSError("25600 requested and 13784
+    written")`` with no errno: seen on a full 64 KiB tmpfs as a raw traceback and exit 1."""
+    import errno
+
+    from finetune_sdk.output_paths import os_error_of
+
+    assert os_error_of(OSError("25600 requested and 13784 written")).errno == errno.ENOSPC
+    assert os_error_of(OSError("something else")).errno is None
+
+
+def test_a_full_disk_while_the_gguf_tensors_are_written_is_one_line(lora_run, tmp_path, monkeypatch):
+    import gguf
+
+    def short_write(self, *args, **kwargs):
+        raise OSError("25600 requested and 13784 written")  # what ndarray.tofile raises on a full disk
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", short_write)
+    line = assert_refused(invoke(["export", lora_run, "--out", tmp_path / "gguf", "-q", "f32"]),
+                          f"can't write {tmp_path / 'gguf'}: No space left on device (the disk holding")
+    assert "requested" not in line and not (tmp_path / "gguf").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
