@@ -159,3 +159,90 @@ def test_a_full_disk_while_the_gguf_tensors_are_written_is_one_line(lora_run, tm
                           f"can't write {tmp_path / 'gguf'}: No space left on device (the disk holding")
     assert "requested" not in line and not (tmp_path / "gguf").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def sqlite_error(message: str, name: str) -> Exception:
+    import sqlite3
+
+    error = sqlite3.OperationalError(message)
+    error.sqlite_errorname = name
+    return error
+
+
+@pytest.mark.parametrize("message, name", [("database or disk is full", "SQLITE_FULL"),
+                                           ("disk I/O error", "SQLITE_IOERR_SHMSIZE")])
+def test_a_full_disk_under_the_registry_index_is_not_called_damage(tmp_path, monkeypatch, message, name):
+    """On a full 256 KiB tmpfs every registry command (list, tag, alias, publish) said the index 'is damaged ...;
+    move it aside', advice that would throw away every version; the index was intact. A full disk is the disk-full
+    line; a damaged file is still called damaged."""
+    import shutil
+    from collections import namedtuple
+
+    import finetune_sdk.registry.index as index_module
+
+    registry = Registry(tmp_path / "registry")
+    registry.publish(fake_result(tmp_path / "result"), "bot")
+    real_connect = index_module.Index.connect
+
+    def failing_connect(self):
+        raise sqlite_error(message, name)
+
+    monkeypatch.setattr(index_module.Index, "connect", failing_connect)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(1 << 20, 1 << 20, 0))
+    monkeypatch.setenv("FINETUNE_SDK_REGISTRY", str(registry.home))
+    for args in (["registry", "list"], ["registry", "tag", "bot@1", "x"], ["registry", "alias", "bot@1", "prod"]):
+        line = assert_refused(invoke(args), f"can't write {registry.home / 'index.db'}: No space left on device")
+        assert "damaged" not in line and "move it aside" not in line
+    monkeypatch.setattr(index_module.Index, "connect", real_connect)
+    assert [v.version for v in Registry(registry.home).versions("bot")] == [1]
+
+
+def test_an_error_inside_an_index_write_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    registry = Registry(tmp_path / "registry")
+    registry.publish(fake_result(tmp_path / "result"), "bot")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(1 << 20, 1 << 20, 0))
+
+    class FullDisk:
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, sql, *args):
+            if sql.startswith("INSERT"):
+                raise sqlite_error("database or disk is full", "SQLITE_FULL")
+            return self.db.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.db, name)
+
+    import finetune_sdk.registry.index as index_module
+
+    real_connect = index_module.Index.connect
+    monkeypatch.setattr(index_module.Index, "connect", lambda self: FullDisk(real_connect(self)))
+    from finetune_sdk.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match="No space left on device"):
+        registry.tag("bot@1", "x")
+
+
+def test_a_damaged_index_is_still_called_damaged(tmp_path):
+    from finetune_sdk.errors import RegistryError
+
+    (tmp_path / "registry").mkdir()
+    (tmp_path / "registry" / "index.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(RegistryError, match="is damaged"):
+        Registry(tmp_path / "registry").list()
+
+
+def test_a_first_publish_racing_another_processes_first_publish_creates_the_schema(tmp_path):
+    """Four processes publishing into a fresh registry home: one saw index.db already created by another (its
+    connection had made the empty file) and wrote before the tables existed: ``sqlite3.OperationalError: no such
+    table: adapters``, a traceback, exit 1 (1 run in 3 of the churn test here)."""
+    home = tmp_path / "registry"
+    registry = Registry(home)  # reads never create: no index.db yet
+    home.mkdir()
+    (home / "index.db").touch()  # what another process's first connect leaves before its schema is written
+    assert registry.publish(fake_result(tmp_path / "result"), "bot").version == 1
+    assert [v.version for v in Registry(home).versions("bot")] == [1]
