@@ -80,9 +80,8 @@ def lower_is_better(metric: str) -> bool:
 
 
 def better(metric: str, base: Any, tuned: Any) -> bool:
-    """Whether ``tuned`` is strictly better than ``base`` for ``metric``; False for ties (values within float
-    tolerance, :func:`finetune_sdk.pairwise.is_tie`), missing or NaN values and bookkeeping numbers
-    (:data:`NO_DIRECTION`: runtimes, throughput, epoch).
+    """Whether ``tuned`` is better than ``base`` for ``metric`` by more than float tolerance (:func:`is_tie`); False
+    for ties, missing or NaN values and bookkeeping numbers (:data:`NO_DIRECTION`: runtimes, throughput, epoch).
 
     Example:
         >>> better("eval_loss", 2.0, 1.5), better("accuracy", 0.8, 0.7), better("accuracy", 0.8, 0.8)
@@ -90,9 +89,7 @@ def better(metric: str, base: Any, tuned: Any) -> bool:
     """
     if not (_is_number(base) and _is_number(tuned)) or any(word in metric.lower() for word in NO_DIRECTION):
         return False
-    if is_tie(tuned - base, base, tuned):
-        return False
-    return tuned < base if lower_is_better(metric) else tuned > base
+    return not is_tie(tuned - base, base, tuned) and (tuned < base if lower_is_better(metric) else tuned > base)
 
 
 def _is_number(value: Any) -> bool:
