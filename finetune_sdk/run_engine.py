@@ -219,9 +219,7 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
             with objective.while_training(model), saved_activations(precision, model):
                 output = hf.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except Exception as exc:
-            if events is not None:
-                events.append({"event": "failed", "step": hf.state.global_step, "error": str(exc).splitlines()[0]
-                               if str(exc) else type(exc).__name__})
+            log_failure(events, hf.state.global_step, exc)
             raise
         finally:
             stop.restore()
@@ -259,11 +257,15 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
 
     manifest = build_manifest(run, plan, metrics, model)
     if is_main_process():
-        if plan.state_path is not None:  # before the result: a finished stage always has its state on disk
-            from finetune_sdk.stage_runs import save_trainable_state
+        try:
+            if plan.state_path is not None:  # before the result: a finished stage always has its state on disk
+                from finetune_sdk.stage_runs import save_trainable_state
 
-            save_trainable_state(unwrap(model), plan.state_path)
-        save_result(run.output_dir, run.technique, unwrap(model), tokenizer, log_history, manifest)
+                save_trainable_state(unwrap(model), plan.state_path)
+            save_result(run.output_dir, run.technique, unwrap(model), tokenizer, log_history, manifest)
+        except Exception as exc:  # a full disk while saving: the event log says why the run has no result
+            log_failure(events, metrics["train_steps"], exc)
+            raise
         remove_checkpoints(checkpoint_root)  # the result is complete: nothing left to resume
         if events is not None:
             from finetune_sdk.run_events import peak_memory
@@ -275,6 +277,19 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
     run.host.notify("on_train_end", context=context, metrics=metrics)
     log.info("saved %s result to %s", run.technique.name, run.output_dir)
     return FitResult(output_dir=run.output_dir, metrics=metrics, manifest=manifest, log_history=log_history)
+
+
+def log_failure(events: Any, step: int, exc: BaseException) -> None:
+    """Append a ``failed`` event (the error's first line) to the run's event log, if it has one, and close it; a log
+    that can't be written (the disk that failed the run) is left as it is: the error being raised matters more."""
+    if events is None:
+        return
+    try:
+        events.append({"event": "failed", "step": step,
+                       "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+        events.close()
+    except OSError:
+        pass
 
 
 def open_event_log(run: RunSpec, plan: TrainingPlan, precision: Any,

@@ -64,8 +64,11 @@ def test_a_full_disk_while_the_result_is_saved_is_one_line_and_leaves_nothing(ti
                           "pick another location")
     assert len(result.output.strip().splitlines()) == 1 and "os error" not in line
     assert asked and asked[0].endswith("adapter_model.safetensors")
-    # no result, no staging or work folder; the checkpoints stay for --resume once there is space
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["qa.checkpoints"]
+    # no result, no staging or work folder; the checkpoints stay for --resume once there is space, and the run's
+    # event log (docs/studio.md) ends with the failure, so the studio shows why the run did not finish
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["qa.checkpoints", "qa.run"]
+    events = [json.loads(line) for line in (out.parent / "qa.run" / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "failed" and "No space left on device" in events[-1]["error"]
 
 
 def test_a_full_disk_in_every_save_path_is_a_finetune_error_naming_the_folder(tiny_models, tmp_path, monkeypatch):
