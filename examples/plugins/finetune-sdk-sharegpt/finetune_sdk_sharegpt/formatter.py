@@ -107,6 +107,10 @@ class ShareGPTFormatter(Formatter):
 
         return ChatML.for_tokenizer(tokenizer, answer_end="")
 
+    def end_of_turn(self, tokenizer: Any) -> list[str]:
+        """``<|im_end|>`` ends every answer: generation stops there (the contract checks it)."""
+        return [IM_END]
+
     def prompt_segments(self, prompt: str, tokenizer: Any, options: Mapping[str, Any]) -> list[Segment]:
         messages = self._messages([{"from": "human", "value": prompt}], options)
         return [*(s for role, text in messages for s in _turn(role, text)), Segment(f"{IM_START}assistant\n")]
