@@ -129,6 +129,37 @@ class {cls}(Formatter):
     def prompt_segments(self, prompt, tokenizer, options):
         return literal_format("Question: {{question}}\\nAnswer:", question=prompt)
 
+    def chat_format(self, tokenizer, options):
+        """The format exports write as the GGUF chat template and the Ollama TEMPLATE (the contract checks that
+        they render the prompt training rendered)."""
+        from finetune_sdk.exporting.chat_formats import ChatFormat
+
+        class QuestionAnswer(ChatFormat):
+            name = "{name}"
+            stops = ("Question:",)
+            supports_system = False
+
+            def _jinja(self):
+                return ("{{% for message in messages %}}{{% if message['role'] == 'user' %}}"
+                        "{{{{ 'Question: ' + message['content'] + '\\\\nAnswer:' }}}}"
+                        "{{% elif message['role'] == 'assistant' %}}{{{{ ' ' + message['content'] + eos_token + '\\\\n' }}}}"
+                        "{{% endif %}}{{% endfor %}}")
+
+            def ollama(self):
+                return ('{{{{- range .Messages }}}}{{{{- if eq .Role "user" }}}}Question: {{{{ .Content }}}}\\nAnswer:'
+                        '{{{{ else if eq .Role "assistant" }}}} {{{{ .Content }}}}' + self.eos + '\\n{{{{ end }}}}{{{{ end }}}}')
+
+            def _render(self, messages):
+                out = ""
+                for m in messages:
+                    if m["role"] == "user":
+                        out += f"Question: {{m['content']}}\\nAnswer:"
+                    elif m["role"] == "assistant":
+                        out += f" {{m['content']}}{{self.eos}}\\n"
+                return out
+
+        return QuestionAnswer.for_tokenizer(tokenizer)
+
 
 @hookimpl
 def register_formatters(register):
