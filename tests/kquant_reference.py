@@ -297,3 +297,66 @@ def quantize_q3_k(x: np.ndarray) -> bytes:
             hmask[j % 32] |= 1 << (j // 32)
             levels[j] -= 4
     return bytes(hmask) + pack_2bit(levels) + bytes(packed) + d.tobytes()
+
+
+KVALUES_IQ4NL = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+
+
+def best_index_int8(values, x):
+    """The C binary search, literally (float32 differences)."""
+    x = f32(x)
+    if x <= values[0]:
+        return 0
+    if x >= values[-1]:
+        return len(values) - 1
+    ml, mu = 0, len(values) - 1
+    while mu - ml > 1:
+        mav = (ml + mu) // 2
+        if x < values[mav]:
+            mu = mav
+        else:
+            ml = mav
+    return mu - 1 if f32(x - f32(values[mu - 1])) < f32(f32(values[mu]) - x) else mu
+
+
+def quantize_iq4_nl_block(x: np.ndarray, ntry: int = 7) -> bytes:
+    """``quantize_row_iq4_nl_impl(32, 32, x, ..., quant_weights=NULL, ntry)``: one block of 32 -> 18 bytes."""
+    x = [f32(v) for v in x]
+    values = KVALUES_IQ4NL
+    weight = [f32(v * v) for v in x]
+    amax, mx = f32(0), f32(0)
+    for v in x:
+        if abs(v) > amax:
+            amax, mx = abs(v), v
+    if amax < f32(1e-15):
+        scale = f32(0)
+    else:
+        d = f32(-mx / f32(values[0])) if ntry > 0 else f32(mx / f32(values[0]))
+        inverse = f32(f32(1) / d)
+        sumqx, sumq2 = f32(0), f32(0)
+        for j in range(32):
+            q = f32(values[best_index_int8(values, f32(inverse * x[j]))])
+            sumqx = f32(sumqx + f32(f32(weight[j] * q) * x[j]))
+            sumq2 = f32(sumq2 + f32(f32(weight[j] * q) * q))
+        with np.errstate(all="ignore"):
+            d = f32(sumqx / sumq2)
+        best = f32(d * sumqx)
+        for itry in range(-ntry, ntry + 1):
+            inverse = f32(f32(itry + values[0]) / mx)
+            sumqx, sumq2 = f32(0), f32(0)
+            for j in range(32):
+                q = f32(values[best_index_int8(values, f32(inverse * x[j]))])
+                sumqx = f32(sumqx + f32(f32(weight[j] * q) * x[j]))
+                sumq2 = f32(sumq2 + f32(f32(weight[j] * q) * q))
+            if sumq2 > 0 and f32(sumqx * sumqx) > f32(best * sumq2):
+                d = f32(sumqx / sumq2)
+                best = f32(d * sumqx)
+        scale = d
+    inverse = f32(f32(1) / scale) if scale else f32(0)
+    levels = [best_index_int8(values, f32(inverse * v)) for v in x]
+    return np.float16(scale).tobytes() + bytes(levels[j] | (levels[j + 16] << 4) for j in range(16))
+
+
+def quantize_iq4_nl(x: np.ndarray) -> bytes:
+    """``quantize_iq4_nl(src, dst, 1, len(x), NULL)``: the blocks of one row, one after the other."""
+    return b"".join(quantize_iq4_nl_block(x[start:start + 32]) for start in range(0, len(x), 32))

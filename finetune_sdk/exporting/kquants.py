@@ -1,4 +1,4 @@
-"""ggml's K-quants (Q2_K...Q6_K) written in numpy: the reference quantizers of llama.cpp's ``ggml-quants.c``.
+"""ggml's K-quants (Q2_K...Q6_K) and IQ4_NL in numpy: the reference quantizers of llama.cpp's ``ggml-quants.c``.
 
 The ``gguf`` package reads K-quants (``gguf.quants.dequantize``) but can't write them, so this module ports
 ``quantize_row_q{2,3,4,5,6}_K_ref`` with their helpers ``make_qkx2_quants``, ``make_q3_quants`` and
@@ -11,6 +11,11 @@ llama.cpp's block-32 types otherwise). Block layouts (bytes, as ``ggml-common.h`
 Q2_K ``scales[16], qs[64], d, dmin (f16)`` = 84; Q3_K ``hmask[32], qs[64], scales[12], d`` = 110;
 Q4_K ``d, dmin, scales[12], qs[128]`` = 144; Q5_K ``d, dmin, scales[12], qh[32], qs[128]`` = 176;
 Q6_K ``ql[128], qh[64], scales[16] (int8), d`` = 210.
+
+IQ4_NL (:func:`quantize_iq4_nl`, llama.cpp's fallback for Q2_K/Q3_K rows that aren't a multiple of 256) ports
+``quantize_iq4_nl`` -> ``quantize_row_iq4_nl_impl`` without an importance matrix (weights ``x**2``, ``ntry = 7``):
+blocks of 32, ``d (f16), qs[16]`` = 18 bytes, each value an index into the 16 non-linear levels
+``kvalues_iq4nl``, element ``j`` in the low nibble of ``qs[j]`` and element ``j + 16`` in its high nibble.
 
 Example:
     >>> import numpy as np, gguf
@@ -294,6 +299,82 @@ def _q3_k(blocks: Any) -> Any:
         axis=0, dtype=np.uint8)
     levels = np.where(upper, levels - 4, levels).astype(np.uint8)
     return np.concatenate([hmask, _pack_2bit(levels), packed, d_half.view(np.uint8).reshape(-1, 2).T]).T
+
+
+#: ggml's ``kvalues_iq4nl``: the 16 levels of IQ4_NL, ascending
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=F32)
+QK4_NL = 32
+GROUP_MAX_EPS = F32(1e-15)
+
+
+def _best_index_iq4_nl(x: Any) -> Any:
+    """``best_index_int8(16, kvalues_iq4nl, x)``: the nearest level's index (a tie goes to the upper level), 0 at or
+    below -127, 15 at or above 113 (and for NaN, as the C binary search ends)."""
+    values = IQ4_NL_VALUES
+    upper = np.clip(np.searchsorted(values, x, side="right"), 1, 15)
+    lower = upper - 1
+    index = np.where(x - values[lower] < values[upper] - x, lower, upper)
+    return np.where(x <= values[0], 0, np.where(x >= values[15], 15, index)).astype(np.uint8)
+
+
+def _iq4_nl_sums(x: Any, weight: Any, inverse_scale: Any) -> tuple[Any, Any]:
+    """``sumqx``, ``sumq2`` of the levels nearest to ``inverse_scale * x`` (values along axis 0, summed in order)."""
+    q = IQ4_NL_VALUES[_best_index_iq4_nl(inverse_scale * x)]
+    wq = weight * q
+    return (wq * x).sum(axis=0, dtype=F32), (wq * q).sum(axis=0, dtype=F32)
+
+
+def _iq4_nl(blocks: Any) -> Any:
+    """``quantize_row_iq4_nl_impl(QK4_NL, 32, ..., quant_weights=NULL, ntry=7)`` for ``blocks`` (n, 32)."""
+    x = np.ascontiguousarray(blocks.T)
+    weight = x * x
+    columns = np.arange(x.shape[1])
+    amax = np.abs(x).max(axis=0)
+    largest = x[np.abs(x).argmax(axis=0), columns]  # the first value of the largest magnitude, as the C loop's ">"
+    empty = amax < GROUP_MAX_EPS
+    largest = np.where(empty, F32(1), largest).astype(F32)
+    with np.errstate(all="ignore"):
+        d = -largest / IQ4_NL_VALUES[0]
+        sumqx, sumq2 = _iq4_nl_sums(x, weight, F32(1) / d)
+        d = sumqx / sumq2
+        best = d * sumqx
+        for itry in range(-7, 8):
+            sumqx, sumq2 = _iq4_nl_sums(x, weight, (F32(itry) + IQ4_NL_VALUES[0]) / largest)
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = np.where(better, sumqx / sumq2, d)
+            best = np.where(better, d * sumqx, best)
+        d = np.where(empty, F32(0), d).astype(F32)
+        levels = _best_index_iq4_nl(np.where(d != 0, F32(1) / d, F32(0)).astype(F32) * x)
+    d_half, _ = _half(d)
+    return np.concatenate([d_half.view(np.uint8).reshape(-1, 2).T, levels[:16] | (levels[16:] << 4)]).T
+
+
+def quantize_iq4_nl(data: Any) -> Any:
+    """``data`` (float32, last dimension a multiple of 32) as packed ``IQ4_NL`` bytes, as ``llama-quantize`` writes
+    them without an importance matrix.
+
+    Returns a uint8 array of shape ``(*data.shape[:-1], data.shape[-1] // 32 * 18)`` for
+    ``gguf.GGUFWriter.add_tensor(..., raw_dtype=IQ4_NL)``. Raises ``ValueError`` for another row size.
+
+    Example:
+        >>> import numpy as np, gguf
+        >>> w = np.random.default_rng(0).standard_normal((4, 96)).astype(np.float32)
+        >>> packed = quantize_iq4_nl(w)
+        >>> packed.shape
+        (4, 54)
+        >>> back = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.IQ4_NL)
+        >>> bool(np.abs(back - w).max() < 0.5)
+        True
+    """
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if data.shape[-1] % QK4_NL:
+        raise ValueError(f"IQ4_NL needs rows of a multiple of {QK4_NL} values, not {data.shape[-1]}")
+    blocks = data.reshape(-1, QK4_NL)
+    out = np.empty((blocks.shape[0], 18), dtype=np.uint8)
+    step = CHUNK_BLOCKS * 8  # 2M values at once, as for the K-quants
+    for start in range(0, blocks.shape[0], step):
+        out[start:start + step] = _iq4_nl(blocks[start:start + step])
+    return out.reshape(*data.shape[:-1], data.shape[-1] // QK4_NL * 18)
 
 
 QUANTIZERS = {"Q2_K": (_q2_k, 84), "Q3_K": (_q3_k, 110), "Q4_K": (_q4_k, 144), "Q5_K": (_q5_k, 176),

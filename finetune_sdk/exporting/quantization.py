@@ -1,8 +1,8 @@
 """GGUF tensor types: which type each tensor gets for a requested quantization, and the conversion itself.
 
 The conversion is the ``gguf`` package's (``gguf.quants.quantize``, a port of ggml's reference quantizers) for the
-block-32 types, and :mod:`finetune_sdk.exporting.kquants` (a port of ggml's K-quant reference quantizers) for
-Q4_K/Q5_K/Q6_K. The choice of type per tensor follows llama.cpp's ``convert_hf_to_gguf.py`` and ``llama-quantize``
+block-32 types, and :mod:`finetune_sdk.exporting.kquants` (a port of ggml's reference quantizers) for
+Q2_K...Q6_K and IQ4_NL. The choice of type per tensor follows llama.cpp's ``convert_hf_to_gguf.py`` and ``llama-quantize``
 (``llama_tensor_get_type`` in ``src/llama-quant.cpp``):
 
 * 1-D tensors (norms, biases, ``rope_freqs``) and position embeddings stay float32;
@@ -16,8 +16,8 @@ Q4_K/Q5_K/Q6_K. The choice of type per tensor follows llama.cpp's ``convert_hf_t
   the first 2 value projections Q5_K and the others Q4_K, ``ffn_down`` Q5_K in the first sixteenth of the layers
   and Q4_K elsewhere, ``attn_output`` Q4_K; ``q3_k_l`` Q5_K for all three; ``q2_k`` Q3_K for ``ffn_down`` and
   ``attn_output`` and for the value projections (Q4_K with 4 or more query heads per key head). A row that isn't a
-  multiple of 256 falls back as llama.cpp does: Q2_K/Q3_K to Q4_0, Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0 (F16
-  below 32).
+  multiple of 256 falls back as llama.cpp does (``tensor_type_fallback``): Q2_K/Q3_K to IQ4_NL, Q4_K to Q5_0, Q5_K
+  to Q5_1, Q6_K to Q8_0 (F16 when the row isn't a multiple of 32 either).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ QUANTIZATIONS: dict[str, tuple[str, str]] = {
 LOW_BIT = ("q5_1", "q5_0", "q4_1", "q4_0")
 K_MIXES = ("q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
 #: llama.cpp's ``tensor_type_fallback`` for a row that isn't a multiple of 256
-K_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+K_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def check_quantization(quantization: str) -> str:
@@ -170,4 +170,8 @@ def encode(data: Any, qtype: Any) -> Any:
         from finetune_sdk.exporting.kquants import quantize_k
 
         return quantize_k(data, qtype.name)
+    if qtype == types.IQ4_NL:
+        from finetune_sdk.exporting.kquants import quantize_iq4_nl
+
+        return quantize_iq4_nl(data)
     return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
