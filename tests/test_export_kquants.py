@@ -194,7 +194,7 @@ def test_low_bit_k_mixes_on_rows_of_160_read_back_through_transformers(tmp_path)
                                                         dtype=torch.float32).eval()
         with torch.no_grad():
             diffs[quantization] = (reloaded(input_ids=ids).logits - expected).abs().max().item()
-    assert 0 < diffs["q3_k_m"] <= diffs["q2_k"] <= 0.3, diffs
+    assert 0 < diffs["q3_k_m"] <= diffs["q2_k"] <= 0.3, diffs  # measured 0.104, 0.152 (logits up to 1.1)
 
 
 #: relative RMSE per tensor type on normally initialised weights (Gaussian: 0.0715, 0.0363, 0.0178 measured)

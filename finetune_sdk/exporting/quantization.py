@@ -2,8 +2,8 @@
 
 The conversion is the ``gguf`` package's (``gguf.quants.quantize``, a port of ggml's reference quantizers) for the
 block-32 types, and :mod:`finetune_sdk.exporting.kquants` (a port of ggml's reference quantizers) for
-Q2_K...Q6_K and IQ4_NL. The choice of type per tensor follows llama.cpp's ``convert_hf_to_gguf.py`` and ``llama-quantize``
-(``llama_tensor_get_type`` in ``src/llama-quant.cpp``):
+Q2_K...Q6_K and IQ4_NL. The choice of type per tensor follows llama.cpp's ``convert_hf_to_gguf.py`` and
+``llama-quantize`` (``llama_tensor_get_type`` in ``src/llama-quant.cpp``):
 
 * 1-D tensors (norms, biases, ``rope_freqs``) and position embeddings stay float32;
 * a matrix whose rows don't split into whole blocks (32 values) falls back to float16;
