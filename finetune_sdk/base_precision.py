@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,10 @@ def merged_float32(folder: Path, manifest: dict[str, Any], technique: Any, *, re
     model = loaded.model
     if getattr(technique, "saves_adapter", False):
         untied = _untie_embeddings(model)
-        with activity("merging the adapter into the float32 base"):
+        with activity("merging the adapter into the float32 base"), warnings.catch_warnings():
+            # PEFT warns that the embeddings are "no longer tied" after the copy made just above; the tie is put
+            # back below unless the merge really changed one of them
+            warnings.filterwarnings("ignore", message="Input and output embeddings are no longer tied")
             model = technique.merge(model)
         if untied:
             _retie_unless_the_merge_split_them(model)
