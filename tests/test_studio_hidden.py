@@ -111,10 +111,6 @@ def test_hostile_text_in_a_runs_events_is_shown_as_text_in_a_real_browser(tmp_pa
     no markup runs; the token leaves the address bar after the redirect."""
     import shutil
     import signal
-    import subprocess
-    import sys
-    import urllib.error
-    import urllib.request
 
     playwright_api = pytest.importorskip("playwright.sync_api")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -127,21 +123,11 @@ def test_hostile_text_in_a_runs_events_is_shown_as_text_in_a_real_browser(tmp_pa
                     "device": HOSTILE, "precision": HOSTILE})
         log.append({"event": "log", "step": 1, "loss": 2.0, HOSTILE: 1.0})
         log.append({"event": "failed", "step": 1, "error": HOSTILE})
-    process = subprocess.Popen([sys.executable, "-m", "finetune_sdk", "studio", "--runs", "runs", "--port", "0",
-                                "--registry-home", str(tmp_path / "reg")], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        url = process.stdout.readline().split(": ", 1)[1].strip()
-        base = url.split("/?")[0]
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(base + "/", timeout=1)
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                import time
+    from tests.test_studio_browser import start_studio
 
-                time.sleep(0.1)
+    process, url = start_studio(tmp_path, tmp_path / "reg")
+    base = url.split("/?")[0]
+    try:
         with playwright_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page()
