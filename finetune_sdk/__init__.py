@@ -21,8 +21,8 @@ from finetune_sdk.hookspecs import hookimpl
 prefer_passive_waits()
 
 __version__ = "0.1.0"
-__all__ = ["FinetuneError", "FitResult", "Stage", "Task", "Trainer", "__version__", "advise", "collect_feedback",
-           "export", "hookimpl", "load", "merge"]
+__all__ = ["BenchmarkResult", "FinetuneError", "FitResult", "Stage", "Task", "Trainer", "__version__", "advise",
+           "benchmark", "collect_feedback", "export", "hookimpl", "load", "merge"]
 
 if TYPE_CHECKING:
     from finetune_sdk.result import FitResult
@@ -69,6 +69,14 @@ def advise(model: Any, **kwargs: Any) -> Any:
     return _advise(model, **kwargs)
 
 
+def benchmark(ref: Any, tasks: Any = (), **kwargs: Any) -> Any:
+    """Score a result, registry version or base model on lm-evaluation-harness tasks beside its base, the adapter
+    checked to be applied, the scores stored with the version; see :func:`finetune_sdk.benchmarking.benchmark`."""
+    from finetune_sdk.benchmarking import benchmark as _benchmark
+
+    return _benchmark(ref, tasks, **kwargs)
+
+
 def collect_feedback(model: Any, prompts: Any, out: Any, **kwargs: Any) -> Any:
     """Rate a model's sampled answers (thumbs up/down, or the better of two) into a ratings file that trains with
     KTO, DPO or SFT as it is; see :func:`finetune_sdk.feedback.collect_feedback`."""
@@ -86,6 +94,10 @@ def __getattr__(name: str) -> Any:
         from finetune_sdk import stages_and_tasks
 
         return getattr(stages_and_tasks, name)
+    if name == "BenchmarkResult":
+        from finetune_sdk.benchmarking import BenchmarkResult
+
+        return BenchmarkResult
     if name == "FitResult":
         from finetune_sdk.result import FitResult
 

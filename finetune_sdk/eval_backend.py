@@ -91,25 +91,43 @@ class FinetuneSDKLM(HFLM):
         return str(getattr(self.tokenizer, "name_or_path", "") or "finetune-sdk").replace("/", "__")
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The conversation as the result's formatter renders a training prompt: few-shot turns become plain text
-        ahead of the last question, which is wrapped in the chat format (the tokenizer's template with no
-        formatter)."""
+        """The conversation in the chat format the result was trained in (its formatter): lm-eval's few-shot
+        examples (user/assistant turns, as ``fewshot_as_multiturn`` gives them) become earlier turns of one
+        conversation, the last user message is the question, wrapped up to where the answer starts
+        (:func:`finetune_sdk.formatter.few_shot_segments`); a system message (a task's ``description``) goes ahead
+        of the first question. With no formatter: the tokenizer's own chat template (lm-eval's ``HFLM``)."""
         if self.formatter is None:
             return super().apply_chat_template(chat_history, add_generation_prompt)
-        parts, pending = [], []
-        for message in chat_history:
+        prefill = ""
+        if chat_history and chat_history[-1]["role"] == "assistant":  # a task's gen_prefix starts the answer
+            prefill, chat_history = chat_history[-1]["content"], chat_history[:-1]
+        examples, question = conversation_turns(chat_history)
+        ids = self.loaded.prompt_ids(question, examples=examples)
+        return self.tokenizer.decode(ids, skip_special_tokens=False) + prefill
+
+
+def conversation_turns(chat_history: list[dict[str, str]]) -> tuple[list[tuple[str, str]], str]:
+    """lm-eval's chat history as ``(examples, question)``: each user message answered by the next assistant
+    message is an example, the user text after the last answer the question; system text (and consecutive user
+    messages) is joined ahead of the question it precedes with a blank line.
+
+    >>> conversation_turns([{"role": "system", "content": "Sums."}, {"role": "user", "content": "1+1?"},
+    ...                     {"role": "assistant", "content": "2"}, {"role": "user", "content": "2+2?"}])
+    ([('Sums.\\n\\n1+1?', '2')], '2+2?')
+    """
+    examples, pending = [], []
+    for message in chat_history:
+        if message["role"] == "assistant":
+            examples.append(("\n\n".join(pending).strip(), message["content"]))
+            pending = []
+        else:
             pending.append(message["content"])
-            if message["role"] in ("assistant", "system"):
-                parts.append(" ".join(pending))
-                pending = []
-        question = "\n\n".join([*parts, " ".join(pending)]).strip()
-        ids = self.loaded.prompt_ids(question)
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+    return examples, "\n\n".join(pending).strip()
 
 
 def open_for_lm_eval(ref: str, *, base: bool, check: bool, trust_remote_code: bool) -> Any:
     """The ``LoadedModel`` the command-line route scores: the result (checked against its base) or its base."""
-    from finetune_sdk.benchmark import open_models
+    from finetune_sdk.benchmarking import open_models
     from finetune_sdk.loading import is_result, load_base
     from finetune_sdk.log import known_dependency_messages
 

@@ -43,8 +43,11 @@ def read_task_file(path: Path) -> dict[str, Any]:
         config = load_yaml(path)
     except Exception as exc:  # noqa: BLE001 - yaml, import and include errors alike: one line naming the file
         raise ConfigError(f"{path}: not a valid lm-eval task file ({_first_line(exc)})") from None
+    if isinstance(config.get("group"), str) and isinstance(config.get("task"), list):
+        return config | {"_folder": str(path.resolve().parent)}  # a group file: subtasks resolved by read_group
     if not isinstance(config.get("task"), str):
-        raise ConfigError(f"{path}: no 'task:' name; an lm-eval task file names its task (task: my_task)")
+        raise ConfigError(f"{path}: no 'task:' name; an lm-eval task file names its task (task: my_task), a group "
+                          "file its group and subtasks (group: my_group, task: [a, b])")
     kwargs = dict(config.get("dataset_kwargs") or {})
     files = kwargs.get("data_files")
     if files is not None:
@@ -69,7 +72,9 @@ def read_task_file(path: Path) -> dict[str, Any]:
 
 
 def load_tasks(names: list[str], files: list[Path]) -> tuple[Any, dict[str, Any]]:
-    """The ``TaskManager`` and ``{name: Task}`` of ``names`` (default: every task of ``files``), their data loaded.
+    """The ``TaskManager`` and ``{name: [Task or Group, ...]}`` of ``names`` (default: every task and group of
+    ``files``), their data loaded. A group (a group file's ``group:``, or one of lm-eval's) stays a ``Group``, so
+    lm-eval reports its aggregate (``aggregate_metric_list``) beside its subtasks' scores.
 
     Raises:
         ConfigError: see the module docstring.
@@ -80,7 +85,8 @@ def load_tasks(names: list[str], files: list[Path]) -> tuple[Any, dict[str, Any]
     file_tasks = {}
     for path in files:
         config = read_task_file(Path(path))
-        file_tasks[config["task"]] = config
+        file_tasks[config.get("group") if isinstance(config.get("group"), str) and "task" in config
+                   and isinstance(config["task"], list) else config["task"]] = config
     names = list(names) or list(file_tasks)
     if not names:
         raise ConfigError("no tasks to run: give task names (--tasks) or task files (--task-file)")
@@ -100,14 +106,49 @@ def load_tasks(names: list[str], files: list[Path]) -> tuple[Any, dict[str, Any]
                 raise ConfigError(f"unknown task {name!r}{closest(name, sorted(known))}; give a task file "
                                   "(--task-file my_task.yaml) for your own task")
             spec = file_tasks.get(name, name)
-            try:
-                built = manager.load([spec])["tasks"]
-            except ConfigError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; each becomes one line here
-                raise dataset_error(name, spec, manager, exc) from None
-            tasks.update(built)
+            if isinstance(spec, dict) and isinstance(spec.get("task"), list):
+                tasks[name] = [build_group(spec, manager, file_tasks)]
+            else:
+                tasks[name] = load_one(name, spec, manager)
     return manager, tasks
+
+
+def load_one(name: str, spec: Any, manager: Any) -> list[Any]:
+    """``[Group]`` for a group's name, else the task(s) ``spec`` names, built by lm-eval with their data loaded."""
+    try:
+        loaded = manager.load([spec])
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; each becomes one line here
+        raise dataset_error(name, spec, manager, exc) from None
+    group = loaded["groups"].get(name)
+    return [group] if group is not None else list(loaded["tasks"].values())
+
+
+def build_group(config: dict[str, Any], manager: Any, file_tasks: dict[str, Any]) -> Any:
+    """lm-eval's ``Group`` of a group file: its subtasks that are task files (given, or beside the group file)
+    read as :func:`read_task_file` reads them, so their local data is found relative to their own files; other
+    subtasks (lm-eval's own tasks and groups) by name. (lm-eval's loader would pass a top-level inline group's own
+    keys on to its subtasks, so the group is assembled here from lm-eval's ``GroupConfig`` and ``Group``.)"""
+    from dataclasses import fields
+
+    from lm_eval.api.group import Group
+    from lm_eval.config.group import GroupConfig
+
+    names = {f.name for f in fields(GroupConfig)}
+    group = Group.from_config(GroupConfig(**{k: v for k, v in config.items() if k in names}))
+    for sub in config["task"]:
+        spec = sub
+        if isinstance(sub, str) and sub in file_tasks and isinstance(file_tasks[sub].get("task"), str):
+            spec = file_tasks[sub]
+        elif isinstance(sub, str) and getattr(manager.task_index.get(sub), "yaml_path", None):
+            path = Path(manager.task_index[sub].yaml_path)
+            if path.resolve().parent == Path(config["_folder"]):
+                spec = read_task_file(path)
+        label = sub if isinstance(sub, str) else str(sub.get("task") or sub.get("group"))
+        for child in load_one(label, spec, manager):
+            group.add(child)
+    return group
 
 
 def dataset_error(name: str, spec: Any, manager: Any, exc: BaseException) -> ConfigError:

@@ -166,3 +166,46 @@ class Formatter:
         ['</s>']
         """
         return [tokenizer.eos_token] if getattr(tokenizer, "eos_token", None) else []
+
+
+#: Question/answer columns of the builtin formatters' rows, in the order tried (chat, then alpaca).
+_QUESTION_ANSWER_COLUMNS = (("prompt", "completion"), ("instruction", "output"))
+#: The answer put after the last question while rendering a few-shot conversation, then cut off (never encoded).
+_PLACEHOLDER_ANSWER = "FEWSHOTPLACEHOLDERANSWER"
+
+
+def few_shot_segments(formatter: Formatter, examples: Sequence[tuple[str, str]], question: str, tokenizer: Any,
+                      options: Mapping[str, Any]) -> list[Segment]:
+    """``examples`` (question, answer) as earlier turns of one conversation in the format the model was trained in,
+    then ``question`` up to where the answer starts: few-shot prompting in the model's chat format, not plain text.
+
+    A formatter that takes ``messages`` renders one conversation (user/assistant turns, the question last, its
+    answer cut off: the trailing ``train=True`` segments); any other renders each example as a training row
+    (``prompt``/``completion``) and then :meth:`Formatter.prompt_segments` of the question. With no examples this is
+    ``prompt_segments(question)``. Used by ``finetune bench`` (lm-eval's few-shot as multi-turn) and by the advice's
+    few-shot scoring (:mod:`finetune_sdk.prompting_advice`).
+
+    Example:
+        >>> from finetune_sdk.plugins.formatters.chat import ChatMLFormatter
+        >>> tok = type("Tok", (), {"eos_token": "<|im_end|>"})()
+        >>> "".join(s.text for s in few_shot_segments(ChatMLFormatter(), [("2+2?", "4")], "3+3?", tok, {}))
+        '<|im_start|>user\\n2+2?<|im_end|>\\n<|im_start|>assistant\\n4<|im_end|>\\n<|im_start|>user\\n3+3?<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    if not examples:
+        return formatter.prompt_segments(question, tokenizer, options)
+    if formatter.accepts(("messages",)):
+        messages = [m for q, a in examples for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": _PLACEHOLDER_ANSWER}]
+        rendered = list(formatter.segments({"messages": messages}, tokenizer, options))
+        while rendered and rendered[-1].train:
+            rendered.pop()
+        if rendered and not any(_PLACEHOLDER_ANSWER in s.text for s in rendered):
+            return rendered
+    columns = next((pair for pair in _QUESTION_ANSWER_COLUMNS if formatter.accepts(pair)), None)
+    segments: list[Segment] = []
+    for q, a in examples:
+        if columns is None:  # a format with no question/answer rows: the example as plain text
+            segments.append(Segment(f"{q}\n{a}\n\n", literal=True))
+        else:
+            segments += formatter.segments(dict(zip(columns, (q, a))), tokenizer, options)
+    return segments + formatter.prompt_segments(question, tokenizer, options)

@@ -10,7 +10,7 @@ from finetune_sdk.chunked_loss import summed_causal_lm_loss
 from finetune_sdk.data import load_rows
 from finetune_sdk.encoding import Collator, encode_causal, encode_classification, encode_plain, encode_segments
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.formatter import CLASSIFICATION, HEAD_TASKS, REWARD, Formatter, Segment
+from finetune_sdk.formatter import CLASSIFICATION, HEAD_TASKS, REWARD, Formatter, Segment, few_shot_segments
 from finetune_sdk.sampling import chat_generation_config, only_these_settings, settings_summary
 from finetune_sdk.scoring import require_rows, scored_rows
 from finetune_sdk.stop_tokens import stop_token_ids
@@ -40,11 +40,19 @@ class LoadedModel:
         self.labels = list(labels) if labels is not None else None
 
     # -- generation ----------------------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str, raw: bool = False) -> list[int]:
+    def prompt_ids(self, prompt: str, raw: bool = False,
+                   examples: Sequence[tuple[str, str]] = ()) -> list[int]:
         """Token ids of ``prompt`` wrapped as the formatter wraps a training prompt: the prompt is plain text, a
         special-token string in it is never a control token. With ``raw=True`` (or no formatter) the text is sent
-        as is, special-token strings included, for callers who write the template themselves."""
-        if raw:
+        as is, special-token strings included, for callers who write the template themselves. ``examples``
+        ((question, answer) pairs) go ahead of it as earlier turns of the conversation in the formatter's format
+        (:func:`finetune_sdk.formatter.few_shot_segments`), or as plain text (``question\\nanswer``, a blank line
+        apart) with no formatter."""
+        if examples and not raw and self.formatter is not None:
+            segments = few_shot_segments(self.formatter, list(examples), prompt, self.tokenizer, self.options)
+        elif examples and not raw:
+            segments = [Segment("\n\n".join([*(f"{q}\n{a}" for q, a in examples), prompt]), literal=True)]
+        elif raw:
             segments = [Segment(prompt)]
         elif self.formatter is None:
             segments = [Segment(prompt, literal=True)]
@@ -79,7 +87,8 @@ class LoadedModel:
                                                        **generate_kwargs))
 
     def generate(self, prompts: str | Sequence[str], *, max_new_tokens: int = 64, raw: bool = False,
-                 do_sample: bool = False, batch_size: int = 8, **generate_kwargs: Any) -> Any:
+                 do_sample: bool = False, batch_size: int = 8, examples: Sequence[tuple[str, str]] = (),
+                 **generate_kwargs: Any) -> Any:
         """Generate an answer per prompt; returns a list (or one string when given one string).
 
         Greedy by default (deterministic); pass ``do_sample=True, temperature=...`` to sample. The model's own
@@ -87,7 +96,8 @@ class LoadedModel:
         sampling) applies under the call's keyword arguments, as in transformers; the answer stops at the model's end
         of turn (:meth:`stop_ids`) and after ``max_new_tokens`` whatever the model's file says
         (:meth:`generation_config`, :meth:`generation_settings`). Progress (new tokens of each batch) is reported
-        through :func:`finetune_sdk.progress.activity`.
+        through :func:`finetune_sdk.progress.activity`. ``examples`` ((question, answer) pairs) go ahead of every
+        prompt as earlier turns in the model's chat format (few-shot prompting; see :meth:`prompt_ids`).
         """
         from finetune_sdk.progress import activity
 
@@ -107,16 +117,16 @@ class LoadedModel:
                 if kwargs.get("num_beams", 1) == 1 and "streamer" not in kwargs:  # beam search takes no streamer
                     kwargs["streamer"] = _StepCounter(step, number * max_new_tokens, max_new_tokens)
                 answers += self._generate_batch(batch, raw=raw, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                                **kwargs)
+                                                examples=examples, **kwargs)
                 step.update((number + 1) * max_new_tokens)
         return answers[0] if single else answers
 
     def _generate_batch(self, prompts: list[str], *, raw: bool, max_new_tokens: int, do_sample: bool,
-                        **generate_kwargs: Any) -> list[str]:
+                        examples: Sequence[tuple[str, str]] = (), **generate_kwargs: Any) -> list[str]:
         import torch
 
         tok = self.tokenizer
-        encoded = [self.prompt_ids(p, raw) for p in prompts]
+        encoded = [self.prompt_ids(p, raw, examples) for p in prompts]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), tok.pad_token_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)

@@ -1,8 +1,8 @@
 """When not to fine-tune: the base model scored zero-shot and few-shot on the user's held-out rows.
 
 ``advise(model, eval_data=..., data=...)`` and ``finetune advise MODEL --eval HELD_OUT [--data TRAIN]`` load the base
-model, put ``k`` training rows in each prompt (in the model's chat format: the rows as plain text ahead of the
-question, the question wrapped by the formatter, as ``finetune bench`` does), and measure on the held-out rows the
+model, put ``k`` training rows in each prompt (in the model's chat format: earlier user/assistant turns of the
+conversation, then the question, as ``finetune bench`` renders lm-eval's few-shot examples), and measure on the held-out rows the
 answer's loss (mean negative log-likelihood per answer token, nats) and exact match (greedy answer against the
 reference, case, punctuation and spacing ignored), within a time budget it states. The verdict, with the numbers:
 
@@ -87,16 +87,12 @@ def check_rows(held_out: Any, data: Any = None) -> None:
         _pairs(data, "data")
 
 
-def few_shot_prompt(examples: list[tuple[str, str]], question: str) -> str:
-    """The question with ``examples`` ahead of it as plain text (one blank line between examples)."""
-    return "\n\n".join([*(f"{q}\n{a}" for q, a in examples), question])
-
-
-def answer_loss(loaded: Any, prompt: str, answer: str) -> float:
-    """Mean negative log-likelihood (nats per token) of ``answer`` after the formatted ``prompt``."""
+def answer_loss(loaded: Any, prompt: str, answer: str, examples: list[tuple[str, str]] | None = None) -> float:
+    """Mean negative log-likelihood (nats per token) of ``answer`` after the formatted ``prompt`` (with
+    ``examples`` as earlier turns in the model's chat format: :meth:`LoadedModel.prompt_ids`)."""
     import torch
 
-    prompt_ids = loaded.prompt_ids(prompt)
+    prompt_ids = loaded.prompt_ids(prompt, examples=examples or ())
     answer_ids = loaded.tokenizer(answer, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids + answer_ids])
     device = next(loaded.model.parameters()).device
@@ -133,10 +129,10 @@ def score_prompting(loaded: Any, held_out: Any, data: Any = None, *, shots: int 
                 break
             pool = train if train else [r for i, r in enumerate(rows) if i != index]
             examples = rng.sample(pool, min(shots, len(pool)))
-            for k, prompt in ((0, question), (shots, few_shot_prompt(examples, question))):
-                loss[k].append(answer_loss(loaded, prompt, answer))
+            for k, shown in ((0, []), (shots, examples)):
+                loss[k].append(answer_loss(loaded, question, answer, shown))
                 budget = len(loaded.tokenizer(answer, add_special_tokens=False)["input_ids"]) + 8
-                said = loaded.generate(prompt, max_new_tokens=budget).split("\n")[0]
+                said = loaded.generate(question, max_new_tokens=budget, examples=shown).split("\n")[0]
                 match[k].append(float(normalise(said) == normalise(answer)))
             step.advance()
     scored = len(loss[0])

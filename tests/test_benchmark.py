@@ -72,7 +72,7 @@ def trained(tmp_path_factory):
 def test_trained_version_beats_its_base_beyond_the_standard_error_and_keeps_its_scores(trained, monkeypatch):
     from click.testing import CliRunner
 
-    from finetune_sdk.benchmark import benchmark, weights_sha256
+    from finetune_sdk.benchmarking import benchmark, weights_sha256
     from finetune_sdk.cli.main import cli
 
     result = benchmark("arith@1", task_files=[trained.task], batch_size=8, registry=trained.registry)
@@ -105,30 +105,47 @@ def test_trained_version_beats_its_base_beyond_the_standard_error_and_keeps_its_
 
 
 @pytest.mark.slow
-def test_lm_eval_command_line_backend_gives_the_same_numbers(trained, monkeypatch, tmp_path):
-    from finetune_sdk.benchmark import benchmark
+def test_lm_eval_command_line_gives_the_same_numbers_as_the_sdk(trained, monkeypatch, tmp_path):
+    """The stock `lm_eval` command (a subprocess; the installed startup hook registers --model finetune-sdk) and
+    `finetune-lm-eval` score the same as finetune_sdk.benchmark, 2-shot in the result's chat format (multi-turn)."""
+    import os
+    import subprocess
+    import sys
+
+    import finetune_sdk
     from finetune_sdk.eval_backend import main
 
-    sdk = benchmark("arith@1", task_files=[trained.task], batch_size=4, with_base=False, store=False,
-                    registry=trained.registry)
+    sdk = finetune_sdk.benchmark("arith@1", task_files=[trained.task], num_fewshot=2, batch_size=4,
+                                 with_base=False, store=False, registry=trained.registry)
+    assert sdk.scores[0]["num_fewshot"] == 2
+    args = ["run", "--model", "finetune-sdk", "--model_args", "ref=arith@1", "--tasks", "arith_choice",
+            "--include_path", str(trained.task.parent), "--batch_size", "4", "--num_fewshot", "2",
+            "--seed", "0,0,0,0", "--apply_chat_template"]  # finetune bench's chat format, few-shot as turns
+    env = {**os.environ, "FINETUNE_SDK_REGISTRY": str(trained.registry.home), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1"}
+    lm_eval = Path(sys.executable).parent / "lm_eval"
+    # the stock loader reads relative data_files against the working folder: run it in the task's folder
+    done = subprocess.run([str(lm_eval), *args, "--output_path", str(tmp_path / "cli")], cwd=trained.task.parent,
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+
     monkeypatch.setenv("FINETUNE_SDK_REGISTRY", str(trained.registry.home))
-    monkeypatch.chdir(trained.task.parent)  # the stock command reads data_files relative to the working folder
+    monkeypatch.chdir(trained.task.parent)
     with pytest.raises(SystemExit) as stopped:
-        main(["run", "--model", "finetune-sdk", "--model_args", "ref=arith@1", "--tasks", "arith_choice",
-              "--include_path", str(trained.task.parent), "--batch_size", "4", "--output_path", str(tmp_path),
-              "--apply_chat_template"])  # finetune bench wraps prompts in the chat format too
+        main([*args, "--output_path", str(tmp_path / "wrapper")])
         raise SystemExit(0)
     assert stopped.value.code in (0, None)
-    [path] = glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)
-    results = json.loads(Path(path).read_text())["results"]["arith_choice"]
-    assert results["acc,none"] == pytest.approx(sdk.scores[0]["value"], abs=1e-9)
-    assert results["acc_stderr,none"] == pytest.approx(sdk.scores[0]["stderr"], abs=1e-9)
+    for route in ("cli", "wrapper"):
+        [path] = glob.glob(str(tmp_path / route / "**" / "results_*.json"), recursive=True)
+        results = json.loads(Path(path).read_text())["results"]["arith_choice"]
+        assert results["acc,none"] == pytest.approx(sdk.scores[0]["value"], abs=1e-9), route
+        assert results["acc_stderr,none"] == pytest.approx(sdk.scores[0]["stderr"], abs=1e-9), route
 
 
 @pytest.mark.slow
 def test_adapter_not_applied_is_refused(install, tmp_path):
     from finetune_sdk import Trainer
-    from finetune_sdk.benchmark import benchmark
+    from finetune_sdk.benchmarking import benchmark
     from finetune_sdk.errors import FinetuneError
     from finetune_sdk.hookspecs import hookimpl
     from finetune_sdk.plugins.techniques.lora import LoraTechnique
@@ -247,7 +264,7 @@ def test_score_table_marks_differences_beyond_twice_the_combined_standard_error(
 
 @pytest.mark.slow
 def test_shipped_tasks_score_a_base_model_offline(llama_dir, tmp_path, monkeypatch):
-    from finetune_sdk.benchmark import benchmark
+    from finetune_sdk.benchmarking import benchmark
 
     monkeypatch.chdir(tmp_path)  # data files are found relative to the task files, not the working folder
     tasks = Path(__file__).parents[1] / "examples" / "tasks"
@@ -259,3 +276,69 @@ def test_shipped_tasks_score_a_base_model_offline(llama_dir, tmp_path, monkeypat
     assert got[("quillfeather_qa", "exact_match")]["value"] == 0.0  # a random tiny model answers nothing right
     assert all(r["limit"] == 8 and r["adapter_sha256"] is None for r in result.scores)
     assert result.base_scores == [] and result.stored_as is None
+
+
+GROUP = """group: arith_all
+task:
+  - arith_choice
+  - arith_choice_again
+aggregate_metric_list:
+  - metric: acc
+    aggregation: mean
+    weight_by_size: true
+metadata:
+  version: 2.0
+"""
+
+
+@pytest.mark.slow
+def test_a_group_file_reports_its_average_beside_its_tasks(llama_dir, tmp_path, monkeypatch):
+    from finetune_sdk.benchmarking import benchmark
+
+    task = write_task(tmp_path / "tasks")
+    again = task.parent / "arith_choice_again.yaml"
+    again.write_text(TASK.replace("task: arith_choice", "task: arith_choice_again"))
+    (task.parent / "arith_all.yaml").write_text(GROUP)
+    monkeypatch.chdir(tmp_path)  # the subtasks' data files are found relative to their own files
+    result = benchmark(str(llama_dir), task_files=[task.parent / "arith_all.yaml"], limit=6, batch_size=4)
+    rows = {(r["task"], r["metric"]): r for r in result.scores}
+    assert set(rows) == {("arith_all", "acc"), ("arith_choice", "acc"), ("arith_choice_again", "acc")}
+    first, second = rows[("arith_choice", "acc")]["value"], rows[("arith_choice_again", "acc")]["value"]
+    assert first == second  # the same documents scored twice
+    assert rows[("arith_all", "acc")]["value"] == pytest.approx((first + second) / 2)  # lm-eval's size-weighted mean
+    assert rows[("arith_all", "acc")]["task_version"] == "2.0" and rows[("arith_all", "acc")]["stderr"] is not None
+
+
+@pytest.mark.slow
+def test_a_gguf_base_scores_like_the_result_it_was_exported_from(trained, tmp_path):
+    import finetune_sdk
+
+    export = finetune_sdk.export(str(trained.out), tmp_path / "gguf", quantization="f32")
+    gguf = finetune_sdk.benchmark(str(export.gguf_path), task_files=[trained.task], chat=False, batch_size=4)
+    merged = finetune_sdk.benchmark(str(trained.out), task_files=[trained.task], chat=False, batch_size=4,
+                                    with_base=False)
+    assert gguf.scores[0]["adapter_sha256"] is None and gguf.stored_as is None and gguf.base_scores == []
+    assert gguf.scores[0]["model"] == str(export.gguf_path)
+    assert gguf.scores[0]["value"] == pytest.approx(merged.scores[0]["value"], abs=1e-9)
+    assert gguf.scores[0]["stderr"] == pytest.approx(merged.scores[0]["stderr"], abs=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("hub_online")
+def test_an_hf_reference_is_pulled_scored_and_its_scores_kept_with_the_pulled_version(trained, tmp_path,
+                                                                                       monkeypatch):
+    from finetune_sdk.benchmarking import benchmark
+    from finetune_sdk.registry import Registry
+    from tests.hub_server import HubTestServer
+
+    token = "hf_bench_token_never_printed"
+    monkeypatch.setenv("HF_TOKEN", token)
+    with HubTestServer(tmp_path / "hub", tokens={token}) as hub:
+        trained.registry.push("arith@1", "team/arith", endpoint=hub.url)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        fresh = Registry(tmp_path / "fresh")
+        result = benchmark("hf://team/arith@v1", task_files=[trained.task], batch_size=8, registry=fresh)
+    local = benchmark("arith@1", task_files=[trained.task], batch_size=8, registry=trained.registry, store=False)
+    assert result.stored_as == "arith@1"
+    assert [s["value"] for s in fresh.scores("arith@1")] == [s["value"] for s in local.scores]
+    assert [t["model"] for t in fresh.score_table("arith")] == ["base", "arith@1"]

@@ -50,7 +50,7 @@ def bench_command(ref: str, tasks: tuple[str, ...], task_files: tuple[str, ...],
     Example:
       finetune bench quill@2 --task-file examples/tasks/quillfeather_qa.yaml --limit 12
     """
-    from finetune_sdk.benchmark import benchmark
+    from finetune_sdk.benchmarking import benchmark
     from finetune_sdk.log import quiet_third_party_output
 
     quiet_third_party_output()

@@ -113,7 +113,8 @@ def open_models(ref: str, *, with_base: bool, check: bool, registry: Any = None,
         from finetune_sdk.registry import Registry
 
         registry = registry if registry is not None else Registry()
-        version = registry.resolve(text) if not text.startswith("hf://") else None
+        # hf://org/repo@v2 is pulled into the local registry (once; cached after): its scores go with that version
+        version = registry.pull(text) if text.startswith("hf://") else registry.resolve(text)
     tuned = load(text, registry=registry, trust_remote_code=trust_remote_code)
     info: dict[str, Any] = {"kind": "result", "folder": folder, "version": version,
                             "adapter_sha256": weights_sha256(folder), "probe_difference": None}
@@ -204,7 +205,9 @@ def benchmark(ref: str | os.PathLike[str], tasks: list[str] | tuple[str, ...] = 
 def score(loaded: Any, task_manager: Any, task_dict: dict[str, Any], *, model_name: str, adapter: str | None,
           num_fewshot: int | None, limit: int | float | None, batch_size: int | str, seed: int,
           chat: bool | None, lm_eval_version: str) -> list[dict[str, Any]]:
-    """Run lm-eval's ``evaluate`` on one loaded model and return its score rows (see :class:`BenchmarkResult`)."""
+    """Run lm-eval's ``evaluate`` on one loaded model and return its score rows (see :class:`BenchmarkResult`):
+    each task's, and each group's aggregate (lm-eval's ``aggregate_metric_list``, e.g. the size-weighted mean) as a
+    row named by the group."""
     from finetune_sdk.eval_backend import FinetuneSDKLM, quiet_lm_eval
     from finetune_sdk.progress import activity
 
@@ -216,8 +219,8 @@ def score(loaded: Any, task_manager: Any, task_dict: dict[str, Any], *, model_na
                                    unit="tasks") as step, contextlib.redirect_stdout(printed):
         from lm_eval import simple_evaluate
 
-        for task in task_dict.values():  # one task at a time: the bar (and its time left) moves per task
-            one = simple_evaluate(model=lm, tasks=[task], num_fewshot=num_fewshot, limit=limit, random_seed=seed,
+        for items in task_dict.values():  # one task (or group) at a time: the bar and its time left move per task
+            one = simple_evaluate(model=lm, tasks=items, num_fewshot=num_fewshot, limit=limit, random_seed=seed,
                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
                                   task_manager=task_manager, log_samples=False, apply_chat_template=lm.chat,
                                   bootstrap_iters=1000)
