@@ -86,6 +86,23 @@ class FinetuneSDKLM(HFLM):
         """The backend over an already loaded ``LoadedModel`` (what :func:`finetune_sdk.benchmark` uses)."""
         return cls(loaded=loaded, batch_size=batch_size, chat=chat)
 
+    def _detect_batch_size(self, requests: Any = None, pos: int = 0) -> int:
+        """``batch_size="auto"``: on the GPU lm-eval's own search (the largest batch whose forward passes don't
+        run out of memory); on the CPU :func:`cpu_batch_size`, from the free memory. lm-eval's search can't work
+        there: an allocation too large for the machine is not an exception but the kernel's OOM killer (seen on
+        SmolLM2-135M: its generation probe is 64 sequences of the full 8,192-token context, ~100 GB of logits)."""
+        if getattr(self.device, "type", str(self.device)) != "cpu":
+            return super()._detect_batch_size(requests, pos)
+        if requests:
+            _, context, continuation = requests[pos]
+            length, generation = len((context + continuation)[-(self.max_length + 1):][:-1]), False
+        else:  # generate_until asks without requests: the model's whole context
+            length, generation = self.max_length, True
+        from finetune_sdk.machine import available_memory
+
+        return cpu_batch_size(self.model.config, length, available_memory("cpu"), generation=generation,
+                              largest=self.max_batch_size)
+
     @property
     def tokenizer_name(self) -> str:
         return str(getattr(self.tokenizer, "name_or_path", "") or "finetune-sdk").replace("/", "__")
@@ -104,6 +121,29 @@ class FinetuneSDKLM(HFLM):
         examples, question = conversation_turns(chat_history)
         ids = self.loaded.prompt_ids(question, examples=examples)
         return self.tokenizer.decode(ids, skip_special_tokens=False) + prefill
+
+
+def cpu_batch_size(config: Any, length: int, available: int, *, generation: bool, largest: int = 64) -> int:
+    """The batch size ``batch_size="auto"`` takes on the CPU: as many sequences of ``length`` tokens as fit in half
+    of ``available`` bytes, at most ``largest``, at least 1.
+
+    Per sequence, scoring (log-likelihood) holds fp32 logits and their log-softmax over the vocabulary for every
+    position, plus transient activations: ``length * (vocab * 4 * 3 + hidden * 4 * 16)`` bytes; generation keeps
+    only the last position's logits, but a key/value cache: ``length * hidden * layers * 2 * 4`` plus the same
+    activations. Example: SmolLM2-135M (vocab 49,152, hidden 576, 30 layers) scoring 60-token documents with 15 GiB
+    free gets 64; generating with its 8,192-token context gets 5.
+
+    >>> from types import SimpleNamespace
+    >>> smollm2 = SimpleNamespace(vocab_size=49152, hidden_size=576, num_hidden_layers=30)
+    >>> cpu_batch_size(smollm2, 60, 15 * 2**30, generation=False), cpu_batch_size(smollm2, 8192, 15 * 2**30, generation=True)
+    (64, 5)
+    """
+    vocab = int(getattr(config, "vocab_size", 32000) or 32000)
+    hidden = int(getattr(config, "hidden_size", 4096) or 4096)
+    layers = int(getattr(config, "num_hidden_layers", 32) or 32)
+    activations = hidden * 4 * 16
+    per_token = (hidden * layers * 2 * 4 + activations) if generation else (vocab * 4 * 3 + activations)
+    return max(1, min(int(largest or 64), int(available // 2 // max(1, length * per_token))))
 
 
 def conversation_turns(chat_history: list[dict[str, str]]) -> tuple[list[tuple[str, str]], str]:
