@@ -365,3 +365,30 @@ def test_auto_batch_size_on_the_cpu_comes_from_free_memory_not_a_probe(llama_dir
     requests = [(None, list(range(30)), list(range(5)))]
     assert lm._detect_batch_size(requests) == 64  # 34 tokens x vocab 400: small
     assert eval_backend.cpu_batch_size(config, 10**6, 2**30, generation=False) == 1
+
+
+def test_finetune_bench_command_line(llama_dir, tmp_path):
+    """A real `finetune bench` process: a missing data file is one line with exit 2 before any model loads; a
+    base model with --limit prints its scores as JSON."""
+    import os
+    import subprocess
+    import sys
+
+    task = write_task(tmp_path / "tasks")
+    (task.parent / "arith_choice.jsonl").rename(task.parent / "moved.jsonl")
+    finetune = [sys.executable, "-m", "finetune_sdk"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    failed = subprocess.run([*finetune, "bench", str(llama_dir), "--task-file", str(task)], capture_output=True,
+                            text=True, timeout=300, env=env, check=False)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    lines = [line for line in failed.stderr.splitlines() if line.startswith("Error")]
+    assert lines == [f"Error: {task}: dataset_kwargs.data_files names arith_choice.jsonl, which does not exist "
+                     f"(read relative to the task file: {task.parent / 'arith_choice.jsonl'})"]
+    assert "loading" not in failed.stderr  # refused before the model loads
+    (task.parent / "moved.jsonl").rename(task.parent / "arith_choice.jsonl")
+    done = subprocess.run([*finetune, "bench", str(llama_dir), "--task-file", str(task), "--limit", "4",
+                           "--batch-size", "4", "--json"], capture_output=True, text=True, timeout=300, env=env,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    [row] = json.loads(done.stdout)["scores"]
+    assert (row["task"], row["metric"], row["limit"], row["num_fewshot"]) == ("arith_choice", "acc", 4, 0)
