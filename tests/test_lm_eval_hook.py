@@ -88,12 +88,27 @@ def test_hook_registers_once_and_leaves_a_backend_already_registered(monkeypatch
 
 @pytest.mark.slow
 def test_the_wheel_carries_the_hook(tmp_path):
-    pytest.importorskip("wheel", reason="building a wheel offline needs setuptools' wheel support in the venv")
+    pytest.importorskip("setuptools", reason="building the wheel offline (no build isolation) needs setuptools")
+    import shutil
+
+    source = tmp_path / "source"  # a copy: pip builds in the source tree (build/, *.egg-info) and must not touch ROOT
+    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60, check=True).stdout.splitlines()
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600,
+                           "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=600,
                           check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    [wheel] = tmp_path.glob("finetune_sdk-*.whl")
+    [wheel] = (tmp_path / "dist").glob("finetune_sdk-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "finetune_sdk_lm_eval.pth" in names and "_finetune_sdk_lm_eval_hook.py" in names
     assert "build_hooks.py" not in names
+    unpacked = tmp_path / "site"  # the wheel's files as pip lays them out; site.addsitedir runs its .pth as site.py does
+    zipfile.ZipFile(wheel).extractall(unpacked)
+    state = subprocess.run([sys.executable, "-S", "-c", "import site, sys; site.addsitedir(sys.argv[1]); "
+                            "print([getattr(f, '__name__', '') for f in sys.meta_path][0], 'torch' in sys.modules)",
+                            str(unpacked)], capture_output=True, text=True, timeout=60, check=True)
+    assert state.stdout.split() == ["LmEvalRegistryFinder", "False"], state.stderr
