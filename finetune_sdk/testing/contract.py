@@ -334,6 +334,21 @@ class FormatterContract:
         prompt = formatter.prompt_segments("hello there", tokenizer, {"max_length": 512})
         assert prompt and not any(s.train for s in prompt)
 
+    def test_few_shot_examples_are_earlier_turns(self) -> None:
+        """finetune bench and advise put few-shot examples ahead of the question in this format
+        (``few_shot_segments``): each example is there, in order, and the question's turn ends as a lone prompt's."""
+        from finetune_sdk.formatter import few_shot_segments
+
+        formatter, tokenizer, question = self.formatter(), tiny_tokenizer(), "what is 3 plus 1?"
+        if formatter.task != CAUSAL_LM or formatter.concatenates:
+            return
+        examples = [("what is 1 plus 1?", "1 plus 1 is 2."), ("what is 2 plus 1?", "2 plus 1 is 3.")]
+        rendered = "".join(s.text for s in few_shot_segments(formatter, examples, question, tokenizer, {}))
+        prompt = "".join(s.text for s in formatter.prompt_segments(question, tokenizer, {}))
+        assert all(q in rendered and a in rendered for q, a in examples), rendered
+        assert rendered.index(examples[0][1]) < rendered.index(examples[1][0]) < rendered.rindex(question)
+        assert rendered.endswith(prompt.split(question, 1)[1]), "the question's turn must end as prompt_segments'"
+
     @pytest.mark.parametrize("variant", TOKENIZER_VARIANTS)
     def test_content_is_never_control_tokens(self, variant: str) -> None:
         """Row content holding every special-token string encodes without special ids and ends with one EOS."""
