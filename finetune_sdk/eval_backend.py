@@ -1,13 +1,17 @@
 """The ``finetune-sdk`` model backend of lm-evaluation-harness: a loaded result (or base) scored through lm-eval's
-own Hugging Face backend (``HFLM``), prompts wrapped in the chat format the result was trained with.
+own Hugging Face backend (``HFLM``), prompts wrapped in the chat format the result was trained with, few-shot
+examples as earlier turns of it.
 
 Importing this module registers the backend with lm-eval (``lm_eval.api.registry.register_model``). lm-eval 0.4.13
-discovers no third-party backends by itself, so the stock ``lm_eval`` command can't see it; ``finetune-lm-eval``
-(this module's :func:`main`, also ``python -m finetune_sdk.eval_backend``) is lm-eval's own command line with the
-backend registered::
+reads no entry points for model backends, so the installed SDK carries a startup hook
+(:mod:`finetune_sdk.lm_eval_hook`, a ``.pth`` file in site-packages) that registers it lazily whenever lm-eval
+loads its registry: the stock command takes it by name::
 
-    finetune-lm-eval run --model finetune-sdk --model_args ref=bot@2 --tasks quillfeather_qa \\
-        --include_path examples/tasks
+    lm_eval run --model finetune-sdk --model_args ref=bot@2 --tasks quillfeather_qa \\
+        --include_path examples/tasks --apply_chat_template
+
+``finetune-lm-eval`` (this module's :func:`main`, also ``python -m finetune_sdk.eval_backend``) is the same command
+line with this module imported first, for interpreters that skip ``.pth`` files (``python -S``).
 
 Model arguments: ``ref`` (a result folder, ``name@N``, ``hf://...`` or a base model), ``base`` (``true``: score
 the result's base model instead), ``chat`` (``true``/``false``; default: when the result has a formatter),
