@@ -78,12 +78,16 @@ def test_hook_registers_once_and_leaves_a_backend_already_registered(monkeypatch
     lm_eval_hook.register(types.SimpleNamespace())  # no registry: ignored, never raises
     assert calls == [("finetune-sdk", "finetune_sdk.eval_backend:FinetuneSDKLM")]
     monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    monkeypatch.delitem(sys.modules, "lm_eval.api.registry", raising=False)  # not loaded yet: a finder waits
     lm_eval_hook.uninstall()
     lm_eval_hook.install()
     lm_eval_hook.install()
     assert sys.meta_path.count(lm_eval_hook.LmEvalRegistryFinder) == 1
     assert lm_eval_hook.LmEvalRegistryFinder.find_spec("json") is None
     lm_eval_hook.uninstall()
+    monkeypatch.setitem(sys.modules, "lm_eval.api.registry", types.SimpleNamespace(model_registry=Registry(set())))
+    lm_eval_hook.install()  # already loaded: registered at once, no finder
+    assert lm_eval_hook.LmEvalRegistryFinder not in sys.meta_path and len(calls) == 2
 
 
 @pytest.mark.slow
