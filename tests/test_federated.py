@@ -273,24 +273,24 @@ def test_strategy_plugin_registers_through_the_hook(monkeypatch):
     from finetune_sdk.federated import FederatedStrategy
     from finetune_sdk.plugin_manager import PluginHost
 
-    class Median(FederatedStrategy):
-        name = "fedmedian"
-        description = "coordinate-wise median (Yin et al., 2018)"
+    class FedAvgM(FederatedStrategy):
+        name = "fedavgm"
+        description = "FedAvg with server momentum (Hsu et al., 2019)"
 
         def build(self, settings):
-            from flwr.serverapp.strategy import FedMedian
+            from flwr.serverapp.strategy import FedAvgM as Flower
 
-            return FedMedian(**self.sampling(settings))
+            return Flower(**self.sampling(settings), server_momentum=0.9)
 
-    module = types.ModuleType("finetune_sdk_fedmedian")
-    module.register_federated_strategies = finetune_sdk.hookimpl(lambda register: register(Median))
+    module = types.ModuleType("finetune_sdk_fedavgm")
+    module.register_federated_strategies = finetune_sdk.hookimpl(lambda register: register(FedAvgM))
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    entry_point = types.SimpleNamespace(name="fedmedian", load=lambda: module,
-                                        dist=types.SimpleNamespace(name="finetune-sdk-fedmedian"))
+    entry_point = types.SimpleNamespace(name="fedavgm", load=lambda: module,
+                                        dist=types.SimpleNamespace(name="finetune-sdk-fedavgm"))
     monkeypatch.setattr(plugin_manager, "discover_entry_points", lambda: [entry_point])
     host = PluginHost(autoload=True)
-    assert "fedmedian" in host.names("strategy")
-    assert type(host.create("strategy", "fedmedian").build(FederatedSettings().validate())).__name__ == "FedMedian"
+    assert "fedavgm" in host.names("strategy")
+    assert type(host.create("strategy", "fedavgm").build(FederatedSettings().validate())).__name__ == "FedAvgM"
 
 
 @pytest.mark.slow

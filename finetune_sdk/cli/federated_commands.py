@@ -6,6 +6,7 @@ client starts a Flower SuperNode with its local data files in its node config (t
 
 from __future__ import annotations
 
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,12 @@ def federated_group() -> None:
 @click.option("--address", default="127.0.0.1:9092", show_default=True,
               help="HOST:PORT the SuperLink listens on (0.0.0.0:PORT to accept other machines)")
 @click.option("--rounds", type=int, default=3, show_default=True, help="federated rounds")
-@click.option("--strategy", default="fedavg", show_default=True, help="fedavg, fedprox or a plugin's strategy")
+@click.option("--strategy", default="fedavg", show_default=True,
+              help="fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg or a plugin's strategy")
+@click.option("--aggregation", type=click.Choice(["fedavg", "ffa"]), default="fedavg", show_default=True,
+              help="how LoRA factors combine: fedavg (each averaged) or ffa (FFA-LoRA: A frozen, B averaged: exact)")
+@click.option("--update-compression", type=click.Choice(["int8", "nf4"]),
+              help="quantize each client's update before it is sent (default: float32)")
 @click.option("--min-clients", type=int, default=2, show_default=True,
               help="clients that must be connected before round 1")
 @click.option("--min-fit-clients", type=int, help="fewest replies a round accepts (default: 1)")
@@ -81,7 +87,8 @@ def federated_group() -> None:
                    "--enable-supernode-auth)")
 @option_flags
 def server_command(model: str, technique: str, quantizer: str | None, formatter: str | None, output_dir: str,
-                   address: str, rounds: int, strategy: str, min_clients: int, min_fit_clients: int | None,
+                   address: str, rounds: int, strategy: str, aggregation: str, update_compression: str | None,
+                   min_clients: int, min_fit_clients: int | None,
                    fraction_fit: float, fraction_evaluate: float, local_epochs: float, local_steps: int, proximal_mu: float,
                    round_timeout: float, dp: str | None, noise_multiplier: float, clipping_norm: float,
                    target_delta: float, secure_aggregation: bool, secagg_num_shares: str,
@@ -101,7 +108,8 @@ def server_command(model: str, technique: str, quantizer: str | None, formatter:
     from finetune_sdk.federated.node_auth import check_server_auth
 
     check_server_auth(enable_supernode_auth, supernode_keys, insecure, tls)
-    settings = FederatedSettings(rounds=rounds, strategy=strategy, fraction_fit=fraction_fit,
+    settings = FederatedSettings(rounds=rounds, strategy=strategy, aggregation=aggregation,
+                                 update_compression=update_compression, fraction_fit=fraction_fit,
                                  fraction_evaluate=fraction_evaluate,
                                  min_fit_clients=min_fit_clients, min_available_clients=min_clients,
                                  local_epochs=local_epochs, local_steps=local_steps, proximal_mu=proximal_mu,
@@ -157,17 +165,19 @@ def client_command(server: str, data: str, eval_data: str | None, name: str | No
     if eval_data:
         load_rows(eval_data, name="--eval-data")
     client_name = validate_name(name or Path(data).stem, "client name")
-    processes = FlowerProcesses(new_work_dir("finetune-federated-client-"))
-    node = processes.supernode(client_name, server, node_config(client_name, data, eval_data), insecure=insecure,
-                               root_certificates=root_certificates, auth_key=auth_key, log_to_console=True)
-    console().print(f"client [bold]{client_name}[/bold] serving {server}; Ctrl-C to leave")
     signal.signal(signal.SIGTERM, _interrupt)  # stop the SuperNode in `finally`, not inside the handler
+    processes = FlowerProcesses(new_work_dir("finetune-federated-client-"))
     try:
+        node = processes.supernode(client_name, server, node_config(client_name, data, eval_data),
+                                   insecure=insecure, root_certificates=root_certificates, auth_key=auth_key,
+                                   log_to_console=True)
+        console().print(f"client [bold]{client_name}[/bold] serving {server}; Ctrl-C to leave")
         code = node.wait()
     except KeyboardInterrupt:
         code = 0
     finally:
         processes.stop()
+        shutil.rmtree(processes.work_dir, ignore_errors=True)  # the scratch folder (job config, Flower home)
     if code:
         raise click.ClickException(f"the Flower SuperNode stopped (exit status {code}); see Flower's message above "
                                    "(its Exit Code 305: the server refused this client or could not be reached, e.g. "

@@ -45,6 +45,32 @@ def normalise_clients(clients: Any, work_dir: Path) -> dict[str, tuple[str, str 
     return out
 
 
+def check_owner_data(trainer: Any, clients: dict[str, tuple[str, str | None]]) -> None:
+    """Read and format every owner's train and eval rows before round 1, as each client's ``fit`` will.
+
+    A malformed file, a row the formatter can't use or an empty dataset is one line naming the owner, the file
+    and the line (the data layer's message, prefixed with ``owner '<name>':``), before any model loads or any
+    Flower process starts: a federation never trains on fewer owners than it was given because one owner's data
+    is bad. (All owners' files are on this machine in an in-process run; ``finetune federated client`` checks its
+    own file the same way before it connects.)
+
+    Raises:
+        DataError: (or the formatter's :class:`ConfigError`) for the first owner whose data can't train.
+    """
+    from finetune_sdk.data import load_rows
+    from finetune_sdk.planning import Planner
+
+    tokenizer = trainer._load_tokenizer()
+    for name, (train, evaluation) in clients.items():
+        try:
+            rows = load_rows(train, name=f"client {name!r} data")
+            eval_rows = load_rows(evaluation, name=f"client {name!r} eval-data") if evaluation else None
+            Planner(trainer.host, trainer.technique.task, trainer.options).plan(rows, eval_rows, tokenizer,
+                                                                                trainer.formatter)
+        except FinetuneError as exc:
+            raise type(exc)(f"owner {name!r}: {exc}") from None
+
+
 def _as_file(data: Any, path: Path, what: str) -> str:
     if isinstance(data, (str, os.PathLike)):
         if not Path(data).is_file():
@@ -99,6 +125,9 @@ def fit_federated(trainer: Any, clients: Any, *, resume: bool = False, timeout: 
 
         raise ConfigError(f"unknown federated setting {unknown[0]!r}{closest(unknown[0], SETTING_NAMES)}; "
                           f"available: {', '.join(sorted(SETTING_NAMES))}")
+    if "min_fit_clients" not in settings:  # every sampled owner, so that no round trains on fewer silently
+        sampled = max(int(len(clients) * float(settings.get("fraction_fit", 1.0))), 1)
+        settings["min_fit_clients"] = max(sampled, 2 if settings.get("secure_aggregation") else 1)
     config = FederatedSettings(**settings).validate(num_clients=len(clients))
     if "min_available_clients" not in settings:
         config.min_available_clients = len(clients)
@@ -108,6 +137,7 @@ def fit_federated(trainer: Any, clients: Any, *, resume: bool = False, timeout: 
     work_dir = new_work_dir()
     try:
         data = normalise_clients(clients, work_dir)
+        check_owner_data(trainer, data)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise

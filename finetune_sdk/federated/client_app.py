@@ -10,6 +10,9 @@ losses, which Flower's strategies aggregate) and one ``ConfigRecord`` ``"report"
 
 from __future__ import annotations
 
+import functools
+import json
+from collections.abc import Callable
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -54,10 +57,52 @@ def secure_aggregation_when_asked(msg: Message, context: Context, call_next: Any
     return call_next(msg, context)
 
 
-app = ClientApp(mods=[secure_aggregation_when_asked, clip_when_asked])
+class OwnerError(RuntimeError):
+    """A client's failure, as JSON ``{"client": name, "error": "<Type>: <message>"}``: Flower's runtime puts its
+    text into the error reply's reason, from which the server names the owner and the whole one-line reason."""
+
+
+def owner_error_reason(client: str, exc: BaseException) -> str:
+    """``{"client": ..., "error": ...}`` for ``exc``: its type and its message's lines joined into one line."""
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return json.dumps({"client": client, "error": f"{type(exc).__name__}: {message}" if message else
+                       type(exc).__name__})
+
+
+def names_its_owner(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Re-raise any failure of ``handler`` as an :class:`OwnerError` naming this client."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except OwnerError:
+            raise
+        except Exception as exc:
+            name = str(context.node_config.get(NODE_NAME) or f"node-{context.node_id}")
+            raise OwnerError(owner_error_reason(name, exc)) from exc
+
+    return wrapped
+
+
+def compress_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """With ``update_compression``, the reply's parameters become the quantized update (after any DP clipping,
+    so the server dequantizes a clipped update)."""
+    reply = call_next(msg, context)
+    kind = FederatedJob.from_run_config(context.run_config).settings.update_compression
+    if kind and msg.metadata.message_type.startswith("train") and not reply.has_error() \
+            and "arrays" in reply.content and "arrays" in msg.content:
+        from finetune_sdk.federated.compression import compress_update
+
+        reply.content["arrays"] = compress_update(reply.content["arrays"], msg.content["arrays"], kind)
+    return reply
+
+
+app = ClientApp(mods=[compress_when_asked, secure_aggregation_when_asked, clip_when_asked])
 
 
 @app.train()
+@names_its_owner
 def train(msg: Message, context: Context) -> Message:
     """Train on this client's data from the global parameters; reply with the new trainable parameters (or, in a
     SecAgg+ round, with the update, which ``secaggplus_mod`` masks)."""
@@ -76,6 +121,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@names_its_owner
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out loss of the global parameters on this client's eval data."""
     client = client_data(context)

@@ -15,6 +15,7 @@ from typing import Any
 
 from finetune_sdk.data import load_rows
 from finetune_sdk.federated.job import FederatedJob
+from finetune_sdk.federated.lora_aggregation import freeze_lora_a, shared_seed
 from finetune_sdk.federated.params import load_arrays, trainable_arrays
 
 
@@ -58,7 +59,7 @@ def evaluate_global(job: FederatedJob, client: ClientData, arrays: Any) -> tuple
     try:
         rows = load_rows(client.eval, name=f"client {client.name} eval-data")
         trainer = job.trainer(work / "out")
-        _prepare_with(trainer, arrays)
+        _prepare_with(trainer, arrays, job)
         metrics = trainer.evaluate(rows)
         return {"eval_loss": float(metrics["eval_loss"]), "eval_examples": float(len(rows))}, \
             trainer.formatter.name if trainer.formatter else None
@@ -79,7 +80,7 @@ def train_round(job: FederatedJob, client: ClientData, arrays: Any, server_round
     work = Path(tempfile.mkdtemp(prefix="finetune-federated-client-"))
     try:
         trainer = job.trainer(work / "out", **local_options(job, server_round))
-        model = _prepare_with(trainer, arrays)
+        model = _prepare_with(trainer, arrays, job)
         metrics: dict[str, float] = {"global_eval_loss": 0.0, "eval_loss": 0.0, "eval_examples": 0.0}
         if eval_rows is not None:
             metrics["global_eval_loss"] = float(trainer.evaluate(eval_rows)["eval_loss"])
@@ -100,12 +101,16 @@ def train_round(job: FederatedJob, client: ClientData, arrays: Any, server_round
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _prepare_with(trainer: Any, arrays: Any) -> Any:
+def _prepare_with(trainer: Any, arrays: Any, job: FederatedJob) -> Any:
     """Make the Trainer's model trainable as its technique does, then load the global parameters into it.
 
-    ``Trainer.fit`` continues from a prepared model (as a second ``fit`` continues the same adapter)."""
+    With ``aggregation="ffa"`` every LoRA ``A`` is set from the job's shared seed and frozen first (the server
+    did the same), so only ``B`` is trainable, loaded and sent back. ``Trainer.fit`` continues from a prepared
+    model (as a second ``fit`` continues the same adapter)."""
     session = trainer.current_model()
     session.model = trainer.technique.prepare(session.model, trainer.options, session.tokenizer)
+    if job.settings.aggregation == "ffa":
+        freeze_lora_a(session.model, shared_seed(job.settings, job.options))
     load_arrays(session.model, arrays)
     return session.model
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from finetune_sdk.errors import FinetuneError
 from finetune_sdk.federated.job import FederatedJob
+from finetune_sdk.federated.compression import decompress_update
+from finetune_sdk.federated.lora_aggregation import LORA_A, aggregation_error, freeze_lora_a, shared_seed
 from finetune_sdk.federated.params import load_arrays, payload_bytes, trainable_arrays
 from finetune_sdk.federated.privacy import accountant_state, privacy_report, wrap_with_dp
 from finetune_sdk.federated.secure_aggregation import secure_aggregation_record
@@ -45,6 +47,11 @@ class FederatedServer:
         session = self.trainer.current_model()
         session.model = self.trainer.technique.prepare(session.model, self.trainer.options, session.tokenizer)
         self.model = session.model
+        self.frozen: dict[str, Any] = {}  # FFA-LoRA's A matrices: the same on every client, never sent
+        if self.settings.aggregation == "ffa":
+            freeze_lora_a(self.model, shared_seed(self.settings, self.trainer.options))
+            self.frozen = {n: p.detach().float().numpy().copy() for n, p in self.model.named_parameters()
+                           if LORA_A in f".{n}"}
         self.arrays = trainable_arrays(self.model)
         self.history: list[dict[str, Any]] = []
         self.names: dict[int, str] = {}
@@ -92,20 +99,31 @@ class FederatedServer:
         sent = {m.metadata.dst_node_id: payload_bytes(m.content["arrays"]) for m in messages}
         replies = list(self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
         valid = [r for r in replies if not r.has_error()]
+        received = {r.metadata.src_node_id: payload_bytes(r.content["arrays"]) for r in valid}  # as they travelled
         for reply in valid:
             self.names[reply.metadata.src_node_id] = str(reply.content[REPORT_KEY]["client"])
+            if self.settings.update_compression:
+                reply.content["arrays"] = decompress_update(reply.content["arrays"], self.arrays,
+                                                            self.settings.update_compression)
         errors = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
         dropped = self._dropped(list(sent), {r.metadata.src_node_id for r in valid}, errors)
         self._require_enough(server_round, len(valid), len(sent), dropped)
         reports = [{"node": r.metadata.src_node_id, "metrics": dict(r.content["metrics"]),
                     "examples": int(r.content["metrics"]["num-examples"]),
                     "formatter": str(r.content[REPORT_KEY].get("formatter") or ""),
-                    "bytes_received": sent[r.metadata.src_node_id], "bytes_sent": payload_bytes(r.content["arrays"]),
+                    "bytes_received": sent[r.metadata.src_node_id], "bytes_sent": received[r.metadata.src_node_id],
                     "update_norm": update_norm(r.content["arrays"], self.arrays)} for r in valid]
+        key = getattr(self.strategy, "weighted_by_key", "num-examples")
+        weights = [float(r.content["metrics"].get(key, 1)) for r in valid]
+        updates = [{k: a.numpy() for k, a in r.content["arrays"].items()} for r in valid]  # strategies may pop them
         arrays, _ = self.strategy.aggregate_train(server_round, valid)
         if arrays is None:
             raise FinetuneError(f"round {server_round}: the strategy could not aggregate the updates")
-        return arrays, reports, dropped, {"sampled": len(sent)}
+        error = aggregation_error(self.arrays, arrays, updates, weights, self.frozen)
+        extra: dict[str, Any] = {"sampled": len(sent)}
+        if error is not None:  # distance of the global LoRA update to the clients' average update
+            extra["aggregation_error"] = error
+        return arrays, reports, dropped, extra
 
     def _secure_round(self, server_round: int) -> tuple[Any, list[dict[str, Any]], list[str], dict[str, Any]]:
         """The same round through Flower's SecAgg+: the server receives only the weighted sum of the updates."""
@@ -138,10 +156,17 @@ class FederatedServer:
             time.sleep(1)
 
     def _dropped(self, sampled: list[int], answered: set[int], errors: dict[int, str]) -> list[str]:
-        """``"<client> (<reason>)"`` for every sampled client whose reply did not arrive or was an error."""
-        return [f"{self.names.get(node, f'node-{node}')} "
-                f"({errors.get(node, 'no reply before round_timeout').splitlines()[0][:120]})"
-                for node in sampled if node not in answered]
+        """``"<client> (<reason>)"`` for every sampled client whose reply did not arrive or was an error: the
+        owner's name and its whole one-line reason (from the client's :class:`OwnerError`), else the node id."""
+        dropped = []
+        for node in sampled:
+            if node in answered:
+                continue
+            owner, reason = owner_and_reason(errors.get(node, "no reply before round_timeout"))
+            if owner:
+                self.names.setdefault(node, owner)
+            dropped.append(f"{owner or self.names.get(node, f'node-{node}')} ({reason})")
+        return dropped
 
     def _round_entry(self, server_round: int, reports: list[dict[str, Any]], dropped: list[str],
                      seconds: float) -> dict[str, Any]:
@@ -161,7 +186,8 @@ class FederatedServer:
             _attach_global_eval(self.history[-1], clients)
         traffic_down = sum(c["bytes_received"] for c in clients.values())
         traffic_up = sum(c["bytes_sent"] for c in clients.values())
-        return {"round": server_round, "clients": clients, "dropped": dropped, "seconds": round(seconds, 3),
+        return {"round": server_round, "owners": len(clients), "clients": clients, "dropped": dropped,
+                "seconds": round(seconds, 3),
                 "bytes_to_clients": traffic_down, "bytes_from_clients": traffic_up,
                 "bytes_total": traffic_down + traffic_up}
 
@@ -228,6 +254,11 @@ class FederatedServer:
             "trainable_parameters": sum(int(a.numpy().size) for a in self.arrays.values()),
             "total_parameters": sum(p.numel() for p in self.model.parameters()),
             "examples": sum(self.examples.values()),
+            # how many owners each round's global adapter was trained on (fewer than asked shows here)
+            "owners_per_round": [e.get("owners", len(e["clients"])) for e in self.history],
+            **({"aggregation_error_max": max(errors)} if (errors := [e["aggregation_error"] for e in self.history
+                                                                    if "aggregation_error" in e]) else {}),
+            "owners_min": min((e.get("owners", len(e["clients"])) for e in self.history), default=0),
         }
         if "global_eval" in last:
             metrics["eval_loss"] = last["global_eval"]["eval_loss"]
@@ -236,6 +267,7 @@ class FederatedServer:
     def _federated(self, server_round: int) -> dict[str, Any]:
         return {
             "round": server_round, "rounds": self.settings.rounds, "strategy": self.settings.strategy,
+            "aggregation": self.settings.aggregation, "update_compression": self.settings.update_compression,
             "settings": {k: v for k, v in vars(self.settings).items() if k != "strategy_options"},
             "clients": {name: {"examples": n} for name, n in sorted(self.examples.items())},
             "privacy": privacy_report(self.strategy, self.settings),
@@ -246,7 +278,8 @@ class FederatedServer:
     def _tags(self, entry: dict[str, Any]) -> list[str]:
         privacy = self.settings.privacy()
         clients = ",".join(f"{n}:{c['examples']}" for n, c in sorted(entry["clients"].items()))
-        return ["federated", f"round={entry['round']}", f"strategy={self.settings.strategy}", f"clients={clients}",
+        return ["federated", f"round={entry['round']}", f"strategy={self.settings.strategy}",
+                f"aggregation={self.settings.aggregation}", f"clients={clients}",
                 f"secure_aggregation={'secagg+' if self.settings.secure_aggregation else 'off'}",
                 "dp=off" if privacy is None else
                 f"dp={privacy['mode']},noise_multiplier={privacy['noise_multiplier']},"
@@ -256,6 +289,25 @@ class FederatedServer:
         from finetune_sdk.registry import Registry
 
         return Registry(self.job.registry_home) if self.job.registry_home else Registry()
+
+
+def owner_and_reason(reason: str) -> tuple[str | None, str]:
+    """The owner's name and its one-line error from an error reply's reason (Flower wraps the text of the
+    client's ``OwnerError`` as ``<class '...'>:<'TEXT'>``); ``(None, first line)`` for any other reason.
+
+    >>> owner_and_reason("<class 'x.OwnerError'>:<'{\"client\": \"a\", \"error\": \"DataError: bad\"}'>")
+    ('a', 'DataError: bad')
+    """
+    import json
+
+    start, end = reason.find('{"client"'), reason.rfind("}")
+    if start >= 0 and end > start:
+        try:
+            record = json.loads(reason[start:end + 1])
+            return str(record["client"]), str(record["error"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return None, (reason.splitlines() or [""])[0]
 
 
 def _attach_global_eval(entry: dict[str, Any], clients: dict[str, Any]) -> None:
@@ -276,7 +328,9 @@ def round_summary(entry: dict[str, Any], rounds: int) -> str:
              f"sent {c['bytes_sent']:,} B, received {c['bytes_received']:,} B"
              for name, c in entry["clients"].items()]
     dropped = f"; dropped: {', '.join(entry['dropped'])}" if entry["dropped"] else ""
-    return f"round {entry['round']}/{rounds} ({entry['seconds']:.1f} s): {'; '.join(parts)}{dropped}"
+    error = f"; LoRA aggregation error {entry['aggregation_error']:.3%}" if "aggregation_error" in entry else ""
+    return (f"round {entry['round']}/{rounds} ({entry['seconds']:.1f} s, {entry.get('owners', len(entry['clients']))} "
+            f"owners): {'; '.join(parts)}{dropped}{error}")
 
 
 def update_norm(new: Any, old: Any) -> float:

@@ -31,6 +31,12 @@ class FederatedSettings:
         rounds: federated rounds (server aggregations).
         strategy: ``"fedavg"`` (McMahan et al., 2017, weighted by example counts), ``"fedprox"`` (Li et al., 2020:
             local loss plus ``proximal_mu / 2 * ||w - w_global||^2``) or a plugin's strategy.
+        aggregation: how LoRA factors are combined: ``"fedavg"`` (each factor averaged by the strategy: the global
+            update is ``mean(B) @ mean(A)``, not the clients' average ``mean(B @ A)``) or ``"ffa"`` (FFA-LoRA, Sun et
+            al., 2024: every ``A`` drawn from one shared seed and frozen, only ``B`` trains and travels: exact, half
+            the traffic of a square layer); see :mod:`finetune_sdk.federated.lora_aggregation`.
+        update_compression: ``None`` (float32 updates), ``"int8"`` or ``"nf4"``: each client's update quantized
+            blockwise before it is sent and dequantized by the server (:mod:`finetune_sdk.federated.compression`).
         fraction_fit: fraction of the connected clients sampled for training each round (at least
             ``min_fit_clients``).
         fraction_evaluate: fraction of clients asked for the final held-out evaluation.
@@ -72,6 +78,8 @@ class FederatedSettings:
 
     rounds: int = 3
     strategy: str = "fedavg"
+    aggregation: str = "fedavg"
+    update_compression: str | None = None
     fraction_fit: float = 1.0
     fraction_evaluate: float = 1.0
     min_fit_clients: int | None = None
@@ -105,6 +113,16 @@ class FederatedSettings:
         """
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+        from finetune_sdk.federated.lora_aggregation import AGGREGATIONS
+
+        if self.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
+        from finetune_sdk.federated.compression import check_compression
+
+        check_compression(self.update_compression)
+        if self.update_compression and self.secure_aggregation:
+            raise ConfigError("update_compression can't be combined with secure_aggregation: SecAgg+ quantizes and "
+                              "masks the updates itself")
         for name in ("fraction_fit", "fraction_evaluate"):
             value = getattr(self, name)
             if not 0 < value <= 1 and not (name == "fraction_evaluate" and value == 0):

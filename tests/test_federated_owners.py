@@ -1,0 +1,257 @@
+"""Issue 29: never fewer owners than asked, silently; LoRA-aware aggregation (FFA-LoRA) measured against FedAvg of
+the factors; Flower's server optimizers and robust aggregators by name.
+
+In-process federations (:func:`finetune_sdk.testing.federated.run_in_process`) share one module fixture; the only
+real process here is the CLI client's (its scratch folder on SIGTERM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from finetune_sdk import Trainer  # noqa: E402
+from finetune_sdk.errors import ConfigError, DataError  # noqa: E402
+from finetune_sdk.federated.job import FederatedJob  # noqa: E402
+from finetune_sdk.federated.settings import FederatedSettings  # noqa: E402
+from tests.federated_data import write_clients  # noqa: E402
+
+OPTIONS = {"learning_rate": 5e-2, "seed": 7, "per_device_train_batch_size": 2}
+
+
+def make_job(model, out, clients, **settings):
+    settings.setdefault("rounds", 1)
+    config = FederatedSettings(**settings).validate(len(clients))
+    return FederatedJob(str(model), "lora", None, "chatml", dict(OPTIONS), config, str(out),
+                        expected_clients=sorted(clients), run_token="test")
+
+
+def as_pairs(clients):
+    return {name: (spec["train"], spec.get("eval")) for name, spec in clients.items()}
+
+
+# -- 5. never fewer owners than asked, silently -------------------------------------------------------------------
+def test_a_malformed_owner_file_stops_the_run_before_round_1_naming_owner_file_and_line(llama_dir, tmp_path):
+    clients = write_clients(tmp_path / "data")
+    bad = tmp_path / "data" / "clinic-c.jsonl"
+    lines = bad.read_text(encoding="utf-8").splitlines()
+    bad.write_text("\n".join(lines[:2] + ['{"prompt": "cut off', *lines[2:]]) + "\n", encoding="utf-8")
+    trainer = Trainer(llama_dir, formatter="chatml", output_dir=tmp_path / "out", progress=False)
+    with pytest.raises(DataError) as caught:
+        trainer.fit_federated(clients, rounds=1)
+    message = str(caught.value)
+    assert message.startswith("owner 'clinic-c': ") and str(bad) in message and "line 3" in message
+    assert "\n" not in message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.federated").exists()
+
+    missing = write_clients(tmp_path / "data2")  # a row without the formatter's columns: named by its line too
+    (tmp_path / "data2" / "clinic-b.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"question": "x"}\n',
+                                                       encoding="utf-8")
+    with pytest.raises(DataError, match=r"^owner 'clinic-b': .*clinic-b\.jsonl.*2"):
+        trainer.fit_federated(missing, rounds=1)
+
+
+def test_min_fit_clients_defaults_to_every_sampled_owner(llama_dir, tmp_path, monkeypatch):
+    from finetune_sdk.federated import api
+
+    seen = {}
+
+    def capture(trainer, config, work_dir, **kwargs):
+        seen["config"] = config
+        raise KeyboardInterrupt  # stop before any Flower process starts
+
+    monkeypatch.setattr(api, "run_federation", capture)
+    trainer = Trainer(llama_dir, formatter="chatml", output_dir=tmp_path / "out", progress=False)
+    clients = write_clients(tmp_path / "data")
+    for settings, expected in (({}, 3), ({"fraction_fit": 0.5}, 1), ({"fraction_fit": 0.7}, 2),
+                               ({"min_fit_clients": 1}, 1)):
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit_federated(clients, **settings)
+        assert seen["config"].min_fit_clients == expected, settings
+
+
+def test_an_owner_failing_mid_run_is_dropped_by_name_with_its_whole_reason(llama_dir, tmp_path):
+    from finetune_sdk.testing.federated import run_in_process
+
+    clients = as_pairs(write_clients(tmp_path / "data"))
+    long_name = tmp_path / ("a-folder-whose-name-makes-the-message-longer-than-120-characters-" * 2) / "c.jsonl"
+    long_name.parent.mkdir()
+    long_name.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": oops}\n', encoding="utf-8")
+    clients["clinic-c"] = (str(long_name), None)
+    manifest = run_in_process(make_job(llama_dir, tmp_path / "out", clients, local_steps=1, min_fit_clients=2),
+                              clients)
+    entry = manifest["federated"]["history"][0]
+    [dropped] = entry["dropped"]
+    assert dropped.startswith("clinic-c (DataError: ") and str(long_name) in dropped and "line 2" in dropped
+    assert len(dropped) > 200 and "\n" not in dropped
+    assert entry["owners"] == 2 and manifest["metrics"]["owners_per_round"] == [2]
+    assert manifest["metrics"]["owners_min"] == 2
+
+
+def test_flowers_error_reason_still_names_the_owner():
+    """Flower's runtime wraps a ClientApp's exception as ``<class '...'>:<'TEXT'>`` (run_clientapp.py)."""
+    from finetune_sdk.federated.client_app import OwnerError, owner_error_reason
+    from finetune_sdk.federated.rounds import owner_and_reason
+
+    ex = OwnerError(owner_error_reason("clinic-b", DataError("/data/b.jsonl line 7: not JSON (Expecting ',')\n"
+                                                             "fix the line")))
+    reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+    assert owner_and_reason(reason) == ("clinic-b", "DataError: /data/b.jsonl line 7: not JSON (Expecting ',') "
+                                                    "fix the line")
+    assert owner_and_reason("node went away\nmore") == (None, "node went away")
+
+
+def test_cli_client_removes_its_scratch_folder_on_sigterm(tmp_path):
+    import psutil
+
+    from finetune_sdk.federated.runtime import free_port
+
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n', encoding="utf-8")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    client = subprocess.Popen([sys.executable, "-m", "finetune_sdk", "federated", "client", "--server",
+                               f"127.0.0.1:{free_port()}", "--insecure", "--data", str(data)],
+                              env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any("flower-supernode" in " ".join(c.cmdline())
+                                                 for c in psutil.Process(client.pid).children()):
+            time.sleep(0.2)  # until its SuperNode runs
+        assert list(scratch.glob("finetune-federated-client-*/flwr-home")), "no scratch folder while it runs"
+        client.send_signal(signal.SIGTERM)
+        client.wait(60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert list(scratch.glob("finetune-federated-client-*")) == []
+
+
+# -- 1. LoRA-aware aggregation ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_aggregations(tiny_models, tmp_path_factory):
+    """One round of 2 non-IID owners with FedAvg of the factors and with FFA-LoRA (same seeds and data)."""
+    from finetune_sdk.testing.federated import run_in_process
+
+    model = tiny_models("llama")
+    tmp = tmp_path_factory.mktemp("aggregation")
+    clients = as_pairs(write_clients(tmp / "data", ["clinic-a", "clinic-b"]))
+    return {name: run_in_process(make_job(model, tmp / name, clients, local_steps=3, aggregation=name,
+                                          fraction_evaluate=0), clients)
+            for name in ("fedavg", "ffa")} | {"model": model, "tmp": tmp}
+
+
+@pytest.mark.slow
+def test_ffa_is_exact_and_fedavg_of_the_factors_is_not(two_aggregations):
+    fedavg = two_aggregations["fedavg"]["federated"]["history"][0]
+    ffa = two_aggregations["ffa"]["federated"]["history"][0]
+    print(f"relative distance to the clients' average update: fedavg {fedavg['aggregation_error']:.4%}, "
+          f"ffa {ffa['aggregation_error']:.2e}")
+    assert ffa["aggregation_error"] <= 1e-3 < fedavg["aggregation_error"]
+    assert ffa["aggregation_error"] < 1e-5  # exact up to float32 rounding
+    import finetune_sdk
+    from finetune_sdk.federated.params import NPY_HEADER_BYTES
+
+    params = dict(finetune_sdk.load(two_aggregations["tmp"] / "ffa").model.named_parameters())
+    a_bytes = sum(p.numel() * 4 + NPY_HEADER_BYTES for n, p in params.items() if ".lora_A." in n)
+    b_bytes = sum(p.numel() * 4 + NPY_HEADER_BYTES for n, p in params.items() if ".lora_B." in n)
+    for name in ("clinic-a", "clinic-b"):  # only B travels, each way
+        ffa_bytes, fedavg_bytes = ffa["clients"][name]["bytes_sent"], fedavg["clients"][name]["bytes_sent"]
+        assert (ffa_bytes, fedavg_bytes) == (b_bytes, a_bytes + b_bytes)
+        assert ffa["clients"][name]["bytes_received"] == b_bytes
+    print(f"bytes per client per round, each way: fedavg {fedavg_bytes:,}, ffa {ffa_bytes:,}")
+    assert two_aggregations["ffa"]["federated"]["aggregation"] == "ffa"
+
+
+@pytest.mark.slow
+def test_ffa_result_keeps_the_shared_frozen_a(two_aggregations):
+    import finetune_sdk
+    from finetune_sdk.federated.lora_aggregation import freeze_lora_a
+
+    loaded = finetune_sdk.load(two_aggregations["tmp"] / "ffa")
+    fresh = finetune_sdk.load(two_aggregations["tmp"] / "ffa")
+    freeze_lora_a(fresh.model, OPTIONS["seed"])
+    a_names = [n for n, _ in loaded.model.named_parameters() if ".lora_A." in n]
+    fresh_params = dict(fresh.model.named_parameters())
+    assert a_names
+    for name, param in loaded.model.named_parameters():
+        if ".lora_A." in name:
+            assert np.array_equal(param.detach().numpy(), fresh_params[name].detach().numpy()), name
+    b = [p for n, p in loaded.model.named_parameters() if ".lora_B." in n]
+    assert max(float(p.abs().max()) for p in b) > 0, "B trained"
+
+
+def test_unknown_aggregation_and_ffa_without_lora_are_one_line_errors():
+    import torch
+
+    from finetune_sdk.federated.lora_aggregation import freeze_lora_a
+
+    with pytest.raises(ConfigError, match="aggregation must be one of fedavg, ffa, got 'flora'"):
+        FederatedSettings(aggregation="flora").validate()
+    with pytest.raises(ConfigError, match="needs a LoRA technique"):
+        freeze_lora_a(torch.nn.Linear(2, 2), 0)
+
+
+def test_aggregation_error_of_averaged_factors_is_the_cross_term():
+    from finetune_sdk.federated.lora_aggregation import aggregation_error
+
+    rng = np.random.default_rng(0)
+    a0, b0 = rng.normal(size=(2, 5)), np.zeros((4, 2))
+    clients = [{"l.lora_A.w": a0 + rng.normal(size=a0.shape), "l.lora_B.w": rng.normal(size=b0.shape)}
+               for _ in range(2)]
+    old = {"l.lora_A.w": a0, "l.lora_B.w": b0}
+    mean = {k: (clients[0][k] + clients[1][k]) / 2 for k in old}
+    target = sum(c["l.lora_B.w"] @ c["l.lora_A.w"] for c in clients) / 2
+    expected = np.linalg.norm(mean["l.lora_B.w"] @ mean["l.lora_A.w"] - target) / np.linalg.norm(target)
+    assert aggregation_error(old, mean, clients, [1, 1]) == pytest.approx(expected, rel=1e-12)
+    frozen = {"l.lora_A.w": a0}  # FFA: A shared and frozen, B averaged
+    ffa_clients = [{"l.lora_B.w": c["l.lora_B.w"]} for c in clients]
+    ffa_mean = {"l.lora_B.w": mean["l.lora_B.w"]}
+    assert aggregation_error({"l.lora_B.w": b0}, ffa_mean, ffa_clients, [1, 1], frozen) < 1e-15
+
+
+# -- 6. Flower's server optimizers and robust aggregators by name -------------------------------------------------
+@pytest.mark.parametrize("name, flower, options", [
+    ("fedadam", "FedAdam", {"eta": 0.01, "tau": 1e-4}),
+    ("fedyogi", "FedYogi", {"eta": 0.02}),
+    ("fedmedian", "FedMedian", {}),
+    ("fedtrimmedavg", "FedTrimmedAvg", {"beta": 0.1}),
+])
+def test_flower_optimizers_and_robust_aggregators_by_name(name, flower, options):
+    import flwr.serverapp.strategy as flower_strategies
+
+    from finetune_sdk.plugin_manager import get_plugin_host
+
+    settings = FederatedSettings(strategy=name, min_fit_clients=2, strategy_options=options).validate(3)
+    built = get_plugin_host().create("strategy", name).build(settings)
+    assert type(built) is getattr(flower_strategies, flower) and built.min_train_nodes == 2
+    for key, value in options.items():
+        assert getattr(built, key) == value
+    with pytest.raises(ConfigError, match=f"strategy '{name}' has no option 'momentum'"):
+        get_plugin_host().create("strategy", name).build(
+            FederatedSettings(strategy=name, strategy_options={"momentum": 0.9}).validate())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fedadam", "fedmedian"])
+def test_server_optimizer_and_median_run_a_round(name, llama_dir, tmp_path):
+    """Flower's FedAdam moves the global adapter by its own step; FedMedian takes the per-coordinate median."""
+    from finetune_sdk.testing.federated import run_in_process
+
+    clients = as_pairs(write_clients(tmp_path / "data"))
+    manifest = run_in_process(make_job(llama_dir, tmp_path / "out", clients, local_steps=1, strategy=name,
+                                       strategy_options={"eta": 0.01} if name == "fedadam" else {},
+                                       fraction_evaluate=0), clients)
+    entry = manifest["federated"]["history"][0]
+    assert entry["owners"] == 3 and entry["global_update_norm"] > 0
+    assert json.loads(json.dumps(manifest["federated"]["strategy"])) == name
