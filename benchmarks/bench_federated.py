@@ -7,6 +7,12 @@ that many examples. Reported: held-out loss on the union, wall time, and bytes m
 both ways over all rounds; centralised: the clients' data files uploaded once to the trainer).
 
     python benchmarks/bench_federated.py [--rounds 4] [--local-steps 4] [--facts 12] [--hidden 128]
+
+``--variants fedavg,ffa,int8,nf4,fedadam,...`` compares aggregation methods, update compression and strategies on
+the same 3 owners instead: each variant runs the SDK's server round loop and ClientApp in this process
+(``finetune_sdk.testing.federated.run_in_process``: the same training, aggregation and byte counting as Flower's
+runtime, without one process per client), and reports the union held-out loss, bytes moved and the largest
+per-round distance of the global LoRA update to the clients' average update.
 """
 
 from __future__ import annotations
@@ -52,7 +58,12 @@ def main() -> None:
     parser.add_argument("--facts", type=int, default=8, help="facts per client")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--learning-rate", type=float, default=3e-2)
+    parser.add_argument("--variants", help="comma-separated: fedavg, ffa, int8, nf4 or a strategy name")
     args = parser.parse_args()
+    if args.variants:
+        compare_variants(args)
+        return
 
     import finetune_sdk
     from finetune_sdk import Trainer
@@ -61,7 +72,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-federated-"))
     model = save_tiny_model(tmp / "model", hidden_size=args.hidden)
     clients, held_out = make_data(tmp, args.facts)
-    train = dict(learning_rate=3e-2, seed=7, per_device_train_batch_size=args.batch, r=8, lora_dropout=0.0)
+    train = dict(learning_rate=args.learning_rate, seed=7, per_device_train_batch_size=args.batch, r=8, lora_dropout=0.0)
     steps = args.rounds * args.local_steps * len(CLIENTS)
     examples = steps * args.batch
 
@@ -91,6 +102,47 @@ def main() -> None:
           f"{data_bytes:,} (data uploaded) |")
     print(f"| federated FedAvg ({args.rounds} rounds x {args.local_steps} local steps) | {fed_loss:.3f} | "
           f"{fed_time:.1f} s | {fed.metrics['bytes_total']:,} (adapter, both ways) |")
+
+
+def compare_variants(args: argparse.Namespace) -> None:
+    """Held-out loss, traffic and LoRA aggregation error of each variant on the same 3 owners (in-process rounds)."""
+    import finetune_sdk
+    from finetune_sdk import Trainer
+    from finetune_sdk.federated.job import FederatedJob
+    from finetune_sdk.federated.settings import FederatedSettings
+    from finetune_sdk.testing.federated import run_in_process
+    from finetune_sdk.testing.tiny import save_tiny_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-federated-"))
+    model = save_tiny_model(tmp / "model", hidden_size=args.hidden)
+    clients, held_out = make_data(tmp, args.facts)
+    options = dict(learning_rate=args.learning_rate, seed=7, per_device_train_batch_size=args.batch, r=8,
+                   lora_dropout=0.0)
+    base = Trainer(model, formatter="chatml", progress=False, **options).evaluate(held_out)["eval_loss"]
+    print(f"{len(CLIENTS)} owners x {args.facts} facts, hidden {args.hidden}, LoRA r=8, lr {args.learning_rate}, "
+          f"{args.rounds} rounds x {args.local_steps} local steps, base held-out loss {base:.3f} "
+          f"(load average {os.getloadavg()[0]:.1f})")
+    print("| variant | held-out loss | bytes moved | max aggregation error | seconds |")
+    print("| --- | --- | --- | --- | --- |")
+    for variant in args.variants.split(","):
+        settings: dict[str, object] = {"rounds": args.rounds, "local_steps": args.local_steps,
+                                       "fraction_evaluate": 0, "min_fit_clients": len(CLIENTS)}
+        if variant in ("fedavg", "ffa"):
+            settings["aggregation"] = variant
+        elif variant in ("int8", "nf4"):
+            settings["update_compression"] = variant
+        else:
+            settings["strategy"] = variant
+        job = FederatedJob(str(model), "lora", None, "chatml", dict(options),
+                           FederatedSettings(**settings).validate(len(CLIENTS)), str(tmp / variant),
+                           expected_clients=sorted(CLIENTS), run_token=variant)
+        started = time.perf_counter()
+        manifest = run_in_process(job, {name: (path, None) for name, path in clients.items()})
+        seconds = time.perf_counter() - started
+        loss = finetune_sdk.load(tmp / variant).evaluate(held_out)["eval_loss"]
+        error = manifest["metrics"].get("aggregation_error_max")
+        print(f"| {variant} | {loss:.3f} | {manifest['metrics']['bytes_total']:,} | "
+              f"{'-' if error is None else f'{error:.2e}'} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

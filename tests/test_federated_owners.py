@@ -146,9 +146,19 @@ def two_aggregations(tiny_models, tmp_path_factory):
     model = tiny_models("llama")
     tmp = tmp_path_factory.mktemp("aggregation")
     clients = as_pairs(write_clients(tmp / "data", ["clinic-a", "clinic-b"]))
-    return {name: run_in_process(make_job(model, tmp / name, clients, local_steps=3, aggregation=name,
+    runs = {name: run_in_process(make_job(model, tmp / name, clients, local_steps=3, aggregation=name,
                                           fraction_evaluate=0), clients)
-            for name in ("fedavg", "ffa")} | {"model": model, "tmp": tmp}
+            for name in ("fedavg", "ffa")}
+    for kind in ("int8", "nf4"):  # FedAvg with compressed updates, same seeds
+        runs[kind] = run_in_process(make_job(model, tmp / kind, clients, local_steps=3, update_compression=kind,
+                                             fraction_evaluate=0), clients)
+    return runs | {"model": model, "tmp": tmp}
+
+
+def adapter(folder):
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
 
 
 @pytest.mark.slow
@@ -189,6 +199,51 @@ def test_ffa_result_keeps_the_shared_frozen_a(two_aggregations):
             assert np.array_equal(param.detach().numpy(), fresh_params[name].detach().numpy()), name
     b = [p for n, p in loaded.model.named_parameters() if ".lora_B." in n]
     assert max(float(p.abs().max()) for p in b) > 0, "B trained"
+
+
+@pytest.mark.slow
+def test_clients_of_lower_rank_train_a_truncation_and_are_padded_back(llama_dir, tmp_path):
+    """HetLoRA-style: a rank-4 client of a rank-8 federation sends half the values; rows it doesn't hold keep the
+    global values, so there the global adapter is the full-rank clients' weighted share."""
+    from finetune_sdk.federated.rounds import FederatedServer
+    from finetune_sdk.testing.federated import InProcessGrid
+
+    data = as_pairs(write_clients(tmp_path / "data", ["clinic-a", "clinic-b"]))
+    clients = {"clinic-a": data["clinic-a"], "clinic-b": (*data["clinic-b"], 4)}
+    job = make_job(llama_dir, tmp_path / "out", clients, local_steps=2, fraction_evaluate=0)
+    job.options.update(r=8, lora_alpha=16)
+    grid = InProcessGrid(clients, job.to_run_config())
+    server = FederatedServer(job, grid)
+    start = {k: v.numpy().copy() for k, v in server.arrays.items()}
+    manifest = server.run()
+    entry = manifest["federated"]["history"][0]
+    full, low = entry["clients"]["clinic-a"], entry["clients"]["clinic-b"]
+    headers = 128 * len(start)
+    assert low["bytes_sent"] - headers == (full["bytes_sent"] - headers) / 2
+    full_reply = next(r for r in grid.replies if r.content["report"]["client"] == "clinic-a")
+    share = full["examples"] / (full["examples"] + low["examples"])
+    result = adapter(tmp_path / "out")
+    for name, before in start.items():
+        key = name.replace(".default", "")
+        sent = full_reply.content["arrays"][name].numpy()
+        if ".lora_A." in name:  # rows 4..8: clinic-a's, weighted, and the global start for clinic-b's share
+            expected, actual = share * sent[4:] + (1 - share) * before[4:], result[key][4:]
+        else:
+            expected, actual = share * sent[:, 4:] + (1 - share) * before[:, 4:], result[key][:, 4:]
+        assert np.allclose(actual, expected, atol=1e-6), name
+    assert any(np.abs(result[k.replace(".default", "")][:, :4]).max() > 0 for k in start if ".lora_B." in k)
+
+
+def test_client_rank_is_checked_before_anything_starts(llama_dir, tmp_path):
+    trainer = Trainer(llama_dir, formatter="chatml", output_dir=tmp_path / "out", progress=False, r=8)
+    clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
+    clients["clinic-b"]["r"] = 16
+    with pytest.raises(ConfigError, match="client 'clinic-b': r must be an integer from 1 to the global rank 8"):
+        trainer.fit_federated(clients)
+    clients["clinic-b"]["r"] = 4
+    with pytest.raises(ConfigError, match="works with aggregation='fedavg' and without update_compression"):
+        trainer.fit_federated(clients, aggregation="ffa")
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_aggregation_and_ffa_without_lora_are_one_line_errors():
@@ -255,3 +310,45 @@ def test_server_optimizer_and_median_run_a_round(name, llama_dir, tmp_path):
     entry = manifest["federated"]["history"][0]
     assert entry["owners"] == 3 and entry["global_update_norm"] > 0
     assert json.loads(json.dumps(manifest["federated"]["strategy"])) == name
+
+
+# -- 3. compressed updates ----------------------------------------------------------------------------------------
+def test_quantize_round_trip_is_within_half_a_step_per_block():
+    from finetune_sdk.federated.compression import BLOCK, NF4_LEVELS, dequantize, quantize
+
+    values = np.random.default_rng(0).normal(size=(7, 50)).astype(np.float32)  # 350 values: a partial last block
+    for kind, half_step in (("int8", 0.5 / 127), ("nf4", max(np.diff(NF4_LEVELS)) / 2)):
+        codes, absmax = quantize(values, kind)
+        assert absmax.size == -(-values.size // BLOCK) and absmax.dtype == np.float32
+        assert codes.nbytes == absmax.size * BLOCK // (1 if kind == "int8" else 2)
+        back = dequantize(codes, absmax, values.shape, kind)
+        padded = np.zeros(absmax.size * BLOCK, np.float32)
+        padded[:values.size] = values.ravel()
+        bound = np.repeat(absmax * half_step, BLOCK)[:values.size].reshape(values.shape)
+        assert np.all(np.abs(back - values) <= bound + 1e-7), kind
+
+
+@pytest.mark.slow
+def test_compressed_updates_are_metered_smaller_and_stay_close_to_float32(two_aggregations):
+    from finetune_sdk.federated.compression import BLOCK
+    from finetune_sdk.federated.params import NPY_HEADER_BYTES
+
+    tmp = two_aggregations["tmp"]
+    reference = adapter(tmp / "fedavg")
+    sizes = [v.size for v in reference.values()]
+    blocks = [-(-n // BLOCK) for n in sizes]
+    expected = {"int8": sum(b * BLOCK + b * 4 + 2 * NPY_HEADER_BYTES for b in blocks),
+                "nf4": sum(b * BLOCK // 2 + b * 4 + 2 * NPY_HEADER_BYTES for b in blocks)}
+    float32 = two_aggregations["fedavg"]["federated"]["history"][0]["clients"]["clinic-a"]["bytes_sent"]
+    for kind, tolerance in (("int8", 0.01), ("nf4", 0.15)):
+        entry = two_aggregations[kind]["federated"]["history"][0]
+        for name in ("clinic-a", "clinic-b"):
+            assert entry["clients"][name]["bytes_sent"] == expected[kind]
+            assert entry["clients"][name]["bytes_received"] == float32  # the server's message stays float32
+        # distance of the global adapter to the float32 run's, relative to the float32 run's update (B starts at 0)
+        compressed = adapter(tmp / kind)
+        diff = np.sqrt(sum(np.sum((compressed[k] - reference[k]) ** 2) for k in reference if "lora_B" in k))
+        moved = np.sqrt(sum(np.sum(reference[k] ** 2) for k in reference if "lora_B" in k))
+        print(f"{kind}: {expected[kind]:,} B sent per client (float32 {float32:,}); global B off by "
+              f"{diff / moved:.3%} of the update")
+        assert 0 < diff / moved < tolerance, kind

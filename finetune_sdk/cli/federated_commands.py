@@ -137,12 +137,16 @@ def server_command(model: str, technique: str, quantizer: str | None, formatter:
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="this client's data")
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), help="this client's held-out data")
 @click.option("--name", help="how the server's reports name this client (default: the node id)")
+@click.option("--lora-r", type=click.IntRange(min=1),
+              help="this client's LoRA rank when below the server's r (HetLoRA-style: it trains the global adapter "
+                   "truncated to this rank)")
 @click.option("--insecure", is_flag=True, help="no TLS (the server must be started with --insecure)")
 @click.option("--root-certificates", type=click.Path(exists=True, dir_okay=False),
               help="CA certificate that signed the server's TLS certificate")
 @click.option("--auth-key", type=click.Path(exists=True, dir_okay=False),
               help="this client's OpenSSH EC private key, when the server admits only registered keys (needs TLS)")
-def client_command(server: str, data: str, eval_data: str | None, name: str | None, insecure: bool,
+def client_command(server: str, data: str, eval_data: str | None, name: str | None, lora_r: int | None,
+                   insecure: bool,
                    root_certificates: str | None, auth_key: str | None) -> None:
     """Run a federated client (a Flower SuperNode) until Ctrl-C; it serves the server's runs as they come."""
     from finetune_sdk.data import load_rows
@@ -168,7 +172,7 @@ def client_command(server: str, data: str, eval_data: str | None, name: str | No
     signal.signal(signal.SIGTERM, _interrupt)  # stop the SuperNode in `finally`, not inside the handler
     processes = FlowerProcesses(new_work_dir("finetune-federated-client-"))
     try:
-        node = processes.supernode(client_name, server, node_config(client_name, data, eval_data),
+        node = processes.supernode(client_name, server, node_config(client_name, data, eval_data, lora_r),
                                    insecure=insecure, root_certificates=root_certificates, auth_key=auth_key,
                                    log_to_console=True)
         console().print(f"client [bold]{client_name}[/bold] serving {server}; Ctrl-C to leave")

@@ -20,8 +20,10 @@ SETTING_NAMES = {f.name for f in fields(FederatedSettings)}
 SUPERLINK_DATABASE = "superlink.db"
 
 
-def normalise_clients(clients: Any, work_dir: Path) -> dict[str, tuple[str, str | None]]:
-    """``{name: (train_path, eval_path)}`` from ``{name: path | rows | {"train": ..., "eval": ...}}``.
+def normalise_clients(clients: Any, work_dir: Path) -> dict[str, tuple[Any, ...]]:
+    """``{name: (train_path, eval_path)}`` from ``{name: path | rows | {"train": ..., "eval": ...}}``; a client
+    given ``{"train": ..., "r": 4}`` gets ``(train_path, eval_path, 4)``: its LoRA rank, below the global one
+    (:mod:`finetune_sdk.federated.ranks`).
 
     Rows given as lists of dicts are written to private (0600) JSON Lines files in ``work_dir``, for that client's
     process to read. Paths are only checked to exist here: their rows are read by the client's process alone.
@@ -30,7 +32,7 @@ def normalise_clients(clients: Any, work_dir: Path) -> dict[str, tuple[str, str 
 
     if not isinstance(clients, dict) or not clients:
         raise ConfigError("clients must be a non-empty dict {client name: data file or {'train': ..., 'eval': ...}}")
-    out: dict[str, tuple[str, str | None]] = {}
+    out: dict[str, tuple[Any, ...]] = {}
     for name, spec in clients.items():
         try:
             validate_name(str(name), "client name")
@@ -39,13 +41,20 @@ def normalise_clients(clients: Any, work_dir: Path) -> dict[str, tuple[str, str 
         train, evaluation = (spec.get("train"), spec.get("eval")) if isinstance(spec, dict) else (spec, None)
         if train is None:
             raise ConfigError(f"client {name!r}: no 'train' data")
+        unknown = sorted(set(spec) - {"train", "eval", "r"}) if isinstance(spec, dict) else []
+        if unknown:
+            raise ConfigError(f"client {name!r}: unknown key {unknown[0]!r}; a client is a file, rows or "
+                              "{'train': ..., 'eval': ..., 'r': rank}")
         out[str(name)] = (_as_file(train, work_dir / f"{name}-train.jsonl", f"client {name!r} train"),
                           _as_file(evaluation, work_dir / f"{name}-eval.jsonl", f"client {name!r} eval")
                           if evaluation is not None else None)
+        if isinstance(spec, dict) and spec.get("r") is not None:
+            out[str(name)] += (spec["r"],)
     return out
 
 
-def check_owner_data(trainer: Any, clients: dict[str, tuple[str, str | None]]) -> None:
+def check_owner_data(trainer: Any, clients: dict[str, tuple[Any, ...]],
+                     settings: FederatedSettings | None = None) -> None:
     """Read and format every owner's train and eval rows before round 1, as each client's ``fit`` will.
 
     A malformed file, a row the formatter can't use or an empty dataset is one line naming the owner, the file
@@ -54,14 +63,25 @@ def check_owner_data(trainer: Any, clients: dict[str, tuple[str, str | None]]) -
     is bad. (All owners' files are on this machine in an in-process run; ``finetune federated client`` checks its
     own file the same way before it connects.)
 
+    A client's LoRA rank (a third item) must be an integer from 1 to the Trainer's ``r``, and can't be combined
+    with ``aggregation="ffa"`` or ``update_compression`` (their messages assume the global shapes).
+
     Raises:
         DataError: (or the formatter's :class:`ConfigError`) for the first owner whose data can't train.
     """
+    from finetune_sdk.federated.ranks import check_rank
+
+    for name, (_, _, *rank) in clients.items():
+        if rank:
+            check_rank(name, rank[0], int(trainer.options.get("r") or 0))
+            if settings is not None and (settings.aggregation != "fedavg" or settings.update_compression):
+                raise ConfigError(f"client {name!r}: a LoRA rank per client (HetLoRA-style) works with "
+                                  "aggregation='fedavg' and without update_compression")
     from finetune_sdk.data import load_rows
     from finetune_sdk.planning import Planner
 
     tokenizer = trainer._load_tokenizer()
-    for name, (train, evaluation) in clients.items():
+    for name, (train, evaluation, *_) in clients.items():
         try:
             rows = load_rows(train, name=f"client {name!r} data")
             eval_rows = load_rows(evaluation, name=f"client {name!r} eval-data") if evaluation else None
@@ -137,7 +157,7 @@ def fit_federated(trainer: Any, clients: Any, *, resume: bool = False, timeout: 
     work_dir = new_work_dir()
     try:
         data = normalise_clients(clients, work_dir)
-        check_owner_data(trainer, data)
+        check_owner_data(trainer, data, config)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
@@ -165,7 +185,7 @@ def run_server(trainer: Any, config: FederatedSettings, *, host: str, port: int,
 
 
 def run_federation(trainer: Any, config: FederatedSettings, work_dir: Path, *, port: int, host: str = "127.0.0.1",
-                   clients: dict[str, tuple[str, str | None]] | None = None, resume: bool = False,
+                   clients: dict[str, tuple[Any, ...]] | None = None, resume: bool = False,
                    insecure: bool = True, tls: dict[str, str | None] | None = None, supernode_auth: bool = False,
                    supernode_keys: list[str] | None = None, timeout: float | None = None,
                    keep_superlink_state: bool = False) -> FitResult:
@@ -185,8 +205,8 @@ def run_federation(trainer: Any, config: FederatedSettings, work_dir: Path, *, p
             database.parent.mkdir(parents=True, exist_ok=True)
         processes.superlink(port, host=host, insecure=insecure, tls=tls, supernode_auth=supernode_auth,
                             database=database)
-        for name, (train, evaluation) in (clients or {}).items():
-            processes.supernode(name, address, node_config(name, train, evaluation))
+        for name, (train, evaluation, *rank) in (clients or {}).items():
+            processes.supernode(name, address, node_config(name, train, evaluation, *rank))
         processes.connect(address, insecure=insecure, root_certificates=(tls or {}).get("ssl_ca_certfile"))
         for key in supernode_keys or []:
             trainer.logger.info("registered SuperNode public key %s (node %s)", key, processes.register_supernode(key))

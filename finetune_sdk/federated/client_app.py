@@ -24,7 +24,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from finetune_sdk.federated.audit import install_open_audit
 from finetune_sdk.federated.client_training import ClientData, evaluate_global, train_round
-from finetune_sdk.federated.job import NODE_DATA, NODE_EVAL_DATA, NODE_NAME, FederatedJob
+from finetune_sdk.federated.job import NODE_DATA, NODE_EVAL_DATA, NODE_NAME, NODE_RANK, FederatedJob
 from finetune_sdk.federated.privacy import UNIT_WEIGHT
 from finetune_sdk.federated.secure_aggregation import is_secure_round, secure_reply
 
@@ -39,7 +39,8 @@ def client_data(context: Context) -> ClientData:
                          "`finetune federated client --data FILE`")
     name = str(config.get(NODE_NAME) or f"node-{context.node_id}")
     eval_data = str(config.get(NODE_EVAL_DATA) or "") or None
-    return ClientData(name, str(config[NODE_DATA]), eval_data)
+    rank = int(config[NODE_RANK]) if NODE_RANK in config else None
+    return ClientData(name, str(config[NODE_DATA]), eval_data, rank)
 
 
 def clip_when_asked(msg: Message, context: Context, call_next: Any) -> Message:

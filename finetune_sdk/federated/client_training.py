@@ -26,6 +26,7 @@ class ClientData:
     name: str
     train: str
     eval: str | None = None
+    rank: int | None = None  # this client's LoRA rank when lower than the global adapter's (HetLoRA-style)
 
 
 @dataclass
@@ -58,8 +59,8 @@ def evaluate_global(job: FederatedJob, client: ClientData, arrays: Any) -> tuple
     work = Path(tempfile.mkdtemp(prefix="finetune-federated-eval-"))
     try:
         rows = load_rows(client.eval, name=f"client {client.name} eval-data")
-        trainer = job.trainer(work / "out")
-        _prepare_with(trainer, arrays, job)
+        trainer = job.trainer(work / "out", **rank_options(job, client))
+        _prepare_with(trainer, rank_arrays(arrays, job, client), job)
         metrics = trainer.evaluate(rows)
         return {"eval_loss": float(metrics["eval_loss"]), "eval_examples": float(len(rows))}, \
             trainer.formatter.name if trainer.formatter else None
@@ -79,8 +80,8 @@ def train_round(job: FederatedJob, client: ClientData, arrays: Any, server_round
     eval_rows = load_rows(client.eval, name=f"client {client.name} eval-data") if client.eval else None
     work = Path(tempfile.mkdtemp(prefix="finetune-federated-client-"))
     try:
-        trainer = job.trainer(work / "out", **local_options(job, server_round))
-        model = _prepare_with(trainer, arrays, job)
+        trainer = job.trainer(work / "out", **local_options(job, server_round), **rank_options(job, client))
+        model = _prepare_with(trainer, rank_arrays(arrays, job, client), job)
         metrics: dict[str, float] = {"global_eval_loss": 0.0, "eval_loss": 0.0, "eval_examples": 0.0}
         if eval_rows is not None:
             metrics["global_eval_loss"] = float(trainer.evaluate(eval_rows)["eval_loss"])
@@ -99,6 +100,25 @@ def train_round(job: FederatedJob, client: ClientData, arrays: Any, server_round
                            trainer.formatter.name if trainer.formatter else None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def rank_options(job: FederatedJob, client: ClientData) -> dict[str, Any]:
+    """``r``/``lora_alpha`` of a client whose rank is below the global one (same scaling); ``{}`` otherwise."""
+    if client.rank is None or client.rank == job.options.get("r"):
+        return {}
+    from finetune_sdk.federated.ranks import check_rank, client_lora_options
+
+    check_rank(client.name, client.rank, int(job.options["r"]))
+    return client_lora_options(job.options, client.rank)
+
+
+def rank_arrays(arrays: Any, job: FederatedJob, client: ClientData) -> Any:
+    """The global arrays truncated to this client's rank (HetLoRA-style), or as they are."""
+    if not rank_options(job, client):
+        return arrays
+    from finetune_sdk.federated.ranks import truncate
+
+    return truncate(arrays, int(client.rank or 0))
 
 
 def _prepare_with(trainer: Any, arrays: Any, job: FederatedJob) -> Any:

@@ -17,7 +17,7 @@ from finetune_sdk.federated.settings import FederatedSettings
 
 RUN_CONFIG_KEY = "finetune-job"
 #: Node-config keys a SuperNode is started with (``finetune federated client`` sets them).
-NODE_DATA, NODE_EVAL_DATA, NODE_NAME = "data", "eval-data", "client-name"
+NODE_DATA, NODE_EVAL_DATA, NODE_NAME, NODE_RANK = "data", "eval-data", "client-name", "lora-r"
 
 
 @dataclass

@@ -18,6 +18,7 @@ from finetune_sdk.federated.job import FederatedJob
 from finetune_sdk.federated.compression import decompress_update
 from finetune_sdk.federated.lora_aggregation import LORA_A, aggregation_error, freeze_lora_a, shared_seed
 from finetune_sdk.federated.params import load_arrays, payload_bytes, trainable_arrays
+from finetune_sdk.federated.ranks import pad
 from finetune_sdk.federated.privacy import accountant_state, privacy_report, wrap_with_dp
 from finetune_sdk.federated.secure_aggregation import secure_aggregation_record
 from finetune_sdk.federated.server_state import (
@@ -105,6 +106,7 @@ class FederatedServer:
             if self.settings.update_compression:
                 reply.content["arrays"] = decompress_update(reply.content["arrays"], self.arrays,
                                                             self.settings.update_compression)
+            reply.content["arrays"] = pad(reply.content["arrays"], self.arrays)  # a lower-rank client's reply
         errors = {r.metadata.src_node_id: r.error.reason for r in replies if r.has_error()}
         dropped = self._dropped(list(sent), {r.metadata.src_node_id for r in valid}, errors)
         self._require_enough(server_round, len(valid), len(sent), dropped)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import FinetuneError
-from finetune_sdk.federated.job import NODE_DATA, NODE_EVAL_DATA, NODE_NAME, FederatedJob
+from finetune_sdk.federated.job import NODE_DATA, NODE_EVAL_DATA, NODE_NAME, NODE_RANK, FederatedJob
 from finetune_sdk.federated.server_state import read_status
 
 logger = logging.getLogger("finetune_sdk")
@@ -50,11 +50,14 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
-def node_config(name: str, data: str, eval_data: str | None) -> str:
-    """``--node-config`` for a client SuperNode (TOML values, so paths with spaces or quotes survive)."""
-    items = {NODE_NAME: name, NODE_DATA: str(Path(data).resolve())}
+def node_config(name: str, data: str, eval_data: str | None, rank: int | None = None) -> str:
+    """``--node-config`` for a client SuperNode (TOML values, so paths with spaces or quotes survive); ``rank``:
+    this client's LoRA rank when lower than the global one (:mod:`finetune_sdk.federated.ranks`)."""
+    items: dict[str, Any] = {NODE_NAME: name, NODE_DATA: str(Path(data).resolve())}
     if eval_data:
         items[NODE_EVAL_DATA] = str(Path(eval_data).resolve())
+    if rank:
+        items[NODE_RANK] = int(rank)
     return " ".join(f"{key}={json.dumps(value)}" for key, value in items.items())
 
 

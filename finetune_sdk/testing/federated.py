@@ -19,12 +19,13 @@ from typing import Any
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
-from finetune_sdk.federated.job import NODE_DATA, NODE_EVAL_DATA, NODE_NAME, FederatedJob
+from finetune_sdk.federated.job import NODE_DATA, NODE_EVAL_DATA, NODE_NAME, NODE_RANK, FederatedJob
 
 
 class InProcessGrid(Grid):
     """Flower's ``Grid`` over ClientApp calls in this process; node ``i`` (from 1) is the i-th client.
 
+    A client's tuple may hold a third item, its LoRA rank (HetLoRA-style, :mod:`finetune_sdk.federated.ranks`).
     ``failing`` names clients whose replies are errors (as a crashed or disconnected client's are); a ClientApp
     that raises replies with the error, as in Flower's runtime. Each node's
     ``Context.state`` persists across messages, as a SuperNode keeps it within a run (SecAgg+ relies on it);
@@ -37,10 +38,12 @@ class InProcessGrid(Grid):
 
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a ServerApp process has
         self.nodes: dict[int, dict[str, Any]] = {}
-        for node_id, (name, (train, evaluation)) in enumerate(clients.items(), start=1):
-            config = {NODE_NAME: name, NODE_DATA: train}
+        for node_id, (name, (train, evaluation, *rank)) in enumerate(clients.items(), start=1):
+            config: dict[str, Any] = {NODE_NAME: name, NODE_DATA: train}
             if evaluation:
                 config[NODE_EVAL_DATA] = evaluation
+            if rank and rank[0]:
+                config[NODE_RANK] = int(rank[0])
             self.nodes[node_id] = config
         self.run_config = run_config
         self.failing = set(failing)
