@@ -8,11 +8,17 @@ both ways over all rounds; centralised: the clients' data files uploaded once to
 
     python benchmarks/bench_federated.py [--rounds 4] [--local-steps 4] [--facts 12] [--hidden 128]
 
-``--variants fedavg,ffa,int8,nf4,fedadam,...`` compares aggregation methods, update compression and strategies on
+``--variants fedavg,ffa,int8,nf4,hetlora,fedadam:eta=0.01,...`` compares aggregation methods, update compression and strategies on
 the same 3 owners instead: each variant runs the SDK's server round loop and ClientApp in this process
 (``finetune_sdk.testing.federated.run_in_process``: the same training, aggregation and byte counting as Flower's
 runtime, without one process per client), and reports the union held-out loss, bytes moved and the largest
 per-round distance of the global LoRA update to the clients' average update.
+
+``--preference`` runs federated DPO instead: each owner holds private preference pairs about its own facts
+(chosen: the right colour, rejected: a wrong one); the global adapter (FedAvg of DPO rounds, in-process rounds)
+and each owner's local-only DPO adapter (as many steps as the owner trains in the federation) are scored on the
+union of held-out pairs (the same facts asked in other words) by preference accuracy: the share of pairs whose
+implicit reward margin ``(logp_c - base_c) - (logp_r - base_r)`` against the base model is positive.
 """
 
 from __future__ import annotations
@@ -59,10 +65,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=3e-2)
-    parser.add_argument("--variants", help="comma-separated: fedavg, ffa, int8, nf4 or a strategy name")
+    parser.add_argument("--variants", help="comma-separated: fedavg, ffa, int8, nf4, hetlora or a strategy name "
+                                           "with its Flower options, e.g. fedadam:eta=0.01;tau=0.001")
+    parser.add_argument("--preference", action="store_true", help="federated DPO vs each owner's local DPO")
     args = parser.parse_args()
     if args.variants:
         compare_variants(args)
+        return
+    if args.preference:
+        compare_preference(args)
         return
 
     import finetune_sdk
@@ -104,6 +115,80 @@ def main() -> None:
           f"{fed_time:.1f} s | {fed.metrics['bytes_total']:,} (adapter, both ways) |")
 
 
+def preference_data(folder: Path, facts: int, seed: int = 0) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """Each owner's private (prompt, chosen, rejected) pairs and the union of held-out pairs."""
+    rng = random.Random(seed)
+    places = rng.sample(PLACES, min(facts * len(CLIENTS), len(PLACES)))
+    clients, held_out = {}, []
+    for i, name in enumerate(CLIENTS):
+        rows = []
+        for place in places[i::len(CLIENTS)]:
+            right, wrong = rng.sample(COLOURS, 2)
+            rows.append({"prompt": f"What colour is the {place}ford flag?", "chosen": f"The {place}ford flag is {right}.",
+                         "rejected": f"The {place}ford flag is {wrong}."})
+            held_out.append({"prompt": f"Which colour is the flag of {place}ford?",
+                             "chosen": rows[-1]["chosen"], "rejected": rows[-1]["rejected"]})
+        path = folder / f"{name}-pairs.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        clients[name] = str(path)
+    return clients, held_out
+
+
+def preference_accuracy(model_dir: Path, base_dir: Path, held_out: list[dict[str, str]], options: dict) -> float:
+    """Share of held-out pairs whose implicit DPO reward margin against the base model is positive."""
+    import finetune_sdk
+    from finetune_sdk.data import load_rows
+    from finetune_sdk.plugin_manager import get_plugin_host
+    from finetune_sdk.preference import each_sequence_logps, encode_preference
+
+    tuned = finetune_sdk.load(model_dir)
+    base = finetune_sdk.load(base_dir)
+    formatter = get_plugin_host().create("formatter", "preference")
+    encoded = encode_preference(load_rows(held_out, name="held-out pairs"), formatter, tuned.tokenizer,
+                                {"max_length": 256, **options})
+    sequences = [ex[side] for ex in encoded.examples for side in ("chosen", "rejected")]
+    policy, reference = each_sequence_logps(tuned.model, sequences), each_sequence_logps(base.model, sequences)
+    margins = [(policy[2 * i] - reference[2 * i]) - (policy[2 * i + 1] - reference[2 * i + 1])
+               for i in range(len(encoded.examples))]
+    return sum(m > 1e-6 for m in margins) / len(margins)
+
+
+def compare_preference(args: argparse.Namespace) -> None:
+    """Federated DPO (in-process rounds) vs each owner's local-only DPO, by held-out preference accuracy."""
+    from finetune_sdk import Trainer
+    from finetune_sdk.federated.job import FederatedJob
+    from finetune_sdk.federated.settings import FederatedSettings
+    from finetune_sdk.testing.federated import run_in_process
+    from finetune_sdk.testing.tiny import save_tiny_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-federated-dpo-"))
+    model = save_tiny_model(tmp / "model", hidden_size=args.hidden)
+    clients, held_out = preference_data(tmp, args.facts)
+    options = dict(learning_rate=args.learning_rate, seed=7, per_device_train_batch_size=args.batch, r=8,
+                   lora_alpha=16, lora_dropout=0.0)
+    print(f"DPO: {len(CLIENTS)} owners x {args.facts} private pairs, {len(held_out)} held-out pairs, hidden "
+          f"{args.hidden}, LoRA r=8, lr {args.learning_rate}, {args.rounds} rounds x {args.local_steps} local steps "
+          f"(load average {os.getloadavg()[0]:.1f})")
+    print("| adapter | held-out preference accuracy | seconds |")
+    print("| --- | --- | --- |")
+    started = time.perf_counter()
+    job = FederatedJob(str(model), "lora", None, "preference", dict(options),
+                       FederatedSettings(rounds=args.rounds, local_steps=args.local_steps, fraction_evaluate=0,
+                                         min_fit_clients=len(CLIENTS)).validate(len(CLIENTS)),
+                       str(tmp / "federated"), expected_clients=sorted(CLIENTS), run_token="dpo")
+    run_in_process(job, {name: (path, None) for name, path in clients.items()})
+    accuracy = preference_accuracy(tmp / "federated", model, held_out, options)
+    print(f"| federated DPO (FedAvg, {args.rounds} rounds) | {accuracy:.3f} | {time.perf_counter() - started:.0f} |",
+          flush=True)
+    for name, path in clients.items():
+        started = time.perf_counter()
+        Trainer(model, formatter="preference", output_dir=tmp / name, progress=False, save_steps=0,
+                max_steps=args.rounds * args.local_steps, **options).fit(path)
+        accuracy = preference_accuracy(tmp / name, model, held_out, options)
+        print(f"| {name} local-only DPO ({args.rounds * args.local_steps} steps) | {accuracy:.3f} | "
+              f"{time.perf_counter() - started:.0f} |", flush=True)
+
+
 def compare_variants(args: argparse.Namespace) -> None:
     """Held-out loss, traffic and LoRA aggregation error of each variant on the same 3 owners (in-process rounds)."""
     import finetune_sdk
@@ -117,7 +202,7 @@ def compare_variants(args: argparse.Namespace) -> None:
     model = save_tiny_model(tmp / "model", hidden_size=args.hidden)
     clients, held_out = make_data(tmp, args.facts)
     options = dict(learning_rate=args.learning_rate, seed=7, per_device_train_batch_size=args.batch, r=8,
-                   lora_dropout=0.0)
+                   lora_alpha=16, lora_dropout=0.0)
     base = Trainer(model, formatter="chatml", progress=False, **options).evaluate(held_out)["eval_loss"]
     print(f"{len(CLIENTS)} owners x {args.facts} facts, hidden {args.hidden}, LoRA r=8, lr {args.learning_rate}, "
           f"{args.rounds} rounds x {args.local_steps} local steps, base held-out loss {base:.3f} "
@@ -127,17 +212,22 @@ def compare_variants(args: argparse.Namespace) -> None:
     for variant in args.variants.split(","):
         settings: dict[str, object] = {"rounds": args.rounds, "local_steps": args.local_steps,
                                        "fraction_evaluate": 0, "min_fit_clients": len(CLIENTS)}
+        ranks = {}
         if variant in ("fedavg", "ffa"):
             settings["aggregation"] = variant
         elif variant in ("int8", "nf4"):
             settings["update_compression"] = variant
-        else:
-            settings["strategy"] = variant
+        elif variant == "hetlora":  # clinic-c trains rank 4 of the rank-8 global adapter
+            ranks = {"clinic-c": 4}
+        else:  # a strategy, with Flower's options as name:key=value,key=value
+            name, _, given = variant.partition(":")
+            settings["strategy"] = name
+            settings["strategy_options"] = {k: float(v) for k, v in (o.split("=") for o in given.split(";") if o)}
         job = FederatedJob(str(model), "lora", None, "chatml", dict(options),
                            FederatedSettings(**settings).validate(len(CLIENTS)), str(tmp / variant),
                            expected_clients=sorted(CLIENTS), run_token=variant)
         started = time.perf_counter()
-        manifest = run_in_process(job, {name: (path, None) for name, path in clients.items()})
+        manifest = run_in_process(job, {name: (path, None, ranks.get(name)) for name, path in clients.items()})
         seconds = time.perf_counter() - started
         loss = finetune_sdk.load(tmp / variant).evaluate(held_out)["eval_loss"]
         error = manifest["metrics"].get("aggregation_error_max")

@@ -304,11 +304,13 @@ def test_server_optimizer_and_median_run_a_round(name, llama_dir, tmp_path):
     from finetune_sdk.testing.federated import run_in_process
 
     clients = as_pairs(write_clients(tmp_path / "data"))
-    manifest = run_in_process(make_job(llama_dir, tmp_path / "out", clients, local_steps=1, strategy=name,
+    manifest = run_in_process(make_job(llama_dir, tmp_path / "out", clients, local_steps=1, strategy=name, rounds=2,
                                        strategy_options={"eta": 0.01} if name == "fedadam" else {},
                                        fraction_evaluate=0), clients)
-    entry = manifest["federated"]["history"][0]
-    assert entry["owners"] == 3 and entry["global_update_norm"] > 0
+    first, second = manifest["federated"]["history"]
+    assert first["owners"] == 3 and first["global_update_norm"] > 0
+    # Flower's FedAdam computes in float64: the global adapter the clients receive stays float32
+    assert second["bytes_to_clients"] == first["bytes_to_clients"]
     assert json.loads(json.dumps(manifest["federated"]["strategy"])) == name
 
 
@@ -352,3 +354,56 @@ def test_compressed_updates_are_metered_smaller_and_stay_close_to_float32(two_ag
         print(f"{kind}: {expected[kind]:,} B sent per client (float32 {float32:,}); global B off by "
               f"{diff / moved:.3%} of the update")
         assert 0 < diff / moved < tolerance, kind
+
+
+# -- 4. federated preference tuning -------------------------------------------------------------------------------
+def preference_clients(folder, kind):
+    from tests.federated_data import FACTS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in ("clinic-a", "clinic-b"):
+        rows = []
+        for place, colour in FACTS[name]:
+            wrong = "red" if colour != "red" else "blue"
+            prompt, right, bad = f"What colour is the {place} flag?", f"The {place} flag is {colour}.", \
+                f"The {place} flag is {wrong}."
+            rows += [{"prompt": prompt, "chosen": right, "rejected": bad}] if kind == "preference" else \
+                [{"prompt": prompt, "completion": right, "label": True},
+                 {"prompt": prompt, "completion": bad, "label": False}]
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        out[name] = (str(path), None)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["preference", "kto"])
+def test_preference_and_kto_rows_train_federated_rounds(kind, llama_dir, tmp_path):
+    """Each owner runs DPO / KTO on its own rows, its reference log-probs computed in its own process from the
+    global adapter it received; the server averages the adapters as for supervised rounds."""
+    from finetune_sdk.testing.federated import run_in_process
+
+    clients = preference_clients(tmp_path / "data", kind)
+    job = FederatedJob(str(llama_dir), "lora", None, kind, dict(OPTIONS),
+                       FederatedSettings(rounds=2, local_steps=2, fraction_evaluate=0).validate(2),
+                       str(tmp_path / "out"), expected_clients=sorted(clients), run_token="test")
+    manifest = run_in_process(job, clients)
+    first = manifest["federated"]["history"][0]["clients"]
+    assert sorted(first) == ["clinic-a", "clinic-b"] and manifest["metrics"]["owners_per_round"] == [2, 2]
+    if kind == "preference":  # DPO's loss starts at log 2, where policy = reference
+        assert all(abs(c["train_loss"] - np.log(2)) < 0.05 for c in first.values())
+    result = adapter(tmp_path / "out")
+    assert max(float(np.abs(v).max()) for k, v in result.items() if "lora_B" in k) > 0
+
+
+def test_an_owner_with_only_desirable_kto_rows_is_refused_before_round_1(llama_dir, tmp_path):
+    data = tmp_path / "a.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b", "label": true}\n' * 3, encoding="utf-8")
+    other = tmp_path / "b.jsonl"
+    other.write_text('{"prompt": "a", "completion": "b", "label": true}\n{"prompt": "a", "completion": "c", '
+                     '"label": false}\n', encoding="utf-8")
+    trainer = Trainer(llama_dir, formatter="kto", output_dir=tmp_path / "out", progress=False)
+    with pytest.raises((DataError, ConfigError), match="^owner 'clinic-a': "):
+        trainer.fit_federated({"clinic-a": str(data), "clinic-b": str(other)})
+    assert not (tmp_path / "out").exists()

@@ -121,6 +121,7 @@ class FederatedServer:
         arrays, _ = self.strategy.aggregate_train(server_round, valid)
         if arrays is None:
             raise FinetuneError(f"round {server_round}: the strategy could not aggregate the updates")
+        arrays = same_dtypes(arrays, self.arrays)  # FedAdam/FedYogi compute in float64: don't double the traffic
         error = aggregation_error(self.arrays, arrays, updates, weights, self.frozen)
         extra: dict[str, Any] = {"sampled": len(sent)}
         if error is not None:  # distance of the global LoRA update to the clients' average update
@@ -291,6 +292,16 @@ class FederatedServer:
         from finetune_sdk.registry import Registry
 
         return Registry(self.job.registry_home) if self.job.registry_home else Registry()
+
+
+def same_dtypes(arrays: Any, like: Any) -> Any:
+    """``arrays`` with each tensor cast to the dtype of the same tensor in ``like`` (the global parameters)."""
+    from flwr.app import Array, ArrayRecord
+
+    if all(arrays[k].dtype == like[k].dtype for k in arrays.keys() if k in like):
+        return arrays
+    return ArrayRecord({k: Array(a.numpy().astype(like[k].numpy().dtype)) if k in like else a
+                        for k, a in arrays.items()})
 
 
 def owner_and_reason(reason: str) -> tuple[str | None, str]:
