@@ -134,20 +134,22 @@ def preference_data(folder: Path, facts: int, seed: int = 0) -> tuple[dict[str, 
     return clients, held_out
 
 
-def preference_accuracy(model_dir: Path, base_dir: Path, held_out: list[dict[str, str]], options: dict) -> float:
-    """Share of held-out pairs whose implicit DPO reward margin against the base model is positive."""
+def preference_accuracy(model_dir: Path, held_out: list[dict[str, str]], options: dict) -> float:
+    """Share of held-out pairs whose implicit DPO reward margin against the base model (the adapter disabled) is
+    positive."""
     import finetune_sdk
     from finetune_sdk.data import load_rows
     from finetune_sdk.plugin_manager import get_plugin_host
     from finetune_sdk.preference import each_sequence_logps, encode_preference
 
     tuned = finetune_sdk.load(model_dir)
-    base = finetune_sdk.load(base_dir)
     formatter = get_plugin_host().create("formatter", "preference")
     encoded = encode_preference(load_rows(held_out, name="held-out pairs"), formatter, tuned.tokenizer,
                                 {"max_length": 256, **options})
     sequences = [ex[side] for ex in encoded.examples for side in ("chosen", "rejected")]
-    policy, reference = each_sequence_logps(tuned.model, sequences), each_sequence_logps(base.model, sequences)
+    policy = each_sequence_logps(tuned.model, sequences)
+    with tuned.model.disable_adapter():
+        reference = each_sequence_logps(tuned.model, sequences)
     margins = [(policy[2 * i] - reference[2 * i]) - (policy[2 * i + 1] - reference[2 * i + 1])
                for i in range(len(encoded.examples))]
     return sum(m > 1e-6 for m in margins) / len(margins)
@@ -177,14 +179,14 @@ def compare_preference(args: argparse.Namespace) -> None:
                                          min_fit_clients=len(CLIENTS)).validate(len(CLIENTS)),
                        str(tmp / "federated"), expected_clients=sorted(CLIENTS), run_token="dpo")
     run_in_process(job, {name: (path, None) for name, path in clients.items()})
-    accuracy = preference_accuracy(tmp / "federated", model, held_out, options)
+    accuracy = preference_accuracy(tmp / "federated", held_out, options)
     print(f"| federated DPO (FedAvg, {args.rounds} rounds) | {accuracy:.3f} | {time.perf_counter() - started:.0f} |",
           flush=True)
     for name, path in clients.items():
         started = time.perf_counter()
         Trainer(model, formatter="preference", output_dir=tmp / name, progress=False, save_steps=0,
                 max_steps=args.rounds * args.local_steps, **options).fit(path)
-        accuracy = preference_accuracy(tmp / name, model, held_out, options)
+        accuracy = preference_accuracy(tmp / name, held_out, options)
         print(f"| {name} local-only DPO ({args.rounds * args.local_steps} steps) | {accuracy:.3f} | "
               f"{time.perf_counter() - started:.0f} |", flush=True)
 
