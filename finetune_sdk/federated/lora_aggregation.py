@@ -91,9 +91,9 @@ def aggregation_error(old: Any, new: Any, clients: list[Any], weights: list[floa
         >>> old = {"x.lora_A.w": a0, "x.lora_B.w": b0}
         >>> one = {"x.lora_A.w": a0 * 2, "x.lora_B.w": b0 + 1}
         >>> two = {"x.lora_A.w": a0 * 0, "x.lora_B.w": b0 + 3}
-        >>> avg = {k: (one[k] + two[k]) / 2 for k in old}
+        >>> avg = {k: (one[k] + two[k]) / 2 for k in old}  # FedAvg of the factors: mean(B) @ mean(A) = 2, not 1
         >>> round(aggregation_error(old, avg, [one, two], [0.5, 0.5]), 4)
-        0.0
+        1.0
     """
     import numpy as np
 

@@ -308,8 +308,10 @@ def owner_and_reason(reason: str) -> tuple[str | None, str]:
     """The owner's name and its one-line error from an error reply's reason (Flower wraps the text of the
     client's ``OwnerError`` as ``<class '...'>:<'TEXT'>``); ``(None, first line)`` for any other reason.
 
-    >>> owner_and_reason("<class 'x.OwnerError'>:<'{\"client\": \"a\", \"error\": \"DataError: bad\"}'>")
-    ('a', 'DataError: bad')
+    >>> import json
+    >>> text = json.dumps({"client": "clinic-a", "error": "DataError: a.jsonl line 2: not JSON"})
+    >>> owner_and_reason("<class 'OwnerError'>:<'" + text + "'>")
+    ('clinic-a', 'DataError: a.jsonl line 2: not JSON')
     """
     import json
 
