@@ -35,6 +35,10 @@ from tests.federated_data import write_clients
       "--clipping-norm", "1"], "only sees the sum of the updates"),
     (["federated", "server", "-m", "x", "-o", "out", "--insecure", "--secure-aggregation", "--secagg-num-shares",
       "many"], "--secagg-num-shares must be a count"),
+    (["federated", "server", "-m", "x", "-o", "out", "--insecure", "--strategy-option", "eta"],
+     "--strategy-option must be KEY=NUMBER"),
+    (["federated", "server", "-m", "x", "-o", "out", "--insecure", "--update-compression", "int8",
+      "--secure-aggregation"], "update_compression can't be combined with secure_aggregation"),
 ])
 def test_bad_federated_input_is_one_line_exit_2(args, message, tmp_path):
     (tmp_path / "ok.jsonl").write_text('{"text": "hi"}\n')

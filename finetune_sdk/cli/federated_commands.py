@@ -43,6 +43,8 @@ def federated_group() -> None:
 @click.option("--rounds", type=int, default=3, show_default=True, help="federated rounds")
 @click.option("--strategy", default="fedavg", show_default=True,
               help="fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg or a plugin's strategy")
+@click.option("--strategy-option", "strategy_options", multiple=True, metavar="KEY=VALUE",
+              help="the strategy's own setting under Flower's name, e.g. eta=0.01 for fedadam (repeatable)")
 @click.option("--aggregation", type=click.Choice(["fedavg", "ffa"]), default="fedavg", show_default=True,
               help="how LoRA factors combine: fedavg (each averaged) or ffa (FFA-LoRA: A frozen, B averaged: exact)")
 @click.option("--update-compression", type=click.Choice(["int8", "nf4"]),
@@ -87,7 +89,7 @@ def federated_group() -> None:
                    "--enable-supernode-auth)")
 @option_flags
 def server_command(model: str, technique: str, quantizer: str | None, formatter: str | None, output_dir: str,
-                   address: str, rounds: int, strategy: str, aggregation: str, update_compression: str | None,
+                   address: str, rounds: int, strategy: str, strategy_options: tuple[str, ...], aggregation: str, update_compression: str | None,
                    min_clients: int, min_fit_clients: int | None,
                    fraction_fit: float, fraction_evaluate: float, local_epochs: float, local_steps: int, proximal_mu: float,
                    round_timeout: float, dp: str | None, noise_multiplier: float, clipping_norm: float,
@@ -109,6 +111,7 @@ def server_command(model: str, technique: str, quantizer: str | None, formatter:
 
     check_server_auth(enable_supernode_auth, supernode_keys, insecure, tls)
     settings = FederatedSettings(rounds=rounds, strategy=strategy, aggregation=aggregation,
+                                 strategy_options=parse_strategy_options(strategy_options),
                                  update_compression=update_compression, fraction_fit=fraction_fit,
                                  fraction_evaluate=fraction_evaluate,
                                  min_fit_clients=min_fit_clients, min_available_clients=min_clients,
@@ -190,6 +193,20 @@ def client_command(server: str, data: str, eval_data: str | None, name: str | No
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def parse_strategy_options(items: tuple[str, ...]) -> dict[str, float]:
+    """``("eta=0.01", "tau=1e-4")`` as ``{"eta": 0.01, "tau": 0.0001}``; anything else is a one-line error."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            options[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise ConfigError(f"--strategy-option must be KEY=NUMBER (e.g. eta=0.01), got {item!r}")
+    return options
 
 
 def split_address(address: str) -> tuple[str, int]:
