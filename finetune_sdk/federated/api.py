@@ -26,7 +26,7 @@ def normalise_clients(clients: Any, work_dir: Path) -> dict[str, tuple[Any, ...]
     (:mod:`finetune_sdk.federated.ranks`).
 
     Rows given as lists of dicts are written to private (0600) JSON Lines files in ``work_dir``, for that client's
-    process to read. Paths are only checked to exist here: their rows are read by the client's process alone.
+    process to read. Paths are only checked to exist here (:func:`check_owner_data` reads them next).
     """
     from finetune_sdk.registry.refs import validate_name
 
@@ -110,7 +110,7 @@ def fit_federated(trainer: Any, clients: Any, *, resume: bool = False, timeout: 
     """Federated fine-tuning on Flower: each client trains on its own data, only trainable parameters travel.
 
     Runs a Flower SuperLink and one SuperNode per client as local processes on loopback; each client's rows
-    are read only by its own process. Returns a :class:`FitResult` whose folder is an ordinary result
+    are read only by its own process (and checked once before round 1 by :func:`check_owner_data`). Returns a :class:`FitResult` whose folder is an ordinary result
     (``finetune_sdk.load`` reads it), with per-round history, traffic and privacy in ``manifest["federated"]``.
     Needs ``pip install 'finetune-sdk[federated]'``; see docs/federated.md.
 
