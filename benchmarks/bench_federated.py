@@ -113,6 +113,12 @@ def main() -> None:
           f"{data_bytes:,} (data uploaded) |")
     print(f"| federated FedAvg ({args.rounds} rounds x {args.local_steps} local steps) | {fed_loss:.3f} | "
           f"{fed_time:.1f} s | {fed.metrics['bytes_total']:,} (adapter, both ways) |")
+    costs = [c for entry in fed.manifest["federated"]["history"] for c in entry["clients"].values()]
+    mean = {key: sum(c.get(key, 0.0) for c in costs) / len(costs)
+            for key in ("startup_seconds", "load_seconds", "train_seconds")}
+    print(f"per client per round (mean of {len(costs)}): ClientApp process start-up {mean['startup_seconds']:.1f} s, "
+          f"model load and adapter preparation {mean['load_seconds']:.1f} s, local training "
+          f"{mean['train_seconds']:.1f} s; rounds took {[e['seconds'] for e in fed.manifest['federated']['history']]} s")
 
 
 def preference_data(folder: Path, facts: int, seed: int = 0) -> tuple[dict[str, str], list[dict[str, str]]]:

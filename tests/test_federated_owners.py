@@ -298,9 +298,9 @@ def test_flower_optimizers_and_robust_aggregators_by_name(name, flower, options)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fedadam", "fedmedian"])
+@pytest.mark.parametrize("name", ["fedadam"])
 def test_server_optimizer_and_median_run_a_round(name, llama_dir, tmp_path):
-    """Flower's FedAdam moves the global adapter by its own step; FedMedian takes the per-coordinate median."""
+    """Flower's FedAdam runs two rounds (each builtin's single round is in the strategy contract suite)."""
     from finetune_sdk.testing.federated import run_in_process
 
     clients = as_pairs(write_clients(tmp_path / "data"))

@@ -58,6 +58,20 @@ def secure_aggregation_when_asked(msg: Message, context: Context, call_next: Any
     return call_next(msg, context)
 
 
+def process_startup_seconds() -> float | None:
+    """Seconds from this ``flwr-clientapp`` process's start to its message handler (Python, torch, transformers
+    and the app imported: the per-message cost of Flower's one process per message); ``None`` outside one."""
+    import sys
+    import time
+    from pathlib import Path
+
+    if Path(sys.argv[0]).name != "flwr-clientapp":
+        return None
+    import psutil
+
+    return max(time.time() - psutil.Process().create_time(), 0.0)
+
+
 class OwnerError(RuntimeError):
     """A client's failure, as JSON ``{"client": name, "error": "<Type>: <message>"}``: Flower's runtime puts its
     text into the error reply's reason, from which the server names the owner and the whole one-line reason."""
@@ -113,10 +127,12 @@ def train(msg: Message, context: Context) -> Message:
     if is_secure_round(msg):
         return secure_reply(msg, context, client.name, lambda arrays, config: train_round(
             job, client, arrays, int(config["server-round"]), float(config.get("proximal-mu", 0.0))))
+    startup = process_startup_seconds()
     config = msg.content["config"]
     update = train_round(job, client, msg.content["arrays"], int(config["server-round"]),
                          float(config.get("proximal-mu", 0.0)))
-    metrics = MetricRecord({"num-examples": update.num_examples, UNIT_WEIGHT: 1, **update.metrics})
+    metrics = MetricRecord({"num-examples": update.num_examples, UNIT_WEIGHT: 1, **update.metrics,
+                            **({"startup_seconds": startup} if startup is not None else {})})
     report = ConfigRecord({"client": client.name, "formatter": update.formatter or ""})
     return Message(RecordDict({"arrays": update.arrays, "metrics": metrics, REPORT_KEY: report}), reply_to=msg)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,20 +75,25 @@ def train_round(job: FederatedJob, client: ClientData, arrays: Any, server_round
 
     Metrics: ``train_loss``, ``train_steps``; with eval data ``global_eval_loss`` (the received global model on
     this client's held-out rows, before training), ``eval_loss`` (the local model after training) and
-    ``eval_examples`` (all three 0 without eval data, so that every client reports the same keys).
+    ``eval_examples`` (all three 0 without eval data, so that every client reports the same keys); the round's
+    cost: ``load_seconds`` (Trainer, model load and adapter preparation) and ``train_seconds`` (the local fit).
     """
+    started = time.perf_counter()
     rows = load_rows(client.train, name=f"client {client.name} data")
     eval_rows = load_rows(client.eval, name=f"client {client.name} eval-data") if client.eval else None
     work = Path(tempfile.mkdtemp(prefix="finetune-federated-client-"))
     try:
         trainer = job.trainer(work / "out", **local_options(job, server_round), **rank_options(job, client))
         model = _prepare_with(trainer, rank_arrays(arrays, job, client), job)
-        metrics: dict[str, float] = {"global_eval_loss": 0.0, "eval_loss": 0.0, "eval_examples": 0.0}
+        metrics: dict[str, float] = {"global_eval_loss": 0.0, "eval_loss": 0.0, "eval_examples": 0.0,
+                                     "load_seconds": time.perf_counter() - started}
         if eval_rows is not None:
             metrics["global_eval_loss"] = float(trainer.evaluate(eval_rows)["eval_loss"])
         handles = _add_proximal_term(model, proximal_mu) if proximal_mu > 0 else []
+        fit_started = time.perf_counter()
         try:
             result = trainer.fit(rows)
+            metrics["train_seconds"] = time.perf_counter() - fit_started
         finally:
             for handle in handles:
                 handle.remove()

@@ -31,6 +31,9 @@ from finetune_sdk.federated.server_state import (
 
 logger = logging.getLogger("finetune_sdk")
 REPORT_KEY = "report"
+#: A client's cost of a round, when it reports it: its process start-up (Flower starts one per message), the model
+#: load with the adapter's preparation, the local fit.
+ROUND_COST = ("startup_seconds", "load_seconds", "train_seconds")
 
 
 class FederatedServer:
@@ -182,6 +185,7 @@ class FederatedServer:
                 "examples": examples, "bytes_received": report["bytes_received"], "bytes_sent": report["bytes_sent"],
                 "train_loss": metrics["train_loss"], "train_steps": int(metrics["train_steps"]),
                 **({"update_norm": report["update_norm"]} if "update_norm" in report else {}),
+                **{key: round(float(metrics[key]), 3) for key in ROUND_COST if key in metrics},
                 **({"eval_loss": metrics["eval_loss"], "global_eval_loss_before": metrics["global_eval_loss"],
                     "eval_examples": int(metrics["eval_examples"])} if metrics["eval_examples"] else {}),
             }
