@@ -95,6 +95,8 @@ def test_an_owner_failing_mid_run_is_dropped_by_name_with_its_whole_reason(llama
     assert len(dropped) > 200 and "\n" not in dropped
     assert entry["owners"] == 2 and manifest["metrics"]["owners_per_round"] == [2]
     assert manifest["metrics"]["owners_min"] == 2
+    for client in entry["clients"].values():  # the round's cost per client (no ClientApp process here)
+        assert client["load_seconds"] > 0 and client["train_seconds"] > 0 and "startup_seconds" not in client
 
 
 def test_flowers_error_reason_still_names_the_owner():
