@@ -301,7 +301,7 @@ def test_flower_optimizers_and_robust_aggregators_by_name(name, flower, options)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fedadam"])
-def test_server_optimizer_and_median_run_a_round(name, llama_dir, tmp_path):
+def test_fedadam_runs_rounds_and_keeps_float32_traffic(name, llama_dir, tmp_path):
     """Flower's FedAdam runs two rounds (each builtin's single round is in the strategy contract suite)."""
     from finetune_sdk.testing.federated import run_in_process
 
