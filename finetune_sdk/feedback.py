@@ -152,7 +152,7 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
                      + (f" ({len(prompt_list) - len(pending)} already rated)" if len(pending) < len(prompt_list)
                         else ""))
         if pending:
-            session.record = _record_fields(model, model_ref, rater, max_new_tokens, temperature, seed,
+            session.record = record_fields(model, model_ref, rater, max_new_tokens, temperature, seed,
                                             answer_settings(loaded, max_new_tokens=max_new_tokens,
                                                             temperature=temperature))
             session.run(pending, lambda prompt, number, count: sample_answers(
@@ -222,7 +222,7 @@ def sample_answers(model: Any, prompt: str, count: int, *, seed: int, max_new_to
     return answers
 
 
-def _record_fields(model: Any, model_ref: str | None, rater: str | None, max_new_tokens: int, temperature: float,
+def record_fields(model: Any, model_ref: str | None, rater: str | None, max_new_tokens: int, temperature: float,
                    seed: int, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The fields every row of the session carries besides ``rated_at`` (:mod:`finetune_sdk.rating_record`);
     ``sampling`` holds the settings the answers are actually drawn with (:func:`answer_settings`)."""
@@ -279,24 +279,12 @@ class _Session:
         self.skipped = self.remaining = self.unranked = 0
         self.record: dict[str, Any] = {}
 
-    def _row(self, row: dict[str, Any]) -> dict[str, Any]:
-        from finetune_sdk.rating_record import rated_at
-
-        return {**row, **({"rater": self.record["rater"]} if "rater" in self.record else {}), "rated_at": rated_at(),
-                **{k: v for k, v in self.record.items() if k != "rater"}}
-
     def note(self, text: str) -> None:
         (getattr(self.ask, "note", None) or logger.info)(text)
 
     def pending(self) -> list[tuple[str, int]]:
         """(prompt, occurrence) of every listing that has no row yet, in the file's order."""
-        seen: Counter[str] = Counter()
-        pending = []
-        for prompt in self.prompts:
-            if seen[prompt] >= self.done[prompt]:
-                pending.append((prompt, seen[prompt]))
-            seen[prompt] += 1
-        return pending
+        return pending_listings(self.prompts, self.done)
 
     def run(self, pending: list[tuple[str, int]], sample: Callable[[str, int, int], list[str]]) -> None:
         count = 2 if self.mode == PAIRWISE else 1
@@ -314,28 +302,34 @@ class _Session:
             self._record(prompt, answers, rating)
 
     def _record(self, prompt: str, answers: list[str], rating: Any) -> None:
-        if rating is None or rating == SKIP:
+        from finetune_sdk.rating_record import rating_row
+
+        kind, row = rating_row(self.mode, prompt, answers, rating, self.record)
+        if kind == "skip":
             self.skipped += 1
-        elif isinstance(rating, Edited):
+        elif kind == "edit":
             if self.edits is None:
                 raise ConfigError("ask returned an edited answer but no sft_out file was given for edited answers")
-            if not isinstance(rating.completion, str) or not rating.completion.strip():
-                raise ConfigError(f"ask returned an empty edited answer for prompt {prompt[:60]!r}")
-            self.edits.append(self._row({"prompt": prompt, "completion": rating.completion}))
-        elif self.mode == THUMBS and isinstance(rating, bool):
-            self.ratings.append(self._row({"prompt": prompt, "completion": answers[0], "label": rating}))
-        elif self.mode == PAIRWISE and not isinstance(rating, bool) and rating in (0, 1):
-            self.ratings.append(self._row({"prompt": prompt, "chosen": answers[rating],
-                                           "rejected": answers[1 - rating]}))
-        elif self.mode == PAIRWISE and rating in (TIE, BOTH_BAD):
-            self.ratings.append(self._row({"prompt": prompt, "chosen": answers[0], "rejected": answers[1],
-                                           "preference": rating}))
-            self.unranked += 1
+            self.edits.append(row)
         else:
-            expected = "True or False" if self.mode == THUMBS else \
-                "0 or 1 (the better answer's index), 'tie', 'both_bad'"
-            raise ConfigError(f"ask returned {rating!r} for prompt {prompt[:60]!r}; in {self.mode} mode return "
-                              f"{expected}, Edited(text), 'skip' or 'quit'")
+            self.ratings.append(row)
+            self.unranked += "preference" in row
+
+
+def pending_listings(prompts: Sequence[str], done: Mapping[str, int]) -> list[tuple[str, int]]:
+    """``(prompt, occurrence)`` of every listing of ``prompts`` that has no row yet, given ``done`` (prompt -> rows
+    the ratings files hold for it), in the list's order: a prompt listed *n* times is pending until it has *n* rows.
+
+    >>> pending_listings(["a", "b", "a"], {"a": 1})
+    [('b', 0), ('a', 1)]
+    """
+    seen: Counter[str] = Counter()
+    pending = []
+    for prompt in prompts:
+        if seen[prompt] >= done.get(prompt, 0):
+            pending.append((prompt, seen[prompt]))
+        seen[prompt] += 1
+    return pending
 
 
 def _check_options(mode: str, max_new_tokens: Any, temperature: Any, seed: Any) -> RowShape:

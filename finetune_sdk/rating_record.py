@@ -33,7 +33,7 @@ from finetune_sdk.errors import ConfigError
 RATER_ENV = "FINETUNE_SDK_RATER"
 #: The longest rater name accepted.
 MAX_RATER = 100
-__all__ = ["RATER_ENV", "check_rater", "model_reference", "rated_at", "select_ratings"]
+__all__ = ["RATER_ENV", "check_rater", "model_reference", "rated_at", "rating_row", "select_ratings", "with_record"]
 
 
 def check_rater(rater: Any) -> str | None:
@@ -108,6 +108,58 @@ def _registry_version(ref: str) -> tuple[str, Path] | None:
         return version.ref, registry.path(version.ref)
     except Exception:  # not a registry reference after all (a base model id): the ref alone is recorded  # noqa: BLE001
         return None
+
+
+def with_record(row: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` followed by the record fields in the order every ratings row has them: ``rater`` (when ``record``
+    names one), ``rated_at`` (now), then ``model`` and ``sampling`` (``record``: what
+    :func:`finetune_sdk.feedback.record_fields` returns).
+
+    Example:
+        >>> list(with_record({"prompt": "Hi", "completion": "Hello", "label": True}, {"model": {"ref": "m"}}))
+        ['prompt', 'completion', 'label', 'rated_at', 'model']
+    """
+    return {**row, **({"rater": record["rater"]} if "rater" in record else {}), "rated_at": rated_at(),
+            **{k: v for k, v in record.items() if k != "rater"}}
+
+
+def rating_row(mode: str, prompt: str, answers: list[str], rating: Any,
+               record: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """The row a rating gives, as ``finetune feedback`` and the studio write it: ``("rating", row)`` for the ratings
+    file, ``("edit", row)`` for the edited-answers file, ``("skip", None)``.
+
+    Args:
+        mode: ``"thumbs"`` (``answers`` holds one answer) or ``"pairwise"`` (two).
+        rating: ``True``/``False`` (thumbs), ``0``/``1`` (the better answer's index), ``"tie"``, ``"both_bad"``
+            (pairwise), an :class:`~finetune_sdk.feedback.Edited`, ``"skip"`` or ``None``.
+        record: the fields every row carries (:func:`finetune_sdk.feedback.record_fields`).
+
+    Raises:
+        ConfigError: a rating this mode has no row for, or an empty edited answer.
+
+    Example:
+        >>> rating_row("pairwise", "Hi", ["Hello", "Yo"], 1, {})[1]["chosen"]
+        'Yo'
+    """
+    from finetune_sdk.feedback import BOTH_BAD, PAIRWISE, SKIP, THUMBS, TIE, Edited
+
+    if rating is None or rating == SKIP:
+        return "skip", None
+    if isinstance(rating, Edited):
+        if not isinstance(rating.completion, str) or not rating.completion.strip():
+            raise ConfigError(f"ask returned an empty edited answer for prompt {prompt[:60]!r}")
+        return "edit", with_record({"prompt": prompt, "completion": rating.completion}, record)
+    if mode == THUMBS and isinstance(rating, bool):
+        return "rating", with_record({"prompt": prompt, "completion": answers[0], "label": rating}, record)
+    if mode == PAIRWISE and not isinstance(rating, bool) and rating in (0, 1):
+        return "rating", with_record({"prompt": prompt, "chosen": answers[rating], "rejected": answers[1 - rating]},
+                                     record)
+    if mode == PAIRWISE and rating in (TIE, BOTH_BAD):
+        return "rating", with_record({"prompt": prompt, "chosen": answers[0], "rejected": answers[1],
+                                      "preference": rating}, record)
+    expected = "True or False" if mode == THUMBS else "0 or 1 (the better answer's index), 'tie', 'both_bad'"
+    raise ConfigError(f"ask returned {rating!r} for prompt {prompt[:60]!r}; in {mode} mode return "
+                      f"{expected}, Edited(text), 'skip' or 'quit'")
 
 
 def select_ratings(path: str | os.PathLike[str], *, model: str | None = None, rater: str | None = None,

@@ -205,7 +205,9 @@ class RatingsAppender:
     """Appends rows of one shape to a ratings file: each row one ``write`` then ``fsync``, so a crash loses at most
     the row being written, and a later session cuts that torn row (and nothing else) before appending.
 
-    The file is locked (``flock``, where the system has it) for the session, so two sessions never interleave rows.
+    The file is locked (``flock``, where the system has it) for the session, so two sessions never interleave rows;
+    with ``wait_seconds`` a second writer waits that long for the lock instead of being refused (the studio opens
+    the file for each rating, so pages rating at once take turns).
     A file this appender created and left empty is removed on :meth:`close`.
 
     Example:
@@ -217,8 +219,10 @@ class RatingsAppender:
         Counter({'Hi': 1})
     """
 
-    def __init__(self, path: str | Path, shape: RowShape, what: str = "output file") -> None:
+    def __init__(self, path: str | Path, shape: RowShape, what: str = "output file", *,
+                 wait_seconds: float = 0.0) -> None:
         self.path = Path(path)
+        self.wait_seconds = wait_seconds  # > 0: wait up to this long for another writer's lock (the studio)
         self.shape = shape
         self.what = what
         self.fd: int | None = None
@@ -281,9 +285,17 @@ class RatingsAppender:
             import fcntl
         except ImportError:  # Windows: no advisory locks; one session per file is the user's to keep
             return
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        import time
+
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    continue
             raise ConfigError(f"{self.path} is being written by another finetune feedback session; finish that "
                               "one first") from None
 

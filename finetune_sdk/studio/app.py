@@ -266,4 +266,8 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
         body = await _body(request)
         return await asyncio.to_thread(registry_view.verify, home, str(body.get("ref") or ""))
 
+    from finetune_sdk.studio.loop_routes import add_loop_routes
+
+    app.state.token = token
+    add_loop_routes(app, folder=folder, root=root, home=home, confine=confine)
     return app

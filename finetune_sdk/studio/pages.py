@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-NAV = (("runs", "/", "Runs"), ("new", "/new", "New run"), ("registry", "/registry", "Registry"))
+NAV = (("runs", "/", "Runs"), ("new", "/new", "New run"), ("registry", "/registry", "Registry"), ("chat", "/chat", "Chat"),
+       ("session", "/session", "Rate prompts"), ("export", "/export", "Export & compare"),
+       ("federated", "/federated", "Federated"), ("scores", "/scores", "Scores"))
 
 
 def esc(value: Any) -> str:
@@ -29,7 +31,8 @@ def layout(page: str, title: str, body: str, *, token: str = "") -> str:
             f'</title><meta name="studio-token" content="{esc(token)}"><meta name="viewport" '
             f'content="width=device-width"><link rel="stylesheet" href="/static/studio.css"></head>'
             f'<body data-page="{esc(page)}"><header><strong>finetune studio</strong><nav>{links}</nav></header>'
-            f'<main>{body}</main><script src="/static/studio.js"></script></body></html>')
+            f'<main>{body}</main><script src="/static/studio.js"></script><script src="/static/loop.js"></script>'
+            '</body></html>')
 
 
 def _bytes(n: Any) -> str:
@@ -93,3 +96,27 @@ def registry_page(home: Path, token: str = "") -> str:
     body = (f'<h1>Registry</h1><p>Home: <code>{esc(home)}</code></p><h2>Lineage</h2><div id="lineage"></div>'
             '<h2>Adapters</h2><div id="adapters"></div>')
     return layout("registry", "Registry", body, token=token)
+
+
+LOOP_PAGES = {
+    "chat": ("Chat", '<h1>Chat: base and fine-tuned side by side</h1><div id="chat-setup"></div>'
+             '<form id="chat-form" autocomplete="off"><textarea id="prompt" rows="3" placeholder="Ask something"></textarea>'
+             '<p><button type="submit" id="send">Send to all</button> <span id="chat-message"></span></p></form>'
+             '<p id="sampling-shown"></p><div id="answers" class="answers"></div><div id="pair"></div>'
+             '<h2>Retrain from the ratings</h2><div id="retrain"></div>'),
+    "session": ("Rate prompts", '<h1>Rate the answers to a prompts file</h1><p>As <code>finetune feedback</code>: each '
+                'prompt without a row in the ratings file is answered, you rate it, the row is appended at once.</p>'
+                '<div id="session-setup"></div><div id="session-item"></div>'),
+    "export": ("Export & compare", '<h1>Export to GGUF</h1><div id="export-form"></div><div id="export-result"></div>'
+               '<h1>Compare with the base</h1><div id="compare-form"></div><div id="compare-result"></div>'),
+    "federated": ("Federated", '<h1>Federated rounds</h1><div id="federated"></div>'),
+    "scores": ("Scores", '<h1>Benchmark scoreboard</h1><p>From <code>finetune bench</code>: every version and the base, '
+               'with standard errors; <em>significant</em>: the difference to the base exceeds twice the combined '
+               'standard error.</p><div id="scoreboard"></div>'),
+}
+
+
+def loop_page(key: str, token: str = "") -> str:
+    """One of the feedback loop's pages (:data:`LOOP_PAGES`): a fixed frame that ``static/loop.js`` fills."""
+    title, body = LOOP_PAGES[key]
+    return layout(key, title, body, token=token)

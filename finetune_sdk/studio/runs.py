@@ -127,7 +127,7 @@ class RunsFolder:
                 "objective": start.get("objective"), "device": start.get("device"),
                 "precision": start.get("precision"), "estimated_memory": start.get("estimated_memory"),
                 "peak_memory": end.get("peak_memory"), "started": start.get("time") or launch.get("started"),
-                "can_stop": running, "can_resume": status in ("stopped", "interrupted") and bool(launch),
+                "can_stop": running, "can_resume": status in ("stopped", "interrupted") and bool(launch) and not launch.get("job"),
                 "from_studio": bool(launch), "error": error}
 
     def last_error(self, name: str) -> str | None:

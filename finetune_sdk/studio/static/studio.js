@@ -337,4 +337,4 @@ function drawLineage(box, data) {
 }
 
 const PAGES = {runs: runsPage, run: runPage, new: newRunPage, registry: registryPage};
-PAGES[document.body.dataset.page]();
+if (PAGES[document.body.dataset.page]) PAGES[document.body.dataset.page]();

@@ -1,0 +1,192 @@
+"""The studio's feedback-loop endpoints: chat, rate, retrain, export, compare, federated rounds, benchmark scores.
+
+Added to the app by :func:`add_loop_routes` (called from :func:`finetune_sdk.studio.app.create_app`); every one
+calls the SDK through :mod:`~finetune_sdk.studio.chat`, :mod:`~finetune_sdk.studio.rating`,
+:mod:`~finetune_sdk.studio.retrain` and :mod:`~finetune_sdk.studio.insights`. Model work (loading, generating,
+exporting, comparing) runs on the chat worker's thread; the event loop only waits for it.
+
+Example:
+    >>> add_loop_routes(app, folder=runs, root=Path.cwd(), home=home, confine=confine)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+
+from finetune_sdk.errors import ConfigError, FinetuneError
+from finetune_sdk.studio import insights, pages, rating, retrain
+from finetune_sdk.studio.chat import ChatWorker, Settings
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise FinetuneError("the request body must be a JSON object")
+    return body
+
+
+async def _on_worker(worker: ChatWorker, function: Any, *args: Any) -> Any:
+    return await asyncio.wrap_future(worker.run(function, *args))
+
+
+def models(root: Path, folder: Any, home: Path) -> dict[str, Any]:
+    """What the chat can load: base model folders under ``root``, registry versions, finished runs' results."""
+    from finetune_sdk.manifest import MANIFEST_NAME
+    from finetune_sdk.registry import Registry
+    from finetune_sdk.studio import forms
+
+    versions = []
+    if (home / "index.db").is_file():
+        registry = Registry(home)
+        for entry in registry.list():
+            versions += [{"ref": v.ref, "parent": v.parent, "formatter": (v.manifest or {}).get("formatter"),
+                          "objective": (v.manifest or {}).get("objective")} for v in registry.versions(entry["name"])]
+    results = [str(folder.path(n)) for n in folder.names() if (folder.path(n) / MANIFEST_NAME).is_file()]
+    return {"base": [str(root / m) for m in forms.model_folders(root)], "versions": versions, "results": results,
+            "quantizations": insights.quantizations(), "objectives": {k: v[2] for k, v in retrain.OBJECTIVES.items()}}
+
+
+def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: Any) -> ChatWorker:
+    """Add the pages and endpoints of the feedback loop to ``app``; returns the chat worker they share."""
+    worker = ChatWorker()
+    app.state.chat = worker
+
+    for key in ("chat", "session", "export", "federated", "scores"):
+        app.add_api_route(f"/{key}", _page(key), response_class=HTMLResponse, methods=["GET"])
+
+    def registry() -> Any:
+        from finetune_sdk.registry import Registry
+
+        return Registry(home)
+
+    @app.get("/api/models")
+    def list_models() -> dict[str, Any]:
+        return models(root, folder, home)
+
+    @app.post("/api/chat")
+    async def chat(request: Request) -> Any:
+        """Server-sent events (read with ``fetch``): each model's answer streamed token by token."""
+        body = await _body(request)
+        refs = body.get("models")
+        if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+            raise ConfigError("'models' must be a list of model references")
+        refs = [str(confine.check(r)) if Path(r).exists() else r for r in refs]  # a path: confined; a ref as is
+        events = worker.answer(refs, str(body.get("prompt") or ""), Settings.from_body(body),
+                               formatter=body.get("formatter") or None, rater=body.get("rater") or None)
+        return StreamingResponse((f"data: {json.dumps(e)}\n\n" for e in events), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @app.post("/api/rate")
+    async def rate(request: Request) -> dict[str, Any]:
+        body = await _body(request)
+        return await asyncio.to_thread(rating.rate, worker, confine, body)
+
+    @app.post("/api/session/next")
+    async def session_next(request: Request) -> dict[str, Any]:
+        body = await _body(request)
+        if isinstance(body.get("model"), str) and Path(body["model"]).exists():
+            body["model"] = str(confine.check(body["model"]))
+        return await _on_worker(worker, rating.next_in_session, worker, confine, body)
+
+    @app.post("/api/retrain/plan")
+    async def retrain_plan(request: Request) -> dict[str, Any]:
+        body = await _body(request)
+        return retrain.plan(confine.check(str(body.get("file") or "")), str(body.get("objective") or ""))
+
+    @app.post("/api/retrain")
+    async def retrain_start(request: Request) -> dict[str, Any]:
+        from finetune_sdk.loading import is_result
+        from finetune_sdk.registry.refs import validate_name
+        from finetune_sdk.studio import forms
+        from finetune_sdk.studio.runs import check_name
+
+        body = await _body(request)
+        objective = str(body.get("objective") or "")
+        data = confine.check(str(body.get("file") or ""))
+        summary = retrain.plan(data, objective)
+        if summary["error"]:
+            raise ConfigError(summary["error"])
+        rated = str(body.get("rated") or "")
+        if not rated:
+            raise ConfigError("pick the rated version: the new version is its next stage")
+        if Path(rated).exists():
+            rated = str(confine.check(rated))
+        in_registry = "@" in rated and is_result(rated)
+        publish_as = str(body.get("publish_as") or (rated.split("@")[0] if in_registry else ""))
+        if not publish_as:
+            raise ConfigError("name the adapter to publish the new version under")
+        validate_name(publish_as)
+        options = body.get("options") or {}
+        errors = forms.check_options(options) if isinstance(options, dict) else {"options": "must be an object"}
+        if errors:
+            raise ConfigError("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        name = check_name(str(body.get("name") or f"{publish_as}-{objective}-{len(folder.names()) + 1}"))
+        spec = {"rated": rated, "objective": objective, "data": str(data), "publish_as": publish_as,
+                "parent": in_registry, "registry": str(home), "output_dir": str(folder.path(name)),
+                "options": {k: v for k, v in options.items() if v not in (None, "")}}
+        return {**retrain.start(folder, name, spec, root), "plan": summary}
+
+    @app.post("/api/export")
+    async def export(request: Request) -> dict[str, Any]:
+        body = await _body(request)
+        quantization = str(body.get("quantization") or "q8_0")
+        if quantization not in insights.quantizations():
+            raise ConfigError(f"unknown quantization {quantization!r}; use one of "
+                              f"{', '.join(insights.quantizations())}")
+        out = confine.check(str(body.get("out") or ""))
+        return await _on_worker(worker, insights.export_gguf, str(body.get("ref") or ""), out, quantization,
+                                registry())
+
+    @app.post("/api/compare")
+    async def compare(request: Request) -> dict[str, Any]:
+        body = await _body(request)
+        data = confine.check(str(body.get("eval_data") or ""))
+        report_dir = confine.check(str(body["report_dir"])) if body.get("report_dir") else None
+        prompts = [p for p in str(body.get("prompts") or "").splitlines() if p.strip()]
+        ref = str(body.get("ref") or "")
+        ref = str(confine.check(ref)) if Path(ref).exists() else ref
+        report = await _on_worker(worker, insights.compare, ref, data, prompts, report_dir)
+        return {key: report.get(key) for key in ("task", "base", "tuned", "generations", "files", "model")}
+
+    @app.get("/api/compare/plot.svg")
+    def compare_plot(dir: str) -> Response:  # noqa: A002  (the query parameter's name)
+        path = confine.check(dir) / "comparison.json"
+        if not path.is_file():
+            raise ConfigError(f"no comparison report in {dir}: run compare with a report folder first")
+        svg = insights.loss_chart(json.loads(path.read_text()))
+        return Response(svg, media_type="image/svg+xml",
+                        headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+
+    @app.get("/api/federated")
+    def federated() -> list[dict[str, Any]]:
+        return insights.federated_results(registry(), folder.folder) if (home / "index.db").is_file() else \
+            insights.federated_results(_NoRegistry(), folder.folder)
+
+    @app.get("/api/scores")
+    def scores() -> list[dict[str, Any]]:
+        return insights.scoreboard(registry()) if (home / "index.db").is_file() else []
+
+    return worker
+
+
+class _NoRegistry:
+    """No registry yet (nothing was published): no versions, and none is created by looking."""
+
+    def list(self) -> list[dict[str, Any]]:
+        return []
+
+
+def _page(key: str) -> Any:
+    def render(request: Request) -> str:
+        return pages.loop_page(key, request.app.state.token)
+
+    return render

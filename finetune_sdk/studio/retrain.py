@@ -1,0 +1,197 @@
+"""Retrain from the ratings in one step: the next stage of the rated version, trained and published by the SDK.
+
+:func:`plan` counts the ratings file and says what the run will learn from, with warnings (too few rows, KTO's
+desirable/undesirable imbalance from :func:`finetune_sdk.kto.check_label_balance`, ties and both-bad pairs the
+preference formatter skips), before anything starts. :func:`start` then launches ``python -m
+finetune_sdk.studio.retrain SPEC`` as a process of its own (like a run started from the form: it outlives the page
+and the server, and its events are in ``<runs>/<name>.run/``). The process (:func:`run_job`):
+
+1. The starting point is the rated version: a result or registry version is folded into its base with
+   :func:`finetune_sdk.merge` (``<runs>/<name>.start``), so the new adapter trains on top of what was rated and the
+   KTO/DPO reference is the rated policy; a base model is used as it is.
+2. ``Trainer(start, technique="lora", formatter=...).fit(ratings)``: ``kto`` on thumbs, ``preference`` (DPO, or the
+   ``preference_loss`` chosen) on pairs, ``chatml`` on edited answers; for ``reward-grpo`` a ``reward-model`` run on
+   the pairs first (``<runs>/<name>-reward``), then GRPO on the pairs' prompts scored by it.
+3. The result is published to the registry under the rated version's name (or the name given) with the rated version
+   as its parent: the lineage shows ``rated -> new``, and the chat lists the new version.
+
+Example:
+    >>> plan(Path("thumbs.jsonl"), "kto")["counts"]  # doctest: +SKIP
+    {'rows': 6, 'desirable': 4, 'undesirable': 2}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune_sdk.errors import ConfigError
+
+#: Objective -> (the ratings rows it reads, the formatter, what it trains).
+OBJECTIVES: dict[str, tuple[str, str, str]] = {
+    "kto": ("thumbs", "kto", "KTO on thumbs up/down"),
+    "dpo": ("pairs", "preference", "DPO (or the preference_loss chosen) on A/B pairs"),
+    "reward-grpo": ("pairs", "preference", "a reward model on the pairs, then GRPO scored by it"),
+    "sft": ("edits", "chatml", "SFT on the edited answers"),
+}
+#: Below this many usable rows the plan warns that the run will move the model little.
+FEW_ROWS = 16
+SPEC = "retrain.json"
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    from finetune_sdk.rating_record import select_ratings
+
+    return select_ratings(path) if path.is_file() else []
+
+
+def plan(path: Path, objective: str) -> dict[str, Any]:
+    """What a retrain on ``path`` would learn from: ``counts``, ``warnings`` (one line each) and ``error`` (a line
+    when nothing can be trained: no file, no usable row); reads the file only."""
+    from finetune_sdk.ratings_file import KTO_ROWS, PREFERENCE_ROWS, SFT_ROWS
+
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+    kind, formatter, what = OBJECTIVES[objective]
+    shape = {"thumbs": KTO_ROWS, "pairs": PREFERENCE_ROWS, "edits": SFT_ROWS}[kind]
+    rows = [r for r in _rows(path) if shape.matches(r)]
+    warnings: list[str] = []
+    if kind == "thumbs":
+        up = sum(1 for r in rows if r["label"])
+        counts = {"rows": len(rows), "desirable": up, "undesirable": len(rows) - up}
+        warnings += _balance_warnings(rows, str(path))
+        if rows and (not up or up == len(rows)):
+            warnings.append(f"all {len(rows)} ratings are thumbs {'up' if up else 'down'}: KTO learns most from "
+                            "both kinds; rate some answers the other way")
+        usable = len(rows)
+    elif kind == "pairs":
+        unranked = sum(1 for r in rows if "preference" in r)
+        counts = {"rows": len(rows), "ranked": len(rows) - unranked, "tie_or_both_bad": unranked}
+        if unranked:
+            warnings.append(f"{unranked} tie/both-bad pair{'s' * (unranked > 1)} recorded, not trained on")
+        usable = len(rows) - unranked
+    else:
+        counts = {"rows": len(rows)}
+        usable = len(rows)
+    if 0 < usable < FEW_ROWS:
+        warnings.append(f"only {usable} usable rating{'s' * (usable > 1)}: a run on fewer than {FEW_ROWS} moves the "
+                        "model little; rate more answers for a clearer change")
+    error = None if usable else f"{path.name} has no {kind} ratings to train {objective} on: rate some answers first"
+    return {"objective": objective, "formatter": formatter, "trains": what, "file": str(path), "counts": counts,
+            "warnings": warnings, "error": error}
+
+
+def _balance_warnings(rows: list[dict[str, Any]], source: str) -> list[str]:
+    """KTO's own imbalance warning (:func:`finetune_sdk.kto.check_label_balance`, default weights), as text."""
+    from finetune_sdk.kto import check_label_balance
+
+    caught: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            caught.append(record.getMessage())
+
+    logger = logging.getLogger("finetune_sdk")
+    handler = Catch(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        check_label_balance([{"desirable": r["label"]} for r in rows], 1.0, 1.0, source)
+    finally:
+        logger.removeHandler(handler)
+    return caught
+
+
+def start(runs: Any, name: str, spec: dict[str, Any], cwd: Path) -> dict[str, Any]:
+    """Launch the retrain job ``spec`` as run ``name`` of the RunsFolder ``runs`` (a process of its own)."""
+    from finetune_sdk.fsutil import atomic_path
+    from finetune_sdk.run_events import run_area
+    from finetune_sdk.studio.runs import LAUNCH, OUTPUT
+
+    out = runs.path(name)
+    area = run_area(out)
+    if area.exists() or out.exists():
+        raise ConfigError(f"a run named {name!r} exists in {runs.folder}: pick another name")
+    area.mkdir(parents=True)
+    with atomic_path(area / SPEC) as tmp:
+        Path(tmp).write_text(json.dumps(spec, indent=1))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(area / OUTPUT, "ab") as output:
+        child = subprocess.Popen([sys.executable, "-m", "finetune_sdk.studio.retrain", str(area / SPEC)], cwd=cwd,
+                                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
+    runs.children[name] = child
+    record = {"pid": child.pid, "args": [], "job": "retrain", "started": time.time(), "model": spec["rated"]}
+    with atomic_path(area / LAUNCH) as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=1))
+    return runs.summary(name)
+
+
+def starting_point(spec: dict[str, Any], out: Path) -> str:
+    """The model the new stage trains: the rated result merged into its base, or the base model as it is."""
+    from finetune_sdk.loading import is_result
+
+    rated = spec["rated"]
+    if not is_result(rated):
+        return rated
+    import finetune_sdk
+
+    folder = out.parent / f"{out.name}.start"
+    finetune_sdk.merge(rated, folder)
+    return str(folder)
+
+
+def run_job(spec: dict[str, Any]) -> Any:
+    """Train and publish the next stage (the body of the job process); returns the published version."""
+    from finetune_sdk.data import load_rows
+    from finetune_sdk.fsutil import write_text_atomic
+    from finetune_sdk.log import quiet_third_party_output
+    from finetune_sdk.registry import Registry
+    from finetune_sdk.trainer import Trainer
+
+    quiet_third_party_output()
+    out, objective, options = Path(spec["output_dir"]), spec["objective"], dict(spec.get("options") or {})
+    registry = Registry(spec["registry"])
+    start_model = starting_point(spec, out)
+    data = spec["data"]
+    if objective == "reward-grpo":
+        reward = Trainer(start_model, technique="reward-model", formatter="preference",
+                         output_dir=out.parent / f"{out.name}-reward", progress=False,
+                         **{k: v for k, v in options.items() if k in ("max_steps", "learning_rate", "seed")})
+        reward.fit(data)
+        prompts = out.parent / f"{out.name}.prompts.jsonl"
+        seen = dict.fromkeys(r["prompt"] for r in load_rows(data, name="pairs").rows)
+        write_text_atomic(prompts, "".join(json.dumps({"prompt": p}) + "\n" for p in seen))
+        trainer = Trainer(start_model, technique="lora", output_dir=out, progress=False,
+                          reward_model=str(reward.output_dir), **options)
+        result = trainer.fit(str(prompts))
+    else:
+        trainer = Trainer(start_model, technique="lora", formatter=OBJECTIVES[objective][1], output_dir=out,
+                          progress=False, **options)
+        result = trainer.fit(data)
+    parent = registry.resolve(spec["rated"]).ref if spec.get("parent") else None
+    version = result.publish(spec["publish_as"], registry=registry, parent=parent,
+                             description=f"studio: {OBJECTIVES[objective][2]} from {Path(data).name}")
+    print(f"published {version.ref}" + (f" (parent {parent})" if parent else ""), flush=True)
+    return version
+
+
+def main(argv: list[str]) -> int:
+    """``python -m finetune_sdk.studio.retrain SPEC``: one line on a bad spec or a failed run, exit code 2."""
+    from finetune_sdk.errors import FinetuneError
+
+    try:
+        run_job(json.loads(Path(argv[0]).read_text()))
+    except FinetuneError as exc:
+        print(f"Error: {exc}", flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
