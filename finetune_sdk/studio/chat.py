@@ -12,7 +12,10 @@ thumbs rating given here is the row the terminal would write.
 Generation runs on one worker thread (:class:`ChatWorker`): torch uses the cores for one model at a time, and the
 web server's event loop never waits for it. Tokens reach the page as they are decoded, through a
 ``transformers.TextIteratorStreamer`` handed to ``generate``; the finished answer (what is rated) is the text
-``generate`` returns.
+``generate`` returns. Each event carries the text as the model wrote it (``text``/``answer``: what a rating
+records) and as the page shows it (``shown``: control characters, escape sequences and bidi overrides written as
+visible escapes by :func:`finetune_sdk.screen_text.escape_controls`); the page sets it with ``textContent``, so
+HTML or script in an answer is text.
 
 Example:
     >>> worker = ChatWorker()  # doctest: +SKIP
@@ -31,6 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from finetune_sdk.errors import ConfigError, FinetuneError
+from finetune_sdk.screen_text import escape_controls
 
 #: The most answers kept for rating (oldest forgotten first).
 KEPT_ANSWERS = 2000
@@ -153,12 +157,13 @@ class ChatWorker:
         thread.start()
         for piece in streamer:
             if piece:
-                events.put({"event": "token", "column": column, "text": piece})
+                events.put({"event": "token", "column": column, "text": piece, "shown": escape_controls(piece)})
         thread.join()
         if "error" in result:
             raise result["error"]
         answer = self.remember(ref, prompt, result["text"], record)
-        events.put({"event": "done", "column": column, "model": ref, "answer": answer.text, "id": answer.id})
+        events.put({"event": "done", "column": column, "model": ref, "answer": answer.text,
+                    "shown": escape_controls(answer.text), "id": answer.id})
 
     def remember(self, ref: str, prompt: str, text: str, record: dict[str, Any]) -> Answer:
         """Keep an answer for rating; returns it with its new id."""

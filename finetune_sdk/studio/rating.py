@@ -121,6 +121,7 @@ def next_in_session(worker: Any, confine: Any, body: dict[str, Any]) -> dict[str
     from finetune_sdk.feedback import (MODES, PAIRWISE, _check_options, answer_settings, pending_listings,
                                        prompt_seed, read_prompts, record_fields, sample_answers)
     from finetune_sdk.rating_record import check_rater
+    from finetune_sdk.screen_text import escape_controls
     from finetune_sdk.studio.chat import Settings
 
     mode = body.get("mode") or "thumbs"
@@ -149,5 +150,5 @@ def next_in_session(worker: Any, confine: Any, body: dict[str, Any]) -> dict[str
                            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
     answers = [worker.remember(ref, prompt, text, record) for text in texts]
     return {"done": False, "prompt": prompt, "occurrence": occurrence, "pending": len(pending),
-            "total": len(prompts), "answers": [{"id": a.id, "text": a.text} for a in answers],
+            "total": len(prompts), "answers": [{"id": a.id, "text": a.text, "shown": escape_controls(a.text)} for a in answers],
             "sampling": record["sampling"], "same": count == 2 and texts[0] == texts[1]}

@@ -105,9 +105,9 @@ async function send(event) {
         box = answerBox(e.column, e.model); answers.append(box);
         document.getElementById("sampling-shown").textContent = "Same sampling for all: " + JSON.stringify(e.sampling);
         box.querySelector("h3").textContent = `${e.model} (${e.formatter || "no formatter"})`;
-      } else if (e.event === "token") { box.querySelector(".text").textContent += e.text; }
+      } else if (e.event === "token") { box.querySelector(".text").textContent += e.shown; }
       else if (e.event === "done") {
-        box.querySelector(".text").textContent = e.answer; box.dataset.done = "1";
+        box.querySelector(".text").textContent = e.shown; box.dataset.done = "1";
         ANSWERS[e.column] = {id: e.id, text: e.answer, model: e.model}; addTools(box, ANSWERS[e.column]); drawPair();
       } else if (e.event === "error") {
         if (!box) { box = answerBox(e.column, e.model); answers.append(box); }
@@ -191,7 +191,7 @@ async function nextItem() {
   if (!r.ok) { box.append(el("p", {class: "error"}, r.data.error)); return; }
   if (r.data.done) { box.append(el("p", {id: "session-done"}, `every one of the ${r.data.total} prompts is rated`)); return; }
   box.append(el("p", {class: "progress"}, `${r.data.pending} of ${r.data.total} prompts to rate`), el("h3", {class: "prompt"}, r.data.prompt));
-  r.data.answers.forEach((a, i) => box.append(el("h4", {}, `answer ${i + 1}`), el("pre", {class: "text"}, a.text)));
+  r.data.answers.forEach((a, i) => box.append(el("h4", {}, `answer ${i + 1}`), el("pre", {class: "text"}, a.shown)));
   const ids = r.data.answers.map(a => a.id), message = el("div", {class: "rated"});
   const act = (kind, chosen, value) => async () => {
     const ok = await api("POST", "/api/rate", {kind, answers: chosen, value, out: kind === "edit" ? val("sft-file") : val("out-file")});
