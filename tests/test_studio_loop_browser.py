@@ -66,14 +66,15 @@ def _session(page, prompts, mode, out, choices, shot=None):
     page.fill("#rater", "ana")
     page.click("#session-start")
     for choice in choices:
-        page.wait_for_selector("#session-item h3.prompt")
+        page.wait_for_selector("#session-item h3.prompt, #session-item .error")
+        assert page.locator("#session-item .error").count() == 0, page.text_content("#session-item")
         if shot:
             page.screenshot(path=str(SHOTS / shot), full_page=True)
             shot = None
-        shown = page.text_content("#session-item h3.prompt")
+        item = page.get_attribute("#session-item", "data-item")
         page.click(f"#session-item button.{choice}")
-        wait(lambda: page.locator("#session-item h3.prompt").count() == 0 or
-             page.text_content("#session-item h3.prompt") != shown or page.locator("#session-done").count())
+        wait(lambda: page.get_attribute("#session-item", "data-item") not in (item, "") or
+             page.locator("#session-done").count(), timeout=60)
     page.wait_for_selector("#session-done")
 
 
@@ -121,7 +122,7 @@ def test_the_loop_in_a_browser(tiny_version, monkeypatch):
 
             # -- chat: base and tiny-bot@1 side by side, rated in the page -------------------------------------
             page.goto(base + "/chat")
-            page.wait_for_selector("#model-choice")
+            page.wait_for_selector("#model-choice", state="attached")
             for box in page.locator("input.model").all():
                 box.set_checked(box.get_attribute("value") in (str(root / "model"), "tiny-bot@1"))
             page.fill("#max_new_tokens", "8")
@@ -130,7 +131,7 @@ def test_the_loop_in_a_browser(tiny_version, monkeypatch):
             page.click("#send")
             page.wait_for_selector('.answer[data-column="1"][data-done="1"]', timeout=60_000)
             assert page.locator(".answer").count() == 2
-            assert '"temperature": 0.8' in page.text_content("#sampling-shown")
+            assert "temperature=0.8, max_new_tokens=8" in page.text_content("#sampling-shown")
             page.locator('.answer[data-column="1"] button.thumb-up').click()
             page.wait_for_selector('.answer[data-column="1"][data-rated="up"]')
             page.click("#pair button.a-better")
@@ -164,7 +165,7 @@ def test_the_loop_in_a_browser(tiny_version, monkeypatch):
             page.wait_for_selector('.answer[data-column="1"][data-done="1"]', timeout=60_000)
             assert page.text_content('.answer[data-column="1"] h3').startswith("tiny-bot@2")
 
-            lineage = browser.new_page()
+            lineage = page.context.new_page()
             lineage.goto(base + "/registry")
             lineage.wait_for_selector('svg.lineage line[data-edge="tiny-bot@1->tiny-bot@2"]', state="attached")
             lineage.goto(base + "/scores")
@@ -196,7 +197,7 @@ def test_the_loop_in_a_browser(tiny_version, monkeypatch):
             # -- two pages rating at once lose no row ----------------------------------------------------------
             before = len(_rows(root / "chat-two.jsonl")) if (root / "chat-two.jsonl").exists() else 0
             lineage.goto(base + "/chat")
-            lineage.wait_for_selector("#model-choice")
+            lineage.wait_for_selector("#model-choice", state="attached")
             lineage.fill("#prompt", "Hi")
             lineage.fill("#max_new_tokens", "4")
             lineage.click("#send")
@@ -272,7 +273,7 @@ def test_model_output_is_shown_as_text_only(tmp_path, monkeypatch):
             page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
             page.goto(f"http://127.0.0.1:{port}/?token={'t' * 20}")
             page.goto(f"http://127.0.0.1:{port}/chat")
-            page.wait_for_selector("#model-choice")
+            page.wait_for_selector("#model-choice", state="attached")
             page.evaluate("""() => { const c = document.createElement("input"); c.type = "checkbox";
                 c.className = "model"; c.value = "hostile"; c.checked = true;
                 document.querySelectorAll("input.model").forEach(x => x.checked = false);

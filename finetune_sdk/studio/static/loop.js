@@ -103,7 +103,7 @@ async function send(event) {
       let box = answers.querySelector(`.answer[data-column="${e.column}"]`);
       if (e.event === "start") {
         box = answerBox(e.column, e.model); answers.append(box);
-        document.getElementById("sampling-shown").textContent = "Same sampling for all: " + JSON.stringify(e.sampling);
+        document.getElementById("sampling-shown").textContent = "Same sampling for all: " + Object.entries(e.sampling).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(", ");
         box.querySelector("h3").textContent = `${e.model} (${e.formatter || "no formatter"})`;
       } else if (e.event === "token") { box.querySelector(".text").textContent += e.shown; }
       else if (e.event === "done") {
@@ -185,7 +185,7 @@ function sessionBody() {
     sft_out: val("sft-file") || null, formatter: val("session-formatter") || null, settings: settings(), rater: val("rater") || null};
 }
 async function nextItem() {
-  const box = document.getElementById("session-item"); say(box, "answering…");
+  const box = document.getElementById("session-item"); say(box, "answering…"); box.dataset.item = "";
   const r = await api("POST", "/api/session/next", sessionBody());
   box.replaceChildren(); box.className = "";
   if (!r.ok) { box.append(el("p", {class: "error"}, r.data.error)); return; }
@@ -193,6 +193,7 @@ async function nextItem() {
   box.append(el("p", {class: "progress"}, `${r.data.pending} of ${r.data.total} prompts to rate`), el("h3", {class: "prompt"}, r.data.prompt));
   r.data.answers.forEach((a, i) => box.append(el("h4", {}, `answer ${i + 1}`), el("pre", {class: "text"}, a.shown)));
   const ids = r.data.answers.map(a => a.id), message = el("div", {class: "rated"});
+  box.dataset.item = ids.join(",");
   const act = (kind, chosen, value) => async () => {
     const ok = await api("POST", "/api/rate", {kind, answers: chosen, value, out: kind === "edit" ? val("sft-file") : val("out-file")});
     if (!ok.ok) { say(message, ok.data.error, true); return; } nextItem();
