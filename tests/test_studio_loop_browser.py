@@ -48,7 +48,7 @@ def tiny_version(tmp_path_factory):
     (root / "pair-prompts.txt").write_text("\n".join(PAIR_PROMPTS) + "\n")
     registry = Registry(home)
     Trainer(str(root / "model"), technique="lora", formatter="chatml", output_dir=root / "runs" / "v1",
-            publish_as="tiny-bot", registry=registry, progress=False, max_steps=2, learning_rate=0.01, r=2).fit(ROWS)
+            publish_as="tiny-bot", registry=registry, progress=False, max_steps=4, logging_steps=1, learning_rate=0.01, r=2).fit(ROWS)
     row = {"task": "arc_easy", "task_version": 1, "num_fewshot": 0, "limit": 20, "metric": "acc", "filter": "none",
            "lm_eval_version": "test", "seed": 0, "date": "2026-12-07T00:00:00Z"}
     store(registry, "tiny-bot@1", [{**row, "value": 0.35, "stderr": 0.107}])
@@ -98,7 +98,8 @@ def test_the_loop_in_a_browser(tiny_version, monkeypatch):
     with playwright_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            context = browser.new_context(viewport={"width": 1280, "height": 1000})
+            page = context.new_page()
             page.goto(url)
             # -- a ratings session: 4 thumbs, 2 A/B, by clicking; the rows are finetune feedback's -------------
             page.goto(base + "/session")
@@ -165,7 +166,7 @@ def test_the_loop_in_a_browser(tiny_version, monkeypatch):
             page.wait_for_selector('.answer[data-column="1"][data-done="1"]', timeout=60_000)
             assert page.text_content('.answer[data-column="1"] h3').startswith("tiny-bot@2")
 
-            lineage = page.context.new_page()
+            lineage = context.new_page()
             lineage.goto(base + "/registry")
             lineage.wait_for_selector('svg.lineage line[data-edge="tiny-bot@1->tiny-bot@2"]', state="attached")
             lineage.goto(base + "/scores")

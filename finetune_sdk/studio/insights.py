@@ -73,7 +73,11 @@ def loss_chart(report: dict[str, Any]) -> str:
     """The report's loss chart (SVG text, numbers and fixed labels only: :func:`finetune_sdk.report.loss_chart_svg`)."""
     from finetune_sdk.report import loss_chart_svg
 
-    return loss_chart_svg(report.get("log_history") or [])
+    svg = loss_chart_svg(report.get("log_history") or [])
+    if not svg:
+        svg = ('<svg width="480" height="40"><text x="8" y="24" font-family="sans-serif" font-size="13">no training '
+               'loss was logged for this result</text></svg>')
+    return svg.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1)  # a file of its own needs it
 
 
 def _adapter_bytes(folder: Path | None) -> int | None:
