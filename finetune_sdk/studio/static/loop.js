@@ -34,15 +34,18 @@ function ratingFiles(box) {
   box.append(el("br"), labelled("thumbs file", input("thumbs-file", "thumbs.jsonl")),
     labelled("pairs file", input("pairs-file", "pairs.jsonl")), labelled("edits file", input("edits-file", "edits.jsonl")));
 }
-function drawModelChoice(box) {
-  box.replaceChildren();
-  const list = el("div", {id: "model-choice"});
+function drawModelList() {
+  const list = document.getElementById("model-choice"), checked = new Set([...list.querySelectorAll("input.model:checked")].map(c => c.value));
+  list.replaceChildren();
   modelRefs().forEach((m, i) => {
-    const c = el("input", {type: "checkbox", class: "model", value: m}); if (i === 0 || i === modelRefs().length - 1) c.checked = true;
+    const c = el("input", {type: "checkbox", class: "model", value: m});
+    c.checked = checked.size ? checked.has(m) : (i === 0 || i === modelRefs().length - 1);
     list.append(labelled(m, c));
   });
-  box.append(list, labelled("formatter for base models", input("base-formatter", "chatml")), el("br"));
-  settingsFields(box); ratingFiles(box);
+}
+function drawModelChoice(box) {
+  box.replaceChildren(el("div", {id: "model-choice"}), labelled("formatter for base models", input("base-formatter", "chatml")), el("br"));
+  drawModelList(); settingsFields(box); ratingFiles(box);
 }
 async function rate(kind, answers, value, message) {
   const out = {thumbs: val("thumbs-file"), pair: val("pairs-file"), edit: val("edits-file")}[kind];
@@ -57,7 +60,7 @@ function answerBox(column, model) {
 }
 function addTools(box, answer) {
   const tools = box.querySelector(".tools"), rated = box.querySelector(".rated");
-  const up = el("button", {class: "thumb-up"}, "👍"), down = el("button", {class: "thumb-down"}, "👎");
+  const up = el("button", {class: "thumb-up"}, "Thumbs up"), down = el("button", {class: "thumb-down"}, "Thumbs down");
   const edit = el("button", {class: "edit"}, "Edit");
   up.onclick = async () => { if (await rate("thumbs", [answer.id], true, rated)) box.dataset.rated = "up"; };
   down.onclick = async () => { if (await rate("thumbs", [answer.id], false, rated)) box.dataset.rated = "down"; };
@@ -132,7 +135,7 @@ function drawRetrain(box) {
     const options = {max_steps: num("retrain-max-steps"), learning_rate: val("retrain-lr") || null};
     const r = await api("POST", "/api/retrain", {objective: val("objective"), file: file(), rated: val("rated"), publish_as: val("publish-as"), options});
     if (!r.ok) { say(message, r.data.error, true); return; }
-    showPlan(out, {ok: true, data: r.data.plan}); say(message, `run ${r.data.name}: ${r.data.status}`); watchRetrain(r.data.name, message);
+    showPlan(out, {ok: true, data: r.data.plan}); say(message, `run ${r.data.name}: ${r.data.status}`); watchRetrain(r.data.name, val("rated"), message);
   };
   box.append(check, " ", go, out, message);
 }
@@ -143,7 +146,7 @@ function showPlan(box, r) {
   r.data.warnings.forEach(w => box.append(el("p", {class: "warning"}, w)));
   if (r.data.error) box.append(el("p", {class: "error"}, r.data.error));
 }
-async function watchRetrain(name, message) {
+async function watchRetrain(name, rated, message) {
   const before = new Set(MODELS.versions.map(v => v.ref));
   for (;;) {
     const r = await api("GET", `/api/runs/${encodeURIComponent(name)}`);
@@ -152,10 +155,11 @@ async function watchRetrain(name, message) {
       await loadModels();
       const fresh = MODELS.versions.filter(v => !before.has(v.ref)).map(v => v.ref);
       if (fresh.length) {
-        drawModelChoice(document.getElementById("chat-setup")); drawRetrain(document.getElementById("retrain"));
-        const m = document.getElementById("retrain-message");
-        say(m, `run ${name} finished; new version ${fresh.join(", ")} (parent ${val("rated")}), now in the chat`);
-        m.dataset.version = fresh.join(","); return;
+        drawModelList();
+        const select = document.getElementById("rated"), keep = select.value;
+        select.replaceChildren(...modelRefs().map(m => { const o = el("option", {value: m}, m); o.selected = m === keep; return o; }));
+        say(message, `run ${name} finished; new version ${fresh.join(", ")} (parent ${rated}), now in the chat`);
+        message.dataset.version = fresh.join(","); return;
       }
     } else if (r.ok) say(message, `run ${name}: ${r.data.status}, step ${r.data.step}`);
     await new Promise(ok => setTimeout(ok, 1000));
@@ -199,7 +203,7 @@ async function nextItem() {
     if (!ok.ok) { say(message, ok.data.error, true); return; } nextItem();
   };
   const buttons = val("mode") === "thumbs"
-    ? [["👍", "thumb-up", act("thumbs", ids, true)], ["👎", "thumb-down", act("thumbs", ids, false)]]
+    ? [["Thumbs up", "thumb-up", act("thumbs", ids, true)], ["Thumbs down", "thumb-down", act("thumbs", ids, false)]]
     : [["1 is better", "a-better", act("pair", ids, 0)], ["2 is better", "b-better", act("pair", ids, 1)],
        ["Tie", "tie", act("pair", ids, "tie")], ["Both bad", "both-bad", act("pair", ids, "both_bad")]];
   buttons.forEach(([label, cls, fn]) => { const b = el("button", {class: cls}, label); b.onclick = fn; box.append(b, " "); });
