@@ -167,3 +167,32 @@ def test_loop_pages_need_the_token_and_escape_nothing_from_models(client):
         assert client.get(path, headers=H).status_code == 200, path
     assert client.post("/api/chat", json={}).status_code == 401
     assert client.get("/api/scores", headers=H).json() == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dpo", "sft", "reward-grpo"])
+def test_retrain_job_trains_and_publishes_each_objective(work, tmp_path, objective):
+    """The job behind Retrain, in process, from a base model: the run's objective and a published version (no
+    parent: a base model is not a registry version). KTO from a registry version, merged first and published as
+    its child, is the browser test's."""
+    from finetune_sdk.registry import Registry
+    from finetune_sdk.studio.retrain import OBJECTIVES, run_job
+
+    if OBJECTIVES[objective][0] == "pairs":
+        rows = [{"prompt": f"What is {a} plus 1?", "chosen": f"{a + 1}.", "rejected": "I do not know."}
+                for a in range(4)]
+    else:
+        rows = [{"prompt": f"What is {a} plus 1?", "completion": f"{a} plus 1 is {a + 1}."} for a in range(4)]
+    data = tmp_path / "ratings.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = {"max_steps": 1}
+    if objective == "reward-grpo":
+        options.update(num_generations=2, max_completion_length=4, per_device_train_batch_size=2)
+    version = run_job({"rated": str(work / "model"), "objective": objective, "data": str(data), "publish_as": "bot",
+                       "parent": False, "registry": str(tmp_path / "registry"), "output_dir": str(tmp_path / "run"),
+                       "options": options})
+    manifest = Registry(tmp_path / "registry").resolve(version.ref).manifest
+    assert version.parent is None
+    assert manifest["objective"] == {"dpo": "dpo", "sft": "sft", "reward-grpo": "grpo"}[objective]
+    if objective == "reward-grpo":
+        assert (tmp_path / "run-reward" / "finetune_manifest.json").is_file()

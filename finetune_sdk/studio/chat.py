@@ -38,6 +38,8 @@ from finetune_sdk.screen_text import escape_controls
 
 #: The most answers kept for rating (oldest forgotten first).
 KEPT_ANSWERS = 2000
+#: The most models kept loaded (the least recently used is let go first).
+KEPT_MODELS = 4
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,10 @@ class ChatWorker:
         if key not in self.models:
             from finetune_sdk.feedback import _open_model
 
+            while len(self.models) >= KEPT_MODELS:
+                self.models.pop(next(iter(self.models)))
             self.models[key] = _open_model(ref, formatter, self.trust_remote_code)
+        self.models[key] = self.models.pop(key)  # the most recently used last
         return self.models[key]
 
     def run(self, function: Any, *args: Any) -> Any:

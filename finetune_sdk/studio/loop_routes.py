@@ -63,6 +63,13 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
     for key in ("chat", "session", "export", "federated", "scores"):
         app.add_api_route(f"/{key}", _page(key), response_class=HTMLResponse, methods=["GET"])
 
+    def model_ref(given: Any) -> str:
+        """A model the page names: a path (under the studio's folders) resolved, a reference or Hub id as is."""
+        text = str(given or "")
+        if text and (Path(text).is_absolute() or (root / text).exists()):
+            return str(confine.check(text))
+        return text
+
     def registry() -> Any:
         from finetune_sdk.registry import Registry
 
@@ -79,7 +86,7 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
         refs = body.get("models")
         if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
             raise ConfigError("'models' must be a list of model references")
-        refs = [str(confine.check(r)) if Path(r).exists() else r for r in refs]  # a path: confined; a ref as is
+        refs = [model_ref(r) for r in refs]
         events = worker.answer(refs, str(body.get("prompt") or ""), Settings.from_body(body),
                                formatter=body.get("formatter") or None, rater=body.get("rater") or None)
         return StreamingResponse((f"data: {json.dumps(e)}\n\n" for e in events), media_type="text/event-stream",
@@ -93,8 +100,7 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
     @app.post("/api/session/next")
     async def session_next(request: Request) -> dict[str, Any]:
         body = await _body(request)
-        if isinstance(body.get("model"), str) and Path(body["model"]).exists():
-            body["model"] = str(confine.check(body["model"]))
+        body["model"] = model_ref(body.get("model"))
         return await _on_worker(worker, rating.next_in_session, worker, confine, body)
 
     @app.post("/api/retrain/plan")
@@ -115,12 +121,10 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
         summary = retrain.plan(data, objective)
         if summary["error"]:
             raise ConfigError(summary["error"])
-        rated = str(body.get("rated") or "")
+        rated = model_ref(body.get("rated"))
         if not rated:
             raise ConfigError("pick the rated version: the new version is its next stage")
-        if Path(rated).exists():
-            rated = str(confine.check(rated))
-        in_registry = "@" in rated and is_result(rated)
+        in_registry = not Path(rated).exists() and is_result(rated)
         publish_as = str(body.get("publish_as") or (rated.split("@")[0] if in_registry else ""))
         if not publish_as:
             raise ConfigError("name the adapter to publish the new version under")
@@ -129,7 +133,7 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
         errors = forms.check_options(options) if isinstance(options, dict) else {"options": "must be an object"}
         if errors:
             raise ConfigError("; ".join(f"{k}: {v}" for k, v in errors.items()))
-        name = check_name(str(body.get("name") or f"{publish_as}-{objective}-{len(folder.names()) + 1}"))
+        name = check_name(str(body.get("name") or _free_name(folder, f"{publish_as}-{objective}")))
         spec = {"rated": rated, "objective": objective, "data": str(data), "publish_as": publish_as,
                 "parent": in_registry, "registry": str(home), "output_dir": str(folder.path(name)),
                 "options": {k: v for k, v in options.items() if v not in (None, "")}}
@@ -143,7 +147,7 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
             raise ConfigError(f"unknown quantization {quantization!r}; use one of "
                               f"{', '.join(insights.quantizations())}")
         out = confine.check(str(body.get("out") or ""))
-        return await _on_worker(worker, insights.export_gguf, str(body.get("ref") or ""), out, quantization,
+        return await _on_worker(worker, insights.export_gguf, model_ref(body.get("ref")), out, quantization,
                                 registry())
 
     @app.post("/api/compare")
@@ -152,8 +156,7 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
         data = confine.check(str(body.get("eval_data") or ""))
         report_dir = confine.check(str(body["report_dir"])) if body.get("report_dir") else None
         prompts = [p for p in str(body.get("prompts") or "").splitlines() if p.strip()]
-        ref = str(body.get("ref") or "")
-        ref = str(confine.check(ref)) if Path(ref).exists() else ref
+        ref = model_ref(body.get("ref"))
         report = await _on_worker(worker, insights.compare, ref, data, prompts, report_dir)
         return {key: report.get(key) for key in ("task", "base", "tuned", "generations", "files", "model")}
 
@@ -176,6 +179,14 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
         return insights.scoreboard(registry()) if (home / "index.db").is_file() else []
 
     return worker
+
+
+def _free_name(folder: Any, stem: str) -> str:
+    """``stem-N``, the first N from 1 whose run name and result folder are both free."""
+    number = 1
+    while folder.path(f"{stem}-{number}").exists() or folder.path(f"{stem}-{number}.run").exists():
+        number += 1
+    return f"{stem}-{number}"
 
 
 class _NoRegistry:
