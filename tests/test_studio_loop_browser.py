@@ -155,7 +155,8 @@ def test_the_loop_in_a_browser(tiny_version, monkeypatch):
             assert "2 desirable, 2 undesirable" in page.text_content("#retrain-plan .counts")
             assert "only 4 usable ratings" in page.text_content("#retrain-plan")
             page.click("#retrain-button")
-            wait(lambda: page.get_attribute("#retrain-message", "data-version"), timeout=240)
+            wait(lambda: page.get_attribute("#retrain-message", "data-version") or
+                 "error" in (page.get_attribute("#retrain-message", "class") or ""), timeout=240)
             assert page.get_attribute("#retrain-message", "data-version") == "tiny-bot@2"
             page.screenshot(path=str(SHOTS / "retrain.png"), full_page=True)
             assert Registry(home).resolve("tiny-bot@2").parent == "tiny-bot@1"

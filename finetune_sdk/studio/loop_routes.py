@@ -183,8 +183,10 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
 
 def _free_name(folder: Any, stem: str) -> str:
     """``stem-N``, the first N from 1 whose run name and result folder are both free."""
+    from finetune_sdk.run_events import run_area
+
     number = 1
-    while folder.path(f"{stem}-{number}").exists() or folder.path(f"{stem}-{number}.run").exists():
+    while folder.path(f"{stem}-{number}").exists() or run_area(folder.path(f"{stem}-{number}")).exists():
         number += 1
     return f"{stem}-{number}"
 
