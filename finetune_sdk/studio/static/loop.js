@@ -126,13 +126,16 @@ function drawRetrain(box) {
   const versions = MODELS.versions.map(v => v.ref);
   box.append(labelled("objective", objective), labelled("rated version", modelSelect("rated", versions[versions.length - 1])),
     labelled("publish as", input("publish-as", "")), labelled("max steps", input("retrain-max-steps", "", {type: "number", min: 1})),
-    labelled("learning rate", input("retrain-lr", "")), el("br"));
+    labelled("learning rate", input("retrain-lr", "")),
+    labelled("other options (JSON, as finetune train's)", input("retrain-extra", "", {placeholder: '{"preference_loss": "ipo", "kto_beta": 0.2}'})), el("br"));
   const check = el("button", {id: "retrain-check"}, "Check the ratings"), go = el("button", {id: "retrain-button"}, "Retrain");
   const out = el("div", {id: "retrain-plan"}), message = el("div", {id: "retrain-message"});
   const file = () => ({kto: val("thumbs-file"), dpo: val("pairs-file"), "reward-grpo": val("pairs-file"), sft: val("edits-file")})[val("objective")];
   check.onclick = async () => { const r = await api("POST", "/api/retrain/plan", {objective: val("objective"), file: file()}); showPlan(out, r); };
   go.onclick = async () => {
-    const options = {max_steps: num("retrain-max-steps"), learning_rate: val("retrain-lr") || null};
+    let extra = {};
+    try { extra = JSON.parse(val("retrain-extra") || "{}"); } catch (e) { say(message, "other options: not a JSON object (" + e.message + ")", true); return; }
+    const options = {...extra, max_steps: num("retrain-max-steps"), learning_rate: val("retrain-lr") || null};
     const r = await api("POST", "/api/retrain", {objective: val("objective"), file: file(), rated: val("rated"), publish_as: val("publish-as"), options});
     if (!r.ok) { say(message, r.data.error, true); return; }
     showPlan(out, {ok: true, data: r.data.plan}); say(message, `run ${r.data.name}: ${r.data.status}`); watchRetrain(r.data.name, val("rated"), message);
