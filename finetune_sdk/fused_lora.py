@@ -115,6 +115,8 @@ def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """PEFT's forward for one active vanilla adapter, as one :class:`LoraUpdate`; anything else goes to PEFT."""
     import torch
 
+    from finetune_sdk.fused_projections import grouped_output
+
     active = self.active_adapters
     name = active[0] if len(active) == 1 else None
     if (name is None or name not in self.lora_A or self.disable_adapters or self.merged
@@ -126,7 +128,9 @@ def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     kwargs.pop("adapter_names", None)
     for key in _variant_kwarg_keys():  # PEFT's forward keeps these from the base layer too
         kwargs.pop(key, None)
-    result = self.base_layer(x, *args, **kwargs)
+    result = grouped_output(self, x) if not args and not kwargs else None  # q/k/v, gate/up: one matmul
+    if result is None:
+        result = self.base_layer(x, *args, **kwargs)
     lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     x = self._cast_input_dtype(x, lora_a.weight.dtype)

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -194,6 +195,10 @@ def _output_to_fp32(module: Any, args: Any, output: Any) -> Any:
 PRECISION_HOOKS = frozenset({_input_to_weight_dtype, _output_to_fp32})
 
 
+#: Saved fp32 activations with fewer values than this are kept as they are (see :func:`bf16_saved_activations`).
+SMALLEST_PACKED = int(os.environ.get("FINETUNE_SDK_SMALLEST_PACKED", 1 << 17))
+
+
 def saved_activations(precision: Precision, model: Any) -> Any:
     """The context a run trains in: :func:`bf16_saved_activations` when ``precision`` asks for it, else none."""
     import contextlib
@@ -228,12 +233,12 @@ def bf16_saved_activations(model: Any) -> Iterator[None]:
 
     import torch
 
-    kept = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)  # logits and log-softmax: the loss's
     packed: dict[int, tuple[Any, Any]] = {}  # id(original) -> (weakref to it, its bf16 copy)
 
     def pack(tensor: Any) -> Any:
-        if (tensor.dtype != torch.float32 or tensor.numel() < 4096 or tensor.device.type != "cpu"
+        if (tensor.dtype != torch.float32 or tensor.numel() < SMALLEST_PACKED or tensor.device.type != "cpu"
                 or tensor.untyped_storage().data_ptr() in kept or (vocab and tensor.shape[-1] == vocab)):
             return tensor
         key = id(tensor)

@@ -19,6 +19,7 @@ from finetune_sdk.checkpoints import (checkpoints_dir, checkpointing_trainer_cla
 from finetune_sdk.chunked_loss import chunked_loss_trainer_class
 from finetune_sdk.heap import limit_heap_fragmentation
 from finetune_sdk.fused_lora import use_fused_lora
+from finetune_sdk.fused_projections import extra_bytes, fuse_frozen_projections, use_fused_projections
 from finetune_sdk.cpu_threads import set_cpu_threads
 from finetune_sdk.models import ModelSource
 from finetune_sdk.objectives import ListDataset
@@ -158,6 +159,12 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
     log.info("precision: %s", precision.describe())
     if precision.activations == "float32" and precision.dtype != "float32":
         keep_activations_fp32(model)  # bf16 matmuls, fp32 in between: adapter updates are not rounded away
+    if use_fused_projections(precision, model):
+        groups = fuse_frozen_projections(model)
+        if groups:
+            log.info("fused frozen projections: q/k/v and gate/up as one matmul each (%d groups, %.0f MiB of "
+                     "concatenated weights; FINETUNE_SDK_FUSED_PROJECTIONS=0 turns them off)", groups,
+                     extra_bytes(model) / 2**20)
     objective.after_prepare(model, plan, tokenizer, options)  # DPO: the reference is the policy as it stands now
     plan.packed = decide_packing(run, plan, model)
     plan.varlen = plan.packed and varlen_attention.applicable(model, options["max_length"])

@@ -95,8 +95,10 @@ def test_bf16_base_loss_stays_within_one_percent_of_fp32(bf16_cpu, tiny_models, 
     assert losses["auto"][1] == pytest.approx(losses["float32"][1], rel=0.01)
 
 
-def test_bf16_saved_activations_halve_what_backward_keeps_and_barely_move_the_gradients():
+def test_bf16_saved_activations_halve_what_backward_keeps_and_barely_move_the_gradients(monkeypatch):
     from finetune_sdk import precision
+
+    monkeypatch.setattr(precision, "SMALLEST_PACKED", 4096)  # the tiny model's activations are small
     from peft import LoraConfig, get_peft_model
 
     from finetune_sdk.precision import bf16_saved_activations, keep_activations_fp32
@@ -160,3 +162,19 @@ def test_the_loss_keeps_fp32_under_bf16_saved_activations():
         (loss + plain).backward()
         grads.append(hidden.grad.clone())
     assert torch.equal(grads[0], grads[1])
+
+
+def test_small_saved_activations_are_not_packed(monkeypatch):
+    """Tensors under SMALLEST_PACKED values (per-example attention slices of short rows) stay fp32: packing each
+    one cost an op and a Python call more than the memory it saved (issue 23)."""
+    from finetune_sdk import precision
+
+    packed: list[int] = []
+    monkeypatch.setattr(precision._Packed, "__init__", lambda self, t: (packed.append(t.numel()),
+                                                                        setattr(self, "tensor", t)) and None)
+    x = torch.linspace(0, 1, precision.SMALLEST_PACKED - 1, requires_grad=True)
+    y = torch.linspace(0, 1, precision.SMALLEST_PACKED, requires_grad=True)
+    with precision.bf16_saved_activations(torch.nn.Linear(1, 1)):
+        (x.exp().sum() + y.exp().sum()).backward()
+    assert packed == [precision.SMALLEST_PACKED]
+    assert precision.SMALLEST_PACKED == 1 << 17
