@@ -86,13 +86,33 @@ def cuda_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+#: On the CPU, ``auto`` gives the frozen base bf16 only when a step feeds its matmuls at least this many
+#: ``tokens per step x hidden size`` values (issue 23): below it bf16's casts and per-operation costs outweigh its
+#: faster matmuls (SmolLM2-135M, hidden 576: ~1,024 tokens a step).
+CPU_BF16_MIN_FEED = 1024 * 576
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What a training run feeds the hardware each step: ``tokens_per_step`` (mean, packed: no padding) and the
+    model's ``hidden`` size."""
+
+    tokens_per_step: float
+    hidden: int
+
+    @property
+    def values(self) -> float:
+        return self.tokens_per_step * self.hidden
+
+
 def resolve_precision(options: Mapping[str, Any], *, adapter: bool, full: bool = False, quantized: bool = False,
-                      device: str | None = None) -> Precision:
+                      device: str | None = None, feed: Feed | None = None) -> Precision:
     """The precision for a run's resolved ``options`` (``dtype``, ``bf16``, ``fp16``).
 
     ``adapter``: the technique trains a PEFT adapter on a frozen base; ``full``: it trains every weight;
     ``quantized``: the base is loaded in 4 or 8 bits; ``device``: ``cpu`` or ``cuda`` (default: a GPU when torch
-    sees one). ``bf16``/``fp16`` of ``None`` mean not given.
+    sees one); ``feed``: what a training step feeds the matmuls (None: not known, e.g. loading for generation):
+    on the CPU a feed under :data:`CPU_BF16_MIN_FEED` keeps fp32. ``bf16``/``fp16`` of ``None`` mean not given.
     """
     import torch
 
@@ -120,22 +140,49 @@ def resolve_precision(options: Mapping[str, Any], *, adapter: bool, full: bool =
     native = cpu_bf16_native()
     if native is None:
         return Precision("float32", None, "float32", False, "auto: this CPU has no AVX512-BF16 or AMX")
+    if feed is not None and feed.values < CPU_BF16_MIN_FEED:
+        return Precision("float32", None, "float32", False,
+                         f"auto: fp32, a step feeds {feed.tokens_per_step:,.0f} tokens x hidden {feed.hidden} "
+                         f"(< {CPU_BF16_MIN_FEED:,} values): at this size bf16's casts cost more than its faster "
+                         f"{native} matmuls save; dtype='bfloat16' forces it")
     return Precision("bfloat16", None, "float32", True,
                      f"auto: this CPU has {native}; dtype='float32' keeps the base in fp32", activations="float32",
                      saved_activations="bfloat16")
 
 
 def precision_for(trainer: Any) -> Precision:
-    """The precision of a ``Trainer``'s run; a model passed in loaded keeps its own dtype."""
+    """The precision of a ``Trainer``'s run; a model passed in loaded keeps its own dtype. Once :meth:`fit` has
+    planned (``trainer._plan``) and before the model loads, ``auto`` weighs what a step feeds (:class:`Feed`)."""
     if getattr(trainer, "_given_model", None) is None:
+        feed = run_feed(trainer) if getattr(trainer, "_current_model", None) is None else None
         return resolve_precision(trainer.options, adapter=trainer.technique.saves_adapter,
-                                 full=trainer.technique.result_is_model, quantized=trainer.quantizer is not None)
+                                 full=trainer.technique.result_is_model, quantized=trainer.quantizer is not None,
+                                 feed=feed)
     import torch
 
     dtype = str(next(trainer._given_model.parameters(), torch.empty(0)).dtype).removeprefix("torch.")
     given = resolve_precision({**trainer.options, "dtype": dtype}, adapter=trainer.technique.saves_adapter,
                               full=trainer.technique.result_is_model)
     return replace(given, reason="the model was passed in loaded")
+
+
+def run_feed(trainer: Any) -> Feed | None:
+    """A ``Trainer``'s :class:`Feed` from its plan (mean tokens per example x micro-batch) and its model's
+    config; ``None`` before :meth:`fit` plans or when the config can't be read."""
+    plan = getattr(trainer, "_plan", None)
+    examples = getattr(getattr(plan, "train", None), "examples", None)
+    if not examples:
+        return None
+    try:
+        from finetune_sdk.memory import load_config
+
+        config = load_config(trainer.source.path or trainer.source.id)
+        hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
+    except Exception:  # noqa: BLE001  (no config: the feed is unknown, auto decides as before)
+        return None
+    options = trainer.options
+    tokens = plan.train.tokens / len(examples) * (options.get("per_device_train_batch_size") or 1)
+    return Feed(tokens, hidden) if hidden else None
 
 
 def run_precision(run: Any) -> Precision:

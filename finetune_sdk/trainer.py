@@ -120,7 +120,7 @@ class Trainer:
         tokenizer = self._load_tokenizer()
         plan = Planner(self.host, self.technique.task, self.options).plan(train_data, eval_data, tokenizer,
                                                                           self.formatter)
-        plan.resume, plan.state_path = resume, self._stage_state
+        plan.resume, plan.state_path, self._plan = resume, self._stage_state, plan  # _plan: precision_for
         self.formatter = plan.formatter
         if plan.labels is not None:
             self.options["labels"] = plan.labels

@@ -15,8 +15,9 @@ from finetune_sdk.precision import resolve_precision
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
-    """This CPU reports AVX512-BF16 (the decision only; bf16 math runs on any CPU)."""
+    """This CPU reports AVX512-BF16 (the decision only; bf16 math runs on any CPU), and any feed is big enough."""
     monkeypatch.setattr(precision, "cpu_bf16_native", lambda: "AVX512-BF16")
+    monkeypatch.setattr(precision, "CPU_BF16_MIN_FEED", 0)
 
 
 @pytest.fixture
@@ -50,6 +51,38 @@ def test_rules_on_a_cpu_without_bf16_and_on_gpus(plain_cpu, monkeypatch):
     assert resolve_precision(AUTO, adapter=True, full=True, device="cuda").dtype == "float32"
     monkeypatch.setattr(precision, "cuda_bf16", lambda: False)
     assert resolve_precision(AUTO, adapter=True, device="cuda").dtype == "float32"
+
+
+def test_auto_weighs_what_a_step_feeds_on_the_cpu(monkeypatch):
+    """Issue 23: short chat rows at batch 8 on SmolLM2-135M (~490 tokens x hidden 576) keep fp32, the 256-token rows
+    at batch 8 (~2,048 x 576) and chat rows at batch 32 (~1,950 x 576) get the bf16 base; GPUs ignore the feed."""
+    from finetune_sdk.precision import CPU_BF16_MIN_FEED, Feed
+
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: "AMX")
+    chat8 = resolve_precision(AUTO, adapter=True, device="cpu", feed=Feed(8 * 61.1, 576))
+    assert (chat8.dtype, chat8.auto, chat8.activations) == ("float32", False, "")
+    assert chat8.reason.startswith("auto: fp32, a step feeds 489 tokens x hidden 576 (< 589,824 values)")
+    for feed in (Feed(32 * 61.1, 576), Feed(8 * 256, 576), Feed(490, 2048)):  # a 1.7B model's hidden: bf16 at 490
+        assert resolve_precision(AUTO, adapter=True, device="cpu", feed=feed).dtype == "bfloat16", feed
+    assert CPU_BF16_MIN_FEED == 1024 * 576
+    assert resolve_precision(AUTO, adapter=True, device="cpu", feed=None).dtype == "bfloat16"  # unknown: as before
+    assert resolve_precision({**AUTO, "dtype": "bfloat16"}, adapter=True, device="cpu",
+                             feed=Feed(8, 64)).dtype == "bfloat16"  # given: no weighing
+    monkeypatch.setattr(precision, "cuda_bf16", lambda: True)
+    assert resolve_precision(AUTO, adapter=True, device="cuda", feed=Feed(8, 64)).dtype == "bfloat16"
+
+
+def test_fit_logs_and_records_the_fed_choice(monkeypatch, tiny_models, tmp_path, qa_rows, caplog):
+    """A tiny model's steps feed far less than the bf16 threshold: fit trains in fp32 and says why."""
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: "AMX")
+    caplog.set_level("INFO", logger="finetune_sdk")
+    trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "out", max_steps=1,
+                      per_device_train_batch_size=4, progress=False)
+    result = trainer.fit(qa_rows)
+    assert result.manifest["dtype"] == "float32" and result.manifest["precision"]["auto"] is False
+    assert "(< 589,824 values)" in result.manifest["precision"]["reason"]
+    assert "precision: float32 weights (auto: fp32, a step feeds" in caplog.text
+    assert next(trainer.current_model().model.get_base_model().parameters()).dtype == torch.float32
 
 
 def test_auto_trains_a_bf16_base_with_fp32_adapters_and_records_it(bf16_cpu, tiny_models, tmp_path, qa_rows,
