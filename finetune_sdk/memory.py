@@ -125,7 +125,7 @@ def estimate_training_memory(
     attention: str | None = None, chunked_loss: bool = True, activation_dtype: str | None = None,
     saved_activation_dtype: str | None = None,
     num_generations: int = 0, reference_weights: bool = False, objective: str = "sft",
-    reward_backbone: str = "frozen",
+    reward_backbone: str = "frozen", fused_projections: bool = False,
 ) -> MemoryEstimate:
     """Estimate the peak memory of fine-tuning the model ``config`` describes.
 
@@ -267,6 +267,14 @@ def estimate_training_memory(
         slack += heap_dequant * DEQUANT_SLACK_CPU
     overhead = (CPU_FRAMEWORK_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES) + slack
     notes = shape.notes + ((OBJECTIVE_NOTES[objective],) if objective in OBJECTIVE_NOTES else ())
+    if fused_projections and adapters:  # finetune_sdk.fused_projections: a concatenated copy of q/k/v, gate/up
+        from finetune_sdk.fused_projections import GROUPS
+
+        adapted = {name.rsplit(".", 1)[-1]: (i, o) for name, i, o in targets}
+        fused = sum(sum(i * o for i, o in (adapted[n] for n in group)) for group in GROUPS
+                    if all(n in adapted for n in group)) * shape.layers * DTYPE_BYTES[dtype]
+        weights += fused
+        notes += (f"fused frozen projections: {format_bytes(fused)} of concatenated weights",) if fused else ()
     if num_generations:
         reference = trainable * grad_bytes if reference_weights else 0
         weights += reference
@@ -353,7 +361,8 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
         saved_activation_dtype=saved_as, num_generations=int(options.get("num_generations") or 8) if objective == "grpo" else 0,
         reference_weights=objective == "grpo" and float(options.get("beta", 0.04) or 0) > 0,
         objective=objective if objective in OBJECTIVE_SEQUENCES else "sft",
-        reward_backbone=str(options.get("backbone") or "frozen"))
+        reward_backbone=str(options.get("backbone") or "frozen"),
+        fused_projections=device == "cpu" and dtype == "bfloat16" and activations == "float32")
 
 
 #: What a technique trains (``Technique.trains``) -> the builtin technique whose estimate covers it.

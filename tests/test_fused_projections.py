@@ -120,3 +120,21 @@ def test_groups_with_a_plain_member_stay_separate():
     """PEFT's default Llama targets (q_proj, v_proj): k_proj is a plain Linear, so q/k/v is not fused."""
     _, fused = _pair(targets=["q_proj", "v_proj"])
     assert fuse_frozen_projections(fused) == 0
+
+
+def test_the_training_memory_estimate_counts_the_concatenated_weights():
+    """SmolLM2-135M's shape, bf16 base, all-linear: 30 layers x 576 x (576 + 192 + 192 + 1536 + 1536) x 2 bytes."""
+    from transformers import LlamaConfig
+
+    from finetune_sdk.memory import estimate_training_memory
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    args = dict(technique="lora", dtype="bfloat16", lora_targets="all-linear", activation_dtype="float32")
+    plain = estimate_training_memory(config, **args)
+    fused = estimate_training_memory(config, fused_projections=True, **args)
+    assert fused.weights - plain.weights == 30 * 576 * (576 + 192 + 192 + 1536 + 1536) * 2
+    attention_only = estimate_training_memory(config, **{**args, "lora_targets": ["q_proj", "k_proj", "v_proj"]},
+                                              fused_projections=True)
+    assert attention_only.weights - estimate_training_memory(
+        config, **{**args, "lora_targets": ["q_proj", "k_proj", "v_proj"]}).weights == 30 * 576 * 960 * 2
