@@ -9,8 +9,8 @@ LoRA r=16 / alpha 32 on all linear layers of SmolLM2-135M-Instruct (real weights
 * ``doc256``: paragraphs of Python's documentation cut at 256 tokens, batch 8 (~2,000 tokens a step).
 
 Sides: ``fp32`` (``dtype="float32"``), ``auto`` (the default: whatever :func:`finetune_sdk.precision.resolve_precision`
-picks for the shape) and ``bf16base`` (``dtype="bfloat16"`` with the fp32 activations of the bf16 CPU path, whatever
-``auto`` would pick). Rounds alternate which side goes first; the table gives median tokens/s, the ratio to fp32
+picks for the shape) and ``bf16path`` (``auto``'s bf16 path whatever the shape feeds: ``CPU_BF16_MIN_FEED`` set to 0,
+to see what the threshold saves). Rounds alternate which side goes first; the table gives median tokens/s, the ratio to fp32
 in the same round, the training loss against fp32's, and the process CPU seconds per token (less sensitive to other
 processes on shared cores than wall time). The load average is printed with every figure.
 
@@ -35,7 +35,7 @@ import finetune_sdk  # noqa: E402,F401  (sets OMP_WAIT_POLICY before torch loads
 
 HERE = Path(__file__).parent
 SHAPES = {"chat8": ("chat", 8, 512), "chat32": ("chat", 32, 512), "doc256": ("doc", 8, 256)}
-SIDES = {"fp32": {"dtype": "float32"}, "auto": {}, "bf16base": {"dtype": "auto", "precision_policy": "bf16"}}
+SIDES = {"fp32": {"dtype": "float32"}, "auto": {}, "bf16path": {"dtype": "auto", "bf16_path": True}}
 
 
 def rows(kind: str, count: int) -> list[dict[str, str]]:
@@ -50,13 +50,14 @@ def rows(kind: str, count: int) -> list[dict[str, str]]:
 
 
 def run(model: str, shape: str, side: str, steps: int, out: Path) -> dict:
-    from finetune_sdk import Trainer
+    from finetune_sdk import Trainer, precision
     from finetune_sdk.precision import precision_for
 
     kind, batch, max_length = SHAPES[shape]
     options = dict(SIDES[side])
-    if options.pop("precision_policy", None):
-        os.environ["FINETUNE_SDK_AUTO_PRECISION"] = "bf16"
+    threshold = precision.CPU_BF16_MIN_FEED
+    if options.pop("bf16_path", None):
+        precision.CPU_BF16_MIN_FEED = 0
     trainer = Trainer(model, technique="lora", formatter="chat-template" if kind == "chat" else "text",
                       output_dir=out, progress=False, r=16, lora_alpha=32, target_modules="all-linear",
                       per_device_train_batch_size=batch, max_steps=steps, max_length=max_length, learning_rate=2e-4,
@@ -65,11 +66,11 @@ def run(model: str, shape: str, side: str, steps: int, out: Path) -> dict:
         cpu = time.process_time()
         metrics = trainer.fit(rows(kind, steps * batch)).metrics
         cpu = time.process_time() - cpu
-        precision = precision_for(trainer).dtype
+        chosen = precision_for(trainer).dtype
     finally:
-        os.environ.pop("FINETUNE_SDK_AUTO_PRECISION", None)
+        precision.CPU_BF16_MIN_FEED = threshold
     return {"tok/s": metrics["train_tokens_per_second"], "loss": metrics["train_loss"],
-            "cpu_ms_per_token": 1e3 * cpu / max(metrics["train_tokens"], 1), "dtype": precision,
+            "cpu_ms_per_token": 1e3 * cpu / max(metrics["train_tokens"], 1), "dtype": chosen,
             "load": os.getloadavg()[0]}
 
 

@@ -63,6 +63,7 @@ class RichProgressCallback(TrainerCallback):
         self.first_step = 0
         self.loss: float | None = None
         self.reward: float | None = None
+        self.rates: tuple[float, float] | None = None  # GRPO: generated and trained tokens/s
 
     def on_train_begin(self, args, state, control, **kwargs):
         from rich.console import Console
@@ -86,7 +87,8 @@ class RichProgressCallback(TrainerCallback):
 
     def stats(self, step: int, max_steps: int) -> str:
         """``12/40 loss 1.2345 1,234 tok/s ETA 0:42`` for the bar (and the plain lines); GRPO adds
-        ``reward 0.625``."""
+        ``reward 0.625`` and shows ``generated 41 tok/s trained 310 tok/s`` (sampling and the rest of the steps,
+        timed apart: :class:`finetune_sdk.grpo_loss.GRPOSpeed`) instead of one tokens/s."""
         parts = [f"{step}/{max_steps}"]
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
@@ -95,7 +97,10 @@ class RichProgressCallback(TrainerCallback):
         done = step - self.first_step
         if done > 0:
             elapsed = max(time.perf_counter() - self.start, 1e-9)
-            parts.append(f"{self.tokens_per_step * done / elapsed:,.0f} tok/s")
+            if self.rates:
+                parts.append("generated {:,.0f} tok/s  trained {:,.0f} tok/s".format(*self.rates))
+            else:
+                parts.append(f"{self.tokens_per_step * done / elapsed:,.0f} tok/s")
             parts.append(f"ETA {format_duration(elapsed / done * max(max_steps - step, 0))}")
         return "  ".join(parts)
 
@@ -114,6 +119,8 @@ class RichProgressCallback(TrainerCallback):
             return
         self.loss = float(logs["loss"])
         self.reward = float(logs["reward"]) if "reward" in logs else None
+        if "generated_tokens_per_second" in logs:
+            self.rates = (float(logs["generated_tokens_per_second"]), float(logs["trained_tokens_per_second"]))
         if self.progress is not None:
             self.show(state)
             return

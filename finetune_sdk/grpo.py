@@ -51,8 +51,8 @@ from typing import TYPE_CHECKING, Any
 from finetune_sdk.data import Rows
 from finetune_sdk.encoding import Encoded, encode_segments
 from finetune_sdk.errors import ConfigError, DataError
-from finetune_sdk.grpo_loss import (ADVANTAGE_EPS, ReferenceWeights, RepeatedStepSampler, completion_logps,
-                                    group_advantages, grpo_loss, grpo_loss_terms, score_step)
+from finetune_sdk.grpo_loss import (ADVANTAGE_EPS, GRPOSpeed, ReferenceWeights, RepeatedStepSampler,
+                                    completion_logps, group_advantages, grpo_loss, grpo_loss_terms, score_step)
 from finetune_sdk.rewards import Reward, score_completions
 from finetune_sdk.sampling import SamplingSettings, only_these_settings
 from finetune_sdk.stop_tokens import stop_token_ids
@@ -320,6 +320,7 @@ def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], refere
             terms = grpo_loss_terms(logps, scored.old_logps, scored.ref_logps, scored.advantages,
                                     scored.group.completion_mask, settings.beta, settings.epsilon)
             loss = self.step_mean(terms.per_completion.sum(), len(terms.per_completion), num_items_in_batch)
+            self._speed.trained += int(scored.group.prompt_mask.sum() + scored.group.completion_mask.sum())
             sums = step.once("grpo_token_sums", lambda: self._pending_step_sums())
             for i, value in enumerate((terms.kl_sum, terms.held_sum, terms.tokens)):
                 sums[i] += float(value)
@@ -339,10 +340,14 @@ def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], refere
                     policy, prompts, tokenizer, settings, rewards, weights, None))
 
             if iteration == 0 or self.__dict__.get("_grpo_kept") is None:
-                self._grpo_kept = step.once("grpo", sample)
+                self._grpo_kept = step.once("grpo", lambda: self._speed.timed_sampling(sample))
             groups = self._grpo_kept
             step.once("grpo_logged", lambda: self._record(groups))
             return groups
+
+        @property
+        def _speed(self) -> GRPOSpeed:
+            return self.__dict__.setdefault("_grpo_speed", GRPOSpeed())
 
         def _pending_step_sums(self) -> list[float]:
             """This step's [summed token KL, clipped tokens, tokens], added up over its micro-batches."""
@@ -377,6 +382,7 @@ def grpo_trainer_class(settings: GRPOSettings, rewards: Sequence[Reward], refere
                 metrics["kl"] = [kl / max(tokens, 1) for kl, _, tokens in step_sums]
                 metrics["clip_ratio"] = [held / max(tokens, 1) for _, held, tokens in step_sums]
                 logs.update({key: sum(values) / len(values) for key, values in metrics.items() if values})
+                logs.update(self._speed.rates())
                 metrics.clear()
             super().log(logs, *args, **kwargs)
 

@@ -4,6 +4,7 @@ groups into micro-batches, and the reference's weights. See :mod:`finetune_sdk.g
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -178,3 +179,28 @@ class RepeatedStepSampler:
 
     def __len__(self) -> int:
         return len(self.base) // self.step_size * self.step_size * self.repeats
+
+
+class GRPOSpeed:
+    """Generated and trained tokens per second between two logs: sampling (generation, rewards, the reference's
+    log-probs) timed apart from the rest of the steps (the policy's forward and backward passes, the optimizer)."""
+
+    def __init__(self) -> None:
+        self.since, self.sampling, self.generated, self.trained = time.perf_counter(), 0.0, 0, 0
+
+    def timed_sampling(self, sample: Any) -> Any:
+        start = time.perf_counter()
+        groups = sample()
+        self.sampling += time.perf_counter() - start
+        self.generated += int(sum(int(g.group.completion_mask.sum()) for g in groups))
+        return groups
+
+    def rates(self) -> dict[str, float]:
+        """``generated_tokens_per_second`` (completion tokens / sampling seconds) and ``trained_tokens_per_second``
+        (prompt and completion tokens through the loss / the other seconds) since the last call."""
+        now = time.perf_counter()
+        training = max(now - self.since - self.sampling, 1e-9)
+        rates = {"generated_tokens_per_second": self.generated / max(self.sampling, 1e-9),
+                 "trained_tokens_per_second": self.trained / training}
+        self.__init__()  # type: ignore[misc]
+        return rates

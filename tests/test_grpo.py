@@ -84,8 +84,10 @@ def test_grpo_with_a_verifiable_reward_raises_the_greedy_reward_on_held_out_prom
     assert len(during) == 4 and during[-1] == pytest.approx(after)  # evaluated at the end of each epoch too
     logged = [entry for entry in result.log_history if "loss" in entry]
     assert len(logged) == 12
-    for key in ("reward", "reward_std", "kl", "completion_length", "rewards/has_cat"):
-        assert all(math.isfinite(entry[key]) for entry in logged), key
+    for key in ("reward", "reward_std", "kl", "completion_length", "rewards/has_cat", "generated_tokens_per_second",
+                "trained_tokens_per_second"):
+        assert all(math.isfinite(entry[key]) and entry[key] >= 0 for entry in logged), key
+    assert all(entry["generated_tokens_per_second"] > 0 and entry["trained_tokens_per_second"] > 0 for entry in logged)
     assert logged[-1]["reward"] > logged[0]["reward"]  # the sampled completions earn more as the policy learns
     assert 0 < logged[-1]["completion_length"] <= 4 and logged[-1]["kl"] > 0
     assert all(entry["clip_ratio"] == 0 for entry in logged)  # one step per sampled group: the ratio stays 1
@@ -354,3 +356,30 @@ def test_the_progress_line_shows_the_mean_reward():
     progress = RichProgressCallback(tokens_per_step=100)
     progress.on_log(None, SimpleNamespace(global_step=3, max_steps=10), None, logs={"loss": 0.01, "reward": 0.625})
     assert "loss 0.0100  reward 0.625" in progress.stats(3, 10)
+
+
+def test_grpo_speed_times_sampling_apart_from_training(monkeypatch):
+    """Generated tokens / sampling seconds and trained tokens / the other seconds, reset at each log (issue 23)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from finetune_sdk import grpo_loss
+    from finetune_sdk.callbacks import RichProgressCallback
+
+    clock = iter([0.0, 1.0, 3.0, 10.0, 10.0])  # start; sampling from 1 to 3 (2 s); the log at 10: 8 s training
+    monkeypatch.setattr(grpo_loss.time, "perf_counter", lambda: next(clock))  # the time module: for both
+    speed = grpo_loss.GRPOSpeed()
+    group = SimpleNamespace(group=SimpleNamespace(completion_mask=torch.ones(4, 5)))
+    assert speed.timed_sampling(lambda: [group, group]) == [group, group]
+    speed.trained += 700
+    assert speed.rates() == {"generated_tokens_per_second": 40 / 2, "trained_tokens_per_second": 700 / 8}
+    assert (speed.generated, speed.trained, speed.sampling, speed.since) == (0, 0, 0.0, 10.0)
+    monkeypatch.setattr(grpo_loss.time, "perf_counter", lambda: 30.0)
+    progress = RichProgressCallback(tokens_per_step=100)
+    progress.on_log(None, SimpleNamespace(global_step=3, max_steps=10), None,
+                    logs={"loss": 0.01, "reward": 0.5, "generated_tokens_per_second": 20.0,
+                          "trained_tokens_per_second": 100.0})
+    progress.start = 0.0
+    line = progress.stats(3, 10)
+    assert "generated 20 tok/s  trained 100 tok/s" in line and "  3 tok/s" not in line
