@@ -152,12 +152,16 @@ def resolve_precision(options: Mapping[str, Any], *, adapter: bool, full: bool =
 
 def precision_for(trainer: Any) -> Precision:
     """The precision of a ``Trainer``'s run; a model passed in loaded keeps its own dtype. Once :meth:`fit` has
-    planned (``trainer._plan``) and before the model loads, ``auto`` weighs what a step feeds (:class:`Feed`)."""
+    planned (``trainer._plan``) and before the model loads, ``auto`` weighs what a step feeds (:class:`Feed`); once
+    loaded, the model keeps the precision it was loaded in (``trainer._precision``), through later stages too."""
     if getattr(trainer, "_given_model", None) is None:
-        feed = run_feed(trainer) if getattr(trainer, "_current_model", None) is None else None
-        return resolve_precision(trainer.options, adapter=trainer.technique.saves_adapter,
-                                 full=trainer.technique.result_is_model, quantized=trainer.quantizer is not None,
-                                 feed=feed)
+        if getattr(trainer, "_current_model", None) is not None and isinstance(
+                getattr(trainer, "_precision", None), Precision):
+            return trainer._precision  # the model is loaded: the precision it was loaded in
+        trainer._precision = resolve_precision(
+            trainer.options, adapter=trainer.technique.saves_adapter, full=trainer.technique.result_is_model,
+            quantized=trainer.quantizer is not None, feed=run_feed(trainer))
+        return trainer._precision
     import torch
 
     dtype = str(next(trainer._given_model.parameters(), torch.empty(0)).dtype).removeprefix("torch.")

@@ -211,3 +211,16 @@ def test_small_saved_activations_are_not_packed(monkeypatch):
         (x.exp().sum() + y.exp().sum()).backward()
     assert packed == [precision.SMALLEST_PACKED]
     assert precision.SMALLEST_PACKED == 1 << 17
+
+
+def test_the_loaded_model_keeps_its_precision_through_a_second_fit(monkeypatch, tiny_models, tmp_path, qa_rows):
+    """After a fit chose fp32 by its feed, the trainer (and a second stage) report the fp32 the model is in."""
+    from finetune_sdk.precision import precision_for
+
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: "AMX")
+    trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "a", max_steps=1,
+                      progress=False)
+    trainer.fit(qa_rows)
+    assert precision_for(trainer).dtype == "float32"
+    trainer.output_dir = tmp_path / "b"
+    assert trainer.fit(qa_rows).manifest["dtype"] == "float32"
