@@ -12,12 +12,20 @@ AVX512-BF16/AMX CPU or a bf16 GPU, else ``dtype="bfloat16"``):
 
 MFU = achieved / peak of the same dtype. Medians over rounds.
 
+The ceiling for the shapes fed (per dtype): the frozen base's matmuls of one step at the step's mean token count
+(each linear's forward ``[tokens, in] @ [in, out]`` and its input gradient ``[tokens, out] @ [out, in]``, the LM
+head included), timed alone in that dtype (bf16: with ``auto``'s casts of the input and output, as a step runs
+them); their FLOP/s is what the step would reach if it were nothing but these matmuls. ``--changes`` adds a
+``bf16-before`` side: ``auto``'s bf16 path without this issue's changes (no fused projections, every saved
+activation of 4,096 values or more packed), alternating with the others, so each change's effect is side by side.
+
 Where the time goes (``--profile``, LoRA only): one more run per dtype whose second step runs under
 ``torch.profiler``; it prints the step's busiest operations and the share of the step spent in matmuls
 (``aten::mm``/``addmm``/``bmm``), and the MFU the step would reach if everything else took no time (its FLOPs over
 its matmul time, against the same peak): the ceiling that faster matmuls alone can't lift.
 
     python benchmarks/bench_mfu.py [--steps 10] [--rounds 3] [--max-length 256] [--technique lora] [--profile]
+                                   [--changes]
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,6 +76,41 @@ def flops_per_token(model_folder: str, technique: str, lora_r: int) -> tuple[flo
     if technique == "full":
         return 6.0 * matmul, matmul, 0
     return 4.0 * matmul + 6.0 * adapter, matmul, adapter
+
+
+def shape_ceiling(model_folder: str, dtype: str, tokens: int, reps: int = 3) -> float:
+    """FLOP/s of one step's frozen matmuls alone at ``tokens`` rows in ``dtype`` (see the module doc): one decoder
+    layer's linears (forward and input gradient) timed, times the layers, plus the LM head's forward."""
+    import torch
+    from torch.nn import functional as F
+
+    from finetune_sdk.memory import ModelShape, load_config
+
+    shape = ModelShape.from_config(load_config(model_folder))
+    torch_dtype = getattr(torch, dtype)
+    linears = [(i, o) for _, i, o in shape.layer_linears()]
+    weights = [torch.randn(o, i).to(torch_dtype) for i, o in linears]
+    head = torch.randn(shape.vocab_size, shape.hidden).to(torch_dtype)
+    inputs = {n: torch.randn(tokens, n) for pair in linears for n in pair}
+
+    def layer() -> None:
+        for w in weights:
+            out_features, in_features = w.shape
+            F.linear(inputs[in_features].to(torch_dtype), w).float()  # forward
+            (inputs[out_features].to(torch_dtype) @ w).float()  # input gradient
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    seconds = shape.layers * best(layer) + best(lambda: F.linear(inputs[shape.hidden].to(torch_dtype), head))
+    flops = 2 * tokens * (2 * sum(i * o for i, o in linears) * shape.layers + shape.vocab_size * shape.hidden)
+    return flops / seconds
 
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
@@ -107,6 +152,27 @@ def profile_step(model: str, dtype: str, train: list, evaluation: list, args: ar
     return profiled
 
 
+@contextmanager
+def before_changes(active: bool) -> Iterator[None]:
+    """Within the block (when ``active``), auto's bf16 path as before issue 23: no fused projections, and every
+    saved fp32 activation of 4,096 values or more packed in bf16."""
+    from finetune_sdk import precision
+
+    if not active:
+        yield
+        return
+    smallest, fused = precision.SMALLEST_PACKED, os.environ.get("FINETUNE_SDK_FUSED_PROJECTIONS")
+    precision.SMALLEST_PACKED, os.environ["FINETUNE_SDK_FUSED_PROJECTIONS"] = 4096, "0"
+    try:
+        yield
+    finally:
+        precision.SMALLEST_PACKED = smallest
+        if fused is None:
+            os.environ.pop("FINETUNE_SDK_FUSED_PROJECTIONS")
+        else:
+            os.environ["FINETUNE_SDK_FUSED_PROJECTIONS"] = fused
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -119,6 +185,8 @@ def main() -> None:
     parser.add_argument("--technique", default="lora", choices=("lora", "full"))
     parser.add_argument("--model", help="a model folder (default: SmolLM2-135M-Instruct from the GGUF)")
     parser.add_argument("--profile", action="store_true", help="profile one LoRA step per dtype: where the time goes")
+    parser.add_argument("--changes", action="store_true",
+                        help="add a bf16-before side: auto's bf16 path without issue 23's changes")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_precision
@@ -132,7 +200,14 @@ def main() -> None:
     native = cuda_bf16() if torch.cuda.is_available() else bool(cpu_bf16_native())
     sides = {"float32": {"dtype": "float32"},
              "bfloat16": {} if native and args.technique == "lora" else {"dtype": "bfloat16"}}
+    if args.changes and args.technique == "lora":
+        sides["bf16-before"] = sides["bfloat16"]
     bench_precision.VARIANTS.update(sides)
+    from finetune_sdk import precision as precision_module
+
+    precision_module.CPU_BF16_MIN_FEED = 0  # the bf16 sides measure auto's bf16 path whatever the rows feed
+    matmul_dtype = {side: "float32" if side == "float32" else "bfloat16" for side in sides}
+    ceilings: dict[str, float] = {}
     if args.technique == "full":
         bench_precision.LORA.clear()
     train = bench_precision.documentation_rows(args.steps * args.batch)
@@ -144,7 +219,7 @@ def main() -> None:
     load = [os.getloadavg()]
     for i in range(args.rounds):
         for dtype in list(sides) if i % 2 == 0 else list(sides)[::-1]:
-            peaks[dtype].append(peak_matmul_flops(dtype, args.matmul, args.reps))
+            peaks[dtype].append(peak_matmul_flops(matmul_dtype[dtype], args.matmul, args.reps))
             if args.technique == "full":
                 from finetune_sdk import Trainer
 
@@ -153,7 +228,12 @@ def main() -> None:
                                  max_length=args.max_length, save_steps=0, seed=0, **sides[dtype]).fit(train)
                 speed = result.metrics["train_tokens_per_second"]
             else:
-                speed = bench_precision.run(model, dtype, train, evaluation, args, work / f"{dtype}-{i}")["tok/s"]
+                with before_changes(dtype == "bf16-before"):
+                    ran = bench_precision.run(model, dtype, train, evaluation, args, work / f"{dtype}-{i}")
+                speed = ran["tok/s"]
+                if matmul_dtype[dtype] not in ceilings:
+                    ceilings[matmul_dtype[dtype]] = shape_ceiling(model, matmul_dtype[dtype],
+                                                                  round(ran["tokens_per_step"]))
             achieved[dtype].append(speed * per_token)
             print(f"round {i + 1} {dtype:9} peak matmul {peaks[dtype][-1] / 1e9:7.1f} GFLOP/s  training "
                   f"{speed:7.1f} tok/s = {achieved[dtype][-1] / 1e9:7.1f} GFLOP/s  MFU "
@@ -166,15 +246,20 @@ def main() -> None:
           f"{torch.__version__}; peak = best {args.matmul}x{args.matmul} matmul of {args.reps}")
     print("load averages (1/5/15 min) at start and after each round: "
           + "; ".join("/".join(f"{x:.2f}" for x in avg) for avg in load))
-    print(f"{'dtype':10}{'peak GFLOP/s':>14}{'achieved GFLOP/s':>18}{'MFU':>8}")
+    print(f"{'side':12}{'peak GFLOP/s':>14}{'shapes-fed ceiling':>20}{'= of peak':>10}{'achieved GFLOP/s':>18}"
+          f"{'MFU':>8}{'of ceiling':>12}{'x float32':>10}")
+    base = statistics.median(achieved["float32"])
     for dtype in sides:
         peak, got = statistics.median(peaks[dtype]), statistics.median(achieved[dtype])
         mfu = statistics.median(a / p for a, p in zip(achieved[dtype], peaks[dtype]))
-        print(f"{dtype:10}{peak / 1e9:>14.1f}{got / 1e9:>18.1f}{mfu:>8.1%}")
+        ceiling = ceilings.get(matmul_dtype[dtype], float("nan"))
+        print(f"{dtype:12}{peak / 1e9:>14.1f}{ceiling / 1e9:>20.1f}{ceiling / peak:>10.1%}{got / 1e9:>18.1f}"
+              f"{mfu:>8.1%}{got / ceiling:>12.1%}{got / base:>10.2f}")
     if args.profile and args.technique == "lora":
         print("\none profiled step per dtype (self CPU seconds of the step's operations)")
         for dtype in sides:
-            step = profile_step(model, dtype, train, evaluation, args, work / f"{dtype}-profile", per_token)
+            with before_changes(dtype == "bf16-before"):
+                step = profile_step(model, dtype, train, evaluation, args, work / f"{dtype}-profile", per_token)
             print(f"{dtype}: {step['seconds']:.2f} s wall, {step['total']:.2f} s in operations, "
                   f"{step['matmul']:.2f} s ({step['matmul'] / step['total']:.0%}) in matmuls; busiest: "
                   + ", ".join(f"{k} {t:.2f} s x{c}" for k, t, c in step["top"]))

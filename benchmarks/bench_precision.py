@@ -63,6 +63,7 @@ def run(model: str, variant: str, train: list, evaluation: list, args: argparse.
     metrics = trainer.fit(train, eval_data=evaluation).metrics
     return {"tok/s": metrics["train_tokens_per_second"], "eval_loss": metrics["eval_loss"],
             "train_loss": metrics["train_loss"], "seconds": time.perf_counter() - start,
+            "tokens_per_step": metrics["train_tokens"] / max(metrics["train_steps"], 1),
             "precision": precision_for(trainer).describe()}
 
 

@@ -8,7 +8,9 @@ without it, a LoRA update smaller than half a bf16 step of the frozen layer's ou
 adapter learned visibly slower than in fp32), the trainable parameters (PEFT creates LoRA weights in fp32), their
 gradients and the optimizer state stay fp32. Everything else trains
 in fp32, as do full fine-tuning (its weights are the trainable ones) and a 4-bit/8-bit base on the CPU (bitsandbytes
-computes in fp32 there). Giving ``dtype=`` or ``bf16=``/``fp16=`` overrides the choice; the choice is logged and
+computes in fp32 there). On the CPU, a training run whose steps feed fewer than :data:`CPU_BF16_MIN_FEED` values
+(tokens per micro-batch x hidden size, :class:`Feed`) keeps fp32: there bf16's casts cost more than its faster
+matmuls save (issue 23). Giving ``dtype=`` or ``bf16=``/``fp16=`` overrides the choice; the choice is logged and
 recorded in the manifest (``precision``).
 
 Example:
