@@ -155,6 +155,7 @@ def test_precision_auto_on_a_bf16_cpu_keeps_the_chunked_loss(tiny_models, tmp_pa
     from finetune_sdk import precision
 
     monkeypatch.setattr(precision, "cpu_bf16_native", lambda: "AVX512-BF16")
+    monkeypatch.setattr(precision, "CPU_BF16_MIN_FEED", 0)  # tiny steps: the bf16 path whatever they feed
     losses, manifests = {}, {}
     for chunked in (True, False):
         trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / str(chunked), max_steps=2,
