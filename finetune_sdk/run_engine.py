@@ -133,6 +133,8 @@ def training_arguments(run: RunSpec, work_dir: str, has_eval: bool, group_by_len
     kwargs[checkpointing] = o["gradient_checkpointing"] and checkpointable
     if group_by_length:  # fewer pad tokens when batches are padded
         kwargs["train_sampling_strategy"] = "group_by_length"
+    # torch.compile: off by default (one SmolLM2 layer did not finish compiling in 290 s on 2 cores: docs/speed.md)
+    kwargs["torch_compile"] = os.environ.get("FINETUNE_SDK_TORCH_COMPILE") == "1"
     for name in PASSTHROUGH:  # FSDP / DeepSpeed settings go to transformers and accelerate as they are
         if o.get(name):
             kwargs[name] = o[name]
@@ -205,6 +207,8 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
         trainer_class = chunked_loss_trainer_class(inputs.trainer_class) if plan.chunked_loss else \
             inputs.trainer_class
         set_cpu_threads(log)
+        if args.torch_compile:
+            log.info("torch.compile: on (FINETUNE_SDK_TORCH_COMPILE=1); the compile time counts in the run's tokens/s")
         if args.use_cpu:
             # when memory is tight, or under a quantized base (glibc's heap not measured side by side there)
             limit_heap_fragmentation(None if run.quantizer else plan.estimated_memory)
