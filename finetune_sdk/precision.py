@@ -172,6 +172,15 @@ def precision_for(trainer: Any) -> Precision:
     return replace(given, reason="the model was passed in loaded")
 
 
+def estimate_options(trainer: Any) -> Mapping[str, Any]:
+    """A ``Trainer``'s options for the training-memory estimate: ``dtype="float32"`` where ``auto`` kept fp32 for
+    what a step feeds (the estimate resolves ``auto`` without the data), else the options as they are."""
+    chosen = precision_for(trainer)
+    if (trainer.options.get("dtype") or "auto") == "auto" and chosen.reason.startswith("auto: fp32, a step feeds"):
+        return {**trainer.options, "dtype": "float32"}
+    return trainer.options
+
+
 def run_feed(trainer: Any) -> Feed | None:
     """A ``Trainer``'s :class:`Feed` from its plan (mean tokens per example x micro-batch) and its model's
     config; ``None`` before :meth:`fit` plans or when the config can't be read."""

@@ -15,7 +15,7 @@ from finetune_sdk.log import ensure_handler
 from finetune_sdk.options import TRAINING_OPTIONS, option_table, resolve_options
 from finetune_sdk.planning import Planner, detect_formatter, formatter_fits, reward_rows, validate_task_name
 from finetune_sdk.plugin_manager import get_plugin_host
-from finetune_sdk.precision import precision_for
+from finetune_sdk.precision import estimate_options, precision_for
 from finetune_sdk.request import check_output_dir, check_precision, default_output_dir, model_source, resolve_plugins
 from finetune_sdk.result import FitResult
 from finetune_sdk.stages_and_tasks import fit_stages, is_stage_list, is_task_list
@@ -128,7 +128,7 @@ class Trainer:
             self._current_model.formatter = plan.current_model_formatter
         if self._given_model is None:  # stop before the model loads if it can't fit; once loaded: only estimate
             estimate = check_run_memory(self.source.path or self.source.id, self.technique, self.quantizer,
-                                        self.options, plan.train.examples, plan.objective, self._current_model is None)
+                                        estimate_options(self), plan.train.examples, plan.objective, self._current_model is None)
             plan.estimated_memory = getattr(estimate, "total", None)
         run = RunSpec(self.technique, self.quantizer, self.options, self.output_dir, self.source, self.host,
                       self.progress, self.logger, precision_for(self))

@@ -82,6 +82,10 @@ def test_fit_logs_and_records_the_fed_choice(monkeypatch, tiny_models, tmp_path,
     assert result.manifest["dtype"] == "float32" and result.manifest["precision"]["auto"] is False
     assert "(< 589,824 values)" in result.manifest["precision"]["reason"]
     assert "precision: float32 weights (auto: fp32, a step feeds" in caplog.text
+    assert "estimated training memory" in caplog.text and "fused frozen projections" not in caplog.text
+    from finetune_sdk.precision import estimate_options
+
+    assert estimate_options(trainer)["dtype"] == "float32"  # the estimate counts fp32 weights, as loaded
     assert next(trainer.current_model().model.get_base_model().parameters()).dtype == torch.float32
 
 
