@@ -140,14 +140,14 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
     """
     from finetune_sdk.rating_record import check_rater
 
-    shape = _check_options(mode, max_new_tokens, temperature, seed)
+    shape = check_feedback_options(mode, max_new_tokens, temperature, seed)
     rater = check_rater(rater)
     prompt_list = read_prompts(prompts)
     out_path, sft_path = _check_paths(out, sft_out)
     with RatingsAppender(out_path, shape, "output file") as ratings, _maybe_sft(sft_path) as edits:
         session = _Session(prompt_list, ratings, edits, ask, mode)
         pending = session.pending()
-        loaded = _open_model(model, formatter, trust_remote_code) if pending else None  # a bad ref: its one line
+        loaded = open_answering_model(model, formatter, trust_remote_code) if pending else None  # a bad ref: its one line
         session.note(f"{len(pending)} of {len(prompt_list)} prompts to rate"
                      + (f" ({len(prompt_list) - len(pending)} already rated)" if len(pending) < len(prompt_list)
                         else ""))
@@ -213,7 +213,7 @@ def sample_answers(model: Any, prompt: str, count: int, *, seed: int, max_new_to
     import torch
 
     options = answer_options(max_new_tokens=max_new_tokens, temperature=temperature)
-    with torch.random.fork_rng(devices=_cuda_devices(torch)):
+    with torch.random.fork_rng(devices=cuda_device_ids(torch)):
         torch.manual_seed(seed)
         answers = model.generate([prompt] * count, **options)
         tries = 1
@@ -257,7 +257,9 @@ def answer_settings(model: Any, *, max_new_tokens: int, temperature: float) -> d
     return settings(**options) if callable(settings) else options
 
 
-def _cuda_devices(torch: Any) -> list[int]:
+def cuda_device_ids(torch: Any) -> list[int]:
+    """The ids of the CUDA devices ``torch`` sees (``[]`` without CUDA): what ``torch.random.fork_rng(devices=...)``
+    needs to seed the answers of a rating session without touching the caller's random state on any device."""
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
@@ -332,7 +334,15 @@ def pending_listings(prompts: Sequence[str], done: Mapping[str, int]) -> list[tu
     return pending
 
 
-def _check_options(mode: str, max_new_tokens: Any, temperature: Any, seed: Any) -> RowShape:
+def check_feedback_options(mode: str, max_new_tokens: Any, temperature: Any, seed: Any) -> RowShape:
+    """Check a rating session's options before a model loads; returns the rows ``mode`` writes.
+
+    Raises :class:`~finetune_sdk.errors.ConfigError` (one line) for an unknown mode, ``max_new_tokens`` < 1 or not
+    whole, a negative or non-numeric ``temperature``, a greedy (0) temperature in pairwise mode, a non-whole seed.
+
+    >>> check_feedback_options("thumbs", 64, 0.7, 0).formatter
+    'kto'
+    """
     if mode not in MODES:
         from finetune_sdk.errors import unknown_name_error
 
@@ -378,7 +388,11 @@ def _maybe_sft(path: Path | None) -> Any:
     return RatingsAppender(path, SFT_ROWS, "edited-answers file") if path is not None else _NoEdits()
 
 
-def _open_model(model: Any, formatter: str | None, trust_remote_code: bool) -> Any:
+def open_answering_model(model: Any, formatter: str | None, trust_remote_code: bool) -> Any:
+    """The model that answers a rating session: a path or registry reference is opened with
+    :func:`finetune_sdk.loading.open_model` (the formatter it was trained with unless ``formatter`` names another);
+    a loaded model gets ``formatter`` set when one is named. Raises :class:`~finetune_sdk.errors.ConfigError` for a
+    classifier (it can't answer prompts) or a bad reference (its one line)."""
     if isinstance(model, (str, PathLike)):
         from finetune_sdk.loading import open_model
 

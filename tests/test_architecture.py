@@ -175,3 +175,17 @@ def test_the_run_engine_never_sees_the_trainer():
     for module in ("finetune_sdk.run_engine", "finetune_sdk.planning", "finetune_sdk.objectives",
                    "finetune_sdk.feature_cache", "finetune_sdk.saving"):
         assert "finetune_sdk.trainer" not in imports(module), module
+
+
+def _private_imports(module: str) -> list[str]:
+    """``module: from other import _name`` for every private name ``module`` takes from another SDK module."""
+    tree = ast.parse(modules()[module].read_text(encoding="utf-8"))
+    return [f"{module}: from {node.module} import {alias.name}" for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("finetune_sdk")
+            and node.module != module for alias in node.names if alias.name.startswith("_")]
+
+
+def test_the_studio_uses_only_public_names_of_other_modules():
+    found = [line for m in modules() if _within(m, "finetune_sdk.studio") for line in _private_imports(m)]
+    assert found == []
+

@@ -43,7 +43,7 @@ def _stream(client, body):
 
 def test_chat_streams_each_model_and_its_answer_is_the_one_finetune_feedback_samples(client, work):
     """The chat's answer is ``sample_answers`` with ``prompt_seed(seed, prompt, 0)``: the terminal's first answer."""
-    from finetune_sdk.feedback import _open_model, prompt_seed, sample_answers
+    from finetune_sdk.feedback import open_answering_model, prompt_seed, sample_answers
 
     model = str(work / "model")
     settings = {"max_new_tokens": 6, "temperature": 0.9, "seed": 3}
@@ -54,7 +54,7 @@ def test_chat_streams_each_model_and_its_answer_is_the_one_finetune_feedback_sam
     start = events[0]
     assert start["sampling"]["temperature"] == 0.9 and start["sampling"]["seed"] == 3 and start["formatter"] == "chatml"
     done = [e for e in events if e["event"] == "done"]
-    expected = sample_answers(_open_model(model, "chatml", False), "Hi <b>there</b>", 1,
+    expected = sample_answers(open_answering_model(model, "chatml", False), "Hi <b>there</b>", 1,
                               seed=prompt_seed(3, "Hi <b>there</b>", 0), max_new_tokens=6, temperature=0.9)[0]
     assert done[0]["answer"] == done[1]["answer"] == expected
     assert "".join(e["text"] for e in events if e["event"] == "token" and e["column"] == 0).strip() == expected

@@ -53,13 +53,13 @@ class Settings:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Settings:
         """The settings a request names (missing: the defaults), checked as ``finetune feedback`` checks them."""
-        from finetune_sdk.feedback import _check_options
+        from finetune_sdk.feedback import check_feedback_options
 
         given = body.get("settings") or {}
         if not isinstance(given, dict):
             raise ConfigError("'settings' must be a JSON object: max_new_tokens, temperature, seed")
         settings = cls(**{**asdict(cls()), **{k: given[k] for k in asdict(cls()) if given.get(k) is not None}})
-        _check_options("thumbs", settings.max_new_tokens, settings.temperature, settings.seed)
+        check_feedback_options("thumbs", settings.max_new_tokens, settings.temperature, settings.seed)
         return settings
 
 
@@ -88,11 +88,11 @@ class ChatWorker:
         """The loaded model ``ref`` (loaded on first use, on the worker thread only)."""
         key = (ref, formatter)
         if key not in self.models:
-            from finetune_sdk.feedback import _open_model
+            from finetune_sdk.feedback import open_answering_model
 
             while len(self.models) >= KEPT_MODELS:
                 self.models.pop(next(iter(self.models)))
-            self.models[key] = _open_model(ref, formatter, self.trust_remote_code)
+            self.models[key] = open_answering_model(ref, formatter, self.trust_remote_code)
         self.models[key] = self.models.pop(key)  # the most recently used last
         return self.models[key]
 
@@ -137,7 +137,7 @@ class ChatWorker:
         import torch
         from transformers import TextIteratorStreamer
 
-        from finetune_sdk.feedback import _cuda_devices, answer_options, answer_settings, prompt_seed, record_fields
+        from finetune_sdk.feedback import answer_options, answer_settings, cuda_device_ids, prompt_seed, record_fields
 
         model = self.model(ref, formatter if not _is_result(ref) else None)
         options = answer_options(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
@@ -151,7 +151,7 @@ class ChatWorker:
 
         def generate() -> None:
             try:
-                with torch.random.fork_rng(devices=_cuda_devices(torch)):
+                with torch.random.fork_rng(devices=cuda_device_ids(torch)):
                     torch.manual_seed(prompt_seed(settings.seed, prompt, 0))
                     result["text"] = model.generate([prompt], streamer=streamer, **options)[0]
             except BaseException as exc:  # noqa: BLE001  (handed to the worker, which reports it)

@@ -118,7 +118,7 @@ def next_in_session(worker: Any, confine: Any, body: dict[str, Any]) -> dict[str
     "total"}`` when every prompt has a row, else ``{"prompt", "occurrence", "answers": [{"id", "text"}], "pending",
     "total", "record"}``. Runs on the worker thread (the caller awaits it).
     """
-    from finetune_sdk.feedback import (PAIRWISE, _check_options, answer_settings, pending_listings,
+    from finetune_sdk.feedback import (PAIRWISE, answer_settings, check_feedback_options, pending_listings,
                                        prompt_seed, read_prompts, record_fields, sample_answers)
     from finetune_sdk.rating_record import check_rater
     from finetune_sdk.screen_text import escape_controls
@@ -126,7 +126,7 @@ def next_in_session(worker: Any, confine: Any, body: dict[str, Any]) -> dict[str
 
     mode = body.get("mode") or "thumbs"
     settings = Settings.from_body(body)
-    shape = _check_options(mode, settings.max_new_tokens, settings.temperature, settings.seed)
+    shape = check_feedback_options(mode, settings.max_new_tokens, settings.temperature, settings.seed)
     rater = check_rater(body.get("rater") or None)
     ref = body.get("model")
     if not isinstance(ref, str) or not ref:
