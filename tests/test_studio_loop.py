@@ -160,6 +160,49 @@ def test_federated_rounds_view():
     assert view["privacy"]["epsilon"] == 3.2
 
 
+@pytest.fixture(scope="module")
+def federated_work(tmp_path_factory):
+    """A work folder whose runs hold a real federated result: 2 owners, 2 rounds, client-side DP with noise."""
+    from finetune_sdk.testing.tiny import save_tiny_model
+    from tests.studio_federated import run_dp_federation
+
+    root = tmp_path_factory.mktemp("federated")
+    save_tiny_model(root / "model")
+    manifest = run_dp_federation(root / "model", root / "runs" / "fed", root / "data")
+    return root, manifest
+
+
+@pytest.mark.slow
+def test_federated_rounds_view_of_a_real_dp_run_shows_the_budget_spent_per_round(federated_work, tmp_path):
+    """The rounds page's data for a real in-process federation: per round the owners sampled and answered, each
+    owner's and the global held-out loss, bytes sent against the adapter's size on disk, and epsilon spent through
+    the round equal to dp-accounting's RDP accountant after that many Gaussian releases."""
+    from tests.studio_federated import DP, ROUNDS, dp_accounting_epsilons
+
+    root, manifest = federated_work
+    app = create_app(root / "runs", root, token=TOKEN, registry_home=tmp_path / "registry")
+    runs = TestClient(app, base_url="http://127.0.0.1:8765").get("/api/federated", headers=H).json()
+    assert [run["ref"] for run in runs] == [str(root / "runs" / "fed")]
+    view, history = runs[0], manifest["federated"]["history"]
+    assert view["adapter_bytes"] == (root / "runs" / "fed" / "adapter_model.safetensors").stat().st_size
+    assert view["privacy"]["mode"] == "client" and view["privacy"]["releases"] == ROUNDS
+    assert [r["round"] for r in view["rounds"]] == list(range(1, ROUNDS + 1))
+    expected = dp_accounting_epsilons()
+    assert expected[0] < expected[1]  # the budget grows with every release
+    for round_view, entry, epsilon in zip(view["rounds"], history, expected):
+        assert (round_view["sampled"], round_view["answered"], round_view["dropped"]) == (2, 2, [])
+        assert sorted(round_view["clients"]) == ["clinic-a", "clinic-b"]
+        assert round_view["privacy"]["epsilon"] == pytest.approx(epsilon, rel=1e-9)
+        assert round_view["privacy"]["delta"] == DP["target_delta"]
+        assert round_view["privacy"]["releases"] == entry["round"]
+        assert round_view["bytes_from_clients"] == sum(c["bytes_sent"] for c in round_view["clients"].values()) > 0
+        assert round_view["global_eval_loss"] == entry["global_eval"]["eval_loss"] > 0
+        for name, client in round_view["clients"].items():
+            assert client["eval_loss"] == entry["clients"][name]["eval_loss"] > 0
+            assert client["global_eval_loss"] == entry["global_eval"]["per_client"][name] > 0
+    assert view["privacy"]["epsilon"] == view["rounds"][-1]["privacy"]["epsilon"]
+
+
 def test_loop_pages_need_the_token_and_escape_nothing_from_models(client):
     for path in ("/chat", "/session", "/export", "/federated", "/scores", "/api/models", "/api/scores",
                  "/api/federated"):

@@ -69,6 +69,23 @@ def privacy_report(strategy: Any, settings: FederatedSettings) -> dict[str, Any]
     return record
 
 
+def spent_so_far(strategy: Any, settings: FederatedSettings) -> dict[str, Any] | None:
+    """The privacy budget spent by the global models released so far (a round's history entry records it after
+    aggregation): ``{"epsilon", "delta", "releases"}`` from the same RDP accountant as :func:`privacy_report`
+    (``epsilon`` ``None`` when infinite: clipping without noise); ``None`` when differential privacy is off.
+
+    >>> spent_so_far(object(), FederatedSettings()) is None
+    True
+    """
+    if settings.privacy() is None:
+        return None
+    spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+    if spent is None:
+        return {"epsilon": None, "delta": settings.target_delta, "releases": 0}
+    return {"epsilon": spent.epsilon if math.isfinite(spent.epsilon) else None, "delta": spent.delta,
+            "releases": spent.num_releases}
+
+
 def accountant_state(strategy: Any) -> dict[str, Any] | None:
     accountant = getattr(strategy, "accountant", None)
     return accountant.state_dict() if accountant is not None else None

@@ -19,7 +19,7 @@ from finetune_sdk.federated.compression import decompress_update
 from finetune_sdk.federated.lora_aggregation import LORA_A, aggregation_error, freeze_lora_a, shared_seed
 from finetune_sdk.federated.params import load_arrays, payload_bytes, trainable_arrays
 from finetune_sdk.federated.ranks import pad
-from finetune_sdk.federated.privacy import accountant_state, privacy_report, wrap_with_dp
+from finetune_sdk.federated.privacy import accountant_state, privacy_report, spent_so_far, wrap_with_dp
 from finetune_sdk.federated.secure_aggregation import secure_aggregation_record
 from finetune_sdk.federated.server_state import (
     clear_checkpoint,
@@ -89,6 +89,8 @@ class FederatedServer:
             self.arrays = arrays
             entry = self._round_entry(server_round, reports, dropped, time.time() - started)
             entry.update(extra, global_update_norm=global_norm)
+            if (spent := spent_so_far(self.strategy, self.settings)) is not None:
+                entry["privacy"] = spent  # the budget spent through this round (epsilon at delta, cumulative)
             self.history.append(entry)
             self._log_round(entry)
             self._save_round(entry)

@@ -7,7 +7,8 @@
   :func:`finetune_sdk.report.loss_chart_svg` (served as an image, never inlined).
 * :func:`federated_rounds`: the per-round history a federated run records in its manifest (``federated.history``,
   :mod:`finetune_sdk.federated.rounds`): clients sampled and answered, each client's and the global held-out loss,
-  bytes sent against the adapter's size, and the privacy budget (epsilon, delta) when differential privacy is on.
+  bytes sent against the adapter's size, and the privacy budget spent through each round (epsilon, delta; from
+  the run's RDP accountant, :func:`finetune_sdk.federated.privacy.spent_so_far`) when differential privacy is on.
 * :func:`scoreboard`: ``Registry.score_table`` (:func:`finetune_sdk.registry.scores.comparison`): each version's and
   the base's benchmark scores with their standard errors and the difference to the base.
 
@@ -91,8 +92,10 @@ def federated_rounds(manifest: dict[str, Any], folder: Path | None = None) -> di
     """Per round of a federated result (its manifest; ``folder``: the result, for the adapter's size on disk):
     ``round``, ``sampled``, ``answered``, ``dropped``, ``clients`` (name -> ``train_loss``, ``eval_loss``,
     ``global_eval_loss`` of the round's global model, ``bytes_sent``, ``bytes_received``), ``global_eval_loss``,
-    ``bytes_from_clients``, ``bytes_to_clients``; plus ``adapter_bytes`` and ``privacy`` (``epsilon``, ``delta``...,
-    ``None`` when differential privacy is off)."""
+    ``bytes_from_clients``, ``bytes_to_clients``, ``privacy`` (the budget spent through the round: ``epsilon``,
+    ``delta``, ``releases``; ``None`` when differential privacy is off or the run predates per-round accounting);
+    plus ``adapter_bytes`` and ``privacy`` (the run's settings and final ``epsilon``, ``delta``; ``None`` when
+    differential privacy is off)."""
     federated = manifest.get("federated") or {}
     rounds = []
     for entry in federated.get("history") or []:
@@ -107,7 +110,8 @@ def federated_rounds(manifest: dict[str, Any], folder: Path | None = None) -> di
                        "answered": answered, "dropped": list(entry.get("dropped") or []), "clients": clients,
                        "global_eval_loss": global_eval.get("eval_loss"),
                        "bytes_from_clients": entry.get("bytes_from_clients"),
-                       "bytes_to_clients": entry.get("bytes_to_clients"), "seconds": entry.get("seconds")})
+                       "bytes_to_clients": entry.get("bytes_to_clients"), "seconds": entry.get("seconds"),
+                       "privacy": entry.get("privacy")})
     return {"rounds": rounds, "strategy": federated.get("strategy"), "adapter_bytes": _adapter_bytes(folder),
             "trainable_parameters": (manifest.get("metrics") or {}).get("trainable_parameters"),
             "privacy": federated.get("privacy"), "secure_aggregation": federated.get("secure_aggregation")}

@@ -261,12 +261,13 @@ async function federatedPage() {
     const privacy = run.privacy ? `epsilon ${run.privacy.epsilon === null ? "∞ (no noise)" : fmt(run.privacy.epsilon)}, delta ${fmt(run.privacy.delta)}` : "off";
     box.append(el("h2", {}, run.ref), el("p", {}, `strategy ${run.strategy}; adapter ${run.adapter_bytes === null ? "—" : formatBytes(run.adapter_bytes)}; differential privacy: ${privacy}`));
     const rows = [];
+    const spent = p => !p ? (run.privacy ? "—" : "off") : `ε ${p.epsilon === null ? "∞" : fmt(p.epsilon)}, δ ${p.delta}`;
     for (const round of run.rounds) {
       rows.push([round.round, round.sampled, round.answered, "(global)", round.global_eval_loss === null ? null : fmt(round.global_eval_loss), null,
-        formatBytes(round.bytes_from_clients), run.adapter_bytes ? fmt(round.bytes_from_clients / run.adapter_bytes) + "×" : null]);
-      for (const [name, c] of Object.entries(round.clients)) rows.push(["", "", "", name, fmt(c.eval_loss), fmt(c.train_loss), formatBytes(c.bytes_sent), ""]);
+        formatBytes(round.bytes_from_clients), run.adapter_bytes ? fmt(round.bytes_from_clients / run.adapter_bytes) + "×" : null, spent(round.privacy)]);
+      for (const [name, c] of Object.entries(round.clients)) rows.push(["", "", "", name, fmt(c.eval_loss), fmt(c.train_loss), formatBytes(c.bytes_sent), "", ""]);
     }
-    const t = table(["round", "sampled", "answered", "client", "held-out loss", "train loss", "bytes sent", "sent / adapter"], rows); t.className = "federated-rounds"; box.append(t);
+    const t = table(["round", "sampled", "answered", "client", "held-out loss", "train loss", "bytes sent", "sent / adapter", "privacy spent"], rows); t.className = "federated-rounds"; box.append(t);
   }
 }
 async function scoresPage() {
