@@ -4,8 +4,9 @@ One walk as a person would: chat with the base model and a registry version side
 prompts file by clicking (4 thumbs, 2 A/B) and check the rows equal those ``finetune feedback`` writes for the same
 choices; rate in the chat (thumbs, A/B, an edit); retrain KTO from the thumbs in one click and see the new version
 in the chat and in the registry lineage; two pages rating at once lose no row; a server killed while ratings are in
-flight loses at most the one in flight. A second test serves a model whose answers hold ``<script>``,
-``<img onerror>`` and terminal escapes and checks they are shown as text. Screenshots go to docs/studio/.
+flight loses at most the one in flight; the federated rounds of a real run with DP on show the budget spent per
+round. A second test serves a model whose answers hold ``<script>``, ``<img onerror>`` and terminal escapes and
+checks they are shown as text. Screenshots go to docs/studio/.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 pytest.importorskip("fastapi")
 playwright_api = pytest.importorskip("playwright.sync_api")
 
+from tests.studio_federated import dp_accounting_epsilons, run_dp_federation  # noqa: E402
 from tests.test_studio_browser import CHROMIUM, SHOTS, start_studio, stop_studio, wait  # noqa: E402
 
 PROMPTS = ["What is 2 plus 3?", "Name a colour.", "Say hello.", "Count to three."]
@@ -53,6 +55,7 @@ def tiny_version(tmp_path_factory):
            "lm_eval_version": "test", "seed": 0, "date": "2026-12-07T00:00:00Z"}
     store(registry, "tiny-bot@1", [{**row, "value": 0.35, "stderr": 0.107}])
     store(registry, "tiny-bot@1", [{**row, "value": 0.25, "stderr": 0.099}], base=True)
+    run_dp_federation(root / "model", root / "runs" / "fed", root / "fed-data")  # a real run with DP on
     return root, home
 
 
@@ -174,6 +177,13 @@ def test_the_loop_in_a_browser(tiny_version, monkeypatch):
             lineage.wait_for_selector("table.scores")
             assert "0.107" in lineage.text_content("table.scores")
             lineage.screenshot(path=str(SHOTS / "scores.png"))
+            lineage.goto(base + "/federated")
+            lineage.wait_for_selector("table.federated-rounds")
+            shown = lineage.text_content("table.federated-rounds")
+            for epsilon in dp_accounting_epsilons():  # the budget spent through each round, as dp-accounting gives
+                assert f"ε {epsilon:.4g}, δ 0.00001" in shown
+            assert "clinic-a" in shown and "clinic-b" in shown
+            lineage.screenshot(path=str(SHOTS / "federated.png"), full_page=True)
             lineage.goto(base + "/export")
             lineage.wait_for_selector("#export-ref")
             lineage.select_option("#export-ref", "tiny-bot@1")

@@ -258,7 +258,7 @@ async function federatedPage() {
   if (!r.ok) { say(box, r.data.error, true); return; }
   if (!r.data.length) { box.append(el("p", {class: "empty"}, "No federated results yet (finetune federated ... or Trainer.fit_federated).")); return; }
   for (const run of r.data) {
-    const privacy = run.privacy ? `epsilon ${run.privacy.epsilon === null ? "∞ (no noise)" : fmt(run.privacy.epsilon)}, delta ${fmt(run.privacy.delta)}` : "off";
+    const privacy = run.privacy ? `epsilon ${run.privacy.epsilon === null ? "∞ (no noise)" : fmt(run.privacy.epsilon)}, delta ${run.privacy.delta} (after ${run.privacy.releases} releases)` : "off";
     box.append(el("h2", {}, run.ref), el("p", {}, `strategy ${run.strategy}; adapter ${run.adapter_bytes === null ? "—" : formatBytes(run.adapter_bytes)}; differential privacy: ${privacy}`));
     const rows = [];
     const spent = p => !p ? (run.privacy ? "—" : "off") : `ε ${p.epsilon === null ? "∞" : fmt(p.epsilon)}, δ ${p.delta}`;
