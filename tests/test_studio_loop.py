@@ -216,8 +216,8 @@ def test_loop_pages_need_the_token_and_escape_nothing_from_models(client):
 @pytest.mark.parametrize("objective", ["dpo", "sft", "reward-grpo"])
 def test_retrain_job_trains_and_publishes_each_objective(work, tmp_path, objective):
     """The job behind Retrain, in process, from a base model: the run's objective and a published version (no
-    parent: a base model is not a registry version). KTO from a registry version, merged first and published as
-    its child, is the browser test's."""
+    parent: a base model is not a registry version). KTO continuing a registry version's adapter, published as its
+    child, is the next test's and the browser test's."""
     from finetune_sdk.registry import Registry
     from finetune_sdk.studio.retrain import OBJECTIVES, run_job
 
@@ -239,3 +239,41 @@ def test_retrain_job_trains_and_publishes_each_objective(work, tmp_path, objecti
     assert manifest["objective"] == {"dpo": "dpo", "sft": "sft", "reward-grpo": "grpo"}[objective]
     if objective == "reward-grpo":
         assert (tmp_path / "run-reward" / "finetune_manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_retrain_continues_the_rated_lora_adapter_without_a_model_copy(work, client, tmp_path):
+    """The next stage of a lora version continues its adapter (as ``Trainer.fit([Stage, ...])`` does): with a
+    learning rate of 0 the new version's adapter equals the rated one tensor for tensor (a fresh adapter would have
+    zero ``lora_B``), no merged copy is written, the new manifest keeps the base and the LoRA shape, the lineage
+    is rated -> new; an option asking for another shape is refused before the job starts."""
+    from safetensors.torch import load_file
+
+    from finetune_sdk import Trainer
+    from finetune_sdk.registry import Registry
+    from finetune_sdk.studio.retrain import run_job
+
+    registry = Registry(tmp_path / "registry")
+    rows = [{"prompt": f"What is {a} plus 1?", "completion": f"{a} plus 1 is {a + 1}."} for a in range(4)]
+    Trainer(str(work / "model"), technique="lora", formatter="chatml", output_dir=tmp_path / "v1", publish_as="bot",
+            registry=registry, progress=False, max_steps=2, learning_rate=0.05, r=2).fit(rows)
+    thumbs = work / "continue-thumbs.jsonl"
+    thumbs.write_text("".join(json.dumps({**r, "label": i % 2 == 0}) + "\n" for i, r in enumerate(rows)))
+
+    refused = client.post("/api/retrain", headers=H, json={"objective": "kto", "file": thumbs.name, "rated": "bot@1",
+                                                            "options": {"r": 4}})
+    assert refused.status_code == 400 and "continues bot@1's adapter, which has r=2" in refused.json()["error"]
+
+    out = tmp_path / "runs" / "bot-kto"
+    version = run_job({"rated": "bot@1", "objective": "kto", "data": str(thumbs), "publish_as": "bot", "parent": True,
+                       "registry": str(tmp_path / "registry"), "output_dir": str(out),
+                       "options": {"max_steps": 1, "learning_rate": 0.0, "per_device_train_batch_size": 4}})
+    assert (version.ref, version.parent) == ("bot@2", "bot@1")
+    rated = load_file(str(registry.path("bot@1") / "adapter_model.safetensors"))
+    new = load_file(str(registry.path("bot@2") / "adapter_model.safetensors"))
+    assert sorted(rated) == sorted(new) and all(bool((rated[k] == new[k]).all()) for k in rated)
+    assert any(bool(t.abs().sum() > 0) for k, t in rated.items() if "lora_B" in k)  # trained, not a fresh init
+    assert not (out.parent / "bot-kto.start").exists()
+    manifest = registry.resolve("bot@2").manifest
+    assert manifest["objective"] == "kto" and manifest["options"]["r"] == 2
+    assert manifest["base_model"]["path"] == str((work / "model").resolve())

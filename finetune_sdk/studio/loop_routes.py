@@ -133,10 +133,11 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
         errors = forms.check_options(options) if isinstance(options, dict) else {"options": "must be an object"}
         if errors:
             raise ConfigError("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        options = {k: v for k, v in options.items() if v not in (None, "")}
+        retrain.continued_adapter(rated, options, registry())  # a LoRA shape the rated adapter hasn't: refused
         name = check_name(str(body.get("name") or _free_name(folder, f"{publish_as}-{objective}")))
         spec = {"rated": rated, "objective": objective, "data": str(data), "publish_as": publish_as,
-                "parent": in_registry, "registry": str(home), "output_dir": str(folder.path(name)),
-                "options": {k: v for k, v in options.items() if v not in (None, "")}}
+                "parent": in_registry, "registry": str(home), "output_dir": str(folder.path(name)), "options": options}
         return {**retrain.start(folder, name, spec, root), "plan": summary}
 
     @app.post("/api/export")

@@ -6,12 +6,13 @@ preference formatter skips), before anything starts. :func:`start` then launches
 finetune_sdk.studio.retrain SPEC`` as a process of its own (like a run started from the form: it outlives the page
 and the server, and its events are in ``<runs>/<name>.run/``). The process (:func:`run_job`):
 
-1. The starting point is the rated version: a result or registry version is folded into its base with
-   :func:`finetune_sdk.merge` (``<runs>/<name>.start``), so the new adapter trains on top of what was rated and the
-   KTO/DPO reference is the rated policy; a base model is used as it is.
+1. The starting point is the rated version (:func:`starting_point`): a ``lora`` result or registry version's adapter
+   is loaded trainable on its base and continued, as ``Trainer.fit([Stage, ...])`` continues one adapter from stage
+   to stage (no model copy; the KTO/DPO/GRPO reference is the rated policy); another technique's result is folded
+   into its base with :func:`finetune_sdk.merge` (``<runs>/<name>.start``); a base model is used as it is.
 2. ``Trainer(start, technique="lora", formatter=...).fit(ratings)``: ``kto`` on thumbs, ``preference`` (DPO, or the
-   ``preference_loss`` chosen) on pairs, ``chatml`` on edited answers; for ``reward-grpo`` a ``reward-model`` run on
-   the pairs first (``<runs>/<name>-reward``), then GRPO on the pairs' prompts scored by it.
+   ``preference_loss`` chosen) on pairs, ``chatml`` on edited answers; for ``reward-grpo`` a ``reward-model`` run
+   from the base model on the pairs first (``<runs>/<name>-reward``), then GRPO on the pairs' prompts scored by it.
 3. The result is published to the registry under the rated version's name (or the name given) with the rated version
    as its parent: the lineage shows ``rated -> new``, and the chat lists the new version.
 
@@ -132,18 +133,77 @@ def start(runs: Any, name: str, spec: dict[str, Any], cwd: Path) -> dict[str, An
     return runs.summary(name)
 
 
-def starting_point(spec: dict[str, Any], out: Path) -> str:
-    """The model the new stage trains: the rated result merged into its base, or the base model as it is."""
-    from finetune_sdk.loading import is_result
+#: The options that shape a LoRA adapter: a continued adapter keeps the rated version's (its manifest's).
+LORA_SHAPE = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora")
+
+
+def continued_adapter(rated: str, options: dict[str, Any], registry: Any) -> tuple[Path, dict[str, Any]] | None:
+    """``(its folder, its LoRA shape)`` when the rated version is a ``lora`` result whose adapter the new stage
+    continues; ``None`` for a base model or another technique's result. Reads the manifest only (no model loads),
+    so the studio checks it before the job starts.
+
+    Raises :class:`~finetune_sdk.errors.ConfigError` when ``options`` set a LoRA shape (:data:`LORA_SHAPE`) other
+    than the rated adapter's: a continued adapter keeps its shape.
+    """
+    from finetune_sdk.loading import is_result, result_folder
+    from finetune_sdk.formatter import CAUSAL_LM
+    from finetune_sdk.manifest import read_manifest
+
+    if not is_result(rated):
+        return None
+    folder = result_folder(rated, registry)
+    manifest = read_manifest(folder)
+    if manifest["technique"] != "lora" or manifest.get("task") != CAUSAL_LM:
+        return None
+    shape = {k: manifest["options"][k] for k in LORA_SHAPE if k in (manifest.get("options") or {})}
+    clash = [k for k in shape if k in options and options[k] != shape[k]]
+    if clash:
+        raise ConfigError(f"the new stage continues {rated}'s adapter, which has {clash[0]}={shape[clash[0]]!r}; "
+                          f"leave {clash[0]} out of the options (got {options[clash[0]]!r})")
+    return folder, shape
+
+
+def starting_point(spec: dict[str, Any], out: Path, registry: Any) -> tuple[Any, dict[str, Any], str]:
+    """What the new stage trains, as ``(model for Trainer, options it fixes, base model for a reward model)``.
+
+    * A base model: itself.
+    * A ``lora`` result (a folder or registry version, :func:`continued_adapter`): its base plus its adapter, loaded
+      trainable (PEFT's ``PeftModel.from_pretrained(..., is_trainable=True)``); the lora technique continues a
+      ``PeftModel`` as it is (as ``Trainer.fit([Stage, ...])`` continues one adapter from stage to stage), with the
+      rated version's LoRA shape. No model copy is written; the new result is an adapter on the same base.
+    * Any other result (``qlora``: its 4-bit base; ``full``; a plugin's technique): folded into its base with
+      :func:`finetune_sdk.merge` (``<runs>/<name>.start``), and a fresh LoRA adapter trains on that copy.
+    """
+    from finetune_sdk.loading import is_result, result_folder
+    from finetune_sdk.manifest import read_manifest
 
     rated = spec["rated"]
     if not is_result(rated):
-        return rated
-    import finetune_sdk
+        return rated, {}, rated
+    continued = continued_adapter(rated, spec.get("options") or {}, registry)
+    folder = continued[0] if continued else result_folder(rated, registry)
+    manifest = read_manifest(folder)
+    base = manifest.get("merged_from", {}).get("base_model") or manifest["base_model"]
+    base_model = base.get("path") or base["id"]
+    if continued is None:
+        import finetune_sdk
 
-    folder = out.parent / f"{out.name}.start"
-    finetune_sdk.merge(rated, folder)
-    return str(folder)
+        start = out.parent / f"{out.name}.start"
+        finetune_sdk.merge(folder, start, registry=registry)
+        return str(start), {}, base_model
+    return _trainable_adapter(folder), continued[1], base_model
+
+
+def _trainable_adapter(folder: Path) -> tuple[Any, Any]:
+    """``(PeftModel, tokenizer)``: the result's recorded base with its adapter loaded for training."""
+    from finetune_sdk.loading import load_base
+    from finetune_sdk.log import known_dependency_warnings
+
+    base = load_base(folder)
+    with known_dependency_warnings():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base.model, folder, is_trainable=True), base.tokenizer
 
 
 def run_job(spec: dict[str, Any]) -> Any:
@@ -157,10 +217,11 @@ def run_job(spec: dict[str, Any]) -> Any:
     quiet_third_party_output()
     out, objective, options = Path(spec["output_dir"]), spec["objective"], dict(spec.get("options") or {})
     registry = Registry(spec["registry"])
-    start_model = starting_point(spec, out)
+    start_model, shape, base_model = starting_point(spec, out, registry)
+    options.update(shape)
     data = spec["data"]
-    if objective == "reward-grpo":
-        reward = Trainer(start_model, technique="reward-model", formatter="preference",
+    if objective == "reward-grpo":  # the reward model: a scorer of its own, trained from the base model
+        reward = Trainer(base_model, technique="reward-model", formatter="preference",
                          output_dir=out.parent / f"{out.name}-reward", progress=False,
                          **{k: v for k, v in options.items() if k in ("max_steps", "learning_rate", "seed")})
         reward.fit(data)
