@@ -241,39 +241,87 @@ def test_retrain_job_trains_and_publishes_each_objective(work, tmp_path, objecti
         assert (tmp_path / "run-reward" / "finetune_manifest.json").is_file()
 
 
+
+@pytest.fixture(scope="module")
+def lora_version(work, tmp_path_factory):
+    """A registry holding ``bot@1``: the tiny model's lora adapter (r=2) trained 2 steps; and a thumbs file."""
+    from finetune_sdk import Trainer
+    from finetune_sdk.registry import Registry
+
+    home = tmp_path_factory.mktemp("lora-version") / "registry"
+    rows = [{"prompt": f"What is {a} plus 1?", "completion": f"{a} plus 1 is {a + 1}."} for a in range(4)]
+    Trainer(str(work / "model"), technique="lora", formatter="chatml", output_dir=home.parent / "v1",
+            publish_as="bot", registry=Registry(home), progress=False, max_steps=2, learning_rate=0.05, r=2).fit(rows)
+    thumbs = work / "continue-thumbs.jsonl"
+    thumbs.write_text("".join(json.dumps({**r, "label": i % 2 == 0}) + "\n" for i, r in enumerate(rows)))
+    return home, thumbs
+
+
 @pytest.mark.slow
-def test_retrain_continues_the_rated_lora_adapter_without_a_model_copy(work, client, tmp_path):
+def test_retrain_continues_the_rated_lora_adapter_without_a_model_copy(work, lora_version):
     """The next stage of a lora version continues its adapter (as ``Trainer.fit([Stage, ...])`` does): with a
     learning rate of 0 the new version's adapter equals the rated one tensor for tensor (a fresh adapter would have
     zero ``lora_B``), no merged copy is written, the new manifest keeps the base and the LoRA shape, the lineage
     is rated -> new; an option asking for another shape is refused before the job starts."""
     from safetensors.torch import load_file
 
-    from finetune_sdk import Trainer
     from finetune_sdk.registry import Registry
     from finetune_sdk.studio.retrain import run_job
 
-    registry = Registry(tmp_path / "registry")
-    rows = [{"prompt": f"What is {a} plus 1?", "completion": f"{a} plus 1 is {a + 1}."} for a in range(4)]
-    Trainer(str(work / "model"), technique="lora", formatter="chatml", output_dir=tmp_path / "v1", publish_as="bot",
-            registry=registry, progress=False, max_steps=2, learning_rate=0.05, r=2).fit(rows)
-    thumbs = work / "continue-thumbs.jsonl"
-    thumbs.write_text("".join(json.dumps({**r, "label": i % 2 == 0}) + "\n" for i, r in enumerate(rows)))
-
+    home, thumbs = lora_version
+    registry = Registry(home)
+    client = TestClient(create_app(work / "runs", work, token=TOKEN, registry_home=home),
+                        base_url="http://127.0.0.1:8765")
     refused = client.post("/api/retrain", headers=H, json={"objective": "kto", "file": thumbs.name, "rated": "bot@1",
                                                             "options": {"r": 4}})
     assert refused.status_code == 400 and "continues bot@1's adapter, which has r=2" in refused.json()["error"]
 
-    out = tmp_path / "runs" / "bot-kto"
-    version = run_job({"rated": "bot@1", "objective": "kto", "data": str(thumbs), "publish_as": "bot", "parent": True,
-                       "registry": str(tmp_path / "registry"), "output_dir": str(out),
+    out = home.parent / "runs" / "bot-kto"
+    version = run_job({"rated": "bot@1", "objective": "kto", "data": str(thumbs), "publish_as": "bot-kto",
+                       "parent": True, "registry": str(home), "output_dir": str(out),
                        "options": {"max_steps": 1, "learning_rate": 0.0, "per_device_train_batch_size": 4}})
-    assert (version.ref, version.parent) == ("bot@2", "bot@1")
+    assert (version.ref, version.parent) == ("bot-kto@1", "bot@1")
     rated = load_file(str(registry.path("bot@1") / "adapter_model.safetensors"))
-    new = load_file(str(registry.path("bot@2") / "adapter_model.safetensors"))
+    new = load_file(str(registry.path(version.ref) / "adapter_model.safetensors"))
     assert sorted(rated) == sorted(new) and all(bool((rated[k] == new[k]).all()) for k in rated)
     assert any(bool(t.abs().sum() > 0) for k, t in rated.items() if "lora_B" in k)  # trained, not a fresh init
     assert not (out.parent / "bot-kto.start").exists()
-    manifest = registry.resolve("bot@2").manifest
+    manifest = registry.resolve(version.ref).manifest
     assert manifest["objective"] == "kto" and manifest["options"]["r"] == 2
     assert manifest["base_model"]["path"] == str((work / "model").resolve())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["dpo", "sft", "reward-grpo"])
+def test_every_objective_continues_a_lora_version(work, lora_version, objective):
+    """DPO, SFT and GRPO (after a reward model trained from the base) train on top of the rated adapter too: the
+    new version has the rated adapter's tensors (same names and shapes, moved by training), its parent is the rated
+    version and no model copy is written."""
+    from safetensors.torch import load_file
+
+    from finetune_sdk.registry import Registry
+    from finetune_sdk.studio.retrain import run_job
+
+    home, _ = lora_version
+    if objective == "sft":
+        rows = [{"prompt": f"What is {a} plus 1?", "completion": f"It is {a + 1}."} for a in range(4)]
+    else:
+        rows = [{"prompt": f"What is {a} plus 1?", "chosen": f"{a + 1}.", "rejected": "I do not know."}
+                for a in range(4)]
+    data = home.parent / f"{objective}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = {"max_steps": 1, "learning_rate": 0.05}
+    if objective == "reward-grpo":
+        options.update(num_generations=2, max_completion_length=4, per_device_train_batch_size=2)
+    out = home.parent / "runs" / f"bot-{objective}"
+    version = run_job({"rated": "bot@1", "objective": objective, "data": str(data), "publish_as": f"bot-{objective}",
+                       "parent": True, "registry": str(home), "output_dir": str(out), "options": options})
+    registry = Registry(home)
+    assert version.parent == "bot@1" and not (out.parent / f"bot-{objective}.start").exists()
+    rated = load_file(str(registry.path("bot@1") / "adapter_model.safetensors"))
+    new = load_file(str(registry.path(version.ref) / "adapter_model.safetensors"))
+    assert {k: v.shape for k, v in rated.items()} == {k: v.shape for k, v in new.items()}
+    assert any(not bool((rated[k] == new[k]).all()) for k in rated)
+    if objective == "reward-grpo":
+        reward = json.loads((out.parent / f"bot-{objective}-reward" / "finetune_manifest.json").read_text())
+        assert reward["base_model"]["path"] == str((work / "model").resolve())
