@@ -50,7 +50,7 @@ function drawModelChoice(box) {
 async function rate(kind, answers, value, message) {
   const out = {thumbs: val("thumbs-file"), pair: val("pairs-file"), edit: val("edits-file")}[kind];
   const r = await api("POST", "/api/rate", {kind, answers, value, out});
-  if (r.ok) say(message, `appended to ${r.data.file} (${r.data.rows} rows)`); else say(message, r.data.error, true);
+  if (r.ok) say(message, `appended to ${r.data.file} (${r.data.rows} row${r.data.rows === 1 ? "" : "s"})`); else say(message, r.data.error, true);
   return r.ok;
 }
 function answerBox(column, model) {
