@@ -62,6 +62,7 @@ def tiny_version(tmp_path_factory):
 def _session(page, prompts, mode, out, choices, shot=None):
     page.fill("#prompts-file", prompts)
     page.select_option("#mode", mode)
+    assert page.input_value("#out-file") == {"thumbs": "thumbs.jsonl", "pairwise": "pairs.jsonl"}[mode]  # the chat's
     page.fill("#out-file", out)
     page.fill("#max_new_tokens", "6")
     page.fill("#temperature", "1.0")

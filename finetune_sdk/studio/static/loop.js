@@ -181,8 +181,12 @@ async function sessionPage() {
   const box = document.getElementById("session-setup");
   const mode = el("select", {id: "mode"}); ["thumbs", "pairwise"].forEach(m => mode.append(el("option", {value: m}, m)));
   box.append(labelled("model", modelSelect("session-model")), labelled("prompts file", input("prompts-file", "prompts.txt")),
-    labelled("mode", mode), labelled("ratings file", input("out-file", "ratings.jsonl")),
+    labelled("mode", mode), labelled("ratings file", input("out-file", "thumbs.jsonl")),
     labelled("edits file", input("sft-file", "")), labelled("formatter", input("session-formatter", "")), el("br"));
+  // the chat's files by default, so its Retrain reads what a session rated
+  const defaults = {thumbs: "thumbs.jsonl", pairwise: "pairs.jsonl"};
+  mode.onchange = () => { const out = document.getElementById("out-file");
+    if (Object.values(defaults).includes(out.value)) out.value = defaults[mode.value]; };
   settingsFields(box);
   const start = el("button", {id: "session-start"}, "Start / next"); box.append(el("br"), start);
   start.onclick = nextItem;
