@@ -183,7 +183,11 @@ def test_the_loop_in_a_browser(tiny_version, monkeypatch):
             shown = lineage.text_content("table.federated-rounds")
             for epsilon in dp_accounting_epsilons():  # the budget spent through each round, as dp-accounting gives
                 assert f"ε {epsilon:.4g}, δ 0.00001" in shown
-            assert "clinic-a" in shown and "clinic-b" in shown
+            assert "clinic-a" in shown and "clinic-b" in shown and "held-out loss, global model" in shown
+            history = json.loads((root / "runs" / "fed" / "finetune_manifest.json").read_text())["federated"]["history"]
+            cells = lineage.locator("table.federated-rounds tr").nth(2).locator("td").all_text_contents()
+            assert cells[3] == "clinic-a" and float(cells[5]) == pytest.approx(  # round 1, its global model
+                history[0]["global_eval"]["per_client"]["clinic-a"], rel=1e-3)
             lineage.screenshot(path=str(SHOTS / "federated.png"), full_page=True)
             lineage.goto(base + "/export")
             lineage.wait_for_selector("#export-ref")

@@ -267,11 +267,14 @@ async function federatedPage() {
     const rows = [];
     const spent = p => !p ? (run.privacy ? "—" : "off") : `ε ${p.epsilon === null ? "∞" : fmt(p.epsilon)}, δ ${p.delta}`;
     for (const round of run.rounds) {
-      rows.push([round.round, round.sampled, round.answered, "(global)", round.global_eval_loss === null ? null : fmt(round.global_eval_loss), null,
-        formatBytes(round.bytes_from_clients), run.adapter_bytes ? fmt(round.bytes_from_clients / run.adapter_bytes) + "×" : null, spent(round.privacy)]);
-      for (const [name, c] of Object.entries(round.clients)) rows.push(["", "", "", name, fmt(c.eval_loss), fmt(c.train_loss), formatBytes(c.bytes_sent), "", ""]);
+      const ratio = bytes => run.adapter_bytes && bytes !== null && bytes !== undefined ? fmt(bytes / run.adapter_bytes) + "×" : null;
+      rows.push([round.round, round.sampled, round.answered, "(all)", null, fmt(round.global_eval_loss), null,
+        formatBytes(round.bytes_from_clients), ratio(round.bytes_from_clients), spent(round.privacy)]);
+      for (const [name, c] of Object.entries(round.clients))
+        rows.push(["", "", "", name, fmt(c.eval_loss), fmt(c.global_eval_loss), fmt(c.train_loss), formatBytes(c.bytes_sent), ratio(c.bytes_sent), ""]);
     }
-    const t = table(["round", "sampled", "answered", "client", "held-out loss", "train loss", "bytes sent", "sent / adapter", "privacy spent"], rows); t.className = "federated-rounds"; box.append(t);
+    const t = table(["round", "sampled", "answered", "client", "held-out loss, own model", "held-out loss, global model", "train loss", "bytes sent", "sent / adapter", "privacy spent"], rows);
+    t.className = "federated-rounds"; box.append(t);
   }
 }
 async function scoresPage() {
