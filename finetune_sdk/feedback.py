@@ -147,7 +147,7 @@ def collect_feedback(model: Any, prompts: str | PathLike[str] | Sequence[str], o
     with RatingsAppender(out_path, shape, "output file") as ratings, _maybe_sft(sft_path) as edits:
         session = _Session(prompt_list, ratings, edits, ask, mode)
         pending = session.pending()
-        loaded = open_answering_model(model, formatter, trust_remote_code) if pending else None  # a bad ref: its one line
+        loaded = open_answering_model(model, formatter, trust_remote_code) if pending else None  # bad ref: one line
         session.note(f"{len(pending)} of {len(prompt_list)} prompts to rate"
                      + (f" ({len(prompt_list) - len(pending)} already rated)" if len(pending) < len(prompt_list)
                         else ""))
@@ -258,8 +258,7 @@ def answer_settings(model: Any, *, max_new_tokens: int, temperature: float) -> d
 
 
 def cuda_device_ids(torch: Any) -> list[int]:
-    """The ids of the CUDA devices ``torch`` sees (``[]`` without CUDA): what ``torch.random.fork_rng(devices=...)``
-    needs to seed the answers of a rating session without touching the caller's random state on any device."""
+    """The CUDA device ids ``torch`` sees (``[]`` without CUDA), for ``torch.random.fork_rng(devices=...)``."""
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
@@ -335,10 +334,7 @@ def pending_listings(prompts: Sequence[str], done: Mapping[str, int]) -> list[tu
 
 
 def check_feedback_options(mode: str, max_new_tokens: Any, temperature: Any, seed: Any) -> RowShape:
-    """Check a rating session's options before a model loads; returns the rows ``mode`` writes.
-
-    Raises :class:`~finetune_sdk.errors.ConfigError` (one line) for an unknown mode, ``max_new_tokens`` < 1 or not
-    whole, a negative or non-numeric ``temperature``, a greedy (0) temperature in pairwise mode, a non-whole seed.
+    """Check a rating session's options before a model loads (ConfigError, one line); returns the rows ``mode`` writes.
 
     >>> check_feedback_options("thumbs", 64, 0.7, 0).formatter
     'kto'
@@ -389,10 +385,8 @@ def _maybe_sft(path: Path | None) -> Any:
 
 
 def open_answering_model(model: Any, formatter: str | None, trust_remote_code: bool) -> Any:
-    """The model that answers a rating session: a path or registry reference is opened with
-    :func:`finetune_sdk.loading.open_model` (the formatter it was trained with unless ``formatter`` names another);
-    a loaded model gets ``formatter`` set when one is named. Raises :class:`~finetune_sdk.errors.ConfigError` for a
-    classifier (it can't answer prompts) or a bad reference (its one line)."""
+    """The model that answers a rating session: a path or reference through :func:`finetune_sdk.loading.open_model`,
+    a loaded model with ``formatter`` set if named. Raises ConfigError for a classifier or a bad reference."""
     if isinstance(model, (str, PathLike)):
         from finetune_sdk.loading import open_model
 
