@@ -113,8 +113,10 @@ def resolve_precision(options: Mapping[str, Any], *, adapter: bool, full: bool =
 
     ``adapter``: the technique trains a PEFT adapter on a frozen base; ``full``: it trains every weight;
     ``quantized``: the base is loaded in 4 or 8 bits; ``device``: ``cpu`` or ``cuda`` (default: a GPU when torch
-    sees one); ``feed``: what a training step feeds the matmuls (None: not known, e.g. loading for generation):
-    on the CPU a feed under :data:`CPU_BF16_MIN_FEED` keeps fp32. ``bf16``/``fp16`` of ``None`` mean not given.
+    sees one); ``feed``: what a training step feeds the matmuls (None: not known, e.g. loading for generation or
+    evaluation, or a model opened before ``fit``): on the CPU an unknown feed or one under
+    :data:`CPU_BF16_MIN_FEED` keeps fp32, the plain way, so that ``auto`` is never slower than fp32 and the same
+    Trainer's precision does not depend on the order of its calls. ``bf16``/``fp16`` of ``None`` mean not given.
     """
     import torch
 
@@ -142,7 +144,11 @@ def resolve_precision(options: Mapping[str, Any], *, adapter: bool, full: bool =
     native = cpu_bf16_native()
     if native is None:
         return Precision("float32", None, "float32", False, "auto: this CPU has no AVX512-BF16 or AMX")
-    if feed is not None and feed.values < CPU_BF16_MIN_FEED:
+    if feed is None:
+        return Precision("float32", None, "float32", False,
+                         "auto: fp32 until a training plan shows steps big enough for bf16 to pay on this CPU "
+                         "(generation, evaluation, a model opened before fit); dtype='bfloat16' forces it")
+    if feed.values < CPU_BF16_MIN_FEED:
         return Precision("float32", None, "float32", False,
                          f"auto: fp32, a step feeds {feed.tokens_per_step:,.0f} tokens x hidden {feed.hidden} "
                          f"(< {CPU_BF16_MIN_FEED:,} values): at this size bf16's casts cost more than its faster "

@@ -29,9 +29,14 @@ AUTO = {"dtype": "auto", "bf16": None, "fp16": False}
 
 
 def test_rules_on_a_bf16_cpu(bf16_cpu):
-    p = resolve_precision(AUTO, adapter=True, device="cpu")
+    from finetune_sdk.precision import Feed
+
+    p = resolve_precision(AUTO, adapter=True, device="cpu", feed=Feed(2048, 576))
     assert (p.dtype, p.trainable_dtype, p.autocast, p.auto) == ("bfloat16", "float32", None, True)
     assert "AVX512-BF16" in p.reason
+    # no training plan yet (generation, evaluation, a model opened before fit): fp32, the plain way
+    unknown = resolve_precision(AUTO, adapter=True, device="cpu")
+    assert (unknown.dtype, unknown.auto) == ("float32", False) and "until a training plan" in unknown.reason
     assert resolve_precision(AUTO, adapter=True, full=True, device="cpu").dtype == "float32"  # full: fp32 weights
     assert resolve_precision(AUTO, adapter=False, device="cpu").dtype == "float32"  # the classifier
     assert resolve_precision(AUTO, adapter=True, quantized=True, device="cpu").dtype == "float32"  # qlora on CPU
@@ -65,7 +70,7 @@ def test_auto_weighs_what_a_step_feeds_on_the_cpu(monkeypatch):
     for feed in (Feed(32 * 61.1, 576), Feed(8 * 256, 576), Feed(490, 2048)):  # a 1.7B model's hidden: bf16 at 490
         assert resolve_precision(AUTO, adapter=True, device="cpu", feed=feed).dtype == "bfloat16", feed
     assert CPU_BF16_MIN_FEED == 1024 * 576
-    assert resolve_precision(AUTO, adapter=True, device="cpu", feed=None).dtype == "bfloat16"  # unknown: as before
+    assert resolve_precision(AUTO, adapter=True, device="cpu", feed=None).dtype == "float32"  # unknown: the plain way
     assert resolve_precision({**AUTO, "dtype": "bfloat16"}, adapter=True, device="cpu",
                              feed=Feed(8, 64)).dtype == "bfloat16"  # given: no weighing
     monkeypatch.setattr(precision, "cuda_bf16", lambda: True)
