@@ -8,7 +8,7 @@ both ways over all rounds; centralised: the clients' data files uploaded once to
 
     python benchmarks/bench_federated.py [--rounds 4] [--local-steps 4] [--facts 12] [--hidden 128]
 
-``--variants fedavg,ffa,int8,nf4,hetlora,fedadam:eta=0.01,...`` compares aggregation methods, update compression and strategies on
+``--variants fedavg,ffa,fedex,int8,nf4,hetlora,fedadam:eta=0.01,...`` compares aggregation methods, update compression and strategies on
 the same 3 owners instead: each variant runs the SDK's server round loop and ClientApp in this process
 (``finetune_sdk.testing.federated.run_in_process``: the same training, aggregation and byte counting as Flower's
 runtime, without one process per client), and reports the union held-out loss, bytes moved and the largest
@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--learning-rate", type=float, default=3e-2)
-    parser.add_argument("--variants", help="comma-separated: fedavg, ffa, int8, nf4, hetlora or a strategy name "
+    parser.add_argument("--float32", action="store_true", help="train every variant on a float32 base (fedex needs it)")
+    parser.add_argument("--variants", help="comma-separated: fedavg, ffa, fedex, int8, nf4, hetlora or a strategy name "
                                            "with its Flower options, e.g. fedadam:eta=0.01;tau=0.001")
     parser.add_argument("--preference", action="store_true", help="federated DPO vs each owner's local DPO")
     args = parser.parse_args()
@@ -173,7 +174,7 @@ def compare_preference(args: argparse.Namespace) -> None:
     model = save_tiny_model(tmp / "model", hidden_size=args.hidden)
     clients, held_out = preference_data(tmp, args.facts)
     options = dict(learning_rate=args.learning_rate, seed=7, per_device_train_batch_size=args.batch, r=8,
-                   lora_alpha=16, lora_dropout=0.0)
+                   lora_alpha=16, lora_dropout=0.0, **({"dtype": "float32"} if args.float32 else {}))
     print(f"DPO: {len(CLIENTS)} owners x {args.facts} private pairs, {len(held_out)} held-out pairs, hidden "
           f"{args.hidden}, LoRA r=8, lr {args.learning_rate}, {args.rounds} rounds x {args.local_steps} local steps "
           f"(load average {os.getloadavg()[0]:.1f})")
@@ -210,7 +211,7 @@ def compare_variants(args: argparse.Namespace) -> None:
     model = save_tiny_model(tmp / "model", hidden_size=args.hidden)
     clients, held_out = make_data(tmp, args.facts)
     options = dict(learning_rate=args.learning_rate, seed=7, per_device_train_batch_size=args.batch, r=8,
-                   lora_alpha=16, lora_dropout=0.0)
+                   lora_alpha=16, lora_dropout=0.0, **({"dtype": "float32"} if args.float32 else {}))
     base = Trainer(model, formatter="chatml", progress=False, **options).evaluate(held_out)["eval_loss"]
     print(f"{len(CLIENTS)} owners x {args.facts} facts, hidden {args.hidden}, LoRA r=8, lr {args.learning_rate}, "
           f"{args.rounds} rounds x {args.local_steps} local steps, base held-out loss {base:.3f} "
@@ -221,7 +222,7 @@ def compare_variants(args: argparse.Namespace) -> None:
         settings: dict[str, object] = {"rounds": args.rounds, "local_steps": args.local_steps,
                                        "fraction_evaluate": 0, "min_fit_clients": len(CLIENTS)}
         ranks = {}
-        if variant in ("fedavg", "ffa"):
+        if variant in ("fedavg", "ffa", "fedex"):
             settings["aggregation"] = variant
         elif variant in ("int8", "nf4"):
             settings["update_compression"] = variant

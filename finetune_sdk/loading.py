@@ -104,6 +104,10 @@ def load(ref: str | os.PathLike[str], *, quantized: bool | None = None, base_mod
     dtype = "float32" if quantized is False else manifest.get("dtype") or "float32"
     model = load_base_model(source, manifest["task"], quantizer, options, dtype=getattr(torch, dtype),
                             pad_token_id=tokenizer.pad_token_id)
+    if manifest.get("base_delta"):  # FedEx-LoRA's residual, part of the base weights the adapter applies to
+        from finetune_sdk.federated.fedex import fold_into_base
+
+        fold_into_base(model, directory / manifest["base_delta"]["file"])
     model = technique.load(model, directory, {**options, "pad_token_id": tokenizer.pad_token_id})
     if (manifest.get("precision") or {}).get("activations") == "float32" and dtype != "float32":
         from finetune_sdk.precision import keep_activations_fp32

@@ -69,11 +69,17 @@ def plugins_used(run: Any, plan: Any) -> list[dict[str, str]]:
 
 
 def save_result(directory: Path, technique: Any, model: Any, tokenizer: Any, log_history: list[dict[str, Any]],
-                manifest: dict[str, Any]) -> None:
-    """Write a result folder atomically: what ``technique.save`` writes, the tokenizer, ``training_log.json`` and
-    the manifest; ``directory`` appears whole or not at all (:func:`finetune_sdk.fsutil.staged_directory`)."""
+                manifest: dict[str, Any], extra_tensors: dict[str, dict[str, Any]] | None = None) -> None:
+    """Write a result folder atomically: what ``technique.save`` writes, the tokenizer, ``training_log.json``, the
+    manifest and ``extra_tensors`` (file name -> numpy arrays, written as safetensors); ``directory`` appears whole
+    or not at all (:func:`finetune_sdk.fsutil.staged_directory`)."""
     with staged_directory(directory) as staging:
         technique.save(model, staging)
+        if extra_tensors:
+            from safetensors.numpy import save_file
+
+            for name, tensors in extra_tensors.items():
+                save_file(dict(tensors), str(staging / name))
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / TRAINING_LOG, log_history)
         write_json_atomic(staging / MANIFEST_NAME, manifest)

@@ -312,12 +312,12 @@ def test_checkpoint_is_replaced_every_round_and_foreign_files_are_refused(tmp_pa
 
     for server_round in (1, 2):
         arrays = ArrayRecord({"w": Array(np.full(3, float(server_round), dtype=np.float32))})
-        save_checkpoint(tmp_path, arrays, {"round": server_round, "array_names": ["w"]})
-    arrays, state = load_checkpoint(tmp_path)
+        save_checkpoint(tmp_path, arrays, {}, {"round": server_round, "array_names": ["w"]})
+    arrays, state, _ = load_checkpoint(tmp_path)
     assert state["round"] == 2 and arrays["w"].numpy().tolist() == [2.0, 2.0, 2.0]
     (tmp_path / "checkpoint" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds files a federated checkpoint doesn't"):
-        save_checkpoint(tmp_path, arrays, {"round": 3, "array_names": ["w"]})
+        save_checkpoint(tmp_path, arrays, {}, {"round": 3, "array_names": ["w"]})
     assert (tmp_path / "checkpoint" / "notes.txt").read_text() == "mine"
 
 

@@ -253,10 +253,112 @@ def test_unknown_aggregation_and_ffa_without_lora_are_one_line_errors():
 
     from finetune_sdk.federated.lora_aggregation import freeze_lora_a
 
-    with pytest.raises(ConfigError, match="aggregation must be one of fedavg, ffa, got 'flora'"):
+    with pytest.raises(ConfigError, match="aggregation must be one of fedavg, ffa, fedex, got 'flora'"):
         FederatedSettings(aggregation="flora").validate()
     with pytest.raises(ConfigError, match="needs a LoRA technique"):
         freeze_lora_a(torch.nn.Linear(2, 2), 0)
+
+
+def test_fedex_refuses_what_its_residual_cannot_complete():
+    with pytest.raises(ConfigError, match="aggregation='fedex' works with strategies fedavg, fedprox"):
+        FederatedSettings(aggregation="fedex", strategy="fedmedian").validate()
+    with pytest.raises(ConfigError, match="can't be combined with secure_aggregation or dp"):
+        FederatedSettings(aggregation="fedex", dp="server").validate()
+
+
+@pytest.fixture(scope="module")
+def fedex_and_fedavg(tiny_models, tmp_path_factory):
+    """Two rounds of 2 non-IID owners with FedEx-LoRA and with FedAvg of the factors; the grids keep each
+    client's reply (its trained factors) and the message it answered."""
+    from finetune_sdk.federated.rounds import FederatedServer
+    from finetune_sdk.testing.federated import InProcessGrid
+
+    model = tiny_models("llama")
+    tmp = tmp_path_factory.mktemp("fedex")
+    clients = as_pairs(write_clients(tmp / "data", ["clinic-a", "clinic-b"]))
+    runs = {}
+    for name in ("fedex", "fedavg"):
+        job = make_job(model, tmp / name, clients, rounds=2, local_steps=3, aggregation=name, fraction_evaluate=0)
+        job.options["dtype"] = "float32"  # FedEx-LoRA folds its residual into the base: float32 holds it exactly
+        grid = InProcessGrid(clients, job.to_run_config())
+        runs[name] = {"manifest": FederatedServer(job, grid).run(), "grid": grid, "out": tmp / name,
+                      "rounds": job.state_dir}
+    return runs
+
+
+def effective_weights(folder):
+    """``{base weight name: W + s B A}`` (float64) of every LoRA layer of a loaded result, and the loaded model."""
+    import finetune_sdk
+    from finetune_sdk.federated.fedex import lora_layers
+
+    loaded = finetune_sdk.load(folder)
+    out = {}
+    for b_name, (base_name, module, scaling) in lora_layers(loaded.model).items():
+        a_name = b_name.replace(".lora_B.", ".lora_A.")
+        params = dict(loaded.model.named_parameters())
+        out[base_name] = (module.get_base_layer().weight.detach().double().numpy()
+                          + scaling * params[b_name].detach().double().numpy() @ params[a_name].detach().double().numpy(),
+                          b_name, a_name, scaling)
+    return out
+
+
+def distance_to_clients_average(run):
+    """Relative distance of the saved round-2 model to the round-1 model plus the clients' weighted average round-2
+    update, every model as ``finetune_sdk.load`` gives it back; and the distance float32 rounding of that target alone
+    makes (the weights are float32: a small update on a larger weight loses digits whichever way it is stored)."""
+    before = effective_weights(run["rounds"] / "round-1")
+    after = effective_weights(run["out"])
+    replies = [(m, r) for m, r in zip(run["grid"].messages_sent, run["grid"].replies)
+               if int(m.content["config"]["server-round"]) == 2]
+    weights = np.array([float(r.content["metrics"]["num-examples"]) for _, r in replies])
+    weights /= weights.sum()
+    diff_sq = target_sq = floor_sq = 0.0
+    for base_name, (g1, b_name, a_name, scaling) in before.items():
+        start = g1 - scaling * np.asarray(replies[0][0].content["arrays"][b_name].numpy(), np.float64) @ \
+            np.asarray(replies[0][0].content["arrays"][a_name].numpy(), np.float64)  # W + D_1, without the adapter
+        average = sum(w * scaling * r.content["arrays"][b_name].numpy().astype(np.float64)
+                      @ r.content["arrays"][a_name].numpy().astype(np.float64) for w, (_, r) in zip(weights, replies))
+        target = start + average
+        diff_sq += float(np.sum((after[base_name][0] - target) ** 2))
+        target_sq += float(np.sum((target - g1) ** 2))
+        floor_sq += float(np.sum((target.astype(np.float32).astype(np.float64) - target) ** 2))
+    return float(np.sqrt(diff_sq / target_sq)), float(np.sqrt(floor_sq / target_sq))
+
+
+@pytest.mark.slow
+def test_fedex_saved_model_is_the_clients_average_and_fedavg_is_not(fedex_and_fedavg):
+    fedex, floor = distance_to_clients_average(fedex_and_fedavg["fedex"])
+    fedavg, _ = distance_to_clients_average(fedex_and_fedavg["fedavg"])
+    history = {n: [e["aggregation_error"] for e in fedex_and_fedavg[n]["manifest"]["federated"]["history"]]
+               for n in ("fedex", "fedavg")}
+    print(f"round 2, loaded model vs clients' average: fedex {fedex:.2e} (float32 rounding of the target alone "
+          f"{floor:.2e}), fedavg {fedavg:.4%}; per-round aggregation_error {history}")
+    assert fedex <= 1e-3 < fedavg
+    assert fedex < 3 * floor  # exact up to float32 rounding of the weights
+    assert max(history["fedex"]) < 1e-5 and min(history["fedavg"]) > 1e-3
+
+
+@pytest.mark.slow
+def test_fedex_traffic_meters_the_dense_base_delta(fedex_and_fedavg):
+    from safetensors.numpy import load_file
+
+    from finetune_sdk.federated.params import NPY_HEADER_BYTES
+
+    run = fedex_and_fedavg["fedex"]
+    history = run["manifest"]["federated"]["history"]
+    adapter_bytes = sum(v.size * 4 + NPY_HEADER_BYTES for v in adapter(run["out"]).values())
+    delta = load_file(str(run["rounds"] / "round-1" / "base_delta.safetensors"))
+    delta_bytes = sum(v.size * 4 + NPY_HEADER_BYTES for v in delta.values())
+    assert run["manifest"]["base_delta"] == {"file": "base_delta.safetensors", "method": "fedex-lora",
+                                             "weights": len(delta)}
+    for name in ("clinic-a", "clinic-b"):
+        assert history[0]["clients"][name]["bytes_received"] == adapter_bytes  # no residual before round 1
+        assert history[1]["clients"][name]["bytes_received"] == adapter_bytes + delta_bytes
+        assert history[0]["clients"][name]["bytes_sent"] == history[1]["clients"][name]["bytes_sent"] == adapter_bytes
+    print(f"per client per round: adapter {adapter_bytes:,} B each way, base delta {delta_bytes:,} B down")
+    factors = adapter(run["out"])  # dense: out x in float32 per adapted matrix, vs r x (out + in) for its factors
+    assert delta_bytes == sum(factors[b].shape[0] * factors[b.replace("lora_B", "lora_A")].shape[1] * 4
+                              + NPY_HEADER_BYTES for b in factors if "lora_B" in b)
 
 
 def test_aggregation_error_of_averaged_factors_is_the_cross_term():

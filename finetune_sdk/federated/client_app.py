@@ -43,6 +43,13 @@ def client_data(context: Context) -> ClientData:
     return ClientData(name, str(config[NODE_DATA]), eval_data, rank)
 
 
+def base_delta(msg: Message) -> Any:
+    """FedEx-LoRA's accumulated base delta the server sent with the parameters, or ``None``."""
+    from finetune_sdk.federated.fedex import RESIDUAL_KEY
+
+    return msg.content.array_records.get(RESIDUAL_KEY)
+
+
 def clip_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
     """Flower's ``fixedclipping_mod`` (client-side DP clipping) when the server sent a clipping norm."""
     configs = list(msg.content.config_records.values())
@@ -130,7 +137,7 @@ def train(msg: Message, context: Context) -> Message:
     startup = process_startup_seconds()
     config = msg.content["config"]
     update = train_round(job, client, msg.content["arrays"], int(config["server-round"]),
-                         float(config.get("proximal-mu", 0.0)))
+                         float(config.get("proximal-mu", 0.0)), base_delta(msg))
     metrics = MetricRecord({"num-examples": update.num_examples, UNIT_WEIGHT: 1, **update.metrics,
                             **({"startup_seconds": startup} if startup is not None else {})})
     report = ConfigRecord({"client": client.name, "formatter": update.formatter or ""})
@@ -144,7 +151,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     client = client_data(context)
     install_open_audit(f"client-{client.name}")
     job = FederatedJob.from_run_config(context.run_config)
-    metrics, formatter = evaluate_global(job, client, msg.content["arrays"])
+    metrics, formatter = evaluate_global(job, client, msg.content["arrays"], base_delta(msg))
     examples = int(metrics.pop("eval_examples", 0))
     record = MetricRecord({"num-examples": max(examples, 1), "eval_loss": metrics.get("eval_loss", 0.0),
                            "has-eval": 1 if metrics else 0})

@@ -53,15 +53,17 @@ def local_options(job: FederatedJob, server_round: int) -> dict[str, Any]:
     return options
 
 
-def evaluate_global(job: FederatedJob, client: ClientData, arrays: Any) -> tuple[dict[str, float], str | None]:
-    """Held-out loss of the global parameters on this client's eval data (empty without eval data)."""
+def evaluate_global(job: FederatedJob, client: ClientData, arrays: Any,
+                    base_delta: Any = None) -> tuple[dict[str, float], str | None]:
+    """Held-out loss of the global parameters (with FedEx-LoRA's ``base_delta`` folded into the base) on this
+    client's eval data (empty without eval data)."""
     if not client.eval:
         return {}, None
     work = Path(tempfile.mkdtemp(prefix="finetune-federated-eval-"))
     try:
         rows = load_rows(client.eval, name=f"client {client.name} eval-data")
         trainer = job.trainer(work / "out", **rank_options(job, client))
-        _prepare_with(trainer, rank_arrays(arrays, job, client), job)
+        _prepare_with(trainer, rank_arrays(arrays, job, client), job, base_delta)
         metrics = trainer.evaluate(rows)
         return {"eval_loss": float(metrics["eval_loss"]), "eval_examples": float(len(rows))}, \
             trainer.formatter.name if trainer.formatter else None
@@ -70,8 +72,11 @@ def evaluate_global(job: FederatedJob, client: ClientData, arrays: Any) -> tuple
 
 
 def train_round(job: FederatedJob, client: ClientData, arrays: Any, server_round: int,
-                proximal_mu: float = 0.0) -> LocalUpdate:
+                proximal_mu: float = 0.0, base_delta: Any = None) -> LocalUpdate:
     """Train locally from the global ``arrays`` and return the new trainable parameters and metrics.
+
+    ``base_delta`` (FedEx-LoRA's accumulated residual, an ``ArrayRecord`` keyed by base weight name) is added to
+    the frozen base weights first, so that training starts from the exact global model.
 
     Metrics: ``train_loss``, ``train_steps``; with eval data ``global_eval_loss`` (the received global model on
     this client's held-out rows, before training), ``eval_loss`` (the local model after training) and
@@ -84,7 +89,7 @@ def train_round(job: FederatedJob, client: ClientData, arrays: Any, server_round
     work = Path(tempfile.mkdtemp(prefix="finetune-federated-client-"))
     try:
         trainer = job.trainer(work / "out", **local_options(job, server_round), **rank_options(job, client))
-        model = _prepare_with(trainer, rank_arrays(arrays, job, client), job)
+        model = _prepare_with(trainer, rank_arrays(arrays, job, client), job, base_delta)
         metrics: dict[str, float] = {"global_eval_loss": 0.0, "eval_loss": 0.0, "eval_examples": 0.0,
                                      "load_seconds": time.perf_counter() - started}
         if eval_rows is not None:
@@ -127,16 +132,21 @@ def rank_arrays(arrays: Any, job: FederatedJob, client: ClientData) -> Any:
     return truncate(arrays, int(client.rank or 0))
 
 
-def _prepare_with(trainer: Any, arrays: Any, job: FederatedJob) -> Any:
+def _prepare_with(trainer: Any, arrays: Any, job: FederatedJob, base_delta: Any = None) -> Any:
     """Make the Trainer's model trainable as its technique does, then load the global parameters into it.
 
     With ``aggregation="ffa"`` every LoRA ``A`` is set from the job's shared seed and frozen first (the server
-    did the same), so only ``B`` is trainable, loaded and sent back. ``Trainer.fit`` continues from a prepared
-    model (as a second ``fit`` continues the same adapter)."""
+    did the same), so only ``B`` is trainable, loaded and sent back. With ``aggregation="fedex"`` the received
+    base delta is added to the frozen base weights. ``Trainer.fit`` continues from a prepared model (as a second
+    ``fit`` continues the same adapter)."""
     session = trainer.current_model()
     session.model = trainer.technique.prepare(session.model, trainer.options, session.tokenizer)
     if job.settings.aggregation == "ffa":
         freeze_lora_a(session.model, shared_seed(job.settings, job.options))
+    if base_delta is not None:
+        from finetune_sdk.federated.fedex import fold_into_peft
+
+        fold_into_peft(session.model, base_delta)
     load_arrays(session.model, arrays)
     return session.model
 

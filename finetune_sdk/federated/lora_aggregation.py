@@ -19,7 +19,7 @@ from typing import Any
 from finetune_sdk.errors import ConfigError
 
 #: ``aggregation=`` values: how the clients' LoRA factors become the global adapter.
-AGGREGATIONS = ("fedavg", "ffa")
+AGGREGATIONS = ("fedavg", "ffa", "fedex")
 LORA_A, LORA_B = ".lora_A.", ".lora_B."
 
 
@@ -76,14 +76,15 @@ def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
 
 
 def aggregation_error(old: Any, new: Any, clients: list[Any], weights: list[float],
-                      frozen: dict[str, Any] | None = None) -> float | None:
+                      frozen: dict[str, Any] | None = None, residual: dict[str, Any] | None = None) -> float | None:
     """Relative distance of the global LoRA update to the clients' weighted average update.
 
     ``|| sum_l (dW_global_l - sum_i w_i dW_i_l) ||_F / || sum_i w_i dW_i ||_F`` over all LoRA layers ``l``, with
     ``dW = B @ A - B_old @ A_old`` (the scaling ``s`` cancels), ``w_i`` the normalised weights the strategy used.
     0 for an exact aggregation; FedAvg of the factors is not. ``old``/``new``/``clients`` map names to arrays
     (Flower ``ArrayRecord`` or dicts of numpy arrays); ``frozen`` gives the ``A`` matrices that don't travel
-    (FFA-LoRA). ``None`` when there is no LoRA layer or no update.
+    (FFA-LoRA); ``residual`` maps ``B`` names to the part of the global update folded into the base weight
+    (FedEx-LoRA, without the scaling), added to ``dW_global``. ``None`` when there is no LoRA layer or no update.
 
     Example:
         >>> import numpy as np
@@ -112,6 +113,8 @@ def aggregation_error(old: Any, new: Any, clients: list[Any], weights: list[floa
         before = b_old @ a_old
         target = sum((w / total) * (array(c, b_name) @ array(c, a_name) - before) for c, w in zip(clients, weights))
         actual = array(new, b_name) @ array(new, a_name) - before
+        if residual and b_name in residual:
+            actual = actual + np.asarray(residual[b_name], dtype=np.float64)
         diff_sq += float(np.sum((actual - target) ** 2))
         target_sq += float(np.sum(target ** 2))
     return math.sqrt(diff_sq / target_sq) if target_sq > 0 else None

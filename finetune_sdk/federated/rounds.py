@@ -16,6 +16,7 @@ from typing import Any
 from finetune_sdk.errors import FinetuneError
 from finetune_sdk.federated.job import FederatedJob
 from finetune_sdk.federated.compression import decompress_update
+from finetune_sdk.federated.fedex import RESIDUAL_KEY, accumulate, as_record, lora_layers, residual
 from finetune_sdk.federated.lora_aggregation import LORA_A, aggregation_error, freeze_lora_a, shared_seed
 from finetune_sdk.federated.params import load_arrays, payload_bytes, trainable_arrays
 from finetune_sdk.federated.ranks import pad
@@ -56,6 +57,8 @@ class FederatedServer:
             freeze_lora_a(self.model, shared_seed(self.settings, self.trainer.options))
             self.frozen = {n: p.detach().float().numpy().copy() for n, p in self.model.named_parameters()
                            if LORA_A in f".{n}"}
+        self.fedex_layers = lora_layers(self.model) if self.settings.aggregation == "fedex" else {}
+        self.base_delta: dict[str, Any] = {}  # FedEx-LoRA's accumulated residual, folded into every base weight
         self.arrays = trainable_arrays(self.model)
         self.history: list[dict[str, Any]] = []
         self.names: dict[int, str] = {}
@@ -66,7 +69,7 @@ class FederatedServer:
         resumed = load_checkpoint(self.state_dir) if job.resume else None
         saved_accountant = None
         if resumed is not None:
-            self.arrays, state = resumed
+            self.arrays, state, self.base_delta = resumed
             self.start_round = state["round"] + 1
             self.history, self.parent = state["history"], state.get("parent")
             self.names = {int(k): v for k, v in state["names"].items()}
@@ -101,8 +104,10 @@ class FederatedServer:
         """Send the global parameters, receive each client's new ones, aggregate them with the strategy."""
         from flwr.app import ConfigRecord
 
-        messages = list(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(), self.grid))
-        sent = {m.metadata.dst_node_id: payload_bytes(m.content["arrays"]) for m in messages}
+        messages = self._with_base_delta(self.strategy.configure_train(server_round, self.arrays, ConfigRecord(),
+                                                                       self.grid))
+        sent = {m.metadata.dst_node_id: sum(payload_bytes(record) for record in m.content.array_records.values())
+                for m in messages}  # the adapter, and FedEx-LoRA's dense base delta
         replies = list(self.grid.send_and_receive(messages, timeout=self.settings.round_timeout))
         valid = [r for r in replies if not r.has_error()]
         received = {r.metadata.src_node_id: payload_bytes(r.content["arrays"]) for r in valid}  # as they travelled
@@ -127,11 +132,22 @@ class FederatedServer:
         if arrays is None:
             raise FinetuneError(f"round {server_round}: the strategy could not aggregate the updates")
         arrays = same_dtypes(arrays, self.arrays)  # FedAdam/FedYogi compute in float64: don't double the traffic
-        error = aggregation_error(self.arrays, arrays, updates, weights, self.frozen)
+        folded = accumulate(self.base_delta, self.fedex_layers, residual(arrays, updates, weights)) \
+            if self.fedex_layers else None
+        error = aggregation_error(self.arrays, arrays, updates, weights, self.frozen, folded)
         extra: dict[str, Any] = {"sampled": len(sent)}
         if error is not None:  # distance of the global LoRA update to the clients' average update
             extra["aggregation_error"] = error
         return arrays, reports, dropped, extra
+
+    def _with_base_delta(self, messages: Any) -> list[Any]:
+        """The messages, each carrying FedEx-LoRA's accumulated base delta when there is one."""
+        messages = list(messages)
+        if self.base_delta:
+            record = as_record(self.base_delta)
+            for message in messages:
+                message.content[RESIDUAL_KEY] = record
+        return messages
 
     def _secure_round(self, server_round: int) -> tuple[Any, list[dict[str, Any]], list[str], dict[str, Any]]:
         """The same round through Flower's SecAgg+: the server receives only the weighted sum of the updates."""
@@ -209,14 +225,14 @@ class FederatedServer:
         load_arrays(self.model, self.arrays)
         directory = self.state_dir / f"round-{entry['round']}"
         write_result(self.trainer, directory, self.formatter, self._metrics(), self._federated(entry["round"]),
-                     self.history)
+                     self.history, self.base_delta)
         if self.job.publish_as:
             version = self._registry().publish(
                 directory, self.job.publish_as, parent=self.parent, tags=self._tags(entry),
                 description=f"federated round {entry['round']} of {self.settings.rounds}")
             self.parent = entry["version"] = version.ref
             logger.info("published %s", version.ref)
-        save_checkpoint(self.state_dir, self.arrays, {
+        save_checkpoint(self.state_dir, self.arrays, self.base_delta, {
             "round": entry["round"], "history": self.history, "parent": self.parent,
             "names": {str(k): v for k, v in self.names.items()}, "examples": self.examples,
             "formatter": self.formatter, "array_names": list(self.arrays.keys()),
@@ -227,8 +243,8 @@ class FederatedServer:
 
         if not self.settings.fraction_evaluate:
             return {}
-        messages = list(self.strategy.configure_evaluate(self.settings.rounds, self.arrays, ConfigRecord(),
-                                                         self.grid))
+        messages = self._with_base_delta(self.strategy.configure_evaluate(self.settings.rounds, self.arrays,
+                                                                          ConfigRecord(), self.grid))
         replies = [r for r in self.grid.send_and_receive(messages, timeout=self.settings.round_timeout)
                    if not r.has_error()]
         per_client = {}
@@ -247,7 +263,7 @@ class FederatedServer:
         load_arrays(self.model, self.arrays)
         metrics = self._metrics()
         manifest = write_result(self.trainer, Path(self.job.output_dir), self.formatter, metrics,
-                                self._federated(self.settings.rounds), self.history)
+                                self._federated(self.settings.rounds), self.history, self.base_delta)
         clear_checkpoint(self.state_dir)
         return manifest
 

@@ -19,12 +19,17 @@ from finetune_sdk.fsutil import staged_directory, write_json_atomic
 from finetune_sdk.saving import save_result
 
 CHECKPOINT, STATUS = "checkpoint", "status.json"
-CHECKPOINT_FILES = {"arrays.safetensors", "state.json"}
+CHECKPOINT_FILES = {"arrays.safetensors", "state.json", "base_delta.safetensors"}
 
 
 def write_result(trainer: Any, directory: Path, formatter: str | None, metrics: dict[str, Any],
-                 federated: dict[str, Any], log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write the model's current trainable weights as a result folder (atomically); returns its manifest."""
+                 federated: dict[str, Any], log_history: list[dict[str, Any]],
+                 base_delta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the model's current trainable weights as a result folder (atomically); returns its manifest.
+
+    With FedEx-LoRA's ``base_delta`` (float32 arrays keyed by base weight name) the folder also holds
+    ``base_delta.safetensors``, named in the manifest's ``base_delta``, which ``finetune_sdk.load`` adds to the base
+    weights before the adapter."""
     session = trainer.current_model()
     plan = SimpleNamespace(objective="sft", formatter_name=formatter,
                            dataset={"source": "federated", "clients": federated.get("clients", {}),
@@ -32,13 +37,19 @@ def write_result(trainer: Any, directory: Path, formatter: str | None, metrics: 
                                     "fingerprint": None})
     manifest = trainer.manifest(plan, metrics)
     manifest["federated"] = federated
-    save_result(directory, trainer.technique, session.model, session.tokenizer, log_history, manifest)
+    extra = {}
+    if base_delta:
+        from finetune_sdk.federated.fedex import BASE_DELTA_FILE
+
+        manifest["base_delta"] = {"file": BASE_DELTA_FILE, "method": "fedex-lora", "weights": len(base_delta)}
+        extra[BASE_DELTA_FILE] = base_delta
+    save_result(directory, trainer.technique, session.model, session.tokenizer, log_history, manifest, extra)
     return manifest
 
 
-def save_checkpoint(state_dir: Path, arrays: Any, state: dict[str, Any]) -> None:
-    """Save the global parameters and the run's state after a completed round; the old checkpoint is replaced
-    in one rename."""
+def save_checkpoint(state_dir: Path, arrays: Any, base_delta: dict[str, Any], state: dict[str, Any]) -> None:
+    """Save the global parameters, FedEx-LoRA's base delta (if any) and the run's state after a completed round;
+    the old checkpoint is replaced in one rename."""
     from safetensors.numpy import save_file
 
     folder = state_dir / CHECKPOINT
@@ -48,11 +59,14 @@ def save_checkpoint(state_dir: Path, arrays: Any, state: dict[str, Any]) -> None
     # the SDK's own checkpoint folder (checked just above), not a result folder: replaced without the result check
     with staged_directory(folder, replace_only_results=False) as staging:
         save_file({name: array.numpy() for name, array in arrays.items()}, str(staging / "arrays.safetensors"))
+        if base_delta:
+            save_file(dict(base_delta), str(staging / "base_delta.safetensors"))
         write_json_atomic(staging / "state.json", state)
 
 
-def load_checkpoint(state_dir: Path) -> tuple[Any, dict[str, Any]] | None:
-    """The last completed round's parameters (an ``ArrayRecord``) and state, or ``None`` when there is none."""
+def load_checkpoint(state_dir: Path) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
+    """The last completed round's parameters (an ``ArrayRecord``), state and base delta (``{}`` without
+    FedEx-LoRA), or ``None`` when there is none."""
     folder = state_dir / CHECKPOINT
     if not (folder / "state.json").is_file() or not (folder / "arrays.safetensors").is_file():
         return None
@@ -61,7 +75,9 @@ def load_checkpoint(state_dir: Path) -> tuple[Any, dict[str, Any]] | None:
 
     arrays = load_file(str(folder / "arrays.safetensors"))
     state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    return ArrayRecord({name: Array(arrays[name]) for name in state["array_names"]}), state
+    delta_file = folder / "base_delta.safetensors"
+    base_delta = load_file(str(delta_file)) if delta_file.is_file() else {}
+    return ArrayRecord({name: Array(arrays[name]) for name in state["array_names"]}), state, base_delta
 
 
 def write_status(state_dir: Path, token: str, state: str, **extra: Any) -> None:

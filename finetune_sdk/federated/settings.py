@@ -34,7 +34,10 @@ class FederatedSettings:
         aggregation: how LoRA factors are combined: ``"fedavg"`` (each factor averaged by the strategy: the global
             update is ``mean(B) @ mean(A)``, not the clients' average ``mean(B @ A)``) or ``"ffa"`` (FFA-LoRA, Sun et
             al., 2024: every ``A`` drawn from one shared seed and frozen, only ``B`` trains and travels: exact, half
-            the traffic of a square layer); see :mod:`finetune_sdk.federated.lora_aggregation`.
+            the traffic of a square layer) or ``"fedex"`` (FedEx-LoRA, Singhal et al., 2024: factors averaged, the
+            residual ``mean(B A) - mean(B) mean(A)`` folded into each client's frozen base weight: exact, plus a
+            dense delta per adapted matrix in every server message; :mod:`finetune_sdk.federated.fedex`); see
+            :mod:`finetune_sdk.federated.lora_aggregation`.
         update_compression: ``None`` (float32 updates), ``"int8"`` or ``"nf4"``: each client's update quantized
             blockwise before it is sent and dequantized by the server (:mod:`finetune_sdk.federated.compression`).
         fraction_fit: fraction of the connected clients sampled for training each round (at least
@@ -120,6 +123,8 @@ class FederatedSettings:
         from finetune_sdk.federated.compression import check_compression
 
         check_compression(self.update_compression)
+        if self.aggregation == "fedex":
+            self._validate_fedex()
         if self.update_compression and self.secure_aggregation:
             raise ConfigError("update_compression can't be combined with secure_aggregation: SecAgg+ quantizes and "
                               "masks the updates itself")
@@ -156,6 +161,15 @@ class FederatedSettings:
         if self.secure_aggregation:
             self._validate_secure_aggregation(num_clients)
         return self
+
+    def _validate_fedex(self) -> None:
+        """FedEx-LoRA's residual needs each client's own ``B_i A_i`` and a weighted mean of the factors."""
+        if self.strategy not in SECURE_STRATEGIES:
+            raise ConfigError(f"aggregation='fedex' works with strategies {', '.join(SECURE_STRATEGIES)} (its residual "
+                              f"completes a weighted mean of the factors), got {self.strategy!r}")
+        if self.secure_aggregation or self.dp:
+            raise ConfigError("aggregation='fedex' can't be combined with secure_aggregation or dp: its residual needs "
+                              "each client's own update; use aggregation='ffa' (exact too) with them")
 
     def _validate_secure_aggregation(self, num_clients: int | None) -> None:
         """SecAgg+ sums updates the server never sees one by one: what needs a single update is refused."""
