@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--variants", help="comma-separated: fedavg, ffa, fedex, int8, nf4, hetlora or a strategy name "
                                            "with its Flower options, e.g. fedadam:eta=0.01;tau=0.001")
     parser.add_argument("--preference", action="store_true", help="federated DPO vs each owner's local DPO")
+    parser.add_argument("--reference", default="start", help="--preference: comma-separated preference_reference "
+                                                             "values to run (start, round)")
     args = parser.parse_args()
     if args.variants:
         compare_variants(args)
@@ -180,15 +182,17 @@ def compare_preference(args: argparse.Namespace) -> None:
           f"(load average {os.getloadavg()[0]:.1f})")
     print("| adapter | held-out preference accuracy | seconds |")
     print("| --- | --- | --- |")
-    started = time.perf_counter()
-    job = FederatedJob(str(model), "lora", None, "preference", dict(options),
-                       FederatedSettings(rounds=args.rounds, local_steps=args.local_steps, fraction_evaluate=0,
-                                         min_fit_clients=len(CLIENTS)).validate(len(CLIENTS)),
-                       str(tmp / "federated"), expected_clients=sorted(CLIENTS), run_token="dpo")
-    run_in_process(job, {name: (path, None) for name, path in clients.items()})
-    accuracy = preference_accuracy(tmp / "federated", held_out, options)
-    print(f"| federated DPO (FedAvg, {args.rounds} rounds) | {accuracy:.3f} | {time.perf_counter() - started:.0f} |",
-          flush=True)
+    for reference in args.reference.split(","):
+        started = time.perf_counter()
+        job = FederatedJob(str(model), "lora", None, "preference", dict(options),
+                           FederatedSettings(rounds=args.rounds, local_steps=args.local_steps, fraction_evaluate=0,
+                                             min_fit_clients=len(CLIENTS), preference_reference=reference
+                                             ).validate(len(CLIENTS)),
+                           str(tmp / f"federated-{reference}"), expected_clients=sorted(CLIENTS), run_token="dpo")
+        run_in_process(job, {name: (path, None) for name, path in clients.items()})
+        accuracy = preference_accuracy(tmp / f"federated-{reference}", held_out, options)
+        print(f"| federated DPO (FedAvg, {args.rounds} rounds, reference: {reference}) | {accuracy:.3f} | "
+              f"{time.perf_counter() - started:.0f} |", flush=True)
     for name, path in clients.items():
         started = time.perf_counter()
         Trainer(model, formatter="preference", output_dir=tmp / name, progress=False, save_steps=0,

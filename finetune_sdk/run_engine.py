@@ -4,12 +4,14 @@ evaluates, and hands the result to :mod:`finetune_sdk.saving`. It never sees the
 
 from __future__ import annotations
 
+import contextlib
+import contextlib
 import logging
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from finetune_sdk.errors import FinetuneError
 from finetune_sdk import varlen_attention
@@ -143,6 +145,29 @@ def training_arguments(run: RunSpec, work_dir: str, has_eval: bool, group_by_len
     return TrainingArguments(**kwargs)
 
 
+@contextlib.contextmanager
+def starting_point(model: Any, parameters: dict[str, Any] | None) -> Iterator[None]:
+    """Inside the block the model's parameters named in ``parameters`` (name -> tensor, e.g. a federated run's
+    starting adapter, from which each owner computes its DPO/KTO reference) hold those values; their own values
+    come back after it, in place (the optimizer's tensors stay the same). ``None``: nothing changes."""
+    if parameters is None:
+        yield
+        return
+    import torch
+
+    params = dict(model.named_parameters())
+    own = {name: params[name].detach().clone() for name in parameters}
+    with torch.no_grad():
+        for name, values in parameters.items():
+            params[name].copy_(values)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, values in own.items():
+                params[name].copy_(values)
+
+
 def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) -> FitResult:
     """Prepare ``loaded.model`` (a LoadedModel's), train on ``plan``, evaluate, and save the result folder."""
     from transformers import PrinterCallback, set_seed
@@ -167,7 +192,9 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
             log.info("fused frozen projections: q/k/v and gate/up as one matmul each (%d groups, %.0f MiB of "
                      "concatenated weights; FINETUNE_SDK_FUSED_PROJECTIONS=0 turns them off)", groups,
                      extra_bytes(model) / 2**20)
-    objective.after_prepare(model, plan, tokenizer, options)  # DPO: the reference is the policy as it stands now
+    # DPO/KTO: the reference is the policy as it stands now, unless the caller named another starting point
+    with starting_point(model, getattr(loaded, "reference_parameters", None)):
+        objective.after_prepare(model, plan, tokenizer, options)
     plan.packed = decide_packing(run, plan, model)
     plan.varlen = plan.packed and varlen_attention.applicable(model, options["max_length"])
     if plan.packed:

@@ -484,8 +484,8 @@ def preference_clients(folder, kind):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["preference", "kto"])
 def test_preference_and_kto_rows_train_federated_rounds(kind, llama_dir, tmp_path):
-    """Each owner runs DPO / KTO on its own rows, its reference log-probs computed in its own process from the
-    global adapter it received; the server averages the adapters as for supervised rounds."""
+    """Each owner runs DPO / KTO on its own rows, its reference log-probs computed in its own process (from the
+    run's starting model by default); the server averages the adapters as for supervised rounds."""
     from finetune_sdk.testing.federated import run_in_process
 
     clients = preference_clients(tmp_path / "data", kind)
@@ -499,6 +499,30 @@ def test_preference_and_kto_rows_train_federated_rounds(kind, llama_dir, tmp_pat
         assert all(abs(c["train_loss"] - np.log(2)) < 0.05 for c in first.values())
     result = adapter(tmp_path / "out")
     assert max(float(np.abs(v).max()) for k, v in result.items() if "lora_B" in k) > 0
+
+
+@pytest.mark.slow
+def test_dpo_reference_is_the_runs_starting_model_unless_round_is_asked(llama_dir, tmp_path):
+    """One local step per round: DPO's loss at a step is log 2 exactly where the policy is its reference. Round 1
+    starts at the base in both modes; in round 2 the owner starts from the round-1 global model, which is its
+    reference only with ``preference_reference="round"``; with the default ``"start"`` the reference stays the base
+    (the adapter of a fresh preparation), so the margin isn't zero."""
+    from finetune_sdk.testing.federated import run_in_process
+
+    clients = preference_clients(tmp_path / "data", "preference")
+    losses = {}
+    for mode in ("start", "round"):
+        settings = FederatedSettings(rounds=2, local_steps=1, fraction_evaluate=0, preference_reference=mode)
+        job = FederatedJob(str(llama_dir), "lora", None, "preference", dict(OPTIONS, per_device_train_batch_size=8),
+                           settings.validate(2), str(tmp_path / mode), expected_clients=sorted(clients),
+                           run_token="test")
+        history = run_in_process(job, clients)["federated"]["history"]
+        losses[mode] = [[entry["clients"][name]["train_loss"] for name in sorted(clients)] for entry in history]
+    print(f"first-step DPO loss per round and owner: {losses} (log 2 = {np.log(2):.6f})")
+    for mode in ("start", "round"):
+        assert all(abs(loss - np.log(2)) < 1e-4 for loss in losses[mode][0])
+    assert all(abs(loss - np.log(2)) < 1e-4 for loss in losses["round"][1])
+    assert all(abs(loss - np.log(2)) > 1e-3 for loss in losses["start"][1])
 
 
 def test_an_owner_with_only_desirable_kto_rows_is_refused_before_round_1(llama_dir, tmp_path):

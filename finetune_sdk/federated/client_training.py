@@ -137,8 +137,10 @@ def _prepare_with(trainer: Any, arrays: Any, job: FederatedJob, base_delta: Any 
 
     With ``aggregation="ffa"`` every LoRA ``A`` is set from the job's shared seed and frozen first (the server
     did the same), so only ``B`` is trainable, loaded and sent back. With ``aggregation="fedex"`` the received
-    base delta is added to the frozen base weights. ``Trainer.fit`` continues from a prepared model (as a second
-    ``fit`` continues the same adapter)."""
+    base delta is added to the frozen base weights. With ``preference_reference="start"`` the freshly prepared
+    trainable parameters (the run's starting model: a new adapter is the identity, FFA-LoRA's ``B`` is zero) are
+    kept as ``reference_parameters``, from which a DPO/KTO fit computes its reference before training.
+    ``Trainer.fit`` continues from a prepared model (as a second ``fit`` continues the same adapter)."""
     session = trainer.current_model()
     session.model = trainer.technique.prepare(session.model, trainer.options, session.tokenizer)
     if job.settings.aggregation == "ffa":
@@ -147,6 +149,9 @@ def _prepare_with(trainer: Any, arrays: Any, job: FederatedJob, base_delta: Any 
         from finetune_sdk.federated.fedex import fold_into_peft
 
         fold_into_peft(session.model, base_delta)
+    if job.settings.preference_reference == "start":  # DPO/KTO's reference: the run's starting model
+        session.reference_parameters = {name: param.detach().clone() for name, param in
+                                        session.model.named_parameters() if param.requires_grad}
     load_arrays(session.model, arrays)
     return session.model
 

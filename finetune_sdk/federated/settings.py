@@ -38,6 +38,10 @@ class FederatedSettings:
             residual ``mean(B A) - mean(B) mean(A)`` folded into each client's frozen base weight: exact, plus a
             dense delta per adapted matrix in every server message; :mod:`finetune_sdk.federated.fedex`); see
             :mod:`finetune_sdk.federated.lora_aggregation`.
+        preference_reference: the DPO/KTO reference each owner computes locally (preference and kto rows):
+            ``"start"`` (the run's starting model: the base with the fresh, identity adapter, as standard DPO
+            anchors at the model training started from) or ``"round"`` (the global model it received that round:
+            every round a DPO step anchored at the current global model).
         update_compression: ``None`` (float32 updates), ``"int8"`` or ``"nf4"``: each client's update quantized
             blockwise before it is sent and dequantized by the server (:mod:`finetune_sdk.federated.compression`).
         fraction_fit: fraction of the connected clients sampled for training each round (at least
@@ -97,6 +101,7 @@ class FederatedSettings:
     target_delta: float = 1e-5
     seed: int | None = None
     secure_aggregation: bool = False
+    preference_reference: str = "start"
     secagg_num_shares: float = 1.0
     secagg_reconstruction_threshold: float = 0.67
     secagg_clipping_range: float = 1.0
@@ -123,6 +128,8 @@ class FederatedSettings:
         from finetune_sdk.federated.compression import check_compression
 
         check_compression(self.update_compression)
+        if self.preference_reference not in ("start", "round"):
+            raise ConfigError(f"preference_reference must be 'start' or 'round', got {self.preference_reference!r}")
         if self.aggregation == "fedex":
             self._validate_fedex()
         if self.update_compression and self.secure_aggregation:
