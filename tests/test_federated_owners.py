@@ -266,6 +266,30 @@ def test_fedex_refuses_what_its_residual_cannot_complete():
         FederatedSettings(aggregation="fedex", dp="server").validate()
 
 
+def test_fedex_refuses_a_base_that_cannot_hold_the_residual_and_folds_by_base_name():
+    import peft
+    import torch
+
+    from finetune_sdk.federated.fedex import fold_into_peft, lora_layers
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 3, bias=False)
+
+    model = peft.get_peft_model(Model(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    layers = lora_layers(model)
+    assert [(b, base, s) for b, (base, _, s) in layers.items()] == \
+        [("base_model.model.proj.lora_B.default.weight", "proj.weight", 2.0)]
+    before = model.base_model.model.proj.get_base_layer().weight.detach().clone()
+    fold_into_peft(model, {"proj.weight": np.full((3, 4), 0.5, dtype=np.float32)})
+    assert torch.equal(model.base_model.model.proj.get_base_layer().weight, before + 0.5)
+    with pytest.raises(ConfigError, match="must be float32 to hold it exactly"):
+        lora_layers(model.to(torch.bfloat16))
+    with pytest.raises(ConfigError, match="needs a LoRA technique"):
+        lora_layers(torch.nn.Linear(2, 2))
+
+
 @pytest.fixture(scope="module")
 def fedex_and_fedavg(tiny_models, tmp_path_factory):
     """Two rounds of 2 non-IID owners with FedEx-LoRA and with FedAvg of the factors; the grids keep each
