@@ -45,8 +45,11 @@ def federated_group() -> None:
               help="fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg or a plugin's strategy")
 @click.option("--strategy-option", "strategy_options", multiple=True, metavar="KEY=VALUE",
               help="the strategy's own setting under Flower's name, e.g. eta=0.01 for fedadam (repeatable)")
-@click.option("--aggregation", type=click.Choice(["fedavg", "ffa"]), default="fedavg", show_default=True,
-              help="how LoRA factors combine: fedavg (each averaged) or ffa (FFA-LoRA: A frozen, B averaged: exact)")
+@click.option("--aggregation", type=click.Choice(["fedavg", "ffa", "fedex"]), default="fedavg", show_default=True,
+              help="how LoRA factors combine: fedavg (each averaged), ffa (FFA-LoRA: A frozen, B averaged: exact) or "
+                   "fedex (FedEx-LoRA: averaged, the residual folded into a float32 base: exact)")
+@click.option("--preference-reference", type=click.Choice(["start", "round"]), default="start", show_default=True,
+              help="DPO/KTO reference each client computes: the run's starting model, or the global model received")
 @click.option("--update-compression", type=click.Choice(["int8", "nf4"]),
               help="quantize each client's update before it is sent (default: float32)")
 @click.option("--min-clients", type=int, default=2, show_default=True,
@@ -89,7 +92,8 @@ def federated_group() -> None:
                    "--enable-supernode-auth)")
 @option_flags
 def server_command(model: str, technique: str, quantizer: str | None, formatter: str | None, output_dir: str,
-                   address: str, rounds: int, strategy: str, strategy_options: tuple[str, ...], aggregation: str, update_compression: str | None,
+                   address: str, rounds: int, strategy: str, strategy_options: tuple[str, ...], aggregation: str, preference_reference: str,
+                   update_compression: str | None,
                    min_clients: int, min_fit_clients: int | None,
                    fraction_fit: float, fraction_evaluate: float, local_epochs: float, local_steps: int, proximal_mu: float,
                    round_timeout: float, dp: str | None, noise_multiplier: float, clipping_norm: float,
@@ -111,6 +115,7 @@ def server_command(model: str, technique: str, quantizer: str | None, formatter:
 
     check_server_auth(enable_supernode_auth, supernode_keys, insecure, tls)
     settings = FederatedSettings(rounds=rounds, strategy=strategy, aggregation=aggregation,
+                                 preference_reference=preference_reference,
                                  strategy_options=parse_strategy_options(strategy_options),
                                  update_compression=update_compression, fraction_fit=fraction_fit,
                                  fraction_evaluate=fraction_evaluate,
