@@ -27,8 +27,8 @@ from finetune_sdk.chunked_loss import CHUNKED_LOSS_MODEL_TYPES
 from finetune_sdk.errors import ConfigError, FinetuneError
 from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, REWARD
 from finetune_sdk.machine import available_memory, format_bytes, resolve_device
-from finetune_sdk.memory import (OBJECTIVE_SEQUENCES, QUANTIZERS, MemoryEstimate, estimate_for_options,
-                                 estimate_training_memory, estimated_technique)
+from finetune_sdk.memory import (QUANTIZERS, MemoryEstimate, estimate_for_options,
+                                 estimate_training_memory, estimated_technique, grpo_generations, known_objective)
 from finetune_sdk.model_shape import ModelShape, load_config
 from finetune_sdk.precision import cpu_bf16_native
 
@@ -119,8 +119,9 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
         num_generations: online RL with GRPO: completions sampled per prompt (0: not GRPO). Each prompt in a batch
             then trains that many sequences of ``seq_len`` tokens (prompt + completion), and the reference keeps
             a copy of the trainable weights; the target is 16 completions per optimizer step.
-        objective: what offline causal-lm training optimises: ``sft``, ``dpo`` or ``kto`` (see
-            :func:`finetune_sdk.memory.estimate_training_memory`; its cost is among the reasons).
+        objective: what offline causal-lm training optimises: a registered objective (``sft``, ``dpo``, ``orpo``,
+            ``simpo``, ``kto``...; see :func:`finetune_sdk.memory.estimate_training_memory`: its sequences per
+            example and memory note; its cost is among the reasons).
         eval_data, data, shots, eval_budget_s: held-out prompt/completion rows: the base model is loaded and
             scored on them zero-shot and with ``shots`` rows of ``data`` (the training rows; else other held-out
             rows) in the prompt, within ``eval_budget_s`` seconds; ``Advice.prompting`` holds the scores and its
@@ -361,12 +362,14 @@ def preflight(model: Any, technique: Any, quantizer_name: str | None, options: M
     """Estimate a run before its model is loaded and refuse one that can't fit in the memory free now.
 
     ``technique`` is a builtin's name or a technique (a plugin's is estimated by what it declares it ``trains``);
-    ``objective`` is the plan's (``sft``, ``dpo``, ``kto``, ``grpo``; others are estimated as ``sft``).
+    ``objective`` is the plan's (a registered objective: its sequences per example, reference copies and GRPO's
+    ``num_generations`` are counted; an unknown one is estimated as ``sft``).
     Returns the estimate (``None`` when the config can't be read locally or the technique is not known to the
     estimate), or raises :class:`ConfigError` naming settings that would fit, as ``finetune advise`` picks them.
     Set ``FINETUNE_SDK_SKIP_MEMORY_CHECK=1`` to only estimate.
     """
     technique_name = estimated_technique(technique)
+    spec = known_objective(objective)
     if technique_name is None or quantizer_name not in (*QUANTIZERS, "none", ""):
         return None
     try:
@@ -382,8 +385,8 @@ def preflight(model: Any, technique: Any, quantizer_name: str | None, options: M
         return estimate
     advice = advise(config, memory_bytes=free, device=estimate.device, seq_len=estimate.seq_len,
                     task={"classifier": CLASSIFICATION, "reward-model": REWARD}.get(technique_name, CAUSAL_LM),
-                    num_generations=int(options.get("num_generations") or 8) if objective == "grpo" else 0,
-                    objective=objective if objective in OBJECTIVE_SEQUENCES and technique_name != "classifier"
+                    num_generations=grpo_generations(spec, options),
+                    objective=spec.name if spec is not None and spec.technique_tasks & {CAUSAL_LM, REWARD}
                     else "sft")
     settings = ", ".join([f"technique={advice.technique!r}"] + ([f"quantizer={advice.quantizer!r}"] if advice.quantizer
                          else []) + [f"{k}={v!r}" for k, v in advice.options.items() if k != "max_length"])
@@ -407,7 +410,7 @@ def check_run_memory(model: Any, technique: Any, quantizer: Any, options: Any, e
         return max([len(example.get("input_ids") or example.get("prompt_ids") or ()), *nested])
 
     longest = max((length(ex) for ex in examples), default=0)
-    if objective == "grpo" and longest:
+    if longest and "max_completion_length" in options:  # sampled completions (GRPO) follow the prompt
         longest += options["max_completion_length"]
     seq_len = min(options["max_length"], longest) if longest else options["max_length"]
     try:

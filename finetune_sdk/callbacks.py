@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from finetune_sdk.plugin_api import TrainingContext
+from finetune_sdk.plugin_api import STOP_TRAINING, TrainingContext
 from finetune_sdk.plugin_manager import PluginHost
 from finetune_sdk.progress import format_duration
 
@@ -35,16 +35,30 @@ class PluginCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self._sync(state)
-        self.host.notify("on_log", context=self.context, logs=dict(logs or {}))
+        self._steer(control, "on_log", self.host.notify("on_log", context=self.context, logs=dict(logs or {})))
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self._sync(state)
-        self.host.notify("on_evaluate", context=self.context, metrics=dict(metrics or {}))
+        self._steer(control, "on_evaluate",
+                    self.host.notify("on_evaluate", context=self.context, metrics=dict(metrics or {})))
 
     def on_save(self, args, state, control, **kwargs):
         self._sync(state)
         checkpoint = Path(self.checkpoint_root or args.output_dir) / f"checkpoint-{state.global_step}"
-        self.host.notify("on_save", context=self.context, checkpoint_dir=str(checkpoint))
+        self._steer(control, "on_save",
+                    self.host.notify("on_save", context=self.context, checkpoint_dir=str(checkpoint)))
+
+    def _steer(self, control: Any, hook_name: str, answers: list[Any]) -> None:
+        """A hook answered ``STOP_TRAINING`` or set ``context.should_training_stop``: training stops after this
+        step (transformers' ``control.should_training_stop``), and the result is saved as usual."""
+        if not (self.context.should_training_stop or STOP_TRAINING in answers):
+            return
+        if not control.should_training_stop:
+            logger.info("a plugin's %s hook asked training to stop at step %d",
+                        hook_name, self.context.step)
+        self.context.should_training_stop = True
+        self.context.stopped_by = self.context.stopped_by or hook_name
+        control.should_training_stop = True
 
 
 class RichProgressCallback(TrainerCallback):

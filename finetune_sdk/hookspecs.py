@@ -2,7 +2,9 @@
 
 Plugins implement these with ``@finetune_sdk.hookimpl`` and are found through the ``finetune_sdk`` entry-point
 group. The ``register_*`` hooks receive a callback: call it once per class you provide. The ``on_*`` hooks
-observe training and their return values are ignored. Hooks are only ever extended with new arguments, so a
+observe training; ``on_log``, ``on_evaluate`` and ``on_save`` may also steer it: returning
+:data:`finetune_sdk.plugin_api.STOP_TRAINING` (or setting ``context.should_training_stop = True``) asks training to
+stop after the current step, as transformers' ``TrainerControl.should_training_stop``; the result is saved as usual. Hooks are only ever extended with new arguments, so a
 plugin written against an older version keeps working.
 """
 
@@ -62,6 +64,25 @@ def register_reward_functions(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def register_objectives(register: Callable[[type], None]) -> None:
+    """Called once when plugins load: call ``register(ObjectiveClass)`` for each training objective you provide.
+
+    ``ObjectiveClass`` subclasses :class:`finetune_sdk.plugin_api.Objective` and has a unique ``name``;
+    ``Trainer(...).fit(rows, objective=name)`` and ``finetune train --objective name`` train with it. Its
+    ``options`` are accepted (and shown by ``finetune train --objective name --help``) only when it is chosen.
+    """
+
+
+@hookspec
+def register_exporters(register: Callable[[type], None]) -> None:
+    """Called once when plugins load: call ``register(ExporterClass)`` for each export format you provide.
+
+    ``ExporterClass`` subclasses :class:`finetune_sdk.plugin_api.Exporter` and has a unique ``name`` (the format);
+    ``finetune_sdk.export(ref, out, format=name)`` and ``finetune export --format name`` use it.
+    """
+
+
+@hookspec
 def register_commands(cli: click.Group) -> None:
     """Called when the ``finetune`` CLI starts: add your commands with ``cli.add_command(...)``."""
 
@@ -72,18 +93,20 @@ def on_train_begin(context: TrainingContext) -> None:
 
 
 @hookspec
-def on_log(context: TrainingContext, logs: dict[str, Any]) -> None:
-    """Called each time the trainer logs (``loss``, ``learning_rate``, ``epoch``... at ``context.step``)."""
+def on_log(context: TrainingContext, logs: dict[str, Any]) -> str | None:
+    """Called each time the trainer logs (``loss``, ``learning_rate``, ``epoch``... at ``context.step``).
+
+    Return ``STOP_TRAINING`` to stop training after this step (early stopping); any other value is ignored."""
 
 
 @hookspec
-def on_evaluate(context: TrainingContext, metrics: dict[str, Any]) -> None:
-    """Called after each evaluation with its metrics (``eval_loss``...)."""
+def on_evaluate(context: TrainingContext, metrics: dict[str, Any]) -> str | None:
+    """Called after each evaluation with its metrics (``eval_loss``...); return ``STOP_TRAINING`` to stop."""
 
 
 @hookspec
-def on_save(context: TrainingContext, checkpoint_dir: str) -> None:
-    """Called after a checkpoint has been written to ``checkpoint_dir``."""
+def on_save(context: TrainingContext, checkpoint_dir: str) -> str | None:
+    """Called after a checkpoint has been written to ``checkpoint_dir``; return ``STOP_TRAINING`` to stop."""
 
 
 @hookspec

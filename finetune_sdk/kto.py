@@ -190,7 +190,7 @@ def evaluate_kto(model: Any, encoded: Encoded, pad_token_id: int, options: Mappi
     positive: training moved probability towards the desirable ones), ``kto_kl`` (the KL estimate) and
     ``eval_rows_scored``/``eval_rows_skipped``. References stored by :func:`precompute_kto_reference` at the start
     of KTO are used; rows without them get ``model`` itself as the reference (margin 0: a baseline).
-    ``options`` holds ``kto_beta``, ``desirable_weight``, ``undesirable_weight``, ``per_device_eval_batch_size``.
+    ``options`` holds ``beta``, ``desirable_weight``, ``undesirable_weight``, ``per_device_eval_batch_size``.
     """
     import torch
 
@@ -218,7 +218,7 @@ def evaluate_kto(model: Any, encoded: Encoded, pad_token_id: int, options: Mappi
     model.train(was_training)
     whole = {k: torch.cat(v) for k, v in parts.items()}
     loss, logratios, kl = kto_loss(whole["policy"], whole["reference"], whole["kl_policy"], whole["kl_reference"],
-                                   whole["desirable"], options["kto_beta"], options["desirable_weight"],
+                                   whole["desirable"], options["beta"], options["desirable_weight"],
                                    options["undesirable_weight"])
     desirable = whole["desirable"]
     margin = logratios[desirable].mean() - logratios[~desirable].mean()

@@ -55,20 +55,23 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * MiB
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # packed 4-bit + uint8 absmax per 64 + fp32 absmax per 256 blocks
 NF4_BYTES_NO_DQ = 0.5 + 4 / 64
 LOGIT_COPIES = 3  # log-softmax output + its gradient + the gradient of the logits, all fp32, at backward start
-#: Offline objectives (finetune_sdk.objectives) the estimate knows -> sequences per example that go through the
-#: model with gradient in a step (DPO: chosen and rejected). DPO and KTO score sequences from full logits: the
-#: chunked loss is SFT's only. KTO's reference log-probs are precomputed (no second model) and its mismatched
-#: pairs run without gradient before the policy's forward pass: freed before the backward pass, never the peak.
-#: (GRPO is estimated through ``num_generations``.) The reward model (``reward-modeling``, technique
-#: ``reward-model``) runs both answers of each pair, on a backbone without an LM head.
-OBJECTIVE_SEQUENCES = {"sft": 1, "dpo": 2, "kto": 1, "reward-modeling": 2}
-OBJECTIVE_NOTES = {
-    "dpo": "DPO: chosen and rejected answers go through the model together (2 sequences per example); the "
-           "reference log-probs are computed once before training, no second model is held",
-    "kto": "KTO: the reference log-probs are computed once before training (no second model is held); each step "
-           "adds a forward pass without gradient over the batch's mismatched pairs (about 1.3x the compute of "
-           "SFT on the same rows, no more peak memory)",
-}
+def objective_spec(name: str) -> Any:
+    """The registered objective ``name``: what the estimate reads from it (``sequences_per_example``, sequences per
+    example that go through the model with gradient in a step: DPO's chosen and rejected, 2; ``chunked_loss``;
+    ``memory_note``; ``reference_copies(options)``). DPO and KTO score sequences from full logits: the chunked loss
+    is SFT's only. KTO's reference log-probs are precomputed (no second model) and its mismatched pairs run without
+    gradient before the policy's forward pass: freed before the backward pass, never the peak. GRPO is estimated
+    through ``num_generations``.
+
+    Raises:
+        ConfigError: no objective is registered as ``name``.
+    """
+    from finetune_sdk.objectives.choice import get_objective
+
+    try:
+        return get_objective(name)
+    except ConfigError as exc:
+        raise ConfigError(f"can't estimate objective {name!r}: {exc}") from None
 
 
 @dataclass
@@ -172,8 +175,7 @@ def estimate_training_memory(
         raise ConfigError("technique 'full' can't train a quantized model; drop the quantizer or use lora/qlora")
     if technique == "reward-model":
         objective = "reward-modeling"
-    if objective not in OBJECTIVE_SEQUENCES:
-        raise ConfigError(f"can't estimate objective {objective!r}; known: {', '.join(OBJECTIVE_SEQUENCES)}")
+    spec = objective_spec(objective)
     device = resolve_device(device)
     shape = ModelShape.from_config(load_config(config), attention=attention)
     no_lm_head = technique in ("classifier", "reward-model")  # a backbone and a head (AutoModel)
@@ -204,9 +206,9 @@ def estimate_training_memory(
     act_bytes = 2 if compute16 else 4
     dequant_bytes = 2 if mixed_precision or dtype != "float32" else 4  # bitsandbytes' compute dtype
     # GRPO: the group is the effective batch; DPO: chosen and rejected
-    sequences = batch_size * max(num_generations, 1) * OBJECTIVE_SEQUENCES[objective]
+    sequences = batch_size * max(num_generations, 1) * spec.sequences_per_example
     tokens = sequences * seq_len
-    if num_generations or objective != "sft":
+    if num_generations or not spec.chunked_loss:
         chunked_loss = False
     grads_all = trainable * grad_bytes
     states = trainable * _optimizer_state_bytes(optimizer, grad_bytes)
@@ -266,7 +268,7 @@ def estimate_training_memory(
                            if i * o * dequant_bytes <= GLIBC_MMAP_THRESHOLD_MAX) * shape.layers
         slack += heap_dequant * DEQUANT_SLACK_CPU
     overhead = (CPU_FRAMEWORK_BYTES if device == "cpu" else CUDA_CONTEXT_BYTES) + slack
-    notes = shape.notes + ((OBJECTIVE_NOTES[objective],) if objective in OBJECTIVE_NOTES else ())
+    notes = shape.notes + ((spec.memory_note,) if spec.memory_note else ())
     if fused_projections and adapters:  # finetune_sdk.fused_projections: a concatenated copy of q/k/v, gate/up
         from finetune_sdk.fused_projections import GROUPS
 
@@ -327,6 +329,7 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
     ``dpo`` and ``kto`` are estimated as :func:`estimate_training_memory` says, anything else as ``sft``.
     """
     device = resolve_device(device)
+    spec = known_objective(objective)
     quantizer = None if quantizer_name in (None, "", "none") else quantizer_name
     dtype, activations, saved_as = options.get("dtype") or "auto", None, None
     reward_lora = technique_name == "reward-model" and options.get("backbone") == "lora"
@@ -358,11 +361,28 @@ def estimate_for_options(model_config: Any, technique_name: str, quantizer_name:
         double_quant=bool(options.get("double_quant", True)),
         num_labels=len(options.get("labels") or ()) or int(options.get("num_labels") or 2),
         chunked_loss=options.get("chunked_loss", True) is not False, activation_dtype=activations,
-        saved_activation_dtype=saved_as, num_generations=int(options.get("num_generations") or 8) if objective == "grpo" else 0,
-        reference_weights=objective == "grpo" and float(options.get("beta", 0.04) or 0) > 0,
-        objective=objective if objective in OBJECTIVE_SEQUENCES else "sft",
+        saved_activation_dtype=saved_as, num_generations=grpo_generations(spec, options),
+        reference_weights=spec.reference_copies(options) > 0 if spec is not None else False,
+        objective=spec.name if spec is not None and "classification" not in spec.technique_tasks else "sft",
         reward_backbone=str(options.get("backbone") or "frozen"),
         fused_projections=device == "cpu" and dtype == "bfloat16" and activations == "float32")
+
+
+def grpo_generations(spec: Any, options: Mapping[str, Any]) -> int:
+    """Completions sampled per prompt of an objective that samples groups (GRPO's ``num_generations``); else 0."""
+    if spec is None or "num_generations" not in spec.option_specs():
+        return 0
+    return int(options.get("num_generations") or spec.option_specs()["num_generations"].default)
+
+
+def known_objective(name: str | None) -> Any:
+    """The registered objective ``name``, or None (not given, or unknown: estimated as ``sft``)."""
+    from finetune_sdk.objectives.choice import get_objective
+
+    try:
+        return get_objective(name) if name else None
+    except ConfigError:
+        return None
 
 
 #: What a technique trains (``Technique.trains``) -> the builtin technique whose estimate covers it.

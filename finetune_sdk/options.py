@@ -1,6 +1,6 @@
 """Option specs and the parsing of ``Trainer(**options)``.
 
-Techniques, quantizers and the training loop each declare their options as :class:`Option` records. The
+Techniques, quantizers, objectives and the training loop each declare their options as :class:`Option` records. The
 ``Trainer`` splits the user's keyword arguments among them and refuses an unknown name, suggesting the closest.
 """
 
@@ -147,40 +147,10 @@ TRAINING_OPTIONS: tuple[Option, ...] = (
     Option("packing", bool, True, "pack several examples per row (no padding) where the model supports it; "
            "off: batches grouped by length"),
     Option("group_by_length", bool, True, "when not packing, batch examples of similar length (less padding)"),
+    Option("objective", str, None, "what training optimises: sft, dpo, orpo, simpo, kto, grpo... or a plugin's "
+           "(default: from the data's formatter, preference pairs: dpo); its options apply only to it"),
     Option("cache_features", bool, True, "classifier: run the frozen backbone once and train the head on cached "
            "features (off: the backbone runs every epoch)"),
-    Option("dpo_beta", float, 0.1, "DPO temperature: how far the policy may move from the reference",
-           exclusive_minimum=0),
-    Option("kto_beta", float, 0.1, "KTO temperature: how far the policy may move from the reference",
-           exclusive_minimum=0),
-    Option("desirable_weight", float, 1.0, "KTO: weight of the desirable (label true) rows' loss",
-           exclusive_minimum=0),
-    Option("undesirable_weight", float, 1.0, "KTO: weight of the undesirable (label false) rows' loss",
-           exclusive_minimum=0),
-    Option("num_generations", int, 8, "GRPO: completions sampled per prompt (the group whose rewards are "
-           "normalised together)", minimum=2),
-    Option("max_completion_length", int, 256, "GRPO: most tokens sampled per completion", minimum=1),
-    Option("beta", float, 0.04, "GRPO: weight of the KL penalty to the reference (the policy when GRPO starts; "
-           "0: no reference)", minimum=0),
-    Option("temperature", float, 1.0, "GRPO: sampling temperature of the completions", exclusive_minimum=0),
-    Option("top_p", float, 1.0, "GRPO: nucleus sampling, keep the most likely tokens up to this probability "
-           "(1: off; the loss scores the truncated distribution)", exclusive_minimum=0, maximum=1),
-    Option("top_k", int, 0, "GRPO: sample from the k most likely tokens only (0: off; the loss scores the "
-           "truncated distribution)", minimum=0),
-    Option("min_p", float, None, "GRPO: drop tokens below min_p times the top token's probability (off unless "
-           "set; the loss scores the truncated distribution)", minimum=0, maximum=1),
-    Option("repetition_penalty", float, 1.0, "GRPO: penalty on tokens of the prompt and the completion so far (1: "
-           "off; > 1 repeats less; the loss scores the penalised distribution)", exclusive_minimum=0),
-    Option("epsilon", float, 0.2, "GRPO: clip range of the probability ratio (PPO's epsilon)", exclusive_minimum=0,
-           exclusive_maximum=1),
-    Option("num_iterations", int, 1, "GRPO: optimizer steps on each sampled group (PPO's mu); > 1 reuses the "
-           "samples, the clip bounding how far the policy moves from the one that sampled them", minimum=1),
-    Option("reward_funcs", list, None, "GRPO: reward functions, by name (registered by plugins) or, in Python, "
-           "as callables fn(prompts, completions, **columns) -> list[float]", minimum=1),
-    Option("reward_weights", list, None, "GRPO: weight of each reward in the total (reward_funcs in order, then "
-           "reward_model); default 1 each", minimum=1),
-    Option("reward_model", str, None, "GRPO: a reward model (result folder or registry ref) whose score(prompts, "
-           "completions) is a reward"),
     Option("task_mixing", str, "proportional", "multi-task sampling: proportional, explicit or temperature",
            choices=("proportional", "explicit", "temperature")),
     Option("mixing_temperature", float, 2.0, "temperature T of task_mixing='temperature' (p ~ n^(1/T))",

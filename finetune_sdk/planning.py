@@ -17,7 +17,7 @@ from finetune_sdk.data import Rows, load_rows
 from finetune_sdk.encoding import Encoded
 from finetune_sdk.errors import ConfigError, DataError
 from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, KTO, PREFERENCE, PROMPT, REWARD, Formatter
-from finetune_sdk.objectives import Objective, get_objective, objective_for
+from finetune_sdk.objectives import Objective, get_objective, objective_for, run_options
 from finetune_sdk.stages_and_tasks import Task, is_task_list, mix, mixing_probabilities
 
 logger = logging.getLogger("finetune_sdk")
@@ -69,6 +69,9 @@ class TrainingPlan:
     labels: list[str] | None = None
     #: What the objective keeps between its steps of one run (GRPO: its rewards, the reward model loaded once).
     objective_state: dict[str, Any] = field(default_factory=dict)
+    #: The run's options: the Trainer's, with the objective's own resolved (its defaults, TRL's names) and no
+    #: other objective's; the run engine trains with them.
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def strategy(self) -> Objective:
@@ -110,7 +113,8 @@ class Planner:
             eval_rows = reward_rows(eval_rows, picked) if eval_rows is not None else None
         labels = labels_for(train_rows, used, self.options) if self.task == CLASSIFICATION else None
         options = {**self.options, "labels": labels} if labels is not None else self.options
-        objective = objective_for(used.task, self.task)
+        objective = objective_for(used.task, self.task, options.get("objective"), self.host)
+        options = run_options(objective, options, self.host)  # its options resolved; another's is an error
         objective.check_options(options, self.host)
         objective.check_rows(train_rows)
         train = objective.encode(train_rows, used, tokenizer, options)
@@ -122,14 +126,14 @@ class Planner:
         current_model_formatter = used if used.task not in (PREFERENCE, KTO) else \
             (picked if formatter is None else None)
         return TrainingPlan(train, used.name, objective.name, evals, dataset, formatter=picked,
-                            current_model_formatter=current_model_formatter, labels=labels)
+                            current_model_formatter=current_model_formatter, labels=labels, options=options)
 
     def plan_tasks(self, tasks: list[Task], tokenizer: Any) -> TrainingPlan:
         """The plan for multi-task training: each task encoded, then mixed by ``task_mixing``."""
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ConfigError(f"task names must be unique, got {names}")
-        encoded, formatters, fingerprints, evals = {}, {}, {}, {}
+        encoded, formatters, fingerprints, evals, options = {}, {}, {}, {}, dict(self.options)
         for task in tasks:
             validate_task_name(task.name)
             rows = load_rows(task.data, name=f"task {task.name}")
@@ -138,14 +142,15 @@ class Planner:
             if formatter.task != self.task:
                 raise ConfigError(f"task {task.name!r}: formatter {formatter.name!r} makes {formatter.task} data; "
                                   "multi-task mixing takes supervised or text formatters")
-            objective = objective_for(formatter.task, self.task)
+            objective = objective_for(formatter.task, self.task, self.options.get("objective"), self.host)
+            options = run_options(objective, self.options, self.host)
             objective.check_rows(rows)
-            encoded[task.name] = objective.encode(rows, formatter, tokenizer, self.options)
+            encoded[task.name] = objective.encode(rows, formatter, tokenizer, options)
             formatters[task.name], fingerprints[task.name] = formatter, rows.fingerprint
             if task.eval_data is not None:
                 eval_rows = load_rows(task.eval_data, name=f"task {task.name} eval_data")
                 evals[task.name] = EvalSet(eval_rows, formatter,
-                                           objective.encode(eval_rows, formatter, tokenizer, self.options))
+                                           objective.encode(eval_rows, formatter, tokenizer, options))
         sizes = {name: len(e.examples) for name, e in encoded.items()}
         probabilities = mixing_probabilities(sizes, {t.name: t.weight for t in tasks}, self.options["task_mixing"],
                                              self.options["mixing_temperature"])
@@ -161,8 +166,8 @@ class Planner:
                    "tasks": {n: {"fingerprint": fingerprints[n], "rows": sizes[n], "formatter": formatters[n].name,
                                  "probability": probabilities[n], "sampled": counts[n]} for n in names}}
         extra = {"task_examples": counts, "task_probabilities": probabilities}
-        return TrainingPlan(train, first.name, objective_for(first.task, self.task).name, evals, dataset, extra,
-                            formatter=first, current_model_formatter=first)
+        return TrainingPlan(train, first.name, objective.name, evals, dataset, extra, formatter=first,
+                            current_model_formatter=first, options=options)
 
 
 def labels_for(rows: Rows, formatter: Formatter, options: Mapping[str, Any]) -> list[str]:

@@ -18,14 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import ConfigError, DataError, PluginError
+from finetune_sdk.exporting.exporter import Exporter
 from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, REWARD, Formatter, Segment
 from finetune_sdk.hookspecs import hookimpl
+from finetune_sdk.objectives.base import Objective, TrainingInputs
 from finetune_sdk.options import Option
 from finetune_sdk.quantizer import Quantizer
 from finetune_sdk.technique import Technique
 
-__all__ = ["CAUSAL_LM", "CLASSIFICATION", "REWARD", "ConfigError", "DataError", "Formatter", "Option",
-           "PluginError", "PluginWarning", "Quantizer", "Segment", "Technique", "TrainingContext", "hookimpl"]
+__all__ = ["CAUSAL_LM", "CLASSIFICATION", "REWARD", "STOP_TRAINING", "ConfigError", "DataError", "Exporter",
+           "Formatter", "Objective", "Option", "PluginError", "PluginWarning", "Quantizer", "Segment", "Technique",
+           "TrainingContext", "TrainingInputs", "hookimpl"]
+
+#: What an observer hook (``on_log``, ``on_evaluate``, ``on_save``) returns to ask training to stop after the
+#: current step (as transformers' ``TrainerControl.should_training_stop``); the result is saved as usual.
+STOP_TRAINING = "stop-training"
 
 
 class PluginWarning(UserWarning):
@@ -48,6 +55,8 @@ class TrainingContext:
         max_steps: the steps the run will take.
         epoch: the epoch reached, fractional.
         extra: free room for plugins to share state between hooks of one run.
+        should_training_stop: set it to ``True`` in a hook (or return :data:`STOP_TRAINING`) to stop training
+            after the current step; ``stopped_by`` then names the plugin that asked.
     """
 
     technique: str
@@ -60,3 +69,5 @@ class TrainingContext:
     max_steps: int = 0
     epoch: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    should_training_stop: bool = False
+    stopped_by: str | None = None

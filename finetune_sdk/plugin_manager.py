@@ -26,8 +26,10 @@ import pluggy
 
 from finetune_sdk import hookspecs
 from finetune_sdk.errors import ConfigError, PluginError, unknown_name_error
+from finetune_sdk.exporting.exporter import Exporter
 from finetune_sdk.federated.strategy import FederatedStrategy
 from finetune_sdk.formatter import Formatter
+from finetune_sdk.objectives.base import Objective
 from finetune_sdk.plugin_api import PluginWarning
 from finetune_sdk.quantizer import Quantizer
 from finetune_sdk.technique import Technique
@@ -42,6 +44,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "finetune_sdk.plugins.quantizers",
     "finetune_sdk.plugins.formatters",
     "finetune_sdk.federated.strategies",
+    "finetune_sdk.objectives.builtin",
+    "finetune_sdk.exporting.gguf_exporter",
 )
 
 #: Each kind's register hook and the base class of what it registers (None: a function, e.g. a reward function).
@@ -51,10 +55,12 @@ KINDS: dict[str, tuple[str, type | None]] = {
     "formatter": ("register_formatters", Formatter),
     "strategy": ("register_federated_strategies", FederatedStrategy),
     "reward": ("register_reward_functions", None),
+    "objective": ("register_objectives", Objective),
+    "exporter": ("register_exporters", Exporter),
 }
 #: The plural of each kind, as ``finetune plugins`` titles its tables.
 PLURALS = {"technique": "techniques", "quantizer": "quantizers", "formatter": "formatters",
-           "strategy": "strategies", "reward": "rewards"}
+           "strategy": "strategies", "reward": "rewards", "objective": "objectives", "exporter": "exporters"}
 
 
 #: The hooks that register classes; every other hook is an observer called through :meth:`PluginHost.notify`.
@@ -217,8 +223,8 @@ class PluginHost:
 
     # -- queries -------------------------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
-        """Registered names of a kind (``technique``, ``quantizer``, ``formatter``, ``strategy`` or ``reward``),
-        sorted."""
+        """Registered names of a kind (``technique``, ``quantizer``, ``formatter``, ``strategy``, ``reward``,
+        ``objective`` or ``exporter``), sorted."""
         return sorted(self._registrations[kind])
 
     def registration(self, kind: str, name: str) -> Registration:
@@ -245,14 +251,15 @@ class PluginHost:
         """Every registration of a kind, conflicts included."""
         return [r for regs in self._registrations[kind].values() for r in regs]
 
-    def notify(self, hook_name: str, **kwargs: Any) -> None:
+    def notify(self, hook_name: str, **kwargs: Any) -> list[Any]:
         """Call an observer hook through pluggy, in pluggy's order: ``tryfirst`` implementations first, then the
         most recently registered, ``trylast`` ones last, with hook wrappers around them. A third-party
         implementation that raises is reported (a warning naming the plugin and its distribution; an error in
-        strict mode) and the others still run."""
+        strict mode) and the others still run. Returns the implementations' answers that are not None (an
+        observer may answer ``STOP_TRAINING``, see :data:`finetune_sdk.plugin_api.STOP_TRAINING`)."""
         caller = getattr(self.pm.hook, hook_name)
         self._trace(hook_name, list(reversed(caller.get_hookimpls())))  # the order pluggy calls them in
-        caller(**kwargs)
+        return list(caller(**kwargs) or [])
 
     def add_commands(self, cli: Any) -> None:
         """Let plugins add CLI commands."""

@@ -4,12 +4,14 @@ together, the precision options, where the model comes from and where the result
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_sdk.errors import ConfigError
+from finetune_sdk.errors import ConfigError, closest
 from finetune_sdk.formatter import Formatter
+from finetune_sdk.options import Option, resolve_options
 from finetune_sdk.models import ModelSource, resolve_source
 from finetune_sdk.planning import formatter_fits
 
@@ -35,6 +37,54 @@ def resolve_plugins(host: Any, technique: str, quantizer: str | None,
             f"formatter {formatter!r} makes {formatter_obj.task} data but technique {technique!r} trains "
             f"{created.task}; pick a matching formatter")
     return created, quantizer_obj, formatter_obj
+
+
+def resolve_run_options(host: Any, technique: Any, given: Mapping[str, Any],
+                        specs: Mapping[str, Option]) -> dict[str, Any]:
+    """A Trainer's options: those of ``specs`` (training, technique, quantizer) coerced, range-checked and with
+    their defaults, plus the objective options in ``given`` as given: they are resolved once the objective is
+    chosen (:func:`finetune_sdk.objectives.run_options`). With ``objective=`` named they are checked against it
+    now, and the objective against the technique.
+
+    Raises:
+        ConfigError: an unknown option (suggesting the closest, objective options included), an unknown
+            objective or one that doesn't train this technique, an option of another objective.
+    """
+    from finetune_sdk.objectives.choice import get_objective, objective_option_owners, resolve_objective_options
+
+    owners = objective_option_owners(host)
+    for name in given:
+        if name not in specs and name not in owners:
+            raise ConfigError(f"unknown option {name!r}{closest(name, [*specs, *owners])}; see `finetune train "
+                              "--help` for the options")
+    options = resolve_options({k: v for k, v in given.items() if k in specs}, specs)
+    objective_given = {k: v for k, v in given.items() if k not in specs}
+    if options.get("objective"):
+        objective = get_objective(options["objective"], host)
+        if technique.task not in objective.technique_tasks:
+            raise ConfigError(f"objective {objective.name!r} trains a {'/'.join(sorted(objective.technique_tasks))} "
+                              f"technique, not {technique.name!r} ({technique.task}); pick another objective")
+        resolve_objective_options(objective, objective_given, host)
+    else:  # a value no objective that takes the option accepts is refused now, the others once one is chosen
+        for name, value in objective_given.items():
+            errors = []
+            for owner in owners[name]:
+                spec = get_objective(owner, host)
+                try:
+                    resolve_objective_options(spec, {name: value}, host)
+                except ConfigError as exc:
+                    errors.append(exc)
+            if len(errors) == len(owners[name]):
+                raise errors[0]
+    return {**options, **objective_given}
+
+
+def check_publish_name(publish_as: str | None) -> None:
+    """Refuse a registry name ``publish_as`` the registry would refuse, before anything trains (None: no check)."""
+    if publish_as is not None:
+        from finetune_sdk.registry.refs import validate_name
+
+        validate_name(publish_as)
 
 
 def incompatible_quantizer(technique: str, quantizer: str | None) -> str:

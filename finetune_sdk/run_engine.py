@@ -90,12 +90,12 @@ def supports_checkpointing(model: Any) -> bool:
 
 
 def decide_chunked_loss(run: Any, plan: TrainingPlan, model: Any) -> bool:
-    """Chunked cross-entropy when asked (the default), for supervised/text causal-LM training (the ``sft``
-    objective) of a model whose loss it computes exactly (finetune_sdk.chunked_loss.supports_chunked_loss), without
+    """Chunked cross-entropy when asked (the default), for an objective whose loss is the causal-LM cross-entropy
+    (its ``chunked_loss``: ``sft``) of a model whose loss it computes exactly (finetune_sdk.chunked_loss.supports_chunked_loss), without
     FSDP or DeepSpeed (the LM head's weight is sharded there)."""
     from finetune_sdk.chunked_loss import supports_chunked_loss
 
-    if not run.options.get("chunked_loss", True) or plan.objective != "sft":
+    if not run.options.get("chunked_loss", True) or not plan.strategy.chunked_loss:
         return False
     if run.options.get("fsdp") or run.options.get("deepspeed"):
         run.logger.info("chunked loss off under FSDP/DeepSpeed: the LM head's weight is sharded")

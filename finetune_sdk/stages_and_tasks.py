@@ -111,8 +111,8 @@ def fit_stages(trainer: Any, stages: list[Stage], resume: bool = False) -> Any:
     (all checked before the first stage trains), the same adapter continues, each result goes to
     ``output_dir/stage-<i>``; returns the last stage's ``FitResult`` with every stage's in ``stages``. With
     ``resume``, finished stages are skipped and the interrupted one resumes (see :mod:`finetune_sdk.stage_runs`)."""
-    from finetune_sdk.options import resolve_options
     from finetune_sdk.output_paths import check_stages_folder
+    from finetune_sdk.request import resolve_run_options
 
     check_stages_folder(trainer.output_dir, len(stages))
     for i, stage in enumerate(stages, start=1):
@@ -121,8 +121,8 @@ def fit_stages(trainer: Any, stages: list[Stage], resume: bool = False) -> Any:
     overrides = []
     for i, stage in enumerate(stages, start=1):
         try:
-            overrides.append({k: specs[k].coerce(v) for k, v in resolve_options(stage.options, specs).items()
-                              if k in stage.options})
+            overrides.append({k: v for k, v in resolve_run_options(trainer.host, trainer.technique, stage.options,
+                                                                   specs).items() if k in stage.options})
         except ConfigError as exc:
             raise ConfigError(f"stage {i}: {exc}") from None
         if stage.formatter:
@@ -131,3 +131,17 @@ def fit_stages(trainer: Any, stages: list[Stage], resume: bool = False) -> Any:
 
     return run_stages(trainer, stages, overrides, resume)
 
+
+
+def fit_with_options(trainer: Any, train_data: Any, eval_data: Any, resume: bool, given: dict[str, Any]) -> Any:
+    """``Trainer.fit(data, objective="orpo", beta=0.2)``: the objective and options given to ``fit`` apply to this
+    fit only (checked before anything loads, as the Trainer's own), then the Trainer's options are restored."""
+    from finetune_sdk.request import resolve_run_options
+
+    resolved = resolve_run_options(trainer.host, trainer.technique, given, trainer._option_specs())
+    saved = trainer.options
+    trainer.options = {**saved, **{k: v for k, v in resolved.items() if k in given}}
+    try:
+        return trainer.fit(train_data, eval_data, resume=resume)
+    finally:
+        trainer.options = saved

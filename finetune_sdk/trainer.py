@@ -12,13 +12,14 @@ from finetune_sdk.advisor import check_run_memory
 from finetune_sdk.data import Rows, load_rows
 from finetune_sdk.formatter import CLASSIFICATION, HEAD_TASKS, Formatter
 from finetune_sdk.log import ensure_handler
-from finetune_sdk.options import TRAINING_OPTIONS, option_table, resolve_options
+from finetune_sdk.options import TRAINING_OPTIONS, option_table
 from finetune_sdk.planning import Planner, detect_formatter, formatter_fits, reward_rows, validate_task_name
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.precision import estimate_options, precision_for
-from finetune_sdk.request import check_output_dir, check_precision, default_output_dir, model_source, resolve_plugins
+from finetune_sdk.request import (check_output_dir, check_precision, check_publish_name, default_output_dir,
+                                  model_source, resolve_plugins, resolve_run_options)
 from finetune_sdk.result import FitResult
-from finetune_sdk.stages_and_tasks import fit_stages, is_stage_list, is_task_list
+from finetune_sdk.stages_and_tasks import fit_stages, fit_with_options, is_stage_list, is_task_list
 
 if TYPE_CHECKING:
     from finetune_sdk.inference import LoadedModel
@@ -59,7 +60,7 @@ class Trainer:
                  registry: Any = None, **options: Any) -> None:
         self.host = get_plugin_host()
         self.technique, self.quantizer, self.formatter = resolve_plugins(self.host, technique, quantizer, formatter)
-        self.options = resolve_options(options, self._option_specs())
+        self.options = resolve_run_options(self.host, self.technique, options, self._option_specs())
         self._option_names = set(options)
         if self.options["learning_rate"] is None:
             self.options["learning_rate"] = self.technique.default_learning_rate
@@ -70,10 +71,7 @@ class Trainer:
             self._check_output_dir(probe=False)
         self.progress = progress
         self.publish_as = publish_as
-        if publish_as is not None:
-            from finetune_sdk.registry.refs import validate_name
-
-            validate_name(publish_as)
+        check_publish_name(publish_as)
         self.registry = registry
         self.published: list[Any] = []
         self._current_model: LoadedModel | None = None
@@ -82,7 +80,8 @@ class Trainer:
         self.logger = ensure_handler()
 
     # -- public API ----------------------------------------------------------------------------------------
-    def fit(self, train_data: Any, eval_data: Any = None, *, resume: bool = False) -> FitResult:
+    def fit(self, train_data: Any, eval_data: Any = None, *, resume: bool = False, objective: str | None = None,
+            **options: Any) -> FitResult:
         """Train and save the result; returns a :class:`FitResult`. The result folder appears atomically.
 
         ``train_data`` is a path (.jsonl, .json, .csv, .parquet), a list of dicts or a ``datasets.Dataset``; or a
@@ -98,8 +97,7 @@ class Trainer:
 
         Example:
             >>> from finetune_sdk.testing.tiny import save_tiny_model
-            >>> import tempfile, pathlib
-            >>> tmp = pathlib.Path(tempfile.mkdtemp())
+            >>> import pathlib, tempfile; tmp = pathlib.Path(tempfile.mkdtemp())
             >>> rows = [{"prompt": "2+2?", "completion": "4"}] * 4
             >>> result = Trainer(save_tiny_model(tmp / "m"), formatter="chatml", output_dir=tmp / "out",
             ...                  max_steps=2, progress=False).fit(rows)
@@ -110,7 +108,8 @@ class Trainer:
 
         with known_dependency_warnings():  # the first import of transformers' Trainer imports PEFT and bitsandbytes
             from finetune_sdk.run_engine import RunSpec, run_training
-
+        if objective is not None or options:
+            return fit_with_options(self, train_data, eval_data, resume, {"objective": objective, **options})
         if is_stage_list(train_data):
             return fit_stages(self, list(train_data), resume)
         self._check_output_dir(train_data, eval_data)
@@ -118,8 +117,8 @@ class Trainer:
             train_data = load_rows(train_data, name="train_data")
             eval_data = load_rows(eval_data, name="eval_data") if eval_data is not None else None
         tokenizer = self._load_tokenizer()
-        plan = Planner(self.host, self.technique.task, self.options).plan(train_data, eval_data, tokenizer,
-                                                                          self.formatter)
+        planner = Planner(self.host, self.technique.task, self.options, strict=self._stage_state is None)
+        plan = planner.plan(train_data, eval_data, tokenizer, self.formatter)
         plan.resume, plan.state_path, self._plan = resume, self._stage_state, plan  # _plan: precision_for
         self.formatter = plan.formatter
         if plan.labels is not None:
@@ -128,9 +127,10 @@ class Trainer:
             self._current_model.formatter = plan.current_model_formatter
         if self._given_model is None:  # stop before the model loads if it can't fit; once loaded: only estimate
             estimate = check_run_memory(self.source.path or self.source.id, self.technique, self.quantizer,
-                                        estimate_options(self), plan.train.examples, plan.objective, self._current_model is None)
+                                        {**plan.options, "dtype": estimate_options(self)["dtype"]}, plan.train.examples,
+                                        plan.objective, self._current_model is None)
             plan.estimated_memory = getattr(estimate, "total", None)
-        run = RunSpec(self.technique, self.quantizer, self.options, self.output_dir, self.source, self.host,
+        run = RunSpec(self.technique, self.quantizer, plan.options, self.output_dir, self.source, self.host,
                       self.progress, self.logger, precision_for(self))
         result = run_training(run, plan, self.current_model(), tokenizer)
         self._log_history = result.log_history

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from finetune_sdk import Trainer
-from finetune_sdk.objectives import OBJECTIVES
+from finetune_sdk.objectives import registered_objectives
 from finetune_sdk.testing.objective_contract import BUILTIN_CASES, ObjectiveContract, assert_same_training
 
 #: test_kto's rows: 16 desirable then 16 undesirable answers to "what is a plus b?".
@@ -20,12 +20,12 @@ KTO_TRAIN = [{"prompt": f"what is {a} plus {b}?", "completion": f"{a} plus {b} i
             [{"prompt": f"what is {a} plus {b}?", "completion": f"I do not know {a} {b}.", "label": False}
              for a in range(4) for b in range(4)]
 KTO_SETTINGS = dict(technique="lora", formatter="kto", learning_rate=2e-2, target_modules="all-linear", r=16,
-                    lora_dropout=0.0, kto_beta=0.5, dtype="float32", logging_steps=1, save_steps=0, progress=False,
+                    lora_dropout=0.0, beta=0.5, dtype="float32", logging_steps=1, save_steps=0, progress=False,
                     seed=0)
 
 
 def test_every_registered_objective_has_a_contract_case():
-    assert set(OBJECTIVES) == {name.split("/")[0] for name in BUILTIN_CASES}
+    assert set(registered_objectives()) == {name.split("/")[0] for name in BUILTIN_CASES}
 
 
 @pytest.mark.parametrize("case", sorted(BUILTIN_CASES))

@@ -40,7 +40,7 @@ def held_out_baseline(model_dir, technique, options):
 @pytest.mark.parametrize("technique", ["lora", "full", pytest.param("qlora", marks=pytest.mark.slow)])
 def test_kto_raises_the_held_out_margin_of_desirable_over_undesirable(tiny_models, tmp_path, technique):
     trainer = Trainer(tiny_models("llama"), technique=technique, formatter="kto", output_dir=tmp_path / "o",
-                      num_train_epochs=2, kto_beta=0.5, save_steps=0, progress=False, **SETTINGS[technique])
+                      num_train_epochs=2, beta=0.5, save_steps=0, progress=False, **SETTINGS[technique])
     result = trainer.fit(TRAIN, eval_data=HELD_OUT)
     m = result.metrics
     assert result.manifest["objective"] == "kto" and result.manifest["formatter"] == "kto"
@@ -174,16 +174,16 @@ def test_cli_trains_lora_with_the_kto_formatter(tiny_models, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["train", "--model", str(tiny_models("llama")), "--data", str(data),
                                       "--eval-data", str(held), "--technique", "lora", "--formatter", "kto",
-                                      "--max-steps", "2", "--kto-beta", "0.2", "--undesirable-weight", "1.2",
+                                      "--max-steps", "2", "--beta", "0.2", "--undesirable-weight", "1.2",
                                       "-o", str(out)])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "finetune_manifest.json").read_text())
     assert manifest["objective"] == "kto" and (out / "adapter_model.safetensors").exists()
-    assert manifest["options"]["kto_beta"] == 0.2 and manifest["options"]["undesirable_weight"] == 1.2
+    assert manifest["options"]["beta"] == 0.2 and manifest["options"]["undesirable_weight"] == 1.2
     assert {"kto_margin", "kto_kl", "eval_loss"} <= set(manifest["metrics"])
     bad = CliRunner().invoke(cli, ["train", "--model", str(tiny_models("llama")), "--data", str(data),
-                                   "--formatter", "kto", "--kto-beta", "0", "-o", str(tmp_path / "bad")])
-    assert bad.exit_code == 2 and "option 'kto_beta' must be greater than 0" in bad.output
+                                   "--formatter", "kto", "--beta", "0", "-o", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "option 'beta' must be greater than 0" in bad.output
     assert "Traceback" not in bad.output
 
 

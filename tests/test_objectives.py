@@ -8,7 +8,7 @@ from finetune_sdk import Trainer
 from finetune_sdk.advisor import preflight
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.memory import estimated_technique
-from finetune_sdk.objectives import OBJECTIVES, Objective, get_objective, objective_for
+from finetune_sdk.objectives import Objective, get_objective, objective_for, registered_objectives
 from finetune_sdk.planning import Planner
 from finetune_sdk.technique import Technique
 from finetune_sdk.testing.tiny import tiny_config, tiny_tokenizer
@@ -27,8 +27,10 @@ def test_one_place_chooses_the_objective():
     assert objective_for("kto", "causal-lm").name == "kto"
     assert objective_for("prompt", "causal-lm").name == "grpo"
     assert objective_for("preference", "reward").name == "reward-modeling"
-    assert {"sft", "dpo", "kto", "grpo", "classification-head", "reward-modeling"} <= set(OBJECTIVES)
-    assert all(isinstance(o, Objective) and get_objective(n) is o for n, o in OBJECTIVES.items())
+    assert objective_for("preference", "causal-lm", "orpo").name == "orpo"
+    assert {"sft", "dpo", "orpo", "simpo", "kto", "grpo", "classification-head", "reward-modeling"} <= \
+        set(registered_objectives())
+    assert all(isinstance(o, Objective) and get_objective(n) is o for n, o in registered_objectives().items())
     with pytest.raises(ConfigError, match="unknown objective 'dp0'.*did you mean 'dpo'"):
         get_objective("dp0")
 
@@ -86,38 +88,42 @@ def test_plugin_techniques_are_estimated_by_what_they_train(monkeypatch):
     assert preflight(config, type("Opaque", (Technique,), {"name": "opaque"})(), None, options, device="cpu") is None
 
 
-def test_a_new_objective_is_a_class_not_a_branch(tiny_models, tmp_path, monkeypatch):
-    from finetune_sdk.objectives import SupervisedFineTuning
-    from finetune_sdk.run_engine import RunSpec, run_training
+def test_a_new_objective_is_a_plugin_not_a_branch(tiny_models, tmp_path, install):
+    """A plugin's objective, registered through register_objectives, trains with fit(rows, objective=name); its own
+    option is accepted only for it; nothing in the planner or engine names it."""
+    from tests.test_plugins import FakeEntryPoint, plugin_module
+
+    from finetune_sdk.objectives.sft import SupervisedFineTuning
+    from finetune_sdk.options import Option
+
+    batches = []
 
     class CountingObjective(SupervisedFineTuning):
         name = "counting-demo"
         packs = False
-
-        def __init__(self):
-            self.batches = 0
+        default = False
+        options = (Option("count_scale", float, 1.0, "demo: scales the count", minimum=0),)
 
         def collator(self, plan, tokenizer, options):
             inner = super().collator(plan, tokenizer, options)
 
             def collate(batch):
-                self.batches += 1
+                batches.append(options["count_scale"])
                 return inner(batch)
             return collate
 
         def evaluate(self, session, plan, name, options):
             return {"eval_rows_seen": float(len(plan.evals[name].rows))}
 
-    objective = CountingObjective()
-    monkeypatch.setitem(OBJECTIVES, objective.name, objective)
+    install(FakeEntryPoint("counting", lambda: plugin_module(
+        "finetune_sdk_counting", register_objectives=lambda register: register(CountingObjective))))
     trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "out", max_steps=2,
                       per_device_train_batch_size=2, progress=False)
-    tokenizer = trainer._load_tokenizer()
-    plan = Planner(trainer.host, "causal-lm", trainer.options).plan(QA, QA[:3], tokenizer, trainer.formatter)
-    plan.objective = objective.name
-    run = RunSpec(trainer.technique, None, trainer.options, trainer.output_dir, trainer.source, trainer.host,
-                  progress=False)
-    result = run_training(run, plan, trainer.current_model(), tokenizer)
-    assert objective.batches >= 2 and result.metrics["eval_rows_seen"] == 3.0
-    assert result.manifest["objective"] == "counting-demo"
+    with pytest.raises(ConfigError, match="option 'count_scale' is an option of objective 'counting-demo', not of "
+                                          "'sft'"):
+        trainer.fit(QA, QA[:3], count_scale=2.0)
+    result = trainer.fit(QA, QA[:3], objective="counting-demo", count_scale=2.0)
+    assert len(batches) >= 2 and set(batches) == {2.0} and result.metrics["eval_rows_seen"] == 3.0
+    assert result.manifest["objective"] == "counting-demo" and result.manifest["options"]["count_scale"] == 2.0
+    assert "count_scale" not in trainer.options  # fit's options apply to that fit only
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

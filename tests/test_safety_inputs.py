@@ -38,7 +38,9 @@ def data(tmp_path, qa_rows):
     ({"save_steps": -1}, "option 'save_steps' must be at least 0"),
     ({"warmup_steps": -3}, "option 'warmup_steps' must be at least 0"),
     ({"weight_decay": -0.1}, "option 'weight_decay' must be at least 0"),
-    ({"dpo_beta": 0}, "option 'dpo_beta' must be greater than 0"),
+    ({"objective": "dpo", "beta": 0}, "option 'beta' must be greater than 0"),
+    ({"simpo_gamma": -1}, "option 'simpo_gamma' must be at least 0"),
+    ({"objective": "sft", "beta": 0.5}, "option 'beta' is an option of objective"),
     ({"target_modules": []}, "option 'target_modules' must have at least 1 items"),
 ])
 def test_option_values_out_of_range(llama_dir, tmp_path, monkeypatch, options, message):

@@ -102,7 +102,7 @@ DPO_HELD_OUT = [{"prompt": f"what is {a} plus {b}?", "chosen": f"{a} plus {b} is
 def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(tiny_models, tmp_path, technique):
     lr = {"lora": 2e-2, "qlora": 2e-2, "full": 2e-3}[technique]
     trainer = Trainer(tiny_models("llama"), technique=technique, formatter="preference", output_dir=tmp_path / "o",
-                      num_train_epochs=4, learning_rate=lr, dpo_beta=0.5, progress=False,
+                      num_train_epochs=4, learning_rate=lr, beta=0.5, progress=False,
                       **({"target_modules": "all-linear", "r": 16} if technique == "lora" else {}))
     result = trainer.fit(DPO_TRAIN, eval_data=DPO_HELD_OUT)
     from finetune_sdk.data import load_rows

@@ -11,6 +11,15 @@ from finetune_sdk.cli.errors import UserError
 from finetune_sdk.errors import FinetuneError
 
 
+def offline_objectives() -> list[str]:
+    """The registered objectives that train a causal LM offline (not GRPO, which --num-generations covers), from
+    the plugin registry (no torch imported)."""
+    from finetune_sdk.objectives.choice import registered_objectives
+
+    return [name for name, objective in registered_objectives().items()
+            if "causal-lm" in objective.technique_tasks and "num_generations" not in objective.option_specs()]
+
+
 def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
         return None
@@ -44,8 +53,9 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> in
 @click.option("--task", type=click.Choice(["causal-lm", "classification", "reward"]), default="causal-lm",
               show_default=True,
               help="what is trained: text generation, a classifier, or a pairwise reward model (reward-model)")
-@click.option("--objective", type=click.Choice(["sft", "dpo", "kto"]), default="sft", show_default=True,
-              help="what offline causal-lm training optimises: sft, dpo (preference pairs) or kto (rated answers)")
+@click.option("--objective", type=click.Choice(offline_objectives()), default="sft", show_default=True,
+              help="what offline causal-lm training optimises: sft, dpo, orpo, simpo (preference pairs), kto (rated "
+                   "answers) or a plugin's objective")
 @click.option("--num-generations", type=click.IntRange(min=2), default=None,
               help="online RL with GRPO: completions sampled per prompt (then --seq-len is prompt + completion)")
 @click.option("--eval", "eval_data", type=click.Path(dir_okay=False),

@@ -1,4 +1,7 @@
-"""CLI flags generated from the option specs of the training loop and every registered plugin."""
+"""CLI flags generated from the option specs of the training loop and every registered plugin.
+
+An objective's options (``--beta``, ``--simpo-gamma``...) are flags of every run but shown by ``--help`` only with
+the objective that takes them: ``finetune train --objective simpo --help``."""
 
 from __future__ import annotations
 
@@ -25,16 +28,68 @@ def all_option_specs() -> dict[str, Option]:
     return specs
 
 
+def help_text(spec: Option) -> str:
+    """An option's help with its default and range, as ``--help`` shows it."""
+    default = f" [default: {spec.default}]" if spec.default not in (None, "", ()) else ""
+    return spec.help + default + (f" [{spec.range_text()}]" if spec.range_text() else "")
+
+
 def option_flags(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a command with one ``--kebab-name`` flag per option; unset flags stay ``None``."""
-    for spec in reversed(list(all_option_specs().values())):
+    """Decorate a command with one ``--kebab-name`` flag per option; unset flags stay ``None``. The objectives'
+    options come last, hidden until :class:`ObjectiveOptionsCommand` sees which objective is asked for."""
+    from finetune_sdk.objectives.choice import objective_option_specs
+
+    specs = all_option_specs()
+    objective_specs = [first for name, (first, _) in objective_option_specs().items() if name not in specs]
+    for spec, hidden in [*((s, True) for s in reversed(objective_specs)), *((s, False) for s in
+                                                                             reversed(list(specs.values())))]:
         flag = "--" + spec.name.replace("_", "-")
-        default = f" [default: {spec.default}]" if spec.default not in (None, "", ()) else ""
-        default += f" [{spec.range_text()}]" if spec.range_text() else ""
         if spec.type is bool:
             decl = f"{flag}/--no-{spec.name.replace('_', '-')}"
-            func = click.option(decl, spec.name, default=None, help=spec.help + default)(func)
+            func = click.option(decl, spec.name, default=None, help=help_text(spec), hidden=hidden)(func)
         else:
             kind = click.Choice([str(c) for c in spec.choices]) if spec.choices else PARAM_TYPES[spec.type]
-            func = click.option(flag, spec.name, type=kind, default=None, help=spec.help + default)(func)
+            func = click.option(flag, spec.name, type=kind, default=None, help=help_text(spec), hidden=hidden)(func)
     return func
+
+
+def named_objective(args: list[str]) -> str | None:
+    """The value of ``--objective NAME`` / ``--objective=NAME`` in raw command-line ``args``.
+
+    >>> named_objective(["--data", "x", "--objective=orpo"]), named_objective(["--objective", "simpo"])
+    ('orpo', 'simpo')
+    """
+    for i, arg in enumerate(args):
+        if arg.startswith("--objective="):
+            return arg.partition("=")[2]
+        if arg == "--objective" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+class ObjectiveOptionsCommand(click.Command):
+    """A command whose ``--help`` shows an objective's options (with that objective's help, default and range)
+    only when ``--objective NAME`` is on the command line; the others stay hidden (they parse, and the Trainer
+    refuses an option of another objective with one line)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        from finetune_sdk.objectives.choice import objective_option_specs
+
+        chosen = named_objective(args)
+        per_objective = objective_option_specs()
+        for param in self.params:
+            if isinstance(param, click.Option) and param.name in per_objective and param.name not in \
+                    all_option_specs():
+                spec = per_objective[param.name][1].get(chosen or "")
+                param.hidden = spec is None
+                if spec is not None:
+                    param.help = help_text(spec)
+        return super().parse_args(ctx, args)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from finetune_sdk.objectives.choice import registered_objectives
+
+        names = ", ".join(name for name, o in registered_objectives().items() if o.options)
+        formatter.write_paragraph()
+        formatter.write_text(f"An objective's options show with it: --objective NAME --help ({names}).")
+        super().format_epilog(ctx, formatter)

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from finetune_sdk.cli.config_file import read_config
-from finetune_sdk.cli.option_flags import option_flags
+from finetune_sdk.cli.option_flags import ObjectiveOptionsCommand, option_flags
 from finetune_sdk.cli.render import console, metrics_table
 from finetune_sdk.errors import ConfigError
 
@@ -18,7 +18,7 @@ RUN_KEYS = ("model", "data", "train_data", "eval_data", "technique", "quantizer"
             "publish")
 
 
-@click.command("train")
+@click.command("train", cls=ObjectiveOptionsCommand)
 @click.option("--model", "-m", help="model folder, Hub id or .gguf file")
 @click.option("--data", "--train-data", "data", help="training data: .jsonl, .json, .csv or .parquet")
 @click.option("--eval-data", help="held-out data evaluated after (and during) training")
@@ -45,6 +45,7 @@ def train_command(model: str | None, data: str | None, eval_data: str | None, te
     Example:
       finetune train --model ./tiny-llama --data train.jsonl --technique lora --r 16 --num-train-epochs 2
       finetune train --model ./tiny-llama --data prompts.jsonl --reward my_reward --reward-model rm-v1
+      finetune train --model ./tiny-llama --data pairs.jsonl --objective orpo --beta 0.1
     """
     if rewards:  # --reward a --reward b is --reward-funcs a,b
         flags["reward_funcs"] = ",".join([*filter(None, [flags.get("reward_funcs")]), *rewards])
@@ -88,8 +89,9 @@ def check_config_keys(config: dict[str, Any], path: str | None) -> None:
     """Refuse a key of the config file that is neither a run setting nor an option, naming the file."""
     from finetune_sdk.cli.option_flags import all_option_specs
     from finetune_sdk.errors import closest
+    from finetune_sdk.objectives.choice import objective_option_owners
 
-    known = set(RUN_KEYS) | set(all_option_specs())
+    known = set(RUN_KEYS) | set(all_option_specs()) | set(objective_option_owners())
     for key in config:
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}{closest(str(key), known)}; the keys are the names of "

@@ -13,10 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_sdk.errors import ConfigError
-from finetune_sdk.exporting.quantization import check_quantizations
 
-FORMATS = ("gguf",)
 EXPORT_KIND = "gguf-export"
 
 
@@ -44,8 +41,8 @@ class GGUFExport:
 
 
 def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: str = "gguf",
-           quantization: str | list[str] = "q8_0", name: str | None = None, attach: bool = False,
-           registry: Any = None, adapter_only: bool = False) -> GGUFExport:
+           quantization: str | list[str] | None = None, name: str | None = None, attach: bool = False,
+           registry: Any = None, adapter_only: bool = False, **settings: Any) -> Any:
     """Merge the result ``ref`` and write it to the folder ``out`` as a GGUF file plus an Ollama ``Modelfile``.
 
     Args:
@@ -53,8 +50,10 @@ def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: 
             (``"bot@production"``, ``"hf://org/repo@v3"``).
         out: the folder to write: ``<name>-<quantization>.gguf``, ``Modelfile`` and ``finetune_manifest.json``.
             It must not exist, be empty, or hold an earlier export (which is replaced); anything else is refused.
-        format: ``"gguf"``, the only format so far.
-        quantization: ``f16``, ``bf16``, ``f32``, ``q8_0`` (default), the 4/5-bit ``q4_0``, ``q4_1``, ``q5_0``,
+        format: the export format: ``"gguf"`` (builtin) or one a plugin registers (``register_exporters``; the
+            installed ones: :func:`exporter_names`). ``quantization``, ``attach`` and ``adapter_only`` are GGUF's
+            settings; another format takes its own as ``**settings``.
+        quantization: GGUF: ``f16``, ``bf16``, ``f32``, ``q8_0`` (default), the 4/5-bit ``q4_0``, ``q4_1``, ``q5_0``,
             ``q5_1`` (ggml's block-32 types; the output matrix stays at q8_0 with them), or llama.cpp's K-quant
             mixes ``q6_k``, ``q5_k_m``, ``q5_k_s``, ``q4_k_m``, ``q4_k_s``, ``q3_k_l``, ``q3_k_m``, ``q3_k_s``, ``q2_k``
             (see ``docs/export.md``). A list
@@ -72,7 +71,7 @@ def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: 
         A :class:`GGUFExport` with the paths, the quantization, the chat format and ``ollama_command``.
 
     Raises:
-        ConfigError: an unknown format or quantization, an output path that holds something else, an unsupported
+        ConfigError: an unknown format (naming the installed ones), setting or quantization, an output path that holds something else, an unsupported
             model family or RoPE scaling, ``adapter_only`` for a result that isn't a LoRA adapter, or a classifier
             result; all before the model loads where possible.
 
@@ -86,23 +85,25 @@ def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: 
         >>> print(done.ollama_command)  # doctest: +SKIP
         ollama create support-bot -f exports/bot/Modelfile && ollama run support-bot
     """
-    from finetune_sdk.exporting.pipeline import run_export
+    from finetune_sdk.plugin_manager import get_plugin_host
 
-    if format != "gguf":
-        raise ConfigError(f"export format {format!r} is not supported; use one of {', '.join(FORMATS)}")
-    quantizations = check_quantizations(quantization)
-    if attach and Path(ref).is_dir():
-        raise ConfigError(f"attach: {ref} is a result folder; publish it first and export the registry version "
-                          "(e.g. name@1) to attach the GGUF file to it")
-    if adapter_only and len(quantizations) > 1:
-        raise ConfigError("adapter_only writes one base file; give one quantization for it")
-    done = run_export(ref, Path(out), quantization=quantizations if len(quantizations) > 1 else quantizations[0],
-                      name=name, registry=registry, adapter_only=adapter_only)
-    if attach:
-        from finetune_sdk.exporting.pipeline import attach_to_registry
+    exporter = get_plugin_host().create("exporter", format)
+    given = {key: value for key, value in (("quantization", quantization), ("attach", attach),
+                                            ("adapter_only", adapter_only)) if value not in (None, False)}
+    given.update(settings)
+    exporter.check(given)
+    return exporter.export(str(ref), Path(out), name=name, registry=registry, **given)
 
-        attach_to_registry(done, ref, registry)
-    return done
+
+def exporter_names() -> list[str]:
+    """The installed export formats (registered through ``register_exporters``), without importing torch.
+
+    >>> "gguf" in exporter_names()
+    True
+    """
+    from finetune_sdk.plugin_manager import get_plugin_host
+
+    return get_plugin_host().names("exporter")
 
 
 def ollama_name(text: str) -> str:
@@ -115,4 +116,4 @@ def ollama_name(text: str) -> str:
     return cleaned or "finetuned"
 
 
-__all__ = ["GGUFExport", "export", "ollama_name"]
+__all__ = ["GGUFExport", "export", "exporter_names", "ollama_name"]

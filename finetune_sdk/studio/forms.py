@@ -57,6 +57,12 @@ def option_schema() -> dict[str, Any]:
             for option in getattr(reg.cls, "options", ()):
                 fields.setdefault(option.name, _field(option, f"{kind} {reg.name}"))
                 owners.setdefault(option.name, []).append(reg.name)
+    from finetune_sdk.objectives.choice import registered_objectives
+
+    for objective in registered_objectives(host).values():  # an objective's options apply when it is chosen
+        for option in objective.options:
+            fields.setdefault(option.name, _field(option, f"objective {objective.name}"))
+            owners.setdefault(option.name, []).append(objective.name)
     for name, field in fields.items():
         field["plugins"] = owners.get(name, [])
     return {"techniques": host.names("technique"), "quantizers": host.names("quantizer"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FormatterContract", "ObjectiveContract", "QuantizerContract", "RewardFunctionContract", "StrategyContract",
+__all__ = ["ExporterContract", "FormatterContract", "ObjectiveContract", "QuantizerContract", "RewardFunctionContract", "StrategyContract",
            "TechniqueContract", "save_tiny_model", "tiny_model", "tiny_tokenizer"]
 
 
@@ -21,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from finetune_sdk.testing import contract
 
         return getattr(contract, name)
+    if name == "ExporterContract":
+        from finetune_sdk.testing import exporter_contract
+
+        return exporter_contract.ExporterContract
     if name == "ObjectiveContract":
         from finetune_sdk.testing import objective_contract
 

@@ -1,4 +1,6 @@
-"""The contract every training objective passes, builtin or (once objectives are a plugin type) a plugin's.
+"""The contract every training objective passes, builtin or a plugin's (``register_objectives``): gradient
+accumulation equals the bigger batch, a resumed run ends with the uninterrupted run's weights, the reference after
+an SFT stage is the SFT result, and bad input is refused in one line before any model loads.
 
 An objective's statistics of a batch (a mean's normaliser, KTO's KL reference point, GRPO's sampled groups and
 their advantages) must be those of the optimizer step's whole batch, so that ``per_device_train_batch_size=b``
@@ -69,8 +71,11 @@ LORA = {"learning_rate": 0.5, "lora_dropout": 0.0, "target_modules": "all-linear
 BUILTIN_CASES: dict[str, AccumulationCase] = {
     "sft": AccumulationCase("lora", "chatml", CAUSAL_ROWS, LORA),
     "sft/no-packing": AccumulationCase("lora", "chatml", CAUSAL_ROWS, {**LORA, "packing": False}),
-    "dpo": AccumulationCase("lora", "preference", PREFERENCE_ROWS, {**LORA, "dpo_beta": 0.5}),
-    "kto": AccumulationCase("lora", "kto", KTO_ROWS, {**LORA, "kto_beta": 0.5}),
+    "dpo": AccumulationCase("lora", "preference", PREFERENCE_ROWS, {**LORA, "beta": 0.5}),
+    "orpo": AccumulationCase("lora", "preference", PREFERENCE_ROWS, {**LORA, "objective": "orpo", "beta": 0.5}),
+    "simpo": AccumulationCase("lora", "preference", PREFERENCE_ROWS,
+                              {**LORA, "objective": "simpo", "beta": 2.0, "simpo_gamma": 0.5, "cpo_alpha": 0.5}),
+    "kto": AccumulationCase("lora", "kto", KTO_ROWS, {**LORA, "beta": 0.5}),
     "grpo": AccumulationCase("lora", "prompt", PROMPT_ROWS,
                              {**LORA, "reward_funcs": [completion_length], "num_generations": 4,
                               "max_completion_length": 6, "max_length": 64}),
@@ -130,6 +135,105 @@ class ObjectiveContract:
         seen = assert_same_training(bigger, accumulated, self.rtol, self.atol, start=start)
         print(f"{self.name}: largest relative difference {seen['logs']:.2e} in the logs, {seen['weights']:.2e} in "
               "the weight updates")
+
+
+    def test_resume_ends_with_the_uninterrupted_weights(self, objective_model_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+        """A run that fails after a checkpoint and is resumed (``resume=True``) ends with the weights of the run
+        that never failed (the objective's state between steps, e.g. a reference, survives)."""
+        from finetune_sdk.callbacks import CrashAtStep
+
+        def crash(callback: Any, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == callback.step:
+                raise RuntimeError("crash for the resume contract")
+
+        steps = {"max_steps": 4, "save_steps": 2, "num_train_epochs": 1}
+        whole = self.fit(objective_model_dir, tmp_path / "whole", self.batch_size, 1, **steps)
+        monkeypatch.setattr(CrashAtStep, "on_step_end", crash)
+        monkeypatch.setenv("FINETUNE_SDK_CRASH_AT_STEP", "3")
+        with pytest.raises(RuntimeError, match="crash for the resume contract"):
+            self.fit(objective_model_dir, tmp_path / "resumed", self.batch_size, 1, **steps)
+        monkeypatch.delenv("FINETUNE_SDK_CRASH_AT_STEP")
+        resumed = self.fit(objective_model_dir, tmp_path / "resumed", self.batch_size, 1, resume=True, **steps)
+        assert resumed.metrics["train_steps"] == whole.metrics["train_steps"] == 4
+        weights, again = result_weights(whole.output_dir), result_weights(resumed.output_dir)
+        assert weights.keys() == again.keys() and weights
+        for name, tensor in weights.items():
+            assert (again[name] - tensor).abs().max().item() <= self.atol + self.rtol * tensor.abs().max().item(), name
+
+    def test_reference_after_sft_is_the_sft_result(self, objective_model_dir: Path, tmp_path: Path) -> None:
+        """``fit([Stage(sft), Stage(objective)])``: an objective whose reference is the policy as it stands when it
+        starts (``loss_at_reference`` declared) starts at exactly that loss after a trained SFT stage."""
+        from finetune_sdk import Stage, Trainer
+        from finetune_sdk.objectives import get_objective, resolve_objective_options
+
+        case = self.accumulation_case()
+        objective = get_objective(self.name.split("/")[0])
+        stage_options = {k: v for k, v in case.options.items() if k in objective.option_specs() or k == "objective"}
+        expected = objective.loss_at_reference(resolve_objective_options(
+            objective, {k: v for k, v in stage_options.items() if k != "objective"}))
+        if expected is None or case.technique not in ("lora", "full", "qlora"):
+            pytest.skip(f"objective {objective.name!r} declares no loss at its reference")
+        options = {"dtype": "float32", "bf16": False, "seed": 0, "logging_steps": 1, "save_steps": 0,
+                   **{k: v for k, v in case.options.items() if k not in objective.option_specs() and k != "objective"}}
+        sft_rows = [{"prompt": row.get("prompt", "q"), "completion": "a short answer."} for row in case.rows]
+        trainer = Trainer(objective_model_dir, technique=case.technique, output_dir=tmp_path / "stages",
+                          progress=False, **options)
+        result = trainer.fit([Stage(sft_rows, formatter="chatml", num_train_epochs=2),
+                              Stage([dict(r) for r in case.rows], formatter=case.formatter, learning_rate=0.0,
+                                    max_steps=1, **stage_options)])
+        first = next(entry["loss"] for entry in result.log_history if "loss" in entry)
+        assert first == pytest.approx(expected, rel=self.rtol, abs=self.atol)
+
+    def test_bad_input_is_one_line_before_loading(self, objective_model_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+        """Each of the objective's options out of its range, an option no objective takes, and this objective on
+        rows of another task: one :class:`~finetune_sdk.errors.ConfigError` line naming it, nothing loaded or
+        written."""
+        from finetune_sdk import Trainer
+        from finetune_sdk.errors import ConfigError, FinetuneError
+        from finetune_sdk.objectives import get_objective
+
+        import finetune_sdk.models as models
+
+        monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
+        case = self.accumulation_case()
+        objective = get_objective(self.name.split("/")[0])
+        out = tmp_path / "out"
+        for option in objective.options:
+            bad = _out_of_range(option)
+            if bad is None:
+                continue
+            with pytest.raises(ConfigError) as caught:
+                Trainer(objective_model_dir, technique=case.technique, output_dir=out, progress=False,
+                        objective=objective.name, **{option.name: bad})
+            assert option.name in str(caught.value) and "\n" not in str(caught.value)
+        with pytest.raises(ConfigError, match="unknown option 'no_such_option'"):
+            Trainer(objective_model_dir, technique=case.technique, output_dir=out, progress=False,
+                    objective=objective.name, no_such_option=1)
+        other = [{"text": "plain text with no answer column"}] * 2
+        if "causal-lm" in objective.technique_tasks and "causal-lm" not in objective.formatter_tasks:
+            trainer = Trainer(objective_model_dir, technique=case.technique, output_dir=out, progress=False,
+                              objective=objective.name)
+            with pytest.raises(FinetuneError) as caught:
+                trainer.fit(other)
+            assert objective.name in str(caught.value) and "\n" not in str(caught.value)
+        assert not out.exists()
+
+
+def _out_of_range(option: Any) -> Any:
+    """A value outside ``option``'s declared range (None: it declares none)."""
+    if option.type not in (int, float):
+        return None
+    if option.minimum is not None:
+        return option.minimum - 1
+    if option.exclusive_minimum is not None:
+        return option.exclusive_minimum
+    if option.maximum is not None:
+        return option.maximum + 1
+    if option.exclusive_maximum is not None:
+        return option.exclusive_maximum
+    return None
 
 
 def assert_same_training(bigger: Any, accumulated: Any, rtol: float = 1e-4, atol: float = 1e-6,

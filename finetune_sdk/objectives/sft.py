@@ -1,0 +1,39 @@
+"""``sft``: supervised fine-tuning, the causal-LM cross-entropy on response tokens (supervised and text
+formatters; multi-task mixtures).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from finetune_sdk.encoding import Collator
+from finetune_sdk.objectives.base import Objective
+
+if TYPE_CHECKING:
+    from finetune_sdk.data import Rows
+    from finetune_sdk.planning import TrainingPlan
+    from finetune_sdk.run_engine import RunSpec
+
+
+class SupervisedFineTuning(Objective):
+    """``sft``: next-token cross-entropy on response tokens; packing and length grouping apply."""
+
+    name = "sft"
+    description = "supervised fine-tuning: next-token cross-entropy on the answers"
+    default = True
+    chunked_loss = True
+    packs = True
+
+    def check_rows(self, rows: Rows) -> None:
+        from finetune_sdk.data_checks import check_answers
+
+        check_answers(rows.rows, rows.source)
+
+    def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
+        if plan.packed:
+            from finetune_sdk.packing import PackingCollator
+
+            row_length = None if plan.varlen else options["max_length"]  # per-example attention: one row, no pad
+            return PackingCollator(row_length, tokenizer.pad_token_id, varlen_kwargs=plan.varlen)
+        return Collator(tokenizer.pad_token_id)
