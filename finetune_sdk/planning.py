@@ -82,10 +82,12 @@ class TrainingPlan:
 class Planner:
     """Builds :class:`TrainingPlan` s for one technique and its options (the options are not changed)."""
 
-    def __init__(self, host: Any, technique_task: str, options: Mapping[str, Any]) -> None:
+    def __init__(self, host: Any, technique_task: str, options: Mapping[str, Any], *, strict: bool = True) -> None:
         self.host = host
         self.task = technique_task
         self.options = options
+        #: False in a stage of fit([Stage, ...]): options of other objectives are left out, not refused.
+        self.strict = strict
 
     def pick_formatter(self, rows: Rows, tokenizer: Any) -> Formatter:
         """The formatter the columns of ``rows`` call for (logged, since the user did not name one)."""
@@ -114,7 +116,7 @@ class Planner:
         labels = labels_for(train_rows, used, self.options) if self.task == CLASSIFICATION else None
         options = {**self.options, "labels": labels} if labels is not None else self.options
         objective = objective_for(used.task, self.task, options.get("objective"), self.host)
-        options = run_options(objective, options, self.host)  # its options resolved; another's is an error
+        options = run_options(objective, options, self.host, strict=self.strict)  # its own resolved
         objective.check_options(options, self.host)
         objective.check_rows(train_rows)
         train = objective.encode(train_rows, used, tokenizer, options)
@@ -143,7 +145,7 @@ class Planner:
                 raise ConfigError(f"task {task.name!r}: formatter {formatter.name!r} makes {formatter.task} data; "
                                   "multi-task mixing takes supervised or text formatters")
             objective = objective_for(formatter.task, self.task, self.options.get("objective"), self.host)
-            options = run_options(objective, self.options, self.host)
+            options = run_options(objective, self.options, self.host, strict=self.strict)
             objective.check_rows(rows)
             encoded[task.name] = objective.encode(rows, formatter, tokenizer, options)
             formatters[task.name], fingerprints[task.name] = formatter, rows.fingerprint

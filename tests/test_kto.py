@@ -32,6 +32,9 @@ def held_out_baseline(model_dir, technique, options):
     from finetune_sdk.data import load_rows
     from finetune_sdk.kto import encode_kto, evaluate_kto
 
+    from finetune_sdk.objectives import get_objective, run_options
+
+    options = run_options(get_objective("kto"), options)  # the Trainer's, with KTO's own resolved
     base = Trainer(model_dir, technique=technique, formatter="kto", progress=False).current_model()
     held = encode_kto(load_rows(HELD_OUT), base.formatter, base.tokenizer, options)
     return evaluate_kto(base.model, held, base.tokenizer.pad_token_id, options)

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -123,8 +124,18 @@ def split_objective_options(options: Mapping[str, Any], host: Any = None) -> tup
     return {k: v for k, v in options.items() if k not in owners}, given
 
 
-def run_options(objective: Objective, options: Mapping[str, Any], host: Any = None) -> dict[str, Any]:
+def run_options(objective: Objective, options: Mapping[str, Any], host: Any = None, *,
+                strict: bool = True) -> dict[str, Any]:
     """A run's options: ``options`` (the Trainer's, which hold the objective options as given) with
-    ``objective``'s resolved and no other objective's."""
+    ``objective``'s resolved and no other objective's. An option of another objective is an error, or with
+    ``strict=False`` (a stage of ``fit([Stage, ...])``, where the Trainer's options serve every stage) left out of
+    this run with an info line."""
     plain, given = split_objective_options(options, host)
+    if not strict:
+        takes = {*objective.option_specs(), *objective.renamed_options}
+        skipped = sorted(name for name in given if name not in takes)
+        if skipped:
+            logging.getLogger("finetune_sdk").info("options %s are not options of objective %r: not used in this "
+                                                   "stage", ", ".join(skipped), objective.name)
+        given = {k: v for k, v in given.items() if k in takes}
     return {**plain, **resolve_objective_options(objective, given, host)}

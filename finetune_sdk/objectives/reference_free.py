@@ -126,7 +126,8 @@ def evaluate_reference_free(model: Any, encoded: Encoded, pair_loss: PairLoss, n
     correct, ties, _ = pairwise_counts(margin.tolist(), scales)
     return {"eval_loss": float(losses.mean() + nll_weight * nll), "reward_accuracy": correct / n,
             "reward_ties": ties, "reward_margin": float(margin.mean()),
-            "logp_margin": float((sums[:n] - sums[n:]).mean()), "nll_loss": float(nll), **scored_rows(n, encoded.dropped)}
+            "logp_margin": float((sums[:n] - sums[n:]).mean()), "nll_loss": float(nll),
+            **scored_rows(n, encoded.dropped)}
 
 
 def reference_free_evaluate(objective: Any, loaded: Any, plan: Any, name: str,
