@@ -111,7 +111,8 @@ class ObjectiveContract:
     def objective_model_dir(self, tmp_path_factory: pytest.TempPathFactory) -> Path:
         return save_tiny_model(tmp_path_factory.mktemp("objective-model") / "llama", "llama")
 
-    def fit(self, model_dir: Path, output_dir: Path, batch_size: int, accumulation_steps: int, **options: Any) -> Any:
+    def fit(self, model_dir: Path, output_dir: Path, batch_size: int, accumulation_steps: int, *, resume: bool = False,
+            **options: Any) -> Any:
         """One run of the case: float32, dropout off, SGD, seeded, two epochs, a log entry per optimizer step."""
         from finetune_sdk import Trainer
 
@@ -121,7 +122,7 @@ class ObjectiveContract:
         trainer = Trainer(model_dir, technique=case.technique, formatter=case.formatter, output_dir=output_dir,
                           progress=False, per_device_train_batch_size=batch_size,
                           gradient_accumulation_steps=accumulation_steps, **options)
-        return trainer.fit([dict(row) for row in case.rows])
+        return trainer.fit([dict(row) for row in case.rows], resume=resume)
 
     def test_accumulation_equals_bigger_batch(self, objective_model_dir: Path, tmp_path: Path) -> None:
         """Batch ``k*b`` and batch ``b`` with ``k`` accumulation steps: the same logged values at every optimizer
