@@ -1,7 +1,8 @@
 """The example plugin distributions in examples/plugins, pip-installed and found through their entry points.
 
-``finetune-sdk-dora`` (technique ``dora``, a loss CSV observer, ``finetune dora-info``) and
-``finetune-sdk-sharegpt`` (formatter ``sharegpt``) are installed with pip into a temporary folder, which is put on
+``finetune-sdk-dora`` (technique ``dora``, a loss CSV observer, ``finetune dora-info``),
+``finetune-sdk-sharegpt`` (formatter ``sharegpt``), ``finetune-sdk-ipo`` (objective ``ipo``, passing the SDK's
+``ObjectiveContract`` unchanged) and ``finetune-sdk-earlystop`` (an observer that stops training) are installed with pip into a temporary folder, which is put on
 ``sys.path`` (and ``PYTHONPATH`` for subprocesses), exactly as a user's ``pip install`` would make them visible.
 """
 
@@ -25,8 +26,9 @@ from finetune_sdk.cli.main import cli
 from finetune_sdk.plugin_manager import get_plugin_host, reset_plugins
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "plugins"
-DISTRIBUTIONS = {"dora": "finetune-sdk-dora", "sharegpt": "finetune-sdk-sharegpt"}
-MODULES = ("finetune_sdk_dora", "finetune_sdk_sharegpt")
+DISTRIBUTIONS = {"dora": "finetune-sdk-dora", "sharegpt": "finetune-sdk-sharegpt", "ipo": "finetune-sdk-ipo",
+                 "earlystop": "finetune-sdk-earlystop"}
+MODULES = ("finetune_sdk_dora", "finetune_sdk_sharegpt", "finetune_sdk_ipo", "finetune_sdk_earlystop")
 VERSION = "0.1.0"
 ONLY_THESE = ",".join(DISTRIBUTIONS)  # other finetune_sdk entry points in the environment stay out of the way
 
@@ -122,6 +124,9 @@ def test_finetune_plugins_lists_them_with_distribution_and_version(plugins_on):
     assert (sharegpt["plugin"], sharegpt["distribution"], sharegpt["version"]) == \
         ("sharegpt", "finetune-sdk-sharegpt", VERSION)
     assert "lora" in {t["name"] for t in report["techniques"]}  # the builtins are still there
+    ipo = next(o for o in report["objectives"] if o["name"] == "ipo")
+    assert (ipo["distribution"], ipo["options"]) == ("finetune-sdk-ipo", ["beta"])
+    assert by_plugin["ipo"]["hooks"] == ["register_objectives"] and by_plugin["earlystop"]["hooks"] == ["on_evaluate"]
 
 
 def test_trainer_fits_sharegpt_rows_with_dora_and_the_csv_observer_logs(plugins_on, tiny_models, tmp_path,

@@ -25,7 +25,8 @@ def plugin_report() -> dict[str, Any]:
         ],
         **{PLURALS[kind]: [
             {"name": r.name, "plugin": r.plugin, "distribution": r.distribution, "version": r.version,
-             "description": _description(r.cls)}
+             "description": _description(r.cls),
+             **({"options": [o.name for o in r.cls.options]} if kind == "objective" else {})}
             for r in sorted(host.registrations(kind), key=lambda r: r.name)
         ] for kind in KINDS},
     }
@@ -35,8 +36,8 @@ def plugin_report() -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.pass_context
 def plugins_command(ctx: click.Context, as_json: bool) -> None:
-    """List techniques, quantizers, formatters, federated strategies and reward functions with their plugin and
-    version."""
+    """List techniques, quantizers, formatters, objectives (with their own options), export formats, federated
+    strategies and reward functions with their plugin and version."""
     if ctx.invoked_subcommand is not None:
         return
     report = plugin_report()
@@ -53,20 +54,22 @@ def render_report(report: dict[str, Any]) -> None:
     table = Table(title="plugins")
     table.add_column("plugin", no_wrap=True)
     table.add_column("distribution", no_wrap=True)
-    table.add_column("provides", ratio=1)
+    table.add_column("provides", ratio=1, overflow="fold")  # a long name folds, never cut
     for p in report["plugins"]:
         if not p["error"]:
             table.add_row(cell(p["name"]), cell(_release(p)), cell(_provides(p["registered"])))
     out.print(table)
-    for kind in ("techniques", "quantizers", "formatters", "strategies", "rewards"):
+    titles = {"rewards": "reward functions", "exporters": "export formats"}
+    for kind in ("techniques", "quantizers", "formatters", "objectives", "exporters", "strategies", "rewards"):
         if kind == "rewards" and not report[kind]:
             continue  # no plugin registers a reward function: no empty table
-        table = Table(title="reward functions" if kind == "rewards" else kind)
+        table = Table(title=titles.get(kind, kind))
         table.add_column("name", no_wrap=True)
         table.add_column("distribution", no_wrap=True)
         table.add_column("description", ratio=1)
         for row in report[kind]:
-            table.add_row(cell(row["name"]), cell(_release(row)), cell(row["description"]))
+            options = f" (options: {', '.join(row['options'])})" if row.get("options") else ""
+            table.add_row(cell(row["name"]), cell(_release(row)), cell(row["description"] + options))
         out.print(table)
     broken = [p for p in report["plugins"] if p["error"]]
     if broken:
