@@ -65,6 +65,10 @@ def objective_spec(name: str) -> Any:
 
     Raises:
         ConfigError: no objective is registered as ``name``.
+
+    Example:
+        >>> objective_spec("orpo").sequences_per_example, objective_spec("sft").chunked_loss
+        (2, True)
     """
     from finetune_sdk.objectives.choice import get_objective
 
@@ -159,8 +163,9 @@ def estimate_training_memory(
             Sampling's KV cache is freed before that forward pass, so it is not part of the peak.
         reference_weights: GRPO's reference (``beta > 0``): one more copy of the trainable weights, swapped in to
             score the samples; its forward pass runs without gradients, smaller than the training one.
-        objective: ``sft``, ``dpo`` (chosen and rejected: twice the sequences) or ``kto`` (the mismatched pairs'
-            forward pass runs without gradient: no more peak memory); DPO and KTO use full logits.
+        objective: a registered objective (:func:`objective_spec`): ``sft``; ``dpo``, ``orpo``, ``simpo``
+            (chosen and rejected: twice the sequences); ``kto`` (the mismatched pairs' forward pass runs without
+            gradient: no more peak memory); only ``sft`` takes the chunked loss, the others use full logits.
         reward_backbone: ``reward-model`` only: ``frozen`` or ``lora``.
     """
     if technique not in TECHNIQUES:
