@@ -29,6 +29,7 @@ from finetune_sdk.testing.chat_contract import check_chat_round_trip
 from finetune_sdk.testing.light import heavy_imports
 from finetune_sdk.testing.special_tokens import (TOKENIZER_VARIANTS, content_with_specials, ends_with_one_eos,
                                                  inject_special_tokens, variant_tokenizer)
+from finetune_sdk.testing.steering_contract import SteeringContract
 from finetune_sdk.testing.tiny import save_tiny_model, tiny_tokenizer
 from finetune_sdk.testing.turns import TURN_FORMATS, trained_end_of_turn, turn_tokenizer
 
@@ -65,7 +66,7 @@ def assert_light(cls: type) -> None:
     assert not heavy, f"move these imports into the functions that use them: {'; '.join(heavy)}"
 
 
-class TechniqueContract:
+class TechniqueContract(SteeringContract):
     """Tests every technique passes. Set ``name``; tune ``learning_rate``/``epochs`` if your method needs it."""
 
     name: ClassVar[str]
@@ -130,35 +131,6 @@ class TechniqueContract:
             expected = trained.model(**batch).logits
             actual = loaded.model(**batch).logits
         assert torch.allclose(expected, actual, atol=1e-5), (expected - actual).abs().max()
-
-    def test_an_observer_can_stop_training(self, model_dir: Any, tmp_path: Any) -> None:
-        """An ``on_log`` observer that answers ``STOP_TRAINING`` at step 2 stops a 20-step run there; the result is
-        saved as usual with 2 steps, ``on_train_end`` still comes, and the context names the hook that asked."""
-        from finetune_sdk import Trainer
-        from finetune_sdk.plugin_api import STOP_TRAINING, hookimpl
-
-        class StopAtTwo:
-            def __init__(self) -> None:
-                self.seen: list[Any] = []
-
-            @hookimpl
-            def on_log(self, context: Any, logs: dict[str, Any]) -> str | None:
-                return STOP_TRAINING if context.step >= 2 else None
-
-            @hookimpl
-            def on_train_end(self, context: Any, metrics: dict[str, Any]) -> None:
-                self.seen.append((context.should_training_stop, context.stopped_by, metrics["train_steps"]))
-
-        host, observer = get_plugin_host(), StopAtTwo()
-        host.pm.register(observer, name="contract-stop-at-two")
-        try:
-            result = Trainer(model_dir, technique=self.name, formatter=self.formatter_name(),
-                             output_dir=tmp_path / "out", max_steps=20, logging_steps=1, save_steps=0,
-                             per_device_train_batch_size=2, progress=False, seed=0).fit(self.rows())
-        finally:
-            host.pm.unregister(observer)
-        assert result.metrics["train_steps"] == 2 and (result.output_dir / "finetune_manifest.json").is_file()
-        assert observer.seen == [(True, "on_log", 2)]
 
     def test_merge_starts_from_the_stored_base(self, model_dir: Any, tmp_path: Any) -> None:
         """A merge (and an export, which merges the same way) reads the base from disk in float32, never the
