@@ -12,9 +12,7 @@ from finetune_sdk.objectives.pairs import PreferencePairs
 from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
-    from finetune_sdk.data import Rows
     from finetune_sdk.planning import TrainingPlan
-    from finetune_sdk.run_engine import RunSpec
 
 
 class DirectPreferenceOptimization(PreferencePairs):

@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.encoding import Encoded
 from finetune_sdk.formatter import KTO, Formatter
-from finetune_sdk.objectives.base import Objective, TrainingInputs
+from finetune_sdk.objectives.base import Objective
 from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
     from finetune_sdk.data import Rows
     from finetune_sdk.planning import TrainingPlan
-    from finetune_sdk.run_engine import RunSpec
 
 
 class KahnemanTverskyOptimization(Objective):

@@ -13,7 +13,6 @@ from finetune_sdk.objectives.base import Objective
 if TYPE_CHECKING:
     from finetune_sdk.data import Rows
     from finetune_sdk.planning import TrainingPlan
-    from finetune_sdk.run_engine import RunSpec
 
 
 class PreferencePairs(Objective):

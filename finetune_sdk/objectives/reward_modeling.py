@@ -12,7 +12,6 @@ from finetune_sdk.objectives.base import TrainingInputs
 from finetune_sdk.objectives.pairs import PreferencePairs
 
 if TYPE_CHECKING:
-    from finetune_sdk.data import Rows
     from finetune_sdk.planning import TrainingPlan
     from finetune_sdk.run_engine import RunSpec
 
