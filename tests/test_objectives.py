@@ -127,3 +127,22 @@ def test_a_new_objective_is_a_plugin_not_a_branch(tiny_models, tmp_path, install
     assert result.manifest["objective"] == "counting-demo" and result.manifest["options"]["count_scale"] == 2.0
     assert "count_scale" not in trainer.options  # fit's options apply to that fit only
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_objective_options_are_resolved_for_the_chosen_objective_only(tiny_models):
+    """TRL's names per objective (DPO beta 0.1, GRPO beta 0.04, SimPO beta 2.0): each objective's default; older
+    names still work with a FutureWarning; another objective's option is one line."""
+    tok = tiny_tokenizer()
+    _, plan_for = planner(tiny_models("llama"))
+    assert plan_for.plan(PAIRS, None, tok, None).options["beta"] == 0.1
+    assert "beta" not in plan_for.plan(QA, None, tok, None).options  # sft takes no beta
+    _, simpo = planner(tiny_models("llama"), objective="simpo", simpo_gamma=0.25)
+    options = simpo.plan(PAIRS, None, tok, None).options
+    assert (options["beta"], options["simpo_gamma"], options["cpo_alpha"]) == (2.0, 0.25, 0.0)
+    with pytest.warns(FutureWarning, match="option 'dpo_beta' is now 'beta'"):
+        _, old = planner(tiny_models("llama"), dpo_beta="0.5")
+        assert old.plan(PAIRS, None, tok, None).options["beta"] == 0.5
+    _, kto_only = planner(tiny_models("llama"), desirable_weight=2.0)
+    with pytest.raises(ConfigError, match="option 'desirable_weight' is an option of objective 'kto', not of 'dpo', "
+                                          "which this run trains; drop it or pass objective='kto'"):
+        kto_only.plan(PAIRS, None, tok, None)

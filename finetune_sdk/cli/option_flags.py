@@ -37,10 +37,15 @@ def help_text(spec: Option) -> str:
 def option_flags(func: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a command with one ``--kebab-name`` flag per option; unset flags stay ``None``. The objectives'
     options come last, hidden until :class:`ObjectiveOptionsCommand` sees which objective is asked for."""
-    from finetune_sdk.objectives.choice import objective_option_specs
+    from finetune_sdk.objectives.choice import objective_option_specs, registered_objectives
 
     specs = all_option_specs()
     objective_specs = [first for name, (first, _) in objective_option_specs().items() if name not in specs]
+    for objective in registered_objectives().values():  # older names (--dpo-beta), hidden, still accepted
+        for old, new in objective.renamed_options.items():
+            if old not in specs:
+                target = objective.option_specs()[new]
+                objective_specs.append(Option(old, target.type, None, f"older name of {objective.name}'s {new}"))
     for spec, hidden in [*((s, True) for s in reversed(objective_specs)), *((s, False) for s in
                                                                              reversed(list(specs.values())))]:
         flag = "--" + spec.name.replace("_", "-")
