@@ -23,7 +23,9 @@ HOOKS = sorted(name for name in dir(hookspecs) if name.startswith(("register_", 
 EXERCISED = {"register_techniques", "register_quantizers", "register_formatters", "register_commands",
              "on_train_begin", "on_log", "on_evaluate", "on_save", "on_train_end",
              "register_federated_strategies",  # exercised in test_federated.py
-             "register_reward_functions"}  # exercised in test_grpo.py
+             "register_reward_functions",  # exercised in test_grpo.py
+             "register_objectives",  # exercised in test_objectives.py and the finetune-sdk-ipo example
+             "register_exporters"}  # exercised in test_exporters.py
 
 
 class NormTune(Technique):
