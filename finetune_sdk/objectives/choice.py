@@ -46,8 +46,8 @@ def get_objective(name: str, host: Any = None) -> Objective:
 def registered_objectives(host: Any = None) -> dict[str, Objective]:
     """Every registered objective by name (names registered twice left out: using them is an error)."""
     found = _host(host)
-    return {name: get_objective(name, found) for name in found.names("objective")
-            if len(found._registrations["objective"][name]) == 1}
+    names = [registration.name for registration in found.registrations("objective")]
+    return {name: get_objective(name, found) for name in found.names("objective") if names.count(name) == 1}
 
 
 def objective_for(formatter_task: str, technique_task: str, name: str | None = None, host: Any = None) -> Objective:
