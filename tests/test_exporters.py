@@ -52,7 +52,8 @@ def test_a_plugin_format_is_used_and_listed(install, tmp_path):
     with pytest.raises(ConfigError, match="export format 'listing' takes no setting 'quantization'; its settings: "
                                           "header"):
         export(result, tmp_path / "out2", format="listing", quantization="q8_0")
-    with pytest.raises(ConfigError, match="unknown exporter 'gguff'.*did you mean 'gguf'"):
+    with pytest.raises(ConfigError, match="export format 'gguff' is not installed.*did you mean 'gguf'.*installed: "
+                                          "gguf, listing"):
         export(result, tmp_path / "out3", format="gguff")
 
     from finetune_sdk.cli.export_command import installed_formats

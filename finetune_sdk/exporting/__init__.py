@@ -85,8 +85,13 @@ def export(ref: str | os.PathLike[str], out: str | os.PathLike[str], *, format: 
         >>> print(done.ollama_command)  # doctest: +SKIP
         ollama create support-bot -f exports/bot/Modelfile && ollama run support-bot
     """
+    from finetune_sdk.errors import ConfigError, closest
     from finetune_sdk.plugin_manager import get_plugin_host
 
+    installed = get_plugin_host().names("exporter")
+    if format not in installed:
+        raise ConfigError(f"export format {format!r} is not installed{closest(format, installed)}; installed: "
+                          f"{', '.join(installed)} (a plugin adds one through register_exporters)")
     exporter = get_plugin_host().create("exporter", format)
     given = {key: value for key, value in (("quantization", quantization), ("attach", attach),
                                             ("adapter_only", adapter_only)) if value not in (None, False)}
