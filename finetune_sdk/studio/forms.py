@@ -74,8 +74,20 @@ def check_field(name: str, value: Any) -> str | None:
     specs = all_specs()
     if name not in specs:
         from finetune_sdk.errors import closest
+        from finetune_sdk.objectives.choice import get_objective, objective_option_owners, resolve_objective_options
 
-        return f"unknown option {name!r}{closest(name, specs)}; see `finetune train --help` for the options"
+        owners = objective_option_owners()
+        if name not in owners:
+            return f"unknown option {name!r}{closest(name, [*specs, *owners])}; see `finetune train --help` for the " \
+                   "options"
+        problems = []  # an objective's option: fine when one objective that takes it accepts the value
+        for owner in owners[name]:
+            try:
+                resolve_objective_options(get_objective(owner), {name: value})
+                return None
+            except ConfigError as exc:
+                problems.append(str(exc))
+        return problems[0]
     try:
         specs[name].coerce(value)
     except ConfigError as exc:

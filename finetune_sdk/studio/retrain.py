@@ -11,8 +11,9 @@ and the server, and its events are in ``<runs>/<name>.run/``). The process (:fun
    to stage (no model copy; the KTO/DPO/GRPO reference is the rated policy); another technique's result is folded
    into its base with :func:`finetune_sdk.merge` (``<runs>/<name>.start``); a base model is used as it is.
 2. ``Trainer(start, technique="lora", formatter=...).fit(ratings)``: ``kto`` on thumbs, ``preference`` (DPO, or the
-   ``preference_loss`` chosen) on pairs, ``chatml`` on edited answers; for ``reward-grpo`` a ``reward-model`` run
-   from the base model on the pairs first (``<runs>/<name>-reward``), then GRPO on the pairs' prompts scored by it.
+   ``objective`` the options name: ``orpo``, ``simpo``) on pairs, ``chatml`` on edited answers; for ``reward-grpo``
+   a ``reward-model`` run from the base model on the pairs first (``<runs>/<name>-reward``), then GRPO on the pairs'
+   prompts scored by it.
 3. The result is published to the registry under the rated version's name (or the name given) with the rated version
    as its parent: the lineage shows ``rated -> new``, and the chat lists the new version.
 
@@ -37,7 +38,7 @@ from finetune_sdk.errors import ConfigError
 #: Objective -> (the ratings rows it reads, the formatter, what it trains).
 OBJECTIVES: dict[str, tuple[str, str, str]] = {
     "kto": ("thumbs", "kto", "KTO on thumbs up/down"),
-    "dpo": ("pairs", "preference", "DPO (or the preference_loss chosen) on A/B pairs"),
+    "dpo": ("pairs", "preference", "DPO (or the objective the options name) on A/B pairs"),
     "reward-grpo": ("pairs", "preference", "a reward model on the pairs, then GRPO scored by it"),
     "sft": ("edits", "chatml", "SFT on the edited answers"),
 }

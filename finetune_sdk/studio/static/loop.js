@@ -127,7 +127,7 @@ function drawRetrain(box) {
   box.append(labelled("objective", objective), labelled("rated version", modelSelect("rated", versions[versions.length - 1])),
     labelled("publish as", input("publish-as", "")), labelled("max steps", input("retrain-max-steps", "", {type: "number", min: 1})),
     labelled("learning rate", input("retrain-lr", "")),
-    labelled("other options (JSON, as finetune train's)", input("retrain-extra", "", {placeholder: '{"preference_loss": "ipo", "kto_beta": 0.2}'})), el("br"));
+    labelled("other options (JSON, as finetune train's)", input("retrain-extra", "", {placeholder: '{"objective": "orpo", "beta": 0.2}'})), el("br"));
   const check = el("button", {id: "retrain-check"}, "Check the ratings"), go = el("button", {id: "retrain-button"}, "Retrain");
   const out = el("div", {id: "retrain-plan"}), message = el("div", {id: "retrain-message"});
   const file = () => ({kto: val("thumbs-file"), dpo: val("pairs-file"), "reward-grpo": val("pairs-file"), sft: val("edits-file")})[val("objective")];
