@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from finetune_sdk.checkpoints import checkpoints_dir, latest_checkpoint
 
 
-@pytest.fixture
-def job(tiny_models, tmp_path):
+@pytest.fixture(scope="module")
+def job(tiny_models, tmp_path_factory):
     rows = [{"prompt": f"what is {a} plus {b}?", "completion": f"{a} plus {b} is {a + b}."}
             for a in range(6) for b in range(6)]
-    data = tmp_path / "train.jsonl"
+    data = tmp_path_factory.mktemp("resume-data") / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["train", "--model", str(tiny_models("llama")), "--data", str(data), "--formatter", "chatml",
             "--max-steps", "24", "--save-steps", "5", "--per-device-train-batch-size", "4", "--learning-rate", "0.01",
@@ -46,15 +46,36 @@ def assert_same(a, b):
         assert torch.allclose(a[key], b[key], atol=1e-6), (key, (a[key] - b[key]).abs().max())
 
 
-@pytest.mark.slow
-def test_a_killed_run_resumes_to_the_uninterrupted_weights(job, tmp_path):
-    reference = job(tmp_path / "reference")
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    assert not checkpoints_dir(tmp_path / "reference").exists()  # cleaned up after success
+@pytest.fixture(scope="module")
+def interrupted(job, tmp_path_factory):
+    """The uninterrupted run and the same run SIGKILLed at step 13, each run once for this module's tests.
 
-    out = tmp_path / "crashed"
-    crashed = job(out, crash_at=13)
-    assert crashed.returncode == -signal.SIGKILL
+    Each test resumes its own copy of the killed run's folders (checkpoints verify by their own sha256 record and
+    hold no absolute path), so a resume in one test never sees another's."""
+    import types
+
+    root = tmp_path_factory.mktemp("interrupted")
+    (root / "reference").mkdir()
+    (root / "killed").mkdir()
+    return types.SimpleNamespace(reference=job(root / "reference" / "run"), reference_out=root / "reference" / "run",
+                                 crashed=job(root / "killed" / "run", crash_at=13), killed=root / "killed")
+
+
+def copy_of_killed(interrupted, tmp_path):
+    """A fresh copy of the killed run's folders; the output folder the resume writes to in it."""
+    import shutil
+
+    shutil.copytree(interrupted.killed, tmp_path / "killed")
+    return tmp_path / "killed" / "run"
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_uninterrupted_weights(job, interrupted, tmp_path):
+    assert interrupted.reference.returncode == 0, interrupted.reference.stderr[-2000:]
+    assert not checkpoints_dir(interrupted.reference_out).exists()  # cleaned up after success
+
+    assert interrupted.crashed.returncode == -signal.SIGKILL
+    out = copy_of_killed(interrupted, tmp_path)
     assert not out.exists()  # no half result
     saved = sorted(p.name for p in checkpoints_dir(out).iterdir() if not p.name.startswith("."))
     assert saved == ["checkpoint-10", "checkpoint-5"]
@@ -63,14 +84,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(job, tmp_path):
     resumed = job(out, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr and "checkpoint-10" in resumed.stderr
-    assert_same(weights(tmp_path / "reference"), weights(out))
+    assert_same(weights(interrupted.reference_out), weights(out))
 
 
 @pytest.mark.slow
-def test_damaged_and_partial_checkpoints_are_skipped_with_a_warning(job, tmp_path):
-    reference = job(tmp_path / "reference")
-    out = tmp_path / "crashed"
-    assert job(out, crash_at=13).returncode == -signal.SIGKILL
+def test_damaged_and_partial_checkpoints_are_skipped_with_a_warning(job, interrupted, tmp_path):
+    assert interrupted.crashed.returncode == -signal.SIGKILL
+    out = copy_of_killed(interrupted, tmp_path)
     root = checkpoints_dir(out)
     newest = root / "checkpoint-10" / "trainable.safetensors"
     data = bytearray(newest.read_bytes())
@@ -83,7 +103,7 @@ def test_damaged_and_partial_checkpoints_are_skipped_with_a_warning(job, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "skipping checkpoint" in resumed.stderr and "trainable.safetensors damaged" in resumed.stderr
     assert "checkpoint-5" in resumed.stderr
-    assert_same(weights(tmp_path / "reference"), weights(out))
+    assert_same(weights(interrupted.reference_out), weights(out))
 
 
 def test_resume_without_checkpoints_starts_fresh(tiny_models, tmp_path, qa_rows, caplog):
