@@ -164,7 +164,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
             check_name(str(body.get("name") or ""))
         except FinetuneError as exc:
             errors["name"] = str(exc)
-        specs = forms.all_specs()
+        specs = forms.form_specs()  # checked above (check_options): each name is known, each value valid
         for name, value in options.items():
             if value in (None, "") or name in errors:
                 continue

@@ -44,6 +44,17 @@ def all_specs() -> dict[str, Option]:
     return all_option_specs()
 
 
+def form_specs() -> dict[str, Option]:
+    """:func:`all_specs` plus every objective's options (the first objective's spec of a shared name): every
+    option a run form may send, as ``finetune train`` accepts them."""
+    from finetune_sdk.objectives.choice import objective_option_specs
+
+    specs = dict(all_specs())
+    for name, (first, _) in objective_option_specs().items():
+        specs.setdefault(name, first)
+    return specs
+
+
 def option_schema() -> dict[str, Any]:
     """The form: techniques, quantizers and formatters by name, and every option with its type, default, help,
     choices and range; a plugin's option names its plugin as its ``group``."""
@@ -172,7 +183,8 @@ def advice_for(model: Path, technique: str, quantizer: str | None, options: dict
     from finetune_sdk.model_shape import load_config
     from finetune_sdk.options import resolve_options
 
-    resolved = resolve_options({k: v for k, v in options.items() if v not in (None, "")}, all_specs())
+    specs = all_specs()  # an objective's options don't change the estimate's inputs
+    resolved = resolve_options({k: v for k, v in options.items() if v not in (None, "") and k in specs}, specs)
     advice = advise(str(model), dataset_rows=rows, seq_len=resolved["max_length"])
     chosen = None
     name = estimated_technique(technique)
