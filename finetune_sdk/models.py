@@ -146,15 +146,33 @@ def load_base_model(source: ModelSource, task: str, quantizer: Any, options: dic
     quantized by ``quantizer`` (None: full precision) with its ``after_load`` fix-ups, with a pad token id."""
     from finetune_sdk.log import known_dependency_messages
 
-    with known_dependency_messages():  # a quantizer's first use imports bitsandbytes: its import chatter is dropped
-        model = load_model(source, task, dtype=dtype,
-                           quantization_config=quantizer.quantization_config(options) if quantizer else None,
-                           trust_remote_code=bool(options.get("trust_remote_code")))
-    if quantizer is not None:
-        quantizer.after_load(model)
+    def fresh() -> Any:
+        with known_dependency_messages():  # a quantizer's first use imports bitsandbytes: its chatter is dropped
+            loaded = load_model(source, task, dtype=dtype,
+                                quantization_config=quantizer.quantization_config(options) if quantizer else None,
+                                trust_remote_code=bool(options.get("trust_remote_code")))
+        if quantizer is not None:
+            quantizer.after_load(loaded)
+        return loaded
+
+    cache = _warm_client_cache()
+    if cache is None:
+        model = fresh()
+    else:  # a federated client's long-lived process: a copy of the base model it loaded for this run
+        from finetune_sdk.federated.warm_client import load_key
+
+        model = cache.get(load_key(source, task, quantizer, options, dtype), fresh)
     if model.config.pad_token_id is None and pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def _warm_client_cache() -> Any:
+    """The base model cache of a federated client's long-lived process, or ``None`` (not imported: no cache)."""
+    import sys
+
+    module = sys.modules.get("finetune_sdk.federated.warm_client")
+    return getattr(module, "ACTIVE_CACHE", None) if module is not None else None
 
 
 def with_new_head(technique: Any, model: Any, options: dict[str, Any], labels: list[str], tokenizer: Any) -> Any:

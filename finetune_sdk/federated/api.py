@@ -206,7 +206,7 @@ def run_federation(trainer: Any, config: FederatedSettings, work_dir: Path, *, p
         processes.superlink(port, host=host, insecure=insecure, tls=tls, supernode_auth=supernode_auth,
                             database=database)
         for name, (train, evaluation, *rank) in (clients or {}).items():
-            processes.supernode(name, address, node_config(name, train, evaluation, *rank))
+            processes.supernode(name, address, node_config(name, train, evaluation, *rank), warm=config.warm_clients)
         processes.connect(address, insecure=insecure, root_certificates=(tls or {}).get("ssl_ca_certfile"))
         for key in supernode_keys or []:
             trainer.logger.info("registered SuperNode public key %s (node %s)", key, processes.register_supernode(key))

@@ -67,11 +67,15 @@ def secure_aggregation_when_asked(msg: Message, context: Context, call_next: Any
 
 def process_startup_seconds() -> float | None:
     """Seconds from this ``flwr-clientapp`` process's start to its message handler (Python, torch, transformers
-    and the app imported: the per-message cost of Flower's one process per message); ``None`` outside one."""
+    and the app imported: the per-message cost of Flower's one process per message), or in the SDK's long-lived
+    executor from the task's acquisition to the handler; ``None`` elsewhere."""
     import sys
     import time
     from pathlib import Path
 
+    warm = sys.modules.get("finetune_sdk.federated.warm_client")
+    if warm is not None and getattr(warm, "TASK_STARTED", None) is not None:
+        return max(time.time() - warm.TASK_STARTED, 0.0)
     if Path(sys.argv[0]).name != "flwr-clientapp":
         return None
     import psutil

@@ -128,14 +128,25 @@ class FlowerProcesses:
 
     def supernode(self, name: str, superlink: str, config: str, *, insecure: bool = True,
                   root_certificates: str | None = None, auth_key: str | None = None,
-                  log_to_console: bool = False) -> subprocess.Popen[bytes]:
-        args = [_script("flower-supernode"), "--superlink", superlink, "--port", str(free_port()),
+                  log_to_console: bool = False, warm: bool = False) -> subprocess.Popen[bytes]:
+        """Start a client's SuperNode; ``warm``: with ``--isolation process`` and the SDK's long-lived ClientApp
+        executor beside it (:mod:`finetune_sdk.federated.warm_client`, process ``clientapp-<name>``), which keeps
+        the base model loaded across rounds instead of Flower's new ``flwr-clientapp`` process per message."""
+        runtime_port = free_port()
+        args = [_script("flower-supernode"), "--superlink", superlink, "--port", str(runtime_port),
                 "--node-config", config, "--max-wait-time", "600"]
         args += ["--insecure"] if insecure else (["--root-certificates", root_certificates] if root_certificates
                                                  else [])
         if auth_key:
             args += ["--auth-supernode-private-key", auth_key]
-        return self.start(f"supernode-{name}", args, log_to_console=log_to_console)
+        if warm:
+            args += ["--isolation", "process"]
+        supernode = self.start(f"supernode-{name}", args, log_to_console=log_to_console)
+        if warm:
+            self.start(f"clientapp-{name}", [sys.executable, "-m", "finetune_sdk.federated.warm_client",
+                                             "--runtime-api-address", f"{LOOPBACK}:{runtime_port}",
+                                             "--parent-pid", str(supernode.pid)], log_to_console=log_to_console)
+        return supernode
 
     def connect(self, superlink: str, *, insecure: bool = True, root_certificates: str | None = None) -> None:
         """Point the ``flwr`` CLI of these processes at the SuperLink (connection ``finetune`` in config.toml)."""

@@ -65,6 +65,9 @@ class FederatedSettings:
         target_delta: the delta at which epsilon is reported (Flower's RDP accountant, client-level DP,
             no amplification by sampling).
         seed: seed of the server's initial adapter (``None``: the Trainer's ``seed``).
+        warm_clients: each local client's SuperNode runs its ClientApps in one long-lived process that keeps the
+            base model loaded across the rounds of a run (:mod:`finetune_sdk.federated.warm_client`) instead of
+            Flower's new ``flwr-clientapp`` process per message.
         secure_aggregation: run every training round through Flower's SecAgg+ (``SecAggPlusWorkflow`` and
             ``secaggplus_mod``): clients send masked, quantized updates and the server learns only their
             example-weighted sum. Needs at least 2 clients per round; works with ``fedavg`` and ``fedprox``, not
@@ -101,6 +104,7 @@ class FederatedSettings:
     target_delta: float = 1e-5
     seed: int | None = None
     secure_aggregation: bool = False
+    warm_clients: bool = False
     preference_reference: str = "start"
     secagg_num_shares: float = 1.0
     secagg_reconstruction_threshold: float = 0.67
@@ -119,6 +123,8 @@ class FederatedSettings:
         ...
         finetune_sdk.errors.ConfigError: fraction_fit must be in (0, 1], got 1.5
         """
+        if not isinstance(self.warm_clients, bool):
+            raise ConfigError(f"warm_clients must be True or False, got {self.warm_clients!r}")
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ConfigError(f"rounds must be an integer >= 1, got {self.rounds!r}")
         from finetune_sdk.federated.lora_aggregation import AGGREGATIONS

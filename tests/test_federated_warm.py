@@ -1,0 +1,141 @@
+"""Clients that keep the base model loaded across rounds (``warm_clients=True``): one long-lived ClientApp process
+per SuperNode (:mod:`finetune_sdk.federated.warm_client`) whose rounds give exactly what fresh processes give, and
+whose cache never carries anything from one run into another."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import finetune_sdk  # noqa: E402
+from finetune_sdk import Trainer  # noqa: E402
+from finetune_sdk.federated import warm_client  # noqa: E402
+from finetune_sdk.federated.audit import AUDIT_ENV, opened_paths  # noqa: E402
+from finetune_sdk.federated.warm_client import BaseModelCache  # noqa: E402
+from tests.federated_data import write_clients  # noqa: E402
+
+OPTIONS = {"learning_rate": 3e-2, "seed": 7, "per_device_train_batch_size": 2}
+
+
+def trainer_for(model, out, **options):
+    return Trainer(model, formatter="chatml", output_dir=out, progress=False, **{**OPTIONS, **options})
+
+
+def state(model):
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def test_cache_hands_out_copies_loads_once_per_run_and_forgets_another_runs_models():
+    loads = []
+    cache = BaseModelCache()
+    cache.start_run(1)
+    first = cache.get("base", lambda: loads.append(1) or {"w": [0.0]})
+    first["w"][0] = 5.0  # a round changes its copy
+    assert cache.get("base", lambda: loads.append(1) or {"w": [0.0]}) == {"w": [0.0]}
+    assert len(loads) == 1 and cache.loads == 1
+    cache.start_run(1)
+    cache.get("base", lambda: loads.append(1) or {"w": [0.0]})
+    assert len(loads) == 1  # same run: still cached
+    cache.start_run(2)
+    assert cache.models == {}
+    cache.get("base", lambda: loads.append(1) or {"w": [1.0]})
+    assert len(loads) == 2 and cache.run_id == 2
+
+
+def test_a_cached_load_equals_a_fresh_load_after_a_round_changed_its_copy(llama_dir, tmp_path, monkeypatch):
+    """The trainer's base model from the cache is bit-identical to a fresh load, also after the previous round's
+    copy got an adapter, a folded base delta and trained weights."""
+    import torch
+
+    fresh = state(trainer_for(llama_dir, tmp_path / "fresh").current_model().model)
+    cache = BaseModelCache()
+    cache.start_run(1)
+    monkeypatch.setattr(warm_client, "ACTIVE_CACHE", cache)
+    round_one = trainer_for(llama_dir, tmp_path / "r1", max_steps=1, save_steps=0)
+    model = round_one.current_model().model
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)  # what a folded FedEx-LoRA delta or training would do to a shared model
+    round_two = trainer_for(llama_dir, tmp_path / "r2").current_model().model
+    assert cache.loads == 1 and round_two is not model
+    again = state(round_two)
+    assert again.keys() == fresh.keys()
+    for name, tensor in fresh.items():
+        assert torch.equal(again[name], tensor), name
+
+
+def _global_arrays(output_dir):
+    from finetune_sdk.federated.params import trainable_arrays
+
+    loaded = finetune_sdk.load(output_dir).model
+    for name, param in loaded.named_parameters():
+        param.requires_grad = "lora_" in name
+    return trainable_arrays(loaded)
+
+
+def _assert_same_arrays(actual, expected, atol=1e-6):
+    import numpy as np
+
+    assert list(actual.keys()) == list(expected.keys())
+    for name in expected.keys():
+        assert np.allclose(actual[name].numpy(), expected[name].numpy(), atol=atol, rtol=0), name
+
+
+@pytest.mark.slow
+def test_warm_clients_give_the_fresh_process_result_in_one_process_per_client(llama_dir, tmp_path, monkeypatch):
+    """2 clients x 2 rounds with FedEx-LoRA (a base delta folded into the model every round: what a shared cached
+    model would accumulate): the global adapter and every round's losses equal the fresh-process run's; each
+    client ran all its messages in one process."""
+    clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
+    settings = {"rounds": 2, "local_steps": 2, "aggregation": "fedex", "round_timeout": 300}
+    fresh = trainer_for(llama_dir, tmp_path / "fresh").fit_federated(clients, **settings)
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit"))
+    warm = trainer_for(llama_dir, tmp_path / "warm").fit_federated(clients, warm_clients=True, **settings)
+
+    _assert_same_arrays(_global_arrays(warm.output_dir), _global_arrays(fresh.output_dir))
+    for fresh_round, warm_round in zip(fresh.manifest["federated"]["history"], warm.manifest["federated"]["history"],
+                                       strict=True):
+        for name in clients:
+            for key in ("train_loss", "global_eval_loss", "eval_loss"):
+                assert warm_round["clients"][name][key] == pytest.approx(fresh_round["clients"][name][key],
+                                                                         abs=1e-6), (name, key)
+    for name in clients:
+        assert len(opened_paths(tmp_path / "audit", f"client-{name}")) == 1  # 2 train rounds + evaluation
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_warm_node_sees_nothing_of_the_first(llama_dir, tmp_path):
+    """One SuperLink and one warm SuperNode serve two runs in turn (as ``finetune federated client`` does): the
+    second run, after a FedEx-LoRA run with another seed and learning rate, equals the same run on fresh
+    processes."""
+    from finetune_sdk.federated.api import _job
+    from finetune_sdk.federated.runtime import FlowerProcesses, free_port, node_config, wait_for_run, write_app
+    from finetune_sdk.federated.settings import FederatedSettings
+
+    clients = write_clients(tmp_path / "data", ["clinic-a"])
+    spec = clients["clinic-a"]
+    second_settings = {"rounds": 2, "local_steps": 2, "round_timeout": 300, "min_fit_clients": 1,
+                       "min_available_clients": 1}
+    expected = trainer_for(llama_dir, tmp_path / "fresh").fit_federated(clients, **second_settings)
+
+    processes = FlowerProcesses(tmp_path / "flower")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    try:
+        processes.superlink(port)
+        processes.supernode("clinic-a", address, node_config("clinic-a", spec["train"], spec["eval"]), warm=True)
+        processes.connect(address)
+        runs = [(trainer_for(llama_dir, tmp_path / "first", seed=3, learning_rate=1e-1),
+                 FederatedSettings(aggregation="fedex", **second_settings)),
+                (trainer_for(llama_dir, tmp_path / "second"), FederatedSettings(**copy.deepcopy(second_settings)))]
+        for index, (trainer, settings) in enumerate(runs):
+            job = _job(trainer, settings.validate(num_clients=1), ["clinic-a"], False)
+            processes.submit(write_app(tmp_path / f"app-{index}", job))
+            wait_for_run(job, processes, 900)
+        assert processes.alive("clientapp-clinic-a")  # the same executor served both runs
+    finally:
+        processes.stop()
+    _assert_same_arrays(_global_arrays(tmp_path / "second"), _global_arrays(expected.output_dir))
