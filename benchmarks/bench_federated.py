@@ -253,9 +253,6 @@ def compare_variants(args: argparse.Namespace) -> None:
               f"{'-' if error is None else f'{error:.2e}'} | {seconds:.0f} |", flush=True)
 
 
-if __name__ == "__main__":
-    main()
-
 
 def compare_round_cost(args: argparse.Namespace) -> None:
     """The same federated run with Flower's fresh ClientApp process per message and with ``warm_clients=True``:
@@ -289,3 +286,7 @@ def compare_round_cost(args: argparse.Namespace) -> None:
                   f"{mean['load_seconds']:.2f} | {mean['startup_seconds'] + mean['load_seconds']:.2f} | "
                   f"{mean['train_seconds']:.2f} | {wall:.1f} |")
     print(f"load average after {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
