@@ -214,8 +214,9 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
     prompting = None
     if eval_data is not None:  # when not to fine-tune: the base scored zero- and few-shot on held-out rows
         from finetune_sdk.loading import open_model
-        from finetune_sdk.prompting_advice import check_rows, score_prompting
+        from finetune_sdk.prompting_advice import check_rows, check_settings, score_prompting
 
+        check_settings(shots, eval_budget_s)
         check_rows(eval_data, data)  # a bad row is one line before the model loads
         prompting = score_prompting(open_model(str(model)), eval_data, data, shots=shots, budget_s=eval_budget_s)
         reasons = prompting.advice + reasons

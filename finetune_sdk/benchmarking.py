@@ -127,8 +127,48 @@ def open_models(ref: str, *, with_base: bool, check: bool, registry: Any = None,
     return tuned, (base if with_base else None), info
 
 
-def benchmark(ref: str | os.PathLike[str], tasks: list[str] | tuple[str, ...] = (), *,
-              task_files: list[str | os.PathLike[str]] | tuple = (), num_fewshot: int | None = None,
+def task_inputs(tasks: Any, task_files: Any) -> tuple[list[str], list[Path]]:
+    """``tasks`` and ``task_files`` as lists, as lm-eval's own ``--tasks`` reads them: one string is one entry
+    (``"a,b"`` two names), and a task given by its YAML path (``tasks=["my_task.yaml"]``) is a task file.
+
+    >>> task_inputs("arith,qa", "my.yaml")
+    (['arith', 'qa'], [PosixPath('my.yaml')])
+    """
+    if isinstance(tasks, (str, os.PathLike)):
+        tasks = [tasks]
+    if isinstance(task_files, (str, os.PathLike)):
+        task_files = [task_files]
+    names: list[str] = []
+    files = [Path(f) for f in task_files]
+    for entry in tasks:
+        for name in os.fspath(entry).split(","):
+            name = name.strip()
+            if name.endswith((".yaml", ".yml")):
+                files.append(Path(name))
+            elif name:
+                names.append(name)
+    return names, files
+
+
+def check_batch_size(batch_size: Any) -> int | str:
+    """``batch_size`` as lm-eval takes it: a whole number >= 1 (or its digits) or ``"auto"``.
+
+    Raises:
+        ConfigError: anything else (``0``, ``"zero"``), one line.
+
+    >>> check_batch_size("8"), check_batch_size("auto")
+    (8, 'auto')
+    """
+    if isinstance(batch_size, str) and batch_size.strip().isdigit():
+        batch_size = int(batch_size)
+    if batch_size == "auto" or (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
+        return batch_size
+    raise ConfigError(f"batch_size is {batch_size!r}; give a whole number of at least 1, or 'auto' (the largest "
+                      "that fits)")
+
+
+def benchmark(ref: str | os.PathLike[str], tasks: str | list[str] | tuple[str, ...] = (), *,
+              task_files: str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple = (), num_fewshot: int | None = None,
               limit: int | float | None = None, batch_size: int | str = "auto", seed: int = 0,
               with_base: bool = True, store: bool = True, check: bool = True, chat: bool | None = None,
               registry: Any = None, trust_remote_code: bool = False) -> BenchmarkResult:
@@ -138,12 +178,13 @@ def benchmark(ref: str | os.PathLike[str], tasks: list[str] | tuple[str, ...] = 
         ref: a result folder, a registry reference (``bot@3``, ``bot@production``, ``hf://org/repo@v2``), a base
             model folder or Hub id, or a ``.gguf`` file; opened by :func:`finetune_sdk.load` (4-bit again after
             QLoRA, the recorded dtype, the formatter it was trained with).
-        tasks: lm-eval task names (``hellaswag``, or the ``task:`` of a task file). Empty: every task of
+        tasks: lm-eval task names (``hellaswag``, or the ``task:`` of a task file; one string may hold several,
+            comma-separated; a ``.yaml`` path counts as a task file, as in lm-eval). Empty: every task of
             ``task_files``.
-        task_files: lm-eval task YAML files; ``dataset_kwargs.data_files`` paths are read relative to the file.
+        task_files: lm-eval task YAML files (a list, or one path); ``dataset_kwargs.data_files`` paths are read relative to the file.
         num_fewshot: examples in each prompt (``None``: each task's own default, usually 0).
         limit: at most this many documents per task (an int), or this fraction of them (a float < 1).
-        batch_size: an int, or ``"auto"`` (lm-eval finds the largest that fits, on the CPU and the GPU).
+        batch_size: an int >= 1, or ``"auto"`` (lm-eval finds the largest that fits, on the CPU and the GPU).
         seed: the seed of lm-eval's sampling of few-shot examples, and of Python, NumPy and torch.
         with_base: for a result, score its base model with the same settings too (the comparison's baseline).
         store: store the scores with the registry version (and the base's under version 0) when ``ref`` is one.
@@ -156,8 +197,9 @@ def benchmark(ref: str | os.PathLike[str], tasks: list[str] | tuple[str, ...] = 
         A :class:`BenchmarkResult` (``scores``, ``base_scores``, ``table()``, ``stored_as``).
 
     Raises:
-        ConfigError: lm-eval is not installed, a task is unknown, or a task's dataset is not available offline
-            (one line naming the task and how to make it available).
+        ConfigError: lm-eval is not installed, a task is unknown, the batch size is not a whole number >= 1 or
+            auto, or a task's dataset is not available offline (one line naming the task and how to make it
+            available).
         FinetuneError: the fine-tuned weights are not applied (see :func:`check_applied`).
 
     Example:
@@ -174,7 +216,9 @@ def benchmark(ref: str | os.PathLike[str], tasks: list[str] | tuple[str, ...] = 
         raise ConfigError(f"num_fewshot is {num_fewshot}; give 0 or more examples per prompt")
     if limit is not None and not limit > 0:
         raise ConfigError(f"limit is {limit}; give a positive number of documents (or a fraction below 1)")
-    task_manager, task_dict = load_tasks(list(tasks), [Path(f) for f in task_files])  # before any model loads
+    tasks, task_files = task_inputs(tasks, task_files)
+    batch_size = check_batch_size(batch_size)
+    task_manager, task_dict = load_tasks(tasks, task_files)  # before any model loads
     with known_dependency_messages():
         tuned, base, info = open_models(os.fspath(ref), with_base=with_base, check=check, registry=registry,
                                         trust_remote_code=trust_remote_code)
@@ -185,7 +229,7 @@ def benchmark(ref: str | os.PathLike[str], tasks: list[str] | tuple[str, ...] = 
     base_scores = []
     if base is not None:
         del tuned  # one model in memory at a time from here
-        _, task_dict = load_tasks(list(tasks), [Path(f) for f in task_files])
+        _, task_dict = load_tasks(tasks, task_files)
         base_scores = score(base, task_manager, task_dict, model_name=f"base of {os.fspath(ref)}", adapter=None,
                             **settings)
     result = BenchmarkResult(os.fspath(ref), scores, base_scores)

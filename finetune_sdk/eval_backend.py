@@ -237,13 +237,20 @@ def _quiet_git_hash() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``finetune-lm-eval``: lm-eval's command line with the ``finetune-sdk`` backend registered."""
+    """``finetune-lm-eval``: lm-eval's command line with the ``finetune-sdk`` backend registered. An SDK error (an
+    unknown ``ref``, the fine-tuned weights not applied) is one line on stderr and exit status 2, as in ``finetune``.
+    """
     from lm_eval.__main__ import cli_evaluate
+
+    from finetune_sdk.errors import FinetuneError
 
     saved = sys.argv
     sys.argv = ["finetune-lm-eval", *(argv if argv is not None else sys.argv[1:])]
     try:
         cli_evaluate()
+    except FinetuneError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         sys.argv = saved
 

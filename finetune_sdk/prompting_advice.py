@@ -80,6 +80,14 @@ def _pairs(data: Any, name: str) -> list[tuple[str, str]]:
     return out
 
 
+def check_settings(shots: Any, budget_s: Any) -> None:
+    """``shots`` must be a whole number >= 1 and ``budget_s`` a number of seconds > 0 (raises :class:`ConfigError`)."""
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ConfigError(f"shots is {shots!r}; few-shot prompting needs a whole number of at least 1 example")
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not budget_s > 0:
+        raise ConfigError(f"eval_budget_s is {budget_s!r}; give the seconds the scoring may take (more than 0)")
+
+
 def check_rows(held_out: Any, data: Any = None) -> None:
     """Read the held-out and training rows once so a bad file is one line before any model loads."""
     _pairs(held_out, "eval_data")
@@ -113,8 +121,7 @@ def score_prompting(loaded: Any, held_out: Any, data: Any = None, *, shots: int 
 
     from finetune_sdk.progress import activity
 
-    if shots < 1:
-        raise ConfigError(f"shots is {shots}; few-shot prompting needs at least 1 example")
+    check_settings(shots, budget_s)
     rows = _pairs(held_out, "eval_data")
     train = _pairs(data, "data") if data is not None else None
     rng = random.Random(seed)

@@ -54,9 +54,14 @@ def bench_command(ref: str, tasks: tuple[str, ...], task_files: tuple[str, ...],
     from finetune_sdk.log import quiet_third_party_output
 
     quiet_third_party_output()
-    size: int | str = int(batch_size) if batch_size.isdigit() else batch_size
-    if size != "auto" and not isinstance(size, int):
-        raise click.BadParameter(f"{batch_size!r}: give a whole number or auto", param_hint="--batch-size")
+    from finetune_sdk.benchmarking import check_batch_size
+    from finetune_sdk.errors import ConfigError
+
+    try:
+        size = check_batch_size(batch_size)
+    except ConfigError:
+        raise click.BadParameter(f"{batch_size!r}: give a whole number of at least 1, or auto",
+                                 param_hint="--batch-size") from None
     result = benchmark(ref, _split(tasks), task_files=list(task_files), num_fewshot=num_fewshot, limit=_limit(limit),
                        batch_size=size, seed=seed, with_base=not no_base, store=not no_store, chat=chat,
                        trust_remote_code=trust_remote_code)

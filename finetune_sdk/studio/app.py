@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -92,6 +93,14 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
     @app.exception_handler(FinetuneError)
     async def one_line(request: Request, exc: FinetuneError) -> Any:
         return JSONResponse({"error": str(exc)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> Any:
+        """A missing or malformed query parameter: one line naming it, as every other refusal."""
+        first = (exc.errors() or [{}])[0]
+        where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("query", "path", "body"))
+        return JSONResponse({"error": f"{where or 'request'}: {str(first.get('msg', 'invalid')).lower()}; see "
+                                      "docs/studio.md for the endpoint's parameters"}, status_code=400)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

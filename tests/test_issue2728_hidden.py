@@ -1,0 +1,121 @@
+"""Issues 27/28 as a new user reads them: the documented calls take what a user passes, and bad input is one line.
+
+``finetune_sdk.benchmark`` takes one task name or task file as a string (and a task's YAML path among ``tasks``, as
+lm-eval's ``--tasks`` does) instead of splitting it into characters; a batch size that is not a whole number >= 1
+or auto is one line (Python) and exit 2 (CLI); ``advise(..., eval_data=...)`` refuses a budget or a number of
+shots it can't use before the model loads; ``finetune-lm-eval`` with an unknown ``ref`` is one line and exit 2; the
+studio's missing query parameter is a one-line ``{"error": ...}`` like every other refusal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_benchmark import ROWS, write_task  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from finetune_sdk.testing.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("hidden2728")
+    save_tiny_model(root / "base")
+    return root
+
+
+def test_task_inputs_take_one_string_comma_names_and_yaml_paths():
+    from finetune_sdk.benchmarking import task_inputs
+
+    assert task_inputs("arith_choice", ()) == (["arith_choice"], [])
+    assert task_inputs("a, b", "t.yaml") == (["a", "b"], [Path("t.yaml")])
+    assert task_inputs(["x/my_task.yaml", "c"], [Path("u.yml")]) == (["c"], [Path("u.yml"), Path("x/my_task.yaml")])
+
+
+@pytest.mark.slow
+def test_benchmark_with_one_task_string_scores_that_task(tiny, tmp_path):
+    """tasks="arith_choice" is one task (it was split into 'a', 'r', ...), task_files="x.yaml" one file."""
+    pytest.importorskip("lm_eval")
+    import finetune_sdk
+
+    task = write_task(tmp_path / "tasks")
+    common = dict(limit=2, batch_size=2, with_base=False, store=False)
+    by_name = finetune_sdk.benchmark(tiny / "base", tasks="arith_choice", task_files=str(task), **common)
+    by_path = finetune_sdk.benchmark(tiny / "base", tasks=[str(task)], **common)
+    assert [(r["task"], r["metric"]) for r in by_name.table()] == [("arith_choice", "acc")]
+    assert by_path.scores[0]["value"] == by_name.scores[0]["value"]
+    assert by_path.scores[0]["limit"] == 2
+
+
+@pytest.mark.parametrize("size", [0, -3, "zero", 2.5, True])
+def test_bad_batch_size_is_one_line_before_any_model_loads(size, tmp_path):
+    pytest.importorskip("lm_eval")
+    import finetune_sdk
+    from finetune_sdk.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^batch_size is .*give a whole number of at least 1, or 'auto'"):
+        finetune_sdk.benchmark(tmp_path / "no-model", task_files=[write_task(tmp_path)], batch_size=size)
+
+
+def test_cli_bench_batch_size_zero_exits_2_with_one_line(tmp_path):
+    pytest.importorskip("lm_eval")
+    from click.testing import CliRunner
+
+    from finetune_sdk.cli.main import cli
+
+    task = write_task(tmp_path)
+    for size in ("0", "zero"):
+        result = CliRunner().invoke(cli, ["bench", str(tmp_path / "m"), "--task-file", str(task), "--batch-size", size])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert f"'{size}': give a whole number of at least 1, or auto" in result.output
+
+
+@pytest.mark.parametrize("options, message", [({"eval_budget_s": -1}, "eval_budget_s is -1"),
+                                              ({"eval_budget_s": 0}, "eval_budget_s is 0"),
+                                              ({"shots": 0}, "shots is 0"), ({"shots": 1.5}, "shots is 1.5")])
+def test_advise_refuses_a_budget_or_shots_it_cannot_use_before_the_model_loads(tiny, monkeypatch, options, message):
+    import finetune_sdk
+    from finetune_sdk import loading
+    from finetune_sdk.errors import ConfigError
+
+    monkeypatch.setattr(loading, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    held_out = [{"prompt": r["prompt"], "completion": r["completion"]} for r in ROWS[:3]]
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        finetune_sdk.advise(str(tiny / "base"), eval_data=held_out, **options)
+
+
+def test_finetune_lm_eval_unknown_ref_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("lm_eval")
+    from finetune_sdk.eval_backend import main
+
+    task = write_task(tmp_path / "tasks")
+    monkeypatch.setenv("FINETUNE_SDK_REGISTRY", str(tmp_path / "registry"))
+    monkeypatch.chdir(task.parent)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--model", "finetune-sdk", "--model_args", "ref=nosuch@9", "--tasks", "arith_choice",
+              "--include_path", ".", "--limit", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("Error: ")
+    assert "nosuch" in err.strip().splitlines()[-1]
+
+
+def test_studio_missing_query_parameter_is_one_line_error(tmp_path):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from finetune_sdk.studio.app import create_app
+
+    token = "test-token-0123456789"
+    client = TestClient(create_app(tmp_path / "runs", tmp_path, token=token, registry_home=tmp_path / "registry"),
+                        base_url="http://127.0.0.1:8765")
+    assert client.get("/api/compare/plot.svg").status_code == 401  # the token comes first
+    response = client.get("/api/compare/plot.svg", headers={"X-Studio-Token": token})
+    assert response.status_code == 400
+    assert response.json() == {"error": "dir: field required; see docs/studio.md for the endpoint's parameters"}
+    assert json.dumps(response.json()).count("\\n") == 0
