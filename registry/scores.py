@@ -81,12 +81,17 @@ def comparison(registry: Any, name: str) -> list[dict[str, Any]]:
     ``value``, ``stderr``, ``vs_base`` (the difference to the base's value; ``None`` for the base or with no base
     score), ``significant`` (``|vs_base| > 2 * sqrt(stderr**2 + base_stderr**2)``, the usual two-standard-error
     test for the difference of two independent means; ``None`` where a standard error is missing).
-    Raises :class:`RegistryError` for an unknown adapter.
+    Raises :class:`RegistryError` for an unknown adapter, or a version (``quill@2``) given for its adapter's name.
 
     Example:
         >>> comparison(Registry(), "quill")[1]["significant"]  # doctest: +SKIP
         True
     """
+    if isinstance(name, str) and "@" in name and not name.startswith("hf://"):  # a version given for its adapter
+        adapter = name.split("@", 1)[0]
+        raise RegistryError(f"{name!r} is a version; the scores table is per adapter, every version and the base: "
+                            f"give its name ({adapter!r}, e.g. finetune registry scores {adapter}); one version's "
+                            f"scores: finetune registry show {name}")
     registry.versions(name)  # an unknown name is one line naming the adapters there are
     table: list[dict[str, Any]] = []
     groups: dict[tuple, dict[int, dict[str, Any]]] = {}

@@ -119,3 +119,19 @@ def test_studio_missing_query_parameter_is_one_line_error(tmp_path):
     assert response.status_code == 400
     assert response.json() == {"error": "dir: field required; see docs/studio.md for the endpoint's parameters"}
     assert json.dumps(response.json()).count("\\n") == 0
+
+
+def test_score_table_given_a_version_names_the_adapter_to_give(tmp_path, monkeypatch):
+    """`finetune registry scores quill@2` (and Registry.score_table("quill@2")) is one line saying to give the name."""
+    from click.testing import CliRunner
+
+    from finetune_sdk.cli.main import cli
+    from finetune_sdk.errors import RegistryError
+    from finetune_sdk.registry import Registry
+
+    with pytest.raises(RegistryError, match=r"^'quill@2' is a version; .*give its name \('quill'"):
+        Registry(tmp_path / "registry").score_table("quill@2")
+    monkeypatch.setenv("FINETUNE_SDK_REGISTRY", str(tmp_path / "registry"))
+    result = CliRunner().invoke(cli, ["registry", "scores", "quill@2"])
+    assert result.exit_code == 2 and "finetune registry scores quill" in result.output
+    assert "Traceback" not in result.output
