@@ -135,3 +135,92 @@ def test_score_table_given_a_version_names_the_adapter_to_give(tmp_path, monkeyp
     result = CliRunner().invoke(cli, ["registry", "scores", "quill@2"])
     assert result.exit_code == 2 and "finetune registry scores quill" in result.output
     assert "Traceback" not in result.output
+
+
+TOKEN = "test-token-0123456789"
+H = {"X-Studio-Token": TOKEN}
+
+
+@pytest.fixture(scope="module")
+def published(tiny):
+    """A tiny LoRA result (2 steps) published as bot@1 in a registry of its own."""
+    from finetune_sdk import Trainer
+    from finetune_sdk.registry import Registry
+
+    result = Trainer(str(tiny / "base"), formatter="chatml", output_dir=tiny / "out", max_steps=2, progress=False,
+                     seed=0).fit(ROWS[:4])
+    Registry(tiny / "registry").publish(result, "bot")
+    return tiny
+
+
+def _chat(client, body):
+    response = client.post("/api/chat", headers=H, json=body)
+    assert response.status_code == 200, response.text
+    return [json.loads(line[6:]) for line in response.text.split("\n\n") if line.startswith("data: ")]
+
+
+@pytest.fixture
+def studio(published, monkeypatch):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from finetune_sdk.studio.app import create_app
+
+    monkeypatch.setenv("FINETUNE_SDK_REGISTRY", str(published / "another-registry"))  # restored after the test
+    app = create_app(published / "runs", published, token=TOKEN, registry_home=published / "registry")
+    return TestClient(app, base_url="http://127.0.0.1:8765")
+
+
+@pytest.mark.slow
+def test_chat_opens_a_version_from_the_registry_the_studio_shows(studio, published):
+    """create_app(registry_home=...) lists bot@1 in /api/models, so the chat must open it from there too (it looked
+    in FINETUNE_SDK_REGISTRY / the default home: "no adapter named 'bot'"); the rating records its version."""
+    assert [v["ref"] for v in studio.get("/api/models", headers=H).json()["versions"]] == ["bot@1"]
+    events = _chat(studio, {"models": [str(published / "base"), "bot@1"], "prompt": "what is 1 plus 2?",
+                            "settings": {"max_new_tokens": 3, "seed": 1}})
+    assert [e for e in events if e["event"] == "error"] == []
+    done = [e for e in events if e["event"] == "done"]
+    assert [d["column"] for d in done] == [0, 1]
+    out = published / "pairs-hidden.jsonl"
+    rated = studio.post("/api/rate", headers=H, json={"kind": "pair", "answers": [done[0]["id"], done[1]["id"]],
+                                                      "value": "B", "out": out.name})
+    assert rated.status_code == 200, rated.text
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["chosen"] == done[1]["answer"] and row["rejected"] == done[0]["answer"]
+    assert row["model"]["version"] == "bot@1" and len(row["model"]["manifest_sha256"]) == 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, value, message", [
+    ("pair", "A is better", "a pair rating's value is 0 or 'a' (A is better), 1 or 'b' (B is better), 'tie' or "
+                            "'both_bad'; got 'A is better'"),
+    ("pair", 2, "a pair rating's value is 0 or 'a'"), ("pair", True, "a pair rating's value is 0 or 'a'"),
+    ("edit", "  ", "an edit needs the better answer's text (not empty) as its value")])
+def test_a_rating_value_the_page_cannot_send_is_one_line_in_the_api_s_words(studio, published, kind, value, message):
+    """Not the terminal's "ask returned ... Edited(text), 'skip' or 'quit'"; nothing is written."""
+    events = _chat(studio, {"models": [str(published / "base")] * 2, "prompt": "hi",
+                            "settings": {"max_new_tokens": 2}})
+    ids = [e["id"] for e in events if e["event"] == "done"]
+    out = published / f"refused-{kind}.jsonl"
+    response = studio.post("/api/rate", headers=H, json={"kind": kind, "answers": ids[: 2 if kind == "pair" else 1],
+                                                         "value": value, "out": out.name})
+    assert response.status_code == 400 and response.json()["error"].startswith(message)
+    assert "ask returned" not in response.json()["error"] and not out.exists()
+
+
+def test_pair_values_accepted_as_the_page_labels_them():
+    from finetune_sdk.studio.rating import pair_value
+
+    assert [pair_value(v) for v in (0, 1, "a", "B", "tie", "both_bad", "Both bad", "both-bad")] == \
+        [0, 1, 0, 1, "tie", "both_bad", "both_bad", "both_bad"]
+
+
+def test_an_unknown_sampling_setting_is_refused_not_ignored():
+    from finetune_sdk.errors import ConfigError
+    from finetune_sdk.studio.chat import Settings
+
+    assert Settings.from_body({"settings": {"temperature": 0.5}}).temperature == 0.5
+    with pytest.raises(ConfigError, match=r"^unknown sampling setting 'temprature'; the chat's settings are "
+                                          r"max_new_tokens, temperature and seed"):
+        Settings.from_body({"settings": {"temprature": 0.5}})

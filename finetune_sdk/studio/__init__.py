@@ -83,10 +83,6 @@ def serve(runs: str | os.PathLike[str] = "finetune-runs", *, host: str = "127.0.
     from finetune_sdk.studio.access import is_loopback, new_token
     from finetune_sdk.studio.app import create_app
 
-    if registry_home is not None:  # the models the chat loads by reference resolve in the registry shown
-        from finetune_sdk.registry.local import HOME_ENV
-
-        os.environ[HOME_ENV] = str(Path(registry_home).expanduser().resolve())
     runs_path = Path(runs).expanduser()
     if runs_path.exists() and not runs_path.is_dir():
         raise ConfigError(f"--runs {runs_path} is a file, not a folder; pick a folder for the runs")

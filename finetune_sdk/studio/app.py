@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from urllib.parse import urlencode
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,18 @@ REFUSED = "missing or wrong access token: open the URL `finetune studio` printed
 
 def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None = None,
                poll_seconds: float = 0.3) -> Any:
-    """The studio app over the runs folder ``runs``, reading files under ``root``, guarded by ``token``."""
-    from finetune_sdk.registry.local import default_home
+    """The studio app over the runs folder ``runs``, reading files under ``root``, guarded by ``token``.
+
+    ``registry_home`` (default: ``FINETUNE_SDK_REGISTRY`` or its default) is the registry shown, and the one every
+    registry reference the page names (``bot@2`` in the chat, a session, export, compare) resolves in: it becomes
+    this process's ``FINETUNE_SDK_REGISTRY``, as ``finetune_sdk.load`` and ``finetune feedback`` read it.
+    """
+    from finetune_sdk.registry.local import HOME_ENV, default_home
 
     runs, root = Path(runs).resolve(), Path(root).resolve()
     home = Path(registry_home).expanduser().resolve() if registry_home else default_home()
+    if registry_home:  # the models the chat loads by reference resolve in the registry shown
+        os.environ[HOME_ENV] = str(home)
     folder = RunsFolder(runs)
     confine = Confinement([root, runs, home], base=root)
     app = FastAPI(title="finetune studio", docs_url=None, redoc_url=None, openapi_url=None)

@@ -58,6 +58,10 @@ class Settings:
         given = body.get("settings") or {}
         if not isinstance(given, dict):
             raise ConfigError("'settings' must be a JSON object: max_new_tokens, temperature, seed")
+        unknown = sorted(set(given) - set(asdict(cls())))
+        if unknown:
+            raise ConfigError(f"unknown sampling setting {unknown[0]!r}; the chat's settings are max_new_tokens, "
+                              "temperature and seed (the others shown are the model's own)")
         settings = cls(**{**asdict(cls()), **{k: given[k] for k in asdict(cls()) if given.get(k) is not None}})
         check_feedback_options("thumbs", settings.max_new_tokens, settings.temperature, settings.seed)
         return settings

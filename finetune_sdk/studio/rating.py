@@ -12,8 +12,8 @@ at most the rating being written.
 Kinds of rating:
 
 * ``thumbs``: one answer, ``value`` true/false -> a KTO row (``prompt``, ``completion``, ``label``).
-* ``pair``: two answers to the same prompt, ``value`` 0/1 (the better one), ``"tie"`` or ``"both_bad"`` -> a
-  preference row; its record fields are those of the second (right-hand) answer: in the chat the base model is
+* ``pair``: two answers to the same prompt, ``value`` 0/1 or ``"a"``/``"b"`` (the better one), ``"tie"`` or
+  ``"both_bad"`` -> a preference row; its record fields are those of the second (right-hand) answer: in the chat the base model is
   always on the left, so the row names the version being rated.
 * ``edit``: one answer and ``value`` the text that should have been written -> an SFT row (``prompt``,
   ``completion``) in the edited-answers file.
@@ -75,11 +75,13 @@ def rate(worker: Any, confine: Any, body: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("the two answers of a pair must answer the same prompt")
     value = body.get("value")
     if kind == "edit":
-        if not isinstance(value, str):
-            raise ConfigError("an edit needs the better answer's text")
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError("an edit needs the better answer's text (not empty) as its value")
         value = Edited(value)
     elif kind == "thumbs" and not isinstance(value, bool):
         raise ConfigError("a thumbs rating is true (up) or false (down)")
+    elif kind == "pair":
+        value = pair_value(value)
     _, row = rating_row(mode, answers[0].prompt, [a.text for a in answers], value, answers[-1].record)
     if row is None:
         raise ConfigError("nothing to record: give a rating")
@@ -88,6 +90,25 @@ def rate(worker: Any, confine: Any, body: dict[str, Any]) -> dict[str, Any]:
         ratings.append(row)
         rows = ratings.contents.rows + ratings.appended
     return {"file": str(path), "rows": rows, "row": row}
+
+
+def pair_value(value: Any) -> int | str:
+    """An A/B rating's value as ``rating_row`` takes it: 0 or ``"a"`` (A is better), 1 or ``"b"`` (B is better),
+    ``"tie"`` or ``"both_bad"`` (``"both bad"``, ``"both-bad"``); anything else is one line (:class:`ConfigError`).
+
+    >>> pair_value("B"), pair_value("Both bad")
+    (1, 'both_bad')
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return value
+    if isinstance(value, str):
+        word = value.strip().lower().replace(" ", "_").replace("-", "_")
+        if word in ("a", "b"):
+            return "ab".index(word)
+        if word in ("tie", "both_bad"):
+            return word
+    raise ConfigError(f"a pair rating's value is 0 or 'a' (A is better), 1 or 'b' (B is better), 'tie' or "
+                      f"'both_bad'; got {value!r}")
 
 
 def _what(shape: Any) -> str:
