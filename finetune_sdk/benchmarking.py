@@ -185,7 +185,7 @@ def benchmark(ref: str | os.PathLike[str], tasks: str | list[str] | tuple[str, .
         num_fewshot: examples in each prompt (``None``: each task's own default, usually 0).
         limit: at most this many documents per task (an int), or this fraction of them (a float < 1).
         batch_size: an int >= 1, or ``"auto"`` (lm-eval finds the largest that fits, on the CPU and the GPU).
-        seed: the seed of lm-eval's sampling of few-shot examples, and of Python, NumPy and torch.
+        seed: the seed of lm-eval's sampling of few-shot examples, and of Python, NumPy and torch (0 to 2**32 - 1).
         with_base: for a result, score its base model with the same settings too (the comparison's baseline).
         store: store the scores with the registry version (and the base's under version 0) when ``ref`` is one.
         check: refuse (:class:`FinetuneError`) when the result's logits on a probe equal the base's.
@@ -198,8 +198,8 @@ def benchmark(ref: str | os.PathLike[str], tasks: str | list[str] | tuple[str, .
 
     Raises:
         ConfigError: lm-eval is not installed, a task is unknown, the batch size is not a whole number >= 1 or
-            auto, or a task's dataset is not available offline (one line naming the task and how to make it
-            available).
+            auto, the seed is outside 0..2**32 - 1, or a task's dataset is not available offline (one line naming
+            the task and how to make it available).
         FinetuneError: the fine-tuned weights are not applied (see :func:`check_applied`).
 
     Example:
@@ -214,6 +214,8 @@ def benchmark(ref: str | os.PathLike[str], tasks: str | list[str] | tuple[str, .
     lm_eval_version = require_lm_eval()
     if num_fewshot is not None and num_fewshot < 0:
         raise ConfigError(f"num_fewshot is {num_fewshot}; give 0 or more examples per prompt")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed is {seed!r}; give a whole number from 0 to 2**32 - 1 (NumPy's range)")
     if limit is not None and not limit > 0:
         raise ConfigError(f"limit is {limit}; give a positive number of documents (or a fraction below 1)")
     tasks, task_files = task_inputs(tasks, task_files)

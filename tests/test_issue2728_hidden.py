@@ -224,3 +224,23 @@ def test_an_unknown_sampling_setting_is_refused_not_ignored():
     with pytest.raises(ConfigError, match=r"^unknown sampling setting 'temprature'; the chat's settings are "
                                           r"max_new_tokens, temperature and seed"):
         Settings.from_body({"settings": {"temprature": 0.5}})
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5])
+def test_bench_seed_numpy_cannot_take_is_one_line_before_any_model_loads(seed, tmp_path):
+    """`finetune bench --seed -1` was a NumPy traceback (exit 1) after the model had loaded."""
+    pytest.importorskip("lm_eval")
+    from click.testing import CliRunner
+
+    import finetune_sdk
+    from finetune_sdk.cli.main import cli
+    from finetune_sdk.errors import ConfigError
+
+    task = write_task(tmp_path)
+    with pytest.raises(ConfigError, match=r"^seed is .*; give a whole number from 0 to 2\*\*32 - 1"):
+        finetune_sdk.benchmark(tmp_path / "no-model", task_files=[task], seed=seed)
+    if isinstance(seed, int):
+        result = CliRunner().invoke(cli, ["bench", str(tmp_path / "no-model"), "--task-file", str(task),
+                                          "--seed", str(seed)])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        assert f"seed is {seed}; give a whole number from 0 to 2**32 - 1" in result.output
