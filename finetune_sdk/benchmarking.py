@@ -168,7 +168,8 @@ def check_batch_size(batch_size: Any) -> int | str:
 
 
 def benchmark(ref: str | os.PathLike[str], tasks: str | list[str] | tuple[str, ...] = (), *,
-              task_files: str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple = (), num_fewshot: int | None = None,
+              task_files: str | os.PathLike[str] | list[str | os.PathLike[str]] | tuple = (),
+              num_fewshot: int | None = None,
               limit: int | float | None = None, batch_size: int | str = "auto", seed: int = 0,
               with_base: bool = True, store: bool = True, check: bool = True, chat: bool | None = None,
               registry: Any = None, trust_remote_code: bool = False) -> BenchmarkResult:
@@ -181,7 +182,8 @@ def benchmark(ref: str | os.PathLike[str], tasks: str | list[str] | tuple[str, .
         tasks: lm-eval task names (``hellaswag``, or the ``task:`` of a task file; one string may hold several,
             comma-separated; a ``.yaml`` path counts as a task file, as in lm-eval). Empty: every task of
             ``task_files``.
-        task_files: lm-eval task YAML files (a list, or one path); ``dataset_kwargs.data_files`` paths are read relative to the file.
+        task_files: lm-eval task YAML files (a list, or one path); ``dataset_kwargs.data_files`` paths are read
+            relative to the file.
         num_fewshot: examples in each prompt (``None``: each task's own default, usually 0).
         limit: at most this many documents per task (an int), or this fraction of them (a float < 1).
         batch_size: an int >= 1, or ``"auto"`` (lm-eval finds the largest that fits, on the CPU and the GPU).

@@ -13,8 +13,8 @@ Kinds of rating:
 
 * ``thumbs``: one answer, ``value`` true/false -> a KTO row (``prompt``, ``completion``, ``label``).
 * ``pair``: two answers to the same prompt, ``value`` 0/1 or ``"a"``/``"b"`` (the better one), ``"tie"`` or
-  ``"both_bad"`` -> a preference row; its record fields are those of the second (right-hand) answer: in the chat the base model is
-  always on the left, so the row names the version being rated.
+  ``"both_bad"`` -> a preference row; its record fields are those of the second (right-hand) answer: in the chat
+  the base model is always on the left, so the row names the version being rated.
 * ``edit``: one answer and ``value`` the text that should have been written -> an SFT row (``prompt``,
   ``completion``) in the edited-answers file.
 
