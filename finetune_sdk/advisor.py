@@ -132,6 +132,9 @@ def advise(model: Any, *, dataset_rows: int | None = None, dataset_tokens: int |
         raise ConfigError(f"task must be one of {', '.join(TECHNIQUE_TASKS)}, got {task!r}")
     if seq_len < 1:
         raise ConfigError(f"seq_len must be positive, got {seq_len}")
+    if data is not None and eval_data is None:  # read only to score prompting: never silently ignored
+        raise ConfigError("data (--data) is read with eval_data (--eval HELD_OUT.jsonl): the few-shot examples; for "
+                          "advice on how to fine-tune give the data's size instead (dataset_rows, --rows)")
     config = load_config(model)
     shape = ModelShape.from_config(config)
     device = resolve_device(device)

@@ -244,3 +244,19 @@ def test_bench_seed_numpy_cannot_take_is_one_line_before_any_model_loads(seed, t
                                           "--seed", str(seed)])
         assert result.exit_code == 2 and "Traceback" not in result.output
         assert f"seed is {seed}; give a whole number from 0 to 2**32 - 1" in result.output
+
+
+def test_advise_data_without_eval_is_refused_not_ignored(tiny, tmp_path):
+    """`finetune advise M --data train.jsonl` (no --eval) printed advice that never read the file."""
+    from click.testing import CliRunner
+
+    import finetune_sdk
+    from finetune_sdk.cli.main import cli
+    from finetune_sdk.errors import ConfigError
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    with pytest.raises(ConfigError, match=r"^data \(--data\) is read with eval_data \(--eval HELD_OUT.jsonl\)"):
+        finetune_sdk.advise(str(tiny / "base"), data=str(train))
+    result = CliRunner().invoke(cli, ["advise", str(tiny / "base"), "--data", str(train)])
+    assert result.exit_code == 2 and "Traceback" not in result.output and "--rows" in result.output
