@@ -260,3 +260,32 @@ def test_advise_data_without_eval_is_refused_not_ignored(tiny, tmp_path):
         finetune_sdk.advise(str(tiny / "base"), data=str(train))
     result = CliRunner().invoke(cli, ["advise", str(tiny / "base"), "--data", str(train)])
     assert result.exit_code == 2 and "Traceback" not in result.output and "--rows" in result.output
+
+
+def test_scores_table_keeps_every_figure_whole_in_an_80_column_terminal(tmp_path, monkeypatch):
+    """`finetune registry scores` (and `finetune bench`) in 80 columns cut values to '0.5…' and '+0.00…' and the
+    task name to 'arith_…'; the figures now keep their width and a long task name folds."""
+    from click.testing import CliRunner
+
+    from finetune_sdk.cli import render
+    from finetune_sdk.cli.main import cli
+    from finetune_sdk.registry import Registry
+
+    registry = Registry(tmp_path / "registry")
+    rows = [{"task": "quillfeather_choice_long_name", "metric": "acc_norm", "filter": "none", "num_fewshot": 5,
+             "limit": None, "model": model, "value": value, "stderr": 0.1118, "vs_base": vs_base,
+             "significant": significant}
+            for model, value, vs_base, significant in (("base", 0.1875, None, None),
+                                                       ("quill@12", 0.75, 0.5625, True))]
+    monkeypatch.setattr(Registry, "score_table", lambda self, name: rows)
+    monkeypatch.setenv("FINETUNE_SDK_REGISTRY", str(registry.home))
+    monkeypatch.setenv("COLUMNS", "80")
+    render.console.cache_clear()
+    try:
+        out = CliRunner().invoke(cli, ["registry", "scores", "quill"]).output
+    finally:
+        render.console.cache_clear()
+    assert "…" not in out, out
+    for figure in ("0.1875", "0.7500", "0.1118", "+0.5625", "quill@12", "yes"):
+        assert figure in out, out
+    assert max(len(line) for line in out.splitlines()) <= 80

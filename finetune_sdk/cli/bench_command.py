@@ -6,7 +6,7 @@ import json
 
 import click
 
-from finetune_sdk.cli.render import cell, console, titled_table
+from finetune_sdk.cli.render import add_figure_rows, cell, console, titled_table
 
 
 def _split(values: tuple[str, ...]) -> list[str]:
@@ -71,15 +71,14 @@ def bench_command(ref: str, tasks: tuple[str, ...], task_files: tuple[str, ...],
         return
     table = titled_table(f"{result.model} (lm-eval {result.scores[0]['lm_eval_version'] if result.scores else ''})")
     for column in ("task", "metric", "shots", "value", "± stderr", "base", "vs base", "> 2 SE"):
-        table.add_column(column, justify="right" if column not in ("task", "metric") else "left",
-                         no_wrap=column in ("task", "metric"))
+        table.add_column(column, justify="right" if column not in ("task", "metric") else "left")
     shots = {(r["task"], r["metric"], r["filter"]): r["num_fewshot"] for r in result.scores}
-    for row in result.table():
-        table.add_row(cell(row["task"]), cell(row["metric"]), cell(shots[(row["task"], row["metric"], row["filter"])]),
-                      cell(row["value"]), cell("" if row["stderr"] is None else row["stderr"]),
-                      cell("" if row["base"] is None else row["base"]),
-                      cell("" if row["vs_base"] is None else f"{row['vs_base']:+.4f}"),
-                      cell("" if row["significant"] is None else row["significant"]))
+    add_figure_rows(table, [
+        [cell(row["task"]), cell(row["metric"]), cell(shots[(row["task"], row["metric"], row["filter"])]),
+         cell(row["value"]), cell("" if row["stderr"] is None else row["stderr"]),
+         cell("" if row["base"] is None else row["base"]),
+         cell("" if row["vs_base"] is None else f"{row['vs_base']:+.4f}"),
+         cell("" if row["significant"] is None else row["significant"])] for row in result.table()])
     console().print(table)
     if result.stored_as:
         console().print(f"stored with {result.stored_as}: finetune registry scores {result.stored_as.split('@')[0]}")

@@ -9,7 +9,7 @@ import click
 from rich.table import Table
 
 from finetune_sdk.cli.errors import FinetuneGroup
-from finetune_sdk.cli.render import cell, console, short_time, titled_table
+from finetune_sdk.cli.render import add_figure_rows, cell, console, short_time, titled_table
 
 
 def _registry(ctx: click.Context) -> Any:
@@ -123,12 +123,12 @@ def scores_command(ctx: click.Context, name: str, as_json: bool) -> None:
     table = titled_table(f"scores of {name}", show_edge=False)
     for column in ("task", "metric", "shots", "limit", "model", "value", "stderr", "vs base", "> 2 SE"):
         table.add_column(column, justify="left" if column in ("task", "metric", "model") else "right")
-    for row in rows:
-        table.add_row(cell(row["task"]), cell(row["metric"]), cell(row["num_fewshot"]),
-                      cell("all" if row["limit"] is None else row["limit"]), cell(row["model"]), cell(row["value"]),
-                      cell("" if row["stderr"] is None else row["stderr"]),
-                      cell("" if row["vs_base"] is None else f"{row['vs_base']:+.4f}"),
-                      cell("" if row["significant"] is None else row["significant"]))
+    add_figure_rows(table, [
+        [cell(row["task"]), cell(row["metric"]), cell(row["num_fewshot"]),
+         cell("all" if row["limit"] is None else row["limit"]), cell(row["model"]), cell(row["value"]),
+         cell("" if row["stderr"] is None else row["stderr"]),
+         cell("" if row["vs_base"] is None else f"{row['vs_base']:+.4f}"),
+         cell("" if row["significant"] is None else row["significant"])] for row in rows], ("task", "metric"))
     console().print(table)
 
 

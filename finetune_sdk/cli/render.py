@@ -25,6 +25,26 @@ def cell(value: Any) -> Text:
     return literal_text(fmt(value))
 
 
+def add_figure_rows(table: Table, rows: list[list[Text]], text_columns: tuple[str, ...] = ("task", "metric")) -> None:
+    """Add ``rows`` to ``table`` so that no figure is cut in a narrow terminal: each column not named in
+    ``text_columns`` keeps the width of its longest cell (a value cut to ``0.5…`` reads as another number), and
+    the text columns fold onto more lines instead of being cut.
+
+    Example:
+        >>> table = Table(); table.add_column("task"); table.add_column("value")
+        >>> add_figure_rows(table, [[cell("arith_choice"), cell(0.5625)]]); table.columns[1].min_width
+        6
+    """
+    for index, column in enumerate(table.columns):
+        if column.header in text_columns:
+            column.overflow = "fold"
+        else:
+            column.no_wrap = True
+            column.min_width = max([len(row[index].plain) for row in rows] + [column.min_width or 0])
+    for row in rows:
+        table.add_row(*row)
+
+
 @lru_cache(maxsize=1)
 def console() -> Console:
     return Console()
