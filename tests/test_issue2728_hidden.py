@@ -289,3 +289,34 @@ def test_scores_table_keeps_every_figure_whole_in_an_80_column_terminal(tmp_path
     for figure in ("0.1875", "0.7500", "0.1118", "+0.5625", "quill@12", "yes"):
         assert figure in out, out
     assert max(len(line) for line in out.splitlines()) <= 80
+
+
+def _thumbs_file(folder, labels):
+    path = folder / "one-way.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}", "label": label}) + "\n"
+                            for i, label in enumerate(labels)))
+    return path
+
+
+def test_retrain_plan_refuses_thumbs_all_one_way_as_the_kto_trainer_does(tmp_path):
+    """The plan said "warning" and Retrain started a run that died at once with KTO's "every row has label true"."""
+    from finetune_sdk.studio.retrain import plan
+
+    refused = plan(_thumbs_file(tmp_path, [True] * 5), "kto")
+    assert refused["counts"] == {"rows": 5, "desirable": 5, "undesirable": 0}
+    assert refused["error"] == ("all 5 ratings are thumbs up: KTO needs both desirable and undesirable answers; "
+                                "rate some answers the other way")
+    assert plan(_thumbs_file(tmp_path, [False, False]), "kto")["error"].startswith("all 2 ratings are thumbs down")
+    assert plan(_thumbs_file(tmp_path, [True, False]), "kto")["error"] is None
+
+
+@pytest.mark.slow
+def test_retrain_confines_path_options_as_the_run_form_does(studio, published):
+    """options={"deepspeed": "/etc/passwd"} started a run from /api/retrain; the form refused the same path."""
+    thumbs = _thumbs_file(published, [True, False, True, False])
+    for key in ("deepspeed", "fsdp_config", "reward_model"):
+        response = studio.post("/api/retrain", headers=H, json={
+            "objective": "kto", "file": thumbs.name, "rated": "bot@1", "options": {key: "/etc/passwd"}})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"].startswith("/etc/passwd is outside the folders the studio may read")
+    assert not (published / "runs").exists() or not any((published / "runs").iterdir())

@@ -134,6 +134,8 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
         if errors:
             raise ConfigError("; ".join(f"{k}: {v}" for k, v in errors.items()))
         options = {k: v for k, v in options.items() if v not in (None, "")}
+        for key in sorted(forms.PATH_OPTIONS & set(options)):  # a config file or result folder: confined as on the form
+            options[key] = str(confine.check(str(options[key])))
         retrain.continued_adapter(rated, options, registry())  # a LoRA shape the rated adapter hasn't: refused
         name = check_name(str(body.get("name") or _free_name(folder, f"{publish_as}-{objective}")))
         spec = {"rated": rated, "objective": objective, "data": str(data), "publish_as": publish_as,

@@ -68,10 +68,12 @@ def plan(path: Path, objective: str) -> dict[str, Any]:
         up = sum(1 for r in rows if r["label"])
         counts = {"rows": len(rows), "desirable": up, "undesirable": len(rows) - up}
         warnings += _balance_warnings(rows, str(path))
-        if rows and (not up or up == len(rows)):
-            warnings.append(f"all {len(rows)} ratings are thumbs {'up' if up else 'down'}: KTO learns most from "
-                            "both kinds; rate some answers the other way")
         usable = len(rows)
+        if rows and (not up or up == len(rows)):  # KTO's own refusal (kto.encode_rows): checked before the start
+            one_way = (f"all {len(rows)} ratings are thumbs {'up' if up else 'down'}: KTO needs both desirable and "
+                       "undesirable answers; rate some answers the other way")
+            return {"objective": objective, "formatter": formatter, "trains": what, "file": str(path),
+                    "counts": counts, "warnings": warnings, "error": one_way}
     elif kind == "pairs":
         unranked = sum(1 for r in rows if "preference" in r)
         counts = {"rows": len(rows), "ranked": len(rows) - unranked, "tie_or_both_bad": unranked}
