@@ -88,6 +88,7 @@ def test_advise_refuses_a_budget_or_shots_it_cannot_use_before_the_model_loads(t
         finetune_sdk.advise(str(tiny / "base"), eval_data=held_out, **options)
 
 
+@pytest.mark.slow
 def test_finetune_lm_eval_unknown_ref_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     pytest.importorskip("lm_eval")
     from finetune_sdk.eval_backend import main
