@@ -43,7 +43,7 @@ TQDM_MODULES = ("lm_eval.api.model", "lm_eval.api.task", "lm_eval.api.metrics", 
                 "lm_eval.evaluator")
 
 
-def _flag(value: Any, default: bool | None) -> bool | None:
+def _flag(value: Any, default: bool | None, name: str = "") -> bool | None:
     if value is None or value == "":
         return default
     if isinstance(value, bool):
@@ -53,7 +53,17 @@ def _flag(value: Any, default: bool | None) -> bool | None:
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(f"model argument {value!r} is not true or false")
+    raise ConfigError(f"model argument {name + '=' if name else ''}{value!r} is not true or false; give "
+                      f"{name or 'it'}=true or {name or 'it'}=false")
+
+
+@functools.lru_cache(maxsize=1)
+def _hflm_arguments() -> frozenset[str]:
+    """The named arguments of lm-eval's ``HFLM.__init__`` (its ``**kwargs`` left out)."""
+    import inspect
+
+    parameters = inspect.signature(HFLM.__init__).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD) - {"self"}
 
 
 @register_model("finetune-sdk")
@@ -69,15 +79,21 @@ class FinetuneSDKLM(HFLM):
     def __init__(self, ref: str | None = None, *, loaded: Any = None, base: Any = False, chat: Any = None,
                  check: Any = True, trust_remote_code: Any = False, batch_size: int | str | None = 1,
                  max_batch_size: int | None = 64, **kwargs: Any) -> None:
+        chat = _flag(chat, None, "chat")  # every model argument checked before the model loads
+        unknown = sorted(set(kwargs) - _hflm_arguments())
+        if unknown:  # HFLM's **kwargs would swallow a misspelt one (bse=true scoring the result, not its base)
+            raise ConfigError(f"unknown model argument {unknown[0]!r} of the finetune-sdk backend; give ref, base, "
+                              "chat, check, trust_remote_code (or one of lm-eval's HFLM arguments)")
         if loaded is None:
             if not ref:
                 raise ConfigError("the finetune-sdk backend needs a model: --model_args ref=NAME@VERSION (or a "
                                   "result folder or base model)")
-            loaded = open_for_lm_eval(str(ref), base=bool(_flag(base, False)), check=bool(_flag(check, True)),
-                                      trust_remote_code=bool(_flag(trust_remote_code, False)))
+            flags = {name: bool(_flag(value, default, name)) for name, value, default in (
+                ("base", base, False), ("check", check, True), ("trust_remote_code", trust_remote_code, False))}
+            loaded = open_for_lm_eval(str(ref), **flags)
         self.loaded = loaded
         self.formatter = loaded.formatter
-        self.chat = bool(_flag(chat, self.formatter is not None))
+        self.chat = bool(self.formatter is not None if chat is None else chat)
         kwargs.pop("device", None)  # the model is already placed by finetune_sdk.load
         kwargs.pop("pretrained", None)
         with quiet_lm_eval():

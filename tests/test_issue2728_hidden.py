@@ -321,3 +321,20 @@ def test_retrain_confines_path_options_as_the_run_form_does(studio, published):
         assert response.status_code == 400, response.text
         assert response.json()["error"].startswith("/etc/passwd is outside the folders the studio may read")
     assert not (published / "runs").exists() or not any((published / "runs").iterdir())
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"chat": "maybe"}, "model argument chat='maybe' is not true or false; give chat=true or chat=false"),
+    ({"check": "maybe"}, "model argument check='maybe' is not true or false"),
+    ({"bse": "true"}, "unknown model argument 'bse' of the finetune-sdk backend; give ref, base, chat, check"),
+])
+def test_lm_eval_model_arguments_are_checked_before_the_model_loads(arguments, message, monkeypatch):
+    """`--model_args ref=bot@2,chat=maybe` failed only after the model had loaded, and a misspelt `bse=true` was
+    swallowed by HFLM's **kwargs (the result scored instead of its base)."""
+    pytest.importorskip("lm_eval")
+    from finetune_sdk import eval_backend
+    from finetune_sdk.errors import ConfigError
+
+    monkeypatch.setattr(eval_backend, "open_for_lm_eval", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=f"^{message}".replace("(", r"\(").replace(")", r"\)")):
+        eval_backend.FinetuneSDKLM(ref="bot@2", **arguments)
