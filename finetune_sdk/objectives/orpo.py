@@ -20,13 +20,10 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from finetune_sdk.objectives.pairs import PreferencePairs
+from finetune_sdk.objectives.reference_free import ReferenceFreePairs
 from finetune_sdk.options import Option
-
-if TYPE_CHECKING:
-    from finetune_sdk.planning import TrainingPlan
 
 
 def orpo_loss(chosen_logps: Any, rejected_logps: Any, beta: float) -> tuple[Any, Any]:
@@ -40,7 +37,7 @@ def orpo_loss(chosen_logps: Any, rejected_logps: Any, beta: float) -> tuple[Any,
     return -beta * torch.nn.functional.logsigmoid(log_odds), beta * (chosen_logps - rejected_logps)
 
 
-class OddsRatioPreferenceOptimization(PreferencePairs):
+class OddsRatioPreferenceOptimization(ReferenceFreePairs):
     """``orpo``: the NLL of the chosen answer plus ``beta`` times ORPO's odds-ratio loss; no reference model."""
 
     name = "orpo"
@@ -55,21 +52,3 @@ class OddsRatioPreferenceOptimization(PreferencePairs):
     def pair_loss(self, options: Mapping[str, Any]) -> Any:
         beta = float(options["beta"])
         return lambda chosen, rejected: orpo_loss(chosen, rejected, beta)
-
-    def nll_weight(self, options: Mapping[str, Any]) -> float:
-        return 1.0
-
-    def while_training(self, model: Any) -> Any:
-        from finetune_sdk.preference import dropout_disabled
-
-        return dropout_disabled(model)
-
-    def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
-        from finetune_sdk.objectives.reference_free import reference_free_trainer_class
-
-        return reference_free_trainer_class(self.pair_loss(options), self.nll_weight(options))
-
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        from finetune_sdk.objectives.reference_free import reference_free_evaluate
-
-        return reference_free_evaluate(self, loaded, plan, name, options)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from finetune_sdk.encoding import IGNORE_INDEX, Encoded
+from finetune_sdk.objectives.pairs import PreferencePairs
 
 #: ``(chosen mean logps [B], rejected mean logps [B]) -> (per-pair loss [B], per-pair reward margin [B])``
 PairLoss = Callable[[Any, Any], tuple[Any, Any]]
@@ -138,3 +139,27 @@ def reference_free_evaluate(objective: Any, loaded: Any, plan: Any, name: str,
     return evaluate_reference_free(loaded.model, eval_set.encoded, objective.pair_loss(options),
                                    objective.nll_weight(options), float(options["beta"]),
                                    source=eval_set.rows.source)
+
+
+class ReferenceFreePairs(PreferencePairs):
+    """A preference objective without a reference model (ORPO, SimPO): a subclass gives :meth:`pair_loss` and,
+    when its NLL term isn't weighted 1, :meth:`nll_weight`; training (dropout off, as TRL's trainers), the trainer
+    class and the held-out metrics are shared."""
+
+    def pair_loss(self, options: Mapping[str, Any]) -> PairLoss:
+        """``(chosen mean logps [B], rejected mean logps [B]) -> (losses [B], reward margins [B])``."""
+        raise NotImplementedError
+
+    def nll_weight(self, options: Mapping[str, Any]) -> float:
+        return 1.0
+
+    def while_training(self, model: Any) -> Any:
+        from finetune_sdk.preference import dropout_disabled
+
+        return dropout_disabled(model)
+
+    def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
+        return reference_free_trainer_class(self.pair_loss(options), self.nll_weight(options))
+
+    def evaluate(self, loaded: Any, plan: Any, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        return reference_free_evaluate(self, loaded, plan, name, options)

@@ -21,13 +21,10 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from finetune_sdk.objectives.pairs import PreferencePairs
+from finetune_sdk.objectives.reference_free import ReferenceFreePairs
 from finetune_sdk.options import Option
-
-if TYPE_CHECKING:
-    from finetune_sdk.planning import TrainingPlan
 
 
 def simpo_loss(chosen_logps: Any, rejected_logps: Any, beta: float, gamma: float) -> tuple[Any, Any]:
@@ -40,7 +37,7 @@ def simpo_loss(chosen_logps: Any, rejected_logps: Any, beta: float, gamma: float
     return -torch.nn.functional.logsigmoid(beta * logits), beta * (chosen_logps - rejected_logps)
 
 
-class SimplePreferenceOptimization(PreferencePairs):
+class SimplePreferenceOptimization(ReferenceFreePairs):
     """``simpo``: SimPO's margin loss on length-normalised rewards (plus ``cpo_alpha`` times the chosen answers'
     NLL); no reference model."""
 
@@ -64,18 +61,3 @@ class SimplePreferenceOptimization(PreferencePairs):
 
     def nll_weight(self, options: Mapping[str, Any]) -> float:
         return float(options["cpo_alpha"])
-
-    def while_training(self, model: Any) -> Any:
-        from finetune_sdk.preference import dropout_disabled
-
-        return dropout_disabled(model)
-
-    def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
-        from finetune_sdk.objectives.reference_free import reference_free_trainer_class
-
-        return reference_free_trainer_class(self.pair_loss(options), self.nll_weight(options))
-
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        from finetune_sdk.objectives.reference_free import reference_free_evaluate
-
-        return reference_free_evaluate(self, loaded, plan, name, options)

@@ -6,6 +6,7 @@
   token (so it leaves the address bar and the history). Requests without it get ``401`` and one line.
 * **CSRF**: a request that changes state (``POST``) must carry the token in the header, which another site's page
   can't set (a cookie alone is refused), and an ``Origin`` header, when sent, must be the studio's own.
+* **Bodies**: :func:`json_body` accepts a JSON object and nothing else (one line otherwise).
 * **Paths**: :class:`Confinement` resolves a path the page names (symlinks followed) and refuses one outside the
   folders the studio may read: the folder it started in, the runs folder and the registry home.
 """
@@ -16,9 +17,10 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from finetune_sdk.errors import ConfigError
+from finetune_sdk.errors import ConfigError, FinetuneError
 
 COOKIE = "finetune_studio"
 HEADER = "x-studio-token"
@@ -85,3 +87,17 @@ file under them
             raise ConfigError(f"{text} is outside the folders the studio may read "
                               f"({', '.join(map(str, self.roots))}); pick a file under them")
         return resolved
+
+
+async def json_body(request: Any) -> dict[str, Any]:
+    """A request's JSON body (a ``fastapi.Request``'s), which must be an object.
+
+    Raises:
+        FinetuneError: the body isn't JSON or isn't an object (the studio answers ``400`` with the line)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise FinetuneError("the request body must be a JSON object")
+    return body

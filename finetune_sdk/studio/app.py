@@ -31,7 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from finetune_sdk.errors import FinetuneError
 from finetune_sdk.run_events import EVENTS_NAME, read_events_from, run_area
 from finetune_sdk.studio import forms, pages
-from finetune_sdk.studio.access import (COOKIE, HEADER, SAFE_METHODS, Confinement, origin_allowed,
+from finetune_sdk.studio.access import (COOKIE, HEADER, SAFE_METHODS, Confinement, json_body, origin_allowed,
                                         token_matches)
 from finetune_sdk.studio.runs import RunsFolder
 
@@ -82,15 +82,6 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "no-referrer")
         return response
-
-    async def _body(request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise FinetuneError("the request body must be a JSON object")
-        return body
 
     def _options(body: dict[str, Any]) -> dict[str, Any]:
         options = body.get("options") or {}
@@ -145,7 +136,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
 
     @app.post("/api/runs")
     async def start_run(request: Request) -> Any:
-        body = await _body(request)
+        body = await json_body(request)
         args, errors = _train_args(body)
         if not errors:
             try:
@@ -238,7 +229,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
 
     @app.post("/api/validate")
     async def validate(request: Request) -> dict[str, Any]:
-        body = await _body(request)
+        body = await json_body(request)
         return {"error": forms.check_field(str(body.get("name")), body.get("value"))}
 
     @app.get("/api/files")
@@ -247,7 +238,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
 
     @app.post("/api/preview")
     async def preview(request: Request) -> Any:
-        body = await _body(request)
+        body = await json_body(request)
         model, data = confine.check(body.get("model") or ""), confine.check(body.get("data") or "")
         result = await asyncio.to_thread(forms.preview_rows, model, data, body.get("formatter") or None,
                                          body.get("technique") or "lora", _options(body))
@@ -255,7 +246,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
 
     @app.post("/api/advise")
     async def advise(request: Request) -> Any:
-        body = await _body(request)
+        body = await json_body(request)
         model = confine.check(body.get("model") or "")
         rows, data = None, "train.jsonl"
         if body.get("data"):
@@ -275,12 +266,12 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
 
     @app.post("/api/registry/alias")
     async def set_alias(request: Request) -> dict[str, Any]:
-        body = await _body(request)
+        body = await json_body(request)
         return registry_view.set_alias(home, str(body.get("ref") or ""), str(body.get("alias") or ""))
 
     @app.post("/api/registry/verify")
     async def verify(request: Request) -> dict[str, Any]:
-        body = await _body(request)
+        body = await json_body(request)
         return await asyncio.to_thread(registry_view.verify, home, str(body.get("ref") or ""))
 
     from finetune_sdk.studio.loop_routes import add_loop_routes

@@ -21,17 +21,9 @@ from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from finetune_sdk.errors import ConfigError, FinetuneError
 from finetune_sdk.studio import insights, pages, rating, retrain
+from finetune_sdk.studio.access import json_body
 from finetune_sdk.studio.chat import ChatWorker, Settings
 
-
-async def _body(request: Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise FinetuneError("the request body must be a JSON object")
-    return body
 
 
 async def _on_worker(worker: ChatWorker, function: Any, *args: Any) -> Any:
@@ -82,7 +74,7 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
     @app.post("/api/chat")
     async def chat(request: Request) -> Any:
         """Server-sent events (read with ``fetch``): each model's answer streamed token by token."""
-        body = await _body(request)
+        body = await json_body(request)
         refs = body.get("models")
         if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
             raise ConfigError("'models' must be a list of model references")
@@ -94,18 +86,18 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
 
     @app.post("/api/rate")
     async def rate(request: Request) -> dict[str, Any]:
-        body = await _body(request)
+        body = await json_body(request)
         return await asyncio.to_thread(rating.rate, worker, confine, body)
 
     @app.post("/api/session/next")
     async def session_next(request: Request) -> dict[str, Any]:
-        body = await _body(request)
+        body = await json_body(request)
         body["model"] = model_ref(body.get("model"))
         return await _on_worker(worker, rating.next_in_session, worker, confine, body)
 
     @app.post("/api/retrain/plan")
     async def retrain_plan(request: Request) -> dict[str, Any]:
-        body = await _body(request)
+        body = await json_body(request)
         return retrain.plan(confine.check(str(body.get("file") or "")), str(body.get("objective") or ""))
 
     @app.post("/api/retrain")
@@ -115,7 +107,7 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
         from finetune_sdk.studio import forms
         from finetune_sdk.studio.runs import check_name
 
-        body = await _body(request)
+        body = await json_body(request)
         objective = str(body.get("objective") or "")
         data = confine.check(str(body.get("file") or ""))
         summary = retrain.plan(data, objective)
@@ -144,7 +136,7 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
 
     @app.post("/api/export")
     async def export(request: Request) -> dict[str, Any]:
-        body = await _body(request)
+        body = await json_body(request)
         quantization = str(body.get("quantization") or "q8_0")
         if quantization not in insights.quantizations():
             raise ConfigError(f"unknown quantization {quantization!r}; use one of "
@@ -155,7 +147,7 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
 
     @app.post("/api/compare")
     async def compare(request: Request) -> dict[str, Any]:
-        body = await _body(request)
+        body = await json_body(request)
         data = confine.check(str(body.get("eval_data") or ""))
         report_dir = confine.check(str(body["report_dir"])) if body.get("report_dir") else None
         prompts = [p for p in str(body.get("prompts") or "").splitlines() if p.strip()]
