@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
-from finetune_sdk.errors import ConfigError, FinetuneError
+from finetune_sdk.errors import ConfigError
 from finetune_sdk.studio import insights, pages, rating, retrain
 from finetune_sdk.studio.access import json_body
 from finetune_sdk.studio.chat import ChatWorker, Settings
