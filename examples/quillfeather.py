@@ -61,12 +61,17 @@ def benchmark_table(result: finetune_sdk.BenchmarkResult) -> Table:
     """The benchmark's rows: task, metric, base and fine-tuned value with their standard errors, the difference and
     whether it exceeds twice the combined standard error."""
     table = Table(title=f"lm-evaluation-harness: {result.model} vs its base", box=box.SIMPLE_HEAD)
-    for column in ("task", "metric", "base", "fine-tuned", "vs base", "> 2 SE"):
-        table.add_column(column, justify="left" if column in ("task", "metric") else "right", no_wrap=True)
-    for row in result.table():
-        table.add_row(row["task"], row["metric"], f"{row['base']:.3f}±{row['base_stderr']:.3f}",
-                      f"{row['value']:.3f}±{row['stderr']:.3f}", f"{row['vs_base']:+.3f}",
-                      "yes" if row["significant"] else "no")
+    rows = [[row["task"], row["metric"], f"{row['base']:.3f}±{row['base_stderr']:.3f}",
+             f"{row['value']:.3f}±{row['stderr']:.3f}", f"{row['vs_base']:+.3f}", "yes" if row["significant"] else "no"]
+            for row in result.table()]
+    for index, column in enumerate(("task", "metric", "base", "fine-tuned", "vs base", "> 2 SE")):
+        if column in ("task", "metric"):  # names fold onto a second line in a narrow terminal; figures are never cut
+            table.add_column(column, overflow="fold")
+        else:
+            table.add_column(column, justify="right", no_wrap=True,
+                             min_width=max([len(column)] + [len(cells[index]) for cells in rows]))
+    for cells in rows:
+        table.add_row(*cells)
     return table
 
 
