@@ -34,3 +34,19 @@ def write_clients(folder: Path, names: list[str] | None = None) -> dict[str, dic
         held_out.write_text("".join(json.dumps(r) + "\n" for r in held_out_rows(name)), encoding="utf-8")
         out[name] = {"train": str(train), "eval": str(held_out)}
     return out
+
+
+def federated_job(model, out, clients, options, **settings):
+    """An in-process LoRA/chatml :class:`FederatedJob` over ``clients`` (one round unless ``settings`` say)."""
+    from finetune_sdk.federated.job import FederatedJob
+    from finetune_sdk.federated.settings import FederatedSettings
+
+    settings.setdefault("rounds", 1)
+    config = FederatedSettings(**settings).validate(len(clients))
+    return FederatedJob(str(model), "lora", None, "chatml", dict(options), config, str(out),
+                        expected_clients=sorted(clients), run_token="test")
+
+
+def as_pairs(clients):
+    """``write_clients``' specs as ``run_in_process`` takes them: name -> (train file, eval file or None)."""
+    return {name: (spec["train"], spec.get("eval")) for name, spec in clients.items()}

@@ -23,20 +23,13 @@ from finetune_sdk import Trainer  # noqa: E402
 from finetune_sdk.errors import ConfigError, DataError  # noqa: E402
 from finetune_sdk.federated.job import FederatedJob  # noqa: E402
 from finetune_sdk.federated.settings import FederatedSettings  # noqa: E402
-from tests.federated_data import write_clients  # noqa: E402
+from tests.federated_data import as_pairs, federated_job, write_clients  # noqa: E402
 
 OPTIONS = {"learning_rate": 5e-2, "seed": 7, "per_device_train_batch_size": 2}
 
 
 def make_job(model, out, clients, **settings):
-    settings.setdefault("rounds", 1)
-    config = FederatedSettings(**settings).validate(len(clients))
-    return FederatedJob(str(model), "lora", None, "chatml", dict(OPTIONS), config, str(out),
-                        expected_clients=sorted(clients), run_token="test")
-
-
-def as_pairs(clients):
-    return {name: (spec["train"], spec.get("eval")) for name, spec in clients.items()}
+    return federated_job(model, out, clients, OPTIONS, **settings)
 
 
 # -- 5. never fewer owners than asked, silently -------------------------------------------------------------------
