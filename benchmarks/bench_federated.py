@@ -169,6 +169,12 @@ def preference_accuracy(model_dir: Path, held_out: list[dict[str, str]], options
     return sum(m > 1e-6 for m in margins) / len(margins)
 
 
+def lora_options(args: argparse.Namespace) -> dict:
+    """The training options every variant of a comparison shares (LoRA r=8, seed 7, the command's lr and batch)."""
+    return dict(learning_rate=args.learning_rate, seed=7, per_device_train_batch_size=args.batch, r=8,
+                lora_alpha=16, lora_dropout=0.0, **({"dtype": "float32"} if args.float32 else {}))
+
+
 def compare_preference(args: argparse.Namespace) -> None:
     """Federated DPO (in-process rounds) vs each owner's local-only DPO, by held-out preference accuracy."""
     from finetune_sdk import Trainer
@@ -180,8 +186,7 @@ def compare_preference(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-federated-dpo-"))
     model = save_tiny_model(tmp / "model", hidden_size=args.hidden)
     clients, held_out = preference_data(tmp, args.facts)
-    options = dict(learning_rate=args.learning_rate, seed=7, per_device_train_batch_size=args.batch, r=8,
-                   lora_alpha=16, lora_dropout=0.0, **({"dtype": "float32"} if args.float32 else {}))
+    options = lora_options(args)
     print(f"DPO: {len(CLIENTS)} owners x {args.facts} private pairs, {len(held_out)} held-out pairs, hidden "
           f"{args.hidden}, LoRA r=8, lr {args.learning_rate}, {args.rounds} rounds x {args.local_steps} local steps "
           f"(load average {os.getloadavg()[0]:.1f})")
@@ -219,8 +224,7 @@ def compare_variants(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-federated-"))
     model = save_tiny_model(tmp / "model", hidden_size=args.hidden)
     clients, held_out = make_data(tmp, args.facts)
-    options = dict(learning_rate=args.learning_rate, seed=7, per_device_train_batch_size=args.batch, r=8,
-                   lora_alpha=16, lora_dropout=0.0, **({"dtype": "float32"} if args.float32 else {}))
+    options = lora_options(args)
     base = Trainer(model, formatter="chatml", progress=False, **options).evaluate(held_out)["eval_loss"]
     print(f"{len(CLIENTS)} owners x {args.facts} facts, hidden {args.hidden}, LoRA r=8, lr {args.learning_rate}, "
           f"{args.rounds} rounds x {args.local_steps} local steps, base held-out loss {base:.3f} "
