@@ -2,7 +2,7 @@
 ``[tool.setuptools.cmdclass]``), in the wheel and in editable installs (``pip install -e .``, scripts/setup.sh).
 
 Two files land at the top of site-packages: ``_finetune_sdk_lm_eval_hook.py`` (a copy of
-``finetune_sdk/lm_eval_hook.py``, standard library only) and ``finetune_sdk_lm_eval.pth``, whose one line imports
+``finetune_sdk/evaluation/lm_eval_hook.py``, standard library only) and ``finetune_sdk_lm_eval.pth``, whose one line imports
 it at interpreter start so that lm-eval's own ``lm_eval`` command accepts ``--model finetune-sdk`` (see that
 module). Not shipped itself: only setuptools imports this file, at build time.
 """

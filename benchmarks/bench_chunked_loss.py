@@ -29,7 +29,7 @@ spec = json.loads(sys.argv[1])
 sys.path.insert(0, spec["benchmarks"])
 from finetune_sdk import Trainer
 from finetune_sdk.plugin_manager import get_plugin_host
-from finetune_sdk.precision import precision_for
+from finetune_sdk.speed.precision import precision_for
 from bench_precision import documentation_rows
 from peak_memory import ResetPeakAtTrainBegin, peak_rss
 

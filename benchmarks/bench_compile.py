@@ -22,14 +22,14 @@ def layer(dtype: str):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune_sdk.fused_lora import use_fused_lora
+    from finetune_sdk.speed.fused_lora import use_fused_lora
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
                          num_attention_heads=9, num_key_value_heads=3)
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     if dtype == "bfloat16":
-        from finetune_sdk.precision import keep_activations_fp32
+        from finetune_sdk.speed.precision import keep_activations_fp32
 
         for param in model.parameters():
             if not param.requires_grad:

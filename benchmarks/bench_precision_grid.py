@@ -8,7 +8,7 @@ LoRA r=16 / alpha 32 on all linear layers of SmolLM2-135M-Instruct (real weights
 * ``chat32``: the same rows, batch 32 (~1,950 tokens a step);
 * ``doc256``: paragraphs of Python's documentation cut at 256 tokens, batch 8 (~2,000 tokens a step).
 
-Sides: ``fp32`` (``dtype="float32"``), ``auto`` (the default: whatever :func:`finetune_sdk.precision.resolve_precision`
+Sides: ``fp32`` (``dtype="float32"``), ``auto`` (the default: whatever :func:`finetune_sdk.speed.precision.resolve_precision`
 picks for the shape) and ``bf16path`` (``auto``'s bf16 path whatever the shape feeds: ``CPU_BF16_MIN_FEED`` set to 0,
 to see what the threshold saves). Rounds alternate which side goes first; the table gives median tokens/s, the ratio to fp32
 in the same round, the training loss against fp32's, and the process CPU seconds per token (less sensitive to other
@@ -50,8 +50,9 @@ def rows(kind: str, count: int) -> list[dict[str, str]]:
 
 
 def run(model: str, shape: str, side: str, steps: int, out: Path) -> dict:
-    from finetune_sdk import Trainer, precision
-    from finetune_sdk.precision import precision_for
+    from finetune_sdk import Trainer
+    from finetune_sdk.speed import precision
+    from finetune_sdk.speed.precision import precision_for
 
     kind, batch, max_length = SHAPES[shape]
     options = dict(SIDES[side])

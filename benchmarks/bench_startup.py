@@ -27,7 +27,7 @@ PROBE = ("import sys; from finetune_sdk.cli.main import cli; cli.main(args=['plu
 
 
 def install_plugins(target: Path) -> None:
-    from finetune_sdk.scaffold import scaffold
+    from finetune_sdk.cli.plugin_scaffold import scaffold
 
     scaffold_root = scaffold("bench-formatter", "formatter", target.parent)
     folders = [ROOT / "examples/plugins/finetune-sdk-dora", ROOT / "examples/plugins/finetune-sdk-sharegpt",

@@ -36,7 +36,7 @@ class Segment:
     control token. Every message, field and document a formatter takes from a row must be a literal segment.
 
     Example:
-        >>> from finetune_sdk.encoding import encode_segments
+        >>> from finetune_sdk.data.encoding import encode_segments
         >>> from finetune_sdk.testing.tiny import tiny_tokenizer
         >>> tok = tiny_tokenizer()
         >>> ids = encode_segments([Segment("<s>$40</s>", literal=True), Segment("</s>")], tok, None)["input_ids"]
@@ -155,7 +155,7 @@ class Formatter:
 
     def end_of_turn(self, tokenizer: Any) -> list[str]:
         """The token strings that end the model's answer in this format: generation stops at them (besides EOS
-        and the model's ``generation_config.eos_token_id``; see :func:`finetune_sdk.stop_tokens.stop_token_ids`).
+        and the model's ``generation_config.eos_token_id``; see :func:`finetune_sdk.models.stop_tokens.stop_token_ids`).
 
         Default: the tokenizer's EOS, which is what a format that ends its answer with EOS needs. A format that
         ends a turn with its own marker declares it (ChatML: ``["<|im_end|>"]``; the chat template: the marker its
@@ -183,7 +183,7 @@ def few_shot_segments(formatter: Formatter, examples: Sequence[tuple[str, str]],
     answer cut off: the trailing ``train=True`` segments); any other renders each example as a training row
     (``prompt``/``completion``) and then :meth:`Formatter.prompt_segments` of the question. With no examples this is
     ``prompt_segments(question)``. Used by ``finetune bench`` (lm-eval's few-shot as multi-turn) and by the advice's
-    few-shot scoring (:mod:`finetune_sdk.prompting_advice`).
+    few-shot scoring (:mod:`finetune_sdk.advice.prompting`).
 
     Example:
         >>> from finetune_sdk.plugins.formatters.chat import ChatMLFormatter

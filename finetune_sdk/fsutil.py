@@ -1,6 +1,6 @@
 """The filesystem rules in one place: atomic writes (a file or folder appears whole or not at all), the SDK's cache
 root and file hashing. Every file the SDK writes goes through :func:`atomic_path` or :func:`staged_directory`, except
-the ratings files ``finetune feedback`` appends to one fsynced row at a time (:mod:`finetune_sdk.ratings_file`)."""
+the ratings files ``finetune feedback`` appends to one fsynced row at a time (:mod:`finetune_sdk.feedback.ratings_file`)."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def atomic_path(path: Path, prefix: str | None = None, suffix: str = "") -> Iter
         >>> target.read_text(), [p.name for p in target.parent.iterdir()]
         ('whole', ['a.txt'])
     """
-    from finetune_sdk.output_paths import user_os_error
+    from finetune_sdk.training.output_paths import user_os_error
 
     path = Path(path)
     try:
@@ -136,13 +136,13 @@ def staged_directory(final: Path, *, replace_only_results: bool = True) -> Itera
 
     On an exception the staging folder is removed and ``final`` is left as it was. An existing ``final`` is moved
     aside first and deleted only after the new one is in place; with ``replace_only_results`` (the default) it must
-    be an earlier result of this SDK or an empty folder (see :mod:`finetune_sdk.output_paths`), else a
+    be an earlier result of this SDK or an empty folder (see :mod:`finetune_sdk.training.output_paths`), else a
     :class:`~finetune_sdk.errors.ConfigError` is raised and nothing is touched. Disk-full and permission errors
     (``OSError``, or safetensors' ``SafetensorError`` wrapping one) become one-line
     :class:`~finetune_sdk.errors.FinetuneError` s naming the folder, the space free there and what the save had
-    written (:func:`finetune_sdk.output_paths.user_os_error`).
+    written (:func:`finetune_sdk.training.output_paths.user_os_error`).
     """
-    from finetune_sdk.output_paths import (check_output_path, folder_bytes, log_replacement, scratch_dir,
+    from finetune_sdk.training.output_paths import (check_output_path, folder_bytes, log_replacement, scratch_dir,
                                            user_os_error)
 
     final = Path(final)

@@ -59,7 +59,7 @@ def register_reward_functions(register: Callable[..., None]) -> None:
 
     ``function(prompts: list[str], completions: list[str], **columns) -> list[float]`` returns one finite float
     per completion (higher is better; the other columns of the prompt rows arrive as keyword arguments, see
-    :mod:`finetune_sdk.rewards`). Users pick it with ``reward_funcs=["name"]`` or ``finetune train --reward name``.
+    :mod:`finetune_sdk.objectives.reward_functions`). Users pick it with ``reward_funcs=["name"]`` or ``finetune train --reward name``.
     """
 
 

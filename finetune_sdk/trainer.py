@@ -8,23 +8,23 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune_sdk.advisor import check_run_memory
-from finetune_sdk.data import Rows, load_rows
+from finetune_sdk.advice.advisor import check_run_memory
+from finetune_sdk.data.rows import Rows, load_rows
 from finetune_sdk.formatter import CLASSIFICATION, HEAD_TASKS, Formatter
 from finetune_sdk.log import ensure_handler
 from finetune_sdk.options import TRAINING_OPTIONS, option_table
-from finetune_sdk.planning import Planner, detect_formatter, formatter_fits, reward_rows, validate_task_name
+from finetune_sdk.training.planning import Planner, detect_formatter, formatter_fits, reward_rows, validate_task_name
 from finetune_sdk.plugin_manager import get_plugin_host
-from finetune_sdk.precision import estimate_options, precision_for
-from finetune_sdk.request import (check_output_dir, check_precision, check_publish_name, default_output_dir,
+from finetune_sdk.speed.precision import estimate_options, precision_for
+from finetune_sdk.training.request import (check_output_dir, check_precision, check_publish_name, default_output_dir,
                                   model_source, resolve_plugins, resolve_run_options)
-from finetune_sdk.result import FitResult
-from finetune_sdk.stages_and_tasks import fit_stages, fit_with_options, is_stage_list, is_task_list
+from finetune_sdk.training.result import FitResult
+from finetune_sdk.training.stages_and_tasks import fit_stages, fit_with_options, is_stage_list, is_task_list
 
 if TYPE_CHECKING:
-    from finetune_sdk.inference import LoadedModel
+    from finetune_sdk.models.inference import LoadedModel
 
-#: Older names of functions that moved to :mod:`finetune_sdk.planning`.
+#: Older names of functions that moved to :mod:`finetune_sdk.training.planning`.
 compatible = formatter_fits
 __all__ = ["Trainer", "compatible", "detect_formatter", "reward_rows", "validate_task_name"]
 
@@ -85,15 +85,15 @@ class Trainer:
         """Train and save the result; returns a :class:`FitResult`. The result folder appears atomically.
 
         ``train_data`` is a path (.jsonl, .json, .csv, .parquet), a list of dicts or a ``datasets.Dataset``; or a
-        list of :class:`~finetune_sdk.stages_and_tasks.Stage` (sequential fine-tuning: stages train in order, continuing
+        list of :class:`~finetune_sdk.training.stages_and_tasks.Stage` (sequential fine-tuning: stages train in order, continuing
         the same adapter, each saved to ``output_dir/stage-<i>``); or a list of
-        :class:`~finetune_sdk.stages_and_tasks.Task` (multi-task: datasets mixed by ``task_mixing``, per-task eval
+        :class:`~finetune_sdk.training.stages_and_tasks.Task` (multi-task: datasets mixed by ``task_mixing``, per-task eval
         metrics). A ``preference`` formatter trains with DPO (technique ``reward-model``: a pairwise reward model).
 
         Every ``save_steps`` steps (500 by default; 0 turns it off) a checkpoint is written atomically to
         ``<output_dir>.checkpoints/``; ``resume=True`` continues from the newest complete one (damaged ones are
         skipped with a warning) and ends with the weights and whole-run metrics of an uninterrupted run, on every
-        path (stages: finished ones skipped, see :mod:`finetune_sdk.stage_runs`).
+        path (stages: finished ones skipped, see :mod:`finetune_sdk.training.stage_runs`).
 
         Example:
             >>> from finetune_sdk.testing.tiny import save_tiny_model
@@ -107,7 +107,7 @@ class Trainer:
         from finetune_sdk.log import known_dependency_warnings
 
         with known_dependency_warnings():  # the first import of transformers' Trainer imports PEFT and bitsandbytes
-            from finetune_sdk.run_engine import RunSpec, run_training
+            from finetune_sdk.training.engine import RunSpec, run_training
         if objective is not None or options:
             return fit_with_options(self, train_data, eval_data, resume, {"objective": objective, **options})
         if is_stage_list(train_data):
@@ -159,7 +159,7 @@ class Trainer:
         Returns the report (metrics of both, generations, loss curves); with ``report_dir`` also writes
         ``comparison.json`` and a self-contained ``comparison.html`` there.
         """
-        from finetune_sdk.compare import compare_models, fresh_base
+        from finetune_sdk.evaluation.compare import compare_models, fresh_base
 
         rows, current = load_rows(eval_data, name="eval_data"), self.current_model()
         current.formatter = self._pick_formatter(rows, current.tokenizer)
@@ -182,7 +182,7 @@ class Trainer:
         """Loss (and perplexity, or accuracy and macro-F1 for the classifier) of the current model on ``data``."""
         rows = load_rows(data, name="eval_data")
         if self._current_model is None and self.technique.task == CLASSIFICATION and not self.options["labels"]:
-            from finetune_sdk.planning import labels_for
+            from finetune_sdk.training.planning import labels_for
 
             formatter = self._pick_formatter(rows, self._load_tokenizer())
             self.options["labels"] = labels_for(rows, formatter, self.options)
@@ -192,11 +192,11 @@ class Trainer:
 
     # -- model and tokenizer -------------------------------------------------------------------------------
     def current_model(self) -> LoadedModel:
-        """The model ``generate``/``predict``/``evaluate`` use (:class:`~finetune_sdk.inference.LoadedModel`): the
+        """The model ``generate``/``predict``/``evaluate`` use (:class:`~finetune_sdk.models.inference.LoadedModel`): the
         base (loaded on first use; a classifier's head untrained) before :meth:`fit`, the trained model after."""
         if self._current_model is None:
-            from finetune_sdk.inference import LoadedModel
-            from finetune_sdk.models import load_base_model, with_new_head
+            from finetune_sdk.models.inference import LoadedModel
+            from finetune_sdk.models.sources import load_base_model, with_new_head
 
             tokenizer = self._load_tokenizer()
             model = self._given_model
@@ -230,7 +230,7 @@ class Trainer:
 
     def _load_tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from finetune_sdk.models import load_tokenizer
+            from finetune_sdk.models.sources import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.source, trust_remote_code=self.options["trust_remote_code"])
         return self._tokenizer
@@ -245,6 +245,6 @@ class Trainer:
 
     def manifest(self, plan: Any, metrics: dict[str, Any]) -> dict[str, Any]:
         """A finished run's manifest (no credentials); ``plan`` has ``objective``, ``formatter_name``, ``dataset``."""
-        from finetune_sdk.saving import build_manifest
+        from finetune_sdk.training.saving import build_manifest
 
         return build_manifest(self, plan, metrics, self.current_model().model)

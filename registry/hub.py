@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from finetune_sdk.errors import IntegrityError, RegistryError
 from finetune_sdk.fsutil import sha256_file, write_json_atomic
-from finetune_sdk.manifest import read_manifest
+from finetune_sdk.training.manifest import read_manifest
 from finetune_sdk.network import TIMEOUT_ENV, bounded_hub_client, hub_timeout
 from finetune_sdk.registry.local import AdapterVersion, Registry
 from finetune_sdk.registry.locks import publishing

@@ -76,7 +76,7 @@ class Index:
             except OSError:
                 full = name.startswith("SQLITE_FULL")
             if full:
-                from finetune_sdk.output_paths import user_os_error
+                from finetune_sdk.training.output_paths import user_os_error
 
                 return user_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), self.path)
             return RegistryError(f"can't use the registry index {self.path}: {exc} ({name}); nothing was changed: "

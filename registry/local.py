@@ -14,7 +14,7 @@ from typing import Any
 
 from finetune_sdk.errors import FinetuneError, IntegrityError, RegistryError
 from finetune_sdk.fsutil import staged_directory
-from finetune_sdk.manifest import read_manifest
+from finetune_sdk.training.manifest import read_manifest
 from finetune_sdk.registry import artifacts as artifact_rows
 from finetune_sdk.registry import scores as score_rows
 from finetune_sdk.registry.blobs import BlobStore
@@ -114,7 +114,7 @@ class Registry:
             raise RegistryError(f"{directory}: no such result folder to publish")
         manifest = read_manifest(directory)
         parent_ref = self.resolve(parent).ref if parent else None
-        from finetune_sdk.progress import activity
+        from finetune_sdk.training.progress import activity
 
         with publishing(self.home):  # garbage collection waits until this version's row is in
             with activity(f"publishing {directory.name} as the next version of {name}"):
@@ -132,7 +132,7 @@ class Registry:
             try:
                 sha, size = self.blobs.put(path)
             except OSError as exc:  # disk full, permissions: one line; the partial blob is already removed
-                from finetune_sdk.output_paths import user_os_error
+                from finetune_sdk.training.output_paths import user_os_error
 
                 raise user_os_error(exc, self.blobs.root) from None
             files[rel] = {"sha256": sha, "size": size}
@@ -387,7 +387,7 @@ class Registry:
     # -- Hub -------------------------------------------------------------------------------------------------
     def push(self, ref: str, repo_id: str, **kwargs: Any) -> dict[str, Any]:
         """Push a version to a Hub repo (one commit tagged ``v<N>``; aliases as branches); see ``registry.hub``."""
-        from finetune_sdk.progress import activity
+        from finetune_sdk.training.progress import activity
         from finetune_sdk.registry.hub import push
 
         with activity(f"pushing {ref} to the Hub repo {repo_id}"):
@@ -395,7 +395,7 @@ class Registry:
 
     def pull(self, ref: str, **kwargs: Any) -> AdapterVersion:
         """Pull ``hf://org/repo[@vN|@alias]`` into this registry, verifying every file; see ``registry.hub``."""
-        from finetune_sdk.progress import activity
+        from finetune_sdk.training.progress import activity
         from finetune_sdk.registry.hub import pull
 
         with activity(f"pulling {ref}"):

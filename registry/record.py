@@ -26,7 +26,7 @@ SCRATCH = "tmp"
 
 def read_record(path: Path, source: str) -> dict[str, Any]:
     """Read and validate a pulled ``registry.json``; every problem is a :class:`RegistryError` naming ``source``."""
-    from finetune_sdk.textfiles import read_text
+    from finetune_sdk.data.textfiles import read_text
 
     if not path.is_file() or path.is_symlink():
         raise RegistryError(f"{source} has no {path.name}; it was not pushed by finetune-sdk")
@@ -77,7 +77,7 @@ def read_record(path: Path, source: str) -> dict[str, Any]:
 def scratch(home: Path, kind: str) -> Iterator[Path]:
     """A scratch folder ``<home>/tmp/<kind>-<pid>-*``, removed afterwards whatever happens; folders left by
     processes that no longer run (a SIGKILL) are removed first."""
-    from finetune_sdk.output_paths import process_alive
+    from finetune_sdk.training.output_paths import process_alive
 
     root = Path(home) / SCRATCH
     root.mkdir(parents=True, exist_ok=True)

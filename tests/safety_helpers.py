@@ -42,7 +42,7 @@ def assert_refused(result, *fragments: str) -> str:
 
 def forbid_model_loading(monkeypatch) -> None:
     """Make any model or tokenizer load fail the test: refusals must come before loading."""
-    import finetune_sdk.models as models
+    import finetune_sdk.models.sources as models
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")

@@ -78,7 +78,7 @@ def test_kto_reference_point_is_the_steps_not_the_micro_batchs(tiny_models, tmp_
 
 
 def test_kto_reference_point_clamps_the_mean_over_the_step():
-    from finetune_sdk.kto import kl_reference_point, kto_loss
+    from finetune_sdk.objectives.kto_training import kl_reference_point, kto_loss
 
     # two micro-batches: one with mismatched log-ratios of +2, one with -2: the step's z0 is max(0, 0) = 0
     assert float(kl_reference_point(torch.tensor([2.0, -2.0]))) == 0.0
@@ -88,8 +88,8 @@ def test_kto_reference_point_clamps_the_mean_over_the_step():
 
 
 def test_a_steps_groups_are_cut_into_micro_batches_without_straddling():
-    from finetune_sdk.grpo import SampledGroup, ScoredGroup
-    from finetune_sdk.grpo_loss import group_advantages, split_rows
+    from finetune_sdk.objectives.grpo_training import SampledGroup, ScoredGroup
+    from finetune_sdk.objectives.grpo_loss import group_advantages, split_rows
 
     rewards = torch.arange(12, dtype=torch.float32) % 5
     advantages, std = group_advantages(rewards, 4)

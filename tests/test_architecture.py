@@ -99,7 +99,7 @@ def test_plugin_api_imports_nothing_heavy_even_for_typing():
         heavy += [f"{module} imports {n}" for n in names if n.split(".")[0] in HEAVY]
         todo += [n for n in names if n in modules()]
     assert heavy == []
-    assert "finetune_sdk.callbacks" not in seen  # the transformers bridge stays out of the plugin API
+    assert "finetune_sdk.training.callbacks" not in seen  # the transformers bridge stays out of the plugin API
 
 
 def test_plugin_api_import_loads_no_heavy_module():
@@ -115,7 +115,7 @@ def test_plugin_api_import_loads_no_heavy_module():
 
 def test_hookspecs_annotate_with_the_plugin_api_types():
     assert "finetune_sdk.plugin_api" in imports("finetune_sdk.hookspecs")
-    assert "finetune_sdk.callbacks" not in imports("finetune_sdk.hookspecs")
+    assert "finetune_sdk.training.callbacks" not in imports("finetune_sdk.hookspecs")
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -172,8 +172,8 @@ def test_trainer_is_a_thin_facade():
 
 
 def test_the_run_engine_never_sees_the_trainer():
-    for module in ("finetune_sdk.run_engine", "finetune_sdk.planning", "finetune_sdk.objectives",
-                   "finetune_sdk.feature_cache", "finetune_sdk.saving"):
+    for module in ("finetune_sdk.training.engine", "finetune_sdk.training.planning", "finetune_sdk.objectives",
+                   "finetune_sdk.training.feature_cache", "finetune_sdk.training.saving"):
         assert "finetune_sdk.trainer" not in imports(module), module
 
 

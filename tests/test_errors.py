@@ -94,7 +94,7 @@ def test_other_data_errors(llama_dir, tmp_path):
 
 
 def test_csv_json_and_parquet_are_read(tmp_path):
-    from finetune_sdk.data import load_rows
+    from finetune_sdk.data.rows import load_rows
 
     rows = [{"prompt": "hi", "completion": "yo"}, {"prompt": "a", "completion": "b"}]
     (tmp_path / "d.csv").write_text("prompt,completion\nhi,yo\na,b\n")

@@ -111,7 +111,7 @@ def test_the_merge_keeps_a_tied_model_tied_unless_the_adapter_split_it(targets, 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from finetune_sdk.base_precision import _retie_unless_the_merge_split_them, _untie_embeddings
+    from finetune_sdk.models.base_precision import _retie_unless_the_merge_split_them, _untie_embeddings
     from finetune_sdk.testing.tiny import tiny_config, tiny_tokenizer
 
     config = tiny_config("qwen2", tiny_tokenizer())

@@ -51,7 +51,7 @@ def test_smollm2_at_every_quantization(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune_sdk.exporting.gguf_file import write_gguf
-    from finetune_sdk.gguf import converted_folder
+    from finetune_sdk.models.gguf_import import converted_folder
 
     # the GGUF's weights dequantized to float32 once per session, in the SDK's cache (as a GGUF base is trained and
     # exported): test_real_models' QLoRA run on the same file finds it there instead of converting again

@@ -7,9 +7,9 @@ from safetensors.torch import load_file
 
 import finetune_sdk
 from finetune_sdk import Trainer
-from finetune_sdk.classifier_model import ClassifierModel
-from finetune_sdk.encoding import Encoded
-from finetune_sdk.feature_cache import compute_features
+from finetune_sdk.models.classifier_model import ClassifierModel
+from finetune_sdk.data.encoding import Encoded
+from finetune_sdk.training.feature_cache import compute_features
 from finetune_sdk.testing.tiny import tiny_model, tiny_tokenizer
 
 ROWS = [{"text": f"the {w} is {c}", "label": "warm" if c in ("red", "yellow") else "cold"}

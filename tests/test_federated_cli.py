@@ -61,7 +61,7 @@ def test_federated_help_imports_no_torch():
 
 
 def test_advise_recommends_federated_when_data_cannot_leave_its_owners(llama_dir):
-    from finetune_sdk.advisor import advise
+    from finetune_sdk.advice.advisor import advise
 
     advice = advise(llama_dir, dataset_rows=300, memory_bytes=8 * 2**30, device="cpu", data_owners=3)
     assert advice.federated and advice.as_dict()["federated"]

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 
 from finetune_sdk.cli import cli
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.feedback import QUIT, SKIP, Edited, collect_feedback
-from finetune_sdk.ratings_file import KTO_ROWS, RatingsAppender, encode_row
+from finetune_sdk.feedback.session import QUIT, SKIP, Edited, collect_feedback
+from finetune_sdk.feedback.ratings_file import KTO_ROWS, RatingsAppender, encode_row
 
 PROMPTS = ["what is 1 plus 2?", "what is 2 plus 2?", "what is 3 plus 1?", "what is 0 plus 3?", "what is 2 plus 1?"]
 
@@ -48,7 +48,7 @@ def rows(path: Path) -> list[dict]:
 
 def bare(items: list[dict]) -> list[dict]:
     """The rows without the fields that trace them (rated_at, model, sampling, rater: test_rating_record.py)."""
-    from finetune_sdk.ratings_file import RECORD_FIELDS
+    from finetune_sdk.feedback.ratings_file import RECORD_FIELDS
 
     return [{k: v for k, v in row.items() if k not in RECORD_FIELDS} for row in items]
 

@@ -47,7 +47,7 @@ def test_chatml_few_shot_is_the_multi_turn_conversation():
 
 
 def test_bench_backend_and_advice_render_few_shot_as_chat_turns(llama_dir):
-    from finetune_sdk.eval_backend import FinetuneSDKLM, conversation_turns
+    from finetune_sdk.evaluation.lm_eval_backend import FinetuneSDKLM, conversation_turns
     from finetune_sdk.trainer import Trainer
 
     loaded = Trainer(str(llama_dir), formatter="chatml", progress=False).current_model()

@@ -64,10 +64,10 @@ def train(base: Path, out: Path, technique: str, rows, **options):
 def test_lora_result_checkpoints_merge_registry_ratings_and_report_honour_the_umask(
         tiny_models, tmp_path, monkeypatch, umask, mask, file_mode, folder_mode):
     import finetune_sdk
-    import finetune_sdk.run_engine as run_engine
-    from finetune_sdk.feedback import collect_feedback
+    import finetune_sdk.training.engine as run_engine
+    from finetune_sdk.feedback.session import collect_feedback
     from finetune_sdk.registry import Registry
-    from finetune_sdk.report import write_report
+    from finetune_sdk.evaluation.report import write_report
 
     base = tiny_models("llama")
     monkeypatch.setattr(run_engine, "remove_checkpoints", lambda folder: None)  # keep them to look at

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_sdk.data import load_rows
-from finetune_sdk.encoding import IGNORE_INDEX, Collator, encode_causal, encode_segments
+from finetune_sdk.data.rows import load_rows
+from finetune_sdk.data.encoding import IGNORE_INDEX, Collator, encode_causal, encode_segments
 from finetune_sdk.errors import DataError
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.testing.tiny import tiny_tokenizer

@@ -39,7 +39,7 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_one_hash_function_shared_by_registry_and_checkpoints(tmp_path):
-    import finetune_sdk.checkpoints as checkpoints
+    import finetune_sdk.training.checkpoints as checkpoints
     import finetune_sdk.registry.blobs as blobs
 
     path = tmp_path / "a"

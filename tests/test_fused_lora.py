@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from finetune_sdk import Trainer
-from finetune_sdk import fused_lora
-from finetune_sdk.fused_lora import keep_mask, use_fused_lora
+from finetune_sdk.speed import fused_lora
+from finetune_sdk.speed.fused_lora import keep_mask, use_fused_lora
 from finetune_sdk.testing.tiny import tiny_model
 
 
@@ -177,7 +177,7 @@ def test_peft_paths_it_does_not_cover_still_work():
 
 def test_dropout_off_in_eval_and_under_dropout_disabled():
     """The fused layer reads PEFT's nn.Dropout at each call: eval mode and dropout_disabled give p = 0."""
-    from finetune_sdk.preference import dropout_disabled
+    from finetune_sdk.objectives.dpo_training import dropout_disabled
 
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     model = _lora(0.5)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from finetune_sdk.fused_lora import use_fused_lora
-from finetune_sdk.fused_projections import extra_bytes, fuse_frozen_projections
-from finetune_sdk.precision import keep_activations_fp32
+from finetune_sdk.speed.fused_lora import use_fused_lora
+from finetune_sdk.speed.fused_projections import extra_bytes, fuse_frozen_projections
+from finetune_sdk.speed.precision import keep_activations_fp32
 from finetune_sdk.testing.tiny import tiny_model
 
 
@@ -126,7 +126,7 @@ def test_the_training_memory_estimate_counts_the_concatenated_weights():
     """SmolLM2-135M's shape, bf16 base, all-linear: 30 layers x 576 x (576 + 192 + 192 + 1536 + 1536) x 2 bytes."""
     from transformers import LlamaConfig
 
-    from finetune_sdk.memory import estimate_training_memory
+    from finetune_sdk.advice.memory import estimate_training_memory
 
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)

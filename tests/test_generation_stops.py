@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_sdk.inference import LoadedModel
+from finetune_sdk.models.inference import LoadedModel
 from finetune_sdk.plugin_manager import get_plugin_host
-from finetune_sdk.stop_tokens import stop_token_ids, template_end_of_turn
+from finetune_sdk.models.stop_tokens import stop_token_ids, template_end_of_turn
 from finetune_sdk.testing.turns import plain_token_ids, scripted_model, turn_tokenizer
 
 TURN_ENDS = {"llama3": "<|eot_id|>", "gemma": "<end_of_turn>", "phi3": "<|end|>", "chatml": "<|im_end|>"}
@@ -77,7 +77,7 @@ def test_the_cli_and_a_rating_session_stop_at_the_end_of_turn(tmp_path):
     from click.testing import CliRunner
 
     from finetune_sdk.cli.main import cli
-    from finetune_sdk.feedback import collect_feedback
+    from finetune_sdk.feedback.session import collect_feedback
 
     tok, model, first, second, _ = scripted("gemma")
     folder = tmp_path / "gemma-like"
@@ -97,12 +97,12 @@ def test_grpo_samples_end_at_the_end_of_turn_in_training_and_evaluation(tmp_path
     """Each completion is the two words and <|eot_id|> (3 tokens, the stop included), in the groups the loss
     trains on and in the greedy evaluation; the rewards see the two words only."""
     from finetune_sdk import Trainer
-    from finetune_sdk.grpo import GRPOSettings, sample_completions
+    from finetune_sdk.objectives.grpo_training import GRPOSettings, sample_completions
 
     tok, model, first, second, eot = scripted("llama3")
     prompt_formatter = formatter("prompt")
     settings = GRPOSettings(max_completion_length=8, stop_ids=tuple(stop_token_ids(tok, model, prompt_formatter)))
-    from finetune_sdk.encoding import encode_segments
+    from finetune_sdk.data.encoding import encode_segments
 
     ids = encode_segments(prompt_formatter.prompt_segments("hello", tok, {}), tok, None)["input_ids"]
     group = sample_completions(model, [ids, ids[:-1]], tok, settings)

@@ -20,7 +20,7 @@ import pytest
 import finetune_sdk
 from finetune_sdk import Stage, Trainer
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.rewards import RewardError
+from finetune_sdk.objectives.reward_functions import RewardError
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 WORDS = ["user", "assistant", "system", "red", "blue", "green", "sun", "moon", "dog", "cat"]
@@ -216,7 +216,7 @@ def test_a_bad_reward_function_is_one_clear_line_naming_it_and_leaves_no_result(
 
 def test_grpo_without_a_reward_or_with_a_missing_reward_model_is_refused_before_the_model_loads(word_model, tmp_path,
                                                                                                  monkeypatch):
-    from finetune_sdk import models
+    from finetune_sdk.models.sources import sources as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match="GRPO needs a reward: pass reward_funcs="):
@@ -291,8 +291,8 @@ def test_a_killed_grpo_run_resumes_to_the_uninterrupted_weights(word_model, tmp_
 def test_memory_estimate_and_advice_know_grpo_groups_and_the_reference():
     from transformers import LlamaConfig
 
-    from finetune_sdk.advisor import advise
-    from finetune_sdk.memory import estimate_for_options, estimate_training_memory
+    from finetune_sdk.advice.advisor import advise
+    from finetune_sdk.advice.memory import estimate_for_options, estimate_training_memory
 
     config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=8000)
@@ -351,7 +351,7 @@ def test_grpo_against_a_trained_pairwise_reward_model_raises_its_preference(word
 def test_the_progress_line_shows_the_mean_reward():
     from types import SimpleNamespace
 
-    from finetune_sdk.callbacks import RichProgressCallback
+    from finetune_sdk.training.callbacks import RichProgressCallback
 
     progress = RichProgressCallback(tokens_per_step=100)
     progress.on_log(None, SimpleNamespace(global_step=3, max_steps=10), None, logs={"loss": 0.01, "reward": 0.625})
@@ -364,8 +364,8 @@ def test_grpo_speed_times_sampling_apart_from_training(monkeypatch):
 
     import torch
 
-    from finetune_sdk import grpo_loss
-    from finetune_sdk.callbacks import RichProgressCallback
+    from finetune_sdk.objectives import grpo_loss
+    from finetune_sdk.training.callbacks import RichProgressCallback
 
     clock = iter([0.0, 1.0, 3.0, 10.0, 10.0])  # start; sampling from 1 to 3 (2 s); the log at 10: 8 s training
     monkeypatch.setattr(grpo_loss.time, "perf_counter", lambda: next(clock))  # the time module: for both

@@ -14,7 +14,7 @@ import pytest
 
 from finetune_sdk import Trainer
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.sampling import SamplingSettings, only_these_settings
+from finetune_sdk.models.sampling import SamplingSettings, only_these_settings
 from tests.test_grpo import FAST, TRAIN, word_tokenizer
 
 
@@ -97,8 +97,8 @@ def test_the_loss_scores_the_distribution_generate_sampled_from(settings):
     prompt excludes the padding)."""
     import torch
 
-    from finetune_sdk.grpo import left_padded
-    from finetune_sdk.grpo_loss import completion_logps
+    from finetune_sdk.objectives.grpo_training import left_padded
+    from finetune_sdk.objectives.grpo_loss import completion_logps
     from finetune_sdk.testing.tiny import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -160,8 +160,8 @@ def test_user_facing_generate_keeps_the_models_chat_defaults_but_the_sdks_stop_a
     """A rating session or a chat gets the model's own repetition_penalty (and top_k when sampling) under the
     call's settings; the model's min_new_tokens/min_length and max_length never hold back the end of turn or cut
     max_new_tokens; generation_settings reports what generate used."""
-    from finetune_sdk.feedback import answer_settings, collect_feedback
-    from finetune_sdk.inference import LoadedModel
+    from finetune_sdk.feedback.session import answer_settings, collect_feedback
+    from finetune_sdk.models.inference import LoadedModel
     from finetune_sdk.plugin_manager import get_plugin_host
     from finetune_sdk.testing.turns import plain_token_ids, scripted_model
     from finetune_sdk.testing.tiny import tiny_tokenizer

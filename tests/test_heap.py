@@ -8,12 +8,12 @@ import sys
 import pytest
 
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.heap import DEFAULT_MMAP_THRESHOLD, mmap_threshold
+from finetune_sdk.speed.heap import DEFAULT_MMAP_THRESHOLD, mmap_threshold
 
 PEAK_AFTER_CHURN = r"""
 import os, sys
 if sys.argv[1] == "fixed":
-    from finetune_sdk.heap import limit_heap_fragmentation
+    from finetune_sdk.speed.heap import limit_heap_fragmentation
     assert limit_heap_fragmentation()
 import torch
 first = torch.ones(8_000_000)  # a 32 MB block, then freed: glibc's default raises its threshold to 32 MB
@@ -63,7 +63,8 @@ def test_a_fixed_threshold_lowers_the_peak_of_alternating_tensors():
 
 
 def test_cpu_training_asks_with_its_memory_estimate(tiny_models, tmp_path, qa_rows, monkeypatch):
-    from finetune_sdk import Trainer, run_engine
+    from finetune_sdk import Trainer
+    from finetune_sdk.training import engine as run_engine
 
     calls = []
     monkeypatch.setattr(run_engine, "limit_heap_fragmentation", lambda estimated: calls.append(estimated) or True)
@@ -80,7 +81,7 @@ def test_cpu_training_asks_with_its_memory_estimate(tiny_models, tmp_path, qa_ro
 
 
 def test_a_loaded_model_that_looks_too_big_gets_no_estimate_instead_of_an_error(monkeypatch):
-    from finetune_sdk import advisor
+    from finetune_sdk.advice import advisor
 
     def too_big(*args, **kwargs):
         raise ConfigError("training needs about 99 GiB")

@@ -114,7 +114,7 @@ def test_a_comparison_within_float_tolerance_is_a_tie_not_better_or_worse():
     run through PEFT's path) get no ✓/✗ and no better/worse colour; a real change still does."""
     import numpy as np
 
-    from finetune_sdk.report import _change, _metrics_html, better
+    from finetune_sdk.evaluation.report import _change, _metrics_html, better
 
     base = 5.977672958374024
     noisy = float(np.nextafter(np.float32(base), np.float32(10)))
@@ -142,7 +142,7 @@ def test_numpys_short_write_is_a_full_disk():
     written")`` with no errno: seen on a full 64 KiB tmpfs as a raw traceback and exit 1."""
     import errno
 
-    from finetune_sdk.output_paths import os_error_of
+    from finetune_sdk.training.output_paths import os_error_of
 
     assert os_error_of(OSError("25600 requested and 13784 written")).errno == errno.ENOSPC
     assert os_error_of(OSError("something else")).errno is None

@@ -29,7 +29,7 @@ def tiny(tmp_path_factory):
 
 
 def test_task_inputs_take_one_string_comma_names_and_yaml_paths():
-    from finetune_sdk.benchmarking import task_inputs
+    from finetune_sdk.evaluation.benchmarking import task_inputs
 
     assert task_inputs("arith_choice", ()) == (["arith_choice"], [])
     assert task_inputs("a, b", "t.yaml") == (["a", "b"], [Path("t.yaml")])
@@ -79,7 +79,7 @@ def test_cli_bench_batch_size_zero_exits_2_with_one_line(tmp_path):
                                               ({"shots": 0}, "shots is 0"), ({"shots": 1.5}, "shots is 1.5")])
 def test_advise_refuses_a_budget_or_shots_it_cannot_use_before_the_model_loads(tiny, monkeypatch, options, message):
     import finetune_sdk
-    from finetune_sdk import loading
+    from finetune_sdk.models.sources import loading
     from finetune_sdk.errors import ConfigError
 
     monkeypatch.setattr(loading, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -91,7 +91,7 @@ def test_advise_refuses_a_budget_or_shots_it_cannot_use_before_the_model_loads(t
 @pytest.mark.slow
 def test_finetune_lm_eval_unknown_ref_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     pytest.importorskip("lm_eval")
-    from finetune_sdk.eval_backend import main
+    from finetune_sdk.evaluation.lm_eval_backend import main
 
     task = write_task(tmp_path / "tasks")
     monkeypatch.setenv("FINETUNE_SDK_REGISTRY", str(tmp_path / "registry"))
@@ -332,7 +332,7 @@ def test_lm_eval_model_arguments_are_checked_before_the_model_loads(arguments, m
     """`--model_args ref=bot@2,chat=maybe` failed only after the model had loaded, and a misspelt `bse=true` was
     swallowed by HFLM's **kwargs (the result scored instead of its base)."""
     pytest.importorskip("lm_eval")
-    from finetune_sdk import eval_backend
+    from finetune_sdk.evaluation import lm_eval_backend as eval_backend
     from finetune_sdk.errors import ConfigError
 
     monkeypatch.setattr(eval_backend, "open_for_lm_eval", lambda *a, **k: pytest.fail("the model was loaded"))

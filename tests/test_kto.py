@@ -29,8 +29,8 @@ SETTINGS = {"lora": {"learning_rate": 2e-2, "target_modules": "all-linear", "r":
 def held_out_baseline(model_dir, technique, options):
     """The held-out margin of the untrained policy, with the untrained policy as the reference: 0 by definition;
     and the raw log-prob margin of desirable over undesirable, to compare against after training."""
-    from finetune_sdk.data import load_rows
-    from finetune_sdk.kto import encode_kto, evaluate_kto
+    from finetune_sdk.data.rows import load_rows
+    from finetune_sdk.objectives.kto_training import encode_kto, evaluate_kto
 
     from finetune_sdk.objectives import get_objective, run_options
 
@@ -88,7 +88,7 @@ def test_one_label_only_is_refused_and_imbalance_warns(tiny_models, tmp_path, ca
     with pytest.raises(DataError, match=r"eval_data.*every row has label false"):
         trainer.fit(TRAIN, eval_data=HELD_OUT[3:])
 
-    from finetune_sdk.kto import check_label_balance
+    from finetune_sdk.objectives.kto_training import check_label_balance
 
     caplog.set_level(logging.WARNING, logger="finetune_sdk")
     logging.getLogger("finetune_sdk").propagate = True
@@ -121,7 +121,7 @@ def test_bad_rows_are_one_line_naming_file_line_and_field(tiny_models, tmp_path,
 
 
 def test_kto_rows_are_recognised_from_their_columns(tiny_models):
-    from finetune_sdk.planning import detect_formatter
+    from finetune_sdk.training.planning import detect_formatter
     from finetune_sdk.plugin_manager import get_plugin_host
     from finetune_sdk.testing.tiny import tiny_tokenizer
 
@@ -133,8 +133,8 @@ def test_kto_rows_are_recognised_from_their_columns(tiny_models):
 
 
 def test_mismatched_pairs_take_the_next_rows_completion_and_the_content_stays_literal():
-    from finetune_sdk.data import Rows
-    from finetune_sdk.kto import encode_kto
+    from finetune_sdk.data.rows import Rows
+    from finetune_sdk.objectives.kto_training import encode_kto
     from finetune_sdk.plugins.formatters.kto import KTOFormatter
     from finetune_sdk.testing.tiny import tiny_tokenizer
 
@@ -150,7 +150,7 @@ def test_mismatched_pairs_take_the_next_rows_completion_and_the_content_stays_li
 
 
 def test_kto_loss_matches_the_papers_formula():
-    from finetune_sdk.kto import kto_loss
+    from finetune_sdk.objectives.kto_training import kto_loss
 
     policy, reference = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-1.5, -1.0, -3.0])
     kl_policy, kl_reference = torch.tensor([-4.0, -4.0, -4.0]), torch.tensor([-4.3, -4.1, -4.2])
@@ -217,7 +217,7 @@ def test_a_sigkilled_kto_run_resumes_to_the_uninterrupted_weights(tiny_models, t
 
     from safetensors.torch import load_file
 
-    from finetune_sdk.checkpoints import checkpoints_dir
+    from finetune_sdk.training.checkpoints import checkpoints_dir
 
     data = tmp_path / "ratings.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TRAIN))
@@ -245,7 +245,7 @@ def test_a_kto_run_stopped_mid_way_resumes_to_the_uninterrupted_weights(tiny_mod
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    import finetune_sdk.run_engine as run_engine
+    import finetune_sdk.training.engine as run_engine
 
     class Stop(Exception):
         pass
@@ -283,8 +283,8 @@ def test_a_kto_run_stopped_mid_way_resumes_to_the_uninterrupted_weights(tiny_mod
 def test_memory_estimate_and_advisor_know_kto():
     from transformers import LlamaConfig
 
-    from finetune_sdk.advisor import advise, check_run_memory
-    from finetune_sdk.memory import estimate_training_memory
+    from finetune_sdk.advice.advisor import advise, check_run_memory
+    from finetune_sdk.advice.memory import estimate_training_memory
 
     config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=8000)

@@ -10,7 +10,7 @@ import pytest
 import finetune_sdk
 from finetune_sdk import Stage, Task, Trainer
 from finetune_sdk.errors import DataError
-from finetune_sdk.labels import label_order
+from finetune_sdk.data.labels import label_order
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "red"]
 ROWS = [{"text": f"the {w} is here", "label": i} for i, w in enumerate(WORDS)]
@@ -82,8 +82,8 @@ def test_an_eval_set_cut_off_entirely_is_refused_not_a_perfect_score(tiny_models
 
 
 def test_classifier_and_dpo_evaluators_refuse_nothing_to_score(tiny_models, tmp_path):
-    from finetune_sdk.encoding import Encoded
-    from finetune_sdk.preference import evaluate_preference
+    from finetune_sdk.data.encoding import Encoded
+    from finetune_sdk.objectives.dpo_training import evaluate_preference
 
     trainer = Trainer(tiny_models("llama"), technique="classifier", labels=["a", "b"], progress=False)
     with pytest.raises(DataError, match="nothing left to score: all 2 rows have no tokens to classify"):

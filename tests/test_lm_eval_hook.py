@@ -1,5 +1,5 @@
 """lm-eval's own ``lm_eval`` command accepts ``--model finetune-sdk``: the startup hook the wheel and editable
-installs put in site-packages (build_hooks.py, finetune_sdk/lm_eval_hook.py) registers the backend lazily when lm-eval
+installs put in site-packages (build_hooks.py, finetune_sdk/evaluation/lm_eval_hook.py) registers the backend lazily when lm-eval
 loads its registry, importing nothing at interpreter start."""
 
 from __future__ import annotations
@@ -48,18 +48,18 @@ def test_lm_eval_registry_gets_the_backend_as_a_lazy_placeholder():
         "import json, sys\n"
         "from lm_eval.api.registry import model_registry\n"
         "before = model_registry._objs['finetune-sdk']\n"
-        "loaded_before = 'finetune_sdk.eval_backend' in sys.modules\n"
+        "loaded_before = 'finetune_sdk.evaluation.lm_eval_backend' in sys.modules\n"
         "cls = model_registry.get('finetune-sdk')\n"
         "print(json.dumps({'placeholder': before, 'loaded_before': loaded_before, 'cls': cls.__name__, "
         "'after': model_registry._objs['finetune-sdk'] is cls}))"))
-    assert out == {"placeholder": "finetune_sdk.eval_backend:FinetuneSDKLM", "loaded_before": False,
+    assert out == {"placeholder": "finetune_sdk.evaluation.lm_eval_backend:FinetuneSDKLM", "loaded_before": False,
                    "cls": "FinetuneSDKLM", "after": True}
 
 
 def test_hook_registers_once_and_leaves_a_backend_already_registered(monkeypatch):
     import types
 
-    from finetune_sdk import lm_eval_hook
+    from finetune_sdk.evaluation import lm_eval_hook
 
     calls = []
 
@@ -76,7 +76,7 @@ def test_hook_registers_once_and_leaves_a_backend_already_registered(monkeypatch
     lm_eval_hook.register(types.SimpleNamespace(model_registry=Registry(set())))
     lm_eval_hook.register(types.SimpleNamespace(model_registry=Registry({"finetune-sdk"})))
     lm_eval_hook.register(types.SimpleNamespace())  # no registry: ignored, never raises
-    assert calls == [("finetune-sdk", "finetune_sdk.eval_backend:FinetuneSDKLM")]
+    assert calls == [("finetune-sdk", "finetune_sdk.evaluation.lm_eval_backend:FinetuneSDKLM")]
     monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
     monkeypatch.delitem(sys.modules, "lm_eval.api.registry", raising=False)  # not loaded yet: a finder waits
     lm_eval_hook.uninstall()

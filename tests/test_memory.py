@@ -9,11 +9,11 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from finetune_sdk.advisor import BUDGET, advise
+from finetune_sdk.advice.advisor import BUDGET, advise
 from finetune_sdk.cli.advise_command import advise_command
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.log import known_dependency_warnings
-from finetune_sdk.memory import (MemoryEstimate, ModelShape, available_memory, estimate_for_options,
+from finetune_sdk.advice.memory import (MemoryEstimate, ModelShape, available_memory, estimate_for_options,
                                  estimate_training_memory, parse_memory)
 from finetune_sdk.testing.tiny import tiny_config, tiny_tokenizer
 
@@ -145,7 +145,7 @@ def test_saved_activations_match_what_autograd_saves(family, technique, targets,
         with known_dependency_warnings():
             model = get_peft_model(model, LoraConfig(r=8, lora_dropout=dropout, task_type="CAUSAL_LM",
                                                      target_modules=None if targets == "attention" else targets))
-        from finetune_sdk.fused_lora import use_fused_lora
+        from finetune_sdk.speed.fused_lora import use_fused_lora
 
         use_fused_lora(model)  # as the run engine does
     model.train()
@@ -220,7 +220,7 @@ def test_parse_memory(text, expected):
 
 def test_available_memory_and_no_torch_at_import():
     assert available_memory("cpu") > 0
-    code = ("import sys, finetune_sdk.memory, finetune_sdk.advisor, finetune_sdk.cli.advise_command; "
+    code = ("import sys, finetune_sdk.advice.memory, finetune_sdk.advice.advisor, finetune_sdk.cli.advise_command; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
@@ -323,7 +323,7 @@ def test_advise_command_missing_model_exits_2():
 
 # -- the check before training ------------------------------------------------------------------------------------
 def test_preflight_refuses_a_run_that_cannot_fit_and_names_settings_that_would(monkeypatch):
-    import finetune_sdk.advisor as memory  # the check before a run is the advisor's
+    import finetune_sdk.advice.advisor as memory  # the check before a run is the advisor's
 
     config = llama(hidden=2048, layers=22, vocab=32000)
     options = {"per_device_train_batch_size": 8, "max_length": 1024}
@@ -351,7 +351,7 @@ def test_trainer_shows_the_estimate_and_fails_early_when_the_job_cannot_fit(tiny
                                                                           caplog, qa_rows):
     import logging
 
-    import finetune_sdk.advisor as memory  # the check before a run is the advisor's
+    import finetune_sdk.advice.advisor as memory  # the check before a run is the advisor's
     from finetune_sdk import Trainer
 
     caplog.set_level("INFO", logger="finetune_sdk")

@@ -96,7 +96,7 @@ def _reload_gguf(export):
 
 
 def _held_out_loss(model, result: Path) -> float:
-    from finetune_sdk.inference import FineTunedModel
+    from finetune_sdk.models.inference import FineTunedModel
     from finetune_sdk.plugin_manager import get_plugin_host
 
     manifest = _manifest(result)
@@ -227,7 +227,7 @@ def test_qlora_merges_into_the_stored_float32_base(base_dir, tmp_path):
 @pytest.mark.slow
 def test_a_gguf_base_by_registry_name_merges_from_its_dequantized_float32_folder(tmp_path, monkeypatch):
     from finetune_sdk.exporting.gguf_file import write_gguf
-    from finetune_sdk.gguf import converted_folder
+    from finetune_sdk.models.gguf_import import converted_folder
     from finetune_sdk.registry import Registry
 
     monkeypatch.setenv("FINETUNE_SDK_CACHE", str(tmp_path / "cache"))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from finetune_sdk import Trainer
-from finetune_sdk.advisor import preflight
+from finetune_sdk.advice.advisor import preflight
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.memory import estimated_technique
+from finetune_sdk.advice.memory import estimated_technique
 from finetune_sdk.objectives import Objective, get_objective, objective_for, registered_objectives
-from finetune_sdk.planning import Planner
+from finetune_sdk.training.planning import Planner
 from finetune_sdk.technique import Technique
 from finetune_sdk.testing.tiny import tiny_config, tiny_tokenizer
-from finetune_sdk.run_engine import decide_packing
+from finetune_sdk.training.engine import decide_packing
 
 PAIRS = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
 QA = [{"prompt": f"what is {i}?", "completion": f"{i}."} for i in range(4)]
@@ -78,7 +78,7 @@ class Dora(Technique):
 
 
 def test_plugin_techniques_are_estimated_by_what_they_train(monkeypatch):
-    import finetune_sdk.advisor as advisor
+    import finetune_sdk.advice.advisor as advisor
 
     monkeypatch.setattr(advisor, "available_memory", lambda device="auto": 2**40)
     config = tiny_config("llama", tiny_tokenizer())

@@ -60,7 +60,7 @@ def test_simpo_loss_is_trls_simpo_by_hand():
 
 
 def test_held_out_metrics_by_hand():
-    from finetune_sdk.encoding import Encoded
+    from finetune_sdk.data.encoding import Encoded
 
     class Fixed(torch.nn.Module):
         """A 'model' whose every next-token log-prob is log(1/2) for token 1 and log(1/4) for token 2."""
@@ -88,9 +88,9 @@ def test_held_out_metrics_by_hand():
 
 def preference_accuracy(model_dir, technique, objective, options):
     """The untrained policy's held-out accuracy under ``objective``."""
-    from finetune_sdk.data import load_rows
+    from finetune_sdk.data.rows import load_rows
     from finetune_sdk.objectives import get_objective, run_options
-    from finetune_sdk.preference import encode_preference
+    from finetune_sdk.objectives.dpo_training import encode_preference
 
     spec = get_objective(objective)
     options = run_options(spec, options)

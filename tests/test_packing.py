@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from finetune_sdk import Trainer
-from finetune_sdk.encoding import Collator
-from finetune_sdk.packing import PackingCollator, packing_supported
+from finetune_sdk.data.encoding import Collator
+from finetune_sdk.data.packing import PackingCollator, packing_supported
 from finetune_sdk.testing.tiny import tiny_model, tiny_tokenizer
 
 
@@ -52,7 +52,7 @@ def test_packing_is_on_by_default_and_can_be_turned_off(tiny_models, tmp_path, q
 
 
 def test_unsupported_models_fall_back_to_length_grouping(tiny_models, tmp_path, qa_rows):
-    from finetune_sdk.run_engine import TrainingPlan, decide_packing
+    from finetune_sdk.training.engine import TrainingPlan, decide_packing
 
     trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "x", progress=False)
     model = trainer.current_model().model
@@ -83,7 +83,7 @@ def test_rows_of_bounded_length_keep_the_padded_loss(family):
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2"])
 def test_attention_per_example_matches_padded_loss_and_gradients(family):
     """One row, no mask: varlen attention gives the padded batch's loss, logits and gradients."""
-    from finetune_sdk import varlen_attention
+    from finetune_sdk.speed import varlen_attention
 
     tok = tiny_tokenizer()
     exs = examples()
@@ -105,7 +105,7 @@ def test_attention_per_example_matches_padded_loss_and_gradients(family):
 
 
 def test_attention_per_example_with_several_rows_and_row_padding():
-    from finetune_sdk import varlen_attention
+    from finetune_sdk.speed import varlen_attention
 
     tok = tiny_tokenizer()
     exs = examples()
@@ -121,7 +121,7 @@ def test_attention_per_example_with_several_rows_and_row_padding():
 
 
 def test_attention_per_example_only_where_it_equals_the_mask():
-    from finetune_sdk.varlen_attention import applicable
+    from finetune_sdk.speed.varlen_attention import applicable
 
     tok = tiny_tokenizer()
     windowed = tiny_model("mistral", tok)

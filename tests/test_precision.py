@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import finetune_sdk
-from finetune_sdk import Trainer, precision
-from finetune_sdk.manifest import MANIFEST_NAME
-from finetune_sdk.precision import resolve_precision
+from finetune_sdk import Trainer
+from finetune_sdk.speed import precision
+from finetune_sdk.training.manifest import MANIFEST_NAME
+from finetune_sdk.speed.precision import resolve_precision
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ AUTO = {"dtype": "auto", "bf16": None, "fp16": False}
 
 
 def test_rules_on_a_bf16_cpu(bf16_cpu):
-    from finetune_sdk.precision import Feed
+    from finetune_sdk.speed.precision import Feed
 
     p = resolve_precision(AUTO, adapter=True, device="cpu", feed=Feed(2048, 576))
     assert (p.dtype, p.trainable_dtype, p.autocast, p.auto) == ("bfloat16", "float32", None, True)
@@ -61,7 +62,7 @@ def test_rules_on_a_cpu_without_bf16_and_on_gpus(plain_cpu, monkeypatch):
 def test_auto_weighs_what_a_step_feeds_on_the_cpu(monkeypatch):
     """Issue 23: short chat rows at batch 8 on SmolLM2-135M (~490 tokens x hidden 576) keep fp32, the 256-token rows
     at batch 8 (~2,048 x 576) and chat rows at batch 32 (~1,950 x 576) get the bf16 base; GPUs ignore the feed."""
-    from finetune_sdk.precision import CPU_BF16_MIN_FEED, Feed
+    from finetune_sdk.speed.precision import CPU_BF16_MIN_FEED, Feed
 
     monkeypatch.setattr(precision, "cpu_bf16_native", lambda: "AMX")
     chat8 = resolve_precision(AUTO, adapter=True, device="cpu", feed=Feed(8 * 61.1, 576))
@@ -88,7 +89,7 @@ def test_fit_logs_and_records_the_fed_choice(monkeypatch, tiny_models, tmp_path,
     assert "(< 589,824 values)" in result.manifest["precision"]["reason"]
     assert "precision: float32 weights (auto: fp32, a step feeds" in caplog.text
     assert "estimated training memory" in caplog.text and "fused frozen projections" not in caplog.text
-    from finetune_sdk.precision import estimate_options
+    from finetune_sdk.speed.precision import estimate_options
 
     assert estimate_options(trainer)["dtype"] == "float32"  # the estimate counts fp32 weights, as loaded
     assert next(trainer.current_model().model.get_base_model().parameters()).dtype == torch.float32
@@ -138,12 +139,12 @@ def test_bf16_base_loss_stays_within_one_percent_of_fp32(bf16_cpu, tiny_models, 
 
 
 def test_bf16_saved_activations_halve_what_backward_keeps_and_barely_move_the_gradients(monkeypatch):
-    from finetune_sdk import precision
+    from finetune_sdk.speed import precision
 
     monkeypatch.setattr(precision, "SMALLEST_PACKED", 4096)  # the tiny model's activations are small
     from peft import LoraConfig, get_peft_model
 
-    from finetune_sdk.precision import bf16_saved_activations, keep_activations_fp32
+    from finetune_sdk.speed.precision import bf16_saved_activations, keep_activations_fp32
     from finetune_sdk.testing.tiny import tiny_model
 
     def run(packed: bool):
@@ -186,8 +187,8 @@ def test_bf16_saved_activations_halve_what_backward_keeps_and_barely_move_the_gr
 
 def test_the_loss_keeps_fp32_under_bf16_saved_activations():
     """Logit-sized tensors (the plain loss's log-softmax) and the chunked loss's gradients are not rounded."""
-    from finetune_sdk import precision
-    from finetune_sdk.chunked_loss import linear_cross_entropy
+    from finetune_sdk.speed import precision
+    from finetune_sdk.speed.chunked_loss import linear_cross_entropy
     from finetune_sdk.testing.tiny import tiny_model
 
     model = tiny_model("llama")
@@ -209,7 +210,7 @@ def test_the_loss_keeps_fp32_under_bf16_saved_activations():
 def test_small_saved_activations_are_not_packed(monkeypatch):
     """Tensors under SMALLEST_PACKED values (per-example attention slices of short rows) stay fp32: packing each
     one cost an op and a Python call more than the memory it saved (issue 23)."""
-    from finetune_sdk import precision
+    from finetune_sdk.speed import precision
 
     packed: list[int] = []
     monkeypatch.setattr(precision._Packed, "__init__", lambda self, t: (packed.append(t.numel()),
@@ -224,7 +225,7 @@ def test_small_saved_activations_are_not_packed(monkeypatch):
 
 def test_the_loaded_model_keeps_its_precision_through_a_second_fit(monkeypatch, tiny_models, tmp_path, qa_rows):
     """After a fit chose fp32 by its feed, the trainer (and a second stage) report the fp32 the model is in."""
-    from finetune_sdk.precision import precision_for
+    from finetune_sdk.speed.precision import precision_for
 
     monkeypatch.setattr(precision, "cpu_bf16_native", lambda: "AMX")
     trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "a", max_steps=1,

@@ -53,7 +53,7 @@ def test_a_base_that_cannot_is_told_to_fine_tune_or_that_the_data_is_too_small(l
 
 
 def test_the_time_budget_is_kept_and_stated(llama_dir):
-    from finetune_sdk.prompting_advice import score_prompting
+    from finetune_sdk.advice.prompting import score_prompting
     from finetune_sdk.trainer import Trainer
 
     loaded = Trainer(str(llama_dir), formatter="chatml", progress=False).current_model()

@@ -15,9 +15,9 @@ from click.testing import CliRunner
 
 from finetune_sdk.cli import cli
 from finetune_sdk.errors import ConfigError, DataError
-from finetune_sdk.feedback import BOTH_BAD, TIE, Edited, collect_feedback
-from finetune_sdk.rating_record import check_rater, model_reference, rated_at, select_ratings
-from finetune_sdk.ratings_file import KTO_ROWS, PREFERENCE_ROWS, SFT_ROWS
+from finetune_sdk.feedback.session import BOTH_BAD, TIE, Edited, collect_feedback
+from finetune_sdk.feedback.rating_record import check_rater, model_reference, rated_at, select_ratings
+from finetune_sdk.feedback.ratings_file import KTO_ROWS, PREFERENCE_ROWS, SFT_ROWS
 
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 PROMPTS = ["what is 1 plus 2?", "what is 2 plus 2?", "what is 3 plus 1?", "what is 0 plus 3?"]
@@ -32,7 +32,7 @@ def rows(path: Path) -> list[dict]:
 @pytest.fixture
 def distinct_answers(monkeypatch):
     """Two different answers per prompt, whatever the tiny model samples."""
-    from finetune_sdk.inference import LoadedModel
+    from finetune_sdk.models.inference import LoadedModel
 
     monkeypatch.setattr(LoadedModel, "generate", lambda self, prompts, **kw: [f"answer {i + 1} to {p}"
                                                                               for i, p in enumerate(prompts)])
@@ -154,10 +154,10 @@ def test_dpo_trains_on_traced_rows_with_ties_exactly_as_on_the_bare_pairs(tiny_m
 
 
 def test_encoding_rows_with_fields_equals_encoding_the_bare_rows(tiny_models):
-    from finetune_sdk.data import load_rows
-    from finetune_sdk.kto import encode_kto
+    from finetune_sdk.data.rows import load_rows
+    from finetune_sdk.objectives.kto_training import encode_kto
     from finetune_sdk.plugin_manager import get_plugin_host
-    from finetune_sdk.preference import encode_preference
+    from finetune_sdk.objectives.dpo_training import encode_preference
     from finetune_sdk.testing.tiny import tiny_tokenizer
 
     host, tokenizer, options = get_plugin_host(), tiny_tokenizer(), {"max_length": 64}
@@ -176,8 +176,8 @@ def test_encoding_rows_with_fields_equals_encoding_the_bare_rows(tiny_models):
 
 
 def test_a_file_of_ties_only_is_refused_in_one_line(tmp_path):
-    from finetune_sdk.data import load_rows
-    from finetune_sdk.preference import ranked_pairs
+    from finetune_sdk.data.rows import load_rows
+    from finetune_sdk.objectives.dpo_training import ranked_pairs
 
     data = write(tmp_path / "ties.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "preference": "tie"}])
     with pytest.raises(DataError, match="all 1 pairs are ties or both bad"):
@@ -185,8 +185,8 @@ def test_a_file_of_ties_only_is_refused_in_one_line(tmp_path):
 
 
 def test_classifier_view_of_pairs_skips_ties():
-    from finetune_sdk.data import load_rows
-    from finetune_sdk.planning import reward_rows
+    from finetune_sdk.data.rows import load_rows
+    from finetune_sdk.training.planning import reward_rows
     from finetune_sdk.plugin_manager import get_plugin_host
 
     pairs = [{"prompt": "p", "chosen": "a", "rejected": "b"},

@@ -10,7 +10,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from finetune_sdk.report import better, comparison_table, loss_chart_svg, lower_is_better, render_html, write_report
+from finetune_sdk.evaluation.report import better, comparison_table, loss_chart_svg, lower_is_better, render_html, write_report
 
 EVIL_PROMPT = "<script>alert(1)</script> [INST] what is 2+2? [/INST]"
 
@@ -174,7 +174,7 @@ def test_rich_table_shows_brackets_literally():
 
 
 def test_import_is_light():
-    code = ("import sys, finetune_sdk.report; "
+    code = ("import sys, finetune_sdk.evaluation.report; "
             "print(sorted(m for m in ('torch', 'transformers', 'finetune_sdk.cli') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

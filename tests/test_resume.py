@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_sdk.checkpoints import checkpoints_dir, latest_checkpoint
+from finetune_sdk.training.checkpoints import checkpoints_dir, latest_checkpoint
 
 
 @pytest.fixture(scope="module")

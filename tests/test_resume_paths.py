@@ -8,7 +8,7 @@ import torch
 from transformers import TrainerCallback
 
 from finetune_sdk import Stage, Task, Trainer
-from finetune_sdk.checkpoints import checkpoints_dir
+from finetune_sdk.training.checkpoints import checkpoints_dir
 from finetune_sdk.errors import ConfigError
 
 SFT = [{"instruction": f"what is {a} plus {b}?", "output": f"{a} plus {b} is {a + b}."}
@@ -29,7 +29,7 @@ class Crash(Exception):
 @pytest.fixture
 def crash_at(monkeypatch):
     """``crash_at(n)``: the next training run stops after step n (like FINETUNE_SDK_CRASH_AT_STEP, in-process)."""
-    import finetune_sdk.run_engine as training
+    import finetune_sdk.training.engine as training
 
     class CrashAtStep(TrainerCallback):
         def __init__(self, step):

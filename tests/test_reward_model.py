@@ -16,7 +16,7 @@ import finetune_sdk
 from finetune_sdk import Trainer
 from finetune_sdk.cli.main import cli
 from finetune_sdk.errors import ConfigError, DataError
-from finetune_sdk.inference import LoadedModel
+from finetune_sdk.models.inference import LoadedModel
 
 MARKER = "indeed"
 WORDS = ["red", "green", "blue", "yellow", "cat", "dog", "bird", "fish", "one", "two", "three", "four", "five",
@@ -222,7 +222,7 @@ def test_cli_trains_and_predicts_rewards(tmp_path, tiny_models):
 def test_memory_estimate_and_advice_know_the_reward_model():
     from transformers import LlamaConfig
 
-    from finetune_sdk.memory import estimate_for_options, estimated_technique
+    from finetune_sdk.advice.memory import estimate_for_options, estimated_technique
 
     config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=8000)

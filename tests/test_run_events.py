@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from finetune_sdk.checkpoints import checkpoints_dir, latest_checkpoint
-from finetune_sdk.run_events import EventLog, events_path, read_events, read_events_from, run_area
+from finetune_sdk.training.checkpoints import checkpoints_dir, latest_checkpoint
+from finetune_sdk.training.run_events import EventLog, events_path, read_events, read_events_from, run_area
 
 
 def test_event_log_appends_lines_and_reads_past_a_torn_one(tmp_path):
@@ -141,7 +141,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_continues_the_same_log(run_c
 def test_the_objectives_own_metrics_and_evaluations_become_events(tmp_path):
     from types import SimpleNamespace
 
-    from finetune_sdk.callbacks import EventLogCallback
+    from finetune_sdk.training.callbacks import EventLogCallback
 
     out = tmp_path / "dpo"
     state = SimpleNamespace(global_step=0, max_steps=4, epoch=0.0, num_input_tokens_seen=0)

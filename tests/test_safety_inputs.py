@@ -134,7 +134,7 @@ def test_invalid_utf8_config_and_prompt_files(llama_dir, data, tmp_path):
 
 
 def test_a_utf8_bom_is_accepted(tmp_path):
-    from finetune_sdk.data import load_rows
+    from finetune_sdk.data.rows import load_rows
 
     bom = b"\xef\xbb\xbf"
     (tmp_path / "excel.csv").write_bytes(bom + "prompt,completion\ncafé,b\n".encode())
@@ -146,7 +146,7 @@ def test_a_utf8_bom_is_accepted(tmp_path):
 
 
 def test_a_parquet_that_is_not_parquet_and_an_unreadable_file(tmp_path, monkeypatch):
-    from finetune_sdk.data import load_rows
+    from finetune_sdk.data.rows import load_rows
 
     fake = tmp_path / "train.parquet"
     fake.write_text('{"prompt": "a"}\n')
@@ -276,8 +276,8 @@ def test_rows_with_empty_answers(llama_dir, tmp_path, caplog):
 
 
 def test_resume_after_changing_the_rank_names_the_option(llama_dir, data, tmp_path, monkeypatch):
-    import finetune_sdk.run_engine as training
-    from finetune_sdk.checkpoints import checkpoints_dir
+    import finetune_sdk.training.engine as training
+    from finetune_sdk.training.checkpoints import checkpoints_dir
 
     out = tmp_path / "run"
     # keep the checkpoints a finished run removes, as an interrupted run leaves them

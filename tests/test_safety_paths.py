@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from finetune_sdk import Trainer
-from finetune_sdk.checkpoints import latest_checkpoint
+from finetune_sdk.training.checkpoints import latest_checkpoint
 from finetune_sdk.errors import ConfigError, FinetuneError
 from tests.safety_helpers import (
     assert_refused,
@@ -117,9 +117,9 @@ def test_merge_refuses_a_users_folder_and_the_inputs(base, data, tmp_path, monke
     exports = tmp_path / "exports"
     exports.mkdir()
     (exports / "report.pdf").write_bytes(b"%PDF")
-    import finetune_sdk.loading
+    import finetune_sdk.models.loading
 
-    monkeypatch.setattr(finetune_sdk.loading, "load", lambda *a, **k: pytest.fail("loaded before refusing"))
+    monkeypatch.setattr(finetune_sdk.models.loading, "load", lambda *a, **k: pytest.fail("loaded before refusing"))
     assert_refused(invoke(["merge", result.output_dir, "--out", exports]),
                    f"out {exports} is an existing folder that is not a finetune-sdk result", "report.pdf")
     assert_refused(invoke(["merge", result.output_dir, "--out", result.output_dir]), "is the result being merged")
@@ -162,7 +162,7 @@ def test_scratch_folders_of_a_killed_run_are_removed_by_the_next(base, data, tmp
 
 
 def test_a_result_moved_aside_before_a_kill_is_put_back(tmp_path):
-    from finetune_sdk.output_paths import remove_stale_scratch
+    from finetune_sdk.training.output_paths import remove_stale_scratch
 
     out = tmp_path / "run"
     aside = tmp_path / f".run.old-{2 ** 22 + 7}-xyz" / "run"
@@ -190,7 +190,7 @@ def test_a_sigkilled_run_leaves_work_folders_that_the_next_run_removes(base, dat
 
 
 def test_a_sequential_run_refuses_a_folder_with_other_files(base, data, tmp_path):
-    from finetune_sdk.stages_and_tasks import Stage
+    from finetune_sdk.training.stages_and_tasks import Stage
 
     out = tmp_path / "stages"
     out.mkdir()
@@ -210,7 +210,7 @@ def test_a_sequential_run_refuses_a_folder_with_other_files(base, data, tmp_path
 
 
 def test_checkpoint_folder_cleanup_keeps_foreign_files(tmp_path):
-    from finetune_sdk.checkpoints import remove_checkpoints
+    from finetune_sdk.training.checkpoints import remove_checkpoints
 
     root = tmp_path / "run.checkpoints"
     (root / "checkpoint-5").mkdir(parents=True)

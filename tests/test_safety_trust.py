@@ -114,7 +114,7 @@ def test_the_marker_does_fire_when_the_caller_trusts_the_code(hostile, tmp_path)
 
 
 def test_trust_comes_only_from_the_caller(hostile, monkeypatch):
-    import finetune_sdk.models as loading  # every base model loads through models.load_base_model -> load_model
+    import finetune_sdk.models.sources as loading  # every base model loads through models.load_base_model -> load_model
 
     folder, marker = hostile
     seen = []
@@ -166,7 +166,7 @@ def test_a_result_with_a_pickled_adapter_is_refused(tiny_models, tmp_path):
 
 
 def test_models_load_with_safetensors_only(tiny_models):
-    from finetune_sdk.models import ModelSource, load_model
+    from finetune_sdk.models.sources import ModelSource, load_model
 
     source = ModelSource("local", str(tiny_models("llama")), str(tiny_models("llama")))
     import transformers

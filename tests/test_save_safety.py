@@ -140,7 +140,7 @@ def test_a_full_disk_during_export_and_registry_checkout_leaves_nothing(tiny_mod
 def test_user_os_error_reads_safetensors_errors_and_names_free_space(tmp_path):
     from safetensors import SafetensorError
 
-    from finetune_sdk.output_paths import os_error_of, user_os_error
+    from finetune_sdk.training.output_paths import os_error_of, user_os_error
 
     wrapped = SafetensorError(DISK_FULL)
     assert os_error_of(wrapped).errno == errno.ENOSPC
@@ -157,7 +157,7 @@ def test_user_os_error_reads_safetensors_errors_and_names_free_space(tmp_path):
 
 
 def test_a_report_folder_goes_through_the_output_path_rules(tmp_path, monkeypatch, llama_dir):
-    from finetune_sdk.report import write_report
+    from finetune_sdk.evaluation.report import write_report
 
     forbid_model_loading(monkeypatch)
     data = write_jsonl(tmp_path / "eval.jsonl", QA)
@@ -185,7 +185,7 @@ def test_a_report_folder_goes_through_the_output_path_rules(tmp_path, monkeypatc
 
 
 def test_compare_refuses_a_file_report_dir_before_any_model_runs(tmp_path):
-    from finetune_sdk.compare import compare_models
+    from finetune_sdk.evaluation.compare import compare_models
 
     class Untouchable:
         task = "causal-lm"

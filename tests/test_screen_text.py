@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from finetune_sdk.cli import cli
-from finetune_sdk.screen_text import escape_controls, is_hidden_control, literal_text
+from finetune_sdk.feedback.screen_text import escape_controls, is_hidden_control, literal_text
 
 #: Answers a hostile or broken model can write: screen clear + home, cursor up and line erase, a window title (OSC
 #: with BEL and with ST), carriage return and backspaces over a line, bell, bidi override and isolate, a C1 CSI, a
@@ -76,7 +76,7 @@ def test_literal_text_reads_no_markup_and_styles_the_escapes():
 
 
 def test_terminal_rater_shows_hostile_answers_escaped():
-    from finetune_sdk.rating_prompt import TerminalRater
+    from finetune_sdk.feedback.rating_prompt import TerminalRater
 
     for pair in (HOSTILE[:6], HOSTILE[6:]):
         rater = TerminalRater()
@@ -89,7 +89,7 @@ def test_terminal_rater_shows_hostile_answers_escaped():
 
 @pytest.fixture
 def hostile_generate(monkeypatch):
-    from finetune_sdk.inference import LoadedModel
+    from finetune_sdk.models.inference import LoadedModel
 
     def generate(self, prompts, **kwargs):
         answers = ["\n".join(HOSTILE) + f" #{i}" for i, _ in enumerate([prompts] if isinstance(prompts, str)
@@ -137,7 +137,7 @@ def test_finetune_eval_compare_base_shows_hostile_generations_escaped(tiny_model
     from rich.console import Console
 
     from finetune_sdk.cli import inference_commands
-    from finetune_sdk.inference import LoadedModel
+    from finetune_sdk.models.inference import LoadedModel
     from finetune_sdk.trainer import Trainer
 
     data = tmp_path / "qa.jsonl"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_sdk.data import load_rows
-from finetune_sdk.encoding import encode_classification, encode_segments
+from finetune_sdk.data.rows import load_rows
+from finetune_sdk.data.encoding import encode_classification, encode_segments
 from finetune_sdk.formatter import Formatter, Segment
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.testing.special_tokens import ends_with_one_eos, variant_tokenizer
@@ -125,7 +125,7 @@ def test_a_template_that_trims_content_still_keeps_it_plain_text():
 
 
 def test_ordinary_content_encodes_exactly_as_the_whole_text_does(tok):
-    from finetune_sdk.encoding import encode_run
+    from finetune_sdk.data.encoding import encode_run
 
     segments = get_plugin_host().create("formatter", "alpaca").segments(
         {"instruction": "name a colour", "input": "the sky", "output": "blue"}, tok, {})

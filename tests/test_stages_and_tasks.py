@@ -17,7 +17,7 @@ from finetune_sdk import Stage, Task, Trainer
 from finetune_sdk.cli import cli
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.registry import Registry
-from finetune_sdk.stages_and_tasks import mix, mixing_probabilities
+from finetune_sdk.training.stages_and_tasks import mix, mixing_probabilities
 
 DOCS = [{"text": "the quick brown fox jumps over the lazy dog. " * 3},
         {"text": "a model learns to answer questions about its data. " * 2},
@@ -105,8 +105,8 @@ def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(tiny_model
                       num_train_epochs=4, learning_rate=lr, beta=0.5, progress=False,
                       **({"target_modules": "all-linear", "r": 16} if technique == "lora" else {}))
     result = trainer.fit(DPO_TRAIN, eval_data=DPO_HELD_OUT)
-    from finetune_sdk.data import load_rows
-    from finetune_sdk.preference import encode_preference, evaluate_preference
+    from finetune_sdk.data.rows import load_rows
+    from finetune_sdk.objectives.dpo_training import encode_preference, evaluate_preference
 
     base = Trainer(tiny_models("llama"), technique=technique, formatter="preference", progress=False).current_model()
     held = encode_preference(load_rows(DPO_HELD_OUT), base.formatter, base.tokenizer, trainer.options)
@@ -208,7 +208,7 @@ def kto_row(a, b):
 @pytest.mark.parametrize("formatter, make_row", [("chatml", qa), ("kto", kto_row)], ids=["sft", "kto"])
 def test_two_process_torchrun_reaches_the_weights_of_one_process(tiny_models, tmp_path, formatter, make_row):
     """Data parallel = the bigger batch: for SFT (token-count normaliser) and for KTO, whose example count and KL
-    reference point are gathered over both processes (finetune_sdk.accumulation, kto)."""
+    reference point are gathered over both processes (finetune_sdk.training.accumulation, kto)."""
     rows = [make_row(a, b) for a in range(4) for b in range(2)]  # 8 rows
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))

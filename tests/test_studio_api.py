@@ -14,7 +14,7 @@ pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from finetune_sdk.run_events import EventLog, events_path, read_events  # noqa: E402
+from finetune_sdk.training.run_events import EventLog, events_path, read_events  # noqa: E402
 from finetune_sdk.studio.app import create_app  # noqa: E402
 
 TOKEN = "test-token-0123456789"

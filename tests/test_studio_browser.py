@@ -77,7 +77,7 @@ def test_studio_in_a_browser(tmp_path):
     began = time.monotonic()
     marks = {}
     from finetune_sdk.registry import Registry
-    from finetune_sdk.run_events import events_path, read_events
+    from finetune_sdk.training.run_events import events_path, read_events
     from finetune_sdk.testing.tiny import save_tiny_model
 
     root, registry = tmp_path / "work", tmp_path / "registry"

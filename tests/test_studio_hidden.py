@@ -81,7 +81,7 @@ def test_a_taken_port_is_one_line_before_any_url_is_printed(tmp_path):
 def test_stopping_a_run_that_ends_meanwhile_is_one_line_not_a_server_error(client, monkeypatch):
     """The run's process exits between the status check and the signal: a 400 with one line, not a 500."""
     from finetune_sdk.studio import runs as runs_module
-    from finetune_sdk.run_events import EventLog
+    from finetune_sdk.training.run_events import EventLog
 
     with EventLog(client.app.state.runs.folder / "ending", fresh=True) as log:
         log.append({"event": "start", "pid": 424242, "max_steps": 2, "step": 0})
@@ -116,7 +116,7 @@ def test_hostile_text_in_a_runs_events_is_shown_as_text_in_a_real_browser(tmp_pa
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no chromium (scripts/setup.sh installs it)")
-    from finetune_sdk.run_events import EventLog
+    from finetune_sdk.training.run_events import EventLog
 
     with EventLog(tmp_path / "runs" / "hostile", fresh=True) as log:
         log.append({"event": "start", "pid": 1, "model": HOSTILE, "technique": HOSTILE, "max_steps": 2, "step": 0,

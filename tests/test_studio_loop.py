@@ -43,7 +43,7 @@ def _stream(client, body):
 
 def test_chat_streams_each_model_and_its_answer_is_the_one_finetune_feedback_samples(client, work):
     """The chat's answer is ``sample_answers`` with ``prompt_seed(seed, prompt, 0)``: the terminal's first answer."""
-    from finetune_sdk.feedback import open_answering_model, prompt_seed, sample_answers
+    from finetune_sdk.feedback.session import open_answering_model, prompt_seed, sample_answers
 
     model = str(work / "model")
     settings = {"max_new_tokens": 6, "temperature": 0.9, "seed": 3}
@@ -75,7 +75,7 @@ def test_chat_streams_each_model_and_its_answer_is_the_one_finetune_feedback_sam
 def test_session_rows_equal_finetune_feedback_rows(client, work, tmp_path):
     """A pairwise session over a prompts file in the page writes the rows collect_feedback writes for the same
     choices: same fields, same order, same answers (rated_at aside)."""
-    from finetune_sdk.feedback import collect_feedback
+    from finetune_sdk.feedback.session import collect_feedback
 
     model = str(work / "model")
     body = {"model": model, "prompts": "prompts.txt", "mode": "pairwise", "out": "page-pairs.jsonl",

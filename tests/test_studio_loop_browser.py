@@ -91,8 +91,8 @@ def _without_time(rows):
 
 
 def test_the_loop_in_a_browser(tiny_version, monkeypatch):
-    from finetune_sdk.feedback import collect_feedback
-    from finetune_sdk.ratings_file import KTO_ROWS, read_ratings
+    from finetune_sdk.feedback.session import collect_feedback
+    from finetune_sdk.feedback.ratings_file import KTO_ROWS, read_ratings
     from finetune_sdk.registry import Registry
 
     root, home = tiny_version

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune_sdk.pairwise import TIE_RTOL, each_distinct, is_tie, pairwise_counts
+from finetune_sdk.objectives.pairwise import TIE_RTOL, each_distinct, is_tie, pairwise_counts
 
 PROMPTS = ["what is 2 plus 2?", "name a colour", "a", "what is the capital of the country to the north?"]
 ANSWERS = ["4", "blue, like the sky on a clear day", "", "it is a very long answer " * 6]
@@ -19,9 +19,9 @@ def reward_model():
     import transformers
 
     from finetune_sdk.formatter import REWARD
-    from finetune_sdk.inference import LoadedModel
+    from finetune_sdk.models.inference import LoadedModel
     from finetune_sdk.plugin_manager import get_plugin_host
-    from finetune_sdk.reward_model import RewardModel
+    from finetune_sdk.models.reward_model import RewardModel
     from finetune_sdk.testing.tiny import tiny_config, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
@@ -35,7 +35,7 @@ def reward_model():
 
 @pytest.fixture(scope="module")
 def causal_model():
-    from finetune_sdk.inference import LoadedModel
+    from finetune_sdk.models.inference import LoadedModel
     from finetune_sdk.plugin_manager import get_plugin_host
     from finetune_sdk.testing.tiny import tiny_model, tiny_tokenizer
 
@@ -60,7 +60,7 @@ def test_tie_tolerance_and_counts_exact():
 
 
 def test_pairwise_metrics_count_float_noise_as_ties_never_as_correct():
-    from finetune_sdk.reward_model import pairwise_metrics
+    from finetune_sdk.models.reward_model import pairwise_metrics
 
     chosen = torch.tensor([0.41] * 8)
     rejected = chosen + torch.tensor([6e-8, -6e-8] * 4)  # the margins the batched scoring produced
@@ -85,7 +85,7 @@ def test_a_reward_does_not_depend_on_the_batch_or_row_exactly(reward_model):
 
 def test_the_old_batched_scoring_moved_rewards_with_the_batch(reward_model):
     """What the fix removes: the same text in padded batches of different company got different rewards."""
-    from finetune_sdk.encoding import Collator
+    from finetune_sdk.data.encoding import Collator
 
     model, tok = reward_model.model, reward_model.tokenizer
     short = tok("what is 2 plus 2? 4")["input_ids"]
@@ -113,8 +113,8 @@ def test_mixed_pairs_count_correct_ties_and_wrong(reward_model):
 
 
 def test_dpo_reward_accuracy_counts_identical_pairs_as_ties(causal_model):
-    from finetune_sdk.data import load_rows
-    from finetune_sdk.preference import encode_preference, evaluate_preference, precompute_reference
+    from finetune_sdk.data.rows import load_rows
+    from finetune_sdk.objectives.dpo_training import encode_preference, evaluate_preference, precompute_reference
 
     model, tok = causal_model.model, causal_model.tokenizer
     encoded = encode_preference(load_rows(identical_pairs()), causal_model.formatter, tok, {"max_length": 128})
@@ -131,7 +131,7 @@ def test_dpo_reward_accuracy_counts_identical_pairs_as_ties(causal_model):
 def test_comparison_report_shows_ties_without_a_better_or_worse_mark():
     from rich.console import Console
 
-    from finetune_sdk.report import better, metric_comparison_table
+    from finetune_sdk.evaluation.report import better, metric_comparison_table
 
     assert not better("pairwise_ties", 8, 0) and not better("reward_ties", 0, 8)
     console = Console(record=True, width=120, color_system=None)

@@ -126,7 +126,7 @@ def test_generate_before_fit_uses_the_base_and_after_the_tuned_model(tiny_models
 
 
 def test_current_model_is_the_base_before_fit_and_the_trained_model_after(tiny_models, tmp_path, qa_rows):
-    from finetune_sdk.inference import FineTunedModel, LoadedModel
+    from finetune_sdk.models.inference import FineTunedModel, LoadedModel
 
     trainer = Trainer(tiny_models("llama"), technique="lora", formatter="chatml", output_dir=tmp_path / "out",
                       max_steps=1, progress=False)

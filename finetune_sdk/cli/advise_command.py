@@ -23,7 +23,7 @@ def offline_objectives() -> list[str]:
 def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
         return None
-    from finetune_sdk.machine import parse_memory
+    from finetune_sdk.advice.machine import parse_memory
 
     try:
         size = parse_memory(value)
@@ -79,7 +79,7 @@ def advise_command(model: str, rows: int | None, tokens: int | None, memory: int
     Example:
       finetune advise ./my-model --rows 2000 --memory 16GiB --private
     """
-    from finetune_sdk.advisor import advise
+    from finetune_sdk.advice.advisor import advise
 
     try:
         advice = advise(model, dataset_rows=rows, dataset_tokens=tokens, memory_bytes=memory, device=device,
@@ -98,7 +98,7 @@ def render(advice: Any, model: str) -> None:
     from rich.table import Table
 
     from finetune_sdk.cli.render import cell, console, memory_table
-    from finetune_sdk.machine import format_bytes
+    from finetune_sdk.advice.machine import format_bytes
 
     out = console()
     table = Table(title="recommendation" if advice.fits else "recommendation (does not fit)")

@@ -50,11 +50,11 @@ def bench_command(ref: str, tasks: tuple[str, ...], task_files: tuple[str, ...],
     Example:
       finetune bench quill@2 --task-file examples/tasks/quillfeather_qa.yaml --limit 12
     """
-    from finetune_sdk.benchmarking import benchmark
+    from finetune_sdk.evaluation.benchmarking import benchmark
     from finetune_sdk.log import quiet_third_party_output
 
     quiet_third_party_output()
-    from finetune_sdk.benchmarking import check_batch_size
+    from finetune_sdk.evaluation.benchmarking import check_batch_size
     from finetune_sdk.errors import ConfigError
 
     try:

@@ -15,7 +15,7 @@ def read_config(path: str | None) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    from finetune_sdk.textfiles import read_text
+    from finetune_sdk.data.textfiles import read_text
 
     text = read_text(file, error=ConfigError)
     if file.suffix.lower() == ".toml":

@@ -157,7 +157,7 @@ def client_command(server: str, data: str, eval_data: str | None, name: str | No
                    insecure: bool,
                    root_certificates: str | None, auth_key: str | None) -> None:
     """Run a federated client (a Flower SuperNode) until Ctrl-C; it serves the server's runs as they come."""
-    from finetune_sdk.data import load_rows
+    from finetune_sdk.data.rows import load_rows
     from finetune_sdk.federated.runtime import FlowerProcesses, new_work_dir, node_config
     from finetune_sdk.federated.settings import require_flower
     from finetune_sdk.registry.refs import validate_name

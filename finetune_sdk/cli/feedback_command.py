@@ -45,8 +45,8 @@ def feedback_command(ref: str, prompt_file: str, out: str, mode: str, sft_out: s
       finetune feedback runs/qa --prompts questions.txt --out ratings.jsonl
       finetune train --model models/my-llama --data ratings.jsonl --formatter kto -o runs/qa-kto
     """
-    from finetune_sdk.feedback import MODES, collect_feedback
-    from finetune_sdk.rating_prompt import TerminalRater
+    from finetune_sdk.feedback.session import MODES, collect_feedback
+    from finetune_sdk.feedback.rating_prompt import TerminalRater
 
     terminal = TerminalRater(edits=sft_out is not None)
     summary = collect_feedback(ref, prompt_file, out, mode=mode, ask=terminal, sft_out=sft_out,

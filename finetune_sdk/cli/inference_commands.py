@@ -10,7 +10,7 @@ import click
 
 from finetune_sdk.cli.render import cell, console, metrics_table, short_path, titled_table
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.loading import is_result, open_model  # noqa: F401  (is_result: other commands import it here)
+from finetune_sdk.models.loading import is_result, open_model  # noqa: F401  (is_result: other commands import it here)
 
 
 TRUST_HELP = "let the model repository's own Python code run (never turned on by a result or a download)"
@@ -20,9 +20,9 @@ def check_task(ref: str, generative: bool) -> None:
     """Refuse a result whose technique can't generate (``generative``) or predict, before its model loads."""
     if not is_result(ref):
         return
-    from finetune_sdk.inference import require_task
-    from finetune_sdk.loading import result_folder
-    from finetune_sdk.manifest import read_manifest
+    from finetune_sdk.models.inference import require_task
+    from finetune_sdk.models.loading import result_folder
+    from finetune_sdk.training.manifest import read_manifest
 
     require_task(read_manifest(result_folder(ref)).get("task"), generative)
 
@@ -34,8 +34,8 @@ def check_rows(ref: str, formatter: str | None, rows: Any) -> None:
     from finetune_sdk.plugin_manager import get_plugin_host
 
     if not formatter:
-        from finetune_sdk.loading import result_folder
-        from finetune_sdk.manifest import read_manifest
+        from finetune_sdk.models.loading import result_folder
+        from finetune_sdk.training.manifest import read_manifest
 
         formatter = read_manifest(result_folder(ref)).get("formatter")
         if not formatter:
@@ -51,7 +51,7 @@ def read_lines(items: tuple[str, ...], file: str | None, what: str) -> list[str]
         path = Path(file)
         if not path.is_file():
             raise ConfigError(f"{what} file {file} does not exist")
-        from finetune_sdk.textfiles import read_text
+        from finetune_sdk.data.textfiles import read_text
 
         lines += [line.strip() for line in read_text(path, error=ConfigError).splitlines() if line.strip()]
     if not lines:
@@ -74,10 +74,10 @@ def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool,
     if report_dir is not None:
         if not compare_base:
             raise ConfigError("--report-dir writes the comparison report: add --compare-base")
-        from finetune_sdk.output_paths import check_report_dir
+        from finetune_sdk.training.output_paths import check_report_dir
 
         check_report_dir(report_dir, "--report-dir")
-    from finetune_sdk.data import load_rows
+    from finetune_sdk.data.rows import load_rows
 
     rows = load_rows(data, name="eval_data")  # a missing or malformed file is refused before a model loads
     prompts = read_lines((), prompt_file, "prompt") if prompt_file else []
@@ -90,10 +90,10 @@ def eval_command(ref: str, data: str, formatter: str | None, compare_base: bool,
         return
     if not is_result(ref):
         raise ConfigError(f"--compare-base needs a fine-tuned result, and {ref} is a base model")
-    from finetune_sdk.compare import compare_models
-    from finetune_sdk.loading import load_base, result_folder
-    from finetune_sdk.manifest import read_manifest
-    from finetune_sdk.report import comparison_table
+    from finetune_sdk.evaluation.compare import compare_models
+    from finetune_sdk.models.loading import load_base, result_folder
+    from finetune_sdk.training.manifest import read_manifest
+    from finetune_sdk.evaluation.report import comparison_table
 
     folder = result_folder(ref)
     manifest = read_manifest(folder)

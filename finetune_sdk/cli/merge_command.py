@@ -18,7 +18,7 @@ from finetune_sdk.cli.render import console
 def merge_command(ref: str, out: str, dtype: str, trust_remote_code: bool) -> None:
     """Merge the adapter of REF (a result folder or registry ref) into its base and save a standalone model."""
     from finetune_sdk.log import quiet_third_party_output
-    from finetune_sdk.merging import merge
+    from finetune_sdk.models.merging import merge
 
     quiet_third_party_output()
     path = merge(ref, out, dtype=dtype, trust_remote_code=trust_remote_code)

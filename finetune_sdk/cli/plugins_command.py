@@ -115,7 +115,7 @@ def init_command(name: str, kind: str, directory: str) -> None:
     """Write a working plugin package finetune-sdk-NAME (pyproject, module, contract test)."""
     from pathlib import Path
 
-    from finetune_sdk.scaffold import scaffold
+    from finetune_sdk.cli.plugin_scaffold import scaffold
 
     root = scaffold(name, kind, Path(directory))
     console().print(f"created {root}: `pip install -e {root}` then `python -m pytest {root}/tests`")

@@ -10,13 +10,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from finetune_sdk.screen_text import literal_text
+from finetune_sdk.feedback.screen_text import literal_text
 
 
 def cell(value: Any) -> Text:
     """Table cell text shown literally: no rich markup (prompts and descriptions contain brackets), control
     characters and escape sequences (model output can hold them) shown escaped
-    (:func:`finetune_sdk.screen_text.literal_text`).
+    (:func:`finetune_sdk.feedback.screen_text.literal_text`).
 
     Example:
         >>> cell("[b]ok\\x1b[2J").plain
@@ -118,9 +118,9 @@ def metrics_table(metrics: Mapping[str, Any], title: str = "metrics") -> Table:
 
 
 def memory_table(estimate: Any, title: str = "memory at the training peak") -> Table:
-    """A :class:`~finetune_sdk.memory.MemoryEstimate` as a rich ``Table`` of its components, with what was
+    """A :class:`~finetune_sdk.advice.memory.MemoryEstimate` as a rich ``Table`` of its components, with what was
     estimated as its caption."""
-    from finetune_sdk.machine import format_bytes
+    from finetune_sdk.advice.machine import format_bytes
 
     setup = [estimate.technique + (f" + {estimate.quantizer}" if estimate.quantizer else ""),
              f"batch {estimate.batch_size} x {estimate.seq_len} tokens"]

@@ -10,8 +10,8 @@ from typing import Any
 
 from finetune_sdk.errors import ConfigError, FinetuneError
 from finetune_sdk.fsutil import staged_directory, write_json_atomic, write_text_atomic
-from finetune_sdk.manifest import MANIFEST_NAME, library_versions, read_manifest
-from finetune_sdk.progress import activity
+from finetune_sdk.training.manifest import MANIFEST_NAME, library_versions, read_manifest
+from finetune_sdk.training.progress import activity
 
 logger = logging.getLogger("finetune_sdk")
 
@@ -46,9 +46,9 @@ def is_export_folder(path: Path) -> bool:
 
 def merged_causal_lm(folder: Path, manifest: dict[str, Any], registry: Any) -> tuple[Any, Any, dict[str, Any]]:
     """``(model, tokenizer, record)``: the result as one float32 model, its adapter merged into the base read from
-    disk in float32 (never the training copy), and what :func:`~finetune_sdk.base_precision.base_precision_record`
+    disk in float32 (never the training copy), and what :func:`~finetune_sdk.models.base_precision.base_precision_record`
     says about it; the GGUF writer rounds it once to the export's type."""
-    from finetune_sdk.base_precision import merged_float32
+    from finetune_sdk.models.base_precision import merged_float32
     from finetune_sdk.plugin_manager import get_plugin_host
 
     technique = get_plugin_host().create("technique", manifest["technique"])
@@ -91,7 +91,7 @@ def run_export(ref: Any, out: Path, *, quantization: str | list[str], name: str 
     from finetune_sdk.exporting.gguf_file import write_gguf
     from finetune_sdk.exporting.model_settings import export_metadata, modelfile_parameters
     from finetune_sdk.exporting.modelfile import modelfile
-    from finetune_sdk.loading import result_folder
+    from finetune_sdk.models.loading import result_folder
 
     quantizations = [quantization] if isinstance(quantization, str) else list(quantization)
     folder = result_folder(ref, registry)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune_sdk.machine import format_bytes
+from finetune_sdk.advice.machine import format_bytes
 
 
 def federated_reasons(owners: int, est: Any, shape: Any) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 from finetune_sdk.errors import ConfigError, DataError, FinetuneError
 from finetune_sdk.federated.job import FederatedJob
 from finetune_sdk.federated.settings import FederatedSettings, require_flower
-from finetune_sdk.result import FitResult
+from finetune_sdk.training.result import FitResult
 
 SETTING_NAMES = {f.name for f in fields(FederatedSettings)}
 #: The SuperLink's SQLite state beside a server's checkpoint (``finetune federated server`` only).
@@ -77,8 +77,8 @@ def check_owner_data(trainer: Any, clients: dict[str, tuple[Any, ...]],
             if settings is not None and (settings.aggregation != "fedavg" or settings.update_compression):
                 raise ConfigError(f"client {name!r}: a LoRA rank per client (HetLoRA-style) works with "
                                   "aggregation='fedavg' and without update_compression")
-    from finetune_sdk.data import load_rows
-    from finetune_sdk.planning import Planner
+    from finetune_sdk.data.rows import load_rows
+    from finetune_sdk.training.planning import Planner
 
     tokenizer = trainer._load_tokenizer()
     for name, (train, evaluation, *_) in clients.items():
@@ -250,7 +250,7 @@ def _job(trainer: Any, config: FederatedSettings, clients: list[str], resume: bo
 
 
 def _result(trainer: Any, job: FederatedJob) -> FitResult:
-    from finetune_sdk.manifest import read_manifest
+    from finetune_sdk.training.manifest import read_manifest
 
     output_dir = Path(trainer.output_dir)
     manifest = read_manifest(output_dir)

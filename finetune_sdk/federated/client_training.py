@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_sdk.data import load_rows
+from finetune_sdk.data.rows import load_rows
 from finetune_sdk.federated.job import FederatedJob
 from finetune_sdk.federated.lora_aggregation import freeze_lora_a, shared_seed
 from finetune_sdk.federated.params import load_arrays, trainable_arrays

@@ -16,7 +16,7 @@ from typing import Any
 
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.fsutil import staged_directory, write_json_atomic
-from finetune_sdk.saving import save_result
+from finetune_sdk.training.saving import save_result
 
 CHECKPOINT, STATUS = "checkpoint", "status.json"
 CHECKPOINT_FILES = {"arrays.safetensors", "state.json", "base_delta.safetensors"}

@@ -9,7 +9,7 @@ loaded by ``get_load_client_app_fn``, ``push_message``, ``push_task_output``), t
 
 Between tasks it keeps a :class:`BaseModelCache`: the freshly loaded base model (never trained, never prepared),
 keyed by the run id and everything that decides the load (model, revision, task, quantizer and its settings,
-dtype). Each round gets a deep copy of it (:func:`finetune_sdk.models.load_base_model` consults the cache), so a
+dtype). Each round gets a deep copy of it (:func:`finetune_sdk.models.sources.load_base_model` consults the cache), so a
 round starts from exactly what a fresh load gives: the adapter is prepared anew, the global arrays loaded over it,
 a new optimizer; FedEx-LoRA's base delta is folded into the copy, never into the cached model. A task of another
 run empties the cache first, so nothing of one run reaches another.

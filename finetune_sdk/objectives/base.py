@@ -26,14 +26,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from finetune_sdk.encoding import Collator, Encoded, encode_causal
+from finetune_sdk.data.encoding import Collator, Encoded, encode_causal
 from finetune_sdk.formatter import CAUSAL_LM, Formatter
 from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
-    from finetune_sdk.data import Rows
-    from finetune_sdk.planning import TrainingPlan
-    from finetune_sdk.run_engine import RunSpec
+    from finetune_sdk.data.rows import Rows
+    from finetune_sdk.training.planning import TrainingPlan
+    from finetune_sdk.training.engine import RunSpec
 
 logger = logging.getLogger("finetune_sdk")
 
@@ -86,7 +86,7 @@ class Objective:
     description: ClassVar[str] = ""
     #: Shown after the technique in the run's first log line (``lora + DPO on ...``).
     label: ClassVar[str] = ""
-    #: Examples may be packed into rows (finetune_sdk.packing) and batches grouped by length.
+    #: Examples may be packed into rows (finetune_sdk.data.packing) and batches grouped by length.
     packs: ClassVar[bool] = False
     #: The formatter tasks (``causal-lm``, ``preference``, ``kto``, ``prompt``, ``classification``) it trains on.
     formatter_tasks: ClassVar[frozenset[str]] = frozenset({CAUSAL_LM})

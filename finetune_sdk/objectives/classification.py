@@ -7,20 +7,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from finetune_sdk.encoding import Encoded, encode_classification
+from finetune_sdk.data.encoding import Encoded, encode_classification
 from finetune_sdk.formatter import CLASSIFICATION, PREFERENCE, Formatter
 from finetune_sdk.objectives.base import Objective, TrainingInputs
 
 if TYPE_CHECKING:
-    from finetune_sdk.data import Rows
-    from finetune_sdk.planning import TrainingPlan
-    from finetune_sdk.run_engine import RunSpec
+    from finetune_sdk.data.rows import Rows
+    from finetune_sdk.training.planning import TrainingPlan
+    from finetune_sdk.training.engine import RunSpec
 
 
 class ClassificationHead(Objective):
     """``classification-head``: cross-entropy of the classifier's head over the ``labels`` option's classes.
 
-    With ``cache_features`` the frozen backbone runs once per dataset (see :mod:`finetune_sdk.feature_cache`) and the
+    With ``cache_features`` the frozen backbone runs once per dataset (see :mod:`finetune_sdk.training.feature_cache`) and the
     head trains, and is scored, on the cached features.
     """
 
@@ -36,7 +36,7 @@ class ClassificationHead(Objective):
         return encode_classification(rows, formatter, tokenizer, options, label_ids)
 
     def check_encoded(self, encoded: Encoded, options: Mapping[str, Any], source: str) -> None:
-        from finetune_sdk.data_checks import check_classes
+        from finetune_sdk.data.checks import check_classes
 
         check_classes([ex["labels"] for ex in encoded.examples], options["labels"], source)
 
@@ -45,7 +45,7 @@ class ClassificationHead(Objective):
             return super().training_inputs(run, plan, model, tokenizer, args)
         from transformers import Trainer as HFTrainer
 
-        from finetune_sdk.feature_cache import classifier_feature_datasets, collate_features, head_model
+        from finetune_sdk.training.feature_cache import classifier_feature_datasets, collate_features, head_model
 
         train, evals = classifier_feature_datasets(run, plan, model, tokenizer)
         args.include_num_input_tokens_seen = "no"  # feature batches have no input_ids to count
@@ -54,8 +54,8 @@ class ClassificationHead(Objective):
 
     def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
         if name in plan.eval_features:  # scored from the cached features by the trained head
-            from finetune_sdk.feature_cache import evaluate_head
-            from finetune_sdk.scoring import require_rows, scored_rows
+            from finetune_sdk.training.feature_cache import evaluate_head
+            from finetune_sdk.evaluation.scoring import require_rows, scored_rows
 
             encoded, model = plan.evals[name].encoded, loaded.model
             require_rows(len(encoded.examples), encoded.dropped, plan.evals[name].rows.source,

@@ -1,5 +1,5 @@
 """``dpo``: Direct Preference Optimization (Rafailov et al., 2023) on (prompt, chosen, rejected) pairs; the loss
-and the reference are in :mod:`finetune_sdk.preference`.
+and the reference are in :mod:`finetune_sdk.objectives.dpo_training`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from finetune_sdk.objectives.pairs import PreferencePairs
 from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
-    from finetune_sdk.planning import TrainingPlan
+    from finetune_sdk.training.planning import TrainingPlan
 
 
 class DirectPreferenceOptimization(PreferencePairs):
@@ -35,7 +35,7 @@ class DirectPreferenceOptimization(PreferencePairs):
         return math.log(2)
 
     def after_prepare(self, model: Any, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> None:
-        from finetune_sdk.preference import precompute_reference
+        from finetune_sdk.objectives.dpo_training import precompute_reference
 
         batch = options["per_device_eval_batch_size"]
         precompute_reference(model, plan.train, tokenizer.pad_token_id, batch)
@@ -43,19 +43,19 @@ class DirectPreferenceOptimization(PreferencePairs):
             precompute_reference(model, eval_set.encoded, tokenizer.pad_token_id, batch, batch_invariant=True)
 
     def while_training(self, model: Any) -> Any:
-        from finetune_sdk.preference import dropout_disabled
+        from finetune_sdk.objectives.dpo_training import dropout_disabled
 
         return dropout_disabled(model)
 
     def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
-        from finetune_sdk.preference import dpo_trainer_class
+        from finetune_sdk.objectives.dpo_training import dpo_trainer_class
 
         cls = dpo_trainer_class()
         cls.beta = options["beta"]
         return cls
 
     def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        from finetune_sdk.preference import evaluate_preference
+        from finetune_sdk.objectives.dpo_training import evaluate_preference
 
         eval_set = plan.evals[name]
         return evaluate_preference(loaded.model, eval_set.encoded, loaded.tokenizer.pad_token_id,

@@ -1,5 +1,5 @@
 """``grpo``: online RL with Group Relative Policy Optimization (Shao et al., 2024) on prompt rows, against reward
-functions and/or a reward model (see :mod:`finetune_sdk.grpo`). Its options are TRL ``GRPOConfig``'s names.
+functions and/or a reward model (see :mod:`finetune_sdk.objectives.grpo_training`). Its options are TRL ``GRPOConfig``'s names.
 """
 
 from __future__ import annotations
@@ -7,15 +7,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from finetune_sdk.encoding import Encoded
+from finetune_sdk.data.encoding import Encoded
 from finetune_sdk.formatter import PROMPT, Formatter
 from finetune_sdk.objectives.base import Objective, TrainingInputs
 from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
-    from finetune_sdk.data import Rows
-    from finetune_sdk.planning import TrainingPlan
-    from finetune_sdk.run_engine import RunSpec
+    from finetune_sdk.data.rows import Rows
+    from finetune_sdk.training.planning import TrainingPlan
+    from finetune_sdk.training.engine import RunSpec
 
 
 GRPO_OPTIONS: tuple[Option, ...] = (
@@ -65,26 +65,26 @@ class GroupRelativePolicyOptimization(Objective):
         return 1 if float(options.get("beta", 0.04) or 0) > 0 else 0
 
     def encode(self, rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
-        from finetune_sdk.grpo import encode_prompts
+        from finetune_sdk.objectives.grpo_training import encode_prompts
 
         return encode_prompts(rows, formatter, tokenizer, options)
 
     def check_options(self, options: Mapping[str, Any], host: Any) -> None:
-        from finetune_sdk.rewards import check_reward_sources
+        from finetune_sdk.objectives.reward_functions import check_reward_sources
 
         check_reward_sources(options, host)
 
     def while_training(self, model: Any) -> Any:
-        from finetune_sdk.preference import dropout_disabled
+        from finetune_sdk.objectives.dpo_training import dropout_disabled
 
         return dropout_disabled(model)
 
     def training_inputs(self, run: RunSpec, plan: TrainingPlan, model: Any, tokenizer: Any, args: Any) -> TrainingInputs:
-        from finetune_sdk.grpo import grpo_training_inputs
+        from finetune_sdk.objectives.grpo_training import grpo_training_inputs
 
         return grpo_training_inputs(run, plan, model, tokenizer, args)
 
     def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        from finetune_sdk.grpo import evaluate_prompts
+        from finetune_sdk.objectives.grpo_training import evaluate_prompts
 
         return evaluate_prompts(loaded.model, plan, name, loaded.tokenizer, options)

@@ -1,5 +1,5 @@
 """``kto``: KTO (Ethayarajh et al., 2024) on unpaired (prompt, completion, label) rows; the loss is in
-:mod:`finetune_sdk.kto`.
+:mod:`finetune_sdk.objectives.kto_training`.
 """
 
 from __future__ import annotations
@@ -7,20 +7,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from finetune_sdk.encoding import Encoded
+from finetune_sdk.data.encoding import Encoded
 from finetune_sdk.formatter import KTO, Formatter
 from finetune_sdk.objectives.base import Objective
 from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
-    from finetune_sdk.data import Rows
-    from finetune_sdk.planning import TrainingPlan
+    from finetune_sdk.data.rows import Rows
+    from finetune_sdk.training.planning import TrainingPlan
 
 
 class KahnemanTverskyOptimization(Objective):
     """``kto``: the KTO loss on unpaired desirable/undesirable completions, against the log-probabilities of the
     policy as it stands when KTO starts, computed once before the first step (as for DPO); the KL reference point
-    from mismatched (prompt, completion) pairs. Dropout off while training. See :mod:`finetune_sdk.kto`."""
+    from mismatched (prompt, completion) pairs. Dropout off while training. See :mod:`finetune_sdk.objectives.kto_training`."""
 
     name = "kto"
     label = " + KTO"
@@ -47,29 +47,29 @@ class KahnemanTverskyOptimization(Objective):
         return 0.5 if options["desirable_weight"] == options["undesirable_weight"] == 1.0 else None
 
     def encode(self, rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
-        from finetune_sdk.kto import encode_kto
+        from finetune_sdk.objectives.kto_training import encode_kto
 
         return encode_kto(rows, formatter, tokenizer, options)
 
     def check_encoded(self, encoded: Encoded, options: Mapping[str, Any], source: str) -> None:
-        from finetune_sdk.kto import check_label_balance
+        from finetune_sdk.objectives.kto_training import check_label_balance
 
         check_label_balance(encoded.examples, options["desirable_weight"], options["undesirable_weight"], source)
 
     def after_prepare(self, model: Any, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> None:
-        from finetune_sdk.kto import precompute_kto_reference
+        from finetune_sdk.objectives.kto_training import precompute_kto_reference
 
         batch = options["per_device_eval_batch_size"]
         for encoded in (plan.train, *(s.encoded for s in plan.evals.values())):
             precompute_kto_reference(model, encoded, tokenizer.pad_token_id, batch)
 
     def while_training(self, model: Any) -> Any:
-        from finetune_sdk.preference import dropout_disabled
+        from finetune_sdk.objectives.dpo_training import dropout_disabled
 
         return dropout_disabled(model)
 
     def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
-        from finetune_sdk.kto import kto_trainer_class
+        from finetune_sdk.objectives.kto_training import kto_trainer_class
 
         cls = kto_trainer_class()
         cls.beta, cls.desirable_weight = options["beta"], options["desirable_weight"]
@@ -77,12 +77,12 @@ class KahnemanTverskyOptimization(Objective):
         return cls
 
     def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
-        from finetune_sdk.kto import KTOCollator
+        from finetune_sdk.objectives.kto_training import KTOCollator
 
         return KTOCollator(tokenizer.pad_token_id)
 
     def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        from finetune_sdk.kto import evaluate_kto
+        from finetune_sdk.objectives.kto_training import evaluate_kto
 
         eval_set = plan.evals[name]
         return evaluate_kto(loaded.model, eval_set.encoded, loaded.tokenizer.pad_token_id, options,

@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from finetune_sdk.encoding import Encoded
+from finetune_sdk.data.encoding import Encoded
 from finetune_sdk.formatter import PREFERENCE, Formatter
 from finetune_sdk.objectives.base import Objective
 
 if TYPE_CHECKING:
-    from finetune_sdk.data import Rows
-    from finetune_sdk.planning import TrainingPlan
+    from finetune_sdk.data.rows import Rows
+    from finetune_sdk.training.planning import TrainingPlan
 
 
 class PreferencePairs(Objective):
@@ -23,16 +23,16 @@ class PreferencePairs(Objective):
     metrics = ("eval_loss", "reward_accuracy", "reward_ties", "reward_margin", "logp_margin")
 
     def encode(self, rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
-        from finetune_sdk.preference import encode_preference
+        from finetune_sdk.objectives.dpo_training import encode_preference
 
         return encode_preference(rows, formatter, tokenizer, options)
 
     def check_encoded(self, encoded: Encoded, options: Mapping[str, Any], source: str) -> None:
-        from finetune_sdk.data_checks import check_pairs
+        from finetune_sdk.data.checks import check_pairs
 
         check_pairs(encoded.examples, source)
 
     def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
-        from finetune_sdk.preference import PairCollator
+        from finetune_sdk.objectives.dpo_training import PairCollator
 
         return PairCollator(tokenizer.pad_token_id)

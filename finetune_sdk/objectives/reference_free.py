@@ -5,7 +5,7 @@ Each objective gives a per-pair loss of the chosen and rejected answers' mean lo
 (:func:`finetune_sdk.objectives.orpo.orpo_loss`, :func:`finetune_sdk.objectives.simpo.simpo_loss`) and the weight of
 an NLL (SFT) term on the chosen answers. The trainer divides the pair losses by the optimizer step's pairs and the
 NLL by the step's chosen tokens (TRL takes the token mean of each micro-batch), so gradient accumulation equals the
-bigger batch (:mod:`finetune_sdk.accumulation`). Held-out pairs are scored each answer alone (batch-invariant, as
+bigger batch (:mod:`finetune_sdk.training.accumulation`). Held-out pairs are scored each answer alone (batch-invariant, as
 DPO's): ``reward_accuracy`` is the share of pairs whose chosen answer has the higher mean log-probability (TRL's
 ``rewards/accuracies``: ``beta * mean logp`` chosen above rejected), ties within float tolerance never correct.
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from finetune_sdk.encoding import IGNORE_INDEX, Encoded
+from finetune_sdk.data.encoding import IGNORE_INDEX, Encoded
 from finetune_sdk.objectives.pairs import PreferencePairs
 
 #: ``(chosen mean logps [B], rejected mean logps [B]) -> (per-pair loss [B], per-pair reward margin [B])``
@@ -37,7 +37,7 @@ def average_logps(sums: Any, counts: Any) -> tuple[Any, Any]:
 
 def sequence_logps_and_counts(model: Any, input_ids: Any, attention_mask: Any, labels: Any) -> tuple[Any, Any]:
     """Summed log-probability ``[N]`` (float32) and the number ``[N]`` of labelled (answer) tokens of each row."""
-    from finetune_sdk.preference import sequence_logps
+    from finetune_sdk.objectives.dpo_training import sequence_logps
 
     return sequence_logps(model, input_ids, attention_mask, labels), (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
@@ -52,8 +52,8 @@ def reference_free_trainer_class(pair_loss: PairLoss, nll_weight: float) -> type
     (built lazily so importing this module stays light)."""
     from transformers import Trainer as HFTrainer
 
-    from finetune_sdk.accumulation import step_batch_trainer_class
-    from finetune_sdk.preference import loss_only_prediction_step
+    from finetune_sdk.training.accumulation import step_batch_trainer_class
+    from finetune_sdk.objectives.dpo_training import loss_only_prediction_step
 
     class ReferenceFreeTrainer(step_batch_trainer_class(HFTrainer)):  # type: ignore[misc]
         def examples_in(self, batch: Any) -> int:
@@ -103,16 +103,16 @@ def evaluate_reference_free(model: Any, encoded: Encoded, pair_loss: PairLoss, n
                             source: str = "eval_data") -> dict[str, float]:
     """The objective's loss, ``reward_accuracy``, ``reward_ties``, ``reward_margin`` (``beta`` times the mean
     log-prob margin), ``logp_margin`` (summed log-probs, chosen minus rejected) and ``nll_loss`` on held-out pairs,
-    every answer computed alone (:func:`finetune_sdk.preference.each_sequence_logps`).
+    every answer computed alone (:func:`finetune_sdk.objectives.dpo_training.each_sequence_logps`).
 
     Raises:
         DataError: no pair left to score (every one cut off by ``max_length``), naming ``source``.
     """
     import torch
 
-    from finetune_sdk.pairwise import pairwise_counts
-    from finetune_sdk.preference import each_sequence_logps
-    from finetune_sdk.scoring import require_rows, scored_rows
+    from finetune_sdk.objectives.pairwise import pairwise_counts
+    from finetune_sdk.objectives.dpo_training import each_sequence_logps
+    from finetune_sdk.evaluation.scoring import require_rows, scored_rows
 
     require_rows(len(encoded.examples), encoded.dropped, source,
                  "have a chosen or rejected answer cut off entirely by max_length")
@@ -154,7 +154,7 @@ class ReferenceFreePairs(PreferencePairs):
         return 1.0
 
     def while_training(self, model: Any) -> Any:
-        from finetune_sdk.preference import dropout_disabled
+        from finetune_sdk.objectives.dpo_training import dropout_disabled
 
         return dropout_disabled(model)
 

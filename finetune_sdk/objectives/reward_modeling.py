@@ -1,5 +1,5 @@
 """``reward-modeling``: the Bradley-Terry loss of a pairwise reward model (the ``reward-model`` technique) on
-(prompt, chosen, rejected) pairs; see :mod:`finetune_sdk.reward_model`.
+(prompt, chosen, rejected) pairs; see :mod:`finetune_sdk.models.reward_model`.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from finetune_sdk.objectives.base import TrainingInputs
 from finetune_sdk.objectives.pairs import PreferencePairs
 
 if TYPE_CHECKING:
-    from finetune_sdk.planning import TrainingPlan
-    from finetune_sdk.run_engine import RunSpec
+    from finetune_sdk.training.planning import TrainingPlan
+    from finetune_sdk.training.engine import RunSpec
 
 
 class RewardModeling(PreferencePairs):
     """``reward-modeling``: a pairwise reward model (Ouyang et al., 2022), the Bradley-Terry loss
-    ``-log sigmoid(r(prompt, chosen) - r(prompt, rejected))`` (:mod:`finetune_sdk.reward_model`). On a frozen
+    ``-log sigmoid(r(prompt, chosen) - r(prompt, rejected))`` (:mod:`finetune_sdk.models.reward_model`). On a frozen
     backbone with ``cache_features`` the head trains, and is scored, on cached features of both answers."""
 
     name = "reward-modeling"
@@ -29,7 +29,7 @@ class RewardModeling(PreferencePairs):
     metrics = ("eval_loss", "reward_accuracy", "reward_ties", "reward_margin")
 
     def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
-        from finetune_sdk.reward_model import reward_trainer_class
+        from finetune_sdk.models.reward_model import reward_trainer_class
 
         return reward_trainer_class(float(options.get("center_rewards_coefficient") or 0.0))
 
@@ -37,11 +37,11 @@ class RewardModeling(PreferencePairs):
                         args: Any) -> TrainingInputs:
         if not run.options["cache_features"] or getattr(model, "train_backbone", True):
             return super().training_inputs(run, plan, model, tokenizer, args)
-        from finetune_sdk.reward_model import head_training_inputs
+        from finetune_sdk.models.reward_model import head_training_inputs
 
         return head_training_inputs(run, plan, model, tokenizer, args)
 
     def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        from finetune_sdk.reward_model import evaluate_reward_model
+        from finetune_sdk.models.reward_model import evaluate_reward_model
 
         return evaluate_reward_model(loaded, plan, name, options)

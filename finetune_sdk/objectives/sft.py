@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from finetune_sdk.encoding import Collator
+from finetune_sdk.data.encoding import Collator
 from finetune_sdk.objectives.base import Objective
 
 if TYPE_CHECKING:
-    from finetune_sdk.data import Rows
-    from finetune_sdk.planning import TrainingPlan
+    from finetune_sdk.data.rows import Rows
+    from finetune_sdk.training.planning import TrainingPlan
 
 
 class SupervisedFineTuning(Objective):
@@ -25,13 +25,13 @@ class SupervisedFineTuning(Objective):
     packs = True
 
     def check_rows(self, rows: Rows) -> None:
-        from finetune_sdk.data_checks import check_answers
+        from finetune_sdk.data.checks import check_answers
 
         check_answers(rows.rows, rows.source)
 
     def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
         if plan.packed:
-            from finetune_sdk.packing import PackingCollator
+            from finetune_sdk.data.packing import PackingCollator
 
             row_length = None if plan.varlen else options["max_length"]  # per-example attention: one row, no pad
             return PackingCollator(row_length, tokenizer.pad_token_id, varlen_kwargs=plan.varlen)

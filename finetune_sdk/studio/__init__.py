@@ -2,7 +2,7 @@
 
 ``finetune studio`` (or :func:`serve`) serves the runs folder on 127.0.0.1 behind a random token printed once in
 its URL, as Jupyter does. Runs started from the page are ``finetune train`` processes of their own and outlive the
-page and the server; their charts are read from the run event log (:mod:`finetune_sdk.run_events`). Needs the
+page and the server; their charts are read from the run event log (:mod:`finetune_sdk.training.run_events`). Needs the
 ``studio`` extra: ``pip install 'finetune-sdk[studio]'`` (FastAPI and uvicorn). See docs/studio.md.
 
 Example:

@@ -29,7 +29,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Red
 from fastapi.staticfiles import StaticFiles
 
 from finetune_sdk.errors import FinetuneError
-from finetune_sdk.run_events import EVENTS_NAME, read_events_from, run_area
+from finetune_sdk.training.run_events import EVENTS_NAME, read_events_from, run_area
 from finetune_sdk.studio import forms, pages
 from finetune_sdk.studio.access import (COOKIE, HEADER, SAFE_METHODS, Confinement, json_body, origin_allowed,
                                         token_matches)
@@ -250,7 +250,7 @@ def create_app(runs: Path, root: Path, *, token: str, registry_home: Path | None
         model = confine.check(body.get("model") or "")
         rows, data = None, "train.jsonl"
         if body.get("data"):
-            from finetune_sdk.data import load_rows
+            from finetune_sdk.data.rows import load_rows
 
             data = str(confine.check(body["data"]))
             rows = len(load_rows(data))

@@ -1,11 +1,11 @@
 """The studio's chat: one prompt answered by the base model and registry versions / run results side by side.
 
-Every model is opened as ``finetune feedback`` opens it (:func:`finetune_sdk.loading.open_model`: a result or
+Every model is opened as ``finetune feedback`` opens it (:func:`finetune_sdk.models.loading.open_model`: a result or
 registry reference through ``finetune_sdk.load``, with the formatter it was trained with; a base model with the
 formatter chosen), kept loaded for the next prompt, and answers through
-:meth:`~finetune_sdk.inference.LoadedModel.generate`. All models answer with the same sampling settings
-(:func:`finetune_sdk.feedback.answer_options`), each with the torch generator seeded by
-:func:`finetune_sdk.feedback.prompt_seed` as a rating session seeds it: the answer a model gives in the chat is the
+:meth:`~finetune_sdk.models.inference.LoadedModel.generate`. All models answer with the same sampling settings
+(:func:`finetune_sdk.feedback.session.answer_options`), each with the torch generator seeded by
+:func:`finetune_sdk.feedback.session.prompt_seed` as a rating session seeds it: the answer a model gives in the chat is the
 one ``finetune feedback --seed S --temperature T`` shows for the same prompt (first listing, thumbs mode), so a
 thumbs rating given here is the row the terminal would write.
 
@@ -14,7 +14,7 @@ web server's event loop never waits for it. Tokens reach the page as they are de
 ``transformers.TextIteratorStreamer`` handed to ``generate``; the finished answer (what is rated) is the text
 ``generate`` returns. Each event carries the text as the model wrote it (``text``/``answer``: what a rating
 records) and as the page shows it (``shown``: control characters, escape sequences and bidi overrides written as
-visible escapes by :func:`finetune_sdk.screen_text.escape_controls`); the page sets it with ``textContent``, so
+visible escapes by :func:`finetune_sdk.feedback.screen_text.escape_controls`); the page sets it with ``textContent``, so
 HTML or script in an answer is text.
 
 Example:
@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from finetune_sdk.errors import ConfigError, FinetuneError
-from finetune_sdk.screen_text import escape_controls
+from finetune_sdk.feedback.screen_text import escape_controls
 
 #: The most answers kept for rating (oldest forgotten first).
 KEPT_ANSWERS = 2000
@@ -53,7 +53,7 @@ class Settings:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Settings:
         """The settings a request names (missing: the defaults), checked as ``finetune feedback`` checks them."""
-        from finetune_sdk.feedback import check_feedback_options
+        from finetune_sdk.feedback.session import check_feedback_options
 
         given = body.get("settings") or {}
         if not isinstance(given, dict):
@@ -92,7 +92,7 @@ class ChatWorker:
         """The loaded model ``ref`` (loaded on first use, on the worker thread only)."""
         key = (ref, formatter)
         if key not in self.models:
-            from finetune_sdk.feedback import open_answering_model
+            from finetune_sdk.feedback.session import open_answering_model
 
             while len(self.models) >= KEPT_MODELS:
                 self.models.pop(next(iter(self.models)))
@@ -109,7 +109,7 @@ class ChatWorker:
         """Events for the page, from the worker thread as they happen: ``{"event": "start", "column", "model",
         "sampling"}``, ``{"event": "token", "column", "text"}``..., ``{"event": "done", "column", "answer", "id"}``
         per model in turn, or ``{"event": "error", "column", "error"}`` (one line); ``{"event": "end"}`` last."""
-        from finetune_sdk.rating_record import check_rater
+        from finetune_sdk.feedback.rating_record import check_rater
 
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError("type a prompt first")
@@ -141,7 +141,7 @@ class ChatWorker:
         import torch
         from transformers import TextIteratorStreamer
 
-        from finetune_sdk.feedback import answer_options, answer_settings, cuda_device_ids, prompt_seed, record_fields
+        from finetune_sdk.feedback.session import answer_options, answer_settings, cuda_device_ids, prompt_seed, record_fields
 
         model = self.model(ref, formatter if not _is_result(ref) else None)
         options = answer_options(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
@@ -196,6 +196,6 @@ class ChatWorker:
 
 
 def _is_result(ref: str) -> bool:
-    from finetune_sdk.loading import is_result
+    from finetune_sdk.models.loading import is_result
 
     return is_result(ref)

@@ -5,8 +5,8 @@ Every function here is the same call a Python user makes: :func:`option_schema` 
 :data:`~finetune_sdk.options.TRAINING_OPTIONS` and each registered technique's and quantizer's ``options``;
 :func:`check_field` is :meth:`Option.coerce` (the message ``finetune train`` prints for the same value);
 :func:`preview_rows` is the formatter's :meth:`~finetune_sdk.formatter.Formatter.segments` encoded by
-:func:`~finetune_sdk.encoding.encode_segments`; :func:`advice_for` is :func:`finetune_sdk.advisor.advise` and
-:func:`finetune_sdk.memory.estimate_for_options`.
+:func:`~finetune_sdk.data.encoding.encode_segments`; :func:`advice_for` is :func:`finetune_sdk.advice.advisor.advise` and
+:func:`finetune_sdk.advice.memory.estimate_for_options`.
 
 Example:
     >>> check_field("r", "0")
@@ -149,11 +149,11 @@ def preview_rows(model: Path, data: Path, formatter: str | None, technique: str 
     """How the first ``rows`` rows will be trained: each row's tokens as ``[text, learnt]`` pairs (``learnt``:
     the token counts in the loss, its label is not -100) and the formatter chosen (detected from the columns when
     ``formatter`` is empty). Raises :class:`FinetuneError` for data or a formatter that can't be used."""
-    from finetune_sdk.data import load_rows
-    from finetune_sdk.encoding import encode_segments
-    from finetune_sdk.models import load_tokenizer, resolve_source
+    from finetune_sdk.data.rows import load_rows
+    from finetune_sdk.data.encoding import encode_segments
+    from finetune_sdk.models.sources import load_tokenizer, resolve_source
     from finetune_sdk.options import resolve_options
-    from finetune_sdk.planning import detect_formatter
+    from finetune_sdk.training.planning import detect_formatter
     from finetune_sdk.plugin_manager import get_plugin_host
 
     host = get_plugin_host()
@@ -177,10 +177,10 @@ def preview_rows(model: Path, data: Path, formatter: str | None, technique: str 
 def advice_for(model: Path, technique: str, quantizer: str | None, options: dict[str, Any],
                rows: int | None, data: str = "train.jsonl") -> dict[str, Any]:
     """The advisor's recommendation for ``model`` and the memory estimate of the chosen settings (bytes)."""
-    from finetune_sdk.advisor import advise
-    from finetune_sdk.memory import estimate_for_options, estimated_technique
-    from finetune_sdk.machine import format_bytes
-    from finetune_sdk.model_shape import load_config
+    from finetune_sdk.advice.advisor import advise
+    from finetune_sdk.advice.memory import estimate_for_options, estimated_technique
+    from finetune_sdk.advice.machine import format_bytes
+    from finetune_sdk.advice.model_shape import load_config
     from finetune_sdk.options import resolve_options
 
     specs = all_specs()  # an objective's options don't change the estimate's inputs

@@ -2,9 +2,9 @@
 
 * :func:`export_gguf`: :func:`finetune_sdk.exporting.export` (the quantizations of
   :data:`finetune_sdk.exporting.quantization.QUANTIZATIONS`), returning the files and the Ollama command.
-* :func:`compare`: what ``finetune eval --compare-base --report-dir`` does (:func:`finetune_sdk.compare.compare_models`
+* :func:`compare`: what ``finetune eval --compare-base --report-dir`` does (:func:`finetune_sdk.evaluation.compare.compare_models`
   with the result's training log), the report's metrics, side-by-side answers and, for the page, the loss chart of
-  :func:`finetune_sdk.report.loss_chart_svg` (served as an image, never inlined).
+  :func:`finetune_sdk.evaluation.report.loss_chart_svg` (served as an image, never inlined).
 * :func:`federated_rounds`: the per-round history a federated run records in its manifest (``federated.history``,
   :mod:`finetune_sdk.federated.rounds`): clients sampled and answered, each client's and the global held-out loss,
   bytes sent against the adapter's size, and the privacy budget spent through each round (epsilon, delta; from
@@ -48,11 +48,11 @@ def compare(ref: str, data: Path, prompts: list[str], report_dir: Path | None, *
             trust_remote_code: bool = False) -> dict[str, Any]:
     """The base-vs-tuned report of the result ``ref`` on the held-out rows ``data`` (``finetune eval
     --compare-base``), written to ``report_dir`` (``comparison.json``/``.html``) when given."""
-    from finetune_sdk.compare import compare_models
-    from finetune_sdk.data import load_rows
-    from finetune_sdk.loading import is_result, load_base, open_model, result_folder
-    from finetune_sdk.manifest import read_manifest
-    from finetune_sdk.output_paths import check_report_dir
+    from finetune_sdk.evaluation.compare import compare_models
+    from finetune_sdk.data.rows import load_rows
+    from finetune_sdk.models.loading import is_result, load_base, open_model, result_folder
+    from finetune_sdk.training.manifest import read_manifest
+    from finetune_sdk.training.output_paths import check_report_dir
 
     if not is_result(ref):
         raise ConfigError(f"compare needs a fine-tuned result or registry version, and {ref} is a base model")
@@ -71,8 +71,8 @@ def compare(ref: str, data: Path, prompts: list[str], report_dir: Path | None, *
 
 
 def loss_chart(report: dict[str, Any]) -> str:
-    """The report's loss chart (SVG text, numbers and fixed labels only: :func:`finetune_sdk.report.loss_chart_svg`)."""
-    from finetune_sdk.report import loss_chart_svg
+    """The report's loss chart (SVG text, numbers and fixed labels only: :func:`finetune_sdk.evaluation.report.loss_chart_svg`)."""
+    from finetune_sdk.evaluation.report import loss_chart_svg
 
     svg = loss_chart_svg(report.get("log_history") or [])
     if not svg:
@@ -120,7 +120,7 @@ def federated_rounds(manifest: dict[str, Any], folder: Path | None = None) -> di
 def federated_results(registry: Any, runs: Path) -> list[dict[str, Any]]:
     """Every federated result: registry versions whose manifest has a ``federated`` record (the last of each
     adapter: it holds the whole history) and result folders in the runs folder."""
-    from finetune_sdk.manifest import MANIFEST_NAME
+    from finetune_sdk.training.manifest import MANIFEST_NAME
 
     found = []
     for entry in registry.list():

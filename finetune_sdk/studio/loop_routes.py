@@ -32,7 +32,7 @@ async def _on_worker(worker: ChatWorker, function: Any, *args: Any) -> Any:
 
 def models(root: Path, folder: Any, home: Path) -> dict[str, Any]:
     """What the chat can load: base model folders under ``root``, registry versions, finished runs' results."""
-    from finetune_sdk.manifest import MANIFEST_NAME
+    from finetune_sdk.training.manifest import MANIFEST_NAME
     from finetune_sdk.registry import Registry
     from finetune_sdk.studio import forms
 
@@ -102,7 +102,7 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
 
     @app.post("/api/retrain")
     async def retrain_start(request: Request) -> dict[str, Any]:
-        from finetune_sdk.loading import is_result
+        from finetune_sdk.models.loading import is_result
         from finetune_sdk.registry.refs import validate_name
         from finetune_sdk.studio import forms
         from finetune_sdk.studio.runs import check_name
@@ -178,7 +178,7 @@ def add_loop_routes(app: Any, *, folder: Any, root: Path, home: Path, confine: A
 
 def _free_name(folder: Any, stem: str) -> str:
     """``stem-N``, the first N from 1 whose run name and result folder are both free."""
-    from finetune_sdk.run_events import run_area
+    from finetune_sdk.training.run_events import run_area
 
     number = 1
     while folder.path(f"{stem}-{number}").exists() or run_area(folder.path(f"{stem}-{number}")).exists():

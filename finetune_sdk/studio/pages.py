@@ -36,7 +36,7 @@ def layout(page: str, title: str, body: str, *, token: str = "") -> str:
 
 
 def _bytes(n: Any) -> str:
-    from finetune_sdk.machine import format_bytes
+    from finetune_sdk.advice.machine import format_bytes
 
     return format_bytes(n) if isinstance(n, (int, float)) else "—"
 

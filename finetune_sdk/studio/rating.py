@@ -2,9 +2,9 @@
 
 A rating names answers the studio gave (:class:`~finetune_sdk.studio.chat.Answer`, by id: the page never sends the
 answer text back, so a row holds exactly what the model wrote). Its row is built by
-:func:`finetune_sdk.rating_record.rating_row`, the function ``finetune feedback`` uses, with the record fields of
-the answer (``rater``, ``rated_at``, ``model``, ``sampling``: :func:`finetune_sdk.feedback.record_fields`), and
-appended by :class:`finetune_sdk.ratings_file.RatingsAppender`: one ``write`` and one ``fsync`` per row, under
+:func:`finetune_sdk.feedback.rating_record.rating_row`, the function ``finetune feedback`` uses, with the record fields of
+the answer (``rater``, ``rated_at``, ``model``, ``sampling``: :func:`finetune_sdk.feedback.session.record_fields`), and
+appended by :class:`finetune_sdk.feedback.ratings_file.RatingsAppender`: one ``write`` and one ``fsync`` per row, under
 ``flock``. The studio opens the file for each rating and waits for the lock (``wait_seconds``), so two pages (or a
 page and a script) rating at once take turns and never lose or interleave a row, and a server killed mid-way loses
 at most the rating being written.
@@ -20,7 +20,7 @@ Kinds of rating:
 
 Rating sessions over a prompts file (:func:`next_in_session`) do what ``finetune feedback`` does: the prompts that
 have no row yet in the ratings file (or the edited-answers file), each answered with
-:func:`finetune_sdk.feedback.sample_answers` seeded by :func:`~finetune_sdk.feedback.prompt_seed` (the same
+:func:`finetune_sdk.feedback.session.sample_answers` seeded by :func:`~finetune_sdk.feedback.session.prompt_seed` (the same
 answers the terminal would show).
 
 Example:
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.ratings_file import KTO_ROWS, PREFERENCE_ROWS, SFT_ROWS, RatingsAppender, read_ratings
+from finetune_sdk.feedback.ratings_file import KTO_ROWS, PREFERENCE_ROWS, SFT_ROWS, RatingsAppender, read_ratings
 
 #: How long a rating waits for another writer of the same file (seconds).
 LOCK_WAIT = 30.0
@@ -60,8 +60,8 @@ def rate(worker: Any, confine: Any, body: dict[str, Any]) -> dict[str, Any]:
         ConfigError: an unknown kind, answers that don't fit it (unknown ids, two answers to different prompts), a
             value the kind has no row for, or a file outside the studio's folders / holding other rows.
     """
-    from finetune_sdk.feedback import Edited
-    from finetune_sdk.rating_record import rating_row
+    from finetune_sdk.feedback.session import Edited
+    from finetune_sdk.feedback.rating_record import rating_row
 
     kind = body.get("kind")
     if kind not in KINDS:
@@ -117,7 +117,7 @@ def _what(shape: Any) -> str:
 
 def output_path(confine: Any, given: Any, shape: Any) -> Path:
     """The ratings file named on the page: under the studio's folders, in a folder that exists."""
-    from finetune_sdk.ratings_file import check_output_file
+    from finetune_sdk.feedback.ratings_file import check_output_file
 
     if not isinstance(given, str) or not given.strip():
         raise ConfigError(f"name the file for the {shape.name} (a .jsonl path under the studio's folder)")
@@ -139,10 +139,10 @@ def next_in_session(worker: Any, confine: Any, body: dict[str, Any]) -> dict[str
     "total"}`` when every prompt has a row, else ``{"prompt", "occurrence", "answers": [{"id", "text"}], "pending",
     "total", "record"}``. Runs on the worker thread (the caller awaits it).
     """
-    from finetune_sdk.feedback import (PAIRWISE, answer_settings, check_feedback_options, pending_listings,
+    from finetune_sdk.feedback.session import (PAIRWISE, answer_settings, check_feedback_options, pending_listings,
                                        prompt_seed, read_prompts, record_fields, sample_answers)
-    from finetune_sdk.rating_record import check_rater
-    from finetune_sdk.screen_text import escape_controls
+    from finetune_sdk.feedback.rating_record import check_rater
+    from finetune_sdk.feedback.screen_text import escape_controls
     from finetune_sdk.studio.chat import Settings
 
     mode = body.get("mode") or "thumbs"

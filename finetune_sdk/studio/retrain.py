@@ -1,7 +1,7 @@
 """Retrain from the ratings in one step: the next stage of the rated version, trained and published by the SDK.
 
 :func:`plan` counts the ratings file and says what the run will learn from, with warnings (too few rows, KTO's
-desirable/undesirable imbalance from :func:`finetune_sdk.kto.check_label_balance`, ties and both-bad pairs the
+desirable/undesirable imbalance from :func:`finetune_sdk.objectives.kto_training.check_label_balance`, ties and both-bad pairs the
 preference formatter skips), before anything starts. :func:`start` then launches ``python -m
 finetune_sdk.studio.retrain SPEC`` as a process of its own (like a run started from the form: it outlives the page
 and the server, and its events are in ``<runs>/<name>.run/``). The process (:func:`run_job`):
@@ -48,7 +48,7 @@ SPEC = "retrain.json"
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
-    from finetune_sdk.rating_record import select_ratings
+    from finetune_sdk.feedback.rating_record import select_ratings
 
     return select_ratings(path) if path.is_file() else []
 
@@ -56,7 +56,7 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 def plan(path: Path, objective: str) -> dict[str, Any]:
     """What a retrain on ``path`` would learn from: ``counts``, ``warnings`` (one line each) and ``error`` (a line
     when nothing can be trained: no file, no usable row); reads the file only."""
-    from finetune_sdk.ratings_file import KTO_ROWS, PREFERENCE_ROWS, SFT_ROWS
+    from finetune_sdk.feedback.ratings_file import KTO_ROWS, PREFERENCE_ROWS, SFT_ROWS
 
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
@@ -92,8 +92,8 @@ def plan(path: Path, objective: str) -> dict[str, Any]:
 
 
 def _balance_warnings(rows: list[dict[str, Any]], source: str) -> list[str]:
-    """KTO's own imbalance warning (:func:`finetune_sdk.kto.check_label_balance`, default weights), as text."""
-    from finetune_sdk.kto import check_label_balance
+    """KTO's own imbalance warning (:func:`finetune_sdk.objectives.kto_training.check_label_balance`, default weights), as text."""
+    from finetune_sdk.objectives.kto_training import check_label_balance
 
     caught: list[str] = []
 
@@ -114,7 +114,7 @@ def _balance_warnings(rows: list[dict[str, Any]], source: str) -> list[str]:
 def start(runs: Any, name: str, spec: dict[str, Any], cwd: Path) -> dict[str, Any]:
     """Launch the retrain job ``spec`` as run ``name`` of the RunsFolder ``runs`` (a process of its own)."""
     from finetune_sdk.fsutil import atomic_path
-    from finetune_sdk.run_events import run_area
+    from finetune_sdk.training.run_events import run_area
     from finetune_sdk.studio.runs import LAUNCH, OUTPUT
 
     out = runs.path(name)
@@ -148,9 +148,9 @@ def continued_adapter(rated: str, options: dict[str, Any], registry: Any) -> tup
     Raises :class:`~finetune_sdk.errors.ConfigError` when ``options`` set a LoRA shape (:data:`LORA_SHAPE`) other
     than the rated adapter's: a continued adapter keeps its shape.
     """
-    from finetune_sdk.loading import is_result, result_folder
+    from finetune_sdk.models.loading import is_result, result_folder
     from finetune_sdk.formatter import CAUSAL_LM
-    from finetune_sdk.manifest import read_manifest
+    from finetune_sdk.training.manifest import read_manifest
 
     if not is_result(rated):
         return None
@@ -177,8 +177,8 @@ def starting_point(spec: dict[str, Any], out: Path, registry: Any) -> tuple[Any,
     * Any other result (``qlora``: its 4-bit base; ``full``; a plugin's technique): folded into its base with
       :func:`finetune_sdk.merge` (``<runs>/<name>.start``), and a fresh LoRA adapter trains on that copy.
     """
-    from finetune_sdk.loading import is_result, result_folder
-    from finetune_sdk.manifest import read_manifest
+    from finetune_sdk.models.loading import is_result, result_folder
+    from finetune_sdk.training.manifest import read_manifest
 
     rated = spec["rated"]
     if not is_result(rated):
@@ -199,7 +199,7 @@ def starting_point(spec: dict[str, Any], out: Path, registry: Any) -> tuple[Any,
 
 def _trainable_adapter(folder: Path) -> tuple[Any, Any]:
     """``(PeftModel, tokenizer)``: the result's recorded base with its adapter loaded for training."""
-    from finetune_sdk.loading import load_base
+    from finetune_sdk.models.loading import load_base
     from finetune_sdk.log import known_dependency_warnings
 
     base = load_base(folder)
@@ -211,7 +211,7 @@ def _trainable_adapter(folder: Path) -> tuple[Any, Any]:
 
 def run_job(spec: dict[str, Any]) -> Any:
     """Train and publish the next stage (the body of the job process); returns the published version."""
-    from finetune_sdk.data import load_rows
+    from finetune_sdk.data.rows import load_rows
     from finetune_sdk.fsutil import write_text_atomic
     from finetune_sdk.log import quiet_third_party_output
     from finetune_sdk.registry import Registry

@@ -1,6 +1,6 @@
 """The runs of a runs folder: found from their event logs, started as detached processes, stopped and resumed.
 
-A run is ``<runs>/<name>``: its event log ``<runs>/<name>.run/events.jsonl`` (:mod:`finetune_sdk.run_events`), and
+A run is ``<runs>/<name>``: its event log ``<runs>/<name>.run/events.jsonl`` (:mod:`finetune_sdk.training.run_events`), and
 once finished its result folder ``<runs>/<name>``. Runs started by ``finetune train`` or ``Trainer.fit`` into the
 runs folder appear like those started by the studio. A run the studio starts is ``python -m finetune_sdk train ...``
 in a new session (``start_new_session=True``): it is not the web server's child in any way that matters, keeps
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.run_events import EVENTS_NAME, RUN_AREA_SUFFIX, read_events, run_area
+from finetune_sdk.training.run_events import EVENTS_NAME, RUN_AREA_SUFFIX, read_events, run_area
 
 LAUNCH = "launch.json"
 OUTPUT = "output.log"

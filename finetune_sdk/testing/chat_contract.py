@@ -88,7 +88,7 @@ def llama_cpp_prompt_ids(text: str, tokenizer: Any, adds_bos: bool | None = None
     ids and the text between them tokenized piece by piece (a SentencePiece tokenizer puts its dummy-prefix space
     at the start of each piece, as llama.cpp does), BOS put first when the file says ``add_bos_token`` (a BOS the
     template wrote itself is then dropped, not doubled)."""
-    from finetune_sdk.encoding import encode_run
+    from finetune_sdk.data.encoding import encode_run
     from finetune_sdk.exporting.chat_formats import _adds_bos
     from finetune_sdk.formatter import Segment
 
@@ -105,7 +105,7 @@ def training_prompt_ids(formatter: Any, tokenizer: Any, options: dict[str, Any],
     """The ids training put before the last answer of ``messages``: ``prompt_segments`` for one user turn, else the
     formatter's rendering of ``history_row(messages)`` (default: a ``messages`` row) cut where its last learnt run
     (the last answer) starts."""
-    from finetune_sdk.encoding import encode_segments
+    from finetune_sdk.data.encoding import encode_segments
 
     if len(messages) == 1:
         return encode_segments(formatter.prompt_segments(messages[0]["content"], tokenizer, options), tokenizer,

@@ -225,7 +225,7 @@ class QuantizerContract:
     def load(self, model_dir: Any) -> Any:
         import torch
 
-        from finetune_sdk.models import load_model, resolve_source
+        from finetune_sdk.models.sources import load_model, resolve_source
 
         quantizer = self.quantizer()
         model = load_model(resolve_source(model_dir), CAUSAL_LM, dtype=torch.float32,
@@ -312,7 +312,7 @@ class FormatterContract:
             self.formatter().validate({"unrelated": "x"}, "train.jsonl line 3")
 
     def test_answer_and_eos_are_learnt_prompt_is_not(self) -> None:
-        from finetune_sdk.encoding import IGNORE_INDEX, encode_segments
+        from finetune_sdk.data.encoding import IGNORE_INDEX, encode_segments
 
         formatter = self.formatter()
         tokenizer = tiny_tokenizer()
@@ -353,7 +353,7 @@ class FormatterContract:
     @pytest.mark.parametrize("variant", TOKENIZER_VARIANTS)
     def test_content_is_never_control_tokens(self, variant: str) -> None:
         """Row content holding every special-token string encodes without special ids and ends with one EOS."""
-        from finetune_sdk.encoding import encode_plain, encode_segments
+        from finetune_sdk.data.encoding import encode_plain, encode_segments
 
         formatter = self.formatter()
         tokenizer = variant_tokenizer(variant)
@@ -408,8 +408,8 @@ class FormatterContract:
         id, and ``generate()`` stops there: a model scripted to say two words and that token, over and over, answers
         the two words. Run with tokenizers whose turn ends with ``<|eot_id|>`` (Llama 3), ``<end_of_turn>`` (Gemma),
         ``<|end|>`` (Phi-3) and ``<|im_end|>`` (ChatML), EOS being another token."""
-        from finetune_sdk.inference import LoadedModel
-        from finetune_sdk.stop_tokens import single_token_id
+        from finetune_sdk.models.inference import LoadedModel
+        from finetune_sdk.models.stop_tokens import single_token_id
         from finetune_sdk.testing.turns import plain_token_ids, scripted_model
 
         formatter = self.formatter()

@@ -142,7 +142,7 @@ class ObjectiveContract:
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
         """A run that fails after a checkpoint and is resumed (``resume=True``) ends with the weights of the run
         that never failed (the objective's state between steps, e.g. a reference, survives)."""
-        from finetune_sdk.callbacks import CrashAtStep
+        from finetune_sdk.training.callbacks import CrashAtStep
 
         def crash(callback: Any, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == callback.step:
@@ -195,7 +195,7 @@ class ObjectiveContract:
         from finetune_sdk.errors import ConfigError, FinetuneError
         from finetune_sdk.objectives import get_objective
 
-        import finetune_sdk.models as models
+        import finetune_sdk.models.sources as models
 
         monkeypatch.setattr(models, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
         case = self.accumulation_case()

@@ -109,7 +109,7 @@ def scripted_model(tokenizer: Any, script: Mapping[int, int], default: int) -> A
 def trained_end_of_turn(formatter: Any, tokenizer: Any) -> int | None:
     """The id of the first special token the formatter trains after its example's answer begins (the end of turn
     the model learns to say), or ``None`` when the example trains no special token (prompt-only formatters)."""
-    from finetune_sdk.encoding import IGNORE_INDEX, encode_segments
+    from finetune_sdk.data.encoding import IGNORE_INDEX, encode_segments
 
     encoded = encode_segments(formatter.segments(formatter.example, tokenizer, {"max_length": 512}), tokenizer, None)
     special = set(tokenizer.all_special_ids)

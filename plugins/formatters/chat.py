@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from finetune_sdk.errors import DataError
-from finetune_sdk.encoding import encode_run
+from finetune_sdk.data.encoding import encode_run
 from finetune_sdk.formatter import Formatter, Segment, literal_format
 from finetune_sdk.plugins.formatters.template_rendering import TemplateRendering
-from finetune_sdk.stop_tokens import template_end_of_turn
+from finetune_sdk.models.stop_tokens import template_end_of_turn
 
 ROLES = ("system", "user", "assistant")
 
@@ -146,7 +146,7 @@ class ChatTemplateFormatter(ChatFormatter):
 
     def end_of_turn(self, tokenizer: Any) -> list[str]:
         """The marker the template puts after an answer (Llama 3's ``<|eot_id|>``, Gemma's ``<end_of_turn>``...;
-        :func:`~finetune_sdk.stop_tokens.template_end_of_turn`), else EOS."""
+        :func:`~finetune_sdk.models.stop_tokens.template_end_of_turn`), else EOS."""
         return template_end_of_turn(tokenizer) or super().end_of_turn(tokenizer)
 
     def _template(self, tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:

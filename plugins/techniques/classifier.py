@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from finetune_sdk.formatter import CLASSIFICATION
-from finetune_sdk.model_shape import ENCODER_TYPES
+from finetune_sdk.advice.model_shape import ENCODER_TYPES
 from finetune_sdk.options import Option
 from finetune_sdk.quantizer import Quantizer
 from finetune_sdk.technique import Technique
@@ -40,7 +40,7 @@ class ClassifierTechnique(Technique):
         return True  # the backbone is frozen, so it may be stored in any precision
 
     def prepare(self, model: Any, options: Mapping[str, Any], tokenizer: Any) -> Any:
-        from finetune_sdk.classifier_model import ClassifierModel
+        from finetune_sdk.models.classifier_model import ClassifierModel
 
         if isinstance(model, ClassifierModel):
             return model
@@ -61,7 +61,7 @@ class ClassifierTechnique(Technique):
     def load(self, base_model: Any, directory: Path, options: Mapping[str, Any]) -> Any:
         from safetensors.torch import load_file
 
-        from finetune_sdk.classifier_model import ClassifierModel
+        from finetune_sdk.models.classifier_model import ClassifierModel
         from finetune_sdk.errors import FinetuneError
 
         try:

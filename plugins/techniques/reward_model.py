@@ -1,5 +1,5 @@
 """The pairwise reward model (InstructGPT's, Ouyang et al., 2022): a scalar head on a frozen or LoRA-tuned backbone,
-trained with the Bradley-Terry loss on ``preference`` pairs (see :mod:`finetune_sdk.reward_model`)."""
+trained with the Bradley-Terry loss on ``preference`` pairs (see :mod:`finetune_sdk.models.reward_model`)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class RewardModelTechnique(Technique):
         return True  # a frozen backbone may be stored in any precision; LoRA trains on a quantized one as QLoRA
 
     def prepare(self, model: Any, options: Mapping[str, Any], tokenizer: Any) -> Any:
-        from finetune_sdk.reward_model import RewardModel
+        from finetune_sdk.models.reward_model import RewardModel
 
         if isinstance(model, RewardModel):  # a second fit() continues training the same model
             return model
@@ -95,7 +95,7 @@ class RewardModelTechnique(Technique):
         from safetensors.torch import load_file
 
         from finetune_sdk.errors import FinetuneError
-        from finetune_sdk.reward_model import RewardModel
+        from finetune_sdk.models.reward_model import RewardModel
 
         try:
             config = json.loads((directory / HEAD_CONFIG).read_text(encoding="utf-8"))

@@ -46,7 +46,7 @@ class IdentityPreferenceOptimization(DirectPreferenceOptimization):
         return ipo_loss_value(0.0, float(options["beta"]))
 
     def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
-        from finetune_sdk.preference import dpo_trainer_class, sequence_logps
+        from finetune_sdk.objectives.dpo_training import dpo_trainer_class, sequence_logps
 
         class IPOTrainer(dpo_trainer_class()):  # type: ignore[misc]
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -63,7 +63,7 @@ class IdentityPreferenceOptimization(DirectPreferenceOptimization):
         """DPO's held-out metrics (reward accuracy, margins), with ``eval_loss`` IPO's."""
         import torch
 
-        from finetune_sdk.preference import each_sequence_logps
+        from finetune_sdk.objectives.dpo_training import each_sequence_logps
 
         metrics = super().evaluate(loaded, plan, name, options)
         examples = plan.evals[name].encoded.examples

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_sdk.encoding import IGNORE_INDEX, encode_segments
+from finetune_sdk.data.encoding import IGNORE_INDEX, encode_segments
 from finetune_sdk.errors import DataError
 from finetune_sdk.plugin_manager import get_plugin_host
 from finetune_sdk.testing import FormatterContract

@@ -1,0 +1,1 @@
+"""Scoring models: held-out comparison with the base, lm-evaluation-harness benchmarks, the comparison report."""
