@@ -15,7 +15,7 @@ from pathlib import Path
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
-HOOK_SOURCE = Path(__file__).parent / "finetune_sdk" / "lm_eval_hook.py"
+HOOK_SOURCE = Path(__file__).parent / "finetune_sdk" / "evaluation" / "lm_eval_hook.py"
 HOOK_MODULE = "_finetune_sdk_lm_eval_hook"
 PTH_NAME = "finetune_sdk_lm_eval.pth"
 #: A .pth line that starts with "import" is run by site.py at interpreter start (setuptools' editable finder is

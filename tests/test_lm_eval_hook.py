@@ -29,7 +29,7 @@ def test_the_hook_is_installed_and_imports_nothing_at_start():
     assert pth.is_file(), "the lm-eval startup hook is not installed here: reinstall (make setup / pip install -e .)"
     assert pth.read_text() == "import _finetune_sdk_lm_eval_hook; _finetune_sdk_lm_eval_hook.install()\n"
     assert (site / "_finetune_sdk_lm_eval_hook.py").read_text() == \
-        (ROOT / "finetune_sdk" / "lm_eval_hook.py").read_text()
+        (ROOT / "finetune_sdk" / "evaluation" / "lm_eval_hook.py").read_text()
     state = json.loads(run_python(
         "import json, sys; print(json.dumps({'hook': '_finetune_sdk_lm_eval_hook' in sys.modules, "
         "'heavy': sorted(m for m in ('torch', 'lm_eval', 'finetune_sdk', 'transformers', 'typing') "
