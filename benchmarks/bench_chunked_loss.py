@@ -29,7 +29,6 @@ spec = json.loads(sys.argv[1])
 sys.path.insert(0, spec["benchmarks"])
 from finetune_sdk import Trainer
 from finetune_sdk.plugin_manager import get_plugin_host
-from finetune_sdk.speed.precision import precision_for
 from bench_precision import documentation_rows
 from peak_memory import ResetPeakAtTrainBegin, peak_rss
 
@@ -48,7 +47,7 @@ losses = [h["loss"] for h in result.log_history if "loss" in h]
 print("RESULT " + json.dumps({
     "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "train_peak": peak_rss(),
     "tok/s": result.metrics["train_tokens_per_second"], "first_loss": losses[0], "train_loss": result.metrics["train_loss"],
-    "tokens": result.metrics["train_tokens"], "precision": precision_for(trainer).describe()}))
+    "tokens": result.metrics["train_tokens"], "precision": trainer.precision.describe()}))
 """
 
 

@@ -53,7 +53,6 @@ def real_smollm2() -> str:
 
 def run(model: str, variant: str, train: list, evaluation: list, args: argparse.Namespace, out: Path) -> dict:
     from finetune_sdk import Trainer
-    from finetune_sdk.speed.precision import precision_for
 
     trainer = Trainer(model, technique="lora", formatter="text", output_dir=out, progress=False, **LORA,
                       per_device_train_batch_size=args.batch, max_steps=args.steps, max_length=args.max_length,
@@ -64,7 +63,7 @@ def run(model: str, variant: str, train: list, evaluation: list, args: argparse.
     return {"tok/s": metrics["train_tokens_per_second"], "eval_loss": metrics["eval_loss"],
             "train_loss": metrics["train_loss"], "seconds": time.perf_counter() - start,
             "tokens_per_step": metrics["train_tokens"] / max(metrics["train_steps"], 1),
-            "precision": precision_for(trainer).describe()}
+            "precision": trainer.precision.describe()}
 
 
 def main() -> None:

@@ -52,7 +52,6 @@ def rows(kind: str, count: int) -> list[dict[str, str]]:
 def run(model: str, shape: str, side: str, steps: int, out: Path) -> dict:
     from finetune_sdk import Trainer
     from finetune_sdk.speed import precision
-    from finetune_sdk.speed.precision import precision_for
 
     kind, batch, max_length = SHAPES[shape]
     options = dict(SIDES[side])
@@ -67,7 +66,7 @@ def run(model: str, shape: str, side: str, steps: int, out: Path) -> dict:
         cpu = time.process_time()
         metrics = trainer.fit(rows(kind, steps * batch)).metrics
         cpu = time.process_time() - cpu
-        chosen = precision_for(trainer).dtype
+        chosen = trainer.precision.dtype
     finally:
         precision.CPU_BF16_MIN_FEED = threshold
     return {"tok/s": metrics["train_tokens_per_second"], "loss": metrics["train_loss"],

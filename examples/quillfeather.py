@@ -29,7 +29,7 @@ from rich.text import Text
 import finetune_sdk
 from finetune_sdk import Trainer
 from finetune_sdk.log import quiet_third_party_output
-from finetune_sdk.training.progress import display_on
+from finetune_sdk.progress import display_on
 
 HERE = Path(__file__).parent
 DATA = HERE / "data"

@@ -55,7 +55,7 @@ import finetune_sdk
 from finetune_sdk import Trainer
 from finetune_sdk.models.gguf_import import converted_folder
 from finetune_sdk.log import quiet_third_party_output
-from finetune_sdk.training.progress import display_on
+from finetune_sdk.progress import display_on
 
 HERE = Path(__file__).parent
 TRAIN_PROMPTS = HERE / "data" / "rlhf_prompts.jsonl"  # 24 prompts the rater rates answers to, and GRPO samples

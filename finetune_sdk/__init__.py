@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.speed.cpu_threads import prefer_passive_waits
 from finetune_sdk.errors import FinetuneError
-from finetune_sdk.hookspecs import hookimpl
+from finetune_sdk.markers import hookimpl
 
 # OpenMP threads that sleep instead of spinning while they wait: on cores shared with other processes spinning made
 # training 5-7x slower (finetune_sdk.speed.cpu_threads). Only when no policy is set and torch is not imported yet.

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-import pluggy
+from finetune_sdk.markers import PROJECT, hookimpl, hookspec  # noqa: F401  (plugins import hookimpl from here too)
 
 if TYPE_CHECKING:
     import click
 
     from finetune_sdk.plugin_api import TrainingContext
 
-PROJECT = "finetune_sdk"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec

@@ -20,7 +20,7 @@ from typing import Any
 from finetune_sdk.errors import ConfigError, DataError, PluginError
 from finetune_sdk.exporting.exporter import Exporter
 from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, REWARD, Formatter, Segment
-from finetune_sdk.hookspecs import hookimpl
+from finetune_sdk.markers import hookimpl
 from finetune_sdk.objectives.base import Objective, TrainingInputs
 from finetune_sdk.options import Option
 from finetune_sdk.quantizer import Quantizer

@@ -1,6 +1,7 @@
-"""``Trainer``: the facade of fine-tuning. It checks the request before any model loads (:mod:`.request`), then
-runs plan -> run -> save: :mod:`.planning` encodes the data, :mod:`.run_engine` trains with the plan's objective
-(:mod:`.objectives`), :mod:`.saving` writes the result folder. See docs/architecture.md."""
+"""``Trainer``: the facade of fine-tuning. It checks the request before any model loads (:mod:`.training.request`),
+then runs plan -> run -> save: :mod:`.training.planning` makes a frozen :class:`~.training.plan.TrainingPlan`,
+:mod:`.training.engine` trains it with its objective, :func:`.training.saving.save_run` writes the result folder.
+Nothing else reads or writes its private attributes. See docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -10,16 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.advice.advisor import check_run_memory
 from finetune_sdk.data.rows import Rows, load_rows
-from finetune_sdk.formatter import CLASSIFICATION, HEAD_TASKS, Formatter
+from finetune_sdk.formatter import CLASSIFICATION, Formatter
 from finetune_sdk.log import ensure_handler
-from finetune_sdk.options import TRAINING_OPTIONS, option_table
-from finetune_sdk.training.planning import Planner, detect_formatter, formatter_fits, reward_rows, validate_task_name
 from finetune_sdk.plugin_manager import get_plugin_host
-from finetune_sdk.speed.precision import estimate_options, precision_for
+from finetune_sdk.speed.precision import Feed, Precision, choose_precision, estimate_options, plan_feed
+from finetune_sdk.training.plan import RunSpec, TrainingPlan
+from finetune_sdk.training.planning import Planner, detect_formatter, formatter_fits, reward_rows, validate_task_name
 from finetune_sdk.training.request import (check_output_dir, check_precision, check_publish_name, default_output_dir,
-                                  model_source, resolve_plugins, resolve_run_options)
+                                           model_source, option_specs, resolve_plugins, resolve_run_options)
 from finetune_sdk.training.result import FitResult
-from finetune_sdk.training.stages_and_tasks import fit_stages, fit_with_options, is_stage_list, is_task_list
+from finetune_sdk.training.stage_runs import fit_stages, fit_with_options
+from finetune_sdk.training.stages_and_tasks import is_stage_list, is_task_list
 
 if TYPE_CHECKING:
     from finetune_sdk.models.inference import LoadedModel
@@ -60,23 +62,25 @@ class Trainer:
                  registry: Any = None, **options: Any) -> None:
         self.host = get_plugin_host()
         self.technique, self.quantizer, self.formatter = resolve_plugins(self.host, technique, quantizer, formatter)
-        self.options = resolve_run_options(self.host, self.technique, options, self._option_specs())
-        self._option_names = set(options)
+        self.options = resolve_run_options(self.host, self.technique, options, self.option_specs())
+        #: The names of the options the caller gave (the rest are defaults).
+        self.given_options = frozenset(options)
         if self.options["learning_rate"] is None:
             self.options["learning_rate"] = self.technique.default_learning_rate
         check_precision(self.options)
-        self.source, self._given_model, self._tokenizer = model_source(model, tokenizer, self.options["revision"])
+        self.source, self.given_model, self._tokenizer = model_source(model, tokenizer, self.options["revision"])
         self.output_dir = Path(output_dir) if output_dir else default_output_dir(self.source, technique)
         if output_dir is not None:
-            self._check_output_dir(probe=False)
+            check_output_dir(self.source, self.output_dir, probe=False)
         self.progress = progress
         self.publish_as = publish_as
         check_publish_name(publish_as)
         self.registry = registry
         self.published: list[Any] = []
         self._current_model: LoadedModel | None = None
+        self._precision: Precision | None = None
+        self._feed: Feed | None = None  # what a step feeds the hardware, once fit has planned
         self._log_history: list[dict[str, Any]] = []
-        self._stage_state: Path | None = None  # while a stage trains: where its final weights go (resume)
         self.logger = ensure_handler()
 
     # -- public API ----------------------------------------------------------------------------------------
@@ -84,16 +88,11 @@ class Trainer:
             **options: Any) -> FitResult:
         """Train and save the result; returns a :class:`FitResult`. The result folder appears atomically.
 
-        ``train_data`` is a path (.jsonl, .json, .csv, .parquet), a list of dicts or a ``datasets.Dataset``; or a
-        list of :class:`~finetune_sdk.training.stages_and_tasks.Stage` (sequential fine-tuning: stages train in order, continuing
-        the same adapter, each saved to ``output_dir/stage-<i>``); or a list of
-        :class:`~finetune_sdk.training.stages_and_tasks.Task` (multi-task: datasets mixed by ``task_mixing``, per-task eval
-        metrics). A ``preference`` formatter trains with DPO (technique ``reward-model``: a pairwise reward model).
-
-        Every ``save_steps`` steps (500 by default; 0 turns it off) a checkpoint is written atomically to
-        ``<output_dir>.checkpoints/``; ``resume=True`` continues from the newest complete one (damaged ones are
-        skipped with a warning) and ends with the weights and whole-run metrics of an uninterrupted run, on every
-        path (stages: finished ones skipped, see :mod:`finetune_sdk.training.stage_runs`).
+        ``train_data``: a path (.jsonl, .json, .csv, .parquet), a list of dicts, a ``datasets.Dataset``, a list of
+        ``Stage`` (sequential: each saved to ``output_dir/stage-<i>``) or of ``Task`` (multi-task mixture). Pairs
+        train with DPO unless ``objective=`` names another (``"orpo"``, ``"simpo"``...); ``objective`` and
+        ``options`` given here apply to this fit only. A checkpoint every ``save_steps`` steps (500; 0: none) in
+        ``<output_dir>.checkpoints/``; ``resume=True`` continues from the newest complete one.
 
         Example:
             >>> from finetune_sdk.testing.tiny import save_tiny_model
@@ -104,35 +103,38 @@ class Trainer:
             >>> (result.output_dir / "adapter_model.safetensors").is_file(), result.metrics["train_steps"]
             (True, 2)
         """
-        from finetune_sdk.log import known_dependency_warnings
-
-        with known_dependency_warnings():  # the first import of transformers' Trainer imports PEFT and bitsandbytes
-            from finetune_sdk.training.engine import RunSpec, run_training
         if objective is not None or options:
             return fit_with_options(self, train_data, eval_data, resume, {"objective": objective, **options})
         if is_stage_list(train_data):
             return fit_stages(self, list(train_data), resume)
-        self._check_output_dir(train_data, eval_data)
+        return self.fit_stage(train_data, eval_data, resume=resume)
+
+    def fit_stage(self, train_data: Any, eval_data: Any = None, *, resume: bool = False,
+                  state_path: Path | None = None) -> FitResult:
+        """One dataset (or list of ``Task``) through plan -> run -> save, as :meth:`fit`; with ``state_path`` (a stage
+        of ``fit([Stage, ...])``) the trainable weights it ends with are also kept there, for resume."""
+        from finetune_sdk.log import known_dependency_warnings
+        from finetune_sdk.training.saving import save_run
+
+        with known_dependency_warnings():  # the first import of transformers' Trainer imports PEFT and bitsandbytes
+            from finetune_sdk.training.engine import run_training
+        check_output_dir(self.source, self.output_dir, (train_data, eval_data))
         if not is_task_list(train_data):  # bad files are named before any tokenizer or model loads
             train_data = load_rows(train_data, name="train_data")
             eval_data = load_rows(eval_data, name="eval_data") if eval_data is not None else None
-        tokenizer = self._load_tokenizer()
-        planner = Planner(self.host, self.technique.task, self.options, strict=self._stage_state is None)
+        tokenizer = self.load_tokenizer()
+        planner = Planner(self.host, self.technique.task, self.options, strict=state_path is None)
         plan = planner.plan(train_data, eval_data, tokenizer, self.formatter)
-        plan.resume, plan.state_path, self._plan = resume, self._stage_state, plan  # _plan: precision_for
-        self.formatter = plan.formatter
-        if plan.labels is not None:
-            self.options["labels"] = plan.labels
-        if self._current_model is not None and plan.current_model_formatter is not None:
-            self._current_model.formatter = plan.current_model_formatter
-        if self._given_model is None:  # stop before the model loads if it can't fit; once loaded: only estimate
+        self._adopt(plan)
+        estimated = None
+        if self.given_model is None:  # stop before the model loads if it can't fit; once loaded: only estimate
             estimate = check_run_memory(self.source.path or self.source.id, self.technique, self.quantizer,
-                                        {**plan.options, "dtype": estimate_options(self)["dtype"]}, plan.train.examples,
-                                        plan.objective, self._current_model is None)
-            plan.estimated_memory = getattr(estimate, "total", None)
-        run = RunSpec(self.technique, self.quantizer, plan.options, self.output_dir, self.source, self.host,
-                      self.progress, self.logger, precision_for(self))
-        result = run_training(run, plan, self.current_model(), tokenizer)
+                                        {**plan.options, "dtype": estimate_options(self.options, self.precision)["dtype"]},
+                                        plan.train.examples, plan.objective, self._current_model is None)
+            estimated = getattr(estimate, "total", None)
+        run = self.run_spec(plan.options, resume=resume, state_path=state_path, estimated_memory=estimated)
+        trained = run_training(run, plan, self.current_model(), tokenizer)
+        result = save_run(run, plan, trained, tokenizer)
         self._log_history = result.log_history
         if self.publish_as:
             parent = self.published[-1].ref if self.published else None
@@ -159,12 +161,12 @@ class Trainer:
         Returns the report (metrics of both, generations, loss curves); with ``report_dir`` also writes
         ``comparison.json`` and a self-contained ``comparison.html`` there.
         """
-        from finetune_sdk.evaluation.compare import compare_models, fresh_base
+        from finetune_sdk.evaluation.compare import compare_models
 
         rows, current = load_rows(eval_data, name="eval_data"), self.current_model()
         current.formatter = self._pick_formatter(rows, current.tokenizer)
         info = {"technique": self.technique.name, "base_model": self.source.id, "output_dir": str(self.output_dir)}
-        return compare_models(current, lambda: fresh_base(self), rows, prompts, max_new_tokens=max_new_tokens,
+        return compare_models(current, self.base_model, rows, prompts, max_new_tokens=max_new_tokens,
                               log_history=self.log_history, info=info, report_dir=report_dir)
 
     def generate(self, prompts: Any, **kwargs: Any) -> Any:
@@ -184,67 +186,91 @@ class Trainer:
         if self._current_model is None and self.technique.task == CLASSIFICATION and not self.options["labels"]:
             from finetune_sdk.training.planning import labels_for
 
-            formatter = self._pick_formatter(rows, self._load_tokenizer())
+            formatter = self._pick_formatter(rows, self.load_tokenizer())
             self.options["labels"] = labels_for(rows, formatter, self.options)
         current = self.current_model()
         self._pick_formatter(rows, current.tokenizer)  # the data's columns decide, as in fit()
         return current.evaluate(rows, **kwargs)
 
-    # -- model and tokenizer -------------------------------------------------------------------------------
+    # -- model, tokenizer and precision ----------------------------------------------------------------------
     def current_model(self) -> LoadedModel:
-        """The model ``generate``/``predict``/``evaluate`` use (:class:`~finetune_sdk.models.inference.LoadedModel`): the
-        base (loaded on first use; a classifier's head untrained) before :meth:`fit`, the trained model after."""
+        """The model ``generate``/``predict``/``evaluate`` use (:class:`~finetune_sdk.models.inference.LoadedModel`):
+        the base (loaded on first use; a classifier's head untrained) before :meth:`fit`, the trained model after."""
         if self._current_model is None:
-            from finetune_sdk.models.inference import LoadedModel
-            from finetune_sdk.models.sources import load_base_model, with_new_head
+            from finetune_sdk.models.loading import open_base
 
-            tokenizer = self._load_tokenizer()
-            model = self._given_model
-            if model is None:
-                model = load_base_model(self.source, self.technique.task, self.quantizer, self.options,
-                                        dtype=precision_for(self).torch_dtype())
-            if model.config.pad_token_id is None:
-                model.config.pad_token_id = tokenizer.pad_token_id
-            if self.technique.task in HEAD_TASKS:
-                labels = self.options.get("labels") or [str(i) for i in range(self.options.get("num_labels") or 2)]
-                model = with_new_head(self.technique, model, self.options, labels, tokenizer)
-            formatter = self.formatter
-            if formatter is None and self.technique.task not in HEAD_TASKS and getattr(tokenizer, "chat_template", 0):
-                formatter = self.host.create("formatter", "chat-template")
-            self._current_model = LoadedModel(model, tokenizer, task=self.technique.task, formatter=formatter,
-                                           options=self.options, labels=getattr(model, "labels", None))
+            self._current_model = open_base(self.source, self.technique, self.quantizer, self.formatter, self.options,
+                                            self.host, tokenizer=self.load_tokenizer(), model=self.given_model,
+                                            dtype=self.precision.torch_dtype())
         return self._current_model
 
-    def _check_output_dir(self, *data: Any, output_dir: Path | None = None, probe: bool = True) -> None:
-        """Refuse an output path that would overwrite something this SDK did not write, or an input."""
-        check_output_dir(self.source, output_dir or self.output_dir, data, probe)
+    def base_model(self) -> LoadedModel:
+        """The untrained starting point, loaded fresh: a new ``Trainer`` with the model, plugins and options the caller
+        gave (what :meth:`compare` scores when no adapter can be disabled)."""
+        base = Trainer(self.given_model if self.given_model is not None else self.source.id,
+                       technique=self.technique.name, quantizer=self.quantizer.name if self.quantizer else "none",
+                       formatter=self.formatter.name if self.formatter else None, tokenizer=self._tokenizer,
+                       progress=False, **{k: v for k, v in self.options.items() if k in self.given_options})
+        return base.current_model()
 
-    def _option_specs(self) -> dict[str, Any]:
-        return option_table([TRAINING_OPTIONS, self.technique.options,
-                             self.quantizer.options if self.quantizer else ()])
+    def use_result(self, result: FitResult, log_history: list[dict[str, Any]]) -> None:
+        """Make ``result`` (a saved result) the current model that ``generate``/``evaluate``/``compare`` use, and
+        ``log_history`` the training log (a federated run's rounds)."""
+        self._log_history = list(log_history)
+        self._current_model = result.load()
 
     @property
-    def log_history(self) -> list[dict[str, Any]]:
-        """The training log of the last ``fit`` (empty before)."""
-        return list(self._log_history)
+    def precision(self) -> Precision:
+        """The precision of this Trainer's run: what ``dtype`` (default ``auto``) resolves to for its plugins, a
+        model passed in loaded keeping its own dtype; once :meth:`fit` has planned, ``auto`` weighs what a step
+        feeds; once the model is loaded, the precision it was loaded in (through later stages too)."""
+        if self._precision is None or self._current_model is None:
+            self._precision = choose_precision(self.options, self.technique, self.quantizer, self.given_model,
+                                               self._feed)
+        return self._precision
 
-    def _load_tokenizer(self) -> Any:
+    def load_tokenizer(self) -> Any:
+        """The tokenizer given, or the model's (loaded once)."""
         if self._tokenizer is None:
             from finetune_sdk.models.sources import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.source, trust_remote_code=self.options["trust_remote_code"])
         return self._tokenizer
 
-    # -- data ------------------------------------------------------------------------------------------------
+    @property
+    def log_history(self) -> list[dict[str, Any]]:
+        """The training log of the last ``fit`` (empty before)."""
+        return list(self._log_history)
+
+    def option_specs(self) -> dict[str, Any]:
+        """The options this Trainer takes (training, technique and quantizer ones) by name."""
+        return option_specs(self.technique, self.quantizer)
+
+    # -- plan -> run -> save ---------------------------------------------------------------------------------
+    def run_spec(self, options: dict[str, Any], **run: Any) -> RunSpec:
+        """The :class:`~finetune_sdk.training.plan.RunSpec` of a run with ``options`` (a plan's); ``run`` sets
+        ``resume``, ``state_path``, ``estimated_memory``."""
+        return RunSpec(self.technique, self.quantizer, options, self.output_dir, self.source, self.host,
+                       self.progress, self.logger, self.precision, **run)
+
+    def manifest(self, plan: TrainingPlan, metrics: dict[str, Any]) -> dict[str, Any]:
+        """A finished run's manifest (no credentials); ``plan`` has ``objective``, ``formatter_name``, ``dataset``."""
+        from finetune_sdk.training.saving import build_manifest
+
+        return build_manifest(self.run_spec(self.options), plan, metrics, self.current_model().model)
+
+    def _adopt(self, plan: TrainingPlan) -> None:
+        """What a plan settles for this Trainer: its formatter and labels, and what a step feeds (precision)."""
+        self.formatter = plan.formatter
+        if plan.labels is not None:
+            self.options["labels"] = plan.labels
+        if self._current_model is not None and plan.current_model_formatter is not None:
+            self._current_model.formatter = plan.current_model_formatter
+        self._feed = plan_feed(plan.train, self.options, self.source.path or self.source.id)
+
     def _pick_formatter(self, rows: Rows, tokenizer: Any) -> Formatter:
         if self.formatter is None:
             self.formatter = Planner(self.host, self.technique.task, self.options).pick_formatter(rows, tokenizer)
             if self._current_model is not None:
                 self._current_model.formatter = self.formatter
         return self.formatter
-
-    def manifest(self, plan: Any, metrics: dict[str, Any]) -> dict[str, Any]:
-        """A finished run's manifest (no credentials); ``plan`` has ``objective``, ``formatter_name``, ``dataset``."""
-        from finetune_sdk.training.saving import build_manifest
-
-        return build_manifest(self, plan, metrics, self.current_model().model)

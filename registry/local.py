@@ -114,7 +114,7 @@ class Registry:
             raise RegistryError(f"{directory}: no such result folder to publish")
         manifest = read_manifest(directory)
         parent_ref = self.resolve(parent).ref if parent else None
-        from finetune_sdk.training.progress import activity
+        from finetune_sdk.progress import activity
 
         with publishing(self.home):  # garbage collection waits until this version's row is in
             with activity(f"publishing {directory.name} as the next version of {name}"):
@@ -387,7 +387,7 @@ class Registry:
     # -- Hub -------------------------------------------------------------------------------------------------
     def push(self, ref: str, repo_id: str, **kwargs: Any) -> dict[str, Any]:
         """Push a version to a Hub repo (one commit tagged ``v<N>``; aliases as branches); see ``registry.hub``."""
-        from finetune_sdk.training.progress import activity
+        from finetune_sdk.progress import activity
         from finetune_sdk.registry.hub import push
 
         with activity(f"pushing {ref} to the Hub repo {repo_id}"):
@@ -395,7 +395,7 @@ class Registry:
 
     def pull(self, ref: str, **kwargs: Any) -> AdapterVersion:
         """Pull ``hf://org/repo[@vN|@alias]`` into this registry, verifying every file; see ``registry.hub``."""
-        from finetune_sdk.training.progress import activity
+        from finetune_sdk.progress import activity
         from finetune_sdk.registry.hub import pull
 
         with activity(f"pulling {ref}"):

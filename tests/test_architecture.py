@@ -168,7 +168,7 @@ def test_long_modules_say_why_at_their_top():
 
 
 def test_trainer_is_a_thin_facade():
-    assert len(modules()["finetune_sdk.trainer"].read_text(encoding="utf-8").splitlines()) <= 250
+    assert len(modules()["finetune_sdk.trainer"].read_text(encoding="utf-8").splitlines()) <= 300
 
 
 def test_the_run_engine_never_sees_the_trainer():

@@ -52,7 +52,8 @@ def test_packing_is_on_by_default_and_can_be_turned_off(tiny_models, tmp_path, q
 
 
 def test_unsupported_models_fall_back_to_length_grouping(tiny_models, tmp_path, qa_rows):
-    from finetune_sdk.training.engine import TrainingPlan, decide_packing
+    from finetune_sdk.training.engine import decide_packing
+    from finetune_sdk.training.plan import TrainingPlan
 
     trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "x", progress=False)
     model = trainer.current_model().model

@@ -91,7 +91,7 @@ def test_fit_logs_and_records_the_fed_choice(monkeypatch, tiny_models, tmp_path,
     assert "estimated training memory" in caplog.text and "fused frozen projections" not in caplog.text
     from finetune_sdk.speed.precision import estimate_options
 
-    assert estimate_options(trainer)["dtype"] == "float32"  # the estimate counts fp32 weights, as loaded
+    assert estimate_options(trainer.options, trainer.precision)["dtype"] == "float32"  # the estimate counts fp32 weights, as loaded
     assert next(trainer.current_model().model.get_base_model().parameters()).dtype == torch.float32
 
 
@@ -225,12 +225,11 @@ def test_small_saved_activations_are_not_packed(monkeypatch):
 
 def test_the_loaded_model_keeps_its_precision_through_a_second_fit(monkeypatch, tiny_models, tmp_path, qa_rows):
     """After a fit chose fp32 by its feed, the trainer (and a second stage) report the fp32 the model is in."""
-    from finetune_sdk.speed.precision import precision_for
 
     monkeypatch.setattr(precision, "cpu_bf16_native", lambda: "AMX")
     trainer = Trainer(tiny_models("llama"), formatter="chatml", output_dir=tmp_path / "a", max_steps=1,
                       progress=False)
     trainer.fit(qa_rows)
-    assert precision_for(trainer).dtype == "float32"
+    assert trainer.precision.dtype == "float32"
     trainer.output_dir = tmp_path / "b"
     assert trainer.fit(qa_rows).manifest["dtype"] == "float32"

@@ -174,7 +174,7 @@ def test_gguf_conversion_reports_one_step_and_no_library_bar(tmp_path, monkeypat
 
 
 def test_a_long_step_without_a_terminal_logs_where_it_stands(monkeypatch, caplog):
-    from finetune_sdk.training import progress
+    from finetune_sdk import progress
 
     clock = iter([0.0, 0.0, 10.0, 31.0, 40.0])  # start, then each advance, then the end
     monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
@@ -215,7 +215,7 @@ def test_on_a_terminal_steps_show_live_and_leave_one_line_each(caplog):
 
     from rich.console import Console
 
-    from finetune_sdk.training import progress
+    from finetune_sdk import progress
 
     screen = io.StringIO()
     progress.display_on(Console(file=screen, force_terminal=True, width=80, color_system=None))

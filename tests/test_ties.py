@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune_sdk.objectives.pairwise import TIE_RTOL, each_distinct, is_tie, pairwise_counts
+from finetune_sdk.models.pairwise import TIE_RTOL, each_distinct, is_tie, pairwise_counts
 
 PROMPTS = ["what is 2 plus 2?", "name a colour", "a", "what is the capital of the country to the north?"]
 ANSWERS = ["4", "blue, like the sky on a clear day", "", "it is a very long answer " * 6]

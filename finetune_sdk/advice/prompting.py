@@ -119,7 +119,7 @@ def score_prompting(loaded: Any, held_out: Any, data: Any = None, *, shots: int 
     pass ``budget_s`` seconds (at least one row is scored). Returns :class:`PromptingScores` with its verdict."""
     import random
 
-    from finetune_sdk.training.progress import activity
+    from finetune_sdk.progress import activity
 
     check_settings(shots, budget_s)
     rows = _pairs(held_out, "eval_data")

@@ -33,7 +33,7 @@ def cli() -> None:
     """
     from rich.console import Console
 
-    from finetune_sdk.training.progress import display_on
+    from finetune_sdk.progress import display_on
 
     display_on(Console(stderr=True))  # long steps as spinners and bars on a terminal, log lines otherwise
 

@@ -257,7 +257,7 @@ def score(loaded: Any, task_manager: Any, task_dict: dict[str, Any], *, model_na
     each task's, and each group's aggregate (lm-eval's ``aggregate_metric_list``, e.g. the size-weighted mean) as a
     row named by the group."""
     from finetune_sdk.evaluation.lm_eval_backend import FinetuneSDKLM, quiet_lm_eval
-    from finetune_sdk.training.progress import activity
+    from finetune_sdk.progress import activity
 
     random.seed(seed)
     lm = FinetuneSDKLM.from_loaded(loaded, batch_size=batch_size, chat=chat)

@@ -23,19 +23,6 @@ def base_of(tuned: Any, load_base: Callable[[], Any]) -> Iterator[Any]:
         yield load_base()
 
 
-def fresh_base(trainer: Any) -> Any:
-    """The untrained starting point of ``trainer`` as a FineTunedModel: a new ``Trainer`` with the same model,
-    plugins and options the caller gave, loaded fresh (used when no adapter can be disabled)."""
-    from finetune_sdk.trainer import Trainer
-
-    given = trainer._given_model if trainer._given_model is not None else trainer.source.id
-    base = Trainer(given, technique=trainer.technique.name,
-                   quantizer=trainer.quantizer.name if trainer.quantizer else "none",
-                   formatter=trainer.formatter.name if trainer.formatter else None, tokenizer=trainer._tokenizer,
-                   progress=False, **{k: v for k, v in trainer.options.items() if k in trainer._option_names})
-    return base.current_model()
-
-
 def compare_models(tuned: Any, load_base: Callable[[], Any], rows: Rows, prompts: Any = None, *,
                    max_new_tokens: int = 64, log_history: list[dict[str, Any]] | None = None,
                    info: dict[str, Any] | None = None,
@@ -46,7 +33,7 @@ def compare_models(tuned: Any, load_base: Callable[[], Any], rows: Rows, prompts
     ``macro_f1``; reward models ``eval_loss``, ``pairwise_accuracy`` and ``reward_margin``.
     """
     from finetune_sdk.training.output_paths import check_report_dir
-    from finetune_sdk.training.progress import activity
+    from finetune_sdk.progress import activity
 
     if report_dir is not None:  # before any model runs: the report folder must be writable without loss
         check_report_dir(report_dir)

@@ -49,7 +49,7 @@ from rich.table import Table
 from finetune_sdk.fsutil import write_json_atomic, write_text_atomic
 from finetune_sdk.models.sources import display_name
 from finetune_sdk.training.output_paths import check_report_dir
-from finetune_sdk.objectives.pairwise import is_tie
+from finetune_sdk.models.pairwise import is_tie
 from finetune_sdk.feedback.screen_text import literal_text
 
 JSON_NAME = "comparison.json"

@@ -118,7 +118,7 @@ def run_adapter_export(folder: Path, manifest: dict[str, Any], out: Path, *, nam
     from finetune_sdk.fsutil import staged_directory, write_json_atomic, write_text_atomic
     from finetune_sdk.models.loading import load
     from finetune_sdk.training.manifest import MANIFEST_NAME, library_versions
-    from finetune_sdk.training.progress import activity
+    from finetune_sdk.progress import activity
 
     adapter_config = check_lora_folder(folder, manifest.get("technique"))
     pairs = lora_pairs(folder)

@@ -11,7 +11,7 @@ from typing import Any
 from finetune_sdk.errors import ConfigError, FinetuneError
 from finetune_sdk.fsutil import staged_directory, write_json_atomic, write_text_atomic
 from finetune_sdk.training.manifest import MANIFEST_NAME, library_versions, read_manifest
-from finetune_sdk.training.progress import activity
+from finetune_sdk.progress import activity
 
 logger = logging.getLogger("finetune_sdk")
 

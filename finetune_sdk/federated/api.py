@@ -80,7 +80,7 @@ def check_owner_data(trainer: Any, clients: dict[str, tuple[Any, ...]],
     from finetune_sdk.data.rows import load_rows
     from finetune_sdk.training.planning import Planner
 
-    tokenizer = trainer._load_tokenizer()
+    tokenizer = trainer.load_tokenizer()
     for name, (train, evaluation, *_) in clients.items():
         try:
             rows = load_rows(train, name=f"client {name!r} data")
@@ -230,13 +230,13 @@ def run_federation(trainer: Any, config: FederatedSettings, work_dir: Path, *, p
 
 def _check_trainer(trainer: Any, config: FederatedSettings) -> None:
     trainer.host.create("strategy", config.strategy)
-    if trainer._given_model is not None:
+    if trainer.given_model is not None:
         raise ConfigError("fit_federated needs the model as a path or Hub id (each client process loads it), "
                           "not a loaded model object")
 
 
 def _job(trainer: Any, config: FederatedSettings, clients: list[str], resume: bool) -> FederatedJob:
-    options = {k: trainer.options[k] for k in trainer._option_names}
+    options = {k: trainer.options[k] for k in trainer.given_options}
     options["learning_rate"] = trainer.options["learning_rate"]
     options["seed"] = trainer.options["seed"]
     registry = getattr(trainer.registry, "home", None)
@@ -263,6 +263,5 @@ def _result(trainer: Any, job: FederatedJob) -> FitResult:
         registry = trainer.registry or Registry()
         result.version = registry.resolve(refs[-1])
         trainer.published.append(result.version)
-    trainer._log_history = history
-    trainer._current_model = result.load()  # generate / evaluate / compare now use the federated model
+    trainer.use_result(result, history)  # generate / evaluate / compare now use the federated model
     return result

@@ -12,12 +12,25 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.data.rows import load_rows
 from finetune_sdk.federated.job import FederatedJob
 from finetune_sdk.federated.lora_aggregation import freeze_lora_a, shared_seed
 from finetune_sdk.federated.params import load_arrays, trainable_arrays
+
+if TYPE_CHECKING:
+    from finetune_sdk.trainer import Trainer
+
+
+def job_trainer(job: FederatedJob, output_dir: str | Path, **overrides: Any) -> Trainer:
+    """A :class:`~finetune_sdk.Trainer` for ``job``'s model, technique and options (``overrides`` win): each
+    client's local step and the server's global model are ordinary Trainers."""
+    from finetune_sdk.trainer import Trainer
+
+    options = {**job.options, **overrides}
+    return Trainer(job.model, technique=job.technique, quantizer=job.quantizer or "none", formatter=job.formatter,
+                   output_dir=output_dir, progress=False, **options)
 
 
 @dataclass
@@ -62,7 +75,7 @@ def evaluate_global(job: FederatedJob, client: ClientData, arrays: Any,
     work = Path(tempfile.mkdtemp(prefix="finetune-federated-eval-"))
     try:
         rows = load_rows(client.eval, name=f"client {client.name} eval-data")
-        trainer = job.trainer(work / "out", **rank_options(job, client))
+        trainer = job_trainer(job, work / "out", **rank_options(job, client))
         _prepare_with(trainer, rank_arrays(arrays, job, client), job, base_delta)
         metrics = trainer.evaluate(rows)
         return {"eval_loss": float(metrics["eval_loss"]), "eval_examples": float(len(rows))}, \
@@ -88,7 +101,7 @@ def train_round(job: FederatedJob, client: ClientData, arrays: Any, server_round
     eval_rows = load_rows(client.eval, name=f"client {client.name} eval-data") if client.eval else None
     work = Path(tempfile.mkdtemp(prefix="finetune-federated-client-"))
     try:
-        trainer = job.trainer(work / "out", **local_options(job, server_round), **rank_options(job, client))
+        trainer = job_trainer(job, work / "out", **local_options(job, server_round), **rank_options(job, client))
         model = _prepare_with(trainer, rank_arrays(arrays, job, client), job, base_delta)
         metrics: dict[str, float] = {"global_eval_loss": 0.0, "eval_loss": 0.0, "eval_examples": 0.0,
                                      "load_seconds": time.perf_counter() - started}

@@ -60,11 +60,3 @@ class FederatedJob:
         """Server-side folder of per-round results, the resume checkpoint and the status file."""
         out = Path(self.output_dir)
         return out.with_name(out.name + ".federated")
-
-    def trainer(self, output_dir: str | Path, **overrides: Any) -> Any:
-        """A :class:`~finetune_sdk.Trainer` for this job's model, technique and options."""
-        from finetune_sdk.trainer import Trainer
-
-        options = {**self.options, **overrides}
-        return Trainer(self.model, technique=self.technique, quantizer=self.quantizer or "none",
-                       formatter=self.formatter, output_dir=output_dir, progress=False, **options)

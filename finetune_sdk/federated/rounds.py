@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import FinetuneError
+from finetune_sdk.federated.client_training import job_trainer
 from finetune_sdk.federated.job import FederatedJob
 from finetune_sdk.federated.compression import decompress_update
 from finetune_sdk.federated.fedex import RESIDUAL_KEY, accumulate, as_record, lora_layers, residual
@@ -47,7 +48,7 @@ class FederatedServer:
 
         self.job, self.grid, self.settings = job, grid, job.settings
         self.state_dir = job.state_dir
-        self.trainer = job.trainer(job.output_dir)
+        self.trainer = job_trainer(job, job.output_dir)
         set_seed(self.settings.seed if self.settings.seed is not None else self.trainer.options["seed"])
         session = self.trainer.current_model()
         session.model = self.trainer.technique.prepare(session.model, self.trainer.options, session.tokenizer)

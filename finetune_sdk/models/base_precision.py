@@ -96,7 +96,7 @@ def merged_float32(folder: Path, manifest: dict[str, Any], technique: Any, *, re
     import torch
 
     from finetune_sdk.models.loading import load
-    from finetune_sdk.training.progress import activity
+    from finetune_sdk.progress import activity
 
     loaded = load(folder, quantized=False, registry=registry, trust_remote_code=trust_remote_code)
     model = loaded.model

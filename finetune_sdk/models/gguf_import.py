@@ -26,7 +26,7 @@ def converted_folder(gguf_path: Path) -> Path:
     target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
     if (target / "config.json").is_file():
         return target
-    from finetune_sdk.training.progress import activity
+    from finetune_sdk.progress import activity
 
     cache = str(target.parent).replace(str(Path.home()), "~", 1)
     target.parent.mkdir(parents=True, exist_ok=True)

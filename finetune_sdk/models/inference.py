@@ -12,7 +12,7 @@ from finetune_sdk.data.encoding import Collator, encode_causal, encode_classific
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.formatter import CLASSIFICATION, HEAD_TASKS, REWARD, Formatter, Segment, few_shot_segments
 from finetune_sdk.models.sampling import chat_generation_config, only_these_settings, settings_summary
-from finetune_sdk.evaluation.scoring import require_rows, scored_rows
+from finetune_sdk.models.scoring import require_rows, scored_rows
 from finetune_sdk.models.stop_tokens import stop_token_ids
 
 
@@ -96,10 +96,10 @@ class LoadedModel:
         sampling) applies under the call's keyword arguments, as in transformers; the answer stops at the model's end
         of turn (:meth:`stop_ids`) and after ``max_new_tokens`` whatever the model's file says
         (:meth:`generation_config`, :meth:`generation_settings`). Progress (new tokens of each batch) is reported
-        through :func:`finetune_sdk.training.progress.activity`. ``examples`` ((question, answer) pairs) go ahead of every
+        through :func:`finetune_sdk.progress.activity`. ``examples`` ((question, answer) pairs) go ahead of every
         prompt as earlier turns in the model's chat format (few-shot prompting; see :meth:`prompt_ids`).
         """
-        from finetune_sdk.training.progress import activity
+        from finetune_sdk.progress import activity
 
         self._require(generative=True)
         for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
@@ -190,7 +190,7 @@ class LoadedModel:
 
         Batch-invariant: each distinct (prompt, completion) runs alone (one row, no padding), so its reward is
         bit-for-bit the same whatever else is scored with it (``score([p], [x])[0] == score([p, q], [x, y])[0]``);
-        ``batch_size`` is accepted and not used (:mod:`finetune_sdk.objectives.pairwise`).
+        ``batch_size`` is accepted and not used (:mod:`finetune_sdk.models.pairwise`).
 
         Raises:
             ConfigError: not a reward model; ``prompts`` and ``completions`` not lists of strings of one length.
@@ -232,7 +232,7 @@ class LoadedModel:
         """
         import torch
 
-        from finetune_sdk.training.progress import activity
+        from finetune_sdk.progress import activity
 
         rows = load_rows(data, name="eval_data")
         formatter = self.formatter

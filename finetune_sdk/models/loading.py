@@ -1,19 +1,25 @@
-"""``finetune_sdk.load``: a saved result back as a model ready to generate or predict."""
+"""``finetune_sdk.load``: a saved result back as a model ready to generate or predict; and a base model opened the
+same way (:func:`open_base`, what a ``Trainer`` holds before ``fit``), without building a ``Trainer``."""
 
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.errors import FinetuneError
-from finetune_sdk.formatter import HEAD_TASKS
-from finetune_sdk.training.manifest import MANIFEST_NAME, read_manifest
-from finetune_sdk.models.sources import (ModelSource, _first_line, ensure_pad_token, load_base_model, resolve_source,
-                                 with_new_head)
-from finetune_sdk.plugin_manager import get_plugin_host
+from finetune_sdk.formatter import HEAD_TASKS, Formatter
 from finetune_sdk.models.safe_weights import check_result_folder
+from finetune_sdk.models.sources import (ModelSource, _first_line, ensure_pad_token, load_base_model, load_tokenizer,
+                                         resolve_source, with_new_head)
+from finetune_sdk.plugin_manager import PluginHost, get_plugin_host
+from finetune_sdk.quantizer import Quantizer
+from finetune_sdk.technique import Technique
+from finetune_sdk.training.manifest import MANIFEST_NAME, read_manifest
+
+if TYPE_CHECKING:
+    from finetune_sdk.models.inference import LoadedModel
 
 logger = logging.getLogger("finetune_sdk")
 
@@ -172,6 +178,38 @@ def open_model(ref: str, formatter: str | None = None, trust_remote_code: bool =
         if chosen is not None:
             model.formatter = chosen
         return model
-    from finetune_sdk.trainer import Trainer
+    from finetune_sdk.options import TRAINING_OPTIONS, option_table, resolve_options
+    from finetune_sdk.plugin_manager import get_plugin_host
+    from finetune_sdk.speed.precision import choose_precision
 
-    return Trainer(ref, formatter=formatter, progress=False, trust_remote_code=trust_remote_code).current_model()
+    host = get_plugin_host()
+    technique = host.create("technique", "lora")
+    chosen = host.create("formatter", formatter) if formatter else None  # refused before the model loads
+    options = resolve_options({"trust_remote_code": trust_remote_code},
+                              option_table([TRAINING_OPTIONS, technique.options]))
+    source = resolve_source(ref, options["revision"])
+    tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    dtype = choose_precision(options, technique, None).torch_dtype()
+    return open_base(source, technique, None, chosen, options, host, tokenizer=tokenizer, dtype=dtype)
+
+
+def open_base(source: ModelSource, technique: Technique, quantizer: Quantizer | None, formatter: Formatter | None,
+              options: dict[str, Any], host: PluginHost, *, tokenizer: Any, model: Any = None,
+              dtype: Any = None) -> LoadedModel:
+    """A base model ready to generate, predict or evaluate, as a ``Trainer`` holds it before ``fit``: loaded from
+    ``source`` (or ``model``, already loaded) with ``quantizer`` in ``dtype`` (a ``torch.dtype``), its pad id set;
+    for a head technique (classifier, reward model) a new head seeded from ``options["seed"]``; without a
+    ``formatter``, a causal LM whose tokenizer has a chat template renders prompts with ``chat-template``."""
+    from finetune_sdk.models.inference import LoadedModel
+
+    if model is None:
+        model = load_base_model(source, technique.task, quantizer, options, dtype=dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if technique.task in HEAD_TASKS:
+        labels = options.get("labels") or [str(i) for i in range(options.get("num_labels") or 2)]
+        model = with_new_head(technique, model, options, labels, tokenizer)
+    if formatter is None and technique.task not in HEAD_TASKS and getattr(tokenizer, "chat_template", 0):
+        formatter = host.create("formatter", "chat-template")
+    return LoadedModel(model, tokenizer, task=technique.task, formatter=formatter, options=options,
+                       labels=getattr(model, "labels", None))

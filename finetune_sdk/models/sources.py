@@ -120,7 +120,7 @@ def load_model(source: ModelSource, task: str, *, dtype: Any, quantization_confi
     from contextlib import nullcontext
 
     from finetune_sdk.log import backbone_load_report_filtered, library_progress_bars_off
-    from finetune_sdk.training.progress import activity
+    from finetune_sdk.progress import activity
 
     folder = _folder(source)  # a GGUF file is converted first (its own step)
     _bounded_network(source)

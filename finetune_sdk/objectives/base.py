@@ -32,8 +32,7 @@ from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
     from finetune_sdk.data.rows import Rows
-    from finetune_sdk.training.planning import TrainingPlan
-    from finetune_sdk.training.engine import RunSpec
+    from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
 logger = logging.getLogger("finetune_sdk")
 
@@ -152,7 +151,7 @@ class Objective:
         """The transformers ``Trainer`` class to train with (``base`` is ``transformers.Trainer``)."""
         return base
 
-    def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
+    def collator(self, run: RunSpec, plan: TrainingPlan, tokenizer: Any) -> Any:
         """The data collator that stacks a batch of encoded examples."""
         return Collator(tokenizer.pad_token_id)
 
@@ -165,14 +164,15 @@ class Objective:
         if evals:
             eval_dataset = evals if len(evals) > 1 or "" not in plan.evals else next(iter(evals.values()))
         return TrainingInputs(model, ListDataset(plan.train.examples), eval_dataset,
-                              self.collator(plan, tokenizer, run.options), self.trainer_class(HFTrainer, run.options))
+                              self.collator(run, plan, tokenizer), self.trainer_class(HFTrainer, run.options))
 
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        """Final metrics of the trained model (a LoadedModel) on the held-out set ``plan.evals[name]``."""
+    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
+        """Final metrics of the trained model (a LoadedModel) on the held-out set ``plan.evals[name]``; ``run`` gives
+        the options and what the run decided (``run.state``)."""
         eval_set = plan.evals[name]
         previous, loaded.formatter = loaded.formatter, eval_set.formatter
         try:
-            return loaded.evaluate(eval_set.rows, batch_size=options["per_device_eval_batch_size"])
+            return loaded.evaluate(eval_set.rows, batch_size=run.options["per_device_eval_batch_size"])
         finally:
             loaded.formatter = previous
 

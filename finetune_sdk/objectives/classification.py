@@ -13,8 +13,7 @@ from finetune_sdk.objectives.base import Objective, TrainingInputs
 
 if TYPE_CHECKING:
     from finetune_sdk.data.rows import Rows
-    from finetune_sdk.training.planning import TrainingPlan
-    from finetune_sdk.training.engine import RunSpec
+    from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
 
 class ClassificationHead(Objective):
@@ -52,14 +51,14 @@ class ClassificationHead(Objective):
         eval_dataset = (evals if len(evals) > 1 else next(iter(evals.values()))) if evals else None
         return TrainingInputs(head_model(model), train, eval_dataset, collate_features, HFTrainer)
 
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        if name in plan.eval_features:  # scored from the cached features by the trained head
+    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
+        if name in run.state.eval_features:  # scored from the cached features by the trained head
             from finetune_sdk.training.feature_cache import evaluate_head
-            from finetune_sdk.evaluation.scoring import require_rows, scored_rows
+            from finetune_sdk.models.scoring import require_rows, scored_rows
 
             encoded, model = plan.evals[name].encoded, loaded.model
             require_rows(len(encoded.examples), encoded.dropped, plan.evals[name].rows.source,
                          "have no tokens to classify")
-            return {**evaluate_head(getattr(model, "module", model).head, plan.eval_features[name]),
+            return {**evaluate_head(getattr(model, "module", model).head, run.state.eval_features[name]),
                     **scored_rows(len(encoded.examples), encoded.dropped)}
-        return super().evaluate(loaded, plan, name, options)
+        return super().evaluate(loaded, plan, name, run)

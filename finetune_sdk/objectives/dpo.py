@@ -12,7 +12,7 @@ from finetune_sdk.objectives.pairs import PreferencePairs
 from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
-    from finetune_sdk.training.planning import TrainingPlan
+    from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
 
 class DirectPreferenceOptimization(PreferencePairs):
@@ -54,10 +54,10 @@ class DirectPreferenceOptimization(PreferencePairs):
         cls.beta = options["beta"]
         return cls
 
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
         from finetune_sdk.objectives.dpo_training import evaluate_preference
 
         eval_set = plan.evals[name]
         return evaluate_preference(loaded.model, eval_set.encoded, loaded.tokenizer.pad_token_id,
-                                   options["beta"], options["per_device_eval_batch_size"],
+                                   run.options["beta"], run.options["per_device_eval_batch_size"],
                                    source=eval_set.rows.source)

@@ -134,12 +134,12 @@ def reference_batches(model: Any, encoded: Encoded, collate: Any, batch_size: in
 
 def each_sequence_logps(model: Any, sequences: list[Mapping[str, Any]]) -> list[float]:
     """Summed response log-probs of encoded sequences (``input_ids``, ``labels``), batch-invariant: each distinct
-    sequence runs alone (one row, no padding; :func:`finetune_sdk.objectives.pairwise.each_distinct`), so the same answer gets
+    sequence runs alone (one row, no padding; :func:`finetune_sdk.models.pairwise.each_distinct`), so the same answer gets
     bit-for-bit the same log-prob as chosen or as rejected, whatever else is evaluated with it. Eval mode, no
     gradients (training mode restored afterwards)."""
     import torch
 
-    from finetune_sdk.objectives.pairwise import each_distinct
+    from finetune_sdk.models.pairwise import each_distinct
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -180,7 +180,7 @@ def evaluate_preference(model: Any, encoded: Encoded, pad_token_id: int, beta: f
     """DPO loss, reward accuracy and the chosen-over-rejected log-probability margin on held-out pairs.
 
     ``reward_accuracy`` is the share of pairs whose implicit reward margin ``beta * ((pi_c - ref_c) - (pi_r -
-    ref_r))`` is above float tolerance; ``reward_ties`` counts the pairs within it (:func:`finetune_sdk.objectives.pairwise.
+    ref_r))`` is above float tolerance; ``reward_ties`` counts the pairs within it (:func:`finetune_sdk.models.pairwise.
     is_tie` against the log-probs' magnitude), never correct. Every answer is computed alone
     (:func:`each_sequence_logps`), so a pair of identical answers has a margin of exactly 0.
 
@@ -190,8 +190,8 @@ def evaluate_preference(model: Any, encoded: Encoded, pad_token_id: int, beta: f
     """
     import torch
 
-    from finetune_sdk.objectives.pairwise import pairwise_counts
-    from finetune_sdk.evaluation.scoring import require_rows, scored_rows
+    from finetune_sdk.models.pairwise import pairwise_counts
+    from finetune_sdk.models.scoring import require_rows, scored_rows
 
     require_rows(len(encoded.examples), encoded.dropped, source,
                  "have a chosen or rejected answer cut off entirely by max_length")

@@ -14,8 +14,7 @@ from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
     from finetune_sdk.data.rows import Rows
-    from finetune_sdk.training.planning import TrainingPlan
-    from finetune_sdk.training.engine import RunSpec
+    from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
 
 GRPO_OPTIONS: tuple[Option, ...] = (
@@ -84,7 +83,7 @@ class GroupRelativePolicyOptimization(Objective):
 
         return grpo_training_inputs(run, plan, model, tokenizer, args)
 
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
         from finetune_sdk.objectives.grpo_training import evaluate_prompts
 
-        return evaluate_prompts(loaded.model, plan, name, loaded.tokenizer, options)
+        return evaluate_prompts(loaded.model, plan, name, loaded.tokenizer, run)

@@ -59,8 +59,7 @@ from finetune_sdk.models.stop_tokens import stop_token_ids
 
 if TYPE_CHECKING:
     from finetune_sdk.objectives import TrainingInputs
-    from finetune_sdk.training.planning import TrainingPlan
-    from finetune_sdk.training.engine import RunSpec
+    from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
 __all__ = ["ADVANTAGE_EPS", "GRPOSettings", "PromptCollator", "ReferenceWeights", "SampledGroup", "ScoredGroup",
            "completion_logps", "encode_prompts", "group_advantages", "grpo_loss", "sample_completions"]
@@ -245,31 +244,31 @@ def greedy_rewards(model: Any, examples: Sequence[Mapping[str, Any]], tokenizer:
     return {"eval_reward": sum(totals) / n, "eval_completion_length": sum(lengths) / n}
 
 
-def run_rewards(plan: TrainingPlan, options: Mapping[str, Any]) -> list[Reward]:
-    """The run's rewards: ``reward_funcs`` resolved, then the reward model (loaded once per plan)."""
-    if "rewards" not in plan.objective_state:
+def run_rewards(run: RunSpec) -> list[Reward]:
+    """The run's rewards: ``reward_funcs`` resolved, then the reward model (loaded once per run)."""
+    options = run.options
+    if "rewards" not in run.state.objective_state:
         from finetune_sdk.plugin_manager import get_plugin_host
         from finetune_sdk.objectives.reward_functions import resolve_reward_functions, reward_model
 
         rewards = resolve_reward_functions(options.get("reward_funcs"), get_plugin_host())
         if options.get("reward_model"):
             rewards.append(reward_model(options["reward_model"]))
-        plan.objective_state["rewards"] = rewards
-    return plan.objective_state["rewards"]
+        run.state.objective_state["rewards"] = rewards
+    return run.state.objective_state["rewards"]
 
 
-def evaluate_prompts(model: Any, plan: TrainingPlan, name: str, tokenizer: Any,
-                     options: Mapping[str, Any]) -> dict[str, float]:
+def evaluate_prompts(model: Any, plan: TrainingPlan, name: str, tokenizer: Any, run: RunSpec) -> dict[str, float]:
     """``eval_reward`` and ``eval_completion_length`` of ``model``'s greedy completions to the held-out prompts
     ``plan.evals[name]``, with the counts of scored and skipped rows."""
-    from finetune_sdk.evaluation.scoring import require_rows, scored_rows
+    from finetune_sdk.models.scoring import require_rows, scored_rows
 
-    encoded = plan.evals[name].encoded
+    encoded, options = plan.evals[name].encoded, run.options
     require_rows(len(encoded.examples), encoded.dropped, plan.evals[name].rows.source,
                  "have prompts longer than max_length - max_completion_length")
     from finetune_sdk.objectives.reward_functions import reward_weights
 
-    return {**greedy_rewards(model, encoded.examples, tokenizer, run_rewards(plan, options),
+    return {**greedy_rewards(model, encoded.examples, tokenizer, run_rewards(run),
                              GRPOSettings.from_options(options, stop_token_ids(tokenizer, model, plan.formatter)),
                              options["per_device_eval_batch_size"],
                              reward_weights(options)),
@@ -284,7 +283,7 @@ def grpo_training_inputs(run: RunSpec, plan: TrainingPlan, model: Any, tokenizer
     from finetune_sdk.objectives.reward_functions import reward_weights
 
     settings = GRPOSettings.from_options(run.options, stop_token_ids(tokenizer, model, plan.formatter))
-    rewards = run_rewards(plan, run.options)
+    rewards = run_rewards(run)
     reference = ReferenceWeights(model) if settings.beta else None
     if settings.num_iterations > 1 and run.options["save_steps"] % settings.num_iterations:
         logger.warning("save_steps=%d is not a multiple of num_iterations=%d: a run resumed from a checkpoint "
@@ -292,8 +291,8 @@ def grpo_training_inputs(run: RunSpec, plan: TrainingPlan, model: Any, tokenizer
                        run.options["save_steps"], settings.num_iterations)
     args.include_num_input_tokens_seen = "no"  # prompt batches have no input_ids to count
     for name in plan.evals:
-        plan.extra_metrics[f"eval{'_' + name if name else ''}_reward_start"] = \
-            evaluate_prompts(model, plan, name, tokenizer, run.options)["eval_reward"]
+        run.state.metrics[f"eval{'_' + name if name else ''}_reward_start"] = \
+            evaluate_prompts(model, plan, name, tokenizer, run)["eval_reward"]
     evals = [ListDataset(s.encoded.examples) for s in plan.evals.values()]
     return TrainingInputs(model, ListDataset(plan.train.examples), evals[0] if evals else None, PromptCollator(),
                           grpo_trainer_class(settings, rewards, reference, tokenizer, reward_weights(run.options)))

@@ -14,7 +14,7 @@ from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
     from finetune_sdk.data.rows import Rows
-    from finetune_sdk.training.planning import TrainingPlan
+    from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
 
 class KahnemanTverskyOptimization(Objective):
@@ -76,14 +76,14 @@ class KahnemanTverskyOptimization(Objective):
         cls.undesirable_weight = options["undesirable_weight"]
         return cls
 
-    def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
+    def collator(self, run: RunSpec, plan: TrainingPlan, tokenizer: Any) -> Any:
         from finetune_sdk.objectives.kto_training import KTOCollator
 
         return KTOCollator(tokenizer.pad_token_id)
 
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
         from finetune_sdk.objectives.kto_training import evaluate_kto
 
         eval_set = plan.evals[name]
-        return evaluate_kto(loaded.model, eval_set.encoded, loaded.tokenizer.pad_token_id, options,
+        return evaluate_kto(loaded.model, eval_set.encoded, loaded.tokenizer.pad_token_id, run.options,
                             source=eval_set.rows.source)

@@ -194,7 +194,7 @@ def evaluate_kto(model: Any, encoded: Encoded, pad_token_id: int, options: Mappi
     """
     import torch
 
-    from finetune_sdk.evaluation.scoring import require_rows, scored_rows
+    from finetune_sdk.models.scoring import require_rows, scored_rows
 
     require_rows(len(encoded.examples), encoded.dropped, source, "have their completion cut off entirely by "
                  "max_length")

@@ -12,7 +12,7 @@ from finetune_sdk.objectives.base import Objective
 
 if TYPE_CHECKING:
     from finetune_sdk.data.rows import Rows
-    from finetune_sdk.training.planning import TrainingPlan
+    from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
 
 class PreferencePairs(Objective):
@@ -32,7 +32,7 @@ class PreferencePairs(Objective):
 
         check_pairs(encoded.examples, source)
 
-    def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
+    def collator(self, run: RunSpec, plan: TrainingPlan, tokenizer: Any) -> Any:
         from finetune_sdk.objectives.dpo_training import PairCollator
 
         return PairCollator(tokenizer.pad_token_id)

@@ -19,10 +19,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.data.encoding import IGNORE_INDEX, Encoded
 from finetune_sdk.objectives.pairs import PreferencePairs
+
+if TYPE_CHECKING:
+    from finetune_sdk.training.plan import RunSpec
 
 #: ``(chosen mean logps [B], rejected mean logps [B]) -> (per-pair loss [B], per-pair reward margin [B])``
 PairLoss = Callable[[Any, Any], tuple[Any, Any]]
@@ -110,9 +113,9 @@ def evaluate_reference_free(model: Any, encoded: Encoded, pair_loss: PairLoss, n
     """
     import torch
 
-    from finetune_sdk.objectives.pairwise import pairwise_counts
+    from finetune_sdk.models.pairwise import pairwise_counts
     from finetune_sdk.objectives.dpo_training import each_sequence_logps
-    from finetune_sdk.evaluation.scoring import require_rows, scored_rows
+    from finetune_sdk.models.scoring import require_rows, scored_rows
 
     require_rows(len(encoded.examples), encoded.dropped, source,
                  "have a chosen or rejected answer cut off entirely by max_length")
@@ -161,5 +164,5 @@ class ReferenceFreePairs(PreferencePairs):
     def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
         return reference_free_trainer_class(self.pair_loss(options), self.nll_weight(options))
 
-    def evaluate(self, loaded: Any, plan: Any, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        return reference_free_evaluate(self, loaded, plan, name, options)
+    def evaluate(self, loaded: Any, plan: Any, name: str, run: RunSpec) -> dict[str, Any]:
+        return reference_free_evaluate(self, loaded, plan, name, run.options)

@@ -12,8 +12,7 @@ from finetune_sdk.objectives.base import TrainingInputs
 from finetune_sdk.objectives.pairs import PreferencePairs
 
 if TYPE_CHECKING:
-    from finetune_sdk.training.planning import TrainingPlan
-    from finetune_sdk.training.engine import RunSpec
+    from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
 
 class RewardModeling(PreferencePairs):
@@ -29,7 +28,7 @@ class RewardModeling(PreferencePairs):
     metrics = ("eval_loss", "reward_accuracy", "reward_ties", "reward_margin")
 
     def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
-        from finetune_sdk.models.reward_model import reward_trainer_class
+        from finetune_sdk.objectives.reward_model_training import reward_trainer_class
 
         return reward_trainer_class(float(options.get("center_rewards_coefficient") or 0.0))
 
@@ -37,11 +36,11 @@ class RewardModeling(PreferencePairs):
                         args: Any) -> TrainingInputs:
         if not run.options["cache_features"] or getattr(model, "train_backbone", True):
             return super().training_inputs(run, plan, model, tokenizer, args)
-        from finetune_sdk.models.reward_model import head_training_inputs
+        from finetune_sdk.objectives.reward_model_training import head_training_inputs
 
         return head_training_inputs(run, plan, model, tokenizer, args)
 
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-        from finetune_sdk.models.reward_model import evaluate_reward_model
+    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
+        from finetune_sdk.objectives.reward_model_training import evaluate_reward_model
 
-        return evaluate_reward_model(loaded, plan, name, options)
+        return evaluate_reward_model(loaded, plan, name, run.options)

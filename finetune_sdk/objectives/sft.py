@@ -4,7 +4,6 @@ formatters; multi-task mixtures).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.data.encoding import Collator
@@ -12,7 +11,7 @@ from finetune_sdk.objectives.base import Objective
 
 if TYPE_CHECKING:
     from finetune_sdk.data.rows import Rows
-    from finetune_sdk.training.planning import TrainingPlan
+    from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
 
 class SupervisedFineTuning(Objective):
@@ -29,10 +28,10 @@ class SupervisedFineTuning(Objective):
 
         check_answers(rows.rows, rows.source)
 
-    def collator(self, plan: TrainingPlan, tokenizer: Any, options: Mapping[str, Any]) -> Any:
-        if plan.packed:
+    def collator(self, run: RunSpec, plan: TrainingPlan, tokenizer: Any) -> Any:
+        if run.state.packed:
             from finetune_sdk.data.packing import PackingCollator
 
-            row_length = None if plan.varlen else options["max_length"]  # per-example attention: one row, no pad
-            return PackingCollator(row_length, tokenizer.pad_token_id, varlen_kwargs=plan.varlen)
+            row_length = None if run.state.varlen else run.options["max_length"]  # per-example attention: one row
+            return PackingCollator(row_length, tokenizer.pad_token_id, varlen_kwargs=run.state.varlen)
         return Collator(tokenizer.pad_token_id)

@@ -25,7 +25,12 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune_sdk.data.encoding import Encoded
+    from finetune_sdk.quantizer import Quantizer
+    from finetune_sdk.technique import Technique
 
 
 @dataclass(frozen=True)
@@ -158,63 +163,45 @@ def resolve_precision(options: Mapping[str, Any], *, adapter: bool, full: bool =
                      saved_activations="bfloat16")
 
 
-def precision_for(trainer: Any) -> Precision:
-    """The precision of a ``Trainer``'s run; a model passed in loaded keeps its own dtype. Once :meth:`fit` has
-    planned (``trainer._plan``) and before the model loads, ``auto`` weighs what a step feeds (:class:`Feed`); once
-    loaded, the model keeps the precision it was loaded in (``trainer._precision``), through later stages too."""
-    if getattr(trainer, "_given_model", None) is None:
-        if getattr(trainer, "_current_model", None) is not None and isinstance(
-                getattr(trainer, "_precision", None), Precision):
-            return trainer._precision  # the model is loaded: the precision it was loaded in
-        trainer._precision = resolve_precision(
-            trainer.options, adapter=trainer.technique.saves_adapter, full=trainer.technique.result_is_model,
-            quantized=trainer.quantizer is not None, feed=run_feed(trainer))
-        return trainer._precision
+def choose_precision(options: Mapping[str, Any], technique: Technique, quantizer: Quantizer | None,
+                     given_model: Any = None, feed: Feed | None = None) -> Precision:
+    """The precision of a ``Trainer``'s run from its resolved ``options`` and plugins: a model passed in loaded
+    (``given_model``) keeps its own dtype; else ``auto`` weighs what a step feeds (``feed``, known once ``fit`` has
+    planned; see :func:`plan_feed`)."""
+    if given_model is None:
+        return resolve_precision(options, adapter=technique.saves_adapter, full=technique.result_is_model,
+                                 quantized=quantizer is not None, feed=feed)
     import torch
 
-    dtype = str(next(trainer._given_model.parameters(), torch.empty(0)).dtype).removeprefix("torch.")
-    given = resolve_precision({**trainer.options, "dtype": dtype}, adapter=trainer.technique.saves_adapter,
-                              full=trainer.technique.result_is_model)
+    dtype = str(next(given_model.parameters(), torch.empty(0)).dtype).removeprefix("torch.")
+    given = resolve_precision({**options, "dtype": dtype}, adapter=technique.saves_adapter,
+                              full=technique.result_is_model)
     return replace(given, reason="the model was passed in loaded")
 
 
-def estimate_options(trainer: Any) -> Mapping[str, Any]:
-    """A ``Trainer``'s options for the training-memory estimate: ``dtype="float32"`` where ``auto`` kept fp32 for
-    what a step feeds (the estimate resolves ``auto`` without the data), else the options as they are."""
-    chosen = precision_for(trainer)
-    if (trainer.options.get("dtype") or "auto") == "auto" and chosen.reason.startswith("auto: fp32, a step feeds"):
-        return {**trainer.options, "dtype": "float32"}
-    return trainer.options
+def estimate_options(options: Mapping[str, Any], chosen: Precision) -> Mapping[str, Any]:
+    """A run's options for the training-memory estimate: ``dtype="float32"`` where ``auto`` kept fp32 for what a
+    step feeds (the estimate resolves ``auto`` without the data), else the options as they are."""
+    if (options.get("dtype") or "auto") == "auto" and chosen.reason.startswith("auto: fp32, a step feeds"):
+        return {**options, "dtype": "float32"}
+    return options
 
 
-def run_feed(trainer: Any) -> Feed | None:
-    """A ``Trainer``'s :class:`Feed` from its plan (mean tokens per example x micro-batch) and its model's
-    config; ``None`` before :meth:`fit` plans or when the config can't be read."""
-    plan = getattr(trainer, "_plan", None)
-    examples = getattr(getattr(plan, "train", None), "examples", None)
-    if not examples:
+def plan_feed(train: Encoded, options: Mapping[str, Any], model_ref: str) -> Feed | None:
+    """What a planned run feeds each step (:class:`Feed`): mean tokens per example of the encoded ``train`` set x
+    the micro-batch, and the hidden size from the config of ``model_ref`` (a folder or Hub id); ``None`` when the
+    set is empty or the config can't be read."""
+    if not train.examples:
         return None
     try:
-        from finetune_sdk.advice.memory import load_config
+        from finetune_sdk.advice.model_shape import load_config
 
-        config = load_config(trainer.source.path or trainer.source.id)
+        config = load_config(model_ref)
         hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
     except Exception:  # noqa: BLE001  (no config: the feed is unknown, auto decides as before)
         return None
-    options = trainer.options
-    tokens = plan.train.tokens / len(examples) * (options.get("per_device_train_batch_size") or 1)
+    tokens = train.tokens / len(train.examples) * (options.get("per_device_train_batch_size") or 1)
     return Feed(tokens, hidden) if hidden else None
-
-
-def run_precision(run: Any) -> Precision:
-    """The precision of a run: ``run`` has ``technique``, ``quantizer`` and resolved ``options`` (a
-    :class:`~finetune_sdk.training.engine.RunSpec` or the Trainer); a ``precision`` it carries wins."""
-    given = getattr(run, "precision", None)
-    if isinstance(given, Precision):
-        return given
-    return resolve_precision(run.options, adapter=bool(getattr(run.technique, "saves_adapter", False)),
-                             full=bool(getattr(run.technique, "result_is_model", False)),
-                             quantized=run.quantizer is not None)
 
 
 def keep_activations_fp32(model: Any) -> int:

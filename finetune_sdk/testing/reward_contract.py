@@ -48,9 +48,9 @@ class RewardFunctionContract:
 
     def test_a_score_does_not_depend_on_the_batch_or_row(self) -> None:
         """A completion scores the same alone as in a batch with longer completions and in another row, and the same
-        completion twice in one batch gets one score: equal within :func:`finetune_sdk.objectives.pairwise.is_tie` (a
+        completion twice in one batch gets one score: equal within :func:`finetune_sdk.models.pairwise.is_tie` (a
         reward model scoring pairs would otherwise see a preference between identical answers)."""
-        from finetune_sdk.objectives.pairwise import is_tie
+        from finetune_sdk.models.pairwise import is_tie
         from finetune_sdk.objectives.reward_functions import Reward, score_completions
 
         reward = [Reward(self.name, self.function())]

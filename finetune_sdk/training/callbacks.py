@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from finetune_sdk.plugin_api import STOP_TRAINING, TrainingContext
 from finetune_sdk.plugin_manager import PluginHost
-from finetune_sdk.training.progress import format_duration
+from finetune_sdk.progress import format_duration
 
 logger = logging.getLogger("finetune_sdk")
 

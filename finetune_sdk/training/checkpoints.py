@@ -311,3 +311,14 @@ def checkpointing_trainer_class(base: type, checkpoint_root: Path, keep: int = 2
             return None
 
     return CheckpointingTrainer
+
+
+def save_trainable_state(model: Any, path: Path) -> None:
+    """Write ``model``'s trainable parameters (by ``named_parameters`` name) to ``path`` atomically."""
+    from safetensors.torch import save_file
+
+    from finetune_sdk.fsutil import atomic_path
+
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    with atomic_path(path, suffix=".partial") as tmp:  # a full disk: one line, no partial file
+        save_file(tensors, str(tmp))

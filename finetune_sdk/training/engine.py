@@ -1,54 +1,38 @@
-"""The run engine behind ``Trainer.fit``: a :class:`~finetune_sdk.training.planning.TrainingPlan` and a :class:`RunSpec` in,
-a trained model out. It prepares the model, trains with the plan's objective (:mod:`finetune_sdk.objectives`),
-evaluates, and hands the result to :mod:`finetune_sdk.training.saving`. It never sees the ``Trainer``."""
+"""The run engine behind ``Trainer.fit``: a :class:`~finetune_sdk.training.plan.TrainingPlan` and a
+:class:`~finetune_sdk.training.plan.RunSpec` in, a :class:`~finetune_sdk.training.plan.TrainedRun` out. It prepares the
+model, trains with the plan's objective (:mod:`finetune_sdk.objectives`) and evaluates; saving is the next step
+(:func:`finetune_sdk.training.saving.save_run`). It never sees the ``Trainer``."""
 
 from __future__ import annotations
 
 import contextlib
-import contextlib
-import logging
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from finetune_sdk.errors import FinetuneError
+from finetune_sdk.objectives import ListDataset, get_objective
+from finetune_sdk.plugin_api import TrainingContext
 from finetune_sdk.speed import varlen_attention
-from finetune_sdk.training.callbacks import CrashAtStep, EventLogCallback, PluginCallback, RichProgressCallback, StopOnSignal
-from finetune_sdk.training.checkpoints import (checkpoints_dir, checkpointing_trainer_class, latest_checkpoint,
-                                      remove_checkpoints)
 from finetune_sdk.speed.chunked_loss import chunked_loss_trainer_class
-from finetune_sdk.speed.heap import limit_heap_fragmentation
+from finetune_sdk.speed.cpu_threads import set_cpu_threads
 from finetune_sdk.speed.fused_lora import use_fused_lora
 from finetune_sdk.speed.fused_projections import extra_bytes, fuse_frozen_projections, use_fused_projections
-from finetune_sdk.speed.cpu_threads import set_cpu_threads
-from finetune_sdk.models.sources import ModelSource
-from finetune_sdk.objectives import ListDataset
-from finetune_sdk.plugin_api import TrainingContext
-from finetune_sdk.training.planning import EvalSet, TrainingPlan
-from finetune_sdk.speed.precision import keep_activations_fp32, run_precision, saved_activations
-from finetune_sdk.training.result import FitResult
-from finetune_sdk.training.saving import build_manifest, is_main_process, save_result, unwrap, work_dir_beside
+from finetune_sdk.speed.heap import limit_heap_fragmentation
+from finetune_sdk.speed.precision import keep_activations_fp32, saved_activations
+from finetune_sdk.training.callbacks import (CrashAtStep, EventLogCallback, PluginCallback, RichProgressCallback,
+                                             StopOnSignal)
+from finetune_sdk.training.checkpoints import checkpoints_dir, checkpointing_trainer_class, latest_checkpoint
+from finetune_sdk.training.plan import RunSpec, TrainedRun, TrainingPlan
+from finetune_sdk.training.run_events import record_failure
+from finetune_sdk.training.saving import is_main_process, unwrap, work_dir_beside
 
-__all__ = ["EvalSet", "ListDataset", "RunSpec", "TrainingPlan", "count_parameters", "decide_packing",
-           "evaluate_plan", "run_training", "training_arguments"]
+if TYPE_CHECKING:
+    from finetune_sdk.models.inference import LoadedModel
 
-
-@dataclass
-class RunSpec:
-    """What a run needs besides its plan and model: the plugins, the resolved options and where the result goes."""
-
-    technique: Any
-    quantizer: Any
-    options: dict[str, Any]
-    output_dir: Path
-    source: ModelSource
-    host: Any
-    progress: bool = True
-    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("finetune_sdk"))
-    #: The run's :class:`~finetune_sdk.speed.precision.Precision` (None: resolved from the options).
-    precision: Any = None
+__all__ = ["ListDataset", "count_parameters", "decide_packing", "evaluate_plan", "run_training",
+           "training_arguments"]
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -73,7 +57,7 @@ def decide_packing(run: Any, plan: TrainingPlan, model: Any) -> bool:
     ``run`` is a :class:`RunSpec` (or anything with ``options`` and ``logger``)."""
     from finetune_sdk.data.packing import packing_supported
 
-    if not run.options["packing"] or not plan.strategy.packs:
+    if not run.options["packing"] or not get_objective(plan.objective).packs:
         return False
     if not packing_supported(model):
         run.logger.info("packing off: model type not known to keep attention inside packed examples; "
@@ -95,7 +79,7 @@ def decide_chunked_loss(run: Any, plan: TrainingPlan, model: Any) -> bool:
     FSDP or DeepSpeed (the LM head's weight is sharded there)."""
     from finetune_sdk.speed.chunked_loss import supports_chunked_loss
 
-    if not run.options.get("chunked_loss", True) or not plan.strategy.chunked_loss:
+    if not run.options.get("chunked_loss", True) or not get_objective(plan.objective).chunked_loss:
         return False
     if run.options.get("fsdp") or run.options.get("deepspeed"):
         run.logger.info("chunked loss off under FSDP/DeepSpeed: the LM head's weight is sharded")
@@ -168,11 +152,18 @@ def starting_point(model: Any, parameters: dict[str, Any] | None) -> Iterator[No
                 params[name].copy_(values)
 
 
-def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) -> FitResult:
-    """Prepare ``loaded.model`` (a LoadedModel's), train on ``plan``, evaluate, and save the result folder."""
+def run_training(run: RunSpec, plan: TrainingPlan, loaded: LoadedModel, tokenizer: Any) -> TrainedRun:
+    """Prepare ``loaded.model``, train on ``plan`` and evaluate on its held-out sets; what the run decides goes to
+    ``run.state`` (the plan stays as planning made it). Saving is the next step:
+    :func:`finetune_sdk.training.saving.save_run`.
+
+    Raises:
+        RunStopped: SIGTERM stopped the run (a checkpoint was written; resume continues it).
+        FinetuneError: a full disk or a permission error while training, as one line naming the folder.
+    """
     from transformers import PrinterCallback, set_seed
 
-    log, options, objective = run.logger, run.options, plan.strategy
+    log, options, objective, state = run.logger, run.options, get_objective(plan.objective), run.state
     encoded = plan.train
     set_seed(options["seed"])
     objective.before_prepare(loaded.model, plan, tokenizer, options)
@@ -182,7 +173,7 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
         log.info("fused LoRA layers off (FINETUNE_SDK_FUSED_LORA=0): PEFT's own LoRA forward")
     elif use_fused_lora(model):
         log.info("fused LoRA layers: dropout, lora_A, lora_B, scaling and the sum in one step; no dropped copy kept")
-    precision = run_precision(run)
+    precision = run.resolved_precision()
     log.info("precision: %s", precision.describe())
     if precision.activations == "float32" and precision.dtype != "float32":
         keep_activations_fp32(model)  # bf16 matmuls, fp32 in between: adapter updates are not rounded away
@@ -195,17 +186,17 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
     # DPO/KTO: the reference is the policy as it stands now, unless the caller named another starting point
     with starting_point(model, getattr(loaded, "reference_parameters", None)):
         objective.after_prepare(model, plan, tokenizer, options)
-    plan.packed = decide_packing(run, plan, model)
-    plan.varlen = plan.packed and varlen_attention.applicable(model, options["max_length"])
-    if plan.packed:
-        log.info("packing: %s", "each batch in one row, attention per example" if plan.varlen else
+    state.packed = decide_packing(run, plan, model)
+    state.varlen = state.packed and varlen_attention.applicable(model, options["max_length"])
+    if state.packed:
+        log.info("packing: %s", "each batch in one row, attention per example" if state.varlen else
                  f"rows of up to {options['max_length']} tokens, block-diagonal attention masks")
     trainable, total = count_parameters(model)
     if trainable == 0:
         raise RuntimeError(f"technique {run.technique.name!r} left no trainable parameters")
-    plan.trainable_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+    state.trainable_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
                                     if p.requires_grad})
-    plan.chunked_loss = decide_chunked_loss(run, plan, model)
+    state.chunked_loss = decide_chunked_loss(run, plan, model)
     log.info("%s%s on %s: %s of %s parameters trainable (%.2f%%), %d examples, %d tokens",
              run.technique.name, objective.label, run.source.id,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total, len(encoded.examples), encoded.tokens)
@@ -220,8 +211,8 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
         if options["gradient_checkpointing"] and not checkpointable:
             log.info("gradient_checkpointing: nothing to recompute, %s keeps no activations for the backward pass "
                      "(the frozen backbone runs without gradients)", type(model).__name__)
-        args = training_arguments(run, str(work_dir), bool(plan.evals), packed=plan.packed,
-                                  group_by_length=options["group_by_length"] and not plan.packed and objective.packs,
+        args = training_arguments(run, str(work_dir), bool(plan.evals), packed=state.packed,
+                                  group_by_length=options["group_by_length"] and not state.packed and objective.packs,
                                   checkpointable=checkpointable)
         steps_tokens = encoded.tokens / max(len(encoded.examples), 1) * args.per_device_train_batch_size * \
             args.gradient_accumulation_steps
@@ -231,20 +222,20 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
         if os.environ.get("FINETUNE_SDK_CRASH_AT_STEP"):
             callbacks.append(CrashAtStep(int(os.environ["FINETUNE_SDK_CRASH_AT_STEP"])))
         inputs = objective.training_inputs(run, plan, model, tokenizer, args)
-        trainer_class = chunked_loss_trainer_class(inputs.trainer_class) if plan.chunked_loss else \
+        trainer_class = chunked_loss_trainer_class(inputs.trainer_class) if state.chunked_loss else \
             inputs.trainer_class
         set_cpu_threads(log)
         if args.torch_compile:
             log.info("torch.compile: on (FINETUNE_SDK_TORCH_COMPILE=1); the compile time counts in the run's tokens/s")
         if args.use_cpu:
             # when memory is tight, or under a quantized base (glibc's heap not measured side by side there)
-            limit_heap_fragmentation(None if run.quantizer else plan.estimated_memory)
+            limit_heap_fragmentation(None if run.quantizer else run.estimated_memory)
         cls = checkpointing_trainer_class(trainer_class, checkpoint_root, options=options)
         hf = cls(model=inputs.model, args=args, train_dataset=inputs.train_dataset, eval_dataset=inputs.eval_dataset,
                  data_collator=inputs.collator, callbacks=callbacks)
         hf.remove_callback(PrinterCallback)  # progress and logs go through rich and the plugin hooks
-        resume_from = latest_checkpoint(checkpoint_root) if plan.resume else None
-        if plan.resume:
+        resume_from = latest_checkpoint(checkpoint_root) if run.resume else None
+        if run.resume:
             log.info("resuming from %s", resume_from) if resume_from else log.info(
                 "no complete checkpoint in %s: starting from the beginning", checkpoint_root)
         events, facts = open_event_log(run, plan, precision, resume_from)
@@ -252,12 +243,12 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
         hf.add_callback(stop)
         if events is not None:
             hf.add_callback(EventLogCallback(events, facts, steps_tokens))
-        previous_attention = varlen_attention.use(model, varlen_attention.ATTENTION_NAME) if plan.varlen else None
+        previous_attention = varlen_attention.use(model, varlen_attention.ATTENTION_NAME) if state.varlen else None
         try:
             with objective.while_training(model), saved_activations(precision, model):
                 output = hf.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except Exception as exc:
-            log_failure(events, hf.state.global_step, exc)
+            record_failure(events, hf.state.global_step, exc)
             raise
         finally:
             stop.restore()
@@ -280,6 +271,7 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
             "examples": len(encoded.examples),
             "examples_dropped": encoded.dropped,
             **plan.extra_metrics,
+            **state.metrics,
         }
         metrics.update(evaluate_plan(run, plan, loaded))
         log_history = list(hf.state.log_history)
@@ -293,41 +285,7 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: Any, tokenizer: Any) 
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
-    manifest = build_manifest(run, plan, metrics, model)
-    if is_main_process():
-        try:
-            if plan.state_path is not None:  # before the result: a finished stage always has its state on disk
-                from finetune_sdk.training.stage_runs import save_trainable_state
-
-                save_trainable_state(unwrap(model), plan.state_path)
-            save_result(run.output_dir, run.technique, unwrap(model), tokenizer, log_history, manifest)
-        except Exception as exc:  # a full disk while saving: the event log says why the run has no result
-            log_failure(events, metrics["train_steps"], exc)
-            raise
-        remove_checkpoints(checkpoint_root)  # the result is complete: nothing left to resume
-        if events is not None:
-            from finetune_sdk.training.run_events import peak_memory
-
-            events.append({"event": "end", "step": metrics["train_steps"], "metrics": metrics,
-                           "peak_memory": peak_memory()})
-            events.close()
-    context.step = metrics["train_steps"]
-    run.host.notify("on_train_end", context=context, metrics=metrics)
-    log.info("saved %s result to %s", run.technique.name, run.output_dir)
-    return FitResult(output_dir=run.output_dir, metrics=metrics, manifest=manifest, log_history=log_history)
-
-
-def log_failure(events: Any, step: int, exc: BaseException) -> None:
-    """Append a ``failed`` event (the error's first line) to the run's event log, if it has one, and close it; a log
-    that can't be written (the disk that failed the run) is left as it is: the error being raised matters more."""
-    if events is None:
-        return
-    try:
-        events.append({"event": "failed", "step": step,
-                       "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
-        events.close()
-    except OSError:
-        pass
+    return TrainedRun(unwrap(model), metrics, log_history, context, checkpoint_root, events)
 
 
 def open_event_log(run: RunSpec, plan: TrainingPlan, precision: Any,
@@ -345,7 +303,7 @@ def open_event_log(run: RunSpec, plan: TrainingPlan, precision: Any,
         "pid": os.getpid(), "model": run.source.id, "technique": run.technique.name,
         "quantizer": run.quantizer.name if run.quantizer else None, "formatter": plan.formatter_name,
         "objective": plan.objective, "device": describe_device(), "precision": precision.describe(),
-        "estimated_memory": plan.estimated_memory, "options": scrub(dict(run.options))}
+        "estimated_memory": run.estimated_memory, "options": scrub(dict(run.options))}
 
 
 def stopped_run(run: RunSpec, events: Any, step: int, checkpoint_root: Path) -> None:
@@ -364,7 +322,7 @@ def evaluate_plan(run: RunSpec, plan: TrainingPlan, loaded: Any) -> dict[str, An
     """Final metrics on each held-out set: ``eval_loss``... for one set, ``eval_<task>_loss``... for several."""
     metrics: dict[str, Any] = {}
     for name in plan.evals:
-        result = plan.strategy.evaluate(loaded, plan, name, run.options)
+        result = get_objective(plan.objective).evaluate(loaded, plan, name, run)
         if not name:
             metrics.update(result)  # eval_loss, perplexity / accuracy, macro_f1 / reward_margin...
             continue

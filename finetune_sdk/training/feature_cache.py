@@ -44,7 +44,7 @@ def compute_features(model: Any, encoded: Encoded, pad_token_id: int, batch_size
     """
     import torch
 
-    from finetune_sdk.training.progress import activity
+    from finetune_sdk.progress import activity
 
     collate = Collator(pad_token_id, pad_to_multiple_of=8)
     device = next(model.parameters()).device
@@ -174,7 +174,7 @@ def feature_key(run: Any, model: Any) -> dict[str, Any]:
 
 def classifier_feature_datasets(run: Any, plan: Any, model: Any, tokenizer: Any) -> tuple[Any, Any]:
     """The classifier's (train, {name: eval}) feature datasets: the frozen backbone runs once per dataset (cached on
-    disk); each held-out set's features are kept in ``plan.eval_features`` for the final metrics."""
+    disk); each held-out set's features are kept in ``run.state.eval_features`` for the final metrics."""
     from finetune_sdk.fsutil import cache_root
 
     base, cache_dir = feature_key(run, model), cache_root() / "features"
@@ -182,12 +182,12 @@ def classifier_feature_datasets(run: Any, plan: Any, model: Any, tokenizer: Any)
                                              {**base, "data": plan.dataset.get("fingerprint")}, cache_dir)
     logger.info("classifier features for %d examples: %s in %.1f s", len(plan.train.examples),
                 "read from the cache" if hit else "computed once", seconds)
-    plan.extra_metrics.update({"feature_seconds": seconds, "features_cached": hit})
+    run.state.metrics.update({"feature_seconds": seconds, "features_cached": hit})
     train = FeatureDataset(features, [ex["labels"] for ex in plan.train.examples])
     evals = {}
     for name, eval_set in plan.evals.items():
         eval_features, _, _ = cached_features(model, eval_set.encoded, tokenizer.pad_token_id,
                                               {**base, "data": eval_set.rows.fingerprint}, cache_dir)
-        evals[name or "eval"] = plan.eval_features[name] = FeatureDataset(
+        evals[name or "eval"] = run.state.eval_features[name] = FeatureDataset(
             eval_features, [ex["labels"] for ex in eval_set.encoded.examples])
     return train, evals

@@ -10,73 +10,17 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_sdk.data.rows import Rows, load_rows
 from finetune_sdk.data.encoding import Encoded
 from finetune_sdk.errors import ConfigError, DataError
 from finetune_sdk.formatter import CAUSAL_LM, CLASSIFICATION, KTO, PREFERENCE, PROMPT, REWARD, Formatter
-from finetune_sdk.objectives import Objective, get_objective, objective_for, run_options
+from finetune_sdk.objectives import objective_for, run_options
+from finetune_sdk.training.plan import EvalSet, TrainingPlan
 from finetune_sdk.training.stages_and_tasks import Task, is_task_list, mix, mixing_probabilities
 
 logger = logging.getLogger("finetune_sdk")
-
-
-@dataclass
-class EvalSet:
-    """A held-out dataset with the formatter that renders it."""
-
-    rows: Rows
-    formatter: Formatter
-    encoded: Encoded
-
-
-@dataclass
-class TrainingPlan:
-    """Everything one training run needs, encoded and checked before the model is touched."""
-
-    train: Encoded
-    formatter_name: str
-    #: The objective's name (``sft``, ``dpo``, ``classification-head``; see :mod:`finetune_sdk.objectives`).
-    objective: str = "sft"
-    evals: dict[str, EvalSet] = field(default_factory=dict)
-    dataset: dict[str, Any] = field(default_factory=dict)
-    extra_metrics: dict[str, Any] = field(default_factory=dict)
-    #: Set by run_training: True when each batch's examples are packed into rows (see finetune_sdk.data.packing).
-    packed: bool = False
-    #: Set by run_training: True when packed rows attend per example with finetune_sdk.speed.varlen_attention; a batch
-    #: is then one row without padding (else rows of at most max_length tokens with block-diagonal masks).
-    varlen: bool = False
-    #: Continue from the newest complete checkpoint of this output_dir, if there is one.
-    resume: bool = False
-    #: For a stage of fit([Stage, ...]): where the trainable weights the stage ends with are kept for resume.
-    state_path: Any = None
-    #: Set by run_training: the dtypes of the trainable parameters (recorded in the manifest's precision).
-    trainable_dtypes: list[str] = field(default_factory=list)
-    #: Set by run_training: True when the causal-LM loss is computed in chunks (finetune_sdk.speed.chunked_loss).
-    chunked_loss: bool = False
-    #: Set by the Trainer before the model loads: the training-memory estimate in bytes (None: not estimated).
-    estimated_memory: int | None = None
-    #: Set for the classifier on cached features: each held-out set's features, so that the final metrics come
-    #: from the trained head without running the backbone again.
-    eval_features: dict[str, Any] = field(default_factory=dict)
-    #: The formatter picked for the data (the Trainer keeps it for generate/evaluate).
-    formatter: Formatter | None = None
-    #: The formatter the Trainer's current model renders prompts with after this plan (None: leave it as it is).
-    current_model_formatter: Formatter | None = None
-    #: The classifier's labels, in class-id order (None for generative objectives).
-    labels: list[str] | None = None
-    #: What the objective keeps between its steps of one run (GRPO: its rewards, the reward model loaded once).
-    objective_state: dict[str, Any] = field(default_factory=dict)
-    #: The run's options: the Trainer's, with the objective's own resolved (its defaults, TRL's names) and no
-    #: other objective's; the run engine trains with them.
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def strategy(self) -> Objective:
-        """The :class:`~finetune_sdk.objectives.Objective` named by :attr:`objective`."""
-        return get_objective(self.objective)
 
 
 class Planner:

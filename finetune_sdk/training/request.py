@@ -11,7 +11,9 @@ from typing import Any
 
 from finetune_sdk.errors import ConfigError, closest
 from finetune_sdk.formatter import Formatter
-from finetune_sdk.options import Option, resolve_options
+from finetune_sdk.options import TRAINING_OPTIONS, Option, option_table, resolve_options
+from finetune_sdk.quantizer import Quantizer
+from finetune_sdk.technique import Technique
 from finetune_sdk.models.sources import ModelSource, resolve_source
 from finetune_sdk.training.planning import formatter_fits
 
@@ -37,6 +39,12 @@ def resolve_plugins(host: Any, technique: str, quantizer: str | None,
             f"formatter {formatter!r} makes {formatter_obj.task} data but technique {technique!r} trains "
             f"{created.task}; pick a matching formatter")
     return created, quantizer_obj, formatter_obj
+
+
+def option_specs(technique: Technique, quantizer: Quantizer | None) -> dict[str, Option]:
+    """The options a Trainer with these plugins takes, by name: the training options, then the technique's and the
+    quantizer's own."""
+    return option_table([TRAINING_OPTIONS, technique.options, quantizer.options if quantizer else ()])
 
 
 def resolve_run_options(host: Any, technique: Any, given: Mapping[str, Any],

@@ -172,3 +172,16 @@ def peak_memory() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def record_failure(events: EventLog | None, step: int, exc: BaseException) -> None:
+    """Append a ``failed`` event (the error's first line) to a run's event log, if it has one, and close it; a log
+    that can't be written (the disk that failed the run) is left as it is: the error being raised matters more."""
+    if events is None:
+        return
+    try:
+        events.append({"event": "failed", "step": step,
+                       "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__})
+        events.close()
+    except OSError:
+        pass

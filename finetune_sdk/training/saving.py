@@ -1,35 +1,71 @@
-"""Saving a run, in one place: the manifest, the result folder (weights, tokenizer, log, manifest, written
-atomically) and the scratch folder beside it. Used by :mod:`finetune_sdk.training.engine` and the federated server."""
+"""Saving a run, in one place: the step after the run engine (:func:`save_run`), the manifest, the result folder
+(weights, tokenizer, log, manifest, written atomically) and the scratch folder beside it. Used by the facade after
+:func:`finetune_sdk.training.engine.run_training`, and by the federated server for each round."""
 
 from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_sdk.formatter import CLASSIFICATION
 from finetune_sdk.fsutil import staged_directory, write_json_atomic
 from finetune_sdk.training.manifest import FORMAT_VERSION, MANIFEST_NAME, library_versions, scrub
 
+if TYPE_CHECKING:
+    from finetune_sdk.training.plan import RunSpec, TrainedRun, TrainingPlan
+    from finetune_sdk.training.result import FitResult
+
 TRAINING_LOG = "training_log.json"
 
 
-def build_manifest(run: Any, plan: Any, metrics: dict[str, Any], model: Any) -> dict[str, Any]:
+def save_run(run: RunSpec, plan: TrainingPlan, trained: TrainedRun, tokenizer: Any) -> FitResult:
+    """Save a trained run: its manifest, a stage's trainable weights (``run.state_path``, for resume), the result
+    folder in ``run.output_dir`` (appears whole or not at all); then remove the checkpoints, close the event log with
+    an ``end`` event and send ``on_train_end``. Only the main process writes; every process returns the result.
+
+    Raises:
+        FinetuneError: a full disk or a folder that can't be written, as one line (recorded in the event log).
+    """
+    from finetune_sdk.training.checkpoints import remove_checkpoints, save_trainable_state
+    from finetune_sdk.training.result import FitResult
+    from finetune_sdk.training.run_events import peak_memory, record_failure
+
+    metrics = trained.metrics
+    manifest = build_manifest(run, plan, metrics, trained.model)
+    if is_main_process():
+        try:
+            if run.state_path is not None:  # before the result: a finished stage always has its state on disk
+                save_trainable_state(trained.model, run.state_path)
+            save_result(run.output_dir, run.technique, trained.model, tokenizer, trained.log_history, manifest)
+        except Exception as exc:  # a full disk while saving: the event log says why the run has no result
+            record_failure(trained.events, metrics["train_steps"], exc)
+            raise
+        remove_checkpoints(trained.checkpoint_root)  # the result is complete: nothing left to resume
+        if trained.events is not None:
+            trained.events.append({"event": "end", "step": metrics["train_steps"], "metrics": metrics,
+                                   "peak_memory": peak_memory()})
+            trained.events.close()
+    trained.context.step = metrics["train_steps"]
+    run.host.notify("on_train_end", context=trained.context, metrics=metrics)
+    run.logger.info("saved %s result to %s", run.technique.name, run.output_dir)
+    return FitResult(output_dir=run.output_dir, metrics=metrics, manifest=manifest, log_history=trained.log_history)
+
+
+def build_manifest(run: RunSpec, plan: TrainingPlan, metrics: dict[str, Any], model: Any) -> dict[str, Any]:
     """The manifest of a finished run (no credentials).
 
-    ``run`` has ``technique``, ``quantizer``, ``options`` and ``source`` (a :class:`~finetune_sdk.training.engine.RunSpec`
-    or the Trainer); ``plan`` has ``objective``, ``formatter_name`` and ``dataset``; ``model`` is the trained model
-    (its base's commit is recorded when the source gave none).
+    ``run.state`` says how the run trained (trainable dtypes, chunked loss); ``model`` is the trained model (its
+    base's commit is recorded when the source gave none).
     """
     from finetune_sdk.models.sources import commit_hash
-    from finetune_sdk.speed.precision import run_precision
 
     base = run.source.to_manifest()
     base["revision"] = base["revision"] or commit_hash(getattr(model, "base_model", model))
-    precision = run_precision(run).to_manifest()
-    if getattr(plan, "trainable_dtypes", None):  # what the trained parameters really are
-        precision["trainable_dtype"] = ",".join(plan.trainable_dtypes)
+    precision = run.resolved_precision().to_manifest()
+    if run.state.trainable_dtypes:  # what the trained parameters really are
+        precision["trainable_dtype"] = ",".join(run.state.trainable_dtypes)
     return {
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -41,7 +77,7 @@ def build_manifest(run: Any, plan: Any, metrics: dict[str, Any], model: Any) -> 
         "options": scrub(run.options),
         "dtype": precision["dtype"],
         "precision": precision,
-        "chunked_loss": bool(getattr(plan, "chunked_loss", False)),  # the loss computed without full logits
+        "chunked_loss": run.state.chunked_loss,  # the loss computed without full logits
         "base_model": base,
         "dataset": plan.dataset,
         "labels": run.options.get("labels") if run.technique.task == CLASSIFICATION else None,

@@ -59,20 +59,20 @@ class IdentityPreferenceOptimization(DirectPreferenceOptimization):
         IPOTrainer.beta = float(options["beta"])
         return IPOTrainer
 
-    def evaluate(self, loaded: Any, plan: Any, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    def evaluate(self, loaded: Any, plan: Any, name: str, run: Any) -> dict[str, Any]:
         """DPO's held-out metrics (reward accuracy, margins), with ``eval_loss`` IPO's."""
         import torch
 
         from finetune_sdk.objectives.dpo_training import each_sequence_logps
 
-        metrics = super().evaluate(loaded, plan, name, options)
+        metrics = super().evaluate(loaded, plan, name, run)
         examples = plan.evals[name].encoded.examples
         policy = torch.tensor(each_sequence_logps(loaded.model, [ex[side] for side in ("chosen", "rejected")
                                                                    for ex in examples]), dtype=torch.float64)
         reference = torch.tensor([ex["ref_chosen"] for ex in examples] + [ex["ref_rejected"] for ex in examples],
                                  dtype=torch.float64)
         h = log_ratio_margin(policy, reference)
-        metrics["eval_loss"] = float(((h - 1 / (2 * float(options["beta"]))) ** 2).mean())
+        metrics["eval_loss"] = float(((h - 1 / (2 * float(run.options["beta"]))) ** 2).mean())
         return metrics
 
 
