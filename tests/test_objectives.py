@@ -44,11 +44,11 @@ def test_plans_are_built_without_a_model(tiny_models):
     tok = tiny_tokenizer()
     trainer, plan_for = planner(tiny_models("llama"))
     sft = plan_for.plan(QA, QA[:2], tok, None)
-    assert (sft.objective, sft.formatter.name, sft.strategy.packs) == ("sft", "chat-template", True)
+    assert (sft.objective, sft.formatter.name, get_objective(sft.objective).packs) == ("sft", "chat-template", True)
     assert len(sft.train.examples) == 4 and set(sft.evals) == {""} and sft.labels is None
     dpo = plan_for.plan(PAIRS, None, tok, None)
     assert (dpo.objective, dpo.formatter_name) == ("dpo", "preference")
-    assert {"chosen", "rejected"} <= set(dpo.train.examples[0]) and not dpo.strategy.packs
+    assert {"chosen", "rejected"} <= set(dpo.train.examples[0]) and not get_objective(dpo.objective).packs
     assert trainer._current_model is None  # nothing was loaded
 
 
@@ -104,15 +104,15 @@ def test_a_new_objective_is_a_plugin_not_a_branch(tiny_models, tmp_path, install
         default = False
         options = (Option("count_scale", float, 1.0, "demo: scales the count", minimum=0),)
 
-        def collator(self, plan, tokenizer, options):
-            inner = super().collator(plan, tokenizer, options)
+        def collator(self, run, plan, tokenizer):
+            inner = super().collator(run, plan, tokenizer)
 
             def collate(batch):
-                batches.append(options["count_scale"])
+                batches.append(run.options["count_scale"])
                 return inner(batch)
             return collate
 
-        def evaluate(self, session, plan, name, options):
+        def evaluate(self, session, plan, name, run):
             return {"eval_rows_seen": float(len(plan.evals[name].rows))}
 
     install(FakeEntryPoint("counting", lambda: plugin_module(
