@@ -20,6 +20,15 @@ DEFAULT_TIMEOUT = 10.0
 _installed = threading.Lock()
 
 
+def resolve_endpoint(endpoint: str | None) -> str:
+    """The Hub endpoint: the argument, else ``HF_ENDPOINT``, else https://huggingface.co (no trailing slash).
+
+    >>> resolve_endpoint("https://hub.example.com/")
+    'https://hub.example.com'
+    """
+    return (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
 def hub_timeout() -> float:
     """Seconds allowed to connect to a Hub endpoint and for each read (``FINETUNE_SDK_HUB_TIMEOUT``, default 10)."""
     raw = os.environ.get(TIMEOUT_ENV, "")

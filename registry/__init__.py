@@ -6,7 +6,8 @@ Example:
     >>> Registry("/tmp/reg").list()  # doctest: +SKIP
 """
 
-from finetune_sdk.registry.local import AdapterVersion, Registry, default_home
+from finetune_sdk.registry.client import Registry
+from finetune_sdk.registry.local import AdapterVersion, default_home
 from finetune_sdk.registry.refs import Ref, parse_ref, validate_name
 
 __all__ = ["AdapterVersion", "Ref", "Registry", "default_home", "parse_ref", "validate_name"]

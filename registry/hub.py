@@ -7,7 +7,6 @@ branches pointing at a version's commit, moved when the alias moves.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -17,8 +16,8 @@ from typing import Any, TypeVar
 from finetune_sdk.errors import IntegrityError, RegistryError
 from finetune_sdk.fsutil import sha256_file, write_json_atomic
 from finetune_sdk.training.manifest import read_manifest
-from finetune_sdk.network import TIMEOUT_ENV, bounded_hub_client, hub_timeout
-from finetune_sdk.registry.local import AdapterVersion, Registry
+from finetune_sdk.network import TIMEOUT_ENV, bounded_hub_client, hub_timeout, resolve_endpoint
+from finetune_sdk.registry.local import AdapterVersion, LocalRegistry
 from finetune_sdk.registry.locks import publishing
 from finetune_sdk.registry.model_card import model_card
 from finetune_sdk.registry.record import read_record, scratch
@@ -28,11 +27,6 @@ REGISTRY_FILE = "registry.json"
 ARTIFACTS = "artifacts"
 ATTEMPTS = 3
 T = TypeVar("T")
-
-
-def resolve_endpoint(endpoint: str | None) -> str:
-    """The Hub endpoint: the argument, else ``HF_ENDPOINT``, else https://huggingface.co."""
-    return (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
 def _call(endpoint: str, what: str, fn: Callable[[], T]) -> T:
@@ -118,7 +112,7 @@ def _no_progress_bars() -> type:
     return NoBars
 
 
-def push(registry: Registry, ref: str, repo_id: str, *, endpoint: str | None = None, token: str | None = None,
+def push(registry: LocalRegistry, ref: str, repo_id: str, *, endpoint: str | None = None, token: str | None = None,
          private: bool = False) -> dict[str, Any]:
     """Push a version to ``repo_id``: create the repo if needed, commit the files, tag ``v<N>``, move aliases.
 
@@ -165,7 +159,7 @@ def push(registry: Registry, ref: str, repo_id: str, *, endpoint: str | None = N
             "url": f"{endpoint}/{repo_id}/tree/{tag}"}
 
 
-def pull(registry: Registry, ref: str, *, endpoint: str | None = None, token: str | None = None,
+def pull(registry: LocalRegistry, ref: str, *, endpoint: str | None = None, token: str | None = None,
          name: str | None = None) -> AdapterVersion:
     """Pull ``hf://org/repo[@vN|@alias|@commit]`` into the local registry and return the local version.
 
@@ -214,7 +208,7 @@ def pull(registry: Registry, ref: str, *, endpoint: str | None = None, token: st
         return local
 
 
-def _store_artifacts(registry: Registry, ref: str, download: Path, record: dict[str, Any], parsed: Any) -> None:
+def _store_artifacts(registry: LocalRegistry, ref: str, download: Path, record: dict[str, Any], parsed: Any) -> None:
     """Attach the pulled version's artifacts (``artifacts/`` in the repo), each checked against its sha256."""
     artifacts = record.get("artifacts") or {}
     if not isinstance(artifacts, dict) or not all(isinstance(meta, dict) for meta in artifacts.values()):
@@ -226,20 +220,20 @@ def _store_artifacts(registry: Registry, ref: str, download: Path, record: dict[
         registry.attach(ref, path, kind=str(meta.get("kind", "file")), metadata=meta.get("metadata") or {})
 
 
-def _remote_commit(registry: Registry, endpoint: str, repo_id: str, revision: str) -> str | None:
+def _remote_commit(registry: LocalRegistry, endpoint: str, repo_id: str, revision: str) -> str | None:
     with registry.index.read() as db:
         row = db.execute("SELECT commit_sha FROM remotes WHERE endpoint = ? AND repo_id = ? AND revision = ?",
                          (endpoint, repo_id, revision)).fetchone()
     return row[0] if row else None
 
 
-def _store(registry: Registry, folder: Path, manifest: dict[str, Any], record: dict[str, Any], name: str,
+def _store(registry: LocalRegistry, folder: Path, manifest: dict[str, Any], record: dict[str, Any], name: str,
            parsed: Any, endpoint: str, sha: str) -> AdapterVersion:
     with publishing(registry.home):  # garbage collection waits until the version's row is in
         return _store_locked(registry, folder, manifest, record, name, parsed, endpoint, sha)
 
 
-def _store_locked(registry: Registry, folder: Path, manifest: dict[str, Any], record: dict[str, Any], name: str,
+def _store_locked(registry: LocalRegistry, folder: Path, manifest: dict[str, Any], record: dict[str, Any], name: str,
                   parsed: Any, endpoint: str, sha: str) -> AdapterVersion:
     files = registry._store_files(folder)
     version = int(record["version"])

@@ -14,6 +14,7 @@ from typing import Any
 
 from finetune_sdk.errors import FinetuneError, IntegrityError, RegistryError
 from finetune_sdk.fsutil import staged_directory
+from finetune_sdk.network import resolve_endpoint
 from finetune_sdk.training.manifest import read_manifest
 from finetune_sdk.registry import artifacts as artifact_rows
 from finetune_sdk.registry import scores as score_rows
@@ -80,8 +81,9 @@ class AdapterVersion:
         }
 
 
-class Registry:
-    """Versions, aliases, tags and lineage of fine-tuning results, stored under ``home``.
+class LocalRegistry:
+    """Versions, aliases, tags and lineage of fine-tuning results, stored under ``home`` (no network: pushing and
+    pulling are :class:`finetune_sdk.registry.client.Registry`'s, the class users hold).
 
     Example:
         >>> from finetune_sdk.registry import Registry
@@ -384,26 +386,8 @@ class Registry:
         :func:`finetune_sdk.registry.scores.comparison`."""
         return score_rows.comparison(self, name)
 
-    # -- Hub -------------------------------------------------------------------------------------------------
-    def push(self, ref: str, repo_id: str, **kwargs: Any) -> dict[str, Any]:
-        """Push a version to a Hub repo (one commit tagged ``v<N>``; aliases as branches); see ``registry.hub``."""
-        from finetune_sdk.progress import activity
-        from finetune_sdk.registry.hub import push
-
-        with activity(f"pushing {ref} to the Hub repo {repo_id}"):
-            return push(self, ref, repo_id, **kwargs)
-
-    def pull(self, ref: str, **kwargs: Any) -> AdapterVersion:
-        """Pull ``hf://org/repo[@vN|@alias]`` into this registry, verifying every file; see ``registry.hub``."""
-        from finetune_sdk.progress import activity
-        from finetune_sdk.registry.hub import pull
-
-        with activity(f"pulling {ref}"):
-            return pull(self, ref, **kwargs)
-
+    # -- Hub references already pulled (pushing and pulling: registry.client.Registry) -----------------------
     def _remote_version(self, ref: Ref, endpoint: str | None = None) -> AdapterVersion | None:
-        from finetune_sdk.registry.hub import resolve_endpoint
-
         with self.index.read() as db:
             row = db.execute("SELECT name, version FROM remotes WHERE endpoint = ? AND repo_id = ? AND revision = ?",
                              (resolve_endpoint(endpoint), ref.repo_id, ref.revision or "main")).fetchone()
@@ -422,4 +406,4 @@ class Registry:
         return RegistryError(f"no adapter named {name!r} in the registry at {self.home}{closest(name, names)}")
 
 
-__all__ = ["AdapterVersion", "FinetuneError", "IntegrityError", "Registry", "default_home"]
+__all__ = ["AdapterVersion", "FinetuneError", "IntegrityError", "LocalRegistry", "default_home"]

@@ -72,7 +72,8 @@ def trained(tmp_path_factory):
 def test_trained_version_beats_its_base_beyond_the_standard_error_and_keeps_its_scores(trained, monkeypatch):
     from click.testing import CliRunner
 
-    from finetune_sdk.evaluation.benchmarking import benchmark, weights_sha256
+    from finetune_sdk.evaluation.benchmarking import benchmark
+    from finetune_sdk.evaluation.opening import weights_sha256
     from finetune_sdk.cli.main import cli
 
     result = benchmark("arith@1", task_files=[trained.task], batch_size=8, registry=trained.registry)

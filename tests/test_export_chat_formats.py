@@ -85,7 +85,7 @@ def modelfile_value(text: str, key: str) -> str | None:
 @pytest.mark.parametrize("formatter_name", [*ROWS, "chatml", "chat-template", "llama2-chat", "alpaca", "text"])
 def test_the_export_asks_the_trained_formatter_for_its_chat_format(formatter_name):
     """``chat_setup`` (what ``export`` writes) from a manifest: the formatter's format, the system prompt baked in."""
-    from finetune_sdk.exporting.pipeline import chat_setup
+    from finetune_sdk.exporting.model_settings import chat_setup
 
     tokenizer = tiny_tokenizer(chat_template=formatter_name == "chat-template")
     jinja, chat_format, raw = chat_setup({"formatter": formatter_name, "options": {"system_prompt": SYSTEM}},
@@ -221,7 +221,7 @@ def test_an_unknown_format_name_is_a_one_line_error():
 
 
 def test_a_formatter_not_installed_falls_back_to_the_tokenizers_template_and_says_so(caplog):
-    from finetune_sdk.exporting.pipeline import chat_setup
+    from finetune_sdk.exporting.model_settings import chat_setup
 
     tokenizer = tiny_tokenizer()
     with caplog.at_level("WARNING", logger="finetune_sdk"):

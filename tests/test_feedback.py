@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from finetune_sdk.cli import cli
 from finetune_sdk.errors import ConfigError
-from finetune_sdk.feedback.session import QUIT, SKIP, Edited, collect_feedback
+from finetune_sdk.feedback.answers import QUIT, SKIP, Edited
+from finetune_sdk.feedback.session import collect_feedback
 from finetune_sdk.feedback.ratings_file import KTO_ROWS, RatingsAppender, encode_row
 
 PROMPTS = ["what is 1 plus 2?", "what is 2 plus 2?", "what is 3 plus 1?", "what is 0 plus 3?", "what is 2 plus 1?"]

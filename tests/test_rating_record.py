@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from finetune_sdk.cli import cli
 from finetune_sdk.errors import ConfigError, DataError
-from finetune_sdk.feedback.session import BOTH_BAD, TIE, Edited, collect_feedback
+from finetune_sdk.feedback.answers import BOTH_BAD, TIE, Edited
+from finetune_sdk.feedback.session import collect_feedback
 from finetune_sdk.feedback.rating_record import check_rater, model_reference, rated_at, select_ratings
 from finetune_sdk.feedback.ratings_file import KTO_ROWS, PREFERENCE_ROWS, SFT_ROWS
 

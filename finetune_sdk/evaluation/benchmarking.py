@@ -1,15 +1,14 @@
 """``finetune_sdk.benchmark``: score a result, a registry version or a base model on lm-evaluation-harness tasks.
 
 lm-evaluation-harness (``lm-eval``, the ``eval`` extra) is the engine: its tasks, metrics and standard errors are
-used as they are; this module opens the model with :func:`finetune_sdk.load`, proves the fine-tuned weights are
-applied (:func:`check_applied`), finds the tasks offline (:mod:`finetune_sdk.evaluation.tasks`), and turns lm-eval's
-results into score rows stored with the registry version (:mod:`finetune_sdk.registry.scores`).
+used as they are; this module opens the model and proves the fine-tuned weights are applied
+(:mod:`finetune_sdk.evaluation.opening`), finds the tasks offline (:mod:`finetune_sdk.evaluation.tasks`), and turns
+lm-eval's results into score rows stored with the registry version (:mod:`finetune_sdk.registry.scores`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
@@ -19,13 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from finetune_sdk.errors import ConfigError, FinetuneError
+from finetune_sdk.errors import ConfigError
 
 logger = logging.getLogger("finetune_sdk")
-#: A fixed text whose logits the fine-tuned and the base model must disagree on.
-PROBE = "Benchmark probe: the quick brown fox answers a question about its data."
-#: Below this largest absolute logit difference the fine-tuned weights count as not applied.
-APPLIED_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -64,67 +59,6 @@ class BenchmarkResult:
                         "stderr": row["stderr"], "base": b and b["value"], "base_stderr": b and b["stderr"],
                         "vs_base": diff, "significant": significant})
         return out
-
-
-def weights_sha256(directory: Path) -> str:
-    """One sha256 over a result's weight files (``*.safetensors``, by relative path and content hash): what the
-    scores record as the adapter's hash. Shape: 64 hex digits."""
-    from finetune_sdk.fsutil import sha256_file
-
-    digest = hashlib.sha256()
-    for path in sorted(Path(directory).rglob("*.safetensors")):
-        digest.update(f"{path.relative_to(directory).as_posix()}:{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def check_applied(tuned: Any, base: Any, ref: str, technique: str | None) -> float:
-    """Raise :class:`FinetuneError` when the fine-tuned model's logits on :data:`PROBE` equal the base model's
-    (largest absolute difference <= :data:`APPLIED_TOLERANCE`): the trained weights were not applied (lm-eval
-    issues #511 and #808, where PEFT runs scored exactly like the base). Returns the largest difference."""
-    import torch
-
-    ids = base.tokenizer(PROBE, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        diffs = []
-        for loaded in (tuned, base):
-            device = next(loaded.model.parameters()).device
-            diffs.append(loaded.model(input_ids=ids.to(device)).logits.float().cpu())
-    difference = float((diffs[0] - diffs[1]).abs().max())
-    if difference <= APPLIED_TOLERANCE:
-        raise FinetuneError(f"{ref}: the fine-tuned weights are not applied: on a probe the loaded model's output "
-                            f"equals the base model's (largest difference {difference:.1e}); technique "
-                            f"{technique!r} loaded no change into the base (its load() returned the base model?)")
-    return difference
-
-
-def open_models(ref: str, *, with_base: bool, check: bool, registry: Any = None,
-                trust_remote_code: bool = False) -> tuple[Any, Any, dict[str, Any]]:
-    """The model to score, the base (or ``None``) and what was opened: ``kind`` (``result`` or ``base``),
-    ``folder``, ``version`` (an ``AdapterVersion`` or ``None``), ``adapter_sha256``, ``probe_difference``."""
-    from finetune_sdk.models.loading import is_result, load, load_base, open_model, result_folder
-    from finetune_sdk.training.manifest import read_manifest
-
-    text = os.fspath(ref)
-    if not is_result(text):
-        return open_model(text, trust_remote_code=trust_remote_code), None, {"kind": "base", "adapter_sha256": None}
-    folder = result_folder(text, registry)
-    version = None
-    if not Path(text).is_dir():
-        from finetune_sdk.registry import Registry
-
-        registry = registry if registry is not None else Registry()
-        # hf://org/repo@v2 is pulled into the local registry (once; cached after): its scores go with that version
-        version = registry.pull(text) if text.startswith("hf://") else registry.resolve(text)
-    tuned = load(text, registry=registry, trust_remote_code=trust_remote_code)
-    info: dict[str, Any] = {"kind": "result", "folder": folder, "version": version,
-                            "adapter_sha256": weights_sha256(folder), "probe_difference": None}
-    base = None
-    if with_base or check:
-        base = load_base(text, registry=registry, trust_remote_code=trust_remote_code)
-        if check:
-            technique = read_manifest(folder).get("technique")
-            info["probe_difference"] = check_applied(tuned, base, text, technique)
-    return tuned, (base if with_base else None), info
 
 
 def task_inputs(tasks: Any, task_files: Any) -> tuple[list[str], list[Path]]:
@@ -202,7 +136,8 @@ def benchmark(ref: str | os.PathLike[str], tasks: str | list[str] | tuple[str, .
         ConfigError: lm-eval is not installed, a task is unknown, the batch size is not a whole number >= 1 or
             auto, the seed is outside 0..2**32 - 1, or a task's dataset is not available offline (one line naming
             the task and how to make it available).
-        FinetuneError: the fine-tuned weights are not applied (see :func:`check_applied`).
+        FinetuneError: the fine-tuned weights are not applied (see
+            :func:`finetune_sdk.evaluation.opening.check_applied`).
 
     Example:
         >>> import finetune_sdk
@@ -210,6 +145,7 @@ def benchmark(ref: str | os.PathLike[str], tasks: str | list[str] | tuple[str, .
         >>> r.table()[0]["vs_base"]  # doctest: +SKIP
         0.75
     """
+    from finetune_sdk.evaluation.opening import open_models
     from finetune_sdk.evaluation.tasks import load_tasks, require_lm_eval
     from finetune_sdk.log import known_dependency_messages
 
@@ -256,7 +192,8 @@ def score(loaded: Any, task_manager: Any, task_dict: dict[str, Any], *, model_na
     """Run lm-eval's ``evaluate`` on one loaded model and return its score rows (see :class:`BenchmarkResult`):
     each task's, and each group's aggregate (lm-eval's ``aggregate_metric_list``, e.g. the size-weighted mean) as a
     row named by the group."""
-    from finetune_sdk.evaluation.lm_eval_backend import FinetuneSDKLM, quiet_lm_eval
+    from finetune_sdk.evaluation.lm_eval_backend import FinetuneSDKLM
+    from finetune_sdk.evaluation.quiet import quiet_lm_eval
     from finetune_sdk.progress import activity
 
     random.seed(seed)

@@ -20,27 +20,16 @@ the result's base model instead), ``chat`` (``true``/``false``; default: when th
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib
-import logging
-import os
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from finetune_sdk.errors import ConfigError
+from finetune_sdk.evaluation.quiet import quiet_lm_eval
 
-#: Loggers of lm-eval whose INFO lines (and the warning about an in-memory model) are not the SDK user's business.
-LM_EVAL_LOGGERS = ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.models.huggingface", "lm_eval.api.task",
-                   "lm_eval.tasks", "lm_eval.evaluator_utils", "lm_eval.api.model")
-
-#: lm-eval modules that draw tqdm bars while scoring.
-TQDM_MODULES = ("lm_eval.api.model", "lm_eval.api.task", "lm_eval.api.metrics", "lm_eval.models.huggingface",
-                "lm_eval.evaluator")
 
 
 def _flag(value: Any, default: bool | None, name: str = "") -> bool | None:
@@ -187,7 +176,7 @@ def conversation_turns(chat_history: list[dict[str, str]]) -> tuple[list[tuple[s
 
 def open_for_lm_eval(ref: str, *, base: bool, check: bool, trust_remote_code: bool) -> Any:
     """The ``LoadedModel`` the command-line route scores: the result (checked against its base) or its base."""
-    from finetune_sdk.evaluation.benchmarking import open_models
+    from finetune_sdk.evaluation.opening import open_models
     from finetune_sdk.models.loading import is_result, load_base
     from finetune_sdk.log import known_dependency_messages
 
@@ -196,60 +185,6 @@ def open_for_lm_eval(ref: str, *, base: bool, check: bool, trust_remote_code: bo
             return load_base(ref, trust_remote_code=trust_remote_code)
         tuned, _, _ = open_models(ref, with_base=False, check=check, trust_remote_code=trust_remote_code)
         return tuned
-
-
-@contextlib.contextmanager
-def quiet_lm_eval() -> Iterator[None]:
-    """lm-eval's INFO and WARNING lines, its tqdm bars and git's ``fatal: not a git repository`` (lm-eval runs
-    ``git describe`` for its results' ``git_hash``) kept off the terminal inside the block; errors still show."""
-    from lm_eval import evaluator
-
-    saved = []
-    for name in LM_EVAL_LOGGERS:
-        log = logging.getLogger(name)
-        saved.append((log, log.level))
-        log.setLevel(logging.ERROR)
-    import datasets
-
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # "Generating test split" of local data files
-    patched = [(evaluator, "get_git_commit_hash", _quiet_git_hash)]
-    for name in TQDM_MODULES:  # lm-eval's bars: each module's own ``tqdm`` name, made silent
-        module = sys.modules.get(name) or importlib.import_module(name)
-        if hasattr(module, "tqdm"):
-            patched.append((module, "tqdm", _silent(module.tqdm)))
-    originals = [(module, attr, getattr(module, attr)) for module, attr, _ in patched]
-    for module, attr, value in patched:
-        setattr(module, attr, value)
-    try:
-        yield
-    finally:
-        for module, attr, value in originals:
-            setattr(module, attr, value)
-        for log, level in saved:
-            log.setLevel(level)
-        if bars_were_on:
-            datasets.enable_progress_bars()
-
-
-def _silent(bar: Any) -> Any:
-    """``tqdm`` that never draws, whatever ``disable=`` its caller passes."""
-    @functools.wraps(bar)
-    def make(*args: Any, **kwargs: Any) -> Any:
-        return bar(*args, **{**kwargs, "disable": True})
-
-    return make
-
-
-def _quiet_git_hash() -> str | None:
-    """lm-eval's ``get_git_commit_hash`` with git's complaints sent to /dev/null and a timeout."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "describe", "--always"], capture_output=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.decode().strip() or None if out.returncode == 0 else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -80,7 +80,7 @@ def load_tasks(names: list[str], files: list[Path]) -> tuple[Any, dict[str, Any]
         ConfigError: see the module docstring.
     """
     require_lm_eval()
-    from finetune_sdk.evaluation.lm_eval_backend import quiet_lm_eval
+    from finetune_sdk.evaluation.quiet import quiet_lm_eval
 
     file_tasks = {}
     for path in files:

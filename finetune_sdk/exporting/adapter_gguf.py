@@ -112,12 +112,11 @@ def run_adapter_export(folder: Path, manifest: dict[str, Any], out: Path, *, nam
     """Write ``<name>-lora.gguf``, the base as ``<name>-base-<quantization>.gguf`` and a Modelfile with ``ADAPTER``."""
     from finetune_sdk.exporting import GGUFExport, ollama_name
     from finetune_sdk.exporting.gguf_file import write_gguf
-    from finetune_sdk.exporting.model_settings import modelfile_parameters
+    from finetune_sdk.exporting.model_settings import chat_setup, export_libraries, modelfile_parameters
     from finetune_sdk.exporting.modelfile import modelfile
-    from finetune_sdk.exporting.pipeline import _version, chat_setup
     from finetune_sdk.fsutil import staged_directory, write_json_atomic, write_text_atomic
     from finetune_sdk.models.loading import load
-    from finetune_sdk.training.manifest import MANIFEST_NAME, library_versions
+    from finetune_sdk.training.manifest import MANIFEST_NAME
     from finetune_sdk.progress import activity
 
     adapter_config = check_lora_folder(folder, manifest.get("technique"))
@@ -147,7 +146,7 @@ def run_adapter_export(folder: Path, manifest: dict[str, Any], out: Path, *, nam
                        **summary, "architecture": base_summary["architecture"]},
             "exported_from": {"ref": os.fspath(ref), "technique": manifest.get("technique"),
                               "base_model": manifest.get("base_model")},
-            "libraries": {**library_versions(), "gguf": _version("gguf")},
+            "libraries": export_libraries(),
         })
     return GGUFExport(directory=out, gguf_path=out / adapter_name, modelfile_path=out / "Modelfile",
                       quantization=quantization, ollama_name=stem,

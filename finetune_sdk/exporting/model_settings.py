@@ -10,15 +10,22 @@
   ``repeat_penalty``. Unless it says ``do_sample: true`` transformers decodes greedily and ignores the first three,
   so a config that sets ``do_sample: false`` (or sampling values without ``do_sample``) gives ``temperature 0``
   (Ollama's greedy) instead; ``repeat_penalty`` applies either way.
+* Chat format (:func:`chat_setup`): the template written into the GGUF file and the Modelfile's ``TEMPLATE``, from
+  the formatter the result was trained with.
+* The export manifest's ``libraries`` (:func:`export_libraries`): the training libraries' versions and ``gguf``'s.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
+from finetune_sdk.errors import FinetuneError
+
+logger = logging.getLogger("finetune_sdk")
 #: generation_config.json key -> Ollama Modelfile parameter
 SAMPLING_PARAMETERS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                        "repetition_penalty": "repeat_penalty"}
@@ -118,3 +125,46 @@ def modelfile_parameters(folder: Path, config: Any, manifest: dict[str, Any]) ->
             lines.append(f"PARAMETER {parameter} {value:g}" if isinstance(value, float) else
                          f"PARAMETER {parameter} {value}")
     return "".join(line + "\n" for line in lines)
+
+
+def export_libraries() -> dict[str, str | None]:
+    """The export manifest's ``libraries``: ``python`` and the training libraries' versions
+    (:func:`finetune_sdk.training.manifest.library_versions`) plus ``gguf``'s; ``None`` for one not installed."""
+    from importlib import metadata
+
+    from finetune_sdk.training.manifest import library_versions
+
+    try:
+        gguf = metadata.version("gguf")
+    except metadata.PackageNotFoundError:
+        gguf = None
+    return {**library_versions(), "gguf": gguf}
+
+
+def chat_setup(manifest: dict[str, Any], tokenizer: Any) -> tuple[str | None, Any, bool]:
+    """``(jinja template for the file, ChatFormat for Ollama or None, raw_prompt)`` for the format trained in.
+
+    The trained formatter says which chat format it rendered prompts in (``Formatter.chat_format`` with the
+    result's tokenizer and the manifest's options), whatever the objective: DPO's ``preference``, KTO's ``kto`` and
+    GRPO's ``prompt`` formatters name the format they delegate to. The training ``system_prompt`` becomes the
+    templates' default system prompt. A formatter that is not installed, or doesn't say, leaves the tokenizer's own
+    template.
+    """
+    from finetune_sdk.exporting.chat_formats import export_chat
+    from finetune_sdk.plugin_manager import get_plugin_host
+
+    options = manifest.get("options") or {}
+    trained = None
+    name = manifest.get("formatter")
+    try:
+        formatter = get_plugin_host().create("formatter", name) if name else None
+    except FinetuneError as exc:  # an uninstalled formatter: fall back to the tokenizer's template, and say so
+        formatter = None
+        logger.warning("%s; the export uses the tokenizer's own chat template", exc)
+    if formatter is not None:
+        trained = formatter.chat_format(tokenizer, options)
+    chat = export_chat(trained, tokenizer, system_prompt=options.get("system_prompt"))
+    if chat.jinja and chat.ollama is None and not chat.raw_prompt:
+        logger.warning("the chat template is not one finetune-sdk can write as an Ollama TEMPLATE; the Modelfile "
+                       "leaves it out and Ollama falls back to the template stored in the GGUF file")
+    return chat.jinja, chat.ollama, chat.raw_prompt

@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finetune_sdk.errors import ConfigError, FinetuneError
+from finetune_sdk.errors import ConfigError
 from finetune_sdk.fsutil import staged_directory, write_json_atomic, write_text_atomic
-from finetune_sdk.training.manifest import MANIFEST_NAME, library_versions, read_manifest
+from finetune_sdk.training.manifest import MANIFEST_NAME, read_manifest
 from finetune_sdk.progress import activity
 
 logger = logging.getLogger("finetune_sdk")
@@ -55,41 +55,13 @@ def merged_causal_lm(folder: Path, manifest: dict[str, Any], registry: Any) -> t
     return merged_float32(folder, manifest, technique, registry=registry)
 
 
-def chat_setup(manifest: dict[str, Any], tokenizer: Any) -> tuple[str | None, Any, bool]:
-    """``(jinja template for the file, ChatFormat for Ollama or None, raw_prompt)`` for the format trained in.
-
-    The trained formatter says which chat format it rendered prompts in (``Formatter.chat_format`` with the
-    result's tokenizer and the manifest's options), whatever the objective: DPO's ``preference``, KTO's ``kto`` and
-    GRPO's ``prompt`` formatters name the format they delegate to. The training ``system_prompt`` becomes the
-    templates' default system prompt. A formatter that is not installed, or doesn't say, leaves the tokenizer's own
-    template.
-    """
-    from finetune_sdk.exporting.chat_formats import export_chat
-    from finetune_sdk.plugin_manager import get_plugin_host
-
-    options = manifest.get("options") or {}
-    trained = None
-    name = manifest.get("formatter")
-    try:
-        formatter = get_plugin_host().create("formatter", name) if name else None
-    except FinetuneError as exc:  # an uninstalled formatter: fall back to the tokenizer's template, and say so
-        formatter = None
-        logger.warning("%s; the export uses the tokenizer's own chat template", exc)
-    if formatter is not None:
-        trained = formatter.chat_format(tokenizer, options)
-    chat = export_chat(trained, tokenizer, system_prompt=options.get("system_prompt"))
-    if chat.jinja and chat.ollama is None and not chat.raw_prompt:
-        logger.warning("the chat template is not one finetune-sdk can write as an Ollama TEMPLATE; the Modelfile "
-                       "leaves it out and Ollama falls back to the template stored in the GGUF file")
-    return chat.jinja, chat.ollama, chat.raw_prompt
-
-
 def run_export(ref: Any, out: Path, *, quantization: str | list[str], name: str | None, registry: Any,
                adapter_only: bool = False) -> Any:
     """Check, merge once, and write one GGUF file per quantization (the first one gets ``Modelfile``)."""
     from finetune_sdk.exporting import GGUFExport, ollama_name
     from finetune_sdk.exporting.gguf_file import write_gguf
-    from finetune_sdk.exporting.model_settings import export_metadata, modelfile_parameters
+    from finetune_sdk.exporting.model_settings import (chat_setup, export_libraries, export_metadata,
+                                                       modelfile_parameters)
     from finetune_sdk.exporting.modelfile import modelfile
     from finetune_sdk.models.loading import result_folder
 
@@ -136,7 +108,7 @@ def run_export(ref: Any, out: Path, *, quantization: str | list[str], name: str 
             "exported_from": {"ref": os.fspath(ref), "technique": manifest.get("technique"),
                               "quantizer": manifest.get("quantizer"), "formatter": manifest.get("formatter"),
                               "base_model": base or None, **base_precision},
-            "libraries": {**library_versions(), "gguf": _version("gguf")},
+            "libraries": export_libraries(),
         })
     return GGUFExport(directory=out, gguf_path=files[first], modelfile_path=out / "Modelfile",
                       quantization=first, ollama_name=ollama_name(name),
@@ -161,15 +133,6 @@ def _check_family_early(folder: Path, manifest: dict[str, Any]) -> None:
 
             check_rope(AutoConfig.from_pretrained(path.parent), llama_arch=FAMILIES[model_type].gguf_arch == "llama")
             return
-
-
-def _version(package: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def attach_to_registry(done: Any, ref: Any, registry: Any) -> None:

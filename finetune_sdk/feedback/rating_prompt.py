@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from finetune_sdk.feedback.session import BOTH_BAD, QUIT, SKIP, TIE, Edited
+from finetune_sdk.feedback.answers import BOTH_BAD, QUIT, SKIP, TIE, Edited
 from finetune_sdk.feedback.screen_text import literal_text
 
 THUMBS_KEYS = {"u": True, "d": False}

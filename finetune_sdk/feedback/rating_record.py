@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import ConfigError
+from finetune_sdk.feedback.answers import BOTH_BAD, PAIRWISE, SKIP, THUMBS, TIE, Edited
 
 #: The environment variable naming the rater when no ``--rater`` is given.
 RATER_ENV = "FINETUNE_SDK_RATER"
@@ -131,7 +132,7 @@ def rating_row(mode: str, prompt: str, answers: list[str], rating: Any,
     Args:
         mode: ``"thumbs"`` (``answers`` holds one answer) or ``"pairwise"`` (two).
         rating: ``True``/``False`` (thumbs), ``0``/``1`` (the better answer's index), ``"tie"``, ``"both_bad"``
-            (pairwise), an :class:`~finetune_sdk.feedback.session.Edited`, ``"skip"`` or ``None``.
+            (pairwise), an :class:`~finetune_sdk.feedback.answers.Edited`, ``"skip"`` or ``None``.
         record: the fields every row carries (:func:`finetune_sdk.feedback.session.record_fields`).
 
     Raises:
@@ -141,7 +142,6 @@ def rating_row(mode: str, prompt: str, answers: list[str], rating: Any,
         >>> rating_row("pairwise", "Hi", ["Hello", "Yo"], 1, {})[1]["chosen"]
         'Yo'
     """
-    from finetune_sdk.feedback.session import BOTH_BAD, PAIRWISE, SKIP, THUMBS, TIE, Edited
 
     if rating is None or rating == SKIP:
         return "skip", None

@@ -29,30 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from finetune_sdk.errors import ConfigError
+from finetune_sdk.feedback.answers import PAIRWISE, QUIT, THUMBS, Edited
 from finetune_sdk.feedback.ratings_file import KTO_ROWS, PREFERENCE_ROWS, SFT_ROWS, RatingsAppender, RowShape
 
 logger = logging.getLogger("finetune_sdk")
 
-THUMBS = "thumbs"
-PAIRWISE = "pairwise"
 #: Mode -> the rows it writes to ``out``.
 MODES: dict[str, RowShape] = {THUMBS: KTO_ROWS, PAIRWISE: PREFERENCE_ROWS}
-#: What ``ask`` returns to skip a prompt (nothing is written; the next session asks again) or to end the session.
-SKIP = "skip"
-QUIT = "quit"
-#: What ``ask`` returns in pairwise mode when neither answer is better, or both are bad (the row's ``preference``).
-TIE = "tie"
-BOTH_BAD = "both_bad"
 #: Sampling tries for two different answers in pairwise mode before the prompt is skipped.
 PAIR_TRIES = 3
-
-
-@dataclass(frozen=True)
-class Edited:
-    """What ``ask`` returns for an answer the person wrote or corrected: appended to ``sft_out`` as
-    ``{"prompt", "completion"}``."""
-
-    completion: str
 
 
 @dataclass(frozen=True)

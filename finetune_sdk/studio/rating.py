@@ -60,7 +60,7 @@ def rate(worker: Any, confine: Any, body: dict[str, Any]) -> dict[str, Any]:
         ConfigError: an unknown kind, answers that don't fit it (unknown ids, two answers to different prompts), a
             value the kind has no row for, or a file outside the studio's folders / holding other rows.
     """
-    from finetune_sdk.feedback.session import Edited
+    from finetune_sdk.feedback.answers import Edited
     from finetune_sdk.feedback.rating_record import rating_row
 
     kind = body.get("kind")
@@ -139,8 +139,9 @@ def next_in_session(worker: Any, confine: Any, body: dict[str, Any]) -> dict[str
     "total"}`` when every prompt has a row, else ``{"prompt", "occurrence", "answers": [{"id", "text"}], "pending",
     "total", "record"}``. Runs on the worker thread (the caller awaits it).
     """
-    from finetune_sdk.feedback.session import (PAIRWISE, answer_settings, check_feedback_options, pending_listings,
-                                       prompt_seed, read_prompts, record_fields, sample_answers)
+    from finetune_sdk.feedback.answers import PAIRWISE
+    from finetune_sdk.feedback.session import (answer_settings, check_feedback_options, pending_listings, prompt_seed,
+                                               read_prompts, record_fields, sample_answers)
     from finetune_sdk.feedback.rating_record import check_rater
     from finetune_sdk.feedback.screen_text import escape_controls
     from finetune_sdk.studio.chat import Settings
