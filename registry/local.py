@@ -85,12 +85,11 @@ class LocalRegistry:
     """Versions, aliases, tags and lineage of fine-tuning results, stored under ``home`` (no network: pushing and
     pulling are :class:`finetune_sdk.registry.client.Registry`'s, the class users hold).
 
-    Example:
-        >>> from finetune_sdk.registry import Registry
-        >>> registry = Registry("/tmp/my-registry")  # doctest: +SKIP
-        >>> v = registry.publish("finetune-runs/support", "support-bot", aliases=["staging"])  # doctest: +SKIP
-        >>> registry.alias("support-bot@1", "production")  # doctest: +SKIP
-        >>> registry.path("support-bot@production")  # a folder finetune_sdk.load() reads  # doctest: +SKIP
+    Example (a fresh home lists nothing and creates nothing; the example of use is on ``Registry``):
+        >>> import tempfile, pathlib
+        >>> home = pathlib.Path(tempfile.mkdtemp()) / "registry"
+        >>> LocalRegistry(home).list(), home.exists()
+        ([], False)
     """
 
     def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
