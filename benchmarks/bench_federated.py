@@ -154,7 +154,8 @@ def preference_accuracy(model_dir: Path, held_out: list[dict[str, str]], options
     import finetune_sdk
     from finetune_sdk.data.rows import load_rows
     from finetune_sdk.plugin_manager import get_plugin_host
-    from finetune_sdk.objectives.dpo_training import each_sequence_logps, encode_preference
+    from finetune_sdk.objectives.dpo_training import each_sequence_logps
+    from finetune_sdk.data.pairs import encode_preference
 
     tuned = finetune_sdk.load(model_dir)
     formatter = get_plugin_host().create("formatter", "preference")

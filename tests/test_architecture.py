@@ -24,12 +24,12 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "flwr", "trl", "gguf",
 MAX_LINES = 400
 #: The facade: the package's own ``__init__`` (``finetune_sdk.Trainer``...) and ``trainer``.
 FACADE = ("finetune_sdk", "finetune_sdk.trainer")
-#: What every part may use: the flat helper modules, and the three shared services that live in ``training/``.
+#: What every part may use: the flat helper modules, and the two shared services that live in ``training/`` (the
+#: result's manifest and where results may be written: the run writes them, every reader checks them).
 CORE = frozenset({"finetune_sdk.errors", "finetune_sdk.log", "finetune_sdk.fsutil", "finetune_sdk.network",
-                  "finetune_sdk.training.progress", "finetune_sdk.training.manifest",
-                  "finetune_sdk.training.output_paths"})
+                  "finetune_sdk.progress", "finetune_sdk.training.manifest", "finetune_sdk.training.output_paths"})
 #: What a plugin author imports: the plugin API module, the hook specs and the base classes it re-exports.
-PLUGIN_API = frozenset({"finetune_sdk.plugin_api", "finetune_sdk.hookspecs", "finetune_sdk.formatter",
+PLUGIN_API = frozenset({"finetune_sdk.plugin_api", "finetune_sdk.hookspecs", "finetune_sdk.markers", "finetune_sdk.formatter",
                         "finetune_sdk.quantizer", "finetune_sdk.technique", "finetune_sdk.options"})
 #: Where docs/architecture.md keeps the layering table the layering test reads.
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
@@ -303,7 +303,7 @@ def part(module: str) -> str:
     """The part of the layering table (docs/architecture.md, "Layers") ``module`` belongs to: ``core``,
     ``plugin API``, ``plugin host``, ``facade``, else its subpackage (``data``, ``training``, ``registry``...).
 
-    >>> part("finetune_sdk.training.engine"), part("finetune_sdk.training.progress"), part("finetune_sdk.trainer")
+    >>> part("finetune_sdk.training.engine"), part("finetune_sdk.progress"), part("finetune_sdk.trainer")
     ('training', 'core', 'facade')
     """
     if module in CORE:

@@ -90,7 +90,7 @@ def preference_accuracy(model_dir, technique, objective, options):
     """The untrained policy's held-out accuracy under ``objective``."""
     from finetune_sdk.data.rows import load_rows
     from finetune_sdk.objectives import get_objective, run_options
-    from finetune_sdk.objectives.dpo_training import encode_preference
+    from finetune_sdk.data.pairs import encode_preference
 
     spec = get_objective(objective)
     options = run_options(spec, options)

@@ -158,7 +158,7 @@ def test_encoding_rows_with_fields_equals_encoding_the_bare_rows(tiny_models):
     from finetune_sdk.data.rows import load_rows
     from finetune_sdk.objectives.kto_training import encode_kto
     from finetune_sdk.plugin_manager import get_plugin_host
-    from finetune_sdk.objectives.dpo_training import encode_preference
+    from finetune_sdk.data.pairs import encode_preference
     from finetune_sdk.testing.tiny import tiny_tokenizer
 
     host, tokenizer, options = get_plugin_host(), tiny_tokenizer(), {"max_length": 64}
@@ -178,7 +178,7 @@ def test_encoding_rows_with_fields_equals_encoding_the_bare_rows(tiny_models):
 
 def test_a_file_of_ties_only_is_refused_in_one_line(tmp_path):
     from finetune_sdk.data.rows import load_rows
-    from finetune_sdk.objectives.dpo_training import ranked_pairs
+    from finetune_sdk.data.pairs import ranked_pairs
 
     data = write(tmp_path / "ties.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b", "preference": "tie"}])
     with pytest.raises(DataError, match="all 1 pairs are ties or both bad"):

@@ -106,7 +106,8 @@ def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(tiny_model
                       **({"target_modules": "all-linear", "r": 16} if technique == "lora" else {}))
     result = trainer.fit(DPO_TRAIN, eval_data=DPO_HELD_OUT)
     from finetune_sdk.data.rows import load_rows
-    from finetune_sdk.objectives.dpo_training import encode_preference, evaluate_preference
+    from finetune_sdk.objectives.dpo_training import evaluate_preference
+    from finetune_sdk.data.pairs import encode_preference
 
     base = Trainer(tiny_models("llama"), technique=technique, formatter="preference", progress=False).current_model()
     held = encode_preference(load_rows(DPO_HELD_OUT), base.formatter, base.tokenizer, trainer.options)

@@ -114,7 +114,8 @@ def test_mixed_pairs_count_correct_ties_and_wrong(reward_model):
 
 def test_dpo_reward_accuracy_counts_identical_pairs_as_ties(causal_model):
     from finetune_sdk.data.rows import load_rows
-    from finetune_sdk.objectives.dpo_training import encode_preference, evaluate_preference, precompute_reference
+    from finetune_sdk.objectives.dpo_training import evaluate_preference, precompute_reference
+    from finetune_sdk.data.pairs import encode_preference
 
     model, tok = causal_model.model, causal_model.tokenizer
     encoded = encode_preference(load_rows(identical_pairs()), causal_model.formatter, tok, {"max_length": 128})

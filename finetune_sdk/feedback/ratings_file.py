@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_sdk.data.pairs import UNRANKED  # the preference values of a pair ranked neither way
 from finetune_sdk.errors import ConfigError, FinetuneError
 
 logger = logging.getLogger("finetune_sdk")
@@ -39,8 +40,6 @@ logger = logging.getLogger("finetune_sdk")
 #: Optional fields any row may carry, and their JSON types: who rated, when (ISO-8601 UTC), the model that answered
 #: (``ref``, ``version``, ``manifest_sha256``) and its sampling settings.
 RECORD_FIELDS: dict[str, type] = {"rater": str, "rated_at": str, "model": dict, "sampling": dict}
-#: ``preference`` values of a pair the rater ranked neither way: both answers as good, or both bad.
-UNRANKED = ("tie", "both_bad")
 
 
 @dataclass(frozen=True)

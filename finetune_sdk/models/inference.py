@@ -239,7 +239,7 @@ class LoadedModel:
         if formatter is None:
             raise ConfigError("evaluate() needs a formatter: pass formatter= to Trainer")
         if self.task == REWARD:
-            from finetune_sdk.objectives.dpo_training import encode_preference
+            from finetune_sdk.data.pairs import encode_preference
             from finetune_sdk.models.reward_model import evaluate_pairs
 
             return evaluate_pairs(self.model, encode_preference(rows, formatter, self.tokenizer, self.options),

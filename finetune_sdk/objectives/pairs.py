@@ -23,7 +23,7 @@ class PreferencePairs(Objective):
     metrics = ("eval_loss", "reward_accuracy", "reward_ties", "reward_margin", "logp_margin")
 
     def encode(self, rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
-        from finetune_sdk.objectives.dpo_training import encode_preference
+        from finetune_sdk.data.pairs import encode_preference
 
         return encode_preference(rows, formatter, tokenizer, options)
 

@@ -144,8 +144,8 @@ def formatter_fits(formatter_task: str, technique_task: str) -> bool:
 def reward_rows(rows: Rows, formatter: Formatter) -> Rows:
     """Preference pairs as classifier rows: prompt + chosen -> "chosen", prompt + rejected -> "rejected" (the
     classifier's pointwise view of pairs; the ``reward-model`` technique compares the two answers instead). Tie and
-    both-bad pairs are skipped (:func:`finetune_sdk.objectives.dpo_training.ranked_pairs`)."""
-    from finetune_sdk.objectives.dpo_training import ranked_pairs
+    both-bad pairs are skipped (:func:`finetune_sdk.data.pairs.ranked_pairs`)."""
+    from finetune_sdk.data.pairs import ranked_pairs
 
     rows = ranked_pairs(rows)
     out, where = [], []
