@@ -18,9 +18,12 @@ from __future__ import annotations
 import string
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from finetune_sdk.errors import ConfigError
+
+if TYPE_CHECKING:
+    from finetune_sdk.models.inference import LoadedModel
 
 #: Exact match from which prompting counts as doing the job (fraction of held-out rows).
 PROMPTING_ENOUGH = 0.8
@@ -95,7 +98,7 @@ def check_rows(held_out: Any, data: Any = None) -> None:
         _pairs(data, "data")
 
 
-def answer_loss(loaded: Any, prompt: str, answer: str, examples: list[tuple[str, str]] | None = None) -> float:
+def answer_loss(loaded: LoadedModel, prompt: str, answer: str, examples: list[tuple[str, str]] | None = None) -> float:
     """Mean negative log-likelihood (nats per token) of ``answer`` after the formatted ``prompt`` (with
     ``examples`` as earlier turns in the model's chat format: :meth:`LoadedModel.prompt_ids`)."""
     import torch
@@ -112,7 +115,7 @@ def answer_loss(loaded: Any, prompt: str, answer: str, examples: list[tuple[str,
     return float(-log_probs.gather(1, targets[:, None]).mean())
 
 
-def score_prompting(loaded: Any, held_out: Any, data: Any = None, *, shots: int = 3, budget_s: float = 60.0,
+def score_prompting(loaded: LoadedModel, held_out: Any, data: Any = None, *, shots: int = 3, budget_s: float = 60.0,
                     seed: int = 0) -> PromptingScores:
     """Score ``loaded`` zero-shot and ``shots``-shot on ``held_out`` rows (prompt/completion), examples drawn from
     ``data`` (the training rows) or else from the other held-out rows; stops adding rows when the next one would

@@ -6,10 +6,13 @@ evaluating a reward model on pairs.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from finetune_sdk.data.encoding import IGNORE_INDEX, Encoded, encode_segments
 from finetune_sdk.data.rows import Rows
+
+if TYPE_CHECKING:
+    from finetune_sdk.formatter import Formatter
 
 #: The ``preference`` values of a pair a rater ranked neither way (``finetune feedback`` records them): kept in the
 #: ratings file, never trained on.
@@ -45,7 +48,7 @@ def ranked_pairs(rows: Rows) -> Rows:
     return Rows([rows.rows[i] for i in keep], [rows.where[i] for i in keep], rows.source)
 
 
-def encode_preference(rows: Rows, formatter: Any, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
+def encode_preference(rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
     """Encode (prompt, chosen, rejected) rows; a pair where either answer is cut off entirely is dropped, a tie or
     both-bad pair (:func:`ranked_pairs`) skipped."""
     rows = ranked_pairs(rows)

@@ -16,9 +16,12 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from finetune_sdk.errors import ConfigError
+
+if TYPE_CHECKING:
+    from finetune_sdk.models.inference import LoadedModel
 
 logger = logging.getLogger("finetune_sdk")
 
@@ -186,7 +189,7 @@ def benchmark(ref: str | os.PathLike[str], tasks: str | list[str] | tuple[str, .
     return result
 
 
-def score(loaded: Any, task_manager: Any, task_dict: dict[str, Any], *, model_name: str, adapter: str | None,
+def score(loaded: LoadedModel, task_manager: Any, task_dict: dict[str, Any], *, model_name: str, adapter: str | None,
           num_fewshot: int | None, limit: int | float | None, batch_size: int | str, seed: int,
           chat: bool | None, lm_eval_version: str) -> list[dict[str, Any]]:
     """Run lm-eval's ``evaluate`` on one loaded model and return its score rows (see :class:`BenchmarkResult`):

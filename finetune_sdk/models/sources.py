@@ -7,10 +7,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from finetune_sdk.errors import ConfigError, ModelNotFoundError
 from finetune_sdk.formatter import HEAD_TASKS
+
+if TYPE_CHECKING:
+    from finetune_sdk.quantizer import Quantizer
+    from finetune_sdk.technique import Technique
 
 logger = logging.getLogger("finetune_sdk")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
@@ -140,7 +144,7 @@ def load_model(source: ModelSource, task: str, *, dtype: Any, quantization_confi
     return model
 
 
-def load_base_model(source: ModelSource, task: str, quantizer: Any, options: dict[str, Any], *, dtype: Any,
+def load_base_model(source: ModelSource, task: str, quantizer: Quantizer | None, options: dict[str, Any], *, dtype: Any,
                     pad_token_id: int | None = None) -> Any:
     """The base model as training, loading and comparison start from it: loaded for ``task`` in ``dtype``,
     quantized by ``quantizer`` (None: full precision) with its ``after_load`` fix-ups, with a pad token id."""
@@ -175,7 +179,7 @@ def _warm_client_cache() -> Any:
     return getattr(module, "ACTIVE_CACHE", None) if module is not None else None
 
 
-def with_new_head(technique: Any, model: Any, options: dict[str, Any], labels: list[str], tokenizer: Any) -> Any:
+def with_new_head(technique: Technique, model: Any, options: dict[str, Any], labels: list[str], tokenizer: Any) -> Any:
     """A head technique's model (classifier, reward model) over ``model`` with a new head for ``labels``,
     initialised from ``options["seed"]`` as training initialises it (so an untrained head is the same every time)."""
     from transformers import set_seed

@@ -15,13 +15,16 @@ A marker that is not a single token of the vocabulary is left out (generation st
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from finetune_sdk.formatter import Formatter
 
 #: Private-use characters around the probe answer: no template rewrites them and no tokenizer treats them specially.
 _PROBE_USER, _PROBE_ANSWER = "\ue000u\ue001", "\ue000a\ue001"
 
 
-def stop_token_ids(tokenizer: Any, model: Any = None, formatter: Any = None) -> list[int]:
+def stop_token_ids(tokenizer: Any, model: Any = None, formatter: Formatter | None = None) -> list[int]:
     """The ids generation stops at (see the module docstring), in that order, without duplicates.
 
     Args:

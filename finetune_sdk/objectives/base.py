@@ -31,6 +31,7 @@ from finetune_sdk.formatter import CAUSAL_LM, Formatter
 from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
+    from finetune_sdk.models.inference import LoadedModel
     from finetune_sdk.data.rows import Rows
     from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
@@ -127,7 +128,9 @@ class Objective:
         return encode_causal(rows, formatter, tokenizer, options)
 
     def check_options(self, options: Mapping[str, Any], host: Any) -> None:
-        """Refuse options this objective can't train with, before any model loads (e.g. GRPO without a reward)."""
+        """Refuse options this objective can't train with, before any model loads (e.g. GRPO without a reward).
+        ``host`` is the :class:`~finetune_sdk.plugin_manager.PluginHost` (not named in the annotation: the plugin
+        host imports this module for the plugin type's base class)."""
 
     def check_rows(self, rows: Rows) -> None:
         """Warn about (or refuse) training rows that can't teach this objective, before they are encoded."""
@@ -166,7 +169,7 @@ class Objective:
         return TrainingInputs(model, ListDataset(plan.train.examples), eval_dataset,
                               self.collator(run, plan, tokenizer), self.trainer_class(HFTrainer, run.options))
 
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
+    def evaluate(self, loaded: LoadedModel, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
         """Final metrics of the trained model (a LoadedModel) on the held-out set ``plan.evals[name]``; ``run`` gives
         the options and what the run decided (``run.state``)."""
         eval_set = plan.evals[name]

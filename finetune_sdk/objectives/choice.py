@@ -17,16 +17,19 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from finetune_sdk.errors import ConfigError
 from finetune_sdk.objectives.base import Objective
 from finetune_sdk.options import Option
 
+if TYPE_CHECKING:
+    from finetune_sdk.plugin_manager import PluginHost
+
 _INSTANCES: dict[type, Objective] = {}
 
 
-def _host(host: Any) -> Any:
+def _host(host: PluginHost | None) -> PluginHost:
     if host is not None:
         return host
     from finetune_sdk.plugin_manager import get_plugin_host
@@ -34,7 +37,7 @@ def _host(host: Any) -> Any:
     return get_plugin_host()
 
 
-def get_objective(name: str, host: Any = None) -> Objective:
+def get_objective(name: str, host: PluginHost | None = None) -> Objective:
     """The objective registered as ``name`` (one instance per class); an unknown name is a
     :class:`~finetune_sdk.errors.ConfigError` suggesting the closest."""
     registration = _host(host).registration("objective", name)
@@ -43,14 +46,14 @@ def get_objective(name: str, host: Any = None) -> Objective:
     return _INSTANCES[registration.cls]
 
 
-def registered_objectives(host: Any = None) -> dict[str, Objective]:
+def registered_objectives(host: PluginHost | None = None) -> dict[str, Objective]:
     """Every registered objective by name (names registered twice left out: using them is an error)."""
     found = _host(host)
     names = [registration.name for registration in found.registrations("objective")]
     return {name: get_objective(name, found) for name in found.names("objective") if names.count(name) == 1}
 
 
-def objective_for(formatter_task: str, technique_task: str, name: str | None = None, host: Any = None) -> Objective:
+def objective_for(formatter_task: str, technique_task: str, name: str | None = None, host: PluginHost | None = None) -> Objective:
     """The objective that trains ``technique_task`` on rows a ``formatter_task`` formatter makes: ``name`` when
     given (checked to fit), else the registered default for the pair.
 
@@ -76,7 +79,7 @@ def objective_for(formatter_task: str, technique_task: str, name: str | None = N
                       f"{formatter_task} rows; pass objective= to choose")
 
 
-def objective_option_owners(host: Any = None) -> dict[str, list[str]]:
+def objective_option_owners(host: PluginHost | None = None) -> dict[str, list[str]]:
     """Every objective option name (older names included) -> the objectives that take it."""
     owners: dict[str, list[str]] = {}
     for objective in registered_objectives(host).values():
@@ -85,7 +88,7 @@ def objective_option_owners(host: Any = None) -> dict[str, list[str]]:
     return owners
 
 
-def objective_option_specs(host: Any = None) -> dict[str, tuple[Option, dict[str, Option]]]:
+def objective_option_specs(host: PluginHost | None = None) -> dict[str, tuple[Option, dict[str, Option]]]:
     """Every objective option name -> (the first objective's spec, every objective's spec by objective name):
     what the CLI makes its flags from."""
     specs: dict[str, tuple[Option, dict[str, Option]]] = {}
@@ -96,7 +99,7 @@ def objective_option_specs(host: Any = None) -> dict[str, tuple[Option, dict[str
     return specs
 
 
-def resolve_objective_options(objective: Objective, given: Mapping[str, Any], host: Any = None) -> dict[str, Any]:
+def resolve_objective_options(objective: Objective, given: Mapping[str, Any], host: PluginHost | None = None) -> dict[str, Any]:
     """``objective``'s options: the ``given`` values (coerced and range-checked by its own specs) or its defaults.
 
     Raises:
@@ -117,14 +120,14 @@ def resolve_objective_options(objective: Objective, given: Mapping[str, Any], ho
     return {name: spec.coerce(values[name]) if name in values else spec.default for name, spec in specs.items()}
 
 
-def split_objective_options(options: Mapping[str, Any], host: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_objective_options(options: Mapping[str, Any], host: PluginHost | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``options`` as (the others, the objective options given): the names :func:`objective_option_owners` knows."""
     owners = objective_option_owners(host)
     given = {k: v for k, v in options.items() if k in owners}
     return {k: v for k, v in options.items() if k not in owners}, given
 
 
-def run_options(objective: Objective, options: Mapping[str, Any], host: Any = None, *,
+def run_options(objective: Objective, options: Mapping[str, Any], host: PluginHost | None = None, *,
                 strict: bool = True) -> dict[str, Any]:
     """A run's options: ``options`` (the Trainer's, which hold the objective options as given) with
     ``objective``'s resolved and no other objective's. An option of another objective is an error, or with

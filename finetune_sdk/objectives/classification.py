@@ -12,6 +12,7 @@ from finetune_sdk.formatter import CLASSIFICATION, PREFERENCE, Formatter
 from finetune_sdk.objectives.base import Objective, TrainingInputs
 
 if TYPE_CHECKING:
+    from finetune_sdk.models.inference import LoadedModel
     from finetune_sdk.data.rows import Rows
     from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
@@ -51,7 +52,7 @@ class ClassificationHead(Objective):
         eval_dataset = (evals if len(evals) > 1 else next(iter(evals.values()))) if evals else None
         return TrainingInputs(head_model(model), train, eval_dataset, collate_features, HFTrainer)
 
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
+    def evaluate(self, loaded: LoadedModel, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
         if name in run.state.eval_features:  # scored from the cached features by the trained head
             from finetune_sdk.training.feature_cache import evaluate_head
             from finetune_sdk.models.scoring import require_rows, scored_rows

@@ -12,6 +12,7 @@ from finetune_sdk.objectives.pairs import PreferencePairs
 from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
+    from finetune_sdk.models.inference import LoadedModel
     from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
 
@@ -54,7 +55,7 @@ class DirectPreferenceOptimization(PreferencePairs):
         cls.beta = options["beta"]
         return cls
 
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
+    def evaluate(self, loaded: LoadedModel, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
         from finetune_sdk.objectives.dpo_training import evaluate_preference
 
         eval_set = plan.evals[name]

@@ -13,6 +13,7 @@ from finetune_sdk.objectives.base import Objective, TrainingInputs
 from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
+    from finetune_sdk.models.inference import LoadedModel
     from finetune_sdk.data.rows import Rows
     from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
@@ -83,7 +84,7 @@ class GroupRelativePolicyOptimization(Objective):
 
         return grpo_training_inputs(run, plan, model, tokenizer, args)
 
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
+    def evaluate(self, loaded: LoadedModel, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
         from finetune_sdk.objectives.grpo_training import evaluate_prompts
 
         return evaluate_prompts(loaded.model, plan, name, loaded.tokenizer, run)

@@ -58,6 +58,7 @@ from finetune_sdk.models.sampling import SamplingSettings, only_these_settings
 from finetune_sdk.models.stop_tokens import stop_token_ids
 
 if TYPE_CHECKING:
+    from finetune_sdk.formatter import Formatter
     from finetune_sdk.objectives import TrainingInputs
     from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
@@ -92,7 +93,7 @@ class GRPOSettings:
                    sampling=SamplingSettings.from_options(options), stop_ids=tuple(stop_ids))
 
 
-def encode_prompts(rows: Rows, formatter: Any, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
+def encode_prompts(rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
     """Prompt rows as ``{"prompt_ids", "prompt", "columns"}`` examples; ``columns`` holds the row's other columns
     (handed to reward functions). A prompt longer than ``max_length - max_completion_length`` tokens is dropped;
     more than half dropped is a :class:`DataError`."""

@@ -13,6 +13,7 @@ from finetune_sdk.objectives.base import Objective
 from finetune_sdk.options import Option
 
 if TYPE_CHECKING:
+    from finetune_sdk.models.inference import LoadedModel
     from finetune_sdk.data.rows import Rows
     from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
@@ -81,7 +82,7 @@ class KahnemanTverskyOptimization(Objective):
 
         return KTOCollator(tokenizer.pad_token_id)
 
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
+    def evaluate(self, loaded: LoadedModel, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
         from finetune_sdk.objectives.kto_training import evaluate_kto
 
         eval_set = plan.evals[name]

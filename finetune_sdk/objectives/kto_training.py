@@ -36,11 +36,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from finetune_sdk.data.rows import Rows
 from finetune_sdk.data.encoding import IGNORE_INDEX, Collator, Encoded, encode_segments
 from finetune_sdk.errors import DataError
+
+if TYPE_CHECKING:
+    from finetune_sdk.formatter import Formatter
 
 __all__ = ["KTOCollator", "check_label_balance", "encode_kto", "evaluate_kto", "kl_reference_point", "kto_loss",
            "kto_losses", "kto_trainer_class", "precompute_kto_reference"]
@@ -49,7 +52,7 @@ logger = logging.getLogger("finetune_sdk")
 RECOMMENDED_RATIO = (1.0, 4 / 3)
 
 
-def encode_kto(rows: Rows, formatter: Any, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
+def encode_kto(rows: Rows, formatter: Formatter, tokenizer: Any, options: Mapping[str, Any]) -> Encoded:
     """Encode KTO rows: ``{"completion": {input_ids, labels}, "kl": {input_ids, labels}, "desirable": bool}``.
 
     ``kl`` is the row's prompt with the next kept row's completion. A row whose completion is cut off entirely by

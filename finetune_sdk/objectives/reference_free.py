@@ -25,6 +25,9 @@ from finetune_sdk.data.encoding import IGNORE_INDEX, Encoded
 from finetune_sdk.objectives.pairs import PreferencePairs
 
 if TYPE_CHECKING:
+    from finetune_sdk.models.inference import LoadedModel
+    from finetune_sdk.objectives.base import Objective
+    from finetune_sdk.training.plan import TrainingPlan
     from finetune_sdk.training.plan import RunSpec
 
 #: ``(chosen mean logps [B], rejected mean logps [B]) -> (per-pair loss [B], per-pair reward margin [B])``
@@ -134,7 +137,7 @@ def evaluate_reference_free(model: Any, encoded: Encoded, pair_loss: PairLoss, n
             **scored_rows(n, encoded.dropped)}
 
 
-def reference_free_evaluate(objective: Any, loaded: Any, plan: Any, name: str,
+def reference_free_evaluate(objective: Objective, loaded: LoadedModel, plan: TrainingPlan, name: str,
                             options: Mapping[str, Any]) -> dict[str, float]:
     """:meth:`Objective.evaluate` of a reference-free objective (``objective.pair_loss(options)``,
     ``objective.nll_weight(options)``) on ``plan.evals[name]``."""
@@ -164,5 +167,5 @@ class ReferenceFreePairs(PreferencePairs):
     def trainer_class(self, base: type, options: Mapping[str, Any]) -> type:
         return reference_free_trainer_class(self.pair_loss(options), self.nll_weight(options))
 
-    def evaluate(self, loaded: Any, plan: Any, name: str, run: RunSpec) -> dict[str, Any]:
+    def evaluate(self, loaded: LoadedModel, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
         return reference_free_evaluate(self, loaded, plan, name, run.options)

@@ -30,9 +30,12 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from finetune_sdk.errors import ConfigError, FinetuneError
+
+if TYPE_CHECKING:
+    from finetune_sdk.plugin_manager import PluginHost
 
 RewardFunction = Callable[..., Sequence[float]]
 
@@ -55,7 +58,7 @@ def callable_name(function: Any) -> str:
     return str(getattr(function, "__name__", None) or type(function).__name__)
 
 
-def resolve_reward_functions(given: Sequence[Any] | None, host: Any) -> list[Reward]:
+def resolve_reward_functions(given: Sequence[Any] | None, host: PluginHost) -> list[Reward]:
     """``reward_funcs`` as :class:`Reward` s: names are looked up among the plugins' registered functions (an
     unknown name is a :class:`ConfigError` suggesting the closest), callables are used as they are."""
     rewards: list[Reward] = []
@@ -93,7 +96,7 @@ def reward_weights(options: Mapping[str, Any]) -> list[float]:
     return weights
 
 
-def check_reward_sources(options: Mapping[str, Any], host: Any) -> None:
+def check_reward_sources(options: Mapping[str, Any], host: PluginHost) -> None:
     """Before any model loads: GRPO has at least one reward, every name is registered, the weights fit and the
     reward model exists."""
     resolve_reward_functions(options.get("reward_funcs"), host)

@@ -12,6 +12,7 @@ from finetune_sdk.objectives.base import TrainingInputs
 from finetune_sdk.objectives.pairs import PreferencePairs
 
 if TYPE_CHECKING:
+    from finetune_sdk.models.inference import LoadedModel
     from finetune_sdk.training.plan import RunSpec, TrainingPlan
 
 
@@ -40,7 +41,7 @@ class RewardModeling(PreferencePairs):
 
         return head_training_inputs(run, plan, model, tokenizer, args)
 
-    def evaluate(self, loaded: Any, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
+    def evaluate(self, loaded: LoadedModel, plan: TrainingPlan, name: str, run: RunSpec) -> dict[str, Any]:
         from finetune_sdk.objectives.reward_model_training import evaluate_reward_model
 
         return evaluate_reward_model(loaded, plan, name, run.options)

@@ -29,7 +29,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from finetune_sdk.speed.precision import Precision
 
 #: Projections that read the same input, by their attribute names in transformers' Llama-style modules.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -63,7 +66,7 @@ def fuse_frozen_projections(model: Any) -> int:
     return fused
 
 
-def use_fused_projections(precision: Any, model: Any) -> bool:
+def use_fused_projections(precision: Precision, model: Any) -> bool:
     """Whether a training run fuses its frozen projections: ``FINETUNE_SDK_FUSED_PROJECTIONS=1``/``0`` decides when
     set; else on where measured faster: a bf16 frozen base with fp32 activations on the CPU (``dtype="auto"``'s bf16
     path, where fusing also saves two thirds of the casts), off elsewhere (fp32 on the CPU measured no faster, GPUs

@@ -29,6 +29,7 @@ from finetune_sdk.training.run_events import record_failure
 from finetune_sdk.training.saving import is_main_process, unwrap, work_dir_beside
 
 if TYPE_CHECKING:
+    from finetune_sdk.speed.precision import Precision
     from finetune_sdk.models.inference import LoadedModel
 
 __all__ = ["ListDataset", "count_parameters", "decide_packing", "evaluate_plan", "run_training",
@@ -51,7 +52,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
 PASSTHROUGH = ("fsdp", "fsdp_config", "deepspeed")
 
 
-def decide_packing(run: Any, plan: TrainingPlan, model: Any) -> bool:
+def decide_packing(run: RunSpec, plan: TrainingPlan, model: Any) -> bool:
     """Pack when asked (the default), the objective packs (``sft`` on causal-LM data) and the model supports it.
 
     ``run`` is a :class:`RunSpec` (or anything with ``options`` and ``logger``)."""
@@ -73,7 +74,7 @@ def supports_checkpointing(model: Any) -> bool:
     return hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable")
 
 
-def decide_chunked_loss(run: Any, plan: TrainingPlan, model: Any) -> bool:
+def decide_chunked_loss(run: RunSpec, plan: TrainingPlan, model: Any) -> bool:
     """Chunked cross-entropy when asked (the default), for an objective whose loss is the causal-LM cross-entropy
     (its ``chunked_loss``: ``sft``) of a model whose loss it computes exactly (finetune_sdk.speed.chunked_loss.supports_chunked_loss), without
     FSDP or DeepSpeed (the LM head's weight is sharded there)."""
@@ -288,7 +289,7 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: LoadedModel, tokenize
     return TrainedRun(unwrap(model), metrics, log_history, context, checkpoint_root, events)
 
 
-def open_event_log(run: RunSpec, plan: TrainingPlan, precision: Any,
+def open_event_log(run: RunSpec, plan: TrainingPlan, precision: Precision,
                    resume_from: Path | None) -> tuple[Any, dict[str, Any]]:
     """The run's :class:`~finetune_sdk.training.run_events.EventLog` (main process only, else ``None``; a resumed run
     appends to its log) and its ``start`` facts: model, plugins, device, precision, memory estimate, options."""
@@ -318,7 +319,7 @@ def stopped_run(run: RunSpec, events: Any, step: int, checkpoint_root: Path) -> 
                      f"resume=True (finetune train ... --output-dir {run.output_dir} --resume)")
 
 
-def evaluate_plan(run: RunSpec, plan: TrainingPlan, loaded: Any) -> dict[str, Any]:
+def evaluate_plan(run: RunSpec, plan: TrainingPlan, loaded: LoadedModel) -> dict[str, Any]:
     """Final metrics on each held-out set: ``eval_loss``... for one set, ``eval_<task>_loss``... for several."""
     metrics: dict[str, Any] = {}
     for name in plan.evals:

@@ -12,10 +12,15 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from finetune_sdk.data.encoding import Collator, Encoded
 from finetune_sdk.fsutil import atomic_path
+
+if TYPE_CHECKING:
+    from finetune_sdk.models.sources import ModelSource
+    from finetune_sdk.training.plan import RunSpec
+    from finetune_sdk.training.plan import TrainingPlan
 
 logger = logging.getLogger("finetune_sdk")
 
@@ -24,7 +29,7 @@ def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def model_identity(source: Any) -> dict[str, Any]:
+def model_identity(source: ModelSource) -> dict[str, Any]:
     """What identifies the backbone's weights: path with size and mtime of its files, or Hub id and revision."""
     identity: dict[str, Any] = {"kind": source.kind, "id": source.id, "revision": source.revision}
     path = Path(source.path or source.id)
@@ -164,7 +169,7 @@ def head_model(classifier: Any) -> Any:
     return HeadOnly(classifier.head)
 
 
-def feature_key(run: Any, model: Any) -> dict[str, Any]:
+def feature_key(run: RunSpec, model: Any) -> dict[str, Any]:
     """What a frozen backbone's features depend on besides the data: the base model's identity, pooling, quantizer,
     dtype and ``max_length`` (``run`` is a :class:`~finetune_sdk.training.engine.RunSpec`)."""
     return {"model": model_identity(run.source), "pooling": model.pooling,
@@ -172,7 +177,7 @@ def feature_key(run: Any, model: Any) -> dict[str, Any]:
             "max_length": run.options["max_length"]}
 
 
-def classifier_feature_datasets(run: Any, plan: Any, model: Any, tokenizer: Any) -> tuple[Any, Any]:
+def classifier_feature_datasets(run: RunSpec, plan: TrainingPlan, model: Any, tokenizer: Any) -> tuple[Any, Any]:
     """The classifier's (train, {name: eval}) feature datasets: the frozen backbone runs once per dataset (cached on
     disk); each held-out set's features are kept in ``run.state.eval_features`` for the final metrics."""
     from finetune_sdk.fsutil import cache_root

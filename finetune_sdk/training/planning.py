@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from finetune_sdk.data.rows import Rows, load_rows
 from finetune_sdk.data.encoding import Encoded
@@ -20,13 +20,16 @@ from finetune_sdk.objectives import objective_for, run_options
 from finetune_sdk.training.plan import EvalSet, TrainingPlan
 from finetune_sdk.training.stages_and_tasks import Task, is_task_list, mix, mixing_probabilities
 
+if TYPE_CHECKING:
+    from finetune_sdk.plugin_manager import PluginHost
+
 logger = logging.getLogger("finetune_sdk")
 
 
 class Planner:
     """Builds :class:`TrainingPlan` s for one technique and its options (the options are not changed)."""
 
-    def __init__(self, host: Any, technique_task: str, options: Mapping[str, Any], *, strict: bool = True) -> None:
+    def __init__(self, host: PluginHost, technique_task: str, options: Mapping[str, Any], *, strict: bool = True) -> None:
         self.host = host
         self.task = technique_task
         self.options = options
@@ -164,7 +167,7 @@ def validate_task_name(name: str) -> None:
     validate_name(name, "task name")
 
 
-def detect_formatter(columns: list[str], tokenizer: Any, task: str, host: Any) -> str:
+def detect_formatter(columns: list[str], tokenizer: Any, task: str, host: PluginHost) -> str:
     """Pick a formatter from a dataset's columns.
 
     ``prompt``+``chosen``+``rejected`` -> ``preference``; ``prompt``+``completion``+``label`` -> ``kto`` (generative

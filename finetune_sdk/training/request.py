@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from finetune_sdk.errors import ConfigError, closest
 from finetune_sdk.formatter import Formatter
@@ -17,10 +17,13 @@ from finetune_sdk.technique import Technique
 from finetune_sdk.models.sources import ModelSource, resolve_source
 from finetune_sdk.training.planning import formatter_fits
 
+if TYPE_CHECKING:
+    from finetune_sdk.plugin_manager import PluginHost
+
 NO_QUANTIZER = ("none", "")
 
 
-def resolve_plugins(host: Any, technique: str, quantizer: str | None,
+def resolve_plugins(host: PluginHost, technique: str, quantizer: str | None,
                     formatter: str | None) -> tuple[Any, Any, Formatter | None]:
     """(technique, quantizer or None, formatter or None) created by name, checked to fit together.
 
@@ -47,7 +50,7 @@ def option_specs(technique: Technique, quantizer: Quantizer | None) -> dict[str,
     return option_table([TRAINING_OPTIONS, technique.options, quantizer.options if quantizer else ()])
 
 
-def resolve_run_options(host: Any, technique: Any, given: Mapping[str, Any],
+def resolve_run_options(host: PluginHost, technique: Technique, given: Mapping[str, Any],
                         specs: Mapping[str, Option]) -> dict[str, Any]:
     """A Trainer's options: those of ``specs`` (training, technique, quantizer) coerced, range-checked and with
     their defaults, plus the objective options in ``given`` as given: they are resolved once the objective is

@@ -14,6 +14,7 @@ from finetune_sdk.fsutil import staged_directory, write_json_atomic
 from finetune_sdk.training.manifest import FORMAT_VERSION, MANIFEST_NAME, library_versions, scrub
 
 if TYPE_CHECKING:
+    from finetune_sdk.technique import Technique
     from finetune_sdk.training.plan import RunSpec, TrainedRun, TrainingPlan
     from finetune_sdk.training.result import FitResult
 
@@ -87,7 +88,7 @@ def build_manifest(run: RunSpec, plan: TrainingPlan, metrics: dict[str, Any], mo
     }
 
 
-def plugins_used(run: Any, plan: Any) -> list[dict[str, str]]:
+def plugins_used(run: RunSpec, plan: TrainingPlan) -> list[dict[str, str]]:
     """The distribution and version of each plugin that produced a result: its technique, quantizer and
     formatter(s) (see :func:`finetune_sdk.training.manifest.plugin_records`)."""
     from finetune_sdk.training.manifest import plugin_records
@@ -104,7 +105,7 @@ def plugins_used(run: Any, plan: Any) -> list[dict[str, str]]:
     return plugin_records(host, used)
 
 
-def save_result(directory: Path, technique: Any, model: Any, tokenizer: Any, log_history: list[dict[str, Any]],
+def save_result(directory: Path, technique: Technique, model: Any, tokenizer: Any, log_history: list[dict[str, Any]],
                 manifest: dict[str, Any], extra_tensors: dict[str, dict[str, Any]] | None = None) -> None:
     """Write a result folder atomically: what ``technique.save`` writes, the tokenizer, ``training_log.json``, the
     manifest and ``extra_tensors`` (file name -> numpy arrays, written as safetensors); ``directory`` appears whole
