@@ -216,7 +216,7 @@ def test_a_bad_reward_function_is_one_clear_line_naming_it_and_leaves_no_result(
 
 def test_grpo_without_a_reward_or_with_a_missing_reward_model_is_refused_before_the_model_loads(word_model, tmp_path,
                                                                                                  monkeypatch):
-    from finetune_sdk.models.sources import sources as models
+    from finetune_sdk.models import sources as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match="GRPO needs a reward: pass reward_funcs="):

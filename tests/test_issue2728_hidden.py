@@ -79,7 +79,7 @@ def test_cli_bench_batch_size_zero_exits_2_with_one_line(tmp_path):
                                               ({"shots": 0}, "shots is 0"), ({"shots": 1.5}, "shots is 1.5")])
 def test_advise_refuses_a_budget_or_shots_it_cannot_use_before_the_model_loads(tiny, monkeypatch, options, message):
     import finetune_sdk
-    from finetune_sdk.models.sources import loading
+    from finetune_sdk.models import loading
     from finetune_sdk.errors import ConfigError
 
     monkeypatch.setattr(loading, "open_model", lambda *a, **k: pytest.fail("the model was loaded"))
