@@ -235,3 +235,117 @@ def test_activation_checkpointing_replays_the_same_dropout_masks(monkeypatch):
     torch.testing.assert_close(checkpointed_loss, loss)
     for name, grad in grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _adapter_matmul_dtypes(model, ids, rank: int) -> list[torch.dtype]:
+    """The dtypes of the matmuls with a rank-sized operand (the adapters') in one forward and backward pass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: list[torch.dtype] = []
+
+    class Matmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                operands = [a for a in args if isinstance(a, torch.Tensor)][-2:]
+                if any(rank in a.shape for a in operands):
+                    seen.append(operands[0].dtype if operands[0].dtype == operands[1].dtype else None)
+            return func(*args, **(kwargs or {}))
+
+    with Matmuls():
+        model(input_ids=ids, labels=ids).loss.backward()
+    return seen
+
+
+def _bf16_base(model):
+    from finetune_sdk.speed.precision import keep_activations_fp32
+
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(torch.bfloat16)
+    keep_activations_fp32(model)
+    return model
+
+
+@pytest.mark.parametrize("projections", [False, True])
+def test_bf16_adapter_matmuls_match_peft_within_bf16_tolerance(monkeypatch, projections):
+    """Issue 23: under auto's bf16 base, lora_A's forward and weight gradient run in bf16 on the layer's cast input;
+    loss and gradients stay PEFT's within bf16 rounding, for the same dropout masks, and the gradients are fp32."""
+    from finetune_sdk.speed.fused_lora import set_adapter_matmuls
+    from finetune_sdk.speed.fused_projections import fuse_frozen_projections
+
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference, fused = _bf16_base(_lora(0.3)), _bf16_base(_lora(0.3))
+    masks: list[torch.Tensor] = []
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.register_forward_hook(lambda m, a, out: masks.append(out != 0))
+    ref_loss, ref_grads = _loss_and_grads(reference, ids)
+    use_fused_lora(fused)
+    if projections:
+        assert fuse_frozen_projections(fused) == 4
+    layers = set_adapter_matmuls(fused, torch.bfloat16)
+    assert layers == len(masks) == 14  # 2 decoder layers x 7 linears
+    replay = iter(masks)
+    monkeypatch.setattr(fused_lora, "keep_mask", lambda shape, p, device: next(replay))
+    loss, grads = _loss_and_grads(fused, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-3, atol=2e-3)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32, name
+        torch.testing.assert_close(grad, ref_grads[name], rtol=3e-2, atol=2e-3, msg=name)
+    replay = iter(masks)
+    dtypes = _adapter_matmul_dtypes(fused, ids, rank=4)
+    # per layer: lora_A forward and weight gradient in bf16; lora_B's sum, its gradient and grad x stay fp32
+    assert dtypes.count(torch.bfloat16) == 2 * layers and dtypes.count(torch.float32) >= 3 * layers
+    set_adapter_matmuls(fused, None)
+    replay = iter(masks)
+    assert _adapter_matmul_dtypes(fused, ids, rank=4).count(torch.bfloat16) == 0  # None: fp32 again
+
+
+def test_bf16_adapter_matmuls_leave_saving_and_merging_as_they_were(tmp_path):
+    """The master weights stay fp32 parameters under PEFT's names; a merge takes PEFT's path and gives the same
+    logits as the bf16-matmul forward within bf16 rounding; unmerging returns to it."""
+    from safetensors.torch import load_file
+
+    from finetune_sdk.speed.fused_lora import set_adapter_matmuls
+
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain, fused = _bf16_base(_lora(0.0)), _bf16_base(_lora(0.0))
+    use_fused_lora(fused)
+    set_adapter_matmuls(fused, torch.bfloat16)
+    optimizer = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        _loss_and_grads(fused, ids)
+        optimizer.step()
+    assert all(p.dtype == torch.float32 for n, p in fused.named_parameters() if "lora_" in n)
+    fused.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and all(v.dtype == torch.float32 for v in saved.values())
+    for name, param in fused.named_parameters():
+        if "lora_" in name:
+            key = name.replace(".default", "")
+            torch.testing.assert_close(saved[key], param.detach(), rtol=0, atol=0)
+    plain.load_state_dict(fused.state_dict())
+    fused.eval(), plain.eval()
+    with torch.no_grad():
+        before = fused(input_ids=ids).logits
+        torch.testing.assert_close(before, plain(input_ids=ids).logits, rtol=2e-2, atol=2e-2)
+        fused.merge_adapter()
+        assert all(m.merged for m in fused.modules() if getattr(type(m), "_finetune_sdk_fused", False))
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain.merge_and_unload()(input_ids=ids).logits)
+        fused.unmerge_adapter()
+        torch.testing.assert_close(fused(input_ids=ids).logits, before, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_adapter_matmuls_only_on_autos_bf16_cpu_path(monkeypatch):
+    from finetune_sdk.speed.fused_lora import bf16_adapter_matmuls
+    from finetune_sdk.speed.precision import Precision
+
+    model = torch.nn.Linear(2, 2)
+    auto_bf16 = Precision("bfloat16", None, "float32", True, "auto", activations="float32")
+    assert bf16_adapter_matmuls(auto_bf16, model)
+    assert not bf16_adapter_matmuls(Precision("float32", None, "float32", False, "fp32"), model)
+    assert not bf16_adapter_matmuls(Precision("bfloat16", None, "float32", False, "dtype=bfloat16 given"), model)
+    monkeypatch.setenv("FINETUNE_SDK_BF16_ADAPTERS", "0")
+    assert not bf16_adapter_matmuls(auto_bf16, model)
+    monkeypatch.setenv("FINETUNE_SDK_BF16_ADAPTERS", "1")
+    assert bf16_adapter_matmuls(Precision("float32", None, "float32", False, "fp32"), model)

@@ -89,6 +89,7 @@ def test_fit_logs_and_records_the_fed_choice(monkeypatch, tiny_models, tmp_path,
     assert "(< 589,824 values)" in result.manifest["precision"]["reason"]
     assert "precision: float32 weights (auto: fp32, a step feeds" in caplog.text
     assert "estimated training memory" in caplog.text and "fused frozen projections" not in caplog.text
+    assert "bf16 adapter matmuls" not in caplog.text  # fp32 runs keep fp32 adapter matmuls
     from finetune_sdk.speed.precision import estimate_options
 
     assert estimate_options(trainer.options, trainer.precision)["dtype"] == "float32"  # the estimate counts fp32 weights, as loaded
@@ -116,6 +117,9 @@ def test_auto_trains_a_bf16_base_with_fp32_adapters_and_records_it(bf16_cpu, tin
                                      "activations": "float32", "saved_activations": "bfloat16"}
     assert ("precision: bfloat16 frozen base, float32 activations (saved for the backward pass in bfloat16), "
             "float32 trainable parameters and optimizer state") in caplog.text
+    assert "bf16 adapter matmuls: lora_A's forward and weight gradient in bf16" in caplog.text  # issue 23
+    fused = [m for m in model.modules() if getattr(type(m), "_finetune_sdk_fused", False)]
+    assert fused and all(m._finetune_sdk_adapter_matmuls == torch.bfloat16 for m in fused)
     loaded = finetune_sdk.load(result.output_dir)
     assert next(loaded.model.get_base_model().parameters()).dtype == torch.bfloat16  # reloaded as trained
 

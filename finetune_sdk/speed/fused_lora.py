@@ -68,6 +68,35 @@ def use_fused_lora(model: Any) -> int:
     return changed
 
 
+def bf16_adapter_matmuls(precision: Any, model: Any) -> bool:
+    """Whether a training run computes its adapters' input-side matmuls in bf16 (:func:`set_adapter_matmuls`).
+
+    ``FINETUNE_SDK_BF16_ADAPTERS=1``/``0`` decides when set; else on where measured faster: ``dtype="auto"``'s bf16
+    path on the CPU (a bf16 frozen base with fp32 activations on a CPU with AMX or AVX512-BF16), off elsewhere (fp32
+    runs; GPUs, where autocast is the way, not measured).
+    """
+    import os
+
+    chosen = os.environ.get("FINETUNE_SDK_BF16_ADAPTERS", "")
+    if chosen in ("0", "1"):
+        return chosen == "1"
+    device = next(iter(model.parameters())).device.type if any(True for _ in model.parameters()) else "cpu"
+    return device == "cpu" and precision.dtype == "bfloat16" and precision.activations == "float32"
+
+
+def set_adapter_matmuls(model: Any, dtype: Any) -> int:
+    """Let every fused LoRA layer of ``model`` run ``lora_A``'s forward and weight-gradient matmuls in ``dtype``
+    (``torch.bfloat16``; ``None``: fp32 again) on its fp32 input cast once, shared with the frozen layer's own
+    cast; the LoRA weights, their gradients and the optimizer state stay fp32 (see :class:`LoraUpdate`). Returns
+    how many layers it set."""
+    count = 0
+    for module in model.modules():
+        if getattr(type(module), "_finetune_sdk_fused", False):
+            module._finetune_sdk_adapter_matmuls = dtype
+            count += 1
+    return count
+
+
 def keep_mask(shape: tuple[int, ...], p: float, device: Any) -> Any:
     """A bool tensor of ``shape``: each element ``True`` (kept) with probability ``1 - p``, from the default generator.
 
@@ -115,7 +144,7 @@ def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     """PEFT's forward for one active vanilla adapter, as one :class:`LoraUpdate`; anything else goes to PEFT."""
     import torch
 
-    from finetune_sdk.speed.fused_projections import grouped_output
+    from finetune_sdk.speed.fused_projections import cast_output, grouped_output
 
     active = self.active_adapters
     name = active[0] if len(active) == 1 else None
@@ -128,13 +157,21 @@ def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     kwargs.pop("adapter_names", None)
     for key in _variant_kwarg_keys():  # PEFT's forward keeps these from the base layer too
         kwargs.pop(key, None)
-    result = grouped_output(self, x) if not args and not kwargs else None  # q/k/v, gate/up: one matmul
-    if result is None:
-        result = self.base_layer(x, *args, **kwargs)
+    low = getattr(self, "_finetune_sdk_adapter_matmuls", None)  # bf16 adapter matmuls (adapter_matmuls_in)
+    served = None
+    if not args and not kwargs:  # q/k/v, gate/up: one matmul; else one cast of x shared with the adapter
+        served = grouped_output(self, x)
+        if served is None and low is not None:
+            served = cast_output(self.base_layer, x)
+    result, cast = served if served is not None else (self.base_layer(x, *args, **kwargs), None)
     lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     x = self._cast_input_dtype(x, lora_a.weight.dtype)
-    return lora_update()(result, x, lora_a.weight, lora_b.weight, float(self.scaling[name]), p)
+    if low is not None and x.dtype == torch.float32 and lora_a.weight.dtype == torch.float32:
+        low_x = (cast if cast is not None and cast.dtype == low else x.to(low)).detach()
+    else:
+        low_x = None
+    return lora_update()(result, x, lora_a.weight, lora_b.weight, float(self.scaling[name]), p, low_x)
 
 
 @functools.cache
@@ -162,15 +199,27 @@ def _lora_update_class() -> type:
         the output has ``result``'s shape and dtype. The dropout's ``1 / (1 - p)`` and the LoRA ``scaling`` are
         applied on the rank-r side; the sum is one ``addmm`` when ``result`` and ``weight_b`` share a dtype (else
         it is computed in the promoted dtype and cast to ``result``'s, as PEFT does).
+
+        ``low_x`` (optional): ``x`` already cast to bf16 (detached; the frozen layer's own cast): then the matmuls
+        that read the layer's input, ``lora_A``'s forward and its weight gradient, run in bf16 on it (AMX; fp32
+        accumulation inside the kernel, results widened to fp32), and it is what is kept for the backward pass
+        instead of ``x``. The rank-r side, the fp32 sum with ``result``, ``lora_B``'s gradient and the input
+        gradient stay fp32; the gradients returned for the fp32 master weights are fp32.
         """
 
         @staticmethod
-        def forward(ctx: Any, result: Any, x: Any, weight_a: Any, weight_b: Any, scaling: float, p: float) -> Any:
+        def forward(ctx: Any, result: Any, x: Any, weight_a: Any, weight_b: Any, scaling: float, p: float,
+                    low_x: Any = None) -> Any:
+            source = x if low_x is None else low_x
             keep = keep_mask(tuple(x.shape), p, x.device) if p > 0 else None
-            dropped = x if keep is None else torch.where(keep, x, 0)
+            dropped = source if keep is None else torch.where(keep, source, 0)
             ctx.scale = scaling / (1.0 - p)
-            h = F.linear(dropped, weight_a) * ctx.scale  # [..., r]
-            ctx.save_for_backward(x, keep, weight_a, weight_b, h)
+            ctx.x_dtype = x.dtype
+            if low_x is None:
+                h = F.linear(dropped, weight_a) * ctx.scale  # [..., r]
+            else:  # bf16 x bf16 -> bf16 (rank r), widened before the scale and the fp32 sum
+                h = F.linear(dropped, weight_a.to(low_x.dtype)).to(weight_a.dtype) * ctx.scale
+            ctx.save_for_backward(source, keep, weight_a, weight_b, h)
             if result.dtype == weight_b.dtype:
                 return torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
                                    weight_b.t()).view(result.shape)
@@ -178,7 +227,7 @@ def _lora_update_class() -> type:
 
         @staticmethod
         def backward(ctx: Any, grad_output: Any) -> Any:
-            x, keep, weight_a, weight_b, h = ctx.saved_tensors
+            source, keep, weight_a, weight_b, h = ctx.saved_tensors
             grad_2d = grad_output.reshape(-1, grad_output.shape[-1]).to(weight_b.dtype)
             h_2d = h.reshape(-1, h.shape[-1])
             grad_x = grad_a = grad_b = None
@@ -186,12 +235,18 @@ def _lora_update_class() -> type:
             if ctx.needs_input_grad[3]:
                 grad_b = grad_2d.t() @ h_2d.to(weight_b.dtype)
             if ctx.needs_input_grad[2]:
-                dropped = x if keep is None else torch.where(keep, x, 0)
-                grad_a = grad_h.t() @ dropped.reshape(-1, x.shape[-1]).to(weight_a.dtype)
+                dropped = source if keep is None else torch.where(keep, source, 0)
+                dropped = dropped.reshape(-1, source.shape[-1])
+                if source.dtype == weight_a.dtype:
+                    grad_a = grad_h.t() @ dropped
+                elif source.dtype == ctx.x_dtype:  # a 16-bit x under fp32 adapters (PEFT's promotion)
+                    grad_a = grad_h.t() @ dropped.to(weight_a.dtype)
+                else:  # bf16 adapter matmuls: [r, tokens] @ [tokens, in] on AMX, widened for the fp32 master
+                    grad_a = (grad_h.to(source.dtype).t() @ dropped).to(weight_a.dtype)
             if ctx.needs_input_grad[1]:
-                grad_x = (grad_h @ weight_a).view(x.shape)
-                grad_x = (grad_x if keep is None else torch.where(keep, grad_x, 0)).to(x.dtype)
+                grad_x = (grad_h @ weight_a).view(source.shape)
+                grad_x = (grad_x if keep is None else torch.where(keep, grad_x, 0)).to(ctx.x_dtype)
             grad_result = grad_output if ctx.needs_input_grad[0] else None
-            return grad_result, grad_x, grad_a, grad_b, None, None
+            return grad_result, grad_x, grad_a, grad_b, None, None, None
 
     return LoraUpdate

@@ -86,10 +86,29 @@ def extra_bytes(model: Any) -> int:
                if name.rsplit(".", 1)[-1].startswith("_finetune_sdk_fused_"))
 
 
-def grouped_output(module: Any, x: Any) -> Any:
-    """``module``'s frozen base output for ``x`` taken from its group's one matmul, or ``None`` (compute it alone)."""
+def grouped_output(module: Any, x: Any) -> tuple[Any, Any] | None:
+    """``module``'s frozen base output for ``x`` taken from its group's one matmul, with the input as that matmul
+    read it (``x`` cast to the weights' dtype, or ``None`` when not cast); ``None``: compute it alone."""
     entry = getattr(module, "_finetune_sdk_group", None)
     return None if entry is None else entry[0].output(entry[1], x)
+
+
+def cast_output(base: Any, x: Any) -> tuple[Any, Any] | None:
+    """``(base(x), x_cast)`` for a frozen ``nn.Linear`` whose only hooks are both precision casts
+    (:func:`finetune_sdk.speed.precision.keep_activations_fp32`): the same ``linear(x.to(weight.dtype)).float()``,
+    also returning the cast input so that a LoRA update can read it (one cast per layer); ``None`` otherwise."""
+    import torch
+    from torch.nn import functional as F
+
+    from finetune_sdk.speed.precision import PRECISION_HOOKS
+
+    if type(base) is not torch.nn.Linear or base.weight.requires_grad:
+        return None
+    hooks = set(base._forward_hooks.values()) | set(base._forward_pre_hooks.values())
+    if hooks != PRECISION_HOOKS or len(base._forward_hooks) != 1 or len(base._forward_pre_hooks) != 1:
+        return None
+    cast = x.to(base.weight.dtype)
+    return F.linear(cast, base.weight, base.bias).to(torch.float32), cast
 
 
 def _base_linear(module: Any) -> Any:
@@ -121,7 +140,7 @@ class ProjectionGroup:
         parent.register_buffer(f"_finetune_sdk_fused_{name}_bias",
                                torch.cat([b.bias.detach() for b in bases]) if has_bias else None, persistent=False)
         self.stamps = self._stamps()
-        self.pending: tuple[Any, Any, set[int]] | None = None  # (input, output slices, members served)
+        self.pending: tuple[Any, Any, set[int], Any] | None = None  # (input, output slices, served, cast input)
 
     def _stamps(self) -> list[tuple[int, int]]:
         return [(t.data_ptr(), t._version) for b in self.bases for t in (b.weight, b.bias) if t is not None]
@@ -134,9 +153,9 @@ class ProjectionGroup:
             set(b._forward_hooks.values()) | set(b._forward_pre_hooks.values()) <= PRECISION_HOOKS
             for b in self.bases)
 
-    def output(self, index: int, x: Any) -> Any:
-        """Member ``index``'s output for ``x``: the first call for an input runs the group's matmul, the others take
-        their slices (each once); ``None`` when the group can't serve (see the module doc)."""
+    def output(self, index: int, x: Any) -> tuple[Any, Any] | None:
+        """``(member index's output for x, x as the matmul read it or None)``: the first call for an input runs the
+        group's matmul, the others take their slices (each once); ``None`` when the group can't serve (module doc)."""
         import torch
         from torch.nn import functional as F
 
@@ -149,12 +168,13 @@ class ProjectionGroup:
             bias = getattr(self.parent, f"_finetune_sdk_fused_{self.name}_bias")
             base = self.bases[0]
             cast = any(h.__name__ == "_input_to_weight_dtype" for h in base._forward_pre_hooks.values())
-            out = F.linear(x.to(weight.dtype) if cast else x, weight, bias)
+            read = x.to(weight.dtype) if cast else x
+            out = F.linear(read, weight, bias)
             if any(h.__name__ == "_output_to_fp32" for h in base._forward_hooks.values()):
                 out = out.to(torch.float32)
-            pending = self.pending = (x, out.split(self.sizes, dim=-1), set())
+            pending = self.pending = (x, out.split(self.sizes, dim=-1), set(), read if cast else None)
         pending[2].add(index)
-        result = pending[1][index]
+        result = pending[1][index], pending[3]
         if len(pending[2]) == len(self.sizes):
             self.pending = None  # every member served: hold no activations past the group
         return result

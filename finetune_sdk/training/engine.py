@@ -17,7 +17,7 @@ from finetune_sdk.plugin_api import TrainingContext
 from finetune_sdk.speed import varlen_attention
 from finetune_sdk.speed.chunked_loss import chunked_loss_trainer_class
 from finetune_sdk.speed.cpu_threads import set_cpu_threads
-from finetune_sdk.speed.fused_lora import use_fused_lora
+from finetune_sdk.speed.fused_lora import bf16_adapter_matmuls, set_adapter_matmuls, use_fused_lora
 from finetune_sdk.speed.fused_projections import extra_bytes, fuse_frozen_projections, use_fused_projections
 from finetune_sdk.speed.heap import limit_heap_fragmentation
 from finetune_sdk.speed.precision import keep_activations_fp32, saved_activations
@@ -184,6 +184,12 @@ def run_training(run: RunSpec, plan: TrainingPlan, loaded: LoadedModel, tokenize
             log.info("fused frozen projections: q/k/v and gate/up as one matmul each (%d groups, %.0f MiB of "
                      "concatenated weights; FINETUNE_SDK_FUSED_PROJECTIONS=0 turns them off)", groups,
                      extra_bytes(model) / 2**20)
+    if bf16_adapter_matmuls(precision, model):
+        import torch
+
+        if set_adapter_matmuls(model, torch.bfloat16):
+            log.info("bf16 adapter matmuls: lora_A's forward and weight gradient in bf16 on the frozen layers' cast "
+                     "input, fp32 LoRA weights, gradients and sums (FINETUNE_SDK_BF16_ADAPTERS=0 turns them off)")
     # DPO/KTO: the reference is the policy as it stands now, unless the caller named another starting point
     with starting_point(model, getattr(loaded, "reference_parameters", None)):
         objective.after_prepare(model, plan, tokenizer, options)
