@@ -167,11 +167,28 @@ def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
     x = self._cast_input_dtype(x, lora_a.weight.dtype)
+    scaling = float(self.scaling[name])
     if low is not None and x.dtype == torch.float32 and lora_a.weight.dtype == torch.float32:
         low_x = (cast if cast is not None and cast.dtype == low else x.to(low)).detach()
+        low_a = _scaled_low_weight(lora_a, scaling / (1.0 - p), low)
     else:
-        low_x = None
-    return lora_update()(result, x, lora_a.weight, lora_b.weight, float(self.scaling[name]), p, low_x)
+        low_x = low_a = None
+    return lora_update()(result, x, lora_a.weight, lora_b.weight, scaling, p, low_x, low_a)
+
+
+def _scaled_low_weight(lora_a: Any, scale: float, dtype: Any) -> Any:
+    """``lora_A``'s weight times ``scale`` in ``dtype`` ([r, in]), made once per weight update: cached on the layer
+    under the weight's storage, version (the optimizer's in-place step bumps it) and the scale."""
+    import torch
+
+    weight = lora_a.weight
+    key = (weight.data_ptr(), weight._version, scale, dtype)
+    cached = getattr(lora_a, "_finetune_sdk_low_weight", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, (weight * scale).to(dtype))
+        lora_a._finetune_sdk_low_weight = cached
+    return cached[1]
 
 
 @functools.cache
@@ -200,16 +217,17 @@ def _lora_update_class() -> type:
         applied on the rank-r side; the sum is one ``addmm`` when ``result`` and ``weight_b`` share a dtype (else
         it is computed in the promoted dtype and cast to ``result``'s, as PEFT does).
 
-        ``low_x`` (optional): ``x`` already cast to bf16 (detached; the frozen layer's own cast): then the matmuls
-        that read the layer's input, ``lora_A``'s forward and its weight gradient, run in bf16 on it (AMX; fp32
-        accumulation inside the kernel, results widened to fp32), and it is what is kept for the backward pass
-        instead of ``x``. The rank-r side, the fp32 sum with ``result``, ``lora_B``'s gradient and the input
-        gradient stay fp32; the gradients returned for the fp32 master weights are fp32.
+        ``low_x``, ``low_a`` (optional): ``x`` already cast to bf16 (detached; the frozen layer's own cast) and
+        ``weight_a * scaling / (1 - p)`` in bf16: then the matmuls that read the layer's input, ``lora_A``'s forward
+        and its weight gradient, run in bf16 (AMX; fp32 accumulation inside the kernel, results widened to fp32),
+        and ``low_x`` is what is kept for the backward pass instead of ``x``. The rank-r side, the fp32 sum with
+        ``result``, ``lora_B``'s gradient and the input gradient stay fp32; the gradients returned for the fp32
+        master weights are fp32.
         """
 
         @staticmethod
         def forward(ctx: Any, result: Any, x: Any, weight_a: Any, weight_b: Any, scaling: float, p: float,
-                    low_x: Any = None) -> Any:
+                    low_x: Any = None, low_a: Any = None) -> Any:
             source = x if low_x is None else low_x
             keep = keep_mask(tuple(x.shape), p, x.device) if p > 0 else None
             dropped = source if keep is None else torch.where(keep, source, 0)
@@ -217,8 +235,8 @@ def _lora_update_class() -> type:
             ctx.x_dtype = x.dtype
             if low_x is None:
                 h = F.linear(dropped, weight_a) * ctx.scale  # [..., r]
-            else:  # bf16 x bf16 -> bf16 (rank r), widened before the scale and the fp32 sum
-                h = F.linear(dropped, weight_a.to(low_x.dtype)).to(weight_a.dtype) * ctx.scale
+            else:  # bf16 x bf16 (the scale folded into low_a) -> bf16 (rank r), widened for the fp32 sum
+                h = F.linear(dropped, low_a).to(weight_a.dtype)
             ctx.save_for_backward(source, keep, weight_a, weight_b, h)
             if result.dtype == weight_b.dtype:
                 return torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
@@ -247,6 +265,6 @@ def _lora_update_class() -> type:
                 grad_x = (grad_h @ weight_a).view(source.shape)
                 grad_x = (grad_x if keep is None else torch.where(keep, grad_x, 0)).to(ctx.x_dtype)
             grad_result = grad_output if ctx.needs_input_grad[0] else None
-            return grad_result, grad_x, grad_a, grad_b, None, None, None
+            return grad_result, grad_x, grad_a, grad_b, None, None, None, None
 
     return LoraUpdate
