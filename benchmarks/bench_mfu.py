@@ -17,7 +17,9 @@ The ceiling for the shapes fed (per dtype): the frozen base's matmuls of one ste
 head included), timed alone in that dtype (bf16: with ``auto``'s casts of the input and output, as a step runs
 them); their FLOP/s is what the step would reach if it were nothing but these matmuls. ``--changes`` adds a
 ``bf16-before`` side: ``auto``'s bf16 path without this issue's changes (no fused projections, every saved
-activation of 4,096 values or more packed), alternating with the others, so each change's effect is side by side.
+activation of 4,096 values or more packed, fp32 adapter matmuls), and a ``bf16-fp32-adapters`` side (all of them
+but the bf16 adapter matmuls), alternating with the others, so each change's effect is side by side; ``--sides``
+keeps only some of them.
 
 Where the time goes (``--profile``, LoRA only): one more run per dtype whose second step runs under
 ``torch.profiler``; it prints the step's busiest operations and the share of the step spent in matmuls
@@ -25,7 +27,7 @@ Where the time goes (``--profile``, LoRA only): one more run per dtype whose sec
 its matmul time, against the same peak): the ceiling that faster matmuls alone can't lift.
 
     python benchmarks/bench_mfu.py [--steps 10] [--rounds 3] [--max-length 256] [--technique lora] [--profile]
-                                   [--changes]
+                                   [--changes] [--sides bfloat16,bf16-fp32-adapters]
 """
 
 from __future__ import annotations
@@ -152,25 +154,36 @@ def profile_step(model: str, dtype: str, train: list, evaluation: list, args: ar
     return profiled
 
 
+#: The ``--changes`` sides: auto's bf16 path without some of issue 23's changes (side -> what it turns off).
+CHANGES = {"bf16-before": ("projections", "packing floor", "adapter matmuls"),
+           "bf16-fp32-adapters": ("adapter matmuls",)}
+
+
 @contextmanager
-def before_changes(active: bool) -> Iterator[None]:
-    """Within the block (when ``active``), auto's bf16 path as before issue 23: no fused projections, and every
-    saved fp32 activation of 4,096 values or more packed in bf16."""
+def before_changes(side: str) -> Iterator[None]:
+    """Within the block, auto's bf16 path without the changes :data:`CHANGES` lists for ``side`` (none for other
+    sides): no fused projections, every saved fp32 activation of 4,096 values or more packed in bf16, fp32 adapter
+    matmuls."""
     from finetune_sdk.speed import precision
 
-    if not active:
-        yield
-        return
-    smallest, fused = precision.SMALLEST_PACKED, os.environ.get("FINETUNE_SDK_FUSED_PROJECTIONS")
-    precision.SMALLEST_PACKED, os.environ["FINETUNE_SDK_FUSED_PROJECTIONS"] = 4096, "0"
+    off = CHANGES.get(side, ())
+    smallest = precision.SMALLEST_PACKED
+    env = {"FINETUNE_SDK_FUSED_PROJECTIONS": "projections", "FINETUNE_SDK_BF16_ADAPTERS": "adapter matmuls"}
+    saved = {name: os.environ.get(name) for name in env}
+    if "packing floor" in off:
+        precision.SMALLEST_PACKED = 4096
+    for name, change in env.items():
+        if change in off:
+            os.environ[name] = "0"
     try:
         yield
     finally:
         precision.SMALLEST_PACKED = smallest
-        if fused is None:
-            os.environ.pop("FINETUNE_SDK_FUSED_PROJECTIONS")
-        else:
-            os.environ["FINETUNE_SDK_FUSED_PROJECTIONS"] = fused
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def main() -> None:
@@ -186,7 +199,9 @@ def main() -> None:
     parser.add_argument("--model", help="a model folder (default: SmolLM2-135M-Instruct from the GGUF)")
     parser.add_argument("--profile", action="store_true", help="profile one LoRA step per dtype: where the time goes")
     parser.add_argument("--changes", action="store_true",
-                        help="add a bf16-before side: auto's bf16 path without issue 23's changes")
+                        help="add the bf16-before side (auto's bf16 path without issue 23's changes) and the "
+                             "bf16-fp32-adapters side (without the bf16 adapter matmuls only)")
+    parser.add_argument("--sides", help="only these sides, comma-separated (float32 is always measured)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_precision
@@ -201,7 +216,10 @@ def main() -> None:
     sides = {"float32": {"dtype": "float32"},
              "bfloat16": {} if native and args.technique == "lora" else {"dtype": "bfloat16"}}
     if args.changes and args.technique == "lora":
-        sides["bf16-before"] = sides["bfloat16"]
+        sides.update({side: sides["bfloat16"] for side in CHANGES})
+    if args.sides:
+        sides = {side: options for side, options in sides.items()
+                 if side == "float32" or side in args.sides.split(",")}
     bench_precision.VARIANTS.update(sides)
     from finetune_sdk.speed import precision as precision_module
 
@@ -228,7 +246,7 @@ def main() -> None:
                                  max_length=args.max_length, save_steps=0, seed=0, **sides[dtype]).fit(train)
                 speed = result.metrics["train_tokens_per_second"]
             else:
-                with before_changes(dtype == "bf16-before"):
+                with before_changes(dtype):
                     ran = bench_precision.run(model, dtype, train, evaluation, args, work / f"{dtype}-{i}")
                 speed = ran["tok/s"]
                 if matmul_dtype[dtype] not in ceilings:
@@ -258,7 +276,7 @@ def main() -> None:
     if args.profile and args.technique == "lora":
         print("\none profiled step per dtype (self CPU seconds of the step's operations)")
         for dtype in sides:
-            with before_changes(dtype == "bf16-before"):
+            with before_changes(dtype):
                 step = profile_step(model, dtype, train, evaluation, args, work / f"{dtype}-profile", per_token)
             print(f"{dtype}: {step['seconds']:.2f} s wall, {step['total']:.2f} s in operations, "
                   f"{step['matmul']:.2f} s ({step['matmul'] / step['total']:.0%}) in matmuls; busiest: "
