@@ -60,17 +60,19 @@ def test_rules_on_a_cpu_without_bf16_and_on_gpus(plain_cpu, monkeypatch):
 
 
 def test_auto_weighs_what_a_step_feeds_on_the_cpu(monkeypatch):
-    """Issue 23: short chat rows at batch 8 on SmolLM2-135M (~490 tokens x hidden 576) keep fp32, the 256-token rows
-    at batch 8 (~2,048 x 576) and chat rows at batch 32 (~1,950 x 576) get the bf16 base; GPUs ignore the feed."""
+    """Issue 23: the grid's shapes on SmolLM2-135M (chat rows at batch 4, 8 and 32: ~245, ~490, ~1,950 tokens x
+    hidden 576; 256-token rows at batch 8) get the bf16 base, measured faster there; steps under 128 tokens x 576
+    (not measured) keep fp32; GPUs ignore the feed."""
     from finetune_sdk.speed.precision import CPU_BF16_MIN_FEED, Feed
 
     monkeypatch.setattr(precision, "cpu_bf16_native", lambda: "AMX")
-    chat8 = resolve_precision(AUTO, adapter=True, device="cpu", feed=Feed(8 * 61.1, 576))
-    assert (chat8.dtype, chat8.auto, chat8.activations) == ("float32", False, "")
-    assert chat8.reason.startswith("auto: fp32, a step feeds 489 tokens x hidden 576 (< 589,824 values)")
-    for feed in (Feed(32 * 61.1, 576), Feed(8 * 256, 576), Feed(490, 2048)):  # a 1.7B model's hidden: bf16 at 490
+    tiny = resolve_precision(AUTO, adapter=True, device="cpu", feed=Feed(100, 576))
+    assert (tiny.dtype, tiny.auto, tiny.activations) == ("float32", False, "")
+    assert tiny.reason.startswith("auto: fp32, a step feeds 100 tokens x hidden 576 (< 73,728 values)")
+    for feed in (Feed(4 * 61.1, 576), Feed(8 * 61.1, 576), Feed(32 * 61.1, 576), Feed(8 * 256, 576),
+                 Feed(36, 2048)):  # a 1.7B model's hidden: bf16 from 36 tokens a step
         assert resolve_precision(AUTO, adapter=True, device="cpu", feed=feed).dtype == "bfloat16", feed
-    assert CPU_BF16_MIN_FEED == 1024 * 576
+    assert CPU_BF16_MIN_FEED == 128 * 576
     assert resolve_precision(AUTO, adapter=True, device="cpu", feed=None).dtype == "float32"  # unknown: the plain way
     assert resolve_precision({**AUTO, "dtype": "bfloat16"}, adapter=True, device="cpu",
                              feed=Feed(8, 64)).dtype == "bfloat16"  # given: no weighing
@@ -86,7 +88,7 @@ def test_fit_logs_and_records_the_fed_choice(monkeypatch, tiny_models, tmp_path,
                       per_device_train_batch_size=4, progress=False)
     result = trainer.fit(qa_rows)
     assert result.manifest["dtype"] == "float32" and result.manifest["precision"]["auto"] is False
-    assert "(< 589,824 values)" in result.manifest["precision"]["reason"]
+    assert "(< 73,728 values)" in result.manifest["precision"]["reason"]
     assert "precision: float32 weights (auto: fp32, a step feeds" in caplog.text
     assert "estimated training memory" in caplog.text and "fused frozen projections" not in caplog.text
     assert "bf16 adapter matmuls" not in caplog.text  # fp32 runs keep fp32 adapter matmuls

@@ -9,8 +9,7 @@ adapter learned visibly slower than in fp32), the trainable parameters (PEFT cre
 gradients and the optimizer state stay fp32. Everything else trains
 in fp32, as do full fine-tuning (its weights are the trainable ones) and a 4-bit/8-bit base on the CPU (bitsandbytes
 computes in fp32 there). On the CPU, a training run whose steps feed fewer than :data:`CPU_BF16_MIN_FEED` values
-(tokens per micro-batch x hidden size, :class:`Feed`) keeps fp32: there bf16's casts cost more than its faster
-matmuls save (issue 23). Giving ``dtype=`` or ``bf16=``/``fp16=`` overrides the choice; the choice is logged and
+(tokens per micro-batch x hidden size, :class:`Feed`) keeps fp32: bf16 was measured faster only above it (issue 23). Giving ``dtype=`` or ``bf16=``/``fp16=`` overrides the choice; the choice is logged and
 recorded in the manifest (``precision``).
 
 Example:
@@ -94,9 +93,11 @@ def cuda_bf16() -> bool:
 
 
 #: On the CPU, ``auto`` gives the frozen base bf16 only when a step feeds its matmuls at least this many
-#: ``tokens per step x hidden size`` values (issue 23): below it bf16's casts and per-operation costs outweigh its
-#: faster matmuls (SmolLM2-135M, hidden 576: ~1,024 tokens a step).
-CPU_BF16_MIN_FEED = 1024 * 576
+#: ``tokens per step x hidden size`` values (issue 23). With fused projections, the 2^17 packing floor and bf16
+#: adapter matmuls, the bf16 path measured faster than fp32 on every shape of benchmarks/bench_precision_grid.py,
+#: down to the smallest, ~241 tokens a step on SmolLM2-135M (hidden 576); below 128 tokens x 576 nothing was
+#: measured, and fp32, the plain way, is kept (docs/speed.md).
+CPU_BF16_MIN_FEED = 128 * 576
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,8 @@ def resolve_precision(options: Mapping[str, Any], *, adapter: bool, full: bool =
     if feed.values < CPU_BF16_MIN_FEED:
         return Precision("float32", None, "float32", False,
                          f"auto: fp32, a step feeds {feed.tokens_per_step:,.0f} tokens x hidden {feed.hidden} "
-                         f"(< {CPU_BF16_MIN_FEED:,} values): at this size bf16's casts cost more than its faster "
-                         f"{native} matmuls save; dtype='bfloat16' forces it")
+                         f"(< {CPU_BF16_MIN_FEED:,} values): below the smallest steps where bf16 on {native} was "
+                         f"measured faster than fp32; dtype='bfloat16' forces it")
     return Precision("bfloat16", None, "float32", True,
                      f"auto: this CPU has {native}; dtype='float32' keeps the base in fp32", activations="float32",
                      saved_activations="bfloat16")
