@@ -59,6 +59,21 @@ def tiny_models(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def dp_federated_run(tmp_path_factory):
+    """A real federated result with differential privacy on (``tests/studio_federated.py``), trained once per
+    session: ``(result folder, final manifest)``. The folder is ``<root>/runs/fed`` in a root of its own (with the
+    tiny base in ``<root>/model``); the studio's rounds view (test_studio_loop) and its page
+    (test_studio_loop_browser) read this one run. Read it, or copy it: never write into it."""
+    from finetune_sdk.testing.tiny import save_tiny_model
+    from tests.studio_federated import run_dp_federation
+
+    root = tmp_path_factory.mktemp("dp-federation")
+    save_tiny_model(root / "model")
+    manifest = run_dp_federation(root / "model", root / "runs" / "fed", root / "data")
+    return root / "runs" / "fed", manifest
+
+
 @pytest.fixture
 def llama_dir(tiny_models):
     return tiny_models("llama")

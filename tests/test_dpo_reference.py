@@ -21,13 +21,16 @@ HELD_OUT = [{"prompt": f"what is {a} plus {b}?", "chosen": f"{a} plus {b} is {a 
 @pytest.mark.parametrize("technique", ["lora", "full", pytest.param("qlora", marks=pytest.mark.slow)])
 def test_dpo_after_sft_with_a_policy_that_never_moves_has_margin_zero_and_loss_log2(tiny_models, tmp_path,
                                                                                     technique):
+    # one SFT epoch (4 steps) moves the policy far from the base (checked below); the DPO stage at learning rate 0
+    # needs no second epoch: its reference must equal the policy on every step, and 2 steps x 4 pairs show it
     trainer = Trainer(tiny_models("llama"), technique=technique, output_dir=tmp_path / "run", progress=False,
-                      learning_rate=2e-2 if technique != "full" else 3e-3, num_train_epochs=2, save_steps=0,
+                      learning_rate=2e-2 if technique != "full" else 3e-3, num_train_epochs=1, save_steps=0,
                       **({"target_modules": "all-linear"} if technique != "full" else {}))
     result = trainer.fit([Stage(SFT, formatter="alpaca"),
-                          Stage(PAIRS, formatter="preference", eval_data=HELD_OUT, learning_rate=0)])
+                          Stage(PAIRS, formatter="preference", eval_data=HELD_OUT, learning_rate=0, max_steps=2)])
     sft, dpo = result.stages
     assert sft.metrics["train_loss"] > 0 and dpo.manifest["objective"] == "dpo"
+    assert dpo.metrics["train_steps"] == 2
     assert dpo.metrics["train_loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert dpo.metrics["reward_margin"] == pytest.approx(0.0, abs=1e-4)  # held-out pairs, evaluated after training
     assert dpo.metrics["eval_loss"] == pytest.approx(math.log(2), abs=1e-4)

@@ -161,15 +161,11 @@ def test_federated_rounds_view():
 
 
 @pytest.fixture(scope="module")
-def federated_work(tmp_path_factory):
-    """A work folder whose runs hold a real federated result: 2 owners, 2 rounds, client-side DP with noise."""
-    from finetune_sdk.testing.tiny import save_tiny_model
-    from tests.studio_federated import run_dp_federation
-
-    root = tmp_path_factory.mktemp("federated")
-    save_tiny_model(root / "model")
-    manifest = run_dp_federation(root / "model", root / "runs" / "fed", root / "data")
-    return root, manifest
+def federated_work(dp_federated_run):
+    """A work folder whose runs hold a real federated result: 2 owners, 2 rounds, client-side DP with noise (the
+    session's run, shared with the browser test)."""
+    fed, manifest = dp_federated_run
+    return fed.parent.parent, manifest
 
 
 @pytest.mark.slow

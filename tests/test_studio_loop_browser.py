@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -23,7 +24,7 @@ import pytest
 pytest.importorskip("fastapi")
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-from tests.studio_federated import dp_accounting_epsilons, run_dp_federation  # noqa: E402
+from tests.studio_federated import dp_accounting_epsilons  # noqa: E402
 from tests.test_studio_browser import CHROMIUM, SHOTS, start_studio, stop_studio, wait  # noqa: E402
 
 PROMPTS = ["What is 2 plus 3?", "Name a colour.", "Say hello.", "Count to three."]
@@ -34,7 +35,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="no 
 
 
 @pytest.fixture(scope="module")
-def tiny_version(tmp_path_factory):
+def tiny_version(tmp_path_factory, dp_federated_run):
     """A work folder with a tiny base model and one trained version ``tiny-bot@1`` in its registry (trained once
     for the module), scores stored for it and its base."""
     from finetune_sdk import Trainer
@@ -55,7 +56,11 @@ def tiny_version(tmp_path_factory):
            "lm_eval_version": "test", "seed": 0, "date": "2026-12-07T00:00:00Z"}
     store(registry, "tiny-bot@1", [{**row, "value": 0.35, "stderr": 0.107}])
     store(registry, "tiny-bot@1", [{**row, "value": 0.25, "stderr": 0.099}], base=True)
-    run_dp_federation(root / "model", root / "runs" / "fed", root / "fed-data")  # a real run with DP on
+    fed = dp_federated_run[0]  # a real run with DP on: the session's, copied with its run area (fed.run)
+    for entry in fed.parent.iterdir():
+        if entry.name == fed.name or entry.name.startswith(fed.name + "."):
+            copy = shutil.copytree if entry.is_dir() else shutil.copy2
+            copy(entry, root / "runs" / entry.name)
     return root, home
 
 
