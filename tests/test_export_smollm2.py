@@ -17,15 +17,13 @@ QUANTIZATIONS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1
 
 
 def encode_each_tensor_once(monkeypatch) -> dict[str, float]:
-    """Make ``write_gguf`` encode a tensor to a quantized type once for all the files of this test.
+    """Make ``write_gguf`` encode a tensor to a K-quant or IQ4_NL type once for all the files of this test.
 
     The K mixes share most of their work: ``q3_k_l``, ``q3_k_m``, ``q3_k_s`` and ``q2_k`` each encode 120-180 of
     SmolLM2's matrices to IQ4_NL (the fallback for rows of 576; ~1 min a file here), the same matrices to the same
-    bytes; the K mixes' other fallbacks are the block-32 files' own types (``q6_k`` encodes 181 matrices to Q8_0
-    as ``q8_0`` does, ``q5_k_m``/``q5_k_s``/``q5_1`` 166-210 to Q5_1, ``q4_k_m``/``q4_k_s``/``q5_0`` 166-210 to
-    Q5_0). ``encode`` is a pure function of (values, type), so its result is kept by a hash of the values and
+    bytes. ``encode`` is a pure function of (values, type), so its result is kept by a hash of the values and
     reused; every file is still written, checked and read back whole, and every (tensor, type) pair is encoded
-    once. Float types and the types only one file uses (F32, F16, BF16, Q4_0, Q4_1) are encoded afresh.
+    once. Block-32 and float types (gguf's own quantizers, a few seconds a file) are encoded afresh every time.
     Returns the encoding seconds each file reused, by file name stem, so the printed write times stay readable."""
     import hashlib
 
@@ -34,7 +32,7 @@ def encode_each_tensor_once(monkeypatch) -> dict[str, float]:
     original, done, reused = gguf_file.encode, {}, {"": 0.0}
 
     def encode(data, qtype):
-        if qtype.name not in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q8_0", "Q5_1", "Q5_0"):
+        if qtype.name not in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"):
             return original(data, qtype)
         key = (qtype.name, data.shape, hashlib.blake2b(data.tobytes(), digest_size=16).digest())
         if key in done:
