@@ -64,13 +64,13 @@ def train(base: Path, out: Path, technique: str, rows, **options):
 def test_lora_result_checkpoints_merge_registry_ratings_and_report_honour_the_umask(
         tiny_models, tmp_path, monkeypatch, umask, mask, file_mode, folder_mode):
     import finetune_sdk
-    import finetune_sdk.training.engine as run_engine
+    import finetune_sdk.training.checkpoints as checkpoints
     from finetune_sdk.feedback.session import collect_feedback
     from finetune_sdk.registry import Registry
     from finetune_sdk.evaluation.report import write_report
 
     base = tiny_models("llama")
-    monkeypatch.setattr(run_engine, "remove_checkpoints", lambda folder: None)  # keep them to look at
+    monkeypatch.setattr(checkpoints, "remove_checkpoints", lambda folder: None)  # keep them to look at
     umask(mask)
     result = train(base, tmp_path / "lora", "lora", QA, save_steps=1)
     merged = finetune_sdk.merge(result.output_dir, tmp_path / "merged")
