@@ -276,7 +276,7 @@ def test_rows_with_empty_answers(llama_dir, tmp_path, caplog):
 
 
 def test_resume_after_changing_the_rank_names_the_option(llama_dir, data, tmp_path, monkeypatch):
-    import finetune_sdk.training.engine as training
+    import finetune_sdk.training.checkpoints as training
     from finetune_sdk.training.checkpoints import checkpoints_dir
 
     out = tmp_path / "run"

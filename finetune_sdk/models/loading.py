@@ -171,17 +171,16 @@ def open_model(ref: str, formatter: str | None = None, trust_remote_code: bool =
     if is_result(ref):
         chosen = None
         if formatter:  # an unknown name is refused before the model loads
-            from finetune_sdk.plugin_manager import get_plugin_host
-
             chosen = get_plugin_host().create("formatter", formatter)
         model = load(ref, trust_remote_code=trust_remote_code)
         if chosen is not None:
             model.formatter = chosen
         return model
+    from finetune_sdk.log import ensure_handler
     from finetune_sdk.options import TRAINING_OPTIONS, option_table, resolve_options
-    from finetune_sdk.plugin_manager import get_plugin_host
     from finetune_sdk.speed.precision import choose_precision
 
+    ensure_handler()  # the loading line shows, as for a Trainer
     host = get_plugin_host()
     technique = host.create("technique", "lora")
     chosen = host.create("formatter", formatter) if formatter else None  # refused before the model loads
