@@ -73,6 +73,8 @@ def main() -> None:
                                                              "values to run (start, round)")
     parser.add_argument("--round-cost", action="store_true", help="per-round client cost: fresh ClientApp processes "
                                                                   "vs warm_clients=True (federated runs only)")
+    parser.add_argument("--repeats", type=int, default=1, help="--round-cost: runs per side, alternating which side "
+                                                               "goes first; medians reported")
     args = parser.parse_args()
     if args.round_cost:
         compare_round_cost(args)
@@ -260,9 +262,13 @@ def compare_variants(args: argparse.Namespace) -> None:
 
 
 def compare_round_cost(args: argparse.Namespace) -> None:
-    """The same federated run with Flower's fresh ClientApp process per message and with ``warm_clients=True``:
-    each client's start-up (process start, or task acquisition, to the handler) and load (Trainer, model, adapter)
-    seconds per round, round 1 and the later rounds apart (a warm client's first round still imports and loads)."""
+    """The same federated run with Flower's fresh ClientApp process per message (``warm_clients=False``) and with
+    the default ``warm_clients=True``: each client's start-up (process start, or task acquisition, to the handler)
+    and load (Trainer, model, adapter) seconds per round, round 1 and the later rounds apart (a warm client's first
+    round still imports and loads). With ``--repeats N`` each side runs N times, alternating which goes first;
+    the table gives medians over the runs of the per-run client means."""
+    import statistics
+
     from finetune_sdk import Trainer
     from finetune_sdk.testing.tiny import save_tiny_model
 
@@ -270,26 +276,32 @@ def compare_round_cost(args: argparse.Namespace) -> None:
     model = save_tiny_model(tmp / "model", hidden_size=args.hidden)
     clients, _ = make_data(tmp, args.facts)
     train = dict(learning_rate=args.learning_rate, seed=7, per_device_train_batch_size=args.batch, r=8, lora_dropout=0.0)
-    print(f"{len(CLIENTS)} clients, {args.rounds} rounds x {args.local_steps} local steps, hidden {args.hidden} "
-          f"(load average before {os.getloadavg()[0]:.1f})")
+    print(f"{len(CLIENTS)} clients, {args.rounds} rounds x {args.local_steps} local steps, hidden {args.hidden}, "
+          f"{args.repeats} run(s) per side, alternating (load average before {os.getloadavg()[0]:.1f})", flush=True)
+    rows: dict[tuple[bool, str], list[dict[str, float]]] = {}
+    for repeat in range(args.repeats):
+        for warm in ((False, True) if repeat % 2 == 0 else (True, False)):
+            started = time.perf_counter()
+            fed = Trainer(model, formatter="chatml", output_dir=tmp / f"fed-{warm}-{repeat}", progress=False,
+                          **train).fit_federated(clients, rounds=args.rounds, local_steps=args.local_steps,
+                                                 fraction_evaluate=0, warm_clients=warm)
+            wall = time.perf_counter() - started
+            history = fed.manifest["federated"]["history"]
+            for label, entries in (("1", history[:1]), (f"2-{len(history)}", history[1:])):
+                costs = [c for entry in entries for c in entry["clients"].values()]
+                if costs:
+                    mean = {key: sum(c.get(key, 0.0) for c in costs) / len(costs)
+                            for key in ("startup_seconds", "load_seconds", "train_seconds")}
+                    rows.setdefault((warm, label), []).append({**mean, "wall": wall})
+            print(f"run {repeat + 1} {'warm' if warm else 'fresh'}: {wall:.1f} s", flush=True)
     print("| clients | round | start-up s | load s | start-up + load s | train s | run wall s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for warm in (False, True):
-        started = time.perf_counter()
-        fed = Trainer(model, formatter="chatml", output_dir=tmp / f"fed-{warm}", progress=False, **train) \
-            .fit_federated(clients, rounds=args.rounds, local_steps=args.local_steps, fraction_evaluate=0,
-                           warm_clients=warm)
-        wall = time.perf_counter() - started
-        history = fed.manifest["federated"]["history"]
-        for label, entries in (("1", history[:1]), (f"2-{len(history)}", history[1:])):
-            costs = [c for entry in entries for c in entry["clients"].values()]
-            if not costs:
-                continue
-            mean = {key: sum(c.get(key, 0.0) for c in costs) / len(costs)
-                    for key in ("startup_seconds", "load_seconds", "train_seconds")}
-            print(f"| {'warm' if warm else 'fresh process'} | {label} | {mean['startup_seconds']:.2f} | "
-                  f"{mean['load_seconds']:.2f} | {mean['startup_seconds'] + mean['load_seconds']:.2f} | "
-                  f"{mean['train_seconds']:.2f} | {wall:.1f} |")
+    for (warm, label), runs in rows.items():
+        med = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        print(f"| {'warm (default)' if warm else 'fresh process (warm_clients=False)'} | {label} | "
+              f"{med['startup_seconds']:.2f} | {med['load_seconds']:.2f} | "
+              f"{statistics.median(r['startup_seconds'] + r['load_seconds'] for r in runs):.2f} | "
+              f"{med['train_seconds']:.2f} | {med['wall']:.1f} |")
     print(f"load average after {os.getloadavg()[0]:.1f}")
 
 

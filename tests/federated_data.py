@@ -50,3 +50,46 @@ def federated_job(model, out, clients, options, **settings):
 def as_pairs(clients):
     """``write_clients``' specs as ``run_in_process`` takes them: name -> (train file, eval file or None)."""
     return {name: (spec["train"], spec.get("eval")) for name, spec in clients.items()}
+
+
+class SharedFederation:
+    """One SuperLink and a warm SuperNode per client (Flower processes, loopback) that several tests' runs share:
+    each run is submitted as ``fit_federated`` submits it, so the processes (and each client's imports) start
+    once per test module instead of once per run. Every run gets its own run id, hence its own base model in each
+    client's cache (see tests/test_federated_warm.py)."""
+
+    def __init__(self, folder: Path, names: list[str]) -> None:
+        from finetune_sdk.federated.runtime import FlowerProcesses, free_port, node_config
+
+        self.folder, self.names, self.runs = folder, names, 0
+        self.clients = write_clients(folder / "data", names)
+        self.processes = FlowerProcesses(folder / "flower")
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        try:
+            self.processes.superlink(port)
+            for name, spec in self.clients.items():
+                self.processes.supernode(name, address, node_config(name, spec["train"], spec["eval"]), warm=True)
+            self.processes.connect(address)
+        except BaseException:
+            self.processes.stop()
+            raise
+
+    def fit(self, trainer, timeout: float = 900, **settings):
+        """``trainer.fit_federated(self.clients, **settings)`` on the shared processes; returns its FitResult."""
+        from finetune_sdk.federated.api import _check_trainer, _job, _result
+        from finetune_sdk.federated.runtime import wait_for_run, write_app
+        from finetune_sdk.federated.settings import FederatedSettings
+
+        settings.setdefault("min_fit_clients", len(self.names))
+        settings.setdefault("min_available_clients", len(self.names))
+        config = FederatedSettings(**settings).validate(num_clients=len(self.names))
+        _check_trainer(trainer, config)
+        job = _job(trainer, config, sorted(self.names), False)
+        self.runs += 1
+        self.processes.submit(write_app(self.folder / f"app-{self.runs}", job))
+        wait_for_run(job, self.processes, timeout)
+        return _result(trainer, job)
+
+    def stop(self) -> None:
+        self.processes.stop()

@@ -143,8 +143,15 @@ def test_server_and_clients_as_separate_commands_over_tls_with_supernode_auth(ll
 @pytest.mark.slow
 def test_server_killed_mid_run_resumes_through_the_cli(llama_dir, tmp_path):
     """`finetune federated server` is killed (with its SuperLink and ServerApp) after round 1; the same command
-    with --resume continues at round 2 with the clients that stayed up, and round 1 is not run again."""
+    with --resume continues at round 2 with the clients that stayed up, and round 1 is not run again.
+
+    The clients are warm (the default): one long-lived ClientApp process per client serves both server runs; the
+    executor of clinic-b, killed while the server is down, is started again by its `finetune federated client`
+    (without that, clinic-b would miss round 2)."""
     pytest.importorskip("flwr")
+    import psutil
+
+    from finetune_sdk.federated.audit import AUDIT_ENV, opened_paths
     from finetune_sdk.federated.runtime import _signal_tree, free_port
 
     clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
@@ -155,7 +162,8 @@ def test_server_killed_mid_run_resumes_through_the_cli(llama_dir, tmp_path):
                               "--learning-rate", "0.03"]
     workers = [subprocess.Popen(FINETUNE + ["federated", "client", "--server", f"127.0.0.1:{port}", "--insecure",
                                             "--data", spec["train"], "--name", name],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, AUDIT_ENV: str(tmp_path / "audit")})
                for name, spec in clients.items()]
     state = tmp_path / "fed.federated" / "checkpoint" / "state.json"
     try:
@@ -168,6 +176,10 @@ def test_server_killed_mid_run_resumes_through_the_cli(llama_dir, tmp_path):
         first.wait(60)
         saved = json.loads(state.read_text())
         assert saved["round"] == 1 and not (tmp_path / "fed").exists()
+        executors = [child for child in psutil.Process(workers[1].pid).children(recursive=True)
+                     if "finetune_sdk.federated.warm_client" in " ".join(child.cmdline())]
+        assert len(executors) == 1
+        executors[0].kill()  # clinic-b's ClientApp executor dies; its client starts another
 
         resumed = subprocess.run(server_args + ["--resume"], capture_output=True, text=True, timeout=900)
     finally:
@@ -180,6 +192,8 @@ def test_server_killed_mid_run_resumes_through_the_cli(llama_dir, tmp_path):
     assert history[0] == saved["history"][0]  # round 1 as checkpointed, not run again
     assert sorted(history[1]["clients"]) == ["clinic-a", "clinic-b"]
     assert not state.exists()
+    assert len(opened_paths(tmp_path / "audit", "client-clinic-a")) == 1  # one process for both server runs
+    assert len(opened_paths(tmp_path / "audit", "client-clinic-b")) == 2  # the killed executor and its successor
 
 
 @pytest.mark.slow

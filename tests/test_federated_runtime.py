@@ -1,5 +1,6 @@
 """Federated runs on Flower's deployment runtime: a SuperLink and one SuperNode per client, as real processes on
-loopback (what ``Trainer.fit_federated`` starts). Slow: every Flower message starts a ClientApp process."""
+loopback (what ``Trainer.fit_federated`` starts), each client's ClientApps in one long-lived process that keeps its
+base model loaded (the default ``warm_clients=True``; the cold path is tested in tests/test_federated_warm.py)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_non_iid_clients_beat_local_only_and_data_stays_with_its_owner(llama_dir
     assert servers and not any(paths & every_file for paths in servers.values()), "the server opened client rows"
     for name, own in data_files.items():
         processes = opened_paths(audit, f"client-{name}")
-        assert len(processes) == rounds + 1  # a ClientApp process per message: 3 train rounds, 1 evaluation
+        assert len(processes) == 1  # one long-lived ClientApp process served 3 train rounds and the evaluation
         opened = set().union(*processes.values()) & every_file
         assert opened == own, f"{name} opened {opened}"
 
@@ -186,16 +187,25 @@ def test_server_killed_after_a_round_resumes_from_its_checkpoint(llama_dir, tmp_
     assert _processes_under(tmp_path) == []
 
 
-def test_qlora_federation_sends_only_the_adapter(llama_dir, tmp_path):
+@pytest.fixture(scope="module")
+def two_clinics(tmp_path_factory):
+    """clinic-a and clinic-b as warm SuperNodes on one SuperLink, shared by this module's 2-client runs."""
+    from tests.federated_data import SharedFederation
+
+    federation = SharedFederation(tmp_path_factory.mktemp("two-clinics"), ["clinic-a", "clinic-b"])
+    yield federation
+    federation.stop()
+
+
+def test_qlora_federation_sends_only_the_adapter(llama_dir, tmp_path, two_clinics):
     """QLoRA end to end on real processes: every client loads the base in 4-bit (bitsandbytes on CPU), trains the
     LoRA adapter; only the adapter's float32 values travel, never the 4-bit base; the result loads as an
     ordinary QLoRA adapter."""
     pytest.importorskip("bitsandbytes")
     from safetensors import safe_open
 
-    clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
     trainer = trainer_for(llama_dir, tmp_path / "fed", technique="qlora")
-    result = trainer.fit_federated(clients, rounds=1, local_steps=1, fraction_evaluate=0, round_timeout=300)
+    result = two_clinics.fit(trainer, rounds=1, local_steps=1, fraction_evaluate=0, round_timeout=300)
 
     assert result.manifest["technique"] == "qlora" and result.manifest["quantizer"] is not None
     adapter = result.metrics["trainable_parameters"] * 4
@@ -210,13 +220,12 @@ def test_qlora_federation_sends_only_the_adapter(llama_dir, tmp_path):
     assert loaded.generate("What colour is the Quillmere flag?", max_new_tokens=2) is not None
 
 
-def test_secure_aggregation_over_real_processes(llama_dir, tmp_path):
+def test_secure_aggregation_over_real_processes(llama_dir, tmp_path, two_clinics):
     """SecAgg+ on Flower's deployment runtime: the protocol's four stages reach each client's ClientApp processes
     (its keys and shares kept in the SuperNode's context between them) and the run completes; the server records
     the protocol's settings and the quantization bound, and no per-client update."""
-    clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
-    result = trainer_for(llama_dir, tmp_path / "fed").fit_federated(
-        clients, rounds=1, local_steps=1, fraction_evaluate=0, round_timeout=300, secure_aggregation=True)
+    result = two_clinics.fit(trainer_for(llama_dir, tmp_path / "fed"), rounds=1, local_steps=1, fraction_evaluate=0,
+                             round_timeout=300, secure_aggregation=True)
     federated = result.manifest["federated"]
     assert federated["secure_aggregation"]["protocol"].startswith("SecAgg+")
     entry = federated["history"][0]

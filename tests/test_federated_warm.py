@@ -1,6 +1,6 @@
-"""Clients that keep the base model loaded across rounds (``warm_clients=True``): one long-lived ClientApp process
-per SuperNode (:mod:`finetune_sdk.federated.warm_client`) whose rounds give exactly what fresh processes give, and
-whose cache never carries anything from one run into another."""
+"""Clients that keep the base model loaded across rounds (``warm_clients=True``, the default): one long-lived
+ClientApp process per SuperNode (:mod:`finetune_sdk.federated.warm_client`) whose rounds give exactly what fresh
+processes give, and whose cache never carries anything from one run into another."""
 
 from __future__ import annotations
 
@@ -67,6 +67,40 @@ def test_a_cached_load_equals_a_fresh_load_after_a_round_changed_its_copy(llama_
         assert torch.equal(again[name], tensor), name
 
 
+def test_a_cached_4bit_base_equals_a_fresh_load_and_trains_the_same(llama_dir, tmp_path, monkeypatch, qa_rows):
+    """QLoRA (the nf4 quantizer) in the warm cache: the cached 4-bit base is copied like any other; a round that
+    trained its copy leaves the next copy bit-identical to a fresh 4-bit load (packed weights and quantization
+    state), with bitsandbytes' CPU repack switched off on every copy (ENV_FACTS: gradients through a repacked layer
+    are wrong), and training a copy gives the fresh load's losses."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    import torch
+
+    def fit(out):
+        return trainer_for(llama_dir, out, technique="qlora", max_steps=2, save_steps=0).fit(qa_rows)
+
+    fresh_model = trainer_for(llama_dir, tmp_path / "fresh", technique="qlora").current_model().model
+    fresh = state(fresh_model)
+    fresh_fit = fit(tmp_path / "fresh-fit")
+    cache = BaseModelCache()
+    cache.start_run(1)
+    monkeypatch.setattr(warm_client, "ACTIVE_CACHE", cache)
+    first = fit(tmp_path / "round-1")  # trains the first copy
+    again = trainer_for(llama_dir, tmp_path / "round-2", technique="qlora").current_model().model
+    assert cache.loads == 1
+    layers = [m for m in again.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(layer.weight.dtype == torch.uint8 for layer in layers)  # still packed 4-bit
+    assert all(layer.support_avx512bf16_for_cpu is False for layer in layers)
+    copied = state(again)
+    assert copied.keys() == fresh.keys()
+    for name, tensor in fresh.items():
+        assert torch.equal(copied[name], tensor), name
+    second = fit(tmp_path / "round-3")  # a copy of the cached base after a trained one
+    assert cache.loads == 1
+    for result in (first, second):
+        assert result.metrics["train_loss"] == pytest.approx(fresh_fit.metrics["train_loss"], abs=1e-6)
+
+
 def _global_arrays(output_dir):
     from finetune_sdk.federated.params import trainable_arrays
 
@@ -87,13 +121,17 @@ def _assert_same_arrays(actual, expected, atol=1e-6):
 @pytest.mark.slow
 def test_warm_clients_give_the_fresh_process_result_in_one_process_per_client(llama_dir, tmp_path, monkeypatch):
     """2 clients x 2 rounds with FedEx-LoRA (a base delta folded into the model every round: what a shared cached
-    model would accumulate): the global adapter and every round's losses equal the fresh-process run's; each
-    client ran all its messages in one process."""
+    model would accumulate): the global adapter and every round's losses equal the fresh-process run's
+    (``warm_clients=False``: Flower's new process per message, the cold path); each warm client (the default) ran
+    all its messages in one process."""
     clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
     settings = {"rounds": 2, "local_steps": 2, "aggregation": "fedex", "round_timeout": 300}
-    fresh = trainer_for(llama_dir, tmp_path / "fresh").fit_federated(clients, **settings)
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit-fresh"))
+    fresh = trainer_for(llama_dir, tmp_path / "fresh").fit_federated(clients, warm_clients=False, **settings)
+    for name in clients:  # the cold path: a ClientApp process per message (2 train rounds + evaluation)
+        assert len(opened_paths(tmp_path / "audit-fresh", f"client-{name}")) == 3
     monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "audit"))
-    warm = trainer_for(llama_dir, tmp_path / "warm").fit_federated(clients, warm_clients=True, **settings)
+    warm = trainer_for(llama_dir, tmp_path / "warm").fit_federated(clients, **settings)
 
     _assert_same_arrays(_global_arrays(warm.output_dir), _global_arrays(fresh.output_dir))
     for fresh_round, warm_round in zip(fresh.manifest["federated"]["history"], warm.manifest["federated"]["history"],
@@ -107,19 +145,25 @@ def test_warm_clients_give_the_fresh_process_result_in_one_process_per_client(ll
 
 
 @pytest.mark.slow
-def test_a_second_run_on_the_same_warm_node_sees_nothing_of_the_first(llama_dir, tmp_path):
+def test_a_second_run_on_the_same_warm_node_sees_nothing_of_the_first(llama_dir, tiny_models, tmp_path):
     """One SuperLink and one warm SuperNode serve two runs in turn (as ``finetune federated client`` does): the
-    second run, after a FedEx-LoRA run with another seed and learning rate, equals the same run on fresh
-    processes."""
+    first a QLoRA FedEx-LoRA run on another model (hidden 128, 4-bit base) with another seed and learning rate, the
+    second a LoRA run on ``llama_dir``; the second equals the same run on fresh processes, and the executor loaded
+    one base per run (its own model, never the first run's cached or trained one)."""
+    pytest.importorskip("bitsandbytes")
+    import re
+
     from finetune_sdk.federated.api import _job
     from finetune_sdk.federated.runtime import FlowerProcesses, free_port, node_config, wait_for_run, write_app
     from finetune_sdk.federated.settings import FederatedSettings
 
+    other_model = tiny_models("llama", hidden_size=128)
     clients = write_clients(tmp_path / "data", ["clinic-a"])
     spec = clients["clinic-a"]
     second_settings = {"rounds": 2, "local_steps": 2, "round_timeout": 300, "min_fit_clients": 1,
                        "min_available_clients": 1}
-    expected = trainer_for(llama_dir, tmp_path / "fresh").fit_federated(clients, **second_settings)
+    expected = trainer_for(llama_dir, tmp_path / "fresh").fit_federated(clients, warm_clients=False,
+                                                                        **second_settings)
 
     processes = FlowerProcesses(tmp_path / "flower")
     port = free_port()
@@ -128,7 +172,7 @@ def test_a_second_run_on_the_same_warm_node_sees_nothing_of_the_first(llama_dir,
         processes.superlink(port)
         processes.supernode("clinic-a", address, node_config("clinic-a", spec["train"], spec["eval"]), warm=True)
         processes.connect(address)
-        runs = [(trainer_for(llama_dir, tmp_path / "first", seed=3, learning_rate=1e-1),
+        runs = [(trainer_for(other_model, tmp_path / "first", technique="qlora", seed=3, learning_rate=1e-1),
                  FederatedSettings(aggregation="fedex", **second_settings)),
                 (trainer_for(llama_dir, tmp_path / "second"), FederatedSettings(**copy.deepcopy(second_settings)))]
         for index, (trainer, settings) in enumerate(runs):
@@ -136,6 +180,29 @@ def test_a_second_run_on_the_same_warm_node_sees_nothing_of_the_first(llama_dir,
             processes.submit(write_app(tmp_path / f"app-{index}", job))
             wait_for_run(job, processes, 900)
         assert processes.alive("clientapp-clinic-a")  # the same executor served both runs
+        log = processes.log_tail("clientapp-clinic-a", 1_000_000)
     finally:
         processes.stop()
     _assert_same_arrays(_global_arrays(tmp_path / "second"), _global_arrays(expected.output_dir))
+    loads = re.findall(r"base model loaded for run (\d+) \(load \d+\): (\S+)", log)
+    assert [model for _, model in loads] == [str(other_model), str(llama_dir)], log[-3000:]
+    assert loads[0][0] != loads[1][0]  # one load per run: 2 rounds + evaluation of a run share it
+
+
+def test_run_task_leaves_sys_path_as_it_found_it(monkeypatch, tmp_path):
+    """Flower's app loader puts each run's installed app folder first on ``sys.path``; the long-lived executor
+    restores ``sys.path`` after every task, so repeated runs don't grow it (nor shadow each other's imports)."""
+    import sys
+
+    from flwr.supercore.object_ref import _ensure_sys_path
+
+    before = list(sys.path)
+    runs = iter(range(5))
+
+    def a_task(address, token, cache):  # what get_load_client_app_fn does with a new run's app folder
+        _ensure_sys_path(tmp_path / f"app-of-run-{next(runs)}")
+
+    monkeypatch.setattr(warm_client, "_run_task", a_task)
+    for _ in range(5):
+        warm_client.run_task("127.0.0.1:1", "token", BaseModelCache())
+    assert sys.path == before

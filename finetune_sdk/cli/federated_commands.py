@@ -153,10 +153,17 @@ def server_command(model: str, technique: str, quantizer: str | None, formatter:
               help="CA certificate that signed the server's TLS certificate")
 @click.option("--auth-key", type=click.Path(exists=True, dir_okay=False),
               help="this client's OpenSSH EC private key, when the server admits only registered keys (needs TLS)")
+@click.option("--warm/--no-warm", default=True, show_default=True,
+              help="keep the base model loaded between rounds in one long-lived ClientApp process (--no-warm: "
+                   "Flower's new process per message, which reloads the model every round)")
 def client_command(server: str, data: str, eval_data: str | None, name: str | None, lora_r: int | None,
                    insecure: bool,
-                   root_certificates: str | None, auth_key: str | None) -> None:
-    """Run a federated client (a Flower SuperNode) until Ctrl-C; it serves the server's runs as they come."""
+                   root_certificates: str | None, auth_key: str | None, warm: bool) -> None:
+    """Run a federated client (a Flower SuperNode) until Ctrl-C; it serves the server's runs as they come.
+
+    By default the SuperNode runs its ClientApps in one long-lived process beside it
+    (:mod:`finetune_sdk.federated.warm_client`), which keeps the base model loaded across the rounds of a run (it
+    is started again should it end while the SuperNode runs); nothing of one run is kept for the next."""
     from finetune_sdk.data.rows import load_rows
     from finetune_sdk.federated.runtime import FlowerProcesses, new_work_dir, node_config
     from finetune_sdk.federated.settings import require_flower
@@ -182,9 +189,9 @@ def client_command(server: str, data: str, eval_data: str | None, name: str | No
     try:
         node = processes.supernode(client_name, server, node_config(client_name, data, eval_data, lora_r),
                                    insecure=insecure, root_certificates=root_certificates, auth_key=auth_key,
-                                   log_to_console=True)
+                                   log_to_console=True, warm=warm)
         console().print(f"client [bold]{client_name}[/bold] serving {server}; Ctrl-C to leave")
-        code = node.wait()
+        code = processes.wait_supernode(client_name) if warm else node.wait()
     except KeyboardInterrupt:
         code = 0
     finally:

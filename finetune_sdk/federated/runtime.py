@@ -100,6 +100,8 @@ class FlowerProcesses:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.env = flower_env(self.flwr_home)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        #: a warm client's ClientApp executor command line by client name (to start it again, :meth:`wait_supernode`)
+        self.executors: dict[str, tuple[list[str], bool]] = {}
 
     def start(self, name: str, args: list[str], *, log_to_console: bool = False) -> subprocess.Popen[bytes]:
         if log_to_console:
@@ -143,10 +145,26 @@ class FlowerProcesses:
             args += ["--isolation", "process"]
         supernode = self.start(f"supernode-{name}", args, log_to_console=log_to_console)
         if warm:
-            self.start(f"clientapp-{name}", [sys.executable, "-m", "finetune_sdk.federated.warm_client",
-                                             "--runtime-api-address", f"{LOOPBACK}:{runtime_port}",
-                                             "--parent-pid", str(supernode.pid)], log_to_console=log_to_console)
+            executor = [sys.executable, "-m", "finetune_sdk.federated.warm_client", "--runtime-api-address",
+                        f"{LOOPBACK}:{runtime_port}", "--parent-pid", str(supernode.pid)]
+            self.executors[name] = (executor, log_to_console)
+            self.start(f"clientapp-{name}", executor, log_to_console=log_to_console)
         return supernode
+
+    def wait_supernode(self, name: str, poll: float = 1.0) -> int:
+        """Wait until the SuperNode ``name`` ends and return its exit status; a warm client's ClientApp executor
+        that ended while its SuperNode still runs (killed, out of memory) is started again, so that the SuperNode
+        keeps serving tasks (the new executor loads the base model again at its first task)."""
+        while True:
+            code = self.processes[f"supernode-{name}"].poll()
+            if code is not None:
+                return code
+            if name in self.executors and not self.alive(f"clientapp-{name}"):
+                args, log_to_console = self.executors[name]
+                logger.warning("the ClientApp executor of client %s ended (exit status %s); starting it again",
+                               name, self.processes[f"clientapp-{name}"].returncode)
+                self.start(f"clientapp-{name}", args, log_to_console=log_to_console)
+            time.sleep(poll)
 
     def connect(self, superlink: str, *, insecure: bool = True, root_certificates: str | None = None) -> None:
         """Point the ``flwr`` CLI of these processes at the SuperLink (connection ``finetune`` in config.toml)."""

@@ -65,9 +65,10 @@ class FederatedSettings:
         target_delta: the delta at which epsilon is reported (Flower's RDP accountant, client-level DP,
             no amplification by sampling).
         seed: seed of the server's initial adapter (``None``: the Trainer's ``seed``).
-        warm_clients: each local client's SuperNode runs its ClientApps in one long-lived process that keeps the
-            base model loaded across the rounds of a run (:mod:`finetune_sdk.federated.warm_client`) instead of
-            Flower's new ``flwr-clientapp`` process per message.
+        warm_clients: (default ``True``) each local client's SuperNode runs its ClientApps in one long-lived
+            process that keeps the base model loaded across the rounds of a run
+            (:mod:`finetune_sdk.federated.warm_client`); ``False``: Flower's new ``flwr-clientapp`` process per
+            message (every round reloads the model).
         secure_aggregation: run every training round through Flower's SecAgg+ (``SecAggPlusWorkflow`` and
             ``secaggplus_mod``): clients send masked, quantized updates and the server learns only their
             example-weighted sum. Needs at least 2 clients per round; works with ``fedavg`` and ``fedprox``, not
@@ -104,7 +105,7 @@ class FederatedSettings:
     target_delta: float = 1e-5
     seed: int | None = None
     secure_aggregation: bool = False
-    warm_clients: bool = False
+    warm_clients: bool = True
     preference_reference: str = "start"
     secagg_num_shares: float = 1.0
     secagg_reconstruction_threshold: float = 0.67

@@ -14,8 +14,12 @@ round starts from exactly what a fresh load gives: the adapter is prepared anew,
 a new optimizer; FedEx-LoRA's base delta is folded into the copy, never into the cached model. A task of another
 run empties the cache first, so nothing of one run reaches another.
 
+``sys.path`` is restored after every task (Flower's app loader adds the run's app folder to it).
+
 Run as ``python -m finetune_sdk.federated.warm_client --runtime-api-address HOST:PORT [--parent-pid PID]``
-(:meth:`finetune_sdk.federated.runtime.FlowerProcesses.supernode` with ``warm=True`` does).
+(:meth:`finetune_sdk.federated.runtime.FlowerProcesses.supernode` with ``warm=True`` does: ``fit_federated`` by
+default, ``warm_clients=False`` to turn it off; ``finetune federated client`` unless ``--no-warm``, which also
+starts the executor again should it end while its SuperNode runs).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -67,6 +72,8 @@ class BaseModelCache:
             if key not in self.models:
                 self.models[key] = load()
                 self.loads += 1
+                logger.info("warm client: base model loaded for run %s (load %d): %s", self.run_id, self.loads,
+                            key[0] if isinstance(key, tuple) and key else key)
             return copy.deepcopy(self.models[key])
 
 
@@ -85,7 +92,19 @@ def load_key(source: Any, task: str, quantizer: Any, options: dict[str, Any], dt
 
 
 def run_task(runtime_api_address: str, token: str, cache: BaseModelCache) -> None:
-    """One ClientApp task, as Flower's ``run_clientapp`` runs it, without leaving the process afterwards."""
+    """One ClientApp task, as Flower's ``run_clientapp`` runs it, without leaving the process afterwards.
+
+    ``sys.path`` is restored afterwards: Flower's app loader puts the run's installed app folder first on it (a
+    new folder per run), which in a long-lived process would add an entry per run and let one run's folder shadow
+    imports of the next."""
+    saved_path = list(sys.path)
+    try:
+        _run_task(runtime_api_address, token, cache)
+    finally:
+        sys.path[:] = saved_path
+
+
+def _run_task(runtime_api_address: str, token: str, cache: BaseModelCache) -> None:
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.cli.install import install_from_fab
