@@ -147,7 +147,7 @@ def test_warm_clients_give_the_fresh_process_result_in_one_process_per_client(ll
 @pytest.mark.slow
 def test_a_second_run_on_the_same_warm_node_sees_nothing_of_the_first(llama_dir, tiny_models, tmp_path):
     """One SuperLink and one warm SuperNode serve two runs in turn (as ``finetune federated client`` does): the
-    first a QLoRA FedEx-LoRA run on another model (hidden 128, 4-bit base) with another seed and learning rate, the
+    first a QLoRA run on another model (hidden 128, 4-bit base) with another seed and learning rate, the
     second a LoRA run on ``llama_dir``; the second equals the same run on fresh processes, and the executor loaded
     one base per run (its own model, never the first run's cached or trained one)."""
     pytest.importorskip("bitsandbytes")
@@ -173,7 +173,7 @@ def test_a_second_run_on_the_same_warm_node_sees_nothing_of_the_first(llama_dir,
         processes.supernode("clinic-a", address, node_config("clinic-a", spec["train"], spec["eval"]), warm=True)
         processes.connect(address)
         runs = [(trainer_for(other_model, tmp_path / "first", technique="qlora", seed=3, learning_rate=1e-1),
-                 FederatedSettings(aggregation="fedex", **second_settings)),
+                 FederatedSettings(**copy.deepcopy(second_settings))),
                 (trainer_for(llama_dir, tmp_path / "second"), FederatedSettings(**copy.deepcopy(second_settings)))]
         for index, (trainer, settings) in enumerate(runs):
             job = _job(trainer, settings.validate(num_clients=1), ["clinic-a"], False)
