@@ -194,8 +194,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) ends")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    logger.setLevel(logging.INFO)  # the cache's loads are reported in this executor's log
     serve(args.runtime_api_address, args.parent_pid)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # run as the package's module, so that load_base_model finds ACTIVE_CACHE there
+    from finetune_sdk.federated import warm_client
+
+    warm_client.main()
