@@ -123,13 +123,12 @@ class RunSpec:
 
     def resolved_precision(self) -> Precision:
         """The run's precision: :attr:`precision` when the facade chose it, else resolved from the options and
-        plugins (:func:`finetune_sdk.speed.precision.resolve_precision`)."""
+        plugins as the facade resolves them (:func:`finetune_sdk.speed.precision.choose_precision`)."""
         if self.precision is not None:
             return self.precision
-        from finetune_sdk.speed.precision import resolve_precision
+        from finetune_sdk.speed.precision import choose_precision
 
-        return resolve_precision(self.options, adapter=self.technique.saves_adapter,
-                                 full=self.technique.result_is_model, quantized=self.quantizer is not None)
+        return choose_precision(self.options, self.technique, self.quantizer)
 
 
 @dataclass
