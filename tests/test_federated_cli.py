@@ -158,11 +158,12 @@ def test_server_killed_mid_run_resumes_through_the_cli(llama_dir, tmp_path):
     port = free_port()
     server_args = FINETUNE + ["federated", "server", "-m", str(llama_dir), "-f", "chatml", "-o", str(tmp_path / "fed"),
                               "--address", f"127.0.0.1:{port}", "--insecure", "--rounds", "2", "--local-steps", "1",
-                              "--min-clients", "2", "--fraction-evaluate", "0", "--round-timeout", "120",
+                              "--min-clients", "2", "--fraction-evaluate", "0", "--round-timeout", "300",
                               "--learning-rate", "0.03"]
+    logs = {name: open(tmp_path / f"{name}.log", "wb") for name in clients}
     workers = [subprocess.Popen(FINETUNE + ["federated", "client", "--server", f"127.0.0.1:{port}", "--insecure",
                                             "--data", spec["train"], "--name", name],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                stdout=logs[name], stderr=subprocess.STDOUT,
                                 env={**os.environ, AUDIT_ENV: str(tmp_path / "audit")})
                for name, spec in clients.items()]
     state = tmp_path / "fed.federated" / "checkpoint" / "state.json"
@@ -189,11 +190,16 @@ def test_server_killed_mid_run_resumes_through_the_cli(llama_dir, tmp_path):
         for worker in workers:
             worker.terminate()
             worker.wait(60)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        for log in logs.values():
+            log.close()
+    told = "".join(f"\n--- {name} ---\n" + (tmp_path / f"{name}.log").read_text()[-4000:] for name in clients)
+    told += "\n--- first server run ---\n" + (tmp_path / "first.log").read_text()[-3000:]
+    told += "\n--- resumed server run ---\n" + resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert resumed.returncode == 0, told
     history = json.loads((tmp_path / "fed" / "finetune_manifest.json").read_text())["federated"]["history"]
-    assert [entry["round"] for entry in history] == [1, 2]
+    assert [entry["round"] for entry in history] == [1, 2], told
     assert history[0] == saved["history"][0]  # round 1 as checkpointed, not run again
-    assert sorted(history[0]["clients"]) == sorted(history[1]["clients"]) == ["clinic-a", "clinic-b"]
+    assert sorted(history[0]["clients"]) == sorted(history[1]["clients"]) == ["clinic-a", "clinic-b"], told
     assert not state.exists()
     for name in clients:  # one ClientApp process served both server runs (clinic-b's: the executor started again)
         assert len(opened_paths(tmp_path / "audit", f"client-{name}")) == 1, name

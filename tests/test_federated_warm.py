@@ -206,3 +206,33 @@ def test_run_task_leaves_sys_path_as_it_found_it(monkeypatch, tmp_path):
     for _ in range(5):
         warm_client.run_task("127.0.0.1:1", "token", BaseModelCache())
     assert sys.path == before
+
+
+def test_a_task_whose_message_never_arrives_is_given_up_and_a_slow_one_is_not():
+    """Flower's SuperNode can leave a task whose message it dropped (its run stopped, e.g. a SuperLink restarted on
+    its database): the objects never arrive. With Flower's own pull (up to 2 hours) the long-lived executor would
+    wait on it and strand every later task; through ``watch_progress`` the pull fails once nothing arrived for
+    ``stale_after`` seconds, while a message whose objects keep arriving, however slowly, is pulled whole."""
+    import time
+
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError, pull_objects
+
+    def dropped(object_id):
+        raise ObjectUnavailableError(object_id)
+
+    started = time.monotonic()
+    with pytest.raises(ObjectPullError, match="no object of the message arrived for 0 s"):
+        pull_objects(["a", "b"], warm_client.watch_progress(dropped, stale_after=0.3), initial_backoff=0.05,
+                     backoff_cap=0.1)
+    assert time.monotonic() - started < 5  # Flower's default: PULL_MAX_TIME (7200 s)
+
+    arrivals = {name: time.monotonic() + 0.15 * (index + 1) for index, name in enumerate("abcdef")}
+
+    def slow(object_id):  # one object every 0.15 s: 0.9 s in all, more than stale_after, never 0.3 s without one
+        if time.monotonic() < arrivals[object_id]:
+            raise ObjectUnavailableError(object_id)
+        return object_id.encode()
+
+    pulled = pull_objects(list(arrivals), warm_client.watch_progress(slow, stale_after=0.3), initial_backoff=0.02,
+                          backoff_cap=0.02, max_concurrent_pulls=1)
+    assert pulled == {name: name.encode() for name in arrivals}
