@@ -5,7 +5,10 @@ so each client pays Python, torch and transformers start-up and a model load eve
 ``--isolation process`` leaves launching ClientApps to an outside process; this module is that process: it asks
 the SuperNode's Runtime API for the next ClientApp task (``AcquireTask``, as ``flower-superexec`` does) and runs
 it in this process with Flower's own ``run_clientapp`` steps (``pull_task_input``, ``install_from_fab``, the app
-loaded by ``get_load_client_app_fn``, ``push_message``, ``push_task_output``), then waits for the next.
+loaded by ``get_load_client_app_fn``, ``push_message``, ``push_task_output``), then waits for the next. The task's
+message is pulled by :func:`pull_task_input`, Flower's with a watchdog (:func:`watch_progress`): a task whose message
+never arrives (the SuperNode dropped it) is given up after :data:`STALE_TASK_SECONDS` instead of stranding every
+later task.
 
 Between tasks it keeps a :class:`BaseModelCache`: the freshly loaded base model (never trained, never prepared),
 keyed by the run id and everything that decides the load (model, revision, task, quantizer and its settings,
