@@ -211,28 +211,36 @@ def test_run_task_leaves_sys_path_as_it_found_it(monkeypatch, tmp_path):
 def test_a_task_whose_message_never_arrives_is_given_up_and_a_slow_one_is_not():
     """Flower's SuperNode can leave a task whose message it dropped (its run stopped, e.g. a SuperLink restarted on
     its database): the objects never arrive. With Flower's own pull (up to 2 hours) the long-lived executor would
-    wait on it and strand every later task; through ``watch_progress`` the pull fails once nothing arrived for
+    wait on it and strand every later task; through ``ProgressWatchedClient`` the pull fails once nothing arrived for
     ``stale_after`` seconds, while a message whose objects keep arriving, however slowly, is pulled whole."""
     import time
+    from types import SimpleNamespace
 
-    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError, pull_objects
+    from flwr.proto.message_pb2 import PullObjectResponse
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_objects
 
-    def dropped(object_id):
-        raise ObjectUnavailableError(object_id)
+    def pulled_through(pull_object, stale_after):  # Flower's pull function over the watched Runtime API client
+        watched = warm_client.ProgressWatchedClient(SimpleNamespace(PullObject=pull_object), stale_after)
+        return make_pull_object_fn_protobuf(watched.PullObject, Node(node_id=1), 1)
+
+    def dropped(request):
+        return PullObjectResponse(object_found=True, object_available=False)
 
     started = time.monotonic()
     with pytest.raises(ObjectPullError, match="no object of the message arrived for 0 s"):
-        pull_objects(["a", "b"], warm_client.watch_progress(dropped, stale_after=0.3), initial_backoff=0.05,
-                     backoff_cap=0.1)
+        pull_objects(["a", "b"], pulled_through(dropped, 0.3), initial_backoff=0.05, backoff_cap=0.1)
     assert time.monotonic() - started < 5  # Flower's default: PULL_MAX_TIME (7200 s)
 
     arrivals = {name: time.monotonic() + 0.15 * (index + 1) for index, name in enumerate("abcdef")}
 
-    def slow(object_id):  # one object every 0.15 s: 0.9 s in all, more than stale_after, never 0.3 s without one
-        if time.monotonic() < arrivals[object_id]:
-            raise ObjectUnavailableError(object_id)
-        return object_id.encode()
+    def slow(request):  # one object every 0.15 s: 0.9 s in all, more than stale_after, never 0.3 s without one
+        if time.monotonic() < arrivals[request.object_id]:
+            return PullObjectResponse(object_found=True, object_available=False)
+        return PullObjectResponse(object_found=True, object_available=True,
+                                  object_content=request.object_id.encode())
 
-    pulled = pull_objects(list(arrivals), warm_client.watch_progress(slow, stale_after=0.3), initial_backoff=0.02,
-                          backoff_cap=0.02, max_concurrent_pulls=1)
+    pulled = pull_objects(list(arrivals), pulled_through(slow, 0.3), initial_backoff=0.02, backoff_cap=0.02,
+                          max_concurrent_pulls=1)
     assert pulled == {name: name.encode() for name in arrivals}

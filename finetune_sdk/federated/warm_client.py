@@ -5,10 +5,10 @@ so each client pays Python, torch and transformers start-up and a model load eve
 ``--isolation process`` leaves launching ClientApps to an outside process; this module is that process: it asks
 the SuperNode's Runtime API for the next ClientApp task (``AcquireTask``, as ``flower-superexec`` does) and runs
 it in this process with Flower's own ``run_clientapp`` steps (``pull_task_input``, ``install_from_fab``, the app
-loaded by ``get_load_client_app_fn``, ``push_message``, ``push_task_output``), then waits for the next. The task's
-message is pulled by :func:`pull_task_input`, Flower's with a watchdog (:func:`watch_progress`): a task whose message
-never arrives (the SuperNode dropped it) is given up after :data:`STALE_TASK_SECONDS` instead of stranding every
-later task.
+loaded by ``get_load_client_app_fn``, ``push_message``, ``push_task_output``), then waits for the next.
+``pull_task_input`` talks to the SuperNode through :class:`ProgressWatchedClient`: a task whose message never
+arrives (the SuperNode dropped it) is given up after :data:`STALE_TASK_SECONDS` instead of stranding every later
+task.
 
 Between tasks it keeps a :class:`BaseModelCache`: the freshly loaded base model (never trained, never prepared),
 keyed by the run id and everything that decides the load (model, revision, task, quantizer and its settings,
@@ -39,7 +39,7 @@ from typing import Any
 logger = logging.getLogger("finetune_sdk")
 #: Seconds between two ``AcquireTask`` polls when no task is waiting (``flower-superexec`` polls every 1 s).
 POLL_SECONDS = 0.2
-#: A task whose message gets no object for this many seconds is abandoned (see :func:`watch_progress`).
+#: A task whose message gets no object for this many seconds is abandoned (see :class:`ProgressWatchedClient`).
 STALE_TASK_SECONDS = 60.0
 
 
@@ -96,84 +96,58 @@ def load_key(source: Any, task: str, quantizer: Any, options: dict[str, Any], dt
             str(dtype), bool(options.get("trust_remote_code")))
 
 
-def watch_progress(pull_object: Callable[[str], bytes], stale_after: float = STALE_TASK_SECONDS,
-                   clock: Callable[[], float] = time.monotonic) -> Callable[[str], bytes]:
-    """``pull_object`` that gives up once no object of the message arrived for ``stale_after`` seconds.
+class ProgressWatchedClient:
+    """The SuperNode's Runtime API client, whose ``PullObject`` gives up once no object arrived for ``stale_after``
+    seconds; every other call is the client's own.
 
     Flower 1.42's SuperNode creates a ClientApp task *before* it pulls the message's objects from the SuperLink;
     when the run is no longer ``RUNNING`` by then (a SuperLink restarted on its database, a run stopped) it ignores
     the message but leaves the task, whose objects never arrive. Flower's own executor starts a process per task,
-    so such a task only strands its own process (for up to ``PULL_MAX_TIME``, 2 hours); this executor runs tasks one
-    after another, so it would strand every later task (the next run's rounds). The wrapped function raises
-    ``ObjectPullError`` (a permanent failure, which ends Flower's ``pull_objects`` at once) when the SuperNode
-    still has no object for it and none arrived for ``stale_after`` seconds; it passes every other outcome on.
+    so such a task only strands its own process (its pull waits up to ``PULL_MAX_TIME``, 2 hours); this executor
+    runs tasks one after another, so it would strand every later task (the next run's rounds). Handed to Flower's
+    ``pull_task_input``, this client raises ``ObjectPullError`` (a permanent failure, which ends Flower's
+    ``pull_objects`` at once) when the SuperNode still has an object unavailable and none arrived for
+    ``stale_after`` seconds, counted from the first pull.
 
     Args:
-        pull_object: Flower's pull function (raises ``ObjectUnavailableError`` while an object is not there yet).
-        stale_after: seconds without any object arriving, counted from the first pull.
+        client: the Runtime API client (``flwr.supercore.runtime.RuntimeHttpClient``).
+        stale_after: seconds without any object arriving.
         clock: monotonic seconds (for tests).
 
     Example:
-        >>> from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
-        >>> def never(object_id):
-        ...     raise ObjectUnavailableError(object_id)
+        >>> from types import SimpleNamespace
+        >>> from flwr.proto.message_pb2 import PullObjectRequest, PullObjectResponse
+        >>> runtime = SimpleNamespace(PullObject=lambda request: PullObjectResponse(object_found=True))
         >>> now = iter([0.0, 10.0, 70.0])
-        >>> pull = watch_progress(never, stale_after=60, clock=lambda: next(now))
-        >>> try:
-        ...     pull("a")
-        ... except ObjectUnavailableError:
-        ...     print("retry")
-        retry
-        >>> pull("a")
+        >>> watched = ProgressWatchedClient(runtime, stale_after=60, clock=lambda: next(now))
+        >>> watched.PullObject(PullObjectRequest(object_id="a")).object_available  # not there yet: Flower retries
+        False
+        >>> watched.PullObject(PullObjectRequest(object_id="a"))
         Traceback (most recent call last):
         ...
         flwr.supercore.inflatable.inflatable_utils.ObjectPullError: ...
     """
-    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
 
-    last_arrival = [clock()]
+    def __init__(self, client: Any, stale_after: float = STALE_TASK_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._client, self._stale_after, self._clock = client, stale_after, clock
+        self._last_arrival = clock()
 
-    def pull(object_id: str) -> bytes:
-        try:
-            content = pull_object(object_id)
-        except ObjectUnavailableError:
-            if clock() - last_arrival[0] >= stale_after:
-                raise ObjectPullError(object_id, f"no object of the message arrived for {stale_after:.0f} s: the "
-                                                 "SuperNode dropped the message (its run is no longer running)") \
-                    from None
-            raise
-        last_arrival[0] = clock()
-        return content
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
 
-    return pull
+    def PullObject(self, request: Any) -> Any:  # noqa: N802 - the Runtime API's name
+        from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
 
-
-def pull_task_input(client: Any, stale_after: float = STALE_TASK_SECONDS) -> tuple[Any, Any, Any, Any]:
-    """Flower's ``run_clientapp.pull_task_input`` (message, context, run, FAB of the acquired task), with the
-    message's objects pulled through :func:`watch_progress` so a task the SuperNode dropped is given up."""
-    from flwr.app import Message
-    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-    from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest  # pylint: disable=E0611
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf)
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.task_identity import TaskIdentity
-
-    answer = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id, TaskIdentity.run_id = answer.task_id, answer.run.run_id
-    TaskIdentity.node_id = answer.context.node_id
-    context, run, fab = context_from_proto(answer.context), run_from_proto(answer.run), fab_from_proto(answer.fab)
-    messages = client.PullMessages(PullAppMessagesRequest())
-    if not messages.messages_list:
-        raise RuntimeError("No messages received from Runtime API")
-    node, tree = Node(node_id=context.node_id), messages.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree, watch_progress(make_pull_object_fn_protobuf(client.PullObject, node, context.run_id), stale_after),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message)
-    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's: the deflated message lacks its id
-    return message, context, run, fab
+        response = self._client.PullObject(request)
+        if response.object_found and not response.object_available:
+            if self._clock() - self._last_arrival >= self._stale_after:
+                raise ObjectPullError(request.object_id, f"no object of the message arrived for "
+                                                         f"{self._stale_after:.0f} s: the SuperNode dropped the "
+                                                         "message (its run is no longer running)")
+        else:
+            self._last_arrival = self._clock()
+        return response
 
 
 def run_task(runtime_api_address: str, token: str, cache: BaseModelCache) -> None:
@@ -200,7 +174,7 @@ def _run_task(runtime_api_address: str, token: str, cache: BaseModelCache) -> No
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
     retry_invoker = make_simple_http_retry_invoker()
     client = RuntimeHttpClient.from_server_address(
@@ -212,7 +186,7 @@ def _run_task(runtime_api_address: str, token: str, cache: BaseModelCache) -> No
     message = context = reply = None
     sub_status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
     try:
-        message, context, run, fab = pull_task_input(client)
+        message, context, run, fab = pull_task_input(ProgressWatchedClient(client))
         cache.start_run(run.run_id)
         install_from_fab(fab.content, skip_prompt=True)
         load_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
