@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # The test suite, offline. Extra arguments go to pytest (e.g. -m "not slow" for the quick subset).
+#
+# Tests run in parallel with pytest-xdist: one worker per CPU core (FINETUNE_TEST_WORKERS overrides; 0 runs them
+# in this process), each test file on one worker (--dist loadfile: a file's module fixtures are built once), one
+# torch thread per worker (OMP_NUM_THREADS=1, inherited by the processes tests start; tests of the thread choice
+# set their own). On the 2-core build machine this halves the suite's time (docs/benchmarks.md, "The test suite").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-.venv/bin/python -m pytest --durations=30 "$@"  # the 30 slowest tests, for the suite's time budget
+workers="${FINETUNE_TEST_WORKERS:-auto}"
+parallel=()
+if [ "$workers" != 0 ]; then
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+  parallel=(-n "$workers" --dist loadfile)
+fi
+.venv/bin/python -m pytest "${parallel[@]}" --durations=30 "$@"  # the 30 slowest tests, for the suite's time budget
 status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests: treating that as a failure" >&2

@@ -72,3 +72,28 @@ def test_a_runs_path_that_is_a_file_is_refused(served, tmp_path):
     (tmp_path / "runs").write_text("not a folder")
     result = CliRunner().invoke(cli, ["studio", "--runs", "runs"])
     assert result.exit_code == 2 and "is a file, not a folder" in result.output
+
+
+def test_the_applications_logging_handlers_survive_the_studio(served):
+    """uvicorn's default log config goes through ``logging.config.dictConfig``, which closes every handler of the
+    process: an application's log file, or (seen under pytest-xdist) a handler writing to pytest's captured
+    stderr, whose file then broke every later test. The studio gives uvicorn no log config."""
+    closed = []
+
+    class Recording(logging.Handler):
+        def emit(self, record):
+            pass
+
+        def close(self):
+            closed.append(self)
+            super().close()
+
+    handler = Recording()
+    logging.getLogger().addHandler(handler)
+    try:
+        result = CliRunner().invoke(cli, ["studio", "--port", "0"])
+        assert result.exit_code == 0, result.output
+        assert closed == [] and handler in logging.getLogger().handlers
+        assert logging.getLogger("uvicorn.error").level == logging.WARNING  # uvicorn's own level still set
+    finally:
+        logging.getLogger().removeHandler(handler)

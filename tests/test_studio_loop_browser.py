@@ -283,7 +283,7 @@ def test_model_output_is_shown_as_text_only(tmp_path, monkeypatch):
     app = create_app(tmp_path / "runs", tmp_path, token="t" * 20, registry_home=tmp_path / "registry")
     app.state.chat.models[("hostile", None)] = app.state.chat.models[("hostile", "chatml")] = _HostileModel()
     port = free_port("127.0.0.1")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait(lambda: server.started, timeout=30)

@@ -97,7 +97,9 @@ def serve(runs: str | os.PathLike[str] = "finetune-runs", *, host: str = "127.0.
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/?token={token}"
     (announce or (lambda text: print(f"finetune studio: {text}", flush=True)))(url)
-    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning",
+    # log_config=None: uvicorn's default log config goes through logging.config.dictConfig, which closes every
+    # logging handler of the process (the application's own, pytest's); uvicorn's loggers get the level only
+    config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", log_config=None,
                             timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[listening])
     print("finetune studio stopped; runs started from it keep going", file=sys.stderr)
