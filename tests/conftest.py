@@ -108,3 +108,11 @@ def install(monkeypatch):
         return host
 
     return _install
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first, each file's tests in their own order: with pytest-xdist's ``--dist loadfile``
+    (scripts/test.sh) each file goes to one worker in this order, so the long files start at once and the short ones
+    fill the gaps, instead of one worker running a real-model file alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group is kept
