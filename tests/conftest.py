@@ -110,9 +110,21 @@ def install(monkeypatch):
     return _install
 
 
+#: The longest test files, longest first (``--durations`` of `make test`, docs/benchmarks.md "The test suite"): each
+#: takes 1-5 minutes on one worker, so they start first and the short files fill the other worker meanwhile.
+LONGEST_FILES = ("test_real_models.py", "test_federated_cli.py", "test_federated_warm.py", "test_federated_runtime.py",
+                 "test_export_smollm2.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Files with slow tests first, each file's tests in their own order: with pytest-xdist's ``--dist loadfile``
-    (scripts/test.sh) each file goes to one worker in this order, so the long files start at once and the short ones
-    fill the gaps, instead of one worker running a real-model file alone at the end."""
+    """The longest files first (:data:`LONGEST_FILES`), then the other files with slow tests, then the rest; each
+    file's tests in their own order. With pytest-xdist's ``--dist loadfile`` (scripts/test.sh) each file goes to one
+    worker in this order, so no worker is left running a real-model file alone at the end."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: the order within each group is kept
+
+    def rank(item):
+        name = item.path.name
+        return (LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES),
+                item.path not in slow_files)
+
+    items.sort(key=rank)  # stable: the order within each file is kept

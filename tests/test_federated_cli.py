@@ -153,6 +153,7 @@ def test_server_killed_mid_run_resumes_through_the_cli(llama_dir, tmp_path):
 
     from finetune_sdk.federated.audit import AUDIT_ENV, opened_paths
     from finetune_sdk.federated.runtime import _signal_tree, free_port
+    from finetune_sdk.federated.warm_client import STALE_TASK_VARIABLE
 
     clients = write_clients(tmp_path / "data", ["clinic-a", "clinic-b"])
     port = free_port()
@@ -164,7 +165,8 @@ def test_server_killed_mid_run_resumes_through_the_cli(llama_dir, tmp_path):
     workers = [subprocess.Popen(FINETUNE + ["federated", "client", "--server", f"127.0.0.1:{port}", "--insecure",
                                             "--data", spec["train"], "--name", name],
                                 stdout=logs[name], stderr=subprocess.STDOUT,
-                                env={**os.environ, AUDIT_ENV: str(tmp_path / "audit")})
+                                env={**os.environ, AUDIT_ENV: str(tmp_path / "audit"),
+                                     STALE_TASK_VARIABLE: "20"})  # a dropped message: 20 s, not 60
                for name, spec in clients.items()]
     state = tmp_path / "fed.federated" / "checkpoint" / "state.json"
     try:

@@ -15,7 +15,7 @@ from finetune_sdk import Trainer  # noqa: E402
 from finetune_sdk.federated import warm_client  # noqa: E402
 from finetune_sdk.federated.audit import AUDIT_ENV, opened_paths  # noqa: E402
 from finetune_sdk.federated.warm_client import BaseModelCache  # noqa: E402
-from tests.federated_data import write_clients  # noqa: E402
+from tests.federated_data import as_pairs, write_clients  # noqa: E402
 
 OPTIONS = {"learning_rate": 3e-2, "seed": 7, "per_device_train_batch_size": 2}
 
@@ -148,7 +148,8 @@ def test_warm_clients_give_the_fresh_process_result_in_one_process_per_client(ll
 def test_a_second_run_on_the_same_warm_node_sees_nothing_of_the_first(llama_dir, tiny_models, tmp_path):
     """One SuperLink and one warm SuperNode serve two runs in turn (as ``finetune federated client`` does): the
     first a QLoRA run on another model (hidden 128, 4-bit base) with another seed and learning rate, the
-    second a LoRA run on ``llama_dir``; the second equals the same run on fresh processes, and the executor loaded
+    second a LoRA run on ``llama_dir``; the second equals the same run alone in a clean process (the in-process
+    federation, whose equality with real processes tests/test_federated.py checks), and the executor loaded
     one base per run (its own model, never the first run's cached or trained one)."""
     pytest.importorskip("bitsandbytes")
     import re
@@ -156,14 +157,16 @@ def test_a_second_run_on_the_same_warm_node_sees_nothing_of_the_first(llama_dir,
     from finetune_sdk.federated.api import _job
     from finetune_sdk.federated.runtime import FlowerProcesses, free_port, node_config, wait_for_run, write_app
     from finetune_sdk.federated.settings import FederatedSettings
+    from finetune_sdk.testing.federated import run_in_process
 
     other_model = tiny_models("llama", hidden_size=128)
     clients = write_clients(tmp_path / "data", ["clinic-a"])
     spec = clients["clinic-a"]
     second_settings = {"rounds": 2, "local_steps": 2, "round_timeout": 300, "min_fit_clients": 1,
                        "min_available_clients": 1}
-    expected = trainer_for(llama_dir, tmp_path / "fresh").fit_federated(clients, warm_clients=False,
-                                                                        **second_settings)
+    # the reference: the second run alone, with its server and client in this (clean) process
+    run_in_process(_job(trainer_for(llama_dir, tmp_path / "fresh"), FederatedSettings(**copy.deepcopy(
+        second_settings)).validate(num_clients=1), ["clinic-a"], False), as_pairs(clients))
 
     processes = FlowerProcesses(tmp_path / "flower")
     port = free_port()
@@ -183,7 +186,7 @@ def test_a_second_run_on_the_same_warm_node_sees_nothing_of_the_first(llama_dir,
         log = processes.log_tail("clientapp-clinic-a", 1_000_000)
     finally:
         processes.stop()
-    _assert_same_arrays(_global_arrays(tmp_path / "second"), _global_arrays(expected.output_dir))
+    _assert_same_arrays(_global_arrays(tmp_path / "second"), _global_arrays(tmp_path / "fresh"))
     loads = re.findall(r"base model loaded for run (\d+) \(load \d+\): (\S+)", log)
     assert [model for _, model in loads] == [str(other_model), str(llama_dir)], log[-3000:]
     assert loads[0][0] != loads[1][0]  # one load per run: 2 rounds + evaluation of a run share it
@@ -244,3 +247,16 @@ def test_a_task_whose_message_never_arrives_is_given_up_and_a_slow_one_is_not():
     pulled = pull_objects(list(arrivals), pulled_through(slow, 0.3), initial_backoff=0.02, backoff_cap=0.02,
                           max_concurrent_pulls=1)
     assert pulled == {name: name.encode() for name in arrivals}
+
+
+def test_the_stale_task_limit_comes_from_the_environment_and_a_bad_value_is_one_line(monkeypatch):
+    from finetune_sdk.errors import FinetuneError
+
+    monkeypatch.delenv(warm_client.STALE_TASK_VARIABLE, raising=False)
+    assert warm_client.stale_task_seconds() == warm_client.STALE_TASK_SECONDS == 60.0
+    monkeypatch.setenv(warm_client.STALE_TASK_VARIABLE, "12.5")
+    assert warm_client.stale_task_seconds() == 12.5
+    for bad in ("0", "-3", "soon", "nan", "inf"):
+        monkeypatch.setenv(warm_client.STALE_TASK_VARIABLE, bad)
+        with pytest.raises(FinetuneError, match=f"FINETUNE_SDK_STALE_TASK_SECONDS='{bad}' is not a positive number"):
+            warm_client.stale_task_seconds()

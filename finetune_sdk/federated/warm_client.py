@@ -39,8 +39,41 @@ from typing import Any
 logger = logging.getLogger("finetune_sdk")
 #: Seconds between two ``AcquireTask`` polls when no task is waiting (``flower-superexec`` polls every 1 s).
 POLL_SECONDS = 0.2
-#: A task whose message gets no object for this many seconds is abandoned (see :class:`ProgressWatchedClient`).
+#: A task whose message gets no object for this many seconds is abandoned (see :class:`ProgressWatchedClient`);
+#: the environment variable :data:`STALE_TASK_VARIABLE` overrides it.
 STALE_TASK_SECONDS = 60.0
+STALE_TASK_VARIABLE = "FINETUNE_SDK_STALE_TASK_SECONDS"
+
+
+def stale_task_seconds() -> float:
+    """Seconds without an arriving object before a task is given up: ``FINETUNE_SDK_STALE_TASK_SECONDS`` when set
+    (a positive number), else :data:`STALE_TASK_SECONDS`.
+
+    Raises:
+        FinetuneError: the variable is set to something other than a positive number.
+
+    Example:
+        >>> import os
+        >>> os.environ.pop("FINETUNE_SDK_STALE_TASK_SECONDS", None) and None
+        >>> stale_task_seconds()
+        60.0
+    """
+    import math
+    import os
+
+    from finetune_sdk.errors import FinetuneError
+
+    raw = os.environ.get(STALE_TASK_VARIABLE, "").strip()
+    if not raw:
+        return STALE_TASK_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise FinetuneError(f"{STALE_TASK_VARIABLE}={raw!r} is not a positive number of seconds; unset it for the "
+                            f"default ({STALE_TASK_SECONDS:.0f} s)")
+    return seconds
 
 
 class BaseModelCache:
@@ -186,7 +219,7 @@ def _run_task(runtime_api_address: str, token: str, cache: BaseModelCache) -> No
     message = context = reply = None
     sub_status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
     try:
-        message, context, run, fab = pull_task_input(ProgressWatchedClient(client))
+        message, context, run, fab = pull_task_input(ProgressWatchedClient(client, stale_task_seconds()))
         cache.start_run(run.run_id)
         install_from_fab(fab.content, skip_prompt=True)
         load_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
