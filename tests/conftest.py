@@ -112,14 +112,16 @@ def install(monkeypatch):
 
 #: The longest test files, longest first (``--durations`` of `make test`, docs/benchmarks.md "The test suite"): each
 #: takes 1-5 minutes on one worker, so they start first and the short files fill the other worker meanwhile.
-LONGEST_FILES = ("test_real_models.py", "test_federated_cli.py", "test_federated_warm.py", "test_federated_runtime.py",
+LONGEST_FILES = ("test_federated_runtime.py", "test_federated_warm.py", "test_federated_cli.py", "test_real_models.py",
                  "test_export_smollm2.py")
 
 
 def pytest_collection_modifyitems(config, items):
     """The longest files first (:data:`LONGEST_FILES`), then the other files with slow tests, then the rest; each
-    file's tests in their own order. With pytest-xdist's ``--dist loadfile`` (scripts/test.sh) each file goes to one
-    worker in this order, so no worker is left running a real-model file alone at the end."""
+    file's tests in their own order. With pytest-xdist's ``--dist loadfile --no-loadscope-reorder``
+    (scripts/test.sh) each file goes to one worker in this order, so no worker is left running a real-model file
+    alone at the end. (Without ``--no-loadscope-reorder`` xdist hands out the files with the most tests first, which
+    put the one- and two-test real-model files last.)"""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
 
     def rank(item):

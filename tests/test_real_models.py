@@ -26,7 +26,7 @@ def test_smollm2_qlora_learns_facts_the_base_cannot_know(tmp_path):
     questions = [r["prompt"] for r in eval_rows[:4]]
     answers = [r["completion"] for r in eval_rows[:4]]
     trainer = Trainer(smollm2_gguf(), technique="qlora", formatter="chat-template", output_dir=tmp_path / "out",
-                      num_train_epochs=6, learning_rate=1e-3, per_device_train_batch_size=8, lora_dropout=0.0,
+                      num_train_epochs=3, learning_rate=2e-3, per_device_train_batch_size=8, lora_dropout=0.0,
                       seed=0, progress=False)
     base_loss = trainer.evaluate(eval_rows)["eval_loss"]
     base = trainer.generate(questions, max_new_tokens=24)
