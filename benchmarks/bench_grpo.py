@@ -39,8 +39,8 @@ def main() -> None:
     from transformers import TrainerCallback
 
     from finetune_sdk import Trainer
-    from models import smollm2_gguf
     from finetune_sdk.objectives import grpo_training as grpo
+    from models import smollm2_gguf
 
     phases: dict[str, list[float]] = {"sampling": [], "policy forward": [], "reference forward": []}
     sample, logps = grpo.sample_completions, grpo.completion_logps

@@ -202,7 +202,7 @@ def test_run_task_leaves_sys_path_as_it_found_it(monkeypatch, tmp_path):
     before = list(sys.path)
     runs = iter(range(5))
 
-    def a_task(address, token, cache):  # what get_load_client_app_fn does with a new run's app folder
+    def a_task(address, token, cache, stale_after):  # what get_load_client_app_fn does with a new run's app folder
         _ensure_sys_path(tmp_path / f"app-of-run-{next(runs)}")
 
     monkeypatch.setattr(warm_client, "_run_task", a_task)
@@ -249,8 +249,9 @@ def test_a_task_whose_message_never_arrives_is_given_up_and_a_slow_one_is_not():
     assert pulled == {name: name.encode() for name in arrivals}
 
 
-def test_the_stale_task_limit_comes_from_the_environment_and_a_bad_value_is_one_line(monkeypatch):
+def test_the_stale_task_limit_comes_from_the_environment_and_a_bad_value_is_one_line(monkeypatch, tmp_path):
     from finetune_sdk.errors import FinetuneError
+    from finetune_sdk.federated.runtime import FlowerProcesses
 
     monkeypatch.delenv(warm_client.STALE_TASK_VARIABLE, raising=False)
     assert warm_client.stale_task_seconds() == warm_client.STALE_TASK_SECONDS == 60.0
@@ -260,3 +261,7 @@ def test_the_stale_task_limit_comes_from_the_environment_and_a_bad_value_is_one_
         monkeypatch.setenv(warm_client.STALE_TASK_VARIABLE, bad)
         with pytest.raises(FinetuneError, match=f"FINETUNE_SDK_STALE_TASK_SECONDS='{bad}' is not a positive number"):
             warm_client.stale_task_seconds()
+    processes = FlowerProcesses(tmp_path / "flower")  # a warm SuperNode checks it before any process starts
+    with pytest.raises(FinetuneError, match="FINETUNE_SDK_STALE_TASK_SECONDS='inf'"):
+        processes.supernode("clinic-a", "127.0.0.1:1", "client-name=\"clinic-a\"", warm=True)
+    assert processes.processes == {}

@@ -142,6 +142,9 @@ class FlowerProcesses:
         if auth_key:
             args += ["--auth-supernode-private-key", auth_key]
         if warm:
+            from finetune_sdk.federated.warm_client import stale_task_seconds
+
+            stale_task_seconds()  # a bad FINETUNE_SDK_STALE_TASK_SECONDS is one line here, before any process starts
             args += ["--isolation", "process"]
         supernode = self.start(f"supernode-{name}", args, log_to_console=log_to_console)
         if warm:

@@ -53,9 +53,7 @@ def stale_task_seconds() -> float:
         FinetuneError: the variable is set to something other than a positive number.
 
     Example:
-        >>> import os
-        >>> os.environ.pop("FINETUNE_SDK_STALE_TASK_SECONDS", None) and None
-        >>> stale_task_seconds()
+        >>> stale_task_seconds()  # FINETUNE_SDK_STALE_TASK_SECONDS unset
         60.0
     """
     import math
@@ -183,20 +181,22 @@ class ProgressWatchedClient:
         return response
 
 
-def run_task(runtime_api_address: str, token: str, cache: BaseModelCache) -> None:
-    """One ClientApp task, as Flower's ``run_clientapp`` runs it, without leaving the process afterwards.
+def run_task(runtime_api_address: str, token: str, cache: BaseModelCache,
+             stale_after: float = STALE_TASK_SECONDS) -> None:
+    """One ClientApp task, as Flower's ``run_clientapp`` runs it, without leaving the process afterwards; a message
+    whose objects stop arriving for ``stale_after`` seconds is given up (:class:`ProgressWatchedClient`).
 
     ``sys.path`` is restored afterwards: Flower's app loader puts the run's installed app folder first on it (a
     new folder per run), which in a long-lived process would add an entry per run and let one run's folder shadow
     imports of the next."""
     saved_path = list(sys.path)
     try:
-        _run_task(runtime_api_address, token, cache)
+        _run_task(runtime_api_address, token, cache, stale_after)
     finally:
         sys.path[:] = saved_path
 
 
-def _run_task(runtime_api_address: str, token: str, cache: BaseModelCache) -> None:
+def _run_task(runtime_api_address: str, token: str, cache: BaseModelCache, stale_after: float) -> None:
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.cli.install import install_from_fab
@@ -219,7 +219,7 @@ def _run_task(runtime_api_address: str, token: str, cache: BaseModelCache) -> No
     message = context = reply = None
     sub_status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
     try:
-        message, context, run, fab = pull_task_input(ProgressWatchedClient(client, stale_task_seconds()))
+        message, context, run, fab = pull_task_input(ProgressWatchedClient(client, stale_after))
         cache.start_run(run.run_id)
         install_from_fab(fab.content, skip_prompt=True)
         load_app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
@@ -250,7 +250,7 @@ def _run_task(runtime_api_address: str, token: str, cache: BaseModelCache) -> No
 
 def serve(runtime_api_address: str, parent_pid: int | None = None, max_tasks: int | None = None) -> None:
     """Acquire and run this SuperNode's ClientApp tasks one after another, until the parent process ends (or
-    ``max_tasks`` ran)."""
+    ``max_tasks`` ran). The stale-task limit (:func:`stale_task_seconds`) is read once, before the first task."""
     global ACTIVE_CACHE, TASK_STARTED
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.app_utils import start_parent_process_monitor
@@ -259,6 +259,7 @@ def serve(runtime_api_address: str, parent_pid: int | None = None, max_tasks: in
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
+    stale_after = stale_task_seconds()
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
     ACTIVE_CACHE = BaseModelCache()
@@ -272,7 +273,7 @@ def serve(runtime_api_address: str, parent_pid: int | None = None, max_tasks: in
             answer = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value]))
             if answer.HasField("task") and answer.token:
                 TASK_STARTED = time.time()
-                run_task(runtime_api_address, answer.token, ACTIVE_CACHE)
+                run_task(runtime_api_address, answer.token, ACTIVE_CACHE, stale_after)
                 done += 1
             else:
                 time.sleep(POLL_SECONDS)
